@@ -1,0 +1,25 @@
+"""mhmoe: Multi-Head Mixture-of-Experts and sparse-MoE layers for PyTorch."""
+
+from mhmoe.experts import DenseFFN, Experts
+from mhmoe.moe import MoEOutput, MoEStats, SparseMoE
+from mhmoe.multihead import MHMoE
+from mhmoe.routers import ROUTERS, Router, RouterOutput, SigmoidRouter, SoftmaxRouter, SwitchRouter, XMoERouter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseFFN",
+    "Experts",
+    "MHMoE",
+    "MoEOutput",
+    "MoEStats",
+    "ROUTERS",
+    "Router",
+    "RouterOutput",
+    "SigmoidRouter",
+    "SoftmaxRouter",
+    "SparseMoE",
+    "SwitchRouter",
+    "XMoERouter",
+    "__version__",
+]

@@ -1,0 +1,176 @@
+"""Dispatch: send routed (sub-)tokens to their experts and combine the weighted outputs.
+
+Shape legend: S routed (sub-)tokens, d their width, E experts, K top-k, F expert hidden,
+R = K·S routed rows. Rows are laid out choice-major (row r = k·S + s), so a stable sort by
+expert puts all first choices before second choices within an expert: GShard's priority
+when capacity drops the overflow.
+
+Two implementations of one contract, `dispatch(x_Sd, experts, top_experts_SK, gates_SK)`:
+- `dispatch_reference`: a loop over experts, obviously correct, used only as the test oracle;
+- `dispatch_sorted`: sort rows by expert, run all experts with one grouped GEMM per projection
+  (`torch.nn.functional.grouped_mm`) or, where that kernel is missing, a loop over contiguous
+  slices; combine with gathers and a sum over K, so no atomics and a deterministic result.
+The backend is chosen in one place, `resolve_backend`.
+
+Assignments the caller wants skipped (capacity overflow, padding) come with gate 0. The sorted
+path still runs them through their expert (shapes stay static, no host sync) and multiplies the
+result by 0; capacity therefore bounds what a token receives, not the work done.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mhmoe.experts import Experts, activate
+
+Backend = Literal["grouped_mm", "slices"]
+DispatchName = Literal["auto", "grouped_mm", "slices", "reference"]
+DISPATCHES: tuple[str, ...] = ("auto", "grouped_mm", "slices", "reference")
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_backend(requested: str, dtype: torch.dtype, device: torch.device) -> Backend:
+    """The one place that picks the expert-GEMM backend.
+
+    "auto": grouped_mm when torch has it and supports the case (CPU: fp32/bf16/fp16; CUDA: bf16/fp16
+    on compute capability ≥ 8.0), else "slices". Asking for grouped_mm where it cannot run is an error.
+    """
+    supported = _HAS_GROUPED_MM and dtype in _GROUPED_MM_DTYPES
+    if device.type == "cuda":
+        supported = supported and dtype != torch.float32 and torch.cuda.get_device_capability(device) >= (8, 0)
+    elif device.type != "cpu":
+        supported = False
+    if requested == "auto":
+        return "grouped_mm" if supported else "slices"
+    if requested == "grouped_mm" and not supported:
+        raise ValueError(f"grouped_mm cannot run {dtype} on {device} with torch {torch.__version__}; use 'slices'")
+    if requested not in ("grouped_mm", "slices"):
+        raise ValueError(f"unknown dispatch backend {requested!r}; choose one of {DISPATCHES}")
+    return requested  # type: ignore[return-value]
+
+
+def expert_capacity(capacity_factor: float, num_items: int, top_k: int, num_experts: int) -> int:
+    """Rows each expert may take: ceil(capacity_factor · K · S / E), at least 1."""
+    return max(1, math.ceil(capacity_factor * top_k * num_items / num_experts))
+
+
+def capacity_keep(top_experts_SK: Tensor, capacity: int, num_experts: int, valid_S: Tensor | None) -> Tensor:
+    """(S, K) bool: assignments within their expert's capacity, first choices before second (GShard).
+
+    Invalid (padding) items take no capacity and are not kept.
+    """
+    S, K = top_experts_SK.shape
+    expert_R = top_experts_SK.t().reshape(-1)
+    if valid_S is not None:
+        expert_R = torch.where(valid_S.repeat(K), expert_R, num_experts)  # padding sorts last
+    order_R = torch.argsort(expert_R, stable=True)
+    sorted_expert_R = expert_R[order_R]
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=expert_R.device)
+    counts.scatter_add_(0, expert_R, torch.ones_like(expert_R))
+    starts = counts.cumsum(0) - counts
+    position_R = torch.arange(K * S, device=expert_R.device) - starts[sorted_expert_R]
+    keep_sorted_R = (position_R < capacity) & (sorted_expert_R < num_experts)
+    keep_R = torch.empty_like(keep_sorted_R).scatter_(0, order_R, keep_sorted_R)
+    return keep_R.view(K, S).t()
+
+
+def capacity_keep_reference(
+    top_experts_SK: Tensor, capacity: int, num_experts: int, valid_S: Tensor | None
+) -> Tensor:
+    """Loop form of `capacity_keep`, for tests."""
+    S, K = top_experts_SK.shape
+    keep = torch.zeros(S, K, dtype=torch.bool)
+    used = [0] * num_experts
+    for k in range(K):
+        for s in range(S):
+            if valid_S is not None and not valid_S[s]:
+                continue
+            e = int(top_experts_SK[s, k])
+            if used[e] < capacity:
+                keep[s, k] = True
+                used[e] += 1
+    return keep.to(top_experts_SK.device)
+
+
+def dispatch_reference(x_Sd: Tensor, experts: Experts, top_experts_SK: Tensor, gates_SK: Tensor) -> Tensor:
+    """y_s = Σ_k gates[s, k] · expert_{top[s, k]}(x_s), one expert at a time. (S, d) -> (S, d)."""
+    y_Sd = torch.zeros(x_Sd.shape, dtype=gates_SK.dtype, device=x_Sd.device)
+    for e in range(experts.num_experts):
+        s_N, k_N = torch.nonzero(top_experts_SK == e, as_tuple=True)
+        out_Nd = experts.expert(e, x_Sd[s_N])
+        y_Sd = y_Sd.index_add(0, s_N, gates_SK[s_N, k_N, None] * out_Nd)
+    return y_Sd.to(x_Sd.dtype)
+
+
+class _GatherRepeated(torch.autograd.Function):
+    """rows_Rd = x_Sd[order_R % S]; backward sums the K copies of each row by gathers, no atomics."""
+
+    @staticmethod
+    def forward(ctx, x_Sd: Tensor, order_R: Tensor, inverse_R: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse_R)
+        ctx.num_items = x_Sd.shape[0]
+        return x_Sd.index_select(0, order_R % x_Sd.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_Rd: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (inverse_R,) = ctx.saved_tensors
+        grad_KSd = grad_Rd.index_select(0, inverse_R).view(-1, ctx.num_items, grad_Rd.shape[-1])
+        return grad_KSd.sum(0), None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation; backward is the gather by its inverse."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def expert_matmul(x_Rk: Tensor, w_Ekn: Tensor, counts_E: Tensor, backend: Backend) -> Tensor:
+    """Rows sorted by expert (counts_E rows each) times their expert's matrix: (R, k) -> (R, n)."""
+    if backend == "grouped_mm":
+        offsets_E = counts_E.cumsum(0).to(torch.int32)
+        return F.grouped_mm(x_Rk.contiguous(), w_Ekn, offs=offsets_E)
+    sizes = counts_E.tolist()  # host sync: the price of the fallback
+    return torch.cat([rows @ w_Ekn[e] for e, rows in enumerate(torch.split(x_Rk, sizes))])
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def dispatch_sorted(
+    x_Sd: Tensor, experts: Experts, top_experts_SK: Tensor, gates_SK: Tensor, backend: Backend
+) -> Tensor:
+    """Same contract as `dispatch_reference`: sort by expert, grouped GEMMs, gather-and-sum combine."""
+    S, K = top_experts_SK.shape
+    dtype = _autocast_dtype(x_Sd)
+    w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
+    if S == 0:  # grouped_mm cannot differentiate empty inputs; give the experts zero gradients
+        return x_Sd + 0 * (w_in.sum() + w_out.sum()).to(x_Sd.dtype)
+    expert_R = top_experts_SK.t().reshape(-1)  # choice-major: r = k·S + s
+    order_R = torch.argsort(expert_R, stable=True)
+    inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(K * S, device=order_R.device))
+    counts_E = torch.zeros(experts.num_experts, dtype=torch.long, device=x_Sd.device)
+    counts_E.scatter_add_(0, expert_R, torch.ones_like(expert_R))
+
+    x_Rd = _GatherRepeated.apply(x_Sd.to(dtype), order_R, inverse_R)  # rows sorted by expert
+    h_RF = activate(expert_matmul(x_Rd, w_in, counts_E, backend), experts.activation)
+    y_Rd = expert_matmul(h_RF, w_out, counts_E, backend)
+    y_KSd = _PermuteRows.apply(y_Rd, inverse_R, order_R).view(K, S, -1)  # back to choice-major
+    y_Sd = (y_KSd * gates_SK.t().unsqueeze(-1)).sum(0)  # in the gates' dtype (≥ fp32)
+    return y_Sd.to(x_Sd.dtype)

@@ -1,0 +1,260 @@
+"""Routers: pick top-k experts per (sub-)token and their gate values.
+
+Shape legend: S routed items ((sub-)tokens), d their width, E experts, K top-k.
+
+Every router computes in at least float32 (bf16/fp16 inputs and weights are upcast, float64
+stays float64): a bf16 softmax over many experts skews the top-k and the balance loss.
+A router returns `RouterOutput`; the MoE layer turns it into losses and dispatch. Routers keep
+no per-call state, except `SigmoidRouter`'s load counter (a buffer, updated in training mode).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RouterOutput(NamedTuple):
+    top_experts: Tensor  # (S, K) int64: chosen experts, best first
+    gates: Tensor  # (S, K) router dtype: weights of the chosen experts' outputs
+    balance_probs: Tensor  # (S, E) probabilities entering the balance loss
+    logits: Tensor  # (S, E) pre-normalisation scores entering the z-loss
+
+
+def router_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least float32; float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class Router(nn.Module):
+    """Base class. Subclasses implement `route(x_Sd) -> RouterOutput` on upcast input.
+
+    jitter: multiplicative input noise U(1 - jitter, 1 + jitter) in training mode (Switch
+    Transformer); 0 disables it.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, jitter: float = 0.0):
+        super().__init__()
+        check_top_k(top_k, num_experts)
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        self.d_model, self.num_experts, self.top_k, self.jitter = d_model, num_experts, top_k, jitter
+
+    def forward(self, x_Sd: Tensor, valid_S: Tensor | None = None) -> RouterOutput:
+        """x_Sd: (S, d); valid_S: (S,) bool, False for padding (used only by stateful routers)."""
+        x_Sd = x_Sd.to(router_dtype(x_Sd.dtype))
+        if self.training and self.jitter > 0:
+            x_Sd = x_Sd * torch.empty_like(x_Sd).uniform_(1 - self.jitter, 1 + self.jitter)
+        return self.route(x_Sd, valid_S)
+
+    def route(self, x_Sd: Tensor, valid_S: Tensor | None) -> RouterOutput:
+        raise NotImplementedError
+
+    def _weight(self, w: Tensor, x: Tensor) -> Tensor:
+        return w.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, jitter={self.jitter}"
+
+
+def top_k_gates(probs_SE: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    gates_SK, top_experts_SK = probs_SE.topk(top_k, dim=-1)
+    if renormalize:
+        gates_SK = gates_SK / gates_SK.sum(-1, keepdim=True).clamp_min(torch.finfo(gates_SK.dtype).tiny)
+    return top_experts_SK, gates_SK
+
+
+class SoftmaxRouter(Router):
+    """g = softmax(x W_gᵀ), top-k; the k kept gates renormalised to sum 1 when k > 1 (v1 Eq. 5)."""
+
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int = 2, *, renormalize: bool | None = None, jitter: float = 0.0
+    ):
+        super().__init__(d_model, num_experts, top_k, jitter)
+        self.renormalize = top_k > 1 if renormalize is None else renormalize
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+
+    def route(self, x_Sd: Tensor, valid_S: Tensor | None) -> RouterOutput:
+        logits_SE = x_Sd @ self._weight(self.weight, x_Sd).t()
+        probs_SE = logits_SE.softmax(-1)
+        top_experts_SK, gates_SK = top_k_gates(probs_SE, self.top_k, self.renormalize)
+        return RouterOutput(top_experts_SK, gates_SK, probs_SE, logits_SE)
+
+
+class SwitchRouter(SoftmaxRouter):
+    """Switch Transformer: top-1 softmax, the gate is the chosen expert's probability."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int = 1, *, jitter: float = 0.0):
+        if top_k != 1:
+            raise ValueError(f"the switch router is top-1; got top_k={top_k} (use router='softmax' for top-k)")
+        super().__init__(d_model, num_experts, 1, renormalize=False, jitter=jitter)
+
+
+XMoEForm = Literal["paper", "code"]
+
+
+class XMoERouter(Router):
+    """X-MoE (Chi et al. 2022): route on cosine similarity in a low-dimensional space.
+
+    form="paper": s_e = cos(W x, e_e), probs = softmax(s / τ) with a learnable τ (kept ≥ 0.01);
+        the balance loss uses softmax(s / balance_temperature) with a fixed τ0 (0.3, X-MoE §3).
+    form="code": as the authors' code (fairseq/torchscale `Top1Gate(use_xmoe=True)`): only the
+        expert embeddings are normalised (logits = (W x)·ê_e), no temperature, and the embeddings
+        are rescaled in place to norm 1.5 at every training forward; the balance loss uses the
+        routing softmax itself.
+    Both: W is a bias-free d -> dim projection (dim 16 in X-MoE; v1 says 16/H for MH-MoE, the
+    authors' code keeps 16), embeddings (E, dim) orthogonally initialised with gain 0.32.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 1,
+        *,
+        form: XMoEForm = "paper",
+        dim: int = 16,
+        init_temperature: float = 0.3,
+        balance_temperature: float = 0.3,
+        renormalize: bool | None = None,
+        jitter: float = 0.0,
+    ):
+        super().__init__(d_model, num_experts, top_k, jitter)
+        if form not in ("paper", "code"):
+            raise ValueError(f"unknown X-MoE form {form!r}; choose 'paper' or 'code'")
+        if dim < 1:
+            raise ValueError(f"X-MoE routing dim must be >= 1, got {dim}")
+        for name, t in (("init_temperature", init_temperature), ("balance_temperature", balance_temperature)):
+            if not t > 0:
+                raise ValueError(f"{name} must be > 0, got {t}")
+        self.form, self.dim, self.balance_temperature = form, dim, balance_temperature
+        self.renormalize = top_k > 1 if renormalize is None else renormalize
+        self.projection = nn.Linear(d_model, dim, bias=False)
+        self.expert_embeddings = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.orthogonal_(self.expert_embeddings, gain=0.32)
+        if form == "paper":
+            self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+
+    def route(self, x_Sd: Tensor, valid_S: Tensor | None) -> RouterOutput:
+        if self.form == "code" and self.training:
+            with torch.no_grad():
+                emb = self.expert_embeddings
+                emb.mul_(1.5 / emb.norm(dim=1, keepdim=True).clamp_min(1e-4))
+        z_Sh = x_Sd @ self._weight(self.projection.weight, x_Sd).t()
+        e_Eh = F.normalize(self._weight(self.expert_embeddings, x_Sd), dim=-1, eps=1e-4)
+        if self.form == "code":
+            logits_SE = z_Sh @ e_Eh.t()
+            probs_SE = logits_SE.softmax(-1)
+            balance_probs_SE = probs_SE
+        else:
+            cos_SE = F.normalize(z_Sh, dim=-1, eps=1e-4) @ e_Eh.t()
+            temperature = self.log_temperature.to(x_Sd.dtype).exp().clamp_min(0.01)
+            logits_SE = cos_SE / temperature
+            probs_SE = logits_SE.softmax(-1)
+            balance_probs_SE = (cos_SE / self.balance_temperature).softmax(-1)
+        top_experts_SK, gates_SK = top_k_gates(probs_SE, self.top_k, self.renormalize)
+        return RouterOutput(top_experts_SK, gates_SK, balance_probs_SE, logits_SE)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, form={self.form!r}, dim={self.dim}"
+
+
+class SigmoidRouter(Router):
+    """DeepSeek-V3 style: sigmoid scores, top-k chosen on score + bias, auxiliary-loss-free balancing.
+
+    The bias (a buffer, no gradient) only affects which experts are chosen; gates are the chosen
+    experts' sigmoid scores, normalised to sum 1 when k > 1. In training mode the router counts the
+    (sub-)tokens each expert received in `load`; the trainer calls `update_bias()` once per
+    optimiser step (after all-reducing `load` when data-parallel): bias_e += rate · sign(mean load − load_e).
+    The balance loss, if its coefficient is non-zero, uses the scores normalised per (sub-)token.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        bias_update_rate: float = 1e-3,
+        renormalize: bool | None = None,
+        jitter: float = 0.0,
+    ):
+        super().__init__(d_model, num_experts, top_k, jitter)
+        if bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
+        self.bias_update_rate = bias_update_rate
+        self.renormalize = top_k > 1 if renormalize is None else renormalize
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("load", torch.zeros(num_experts, dtype=torch.float32))
+
+    def route(self, x_Sd: Tensor, valid_S: Tensor | None) -> RouterOutput:
+        logits_SE = x_Sd @ self._weight(self.weight, x_Sd).t()
+        scores_SE = logits_SE.sigmoid()
+        top_experts_SK = (scores_SE.detach() + self.expert_bias.to(scores_SE.dtype)).topk(self.top_k, dim=-1).indices
+        gates_SK = scores_SE.gather(-1, top_experts_SK)
+        if self.renormalize:
+            gates_SK = gates_SK / gates_SK.sum(-1, keepdim=True).clamp_min(torch.finfo(gates_SK.dtype).tiny)
+        if self.training:
+            chosen_R = top_experts_SK.flatten()
+            weight_R = torch.ones_like(chosen_R, dtype=self.load.dtype)
+            if valid_S is not None:
+                weight_R = valid_S.repeat_interleave(self.top_k).to(self.load.dtype)
+            self.load.scatter_add_(0, chosen_R, weight_R)
+        balance_probs_SE = scores_SE / scores_SE.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_SE.dtype).tiny)
+        return RouterOutput(top_experts_SK, gates_SK, balance_probs_SE, logits_SE)
+
+    @torch.no_grad()
+    def update_bias(self, load: Tensor | None = None) -> None:
+        """One auxiliary-loss-free balancing step, outside autograd; resets the load counter.
+
+        load: (E,) tokens per expert since the last update; defaults to the router's own count.
+        """
+        load = self.load if load is None else load.to(self.load)
+        if load.shape != (self.num_experts,):
+            raise ValueError(f"load must have shape ({self.num_experts},), got {tuple(load.shape)}")
+        self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+        self.load.zero_()
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "softmax": SoftmaxRouter,
+    "switch": SwitchRouter,
+    "xmoe": XMoERouter,
+    "sigmoid": SigmoidRouter,
+}
+RouterName = Literal["softmax", "switch", "xmoe", "sigmoid"]
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an integer in 1..num_experts ({num_experts}), got {top_k!r}")
+
+
+def make_router(
+    router: str | Router, *, d_model: int, num_experts: int, top_k: int, **kwargs: object
+) -> Router:
+    """A router by name (`ROUTERS`) with extra keyword arguments, or a `Router` checked to fit."""
+    if isinstance(router, Router):
+        if kwargs:
+            raise ValueError(f"router_kwargs {sorted(kwargs)} given with a router object; set them on the object")
+        got = (router.d_model, router.num_experts, router.top_k)
+        if got != (d_model, num_experts, top_k):
+            raise ValueError(
+                f"router has (d_model, num_experts, top_k) = {got}, the layer needs {(d_model, num_experts, top_k)}"
+            )
+        return router
+    if not isinstance(router, str):
+        raise TypeError(f"router must be a name or a Router, got {type(router).__name__}")
+    if router not in ROUTERS:
+        close = difflib.get_close_matches(router, ROUTERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown router {router!r}{hint}; choose one of {sorted(ROUTERS)}")
+    return ROUTERS[router](d_model, num_experts, top_k, **kwargs)  # type: ignore[arg-type]
