@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mhmoe.experts import Experts, activate
+from mhmoe.experts import Experts, activate, ffn
 
 Backend = Literal["grouped_mm", "slices"]
 DispatchName = Literal["auto", "grouped_mm", "slices", "reference"]
@@ -35,13 +35,17 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def resolve_backend(requested: str, dtype: torch.dtype, device: torch.device) -> Backend:
+def resolve_backend(
+    requested: str, dtype: torch.dtype, device: torch.device, dims: tuple[int, ...] = ()
+) -> Backend:
     """The one place that picks the expert-GEMM backend.
 
     "auto": grouped_mm when torch has it and supports the case (CPU: fp32/bf16/fp16; CUDA: bf16/fp16
     on compute capability ≥ 8.0), else "slices". Asking for grouped_mm where it cannot run is an error.
+    dims: the GEMM widths (d, F); grouped_mm needs every row stride to be a multiple of 16 bytes.
     """
     supported = _HAS_GROUPED_MM and dtype in _GROUPED_MM_DTYPES
+    supported = supported and all(n * dtype.itemsize % 16 == 0 for n in dims)
     if device.type == "cuda":
         supported = supported and dtype != torch.float32 and torch.cuda.get_device_capability(device) >= (8, 0)
     elif device.type != "cpu":
@@ -49,7 +53,10 @@ def resolve_backend(requested: str, dtype: torch.dtype, device: torch.device) ->
     if requested == "auto":
         return "grouped_mm" if supported else "slices"
     if requested == "grouped_mm" and not supported:
-        raise ValueError(f"grouped_mm cannot run {dtype} on {device} with torch {torch.__version__}; use 'slices'")
+        raise ValueError(
+            f"grouped_mm cannot run {dtype} on {device} with widths {dims} (rows must be multiples of 16 bytes) "
+            f"with torch {torch.__version__}; use 'slices'"
+        )
     if requested not in ("grouped_mm", "slices"):
         raise ValueError(f"unknown dispatch backend {requested!r}; choose one of {DISPATCHES}")
     return requested  # type: ignore[return-value]
@@ -101,9 +108,10 @@ def capacity_keep_reference(
 def dispatch_reference(x_Sd: Tensor, experts: Experts, top_experts_SK: Tensor, gates_SK: Tensor) -> Tensor:
     """y_s = Σ_k gates[s, k] · expert_{top[s, k]}(x_s), one expert at a time. (S, d) -> (S, d)."""
     y_Sd = torch.zeros(x_Sd.shape, dtype=gates_SK.dtype, device=x_Sd.device)
-    for e in range(experts.num_experts):
+    # unbind once: indexing w[e] per expert would make backward add E full-size zero gradients
+    for e, (w_in, w_out) in enumerate(zip(experts.w_in.unbind(0), experts.w_out.unbind(0))):
         s_N, k_N = torch.nonzero(top_experts_SK == e, as_tuple=True)
-        out_Nd = experts.expert(e, x_Sd[s_N])
+        out_Nd = ffn(x_Sd[s_N], w_in, w_out, experts.activation)
         y_Sd = y_Sd.index_add(0, s_N, gates_SK[s_N, k_N, None] * out_Nd)
     return y_Sd.to(x_Sd.dtype)
 
@@ -144,7 +152,7 @@ def expert_matmul(x_Rk: Tensor, w_Ekn: Tensor, counts_E: Tensor, backend: Backen
         offsets_E = counts_E.cumsum(0).to(torch.int32)
         return F.grouped_mm(x_Rk.contiguous(), w_Ekn, offs=offsets_E)
     sizes = counts_E.tolist()  # host sync: the price of the fallback
-    return torch.cat([rows @ w_Ekn[e] for e, rows in enumerate(torch.split(x_Rk, sizes))])
+    return torch.cat([rows @ w for rows, w in zip(torch.split(x_Rk, sizes), w_Ekn.unbind(0))])
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype:

@@ -40,6 +40,11 @@ def activate(h: Tensor, activation: str) -> Tensor:
     return F.relu(h)
 
 
+def ffn(x_Nd: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
+    """act(x @ w_in) @ w_out for one expert's weights: (N, d) -> (N, d)."""
+    return activate(x_Nd @ w_in, activation) @ w_out
+
+
 def check_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -86,8 +91,8 @@ class Experts(nn.Module):
             nn.init.uniform_(w, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
 
     def expert(self, e: int, x_Nd: Tensor) -> Tensor:
-        """Expert e on rows x_Nd (N, d) -> (N, d). The plain form the reference dispatch uses."""
-        return activate(x_Nd @ self.w_in[e], self.activation) @ self.w_out[e]
+        """Expert e on rows x_Nd (N, d) -> (N, d)."""
+        return ffn(x_Nd, self.w_in[e], self.w_out[e], self.activation)
 
     def load_dense(self, e: int, ffn: DenseFFN) -> None:
         """Copy a bias-free `DenseFFN` of matching shape into expert e (for tests and upcycling)."""

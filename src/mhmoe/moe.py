@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from mhmoe.dispatch import (
     DISPATCHES,
+    _autocast_dtype,
     DispatchName,
     capacity_keep,
     dispatch_reference,
@@ -145,14 +146,15 @@ class SparseMoE(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, x_Sd.shape[0], self.top_k, self.num_experts)
             keep_SK = capacity_keep(r.top_experts, capacity, self.num_experts, valid_S)
-            routed = keep_SK.numel() if valid_S is None else valid_S.sum() * self.top_k
-            dropped_fraction = 1 - keep_SK.sum() / torch.as_tensor(routed).clamp_min(1)
+            routed = torch.as_tensor(keep_SK.numel() if valid_S is None else valid_S.sum() * self.top_k)
+            dropped_fraction = (routed - keep_SK.sum()) / routed.clamp_min(1)  # 0, not 1, when nothing is routed
             gates_SK = gates_SK * keep_SK
 
         if self.dispatch == "reference":
             y_Sd = dispatch_reference(x_Sd, self.experts, r.top_experts, gates_SK)
         else:
-            backend = resolve_backend(self.dispatch, x_Sd.dtype, x_Sd.device)
+            dims = (self.d_model, self.expert_hidden)
+            backend = resolve_backend(self.dispatch, _autocast_dtype(x_Sd), x_Sd.device, dims)
             y_Sd = dispatch_sorted(x_Sd, self.experts, r.top_experts, gates_SK, backend)
         if self.shared_experts is not None:
             y_Sd = y_Sd + self.shared_experts(x_Sd)

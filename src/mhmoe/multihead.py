@@ -42,6 +42,14 @@ def projection(d_model: int, num_layers: int, gain: float, zero_bias: bool) -> n
     return layers[0] if num_layers == 1 else nn.Sequential(*layers)
 
 
+def subtoken_router_kwargs(router: object, router_kwargs: dict | None, num_heads: int) -> dict:
+    """X-MoE in its paper form routes in 16 // H dims inside MH-MoE (v1 §3); other routers unchanged."""
+    router_kwargs = dict(router_kwargs or {})
+    if router == "xmoe" and router_kwargs.get("form", "paper") == "paper":
+        router_kwargs.setdefault("dim", max(1, 16 // num_heads))
+    return router_kwargs
+
+
 class MHMoE(nn.Module):
     """Multi-head MoE over the last dimension of its input; the SparseMoE arguments pass through.
 
@@ -87,9 +95,7 @@ class MHMoE(nn.Module):
                 raise ValueError(f"{name} must be an integer >= 0, got {n!r}")
         if residual not in RESIDUALS:
             raise ValueError(f"unknown residual {residual!r}; choose one of {RESIDUALS}")
-        router_kwargs = dict(router_kwargs or {})
-        if router == "xmoe" and router_kwargs.get("form", "paper") == "paper":
-            router_kwargs.setdefault("dim", max(1, 16 // num_heads))
+        router_kwargs = subtoken_router_kwargs(router, router_kwargs, num_heads)
         self.d_model, self.num_heads, self.head_dim, self.residual = d_model, num_heads, d_model // num_heads, residual
         self.multi_head_layers, self.merge_layers = multi_head_layers, merge_layers
         # v1 init: head layer xavier-uniform with gain 1/√2 and PyTorch's default bias; merge layer gain 1, bias 0.

@@ -1,0 +1,185 @@
+"""Layer benchmark: every implementation is checked against the reference loop, then timed.
+
+Implementations, all on the same weights and input:
+    dense-eq   one DenseFFN doing the layer's FLOPs per token (the limit an MoE layer can reach)
+    loop       the per-expert loop (dispatch="reference"), as in many model files
+    slices     sort by expert + one matmul per contiguous slice (dispatch="slices")
+    grouped_mm sort by expert + torch.nn.functional.grouped_mm (dispatch="grouped_mm")
+Timings are forward + backward (routing and losses included), the median of `repeats` runs after
+warm-up; TFLOP/s counts useful FLOPs only (3 × forward matmul FLOPs per token × tokens).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from mhmoe.accounting import cost_of
+from mhmoe.dispatch import resolve_backend
+from mhmoe.experts import DenseFFN, glu_factor
+from mhmoe.moe import SparseMoE
+from mhmoe.multihead import MHMoE
+
+
+@dataclass(frozen=True)
+class Shape:
+    d_model: int
+    num_experts: int
+    top_k: int
+    expert_hidden: int
+    num_heads: int  # 1 = SparseMoE
+    tokens: int
+    activation: str = "gelu"
+
+    def build(self, dispatch: str) -> nn.Module:
+        common = dict(
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            expert_hidden=self.expert_hidden,
+            activation=self.activation,
+            dispatch=dispatch,
+        )
+        if self.num_heads == 1:
+            return SparseMoE(d_model=self.d_model, **common)
+        return MHMoE(d_model=self.d_model, num_heads=self.num_heads, **common)
+
+
+SHAPES: dict[str, Shape] = {
+    # CPU-sized (fp32); "tiny" is for tests
+    "tiny": Shape(64, 8, 2, 64, 4, 256),
+    "cpu-mhmoe-16e": Shape(512, 16, 2, 512, 4, 2048),
+    "cpu-mhmoe-64e": Shape(512, 64, 2, 256, 4, 2048),
+    "cpu-smoe-64e": Shape(512, 64, 2, 512, 1, 2048),
+    # GPU anchors of the performance issue (bf16)
+    "gpu-smoe-2048-16": Shape(2048, 16, 2, 4096, 1, 16384),
+    "gpu-mhmoe-2048-16": Shape(2048, 16, 2, 4096, 4, 16384),
+    "gpu-smoe-2048-64": Shape(2048, 64, 2, 1024, 1, 16384),
+    "gpu-mhmoe-2048-64": Shape(2048, 64, 2, 1024, 4, 16384),
+    "gpu-smoe-768-8": Shape(768, 8, 2, 3072, 1, 8192),
+    "gpu-mhmoe-768-8": Shape(768, 8, 2, 768, 4, 8192),
+}
+DEFAULT_SHAPES = {"cpu": ["cpu-mhmoe-16e", "cpu-mhmoe-64e", "cpu-smoe-64e"], "cuda": [n for n in SHAPES if n[:3] == "gpu"]}
+
+
+def dense_equivalent(layer: nn.Module, d_model: int, activation: str) -> DenseFFN:
+    """A DenseFFN of width d_model whose hidden size gives the layer's forward FLOPs per token."""
+    flops = cost_of(layer).flops_per_token
+    hidden = max(1, round(flops / (2 * d_model * (glu_factor(activation) + 1))))
+    return DenseFFN(d_model=d_model, hidden=hidden, activation=activation)
+
+
+def _step(layer: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    out = layer(x)
+    y, aux = (out, None) if isinstance(out, Tensor) else (out.y, out.aux_loss)
+    loss = (y * grad).sum() if aux is None else (y * grad).sum() + aux
+    loss.backward()
+    return y, loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _max_error(a: nn.Module, b: nn.Module, x: Tensor, grad: Tensor) -> float:
+    """Largest relative difference between two layers' outputs, input grads and parameter grads."""
+    results = []
+    for layer in (a, b):
+        layer.zero_grad(set_to_none=True)
+        xi = x.detach().clone().requires_grad_()
+        y, _ = _step(layer, xi, grad)
+        grads = [xi.grad] + [p.grad for p in layer.parameters()]
+        results.append([y.detach()] + grads)
+    err = 0.0
+    for u, v in zip(*results):
+        scale = v.abs().max().float().clamp_min(1e-6)
+        err = max(err, float(((u.float() - v.float()).abs().max() / scale)))
+    return err
+
+
+def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: int, seed: int = 0) -> dict:
+    shape = SHAPES[name]
+    torch.manual_seed(seed)
+    reference = shape.build("reference").to(device=device, dtype=dtype)
+    x = torch.randn(shape.tokens, shape.d_model, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    cost = cost_of(reference)
+    tolerance = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+
+    impls: dict[str, nn.Module] = {"loop": reference}
+    backends = ["slices"]
+    if resolve_backend("auto", dtype, device) == "grouped_mm":
+        backends.append("grouped_mm")
+    for backend in backends:
+        layer = shape.build(backend).to(device=device, dtype=dtype)
+        layer.load_state_dict(reference.state_dict())
+        impls[backend] = layer
+    impls["dense-eq"] = dense_equivalent(reference, shape.d_model, shape.activation).to(device=device, dtype=dtype)
+
+    rows = []
+    for impl, layer in impls.items():
+        error = None if impl in ("loop", "dense-eq") else _max_error(layer, reference, x, grad)
+        if error is not None and error > tolerance:
+            raise RuntimeError(f"{name}/{impl}: differs from the reference by {error:.2e} (> {tolerance:.0e})")
+        xi = x.detach().clone().requires_grad_()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = _time(lambda: _step(layer, xi, grad), device, repeats)
+        seconds = statistics.median(times)
+        rows.append(
+            dict(
+                impl=impl,
+                ms=1e3 * seconds,
+                tflops=3 * cost.flops_per_token * shape.tokens / seconds / 1e12,
+                max_rel_error=error,
+                peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+            )
+        )
+    dense_ms = next(r["ms"] for r in rows if r["impl"] == "dense-eq")
+    for r in rows:
+        r["vs_dense"] = r["ms"] / dense_ms
+    return dict(name=name, shape=asdict(shape), flops_per_token=cost.flops_per_token, results=rows)
+
+
+def environment(device: torch.device) -> dict:
+    env = dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        machine=platform.machine(),
+        processor=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        date=time.strftime("%Y-%m-%d"),
+    )
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def format_table(report: dict) -> str:
+    lines = ["| shape | impl | ms (fwd+bwd) | TFLOP/s | × dense-eq | max rel. error |", "|---|---|---:|---:|---:|---:|"]
+    for bench in report["benchmarks"]:
+        for r in bench["results"]:
+            error = "-" if r["max_rel_error"] is None else f"{r['max_rel_error']:.1e}"
+            lines.append(
+                f"| {bench['name']} | {r['impl']} | {r['ms']:.1f} | {r['tflops']:.3f} | {r['vs_dense']:.2f} | {error} |"
+            )
+    return "\n".join(lines)

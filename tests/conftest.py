@@ -1,0 +1,144 @@
+"""Shared helpers: build layer pairs with identical weights, run forward + backward, compare.
+
+Shapes are tiny so the whole suite runs in a few minutes on 2 CPU cores. Widths used with the
+grouped_mm backend are multiples of 16 bytes (4 float32 / 8 bfloat16 values), which that kernel needs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from mhmoe import MHMoE, MoEOutput, SparseMoE
+
+# (router, top_k, router_kwargs): every router the library ships, each in a configuration it accepts.
+ROUTER_CASES = [
+    pytest.param("softmax", 2, {}, id="softmax"),
+    pytest.param("switch", 1, {}, id="switch"),
+    pytest.param("xmoe", 2, {"form": "paper"}, id="xmoe-paper"),
+    pytest.param("xmoe", 2, {"form": "code"}, id="xmoe-code"),
+    pytest.param("sigmoid", 2, {}, id="sigmoid"),
+]
+ACTIVATIONS = ["gelu", "relu", "swiglu"]
+TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same global RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+    yield
+
+
+def layer_kwargs(cls: type[nn.Module], **overrides) -> dict:
+    """Small default constructor arguments for SparseMoE (d_model 8) or MHMoE (d_model 8, H 2 -> d 4)."""
+    kwargs: dict = dict(d_model=8, num_experts=4, top_k=2, expert_hidden=8)
+    if cls is MHMoE:
+        kwargs["num_heads"] = 2
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_pair(
+    cls: type[nn.Module], *, fast: str = "auto", dtype: torch.dtype = torch.float64, seed: int = 0, **kwargs
+) -> tuple[nn.Module, nn.Module]:
+    """Two copies of one layer with identical weights and buffers: (dispatch="reference", dispatch=fast)."""
+    torch.manual_seed(seed)
+    reference = cls(dispatch="reference", **kwargs).to(dtype)
+    other = cls(dispatch=fast, **kwargs).to(dtype)
+    other.load_state_dict(reference.state_dict())
+    return reference, other
+
+
+def clone_layer(layer: nn.Module, **attrs) -> nn.Module:
+    """A deep copy of `layer` with some attributes changed (e.g. dispatch, residual)."""
+    twin = copy.deepcopy(layer)
+    for name, value in attrs.items():
+        setattr(twin, name, value)
+    return twin
+
+
+class Result(NamedTuple):
+    out: MoEOutput
+    x_grad: Tensor
+    param_grads: dict[str, Tensor]
+
+
+def forward_backward(
+    layer: nn.Module, x: Tensor, token_mask: Tensor | None = None, *, grad_seed: int = 1234
+) -> Result:
+    """Forward, then backward of (y · g).sum() + aux_loss with a fixed random g; grads by parameter name.
+
+    A parameter that received no gradient is reported as zeros, so layers that differ only in whether an
+    unused parameter is touched by autograd still compare equal.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out = layer(x, token_mask)
+    generator = torch.Generator().manual_seed(grad_seed)
+    g = torch.randn(out.y.shape, generator=generator, dtype=torch.float64).to(out.y.dtype)
+    ((out.y * g).sum() + out.aux_loss).backward()
+    grads = {
+        name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in layer.named_parameters()
+    }
+    return Result(out, x.grad.clone(), grads)
+
+
+def assert_results_close(actual: Result, expected: Result, *, rtol: float, atol: float) -> None:
+    """Outputs, aux loss, routing statistics, input gradient and every parameter gradient agree."""
+    torch.testing.assert_close(actual.out.y, expected.out.y, rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(actual.out.aux_loss, expected.out.aux_loss, rtol=rtol, atol=atol, equal_nan=True)
+    assert torch.equal(actual.out.stats.top_experts, expected.out.stats.top_experts)
+    assert torch.equal(actual.out.stats.tokens_per_expert, expected.out.stats.tokens_per_expert)
+    torch.testing.assert_close(actual.out.stats.dropped_fraction, expected.out.stats.dropped_fraction)
+    torch.testing.assert_close(actual.x_grad, expected.x_grad, rtol=rtol, atol=atol)
+    assert actual.param_grads.keys() == expected.param_grads.keys()
+    for name in expected.param_grads:
+        torch.testing.assert_close(
+            actual.param_grads[name], expected.param_grads[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
+        )
+
+
+def assert_fast_matches_reference(
+    reference: nn.Module, fast: nn.Module, x: Tensor, token_mask: Tensor | None = None, *, rtol: float, atol: float
+) -> tuple[Result, Result]:
+    expected = forward_backward(reference, x, token_mask)
+    actual = forward_backward(fast, x, token_mask)
+    assert_results_close(actual, expected, rtol=rtol, atol=atol)
+    return actual, expected
+
+
+def assert_bitwise_equal(a: Result, b: Result) -> None:
+    assert torch.equal(a.out.y, b.out.y)
+    assert torch.equal(a.out.aux_loss, b.out.aux_loss)
+    assert torch.equal(a.x_grad, b.x_grad)
+    for name in a.param_grads:
+        assert torch.equal(a.param_grads[name], b.param_grads[name]), name
+
+
+def set_identity_(linear: nn.Linear) -> None:
+    """Make a D×D linear layer the identity map (weight I, bias 0)."""
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(linear.in_features, dtype=linear.weight.dtype))
+        linear.bias.zero_()
+
+
+__all__ = [
+    "ACTIVATIONS",
+    "ROUTER_CASES",
+    "TOLERANCES",
+    "MHMoE",
+    "SparseMoE",
+    "assert_bitwise_equal",
+    "assert_fast_matches_reference",
+    "assert_results_close",
+    "clone_layer",
+    "forward_backward",
+    "layer_kwargs",
+    "make_pair",
+    "set_identity_",
+]
