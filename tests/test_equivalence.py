@@ -77,9 +77,7 @@ def test_auto_matches_reference(cls, router, top_k, router_kwargs, activation, c
 @pytest.mark.parametrize(("router", "top_k", "router_kwargs"), ROUTER_CASES)
 @pytest.mark.parametrize("cls", LAYERS)
 def test_explicit_backend_matches_reference(cls, router, top_k, router_kwargs, capacity_factor, backend, dtype):
-    kwargs = layer_kwargs(
-        cls, top_k=top_k, router=router, router_kwargs=router_kwargs, capacity_factor=capacity_factor
-    )
+    kwargs = layer_kwargs(cls, top_k=top_k, router=router, router_kwargs=router_kwargs, capacity_factor=capacity_factor)
     reference, fast = make_pair(cls, fast=backend, dtype=dtype, activation="swiglu", **kwargs)
     assert_fast_matches_reference(reference, fast, torch.randn(2, 7, 8, dtype=dtype), **TOLERANCES[dtype])
 
@@ -283,7 +281,7 @@ def gradcheck_layer(layer, x: torch.Tensor) -> None:
         expected_routing = layer(x).stats.top_experts.clone()
 
     def f(x, *params):
-        out = functional_call(layer, dict(zip(names, params)), (x,))
+        out = functional_call(layer, dict(zip(names, params, strict=True)), (x,))
         assert torch.equal(out.stats.top_experts, expected_routing), "a perturbation changed the routing"
         return out.y, out.aux_loss
 

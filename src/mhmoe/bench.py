@@ -127,7 +127,7 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
 
     impls: dict[str, nn.Module] = {"loop": reference}
     backends = ["slices"]
-    if resolve_backend("auto", dtype, device) == "grouped_mm":
+    if resolve_backend("auto", dtype, device, (shape.d_model // shape.num_heads, shape.expert_hidden)) == "grouped_mm":
         backends.append("grouped_mm")
     for backend in backends:
         layer = shape.build(backend).to(device=device, dtype=dtype)

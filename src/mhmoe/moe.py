@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from mhmoe.dispatch import (
     DISPATCHES,
-    _autocast_dtype,
     DispatchName,
     capacity_keep,
+    compute_dtype,
     dispatch_reference,
     dispatch_sorted,
     expert_capacity,
@@ -154,7 +154,7 @@ class SparseMoE(nn.Module):
             y_Sd = dispatch_reference(x_Sd, self.experts, r.top_experts, gates_SK)
         else:
             dims = (self.d_model, self.expert_hidden)
-            backend = resolve_backend(self.dispatch, _autocast_dtype(x_Sd), x_Sd.device, dims)
+            backend = resolve_backend(self.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
             y_Sd = dispatch_sorted(x_Sd, self.experts, r.top_experts, gates_SK, backend)
         if self.shared_experts is not None:
             y_Sd = y_Sd + self.shared_experts(x_Sd)

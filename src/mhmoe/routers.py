@@ -142,12 +142,15 @@ class XMoERouter(Router):
             self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
 
     def route(self, x_Sd: Tensor, valid_S: Tensor | None) -> RouterOutput:
+        emb_Eh = self.expert_embeddings
         if self.form == "code" and self.training:
             with torch.no_grad():
-                emb = self.expert_embeddings
-                emb.mul_(1.5 / emb.norm(dim=1, keepdim=True).clamp_min(1e-4))
+                emb_Eh.mul_(1.5 / emb_Eh.norm(dim=1, keepdim=True).clamp_min(1e-4))
+            # The graph must not save the parameter itself: the next training forward rescales it in
+            # place, which would break the backward of a graph holding two forwards.
+            emb_Eh = emb_Eh.clone()
         z_Sh = x_Sd @ self._weight(self.projection.weight, x_Sd).t()
-        e_Eh = F.normalize(self._weight(self.expert_embeddings, x_Sd), dim=-1, eps=1e-4)
+        e_Eh = F.normalize(self._weight(emb_Eh, x_Sd), dim=-1, eps=1e-4)
         if self.form == "code":
             logits_SE = z_Sh @ e_Eh.t()
             probs_SE = logits_SE.softmax(-1)
@@ -210,6 +213,17 @@ class SigmoidRouter(Router):
             self.load.scatter_add_(0, chosen_R, weight_R)
         balance_probs_SE = scores_SE / scores_SE.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_SE.dtype).tiny)
         return RouterOutput(top_experts_SK, gates_SK, balance_probs_SE, logits_SE)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Module.to(torch.bfloat16) casts buffers too; the balancing state stays >= float32 (a bf16
+        # counter stops counting exactly past 256, and a 1e-3 bias step vanishes next to 0.5).
+        kept = {name: getattr(self, name) for name in ("expert_bias", "load")}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if router_dtype(after.dtype) != after.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
 
     @torch.no_grad()
     def update_bias(self, load: Tensor | None = None) -> None:

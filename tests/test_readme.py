@@ -1,0 +1,24 @@
+"""The README's code runs, and CI runs exactly the README's test command."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("index", range(len(re.findall(r"```python\n", README))))
+def test_readme_python_blocks_run(index):
+    block = re.findall(r"```python\n(.*?)```", README, flags=re.S)[index]
+    exec(compile(block, f"README.md block {index}", "exec"), {})
+
+
+def test_ci_runs_the_readme_test_command():
+    setup = re.search(r"## Set-up.*?```bash\n(.*?)```", README, flags=re.S).group(1)
+    commands = [line for line in setup.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2, "the set-up is two commands: main job, tests"
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci_lines[-1] == commands[1]
+    assert "torch==2.13.0" in commands[0] and "torch==2.13.0" in " ".join(ci_lines)
