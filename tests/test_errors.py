@@ -202,3 +202,8 @@ def test_grouped_mm_for_misaligned_widths():
 def test_resolve_backend_unknown_name():
     with pytest.raises(ValueError, match=r"unknown dispatch backend 'reference'"):
         resolve_backend("reference", torch.float32, torch.device("cpu"))
+
+
+def test_shared_expert_hidden_without_shared_experts_is_an_error():
+    with pytest.raises(ValueError, match="shared_expert_hidden=8 given but num_shared_experts is 0"):
+        SparseMoE(d_model=8, num_experts=2, top_k=1, expert_hidden=4, shared_expert_hidden=8)

@@ -80,7 +80,8 @@ class SparseMoE(nn.Module):
         expert_hidden: hidden width F of each expert.
         activation: "gelu", "relu" or "swiglu".
         router: a name from `mhmoe.routers.ROUTERS` or a `Router` object; router_kwargs go to its constructor.
-        capacity_factor: None (default) is dropless; c drops assignments past ceil(c·K·S/E) per expert.
+        capacity_factor: None (default) is dropless; c drops assignments past ceil(c·K·S/E) per expert
+            (S counts all items, padding included, so the capacity is a static number).
         balance_loss_coef, z_loss_coef: weights of the two router losses in `aux_loss`
             (α = 0.01 is the paper's; the z-loss is off by default, as in the paper).
         num_shared_experts, shared_expert_hidden: always-on experts (a dense FFN of width
@@ -115,6 +116,8 @@ class SparseMoE(nn.Module):
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
         if num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+        if shared_expert_hidden is not None and not num_shared_experts:
+            raise ValueError(f"shared_expert_hidden={shared_expert_hidden} given but num_shared_experts is 0")
         if dispatch not in DISPATCHES:
             raise ValueError(f"unknown dispatch {dispatch!r}; choose one of {DISPATCHES}")
         for name, coef in (("balance_loss_coef", balance_loss_coef), ("z_loss_coef", z_loss_coef)):
