@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 from mhmoe import MHMoE, SparseMoE
-from mhmoe.dispatch import capacity_keep, capacity_keep_reference, expert_capacity, resolve_backend
+from mhmoe.layers.dispatch import capacity_keep, capacity_keep_reference, expert_capacity, resolve_backend
 
 LAYERS = [pytest.param(SparseMoE, id="SparseMoE"), pytest.param(MHMoE, id="MHMoE")]
 DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]

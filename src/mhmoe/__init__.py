@@ -1,9 +1,9 @@
 """mhmoe: Multi-Head Mixture-of-Experts and sparse-MoE layers for PyTorch."""
 
-from mhmoe.experts import DenseFFN, Experts
-from mhmoe.moe import MoEOutput, MoEStats, SparseMoE
-from mhmoe.multihead import MHMoE
-from mhmoe.routers import ROUTERS, Router, RouterOutput, SigmoidRouter, SoftmaxRouter, SwitchRouter, XMoERouter
+from mhmoe.layers.experts import DenseFFN, Experts
+from mhmoe.layers.moe import MoEOutput, MoEStats, SparseMoE
+from mhmoe.layers.multihead import MHMoE
+from mhmoe.layers.routers import ROUTERS, Router, RouterOutput, SigmoidRouter, SoftmaxRouter, SwitchRouter, XMoERouter
 
 __version__ = "0.1.0"
 

@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 from torch import nn
 
-from mhmoe.experts import DenseFFN, glu_factor
-from mhmoe.moe import SparseMoE
-from mhmoe.multihead import MHMoE, subtoken_router_kwargs
-from mhmoe.routers import Router, XMoERouter
+from mhmoe.layers.experts import DenseFFN, glu_factor
+from mhmoe.layers.moe import SparseMoE
+from mhmoe.layers.multihead import MHMoE, subtoken_router_kwargs
+from mhmoe.layers.routers import Router, XMoERouter
 
 # Constructor arguments that change no size.
 _COST_FREE = {"capacity_factor", "balance_loss_coef", "z_loss_coef", "dispatch", "residual"}

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from mhmoe.accounting import cost_of
-from mhmoe.dispatch import resolve_backend
-from mhmoe.experts import DenseFFN, glu_factor
-from mhmoe.moe import SparseMoE
-from mhmoe.multihead import MHMoE
+from mhmoe.layers.dispatch import resolve_backend
+from mhmoe.layers.experts import DenseFFN, glu_factor
+from mhmoe.layers.moe import SparseMoE
+from mhmoe.layers.multihead import MHMoE
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ import math
 
 from torch import Tensor, nn
 
-from mhmoe.dispatch import DispatchName
-from mhmoe.experts import Activation, check_positive
-from mhmoe.moe import MoEOutput, SparseMoE, check_input, check_token_mask
-from mhmoe.routers import Router, RouterName
+from mhmoe.layers.dispatch import DispatchName
+from mhmoe.layers.experts import Activation, check_positive
+from mhmoe.layers.moe import MoEOutput, SparseMoE, check_input, check_token_mask
+from mhmoe.layers.routers import Router, RouterName
 
 RESIDUALS = ("outer", "subtoken")
 

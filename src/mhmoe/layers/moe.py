@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mhmoe.dispatch import (
+from mhmoe.layers.dispatch import (
     DISPATCHES,
     DispatchName,
     capacity_keep,
@@ -32,9 +32,9 @@ from mhmoe.dispatch import (
     expert_capacity,
     resolve_backend,
 )
-from mhmoe.experts import Activation, DenseFFN, Experts, check_positive
-from mhmoe.losses import balance_loss, z_loss
-from mhmoe.routers import Router, RouterName, make_router
+from mhmoe.layers.experts import Activation, DenseFFN, Experts, check_positive
+from mhmoe.layers.losses import balance_loss, z_loss
+from mhmoe.layers.routers import Router, RouterName, make_router
 
 
 class MoEStats(NamedTuple):
@@ -79,7 +79,7 @@ class SparseMoE(nn.Module):
         num_experts, top_k: E experts, each item goes to K of them.
         expert_hidden: hidden width F of each expert.
         activation: "gelu", "relu" or "swiglu".
-        router: a name from `mhmoe.routers.ROUTERS` or a `Router` object; router_kwargs go to its constructor.
+        router: a name from `mhmoe.layers.routers.ROUTERS` or a `Router` object; router_kwargs go to its constructor.
         capacity_factor: None (default) is dropless; c drops assignments past ceil(c·K·S/E) per expert
             (S counts all items, padding included, so the capacity is a static number).
         balance_loss_coef, z_loss_coef: weights of the two router losses in `aux_loss`

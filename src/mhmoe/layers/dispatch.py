@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mhmoe.experts import Experts, activate, ffn
+from mhmoe.layers.experts import Experts, activate, ffn
 
 Backend = Literal["grouped_mm", "slices"]
 DispatchName = Literal["auto", "grouped_mm", "slices", "reference"]

@@ -1,0 +1,1 @@
+"""The layers: experts, routers, losses, dispatch, SparseMoE and MHMoE. They know nothing about training."""
