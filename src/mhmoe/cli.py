@@ -1,7 +1,13 @@
 """The `mhmoe` command line.
 
+    mhmoe train --preset NAME [--set key=value ...] [--data PATH] [--out DIR]
+    mhmoe eval RUN_DIR
+    mhmoe analyze RUN_DIR [--data PATH]
+    mhmoe reproduce english [--quick|--gpu] [--seeds N] [--out DIR] [--data PATH] [--set key=value ...]
     mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--json FILE]
     mhmoe sizes       the PAPER.md §4 presets with their exact parameter counts and FLOPs
+
+Errors a user can fix (bad data, config or checkpoint) print one line, not a traceback.
 """
 
 from __future__ import annotations
@@ -71,9 +77,99 @@ def _sizes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from mhmoe.train.config import apply_overrides, field_names, preset
+    from mhmoe.train.trainer import train
+
+    cfg = preset(args.preset)
+    if args.list_keys:
+        print("\n".join(field_names(cfg)))
+        return 0
+    if args.data:
+        cfg.data.path = args.data
+    apply_overrides(cfg, args.set)
+    out = Path(args.out or f"runs/{args.preset}")
+    result = train(cfg, out, progress=not args.no_progress)
+    print(
+        f"{out}: step {result.step}, {result.tokens_seen:,} tokens, val ppl {result.val_ppl:.2f}, "
+        f"test ppl {result.test_ppl:.2f}, {result.train_seconds:.0f} s"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mhmoe.train.runs import eval_run
+
+    results = eval_run(Path(args.run_dir))
+    for split in ("valid", "test"):
+        r = results[split]
+        print(f"{split}: loss {r['loss']:.4f} nats/token, ppl {r['ppl']:.2f} over {r['tokens']:,} tokens")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from mhmoe.data import load_corpus, tokenize_corpus, data_cache_dir
+    from mhmoe.train.runs import analyze_run, load_run
+
+    run_dir = Path(args.run_dir)
+    run = load_run(run_dir)
+    other = {}
+    if args.data:
+        corpus = load_corpus(Path(args.data))
+        other["other"] = tokenize_corpus(corpus, run.tokenizer, data_cache_dir(), progress=True)["valid"]
+    report = analyze_run(run_dir, other=other, run=run, max_batches=args.batches)
+    print(json.dumps(report, indent=1))
+    print(f"plots and analysis.json in {run_dir / 'analysis'}", file=sys.stderr)
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from mhmoe.reproduce import reproduce_english, results_table
+
+    out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
+    results = reproduce_english(
+        out, quick=args.quick, gpu=args.gpu, seeds=args.seeds, data=args.data or "", overrides=args.set,
+        progress=not args.no_progress,
+    )
+    print(results_table(results))
+    print(f"results.json, results.md, val_curves.png and heatmaps/ in {out} ({results['wall_seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhmoe", description="Multi-Head Mixture-of-Experts for PyTorch")
     verbs = parser.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser("train", help="train a language model")
+    train.add_argument("--preset", default="cpu", help="cpu-tiny, cpu, gpu or paper (default: cpu)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    train.add_argument("--data", help="text file, folder of .txt/.jsonl files, or a data pack folder")
+    train.add_argument("--out", help="run directory (default: runs/PRESET); an existing run is resumed")
+    train.add_argument("--list-keys", action="store_true", help="print every config key and exit")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(run=_train)
+
+    evaluate = verbs.add_parser("eval", help="validation and test perplexity of a run")
+    evaluate.add_argument("run_dir")
+    evaluate.set_defaults(run=_eval)
+
+    analyze = verbs.add_parser("analyze", help="expert activation, per-head usage and sub-token divergence")
+    analyze.add_argument("run_dir")
+    analyze.add_argument("--data", help="also analyse held-out text from this corpus (another genre or language)")
+    analyze.add_argument("--batches", type=int, default=20, help="held-out batches to route (default 20)")
+    analyze.set_defaults(run=_analyze)
+
+    reproduce = verbs.add_parser("reproduce", help="the paper's comparisons")
+    reproduce.add_argument("task", choices=("english",))
+    size = reproduce.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
+    size.add_argument("--gpu", action="store_true", help="the one-GPU budget (about 10 M tokens per model)")
+    reproduce.add_argument("--seeds", type=int, default=1)
+    reproduce.add_argument("--out")
+    reproduce.add_argument("--data", help="default: $MHMOE_DATA or the built-in Shakespeare corpus")
+    reproduce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the budget")
+    reproduce.add_argument("--no-progress", action="store_true")
+    reproduce.set_defaults(run=_reproduce)
 
     bench = verbs.add_parser("bench", help="benchmarks")
     bench_verbs = bench.add_subparsers(dest="what", required=True)
@@ -91,10 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mhmoe.errors import UserError
+
     args = build_parser().parse_args(argv)
-    if getattr(args, "repeats", 1) < 1:
-        raise SystemExit(f"mhmoe: --repeats must be >= 1, got {args.repeats}")
-    return args.run(args)
+    for name in ("repeats", "seeds", "batches"):
+        if getattr(args, name, 1) < 1:
+            raise SystemExit(f"mhmoe: --{name} must be >= 1, got {getattr(args, name)}")
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"mhmoe: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""`mhmoe reproduce english`: Dense vs SMoE vs X-MoE vs MH-MoE under one budget (PAPER.md §5).
+
+Models (NAME in results.json):
+    dense         FFN hidden 4·D in every block
+    smoe          softmax top-k SMoE, E experts of hidden F, in every second block
+    xmoe          the same with the X-MoE router
+    mhmoe_params  MH-MoE (X-MoE router, H = 4), same E and top-k, hidden solved for equal total
+                  parameters (v1; about H× the expert FLOPs)
+    mhmoe_flops   MH-MoE (X-MoE router, H = 4), hidden solved for equal FLOPs per token and E raised
+                  for about equal total parameters (v2)
+Every model trains on the same batches for the same number of steps (same tokens) per seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mhmoe.accounting import flops_matched_mhmoe, params_matched_mhmoe
+from mhmoe.models.gpt import FFNConfig, gpt_cost
+from mhmoe.train.checkpoint import write_text_atomically
+from mhmoe.train.config import DataConfig, RunConfig, TrainConfig
+from mhmoe.models.gpt import GPTConfig
+
+MH_HEADS = 4
+
+
+@dataclass
+class Variant:
+    name: str
+    matching: str  # "baseline", "params" (v1) or "flops" (v2)
+    ffn: FFNConfig
+
+
+def english_variants(base: RunConfig) -> list[Variant]:
+    """The five models, sized from `base.model` (its ffn gives E, top-k and the expert hidden F)."""
+    D, f = base.model.d_model, base.model.ffn
+    moe = dict(d_model=D, num_experts=f.num_experts, top_k=f.top_k, expert_hidden=f.expert_hidden,
+               activation=f.activation)
+    common = dict(hidden=f.hidden, activation=f.activation, moe_every=f.moe_every,
+                  balance_loss_coef=f.balance_loss_coef)
+    params = params_matched_mhmoe({**moe, "router": "xmoe"}, num_heads=MH_HEADS, hidden_multiple=32)
+    flops = flops_matched_mhmoe({**moe, "router": "xmoe"}, num_heads=MH_HEADS, top_k=f.top_k,
+                                hidden_multiple=32, experts_multiple=4)
+    moe_fields = dict(num_experts=f.num_experts, top_k=f.top_k, expert_hidden=f.expert_hidden)
+    return [
+        Variant("dense", "baseline", FFNConfig(kind="dense", **common)),
+        Variant("smoe", "baseline", FFNConfig(kind="smoe", router="softmax", **moe_fields, **common)),
+        Variant("xmoe", "baseline", FFNConfig(kind="smoe", router="xmoe", **moe_fields, **common)),
+        Variant("mhmoe_params", "params", FFNConfig(
+            kind="mhmoe", router="xmoe", num_heads=MH_HEADS, num_experts=params["num_experts"],
+            top_k=params["top_k"], expert_hidden=params["expert_hidden"], **common)),
+        Variant("mhmoe_flops", "flops", FFNConfig(
+            kind="mhmoe", router="xmoe", num_heads=MH_HEADS, num_experts=flops["num_experts"],
+            top_k=flops["top_k"], expert_hidden=flops["expert_hidden"], **common)),
+    ]
+
+
+def english_base(quick: bool, gpu: bool) -> RunConfig:
+    """The shared budget. quick: minutes on 2 CPU cores (pipeline demo, PAPER.md §7); gpu: one H200."""
+    if gpu:
+        return RunConfig(
+            model=GPTConfig(seq_len=512, d_model=512, n_layers=6, n_heads=8, ffn=FFNConfig(
+                hidden=2048, num_experts=8, top_k=2, expert_hidden=2048)),
+            data=DataConfig(tokenizer="bpe", vocab_size=8192),
+            train=TrainConfig(batch_size=64, max_steps=320, warmup_steps=30, lr=1.5e-3, eval_every=80,
+                              eval_batches=20, checkpoint_every=320, log_every=20, compile=True),
+        )
+    if quick:
+        return RunConfig(
+            model=GPTConfig(seq_len=128, d_model=128, n_layers=4, n_heads=4, ffn=FFNConfig(
+                hidden=512, num_experts=8, top_k=2, expert_hidden=512)),
+            data=DataConfig(tokenizer="bpe", vocab_size=4096),
+            train=TrainConfig(batch_size=16, max_steps=150, warmup_steps=15, lr=3e-3, eval_every=50,
+                              eval_batches=8, checkpoint_every=150, log_every=10, threads=2),
+        )
+    return RunConfig(
+        model=GPTConfig(seq_len=256, d_model=256, n_layers=6, n_heads=4, ffn=FFNConfig(
+            hidden=1024, num_experts=8, top_k=2, expert_hidden=1024)),
+        data=DataConfig(tokenizer="bpe", vocab_size=8192),
+        train=TrainConfig(batch_size=16, max_steps=2000, warmup_steps=100, lr=1.5e-3, eval_every=200,
+                          eval_batches=20, checkpoint_every=500),
+    )
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _curve(run_dir: Path) -> list[tuple[float, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+
+
+def reproduce_english(out: Path, quick: bool = False, gpu: bool = False, seeds: int = 1, data: str = "",
+                      overrides: list[str] | None = None, progress: bool = True) -> dict:
+    """Train every variant for every seed, analyse routing, write results.json / results.md / plots."""
+    from mhmoe.plots import plot_activation_heatmap, plot_curves
+    from mhmoe.train.config import apply_overrides
+    from mhmoe.train.runs import analyze_run
+    from mhmoe.train.trainer import train
+
+    base = english_base(quick, gpu)
+    base.data.path = data
+    apply_overrides(base, overrides or [])
+    started = time.perf_counter()
+    models: dict[str, dict] = {}
+    curves, bands = {}, {}
+    for variant in english_variants(base):
+        runs = []
+        for seed in range(seeds):
+            cfg = copy.deepcopy(base)
+            cfg.model.ffn = copy.deepcopy(variant.ffn)
+            cfg.train.seed = seed
+            run_dir = out / "runs" / f"{variant.name}-seed{seed}"
+            print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
+            result = train(cfg, run_dir, progress=progress)
+            analysis = analyze_run(run_dir, max_batches=8 if quick else 20)
+            runs.append({"seed": seed, "val_ppl": result.val_ppl, "test_ppl": result.test_ppl,
+                         "val_loss": result.val_loss, "tokens_seen": result.tokens_seen,
+                         "train_seconds": result.train_seconds, "analysis": analysis.get("valid"),
+                         "curve": _curve(run_dir)})
+        models[variant.name] = _aggregate(variant, cfg, runs)
+        curves[variant.name], bands[variant.name] = _mean_curve([r["curve"] for r in runs])
+        heat = out / "runs" / f"{variant.name}-seed0" / "analysis" / "heatmap-valid.png"
+        if heat.exists():
+            (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+            (out / "heatmaps" / f"{variant.name}.png").write_bytes(heat.read_bytes())
+    results = {"task": "english", "models": models, "budget": base.to_dict(),
+               "wall_seconds": time.perf_counter() - started}
+    write_text_atomically(out / "results.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomically(out / "results.md", results_table(results) + "\n")
+    plot_curves(curves, out / "val_curves.png", "validation loss (English)", bands=bands)
+    return results
+
+
+def _aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
+    cost = gpt_cost(cfg.model)
+    val_mean, val_std = _mean_std([r["val_ppl"] for r in runs])
+    test_mean, test_std = _mean_std([r["test_ppl"] for r in runs])
+    analyses = [r["analysis"] for r in runs if r["analysis"]]
+    return {
+        "matching": variant.matching,
+        "params_total": cost.params_total,
+        "params_active": cost.params_active,
+        "flops_per_token": cost.flops_per_token,
+        "num_experts": variant.ffn.num_experts if variant.ffn.kind != "dense" else 0,
+        "expert_hidden": variant.ffn.expert_hidden if variant.ffn.kind != "dense" else variant.ffn.hidden,
+        "val_ppl": val_mean, "val_ppl_std": val_std,
+        "test_ppl": test_mean, "test_ppl_std": test_std,
+        "activation_ratio": statistics.fmean(a["activation_ratio"] for a in analyses) if analyses else None,
+        "activation_threshold": analyses[0]["threshold"] if analyses else None,
+        "effective_experts": statistics.fmean(a["effective_experts"] for a in analyses) if analyses else None,
+        "effective_fraction": statistics.fmean(a["effective_fraction"] for a in analyses) if analyses else None,
+        "tokens_seen": runs[0]["tokens_seen"],
+        "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
+        "seeds": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
+    }
+
+
+def _mean_curve(curves: list[list[tuple[float, float]]]) -> tuple[list, list]:
+    points = min(len(c) for c in curves)
+    mean, band = [], []
+    for i in range(points):
+        xs, ys = curves[0][i][0], [c[i][1] for c in curves]
+        mean.append((xs, statistics.fmean(ys)))
+        band.append((xs, min(ys), max(ys)))
+    return mean, band
+
+
+def results_table(results: dict) -> str:
+    def fmt(mean: float, std: float, seeds: int) -> str:
+        return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
+
+    lines = [
+        "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
+        "| activation | eff. experts | tokens/model | train s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in results["models"].items():
+        n = len(m["seeds"])
+        experts = f"{m['num_experts']} × {m['expert_hidden']}" if m["num_experts"] else f"dense {m['expert_hidden']}"
+        act = "-" if m["activation_ratio"] is None else f"{100 * m['activation_ratio']:.1f}%"
+        eff = "-" if m["effective_experts"] is None else f"{m['effective_experts']:.2f} ({100 * m['effective_fraction']:.0f}%)"
+        lines.append(
+            f"| {name} | {m['matching']} | {experts} | {m['params_total'] / 1e6:.2f} M | {m['params_active'] / 1e6:.2f} M "
+            f"| {m['flops_per_token'] / 1e6:.2f} | {fmt(m['val_ppl'], m['val_ppl_std'], n)} "
+            f"| {fmt(m['test_ppl'], m['test_ppl_std'], n)} | {act} | {eff} | {m['tokens_seen']:,} | {m['train_seconds']:.0f} |"
+        )
+    first = next(iter(results["models"].values()))
+    if first["seeds"]:
+        lines.append("")
+        lines.append(f"{len(first['seeds'])} seed(s); activation = share of (layer, expert) cells selected by more "
+                     f"than {100 * (next((m['activation_threshold'] for m in results['models'].values() if m['activation_threshold']), 0.01)):.0f}% "
+                     "of the layer's (sub-)tokens on validation text; eff. experts = exp(routing entropy), mean over MoE layers.")
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""The GPT decoder: causal, exact accounting, MoE placement, learns."""
+
+import pytest
+import torch
+
+from mhmoe.layers.experts import DenseFFN
+from mhmoe.layers.moe import SparseMoE
+from mhmoe.layers.multihead import MHMoE
+from mhmoe.models.gpt import GPT, FFNConfig, GPTConfig, gpt_cost
+
+
+def config(kind: str, **ffn) -> GPTConfig:
+    ffn = dict(kind=kind, hidden=64, num_experts=4, top_k=2, expert_hidden=32, num_heads=2, **ffn)
+    return GPTConfig(vocab_size=50, seq_len=16, d_model=32, n_layers=4, n_heads=2, ffn=FFNConfig(**ffn))
+
+
+@pytest.mark.parametrize("kind", ["dense", "smoe", "mhmoe"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_cost_counts_every_parameter(kind, tie):
+    cfg = config(kind)
+    cfg.tie_embeddings = tie
+    model = GPT(cfg)
+    assert gpt_cost(cfg).params_total == sum(p.numel() for p in model.parameters())
+
+
+def test_moe_replaces_every_second_ffn():
+    kinds = [type(b.ffn) for b in GPT(config("mhmoe")).blocks]
+    assert kinds == [DenseFFN, MHMoE, DenseFFN, MHMoE]
+    every = config("smoe", moe_every=1)
+    assert all(isinstance(b.ffn, SparseMoE) for b in GPT(every).blocks)
+
+
+@pytest.mark.parametrize("kind", ["dense", "smoe", "mhmoe"])
+def test_causal(kind):
+    torch.manual_seed(0)
+    model = GPT(config(kind)).double().eval()
+    idx = torch.randint(0, 50, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, 50, (2, 6))
+    a, b = model(idx).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_outputs_and_routing_stats():
+    model = GPT(config("mhmoe"))
+    idx = torch.randint(0, 50, (3, 16))
+    out = model(idx, idx)
+    assert out.logits.shape == (3, 16, 50) and out.loss.ndim == 0
+    assert len(out.routing) == 2 and out.routing[0].top_experts.shape == (3 * 16 * 2, 2)
+    torch.testing.assert_close(out.aux_loss, sum(0.01 * s.balance_loss for s in out.routing))
+    assert GPT(config("dense"))(idx).aux_loss.item() == 0.0
+
+
+def test_rejects_sequences_longer_than_seq_len():
+    with pytest.raises(ValueError, match=r"length <= 16"):
+        GPT(config("dense"))(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kind", ["dense", "mhmoe"])
+def test_overfits_one_batch(kind):
+    torch.manual_seed(0)
+    model = GPT(config(kind))
+    idx = torch.randint(0, 50, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(80):
+        out = model(idx[:, :-1], idx[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        first = first if first is not None else out.loss.item()
+    assert out.loss.item() < 0.1 * first, (first, out.loss.item())
