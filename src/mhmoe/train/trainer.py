@@ -337,8 +337,8 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
             save()
     bar.close()
 
-    val = evaluate(model, splits["valid"], cfg, device)
-    test = evaluate(model, splits["test"], cfg, device)
+    val = evaluate(model, splits["valid"], cfg, device, max_batches=t.final_eval_batches)
+    test = evaluate(model, splits["test"], cfg, device, max_batches=t.final_eval_batches)
     result = RunResult(run_dir, step, tokens_seen, train_seconds, val["loss"], val["ppl"], test["loss"], test["ppl"])
     summary = {**{k: v for k, v in vars(result).items() if k != "run_dir"}, "params_total": cost.params_total,
                "params_active": cost.params_active, "flops_per_token": cost.flops_per_token,
