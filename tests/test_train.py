@@ -54,8 +54,16 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
-    cfg = tiny(corpus, "train.max_steps=12", "train.checkpoint_every=6", "train.log_every=1", "train.eval_every=6",
-               "model.dropout=0.1", "model.ffn.router=xmoe", "train.keep_checkpoints=3")
+    cfg = tiny(
+        corpus,
+        "train.max_steps=12",
+        "train.checkpoint_every=6",
+        "train.log_every=1",
+        "train.eval_every=6",
+        "model.dropout=0.1",
+        "model.ffn.router=xmoe",
+        "train.keep_checkpoints=3",
+    )
     full = tmp_path / "full"
     train(cfg, full, progress=False)
     # A run that stopped after its step-6 checkpoint: remove what came later, then train again.
@@ -167,8 +175,25 @@ def test_lr_schedule():
 
 def test_cli_train_eval_analyze_end_to_end(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--preset", "cpu-tiny", "--data", str(corpus), "--out", str(out), "--no-progress",
-                 "--set", "train.max_steps=6", "--set", "train.eval_batches=2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "cpu-tiny",
+                "--data",
+                str(corpus),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--set",
+                "train.max_steps=6",
+                "--set",
+                "train.eval_batches=2",
+            ]
+        )
+        == 0
+    )
     assert "val ppl" in capsys.readouterr().out
     for name in ("config.json", "env.json", "metrics.csv", "metrics.jsonl", "summary.json"):
         assert (out / name).exists(), name
@@ -183,19 +208,45 @@ def test_cli_train_eval_analyze_end_to_end(corpus, tmp_path, capsys):
         assert (out / "analysis" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
+def test_cli_resumes_a_run_with_more_steps(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--preset",
+        "cpu-tiny",
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "train.eval_batches=2",
+        "--set",
+        "train.checkpoint_every=2",
+    ]
+    assert main([*args, "--set", "train.max_steps=4"]) == 0
+    assert main([*args, "--set", "train.max_steps=6"]) == 0
+    assert "step 6" in capsys.readouterr().out
+    steps = [r["step"] for r in records(out, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
 def test_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])
     assert info.value.code == 0 and "reproduce" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("setup,args,message", [
-    ("missing", ["--data", "{tmp}/nope"], "does not exist"),
-    ("latin1", ["--data", "{tmp}/latin1.txt"], "not UTF-8"),
-    ("empty", ["--data", "{tmp}/empty.txt"], "empty"),
-    ("none", ["--set", "model.ffn.num_expert=3"], "did you mean 'model.ffn.num_experts'"),
-    ("none", ["--set", "train.lr=-1"], "train.lr must be > 0"),
-])
+@pytest.mark.parametrize(
+    "setup,args,message",
+    [
+        ("missing", ["--data", "{tmp}/nope"], "does not exist"),
+        ("latin1", ["--data", "{tmp}/latin1.txt"], "not UTF-8"),
+        ("empty", ["--data", "{tmp}/empty.txt"], "empty"),
+        ("none", ["--set", "model.ffn.num_expert=3"], "did you mean 'model.ffn.num_experts'"),
+        ("none", ["--set", "train.lr=-1"], "train.lr must be > 0"),
+    ],
+)
 def test_user_errors_are_one_line(tmp_path, capsys, setup, args, message):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 10)
     (tmp_path / "empty.txt").write_text("  \n\n")
@@ -208,5 +259,6 @@ def test_user_errors_are_one_line(tmp_path, capsys, setup, args, message):
 def test_resuming_with_another_model_is_refused(corpus, tmp_path):
     train(tiny(corpus, "train.max_steps=2"), tmp_path / "run", progress=False)
     with pytest.raises(Exception, match="different model settings"):
-        train(tiny(corpus, "train.max_steps=2", "model.d_model=32", "model.n_heads=2"), tmp_path / "run",
-              progress=False)
+        train(
+            tiny(corpus, "train.max_steps=2", "model.d_model=32", "model.n_heads=2"), tmp_path / "run", progress=False
+        )

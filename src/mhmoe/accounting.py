@@ -212,7 +212,9 @@ def fine_grained_smoe(smoe: dict, *, granularity: int, hidden_multiple: int = 64
     """E·g experts, top-(K·g), hidden solved for equal FLOPs (v2's 16 × 1024 top-2 at g = 2)."""
     base = sparse_moe_cost(**smoe)
     kw = {**smoe, "num_experts": smoe["num_experts"] * granularity, "top_k": smoe["top_k"] * granularity}
-    hidden = _solve_linear(lambda f: sparse_moe_cost(**{**kw, "expert_hidden": f}).flops_per_token, base.flops_per_token)
+    hidden = _solve_linear(
+        lambda f: sparse_moe_cost(**{**kw, "expert_hidden": f}).flops_per_token, base.flops_per_token
+    )
     kw["expert_hidden"] = _round_to(hidden, hidden_multiple)
     return kw
 

@@ -11,6 +11,7 @@ warm-up; TFLOP/s counts useful FLOPs only (3 Ã— forward matmul FLOPs per token Ã
 
 from __future__ import annotations
 
+import functools
 import platform
 import statistics
 import time
@@ -64,7 +65,10 @@ SHAPES: dict[str, Shape] = {
     "gpu-smoe-768-8": Shape(768, 8, 2, 3072, 1, 8192),
     "gpu-mhmoe-768-8": Shape(768, 8, 2, 768, 4, 8192),
 }
-DEFAULT_SHAPES = {"cpu": ["cpu-mhmoe-16e", "cpu-mhmoe-64e", "cpu-smoe-64e"], "cuda": [n for n in SHAPES if n[:3] == "gpu"]}
+DEFAULT_SHAPES = {
+    "cpu": ["cpu-mhmoe-16e", "cpu-mhmoe-64e", "cpu-smoe-64e"],
+    "cuda": [n for n in SHAPES if n[:3] == "gpu"],
+}
 
 
 def dense_equivalent(layer: nn.Module, d_model: int, activation: str) -> DenseFFN:
@@ -143,7 +147,7 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
         xi = x.detach().clone().requires_grad_()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = _time(lambda: _step(layer, xi, grad), device, repeats)
+        times = _time(functools.partial(_step, layer, xi, grad), device, repeats)
         seconds = statistics.median(times)
         rows.append(
             dict(

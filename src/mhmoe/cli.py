@@ -108,7 +108,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from mhmoe.data import load_corpus, tokenize_corpus, data_cache_dir
+    from mhmoe.data import data_cache_dir, load_corpus, tokenize_corpus
     from mhmoe.train.runs import analyze_run, load_run
 
     run_dir = Path(args.run_dir)
@@ -129,8 +129,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
     seeds = args.seeds or (3 if args.gpu else 1)
     results = reproduce_english(
-        out, quick=args.quick, gpu=args.gpu, seeds=seeds, data=args.data or "", overrides=args.set,
-        progress=not args.no_progress, ood=args.ood_data or "",
+        out,
+        quick=args.quick,
+        gpu=args.gpu,
+        seeds=seeds,
+        data=args.data or "",
+        overrides=args.set,
+        progress=not args.no_progress,
+        ood=args.ood_data or "",
     )
     print(results_table(results))
     print(f"results.json, results.md, val_curves.png and heatmaps/ in {out} ({results['wall_seconds']:.0f} s)")

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from mhmoe.accounting import flops_matched_mhmoe, params_matched_mhmoe
-from mhmoe.models.gpt import FFNConfig, gpt_cost
+from mhmoe.models.gpt import FFNConfig, GPTConfig, gpt_cost
 from mhmoe.train.checkpoint import write_text_atomically
 from mhmoe.train.config import DataConfig, RunConfig, TrainConfig
-from mhmoe.models.gpt import GPTConfig
 
 MH_HEADS = 4
 
@@ -41,24 +40,47 @@ class Variant:
 def english_variants(base: RunConfig) -> list[Variant]:
     """The five models, sized from `base.model` (its ffn gives E, top-k and the expert hidden F)."""
     D, f = base.model.d_model, base.model.ffn
-    moe = dict(d_model=D, num_experts=f.num_experts, top_k=f.top_k, expert_hidden=f.expert_hidden,
-               activation=f.activation)
-    common = dict(hidden=f.hidden, activation=f.activation, moe_every=f.moe_every,
-                  balance_loss_coef=f.balance_loss_coef)
+    moe = dict(
+        d_model=D, num_experts=f.num_experts, top_k=f.top_k, expert_hidden=f.expert_hidden, activation=f.activation
+    )
+    common = dict(
+        hidden=f.hidden, activation=f.activation, moe_every=f.moe_every, balance_loss_coef=f.balance_loss_coef
+    )
     params = params_matched_mhmoe({**moe, "router": "xmoe"}, num_heads=MH_HEADS, hidden_multiple=32)
-    flops = flops_matched_mhmoe({**moe, "router": "xmoe"}, num_heads=MH_HEADS, top_k=f.top_k,
-                                hidden_multiple=32, experts_multiple=4)
+    flops = flops_matched_mhmoe(
+        {**moe, "router": "xmoe"}, num_heads=MH_HEADS, top_k=f.top_k, hidden_multiple=32, experts_multiple=4
+    )
     moe_fields = dict(num_experts=f.num_experts, top_k=f.top_k, expert_hidden=f.expert_hidden)
     return [
         Variant("dense", "baseline", FFNConfig(kind="dense", **common)),
         Variant("smoe", "baseline", FFNConfig(kind="smoe", router="softmax", **moe_fields, **common)),
         Variant("xmoe", "baseline", FFNConfig(kind="smoe", router="xmoe", **moe_fields, **common)),
-        Variant("mhmoe_params", "params", FFNConfig(
-            kind="mhmoe", router="xmoe", num_heads=MH_HEADS, num_experts=params["num_experts"],
-            top_k=params["top_k"], expert_hidden=params["expert_hidden"], **common)),
-        Variant("mhmoe_flops", "flops", FFNConfig(
-            kind="mhmoe", router="xmoe", num_heads=MH_HEADS, num_experts=flops["num_experts"],
-            top_k=flops["top_k"], expert_hidden=flops["expert_hidden"], **common)),
+        Variant(
+            "mhmoe_params",
+            "params",
+            FFNConfig(
+                kind="mhmoe",
+                router="xmoe",
+                num_heads=MH_HEADS,
+                num_experts=params["num_experts"],
+                top_k=params["top_k"],
+                expert_hidden=params["expert_hidden"],
+                **common,
+            ),
+        ),
+        Variant(
+            "mhmoe_flops",
+            "flops",
+            FFNConfig(
+                kind="mhmoe",
+                router="xmoe",
+                num_heads=MH_HEADS,
+                num_experts=flops["num_experts"],
+                top_k=flops["top_k"],
+                expert_hidden=flops["expert_hidden"],
+                **common,
+            ),
+        ),
     ]
 
 
@@ -66,26 +88,66 @@ def english_base(quick: bool, gpu: bool) -> RunConfig:
     """The shared budget. quick: minutes on 2 CPU cores (pipeline demo, PAPER.md §7); gpu: one H200."""
     if gpu:
         return RunConfig(
-            model=GPTConfig(seq_len=512, d_model=512, n_layers=6, n_heads=8, ffn=FFNConfig(
-                hidden=2048, num_experts=8, top_k=2, expert_hidden=2048)),
+            model=GPTConfig(
+                seq_len=512,
+                d_model=512,
+                n_layers=6,
+                n_heads=8,
+                ffn=FFNConfig(hidden=2048, num_experts=8, top_k=2, expert_hidden=2048),
+            ),
             data=DataConfig(tokenizer="bpe", vocab_size=8192),
-            train=TrainConfig(batch_size=64, max_steps=320, warmup_steps=30, lr=1.5e-3, eval_every=80,
-                              eval_batches=20, checkpoint_every=320, log_every=20, compile=True),
+            train=TrainConfig(
+                batch_size=64,
+                max_steps=320,
+                warmup_steps=30,
+                lr=1.5e-3,
+                eval_every=80,
+                eval_batches=20,
+                checkpoint_every=320,
+                log_every=20,
+                compile=True,
+            ),
         )
     if quick:
         return RunConfig(
-            model=GPTConfig(seq_len=128, d_model=128, n_layers=4, n_heads=4, ffn=FFNConfig(
-                hidden=512, num_experts=8, top_k=2, expert_hidden=512)),
+            model=GPTConfig(
+                seq_len=128,
+                d_model=128,
+                n_layers=4,
+                n_heads=4,
+                ffn=FFNConfig(hidden=512, num_experts=8, top_k=2, expert_hidden=512),
+            ),
             data=DataConfig(tokenizer="bpe", vocab_size=4096),
-            train=TrainConfig(batch_size=16, max_steps=300, warmup_steps=20, lr=3e-3, eval_every=75,
-                              eval_batches=8, final_eval_batches=40, checkpoint_every=300, log_every=10),
+            train=TrainConfig(
+                batch_size=16,
+                max_steps=300,
+                warmup_steps=20,
+                lr=3e-3,
+                eval_every=75,
+                eval_batches=8,
+                final_eval_batches=40,
+                checkpoint_every=300,
+                log_every=10,
+            ),
         )
     return RunConfig(
-        model=GPTConfig(seq_len=256, d_model=256, n_layers=6, n_heads=4, ffn=FFNConfig(
-            hidden=1024, num_experts=8, top_k=2, expert_hidden=1024)),
+        model=GPTConfig(
+            seq_len=256,
+            d_model=256,
+            n_layers=6,
+            n_heads=4,
+            ffn=FFNConfig(hidden=1024, num_experts=8, top_k=2, expert_hidden=1024),
+        ),
         data=DataConfig(tokenizer="bpe", vocab_size=8192),
-        train=TrainConfig(batch_size=16, max_steps=2000, warmup_steps=100, lr=1.5e-3, eval_every=200,
-                          eval_batches=20, checkpoint_every=500),
+        train=TrainConfig(
+            batch_size=16,
+            max_steps=2000,
+            warmup_steps=100,
+            lr=1.5e-3,
+            eval_every=200,
+            eval_batches=20,
+            checkpoint_every=500,
+        ),
     )
 
 
@@ -111,11 +173,19 @@ def _ood_tokens(path: str, run_dir: Path) -> dict[str, np.ndarray]:
     return {"ood": np.concatenate([splits["valid"], splits["test"], splits["train"]])}
 
 
-def reproduce_english(out: Path, quick: bool = False, gpu: bool = False, seeds: int = 1, data: str = "",
-                      overrides: list[str] | None = None, progress: bool = True, ood: str = "") -> dict:
+def reproduce_english(
+    out: Path,
+    quick: bool = False,
+    gpu: bool = False,
+    seeds: int = 1,
+    data: str = "",
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    ood: str = "",
+) -> dict:
     """Train every variant for every seed, analyse routing (also on the `ood` corpus, if given: PAPER.md §7
     measures activation on text from another distribution), write results.json / results.md / plots."""
-    from mhmoe.plots import plot_activation_heatmap, plot_curves
+    from mhmoe.plots import plot_curves
     from mhmoe.train.config import apply_overrides
     from mhmoe.train.runs import analyze_run
     from mhmoe.train.trainer import train
@@ -136,18 +206,32 @@ def reproduce_english(out: Path, quick: bool = False, gpu: bool = False, seeds: 
             print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
             result = train(cfg, run_dir, progress=progress)
             analysis = analyze_run(run_dir, other=_ood_tokens(ood, run_dir), max_batches=8 if quick else 20)
-            runs.append({"seed": seed, "val_ppl": result.val_ppl, "test_ppl": result.test_ppl,
-                         "val_loss": result.val_loss, "tokens_seen": result.tokens_seen,
-                         "train_seconds": result.train_seconds, "analysis": analysis.get("valid"),
-                         "analysis_ood": analysis.get("ood"), "curve": _curve(run_dir)})
+            runs.append(
+                {
+                    "seed": seed,
+                    "val_ppl": result.val_ppl,
+                    "test_ppl": result.test_ppl,
+                    "val_loss": result.val_loss,
+                    "tokens_seen": result.tokens_seen,
+                    "train_seconds": result.train_seconds,
+                    "analysis": analysis.get("valid"),
+                    "analysis_ood": analysis.get("ood"),
+                    "curve": _curve(run_dir),
+                }
+            )
         models[variant.name] = _aggregate(variant, cfg, runs)
         curves[variant.name], bands[variant.name] = _mean_curve([r["curve"] for r in runs])
         heat = out / "runs" / f"{variant.name}-seed0" / "analysis" / "heatmap-valid.png"
         if heat.exists():
             (out / "heatmaps").mkdir(parents=True, exist_ok=True)
             (out / "heatmaps" / f"{variant.name}.png").write_bytes(heat.read_bytes())
-    results = {"task": "english", "models": models, "budget": base.to_dict(), "ood_data": ood or None,
-               "wall_seconds": time.perf_counter() - started}
+    results = {
+        "task": "english",
+        "models": models,
+        "budget": base.to_dict(),
+        "ood_data": ood or None,
+        "wall_seconds": time.perf_counter() - started,
+    }
     write_text_atomically(out / "results.json", json.dumps(results, indent=1) + "\n")
     write_text_atomically(out / "results.md", results_table(results) + "\n")
     plot_curves(curves, out / "val_curves.png", "validation loss (English)", bands=bands)
@@ -158,6 +242,7 @@ def _aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     cost = gpt_cost(cfg.model)
     val_mean, val_std = _mean_std([r["val_ppl"] for r in runs])
     test_mean, test_std = _mean_std([r["test_ppl"] for r in runs])
+
     def mean_of(key: str, which: str = "analysis") -> float | None:
         values = [r[which][key] for r in runs if r.get(which)]
         return statistics.fmean(values) if values else None
@@ -169,8 +254,10 @@ def _aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
         "flops_per_token": cost.flops_per_token,
         "num_experts": variant.ffn.num_experts if variant.ffn.kind != "dense" else 0,
         "expert_hidden": variant.ffn.expert_hidden if variant.ffn.kind != "dense" else variant.ffn.hidden,
-        "val_ppl": val_mean, "val_ppl_std": val_std,
-        "test_ppl": test_mean, "test_ppl_std": test_std,
+        "val_ppl": val_mean,
+        "val_ppl_std": val_std,
+        "test_ppl": test_mean,
+        "test_ppl_std": test_std,
         "activation_ratio": mean_of("activation_ratio"),
         "activation_threshold": mean_of("threshold"),
         "effective_experts": mean_of("effective_experts"),
@@ -199,9 +286,12 @@ def results_table(results: dict) -> str:
         return f"{mean:.2f} ± {std:.2f}" if seeds > 1 else f"{mean:.2f}"
 
     ood = any(m.get("activation_ratio_ood") is not None for m in results["models"].values())
-    header = ("| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
-              "| activation | eff. experts |" + (" activation (ood) | eff. experts (ood) |" if ood else "")
-              + " tokens/model | train s |")
+    header = (
+        "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
+        "| activation | eff. experts |"
+        + (" activation (ood) | eff. experts (ood) |" if ood else "")
+        + " tokens/model | train s |"
+    )
     lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
 
     def pct(value: float | None) -> str:
@@ -213,8 +303,11 @@ def results_table(results: dict) -> str:
     for name, m in results["models"].items():
         n = len(m["seeds"])
         experts = f"{m['num_experts']} × {m['expert_hidden']}" if m["num_experts"] else f"dense {m['expert_hidden']}"
-        extra = (f" {pct(m['activation_ratio_ood'])} | {eff(m['effective_experts_ood'], m['effective_fraction_ood'])} |"
-                 if ood else "")
+        extra = (
+            f" {pct(m['activation_ratio_ood'])} | {eff(m['effective_experts_ood'], m['effective_fraction_ood'])} |"
+            if ood
+            else ""
+        )
         lines.append(
             f"| {name} | {m['matching']} | {experts} | {m['params_total'] / 1e6:.2f} M | {m['params_active'] / 1e6:.2f} M "
             f"| {m['flops_per_token'] / 1e6:.2f} | {fmt(m['val_ppl'], m['val_ppl_std'], n)} "
@@ -224,9 +317,11 @@ def results_table(results: dict) -> str:
     from mhmoe.analysis import DEFAULT_ACTIVATION_THRESHOLD
 
     seeds = len(next(iter(results["models"].values()))["seeds"])
-    note = (f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; perplexity on held-out documents; activation = "
-            f"share of (layer, expert) cells chosen by more than {DEFAULT_ACTIVATION_THRESHOLD:.0%} of the layer's "
-            "(sub-)tokens; eff. experts = exp(entropy of the expert shares), mean over MoE layers (% of E)")
+    note = (
+        f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; perplexity on held-out documents; activation = "
+        f"share of (layer, expert) cells chosen by more than {DEFAULT_ACTIVATION_THRESHOLD:.0%} of the layer's "
+        "(sub-)tokens; eff. experts = exp(entropy of the expert shares), mean over MoE layers (% of E)"
+    )
     if ood:
         note += f"; (ood) = measured on {results.get('ood_data')}, text the models never saw"
     return "\n".join(lines + ["", note + "."])

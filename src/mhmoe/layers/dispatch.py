@@ -35,9 +35,7 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def resolve_backend(
-    requested: str, dtype: torch.dtype, device: torch.device, dims: tuple[int, ...] = ()
-) -> Backend:
+def resolve_backend(requested: str, dtype: torch.dtype, device: torch.device, dims: tuple[int, ...] = ()) -> Backend:
     """The one place that picks the expert-GEMM backend.
 
     "auto": grouped_mm when torch has it and supports the case (CPU: fp32/bf16/fp16; CUDA: bf16/fp16
@@ -87,9 +85,7 @@ def capacity_keep(top_experts_SK: Tensor, capacity: int, num_experts: int, valid
     return keep_R.view(K, S).t()
 
 
-def capacity_keep_reference(
-    top_experts_SK: Tensor, capacity: int, num_experts: int, valid_S: Tensor | None
-) -> Tensor:
+def capacity_keep_reference(top_experts_SK: Tensor, capacity: int, num_experts: int, valid_S: Tensor | None) -> Tensor:
     """Loop form of `capacity_keep`, for tests."""
     S, K = top_experts_SK.shape
     keep = torch.zeros(S, K, dtype=torch.bool)

@@ -252,9 +252,7 @@ def check_top_k(top_k: int, num_experts: int) -> None:
         raise ValueError(f"top_k must be an integer in 1..num_experts ({num_experts}), got {top_k!r}")
 
 
-def make_router(
-    router: str | Router, *, d_model: int, num_experts: int, top_k: int, **kwargs: object
-) -> Router:
+def make_router(router: str | Router, *, d_model: int, num_experts: int, top_k: int, **kwargs: object) -> Router:
     """A router by name (`ROUTERS`) with extra keyword arguments, or a `Router` checked to fit."""
     if isinstance(router, Router):
         if kwargs:

@@ -86,8 +86,9 @@ class GPTConfig:
         """(kind, kwargs) of each block's FFN."""
         moe = self.ffn.kind != "dense"
         return [
-            self.ffn.moe_layer(self.d_model) if moe and (i + 1) % self.ffn.moe_every == 0 else
-            self.ffn.dense_layer(self.d_model)
+            self.ffn.moe_layer(self.d_model)
+            if moe and (i + 1) % self.ffn.moe_every == 0
+            else self.ffn.dense_layer(self.d_model)
             for i in range(self.n_layers)
         ]
 

@@ -182,7 +182,9 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:

@@ -81,33 +81,75 @@ class RunConfig:
 def _cpu_tiny() -> RunConfig:
     """Seconds on a CPU: for tests and smoke runs."""
     return RunConfig(
-        model=GPTConfig(seq_len=64, d_model=64, n_layers=2, n_heads=2, ffn=FFNConfig(
-            kind="mhmoe", hidden=256, num_experts=4, top_k=2, expert_hidden=64, num_heads=2)),
+        model=GPTConfig(
+            seq_len=64,
+            d_model=64,
+            n_layers=2,
+            n_heads=2,
+            ffn=FFNConfig(kind="mhmoe", hidden=256, num_experts=4, top_k=2, expert_hidden=64, num_heads=2),
+        ),
         data=DataConfig(tokenizer="byte"),
-        train=TrainConfig(batch_size=4, max_steps=20, warmup_steps=2, eval_every=10, eval_batches=2,
-                          checkpoint_every=10, log_every=5, lr=3e-3),
+        train=TrainConfig(
+            batch_size=4,
+            max_steps=20,
+            warmup_steps=2,
+            eval_every=10,
+            eval_batches=2,
+            checkpoint_every=10,
+            log_every=5,
+            lr=3e-3,
+        ),
     )
 
 
 def _cpu() -> RunConfig:
     """A few minutes on 2 CPU cores: a 4-layer, D = 128 MH-MoE LM."""
     return RunConfig(
-        model=GPTConfig(seq_len=128, d_model=128, n_layers=4, n_heads=4, ffn=FFNConfig(
-            kind="mhmoe", hidden=512, num_experts=8, top_k=2, expert_hidden=512, num_heads=4, router="xmoe")),
+        model=GPTConfig(
+            seq_len=128,
+            d_model=128,
+            n_layers=4,
+            n_heads=4,
+            ffn=FFNConfig(
+                kind="mhmoe", hidden=512, num_experts=8, top_k=2, expert_hidden=512, num_heads=4, router="xmoe"
+            ),
+        ),
         data=DataConfig(tokenizer="bpe", vocab_size=4096),
-        train=TrainConfig(batch_size=16, max_steps=600, warmup_steps=50, lr=2e-3, eval_every=100,
-                          eval_batches=10, checkpoint_every=200),
+        train=TrainConfig(
+            batch_size=16,
+            max_steps=600,
+            warmup_steps=50,
+            lr=2e-3,
+            eval_every=100,
+            eval_batches=10,
+            checkpoint_every=200,
+        ),
     )
 
 
 def _gpu() -> RunConfig:
     """One H200 in about a minute: 6 layers, D = 512, ~8 M tokens (PAPER.md §7)."""
     return RunConfig(
-        model=GPTConfig(seq_len=512, d_model=512, n_layers=6, n_heads=8, ffn=FFNConfig(
-            kind="mhmoe", hidden=2048, num_experts=16, top_k=2, expert_hidden=2048, num_heads=4, router="xmoe")),
+        model=GPTConfig(
+            seq_len=512,
+            d_model=512,
+            n_layers=6,
+            n_heads=8,
+            ffn=FFNConfig(
+                kind="mhmoe", hidden=2048, num_experts=16, top_k=2, expert_hidden=2048, num_heads=4, router="xmoe"
+            ),
+        ),
         data=DataConfig(tokenizer="bpe", vocab_size=8192),
-        train=TrainConfig(batch_size=32, max_steps=500, warmup_steps=50, lr=1e-3, eval_every=100,
-                          eval_batches=20, checkpoint_every=250, compile=False),
+        train=TrainConfig(
+            batch_size=32,
+            max_steps=500,
+            warmup_steps=50,
+            lr=1e-3,
+            eval_every=100,
+            eval_batches=20,
+            checkpoint_every=250,
+            compile=False,
+        ),
     )
 
 
@@ -115,12 +157,33 @@ def _paper() -> RunConfig:
     """PAPER.md §5 scale (12 layers, D = 768, FFN 3072, 32 experts, H = 4, X-MoE router, v1 optimiser):
     for a cluster and a real corpus, not for this machine."""
     return RunConfig(
-        model=GPTConfig(vocab_size=64000, seq_len=1024, d_model=768, n_layers=12, n_heads=12, ffn=FFNConfig(
-            kind="mhmoe", hidden=3072, num_experts=32, top_k=2, expert_hidden=12224, num_heads=4, router="xmoe")),
+        model=GPTConfig(
+            vocab_size=64000,
+            seq_len=1024,
+            d_model=768,
+            n_layers=12,
+            n_heads=12,
+            ffn=FFNConfig(
+                kind="mhmoe", hidden=3072, num_experts=32, top_k=2, expert_hidden=12224, num_heads=4, router="xmoe"
+            ),
+        ),
         data=DataConfig(tokenizer="bpe", vocab_size=64000),
-        train=TrainConfig(batch_size=32, grad_accum=8, max_steps=100_000, warmup_steps=10_000, lr=5e-4,
-                          schedule="linear", min_lr_ratio=0.0, weight_decay=0.01, beta1=0.9, beta2=0.98,
-                          eps=1e-6, eval_every=2000, eval_batches=100, checkpoint_every=2000),
+        train=TrainConfig(
+            batch_size=32,
+            grad_accum=8,
+            max_steps=100_000,
+            warmup_steps=10_000,
+            lr=5e-4,
+            schedule="linear",
+            min_lr_ratio=0.0,
+            weight_decay=0.01,
+            beta1=0.9,
+            beta2=0.98,
+            eps=1e-6,
+            eval_every=2000,
+            eval_batches=100,
+            checkpoint_every=2000,
+        ),
     )
 
 
@@ -194,23 +257,40 @@ def _check(ok: bool, message: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Range checks with one-line messages naming the key and the value."""
     m, f, d, t = cfg.model, cfg.model.ffn, cfg.data, cfg.train
-    for key, value in [("model.seq_len", m.seq_len), ("model.d_model", m.d_model), ("model.n_layers", m.n_layers),
-                       ("model.n_heads", m.n_heads), ("model.ffn.hidden", f.hidden),
-                       ("model.ffn.num_experts", f.num_experts), ("model.ffn.expert_hidden", f.expert_hidden),
-                       ("model.ffn.num_heads", f.num_heads), ("model.ffn.moe_every", f.moe_every),
-                       ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum),
-                       ("train.max_steps", t.max_steps), ("train.eval_every", t.eval_every),
-                       ("train.checkpoint_every", t.checkpoint_every), ("train.log_every", t.log_every),
-                       ("train.keep_checkpoints", t.keep_checkpoints), ("data.vocab_size", d.vocab_size)]:
+    for key, value in [
+        ("model.seq_len", m.seq_len),
+        ("model.d_model", m.d_model),
+        ("model.n_layers", m.n_layers),
+        ("model.n_heads", m.n_heads),
+        ("model.ffn.hidden", f.hidden),
+        ("model.ffn.num_experts", f.num_experts),
+        ("model.ffn.expert_hidden", f.expert_hidden),
+        ("model.ffn.num_heads", f.num_heads),
+        ("model.ffn.moe_every", f.moe_every),
+        ("train.batch_size", t.batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("train.max_steps", t.max_steps),
+        ("train.eval_every", t.eval_every),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.log_every", t.log_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+        ("data.vocab_size", d.vocab_size),
+    ]:
         _check(value >= 1, f"{key} must be >= 1, got {value}")
-    _check(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
-           f"model.d_model ({m.d_model}) / model.n_heads ({m.n_heads}) must be an even integer")
+    _check(
+        m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
+        f"model.d_model ({m.d_model}) / model.n_heads ({m.n_heads}) must be an even integer",
+    )
     _check(f.kind in ("dense", "smoe", "mhmoe"), f"model.ffn.kind must be dense, smoe or mhmoe, got {f.kind!r}")
     _check(1 <= f.top_k <= f.num_experts, f"model.ffn.top_k must be in 1..{f.num_experts}, got {f.top_k}")
-    _check(f.kind != "mhmoe" or m.d_model % f.num_heads == 0,
-           f"model.d_model ({m.d_model}) must be divisible by model.ffn.num_heads ({f.num_heads})")
-    _check(f.router in ("softmax", "switch", "xmoe", "sigmoid"),
-           f"model.ffn.router must be softmax, switch, xmoe or sigmoid, got {f.router!r}")
+    _check(
+        f.kind != "mhmoe" or m.d_model % f.num_heads == 0,
+        f"model.d_model ({m.d_model}) must be divisible by model.ffn.num_heads ({f.num_heads})",
+    )
+    _check(
+        f.router in ("softmax", "switch", "xmoe", "sigmoid"),
+        f"model.ffn.router must be softmax, switch, xmoe or sigmoid, got {f.router!r}",
+    )
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(f.capacity_factor >= 0, f"model.ffn.capacity_factor must be >= 0 (0 = dropless), got {f.capacity_factor}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
@@ -220,7 +300,11 @@ def validate(cfg: RunConfig) -> None:
     _check(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     _check(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
     _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0")
-    _check(t.eval_batches >= 0 and t.final_eval_batches >= 0,
-           f"train.eval_batches and train.final_eval_batches must be >= 0, got {t.eval_batches}, {t.final_eval_batches}")
-    _check(0 < d.valid_fraction < 0.5 and 0 < d.test_fraction < 0.5,
-           f"data.valid_fraction and data.test_fraction must be in (0, 0.5), got {d.valid_fraction}, {d.test_fraction}")
+    _check(
+        t.eval_batches >= 0 and t.final_eval_batches >= 0,
+        f"train.eval_batches and train.final_eval_batches must be >= 0, got {t.eval_batches}, {t.final_eval_batches}",
+    )
+    _check(
+        0 < d.valid_fraction < 0.5 and 0 < d.test_fraction < 0.5,
+        f"data.valid_fraction and data.test_fraction must be in (0, 0.5), got {d.valid_fraction}, {d.test_fraction}",
+    )

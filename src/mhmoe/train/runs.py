@@ -32,7 +32,9 @@ def load_run(run_dir: Path, progress: bool = False) -> LoadedRun:
     """The model of a run directory at its latest checkpoint, with its tokenizer and data."""
     config = run_dir / "config.json"
     if not config.exists():
-        raise CheckpointError(f"{run_dir} is not an mhmoe run directory (no config.json); pass the --out of a train run")
+        raise CheckpointError(
+            f"{run_dir} is not an mhmoe run directory (no config.json); pass the --out of a train run"
+        )
     cfg = RunConfig.from_dict(json.loads(config.read_text()))
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
@@ -73,8 +75,13 @@ def collect_routing(run: LoadedRun, tokens: np.ndarray, max_batches: int = 20) -
     return layers
 
 
-def analyze_run(run_dir: Path, out_dir: Path | None = None, other: dict[str, np.ndarray] | None = None,
-                max_batches: int = 20, run: LoadedRun | None = None) -> dict:
+def analyze_run(
+    run_dir: Path,
+    out_dir: Path | None = None,
+    other: dict[str, np.ndarray] | None = None,
+    max_batches: int = 20,
+    run: LoadedRun | None = None,
+) -> dict:
     """Routing metrics and plots on held-out text: the run's validation split, plus `other` named
     token arrays (e.g. another genre or language, tokenized with the run's tokenizer)."""
     from mhmoe.analysis import expert_shares, head_usage, subtoken_divergence, summarize
@@ -92,10 +99,14 @@ def analyze_run(run_dir: Path, out_dir: Path | None = None, other: dict[str, np.
         report[name] = summarize(layers)
         plot_activation_heatmap(shares, out_dir / f"heatmap-{name}.png", f"expert share per layer ({name})", names)
         if layers[0].num_heads > 1:
-            plot_head_usage(head_usage(layers[-1]), out_dir / f"head-usage-{name}.png",
-                            f"expert share per MH-MoE head, {names[-1]} ({name})")
+            plot_head_usage(
+                head_usage(layers[-1]),
+                out_dir / f"head-usage-{name}.png",
+                f"expert share per MH-MoE head, {names[-1]} ({name})",
+            )
             divergence = {n: subtoken_divergence(layer) for n, layer in zip(names, layers)}
-            plot_divergence_histogram(divergence, out_dir / f"divergence-{name}.png",
-                                      f"distinct experts per token's sub-tokens ({name})")
+            plot_divergence_histogram(
+                divergence, out_dir / f"divergence-{name}.png", f"distinct experts per token's sub-tokens ({name})"
+            )
     write_text_atomically(out_dir / "analysis.json", json.dumps(report, indent=1) + "\n")
     return report

@@ -81,9 +81,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, di
     """The run's tokenizer (trained once and kept in the run) and the tokenized splits (cached)."""
     from mhmoe.data import BPETokenizer, data_cache_dir, load_corpus, load_tokenizer, tokenize_corpus
 
-    corpus = load_corpus(
-        data_path(cfg), valid_fraction=cfg.data.valid_fraction, test_fraction=cfg.data.test_fraction
-    )
+    corpus = load_corpus(data_path(cfg), valid_fraction=cfg.data.valid_fraction, test_fraction=cfg.data.test_fraction)
     saved = run_dir / "tokenizer.json"
     if saved.exists():
         tokenizer = load_tokenizer(saved)
@@ -130,6 +128,7 @@ def check_resumable(cfg: RunConfig, run_dir: Path) -> None:
         return
     saved = json.loads(saved_path.read_text())
     now = cfg.to_dict()
+    now["model"]["vocab_size"] = saved.get("model", {}).get("vocab_size")  # derived from the tokenizer
     for section in ("model", "data"):
         if saved.get(section) != now[section]:
             diffs = [k for k in now[section] if saved.get(section, {}).get(k) != now[section][k]]
@@ -290,59 +289,75 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
         state = {"sampler": sampler.state_dict(), "tokens_seen": tokens_seen, "train_seconds": train_seconds}
         save_checkpoint(checkpoints, step, model, optimizer, state, keep=t.keep_checkpoints)
 
-    model.train()
-    while step < t.max_steps:
-        started = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = aux_sum = 0.0
-        finite = True
-        for _ in range(t.grad_accum):
-            x, y = (v.to(device, non_blocking=True) for v in sampler.next_batch())
-            with autocast_for(cfg, device):
-                out = forward(x, y)
-            loss = (out.loss + out.aux_loss) / t.grad_accum
-            finite = finite and _finite(loss)
-            loss.backward()
-            loss_sum += out.loss.item() / t.grad_accum
-            aux_sum += out.aux_loss.item() / t.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
-        finite = finite and _finite(grad_norm)
-        if not finite:
-            what = f"non-finite loss or gradient at step {step} (loss {loss_sum:.4g}, grad norm {float(grad_norm):.4g})"
-            if t.on_nonfinite == "stop":
-                raise TrainingError(f"{what}; the last checkpoint is intact. Lower train.lr or set train.on_nonfinite=skip")
-            metrics.write({"step": step + 1, "skipped": what})
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _update_router_biases(model)
-        step += 1
-        tokens_seen += tokens_per_step
-        elapsed = time.perf_counter() - started
-        train_seconds += elapsed
-        bar.update(1)
-        if step % t.log_every == 0 or step == t.max_steps:
-            record = {"step": step, "tokens": tokens_seen, "loss": loss_sum, "aux_loss": aux_sum, "lr": lr,
-                      "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / elapsed}
-            metrics.write(record)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if step % t.eval_every == 0 or step == t.max_steps:
-            val = evaluate(model, splits["valid"], cfg, device, max_batches=t.eval_batches)
-            metrics.write({"step": step, "tokens": tokens_seen, "val_loss": val["loss"], "val_ppl": val["ppl"]})
-            bar.set_postfix(loss=f"{loss_sum:.3f}", val_ppl=f"{val['ppl']:.1f}")
-        if step % t.checkpoint_every == 0 or step == t.max_steps:
-            save()
-    bar.close()
+    try:
+        model.train()
+        while step < t.max_steps:
+            started = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = aux_sum = 0.0
+            finite = True
+            for _ in range(t.grad_accum):
+                x, y = (v.to(device, non_blocking=True) for v in sampler.next_batch())
+                with autocast_for(cfg, device):
+                    out = forward(x, y)
+                loss = (out.loss + out.aux_loss) / t.grad_accum
+                finite = finite and _finite(loss)
+                loss.backward()
+                loss_sum += out.loss.item() / t.grad_accum
+                aux_sum += out.aux_loss.item() / t.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
+            finite = finite and _finite(grad_norm)
+            if not finite:
+                what = f"non-finite loss or gradient at step {step} (loss {loss_sum:.4g}, grad norm {float(grad_norm):.4g})"
+                if t.on_nonfinite == "stop":
+                    raise TrainingError(
+                        f"{what}; the last checkpoint is intact. Lower train.lr or set train.on_nonfinite=skip"
+                    )
+                metrics.write({"step": step + 1, "skipped": what})
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                _update_router_biases(model)
+            step += 1
+            tokens_seen += tokens_per_step
+            elapsed = time.perf_counter() - started
+            train_seconds += elapsed
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.max_steps:
+                record = {
+                    "step": step,
+                    "tokens": tokens_seen,
+                    "loss": loss_sum,
+                    "aux_loss": aux_sum,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": tokens_per_step / elapsed,
+                }
+                metrics.write(record)
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % t.eval_every == 0 or step == t.max_steps:
+                val = evaluate(model, splits["valid"], cfg, device, max_batches=t.eval_batches)
+                metrics.write({"step": step, "tokens": tokens_seen, "val_loss": val["loss"], "val_ppl": val["ppl"]})
+                bar.set_postfix(loss=f"{loss_sum:.3f}", val_ppl=f"{val['ppl']:.1f}")
+            if step % t.checkpoint_every == 0 or step == t.max_steps:
+                save()
+    finally:
+        bar.close()
+        metrics.close()
 
     val = evaluate(model, splits["valid"], cfg, device, max_batches=t.final_eval_batches)
     test = evaluate(model, splits["test"], cfg, device, max_batches=t.final_eval_batches)
     result = RunResult(run_dir, step, tokens_seen, train_seconds, val["loss"], val["ppl"], test["loss"], test["ppl"])
-    summary = {**{k: v for k, v in vars(result).items() if k != "run_dir"}, "params_total": cost.params_total,
-               "params_active": cost.params_active, "flops_per_token": cost.flops_per_token,
-               "val_tokens": val["tokens"], "test_tokens": test["tokens"]}
+    summary = {
+        **{k: v for k, v in vars(result).items() if k != "run_dir"},
+        "params_total": cost.params_total,
+        "params_active": cost.params_active,
+        "flops_per_token": cost.flops_per_token,
+        "val_tokens": val["tokens"],
+        "test_tokens": test["tokens"],
+    }
     write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    metrics.close()
     return result
