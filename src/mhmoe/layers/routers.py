@@ -102,8 +102,9 @@ XMoEForm = Literal["paper", "code"]
 class XMoERouter(Router):
     """X-MoE (Chi et al. 2022): route on cosine similarity in a low-dimensional space.
 
-    form="paper": s_e = cos(W x, e_e), probs = softmax(s / τ) with a learnable τ (kept ≥ 0.01);
-        the balance loss uses softmax(s / balance_temperature) with a fixed τ0 (0.3, X-MoE §3).
+    form="paper": s_e = cos(W x, e_e), probs = softmax(s / τ) with a learnable τ (kept ≥ 0.01;
+        its initial value, 0.3, is our choice: the papers do not state it); the balance loss uses
+        softmax(s / balance_temperature) with a fixed τ0 (0.3 for softmax gating, X-MoE §3).
     form="code": as the authors' code (fairseq/torchscale `Top1Gate(use_xmoe=True)`): only the
         expert embeddings are normalised (logits = (W x)·ê_e), no temperature, and the embeddings
         are rescaled in place to norm 1.5 at every training forward; the balance loss uses the
