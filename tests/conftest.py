@@ -7,6 +7,8 @@ grouped_mm backend are multiples of 16 bytes (4 float32 / 8 bfloat16 values), wh
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -14,6 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from mhmoe import MHMoE, MoEOutput
+
+# The offline data pack: beside the repository as ../shared/data (as in CI), or $MHMOE_SHARED_DATA.
+# Tests that read it fail with a clear message when it is missing; they never skip silently.
+SHARED_DATA = Path(os.environ.get("MHMOE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+def shared_file(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"offline data pack file {path} not found: put the pack at ../shared/data or set MHMOE_SHARED_DATA")
+    return path
+
 
 # (router, top_k, router_kwargs): every router the library ships, each in a configuration it accepts.
 ROUTER_CASES = [

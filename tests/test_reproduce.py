@@ -2,15 +2,15 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import pytest
+from conftest import shared_file
 
 from mhmoe.cli import main
 from mhmoe.models.gpt import gpt_cost
 from mhmoe.reproduce import english_base, english_variants
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = shared_file()
 TOY = [
     "model.d_model=32",
     "model.n_heads=2",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_file
 from safetensors.torch import load_file
 
 from mhmoe.cli import main
@@ -19,7 +20,7 @@ from mhmoe.train.checkpoint import latest_checkpoint, load_checkpoint, verify
 from mhmoe.train.config import apply_overrides, preset
 from mhmoe.train.trainer import TrainingError, lr_at, train
 
-ENGLISH = Path(__file__).resolve().parents[2] / "shared" / "data" / "english" / "valid.txt.gz"
+ENGLISH = shared_file("english", "valid.txt.gz")
 
 
 @pytest.fixture(autouse=True)
