@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from mhmoe.accounting import flops_matched_mhmoe, params_matched_mhmoe
-from mhmoe.models.gpt import FFNConfig, GPTConfig, gpt_cost
+from mhmoe.models.gpt import FFNConfig, gpt_cost
 from mhmoe.train.checkpoint import write_text_atomically
-from mhmoe.train.config import DataConfig, RunConfig, TrainConfig
+from mhmoe.train.config import RunConfig, apply_overrides, preset
 
 MH_HEADS = 4
 
@@ -85,70 +85,26 @@ def english_variants(base: RunConfig) -> list[Variant]:
 
 
 def english_base(quick: bool, gpu: bool) -> RunConfig:
-    """The shared budget. quick: minutes on 2 CPU cores (pipeline demo, PAPER.md §7); gpu: one H200."""
+    """The shared budget, from the `gpu` / `cpu` presets (their model sizes; the variants set the FFNs).
+
+    quick: minutes on 2 CPU cores (pipeline demo, PAPER.md §7); gpu: one H200, ~10 M tokens per model.
+    """
     if gpu:
-        return RunConfig(
-            model=GPTConfig(
-                seq_len=512,
-                d_model=512,
-                n_layers=6,
-                n_heads=8,
-                ffn=FFNConfig(hidden=2048, num_experts=8, top_k=2, expert_hidden=2048),
-            ),
-            data=DataConfig(tokenizer="bpe", vocab_size=8192),
-            train=TrainConfig(
-                batch_size=64,
-                max_steps=320,
-                warmup_steps=30,
-                lr=1.5e-3,
-                eval_every=80,
-                eval_batches=20,
-                checkpoint_every=320,
-                log_every=20,
-                compile=True,
-            ),
-        )
+        return apply_overrides(preset("gpu"), [
+            "model.ffn.num_experts=8", "train.batch_size=64", "train.max_steps=320", "train.warmup_steps=30",
+            "train.lr=1.5e-3", "train.eval_every=80", "train.checkpoint_every=320", "train.log_every=20",
+            "train.compile=true",
+        ])  # fmt: skip
     if quick:
-        return RunConfig(
-            model=GPTConfig(
-                seq_len=128,
-                d_model=128,
-                n_layers=4,
-                n_heads=4,
-                ffn=FFNConfig(hidden=512, num_experts=8, top_k=2, expert_hidden=512),
-            ),
-            data=DataConfig(tokenizer="bpe", vocab_size=4096),
-            train=TrainConfig(
-                batch_size=16,
-                max_steps=300,
-                warmup_steps=20,
-                lr=3e-3,
-                eval_every=75,
-                eval_batches=8,
-                final_eval_batches=40,
-                checkpoint_every=300,
-                log_every=10,
-            ),
-        )
-    return RunConfig(
-        model=GPTConfig(
-            seq_len=256,
-            d_model=256,
-            n_layers=6,
-            n_heads=4,
-            ffn=FFNConfig(hidden=1024, num_experts=8, top_k=2, expert_hidden=1024),
-        ),
-        data=DataConfig(tokenizer="bpe", vocab_size=8192),
-        train=TrainConfig(
-            batch_size=16,
-            max_steps=2000,
-            warmup_steps=100,
-            lr=1.5e-3,
-            eval_every=200,
-            eval_batches=20,
-            checkpoint_every=500,
-        ),
-    )
+        return apply_overrides(preset("cpu"), [
+            "train.max_steps=300", "train.warmup_steps=20", "train.lr=3e-3", "train.eval_every=75",
+            "train.eval_batches=8", "train.final_eval_batches=40", "train.checkpoint_every=300",
+        ])  # fmt: skip
+    return apply_overrides(preset("cpu"), [
+        "model.seq_len=256", "model.d_model=256", "model.n_layers=6", "model.ffn.hidden=1024",
+        "model.ffn.expert_hidden=1024", "data.vocab_size=8192", "train.max_steps=2000", "train.warmup_steps=100",
+        "train.lr=1.5e-3", "train.eval_every=200", "train.eval_batches=20", "train.checkpoint_every=500",
+    ])  # fmt: skip
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -160,15 +116,12 @@ def _curve(run_dir: Path) -> list[tuple[float, float]]:
     return [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
-def _ood_tokens(path: str, run_dir: Path) -> dict[str, np.ndarray]:
+def _ood_tokens(path: str, tokenizer: object) -> dict[str, np.ndarray]:
     """All text of another corpus (never trained on), tokenized with the run's tokenizer."""
     if not path:
         return {}
-    from mhmoe.data import data_cache_dir, load_corpus, load_tokenizer, tokenize_corpus
+    from mhmoe.data import data_cache_dir, load_corpus, tokenize_corpus
 
-    saved = run_dir / "tokenizer.json"
-    cfg = json.loads((run_dir / "config.json").read_text())
-    tokenizer = load_tokenizer(saved if saved.exists() else cfg["data"]["tokenizer"])
     splits = tokenize_corpus(load_corpus(Path(path)), tokenizer, data_cache_dir(), progress=False)
     return {"ood": np.concatenate([splits["valid"], splits["test"], splits["train"]])}
 
@@ -186,8 +139,7 @@ def reproduce_english(
     """Train every variant for every seed, analyse routing (also on the `ood` corpus, if given: PAPER.md §7
     measures activation on text from another distribution), write results.json / results.md / plots."""
     from mhmoe.plots import plot_curves
-    from mhmoe.train.config import apply_overrides
-    from mhmoe.train.runs import analyze_run
+    from mhmoe.train.runs import analyze_run, load_run
     from mhmoe.train.trainer import train
 
     base = english_base(quick, gpu)
@@ -205,7 +157,9 @@ def reproduce_english(
             run_dir = out / "runs" / f"{variant.name}-seed{seed}"
             print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
             result = train(cfg, run_dir, progress=progress)
-            analysis = analyze_run(run_dir, other=_ood_tokens(ood, run_dir), max_batches=8 if quick else 20)
+            run = load_run(run_dir)  # once: its model, tokenizer and data serve both analyses
+            other = _ood_tokens(ood, run.tokenizer)
+            analysis = analyze_run(run_dir, other=other, max_batches=8 if quick else 20, run=run)
             runs.append(
                 {
                     "seed": seed,

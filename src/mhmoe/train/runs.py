@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mhmoe.errors import CheckpointError
+from mhmoe.layers.moe import SparseMoE
 from mhmoe.layers.multihead import MHMoE
 from mhmoe.models.gpt import GPT
 from mhmoe.train.checkpoint import latest_checkpoint, load_model_weights, write_text_atomically
@@ -61,15 +62,15 @@ def collect_routing(run: LoadedRun, tokens: np.ndarray, max_batches: int = 20) -
     from mhmoe.analysis import LayerRouting
     from mhmoe.data import eval_batches
 
-    per_layer: list[list] = [[] for _ in run.model.moe_layers()]
+    moe_blocks = [(i + 1, b.ffn) for i, b in enumerate(run.model.blocks) if isinstance(b.ffn, (SparseMoE, MHMoE))]
+    per_layer: list[list] = [[] for _ in moe_blocks]
     for x, _ in eval_batches(tokens, run.cfg.train.batch_size, run.cfg.model.seq_len, max_batches=max_batches):
         with autocast_for(run.cfg, run.device):
             out = run.model(x.to(run.device))
         for stats_list, stats in zip(per_layer, out.routing):
             stats_list.append(stats)
-    blocks = [i + 1 for i, block in enumerate(run.model.blocks) if block.ffn in run.model.moe_layers()]
     layers = []
-    for block, layer, stats_list in zip(blocks, run.model.moe_layers(), per_layer):
+    for (block, layer), stats_list in zip(moe_blocks, per_layer, strict=True):
         heads = layer.num_heads if isinstance(layer, MHMoE) else 1
         layers.append(LayerRouting.from_stats(stats_list, heads, layer.num_experts, f"block {block}"))
     return layers
