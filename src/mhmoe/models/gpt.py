@@ -121,19 +121,30 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        if cfg.d_model % cfg.n_heads or (cfg.d_model // cfg.n_heads) % 2:
-            raise ValueError(f"d_model ({cfg.d_model}) / n_heads ({cfg.n_heads}) must be an even integer for RoPE")
-        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+    """Multi-head self-attention with optional rotary positions; causal (decoder) or bidirectional (encoder)."""
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = True):
+        super().__init__()
+        if d_model % n_heads or (d_model // n_heads) % 2:
+            raise ValueError(f"d_model ({d_model}) / n_heads ({n_heads}) must be an even integer for RoPE")
+        self.n_heads, self.dropout, self.causal = n_heads, dropout, causal
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        """x: (B, L, D); cos, sin: rotary tables (>= L rows) or None for no rotary; attn_mask: SDPA mask
+        (bool, True = attend), only for bidirectional attention (e.g. to hide padding)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, nh, L, hs)
-        q, k = apply_rotary(q, cos[:L], sin[:L]), apply_rotary(k, cos[:L], sin[:L])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cos is not None and sin is not None:
+            q, k = apply_rotary(q, cos[:L], sin[:L]), apply_rotary(k, cos[:L], sin[:L])
+        if attn_mask is not None and self.causal:
+            raise ValueError("attn_mask is only supported for bidirectional attention (causal=False)")
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -145,7 +156,7 @@ class Block(nn.Module):
         super().__init__()
         kind, kwargs = ffn
         self.norm_attn, self.norm_ffn = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.ffn = LAYERS[kind](**kwargs)
         self.drop = nn.Dropout(cfg.dropout)
 
