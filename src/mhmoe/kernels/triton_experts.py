@@ -1,0 +1,288 @@
+"""Triton kernels for the experts: grouped GEMMs that gather their input rows and scatter their output rows.
+
+Shape legend: S routed items, K top-k, R = K·S routed rows, E experts, d item width, F expert hidden,
+k / n the two sides of one projection. Rows "sorted" are ordered by expert (`order_R[r]` is the
+choice-major row, k·S + s, that sorted row r came from); "choice-major" rows are in k·S + s order.
+
+Plain sort + grouped_mm (the torch path in `mhmoe.layers.dispatch`) materialises three permuted
+copies per call: x gathered into sorted order, the output permuted back, and the same again in
+backward. When rows are narrow (MH-MoE's sub-tokens are D/H wide) these copies cost as much as the
+GEMMs. The two kernels here fold the permutations into the GEMMs, as ScatterMoE does:
+
+    gather_mm : out_sorted[r]        = a[a_index[r]] @ w[e(r)]        (first projection: a = x, a_index = s)
+    scatter_mm: out[out_index[r]]    = a_sorted[r]   @ w[e(r)]        (second projection into choice-major)
+    weight_grad: dw[e] = Σ_{r of e} a[a_index[r]]ᵀ ⊗ g[g_index[r]]    (either side may be gathered)
+
+All three are one kernel, `_rows_mm`, or `_weight_grad`, with optional index vectors. Work is split
+into tiles of BLOCK_M rows that never straddle two experts; the tile schedule is computed on the
+device from the expert counts (`tile_schedule`), with a static upper bound on the number of tiles,
+so there is no host synchronisation and the launch is CUDA-graph capturable. Experts with no rows
+get no tiles and a zero weight gradient.
+
+These kernels run on CUDA and, for tests, on the CPU under TRITON_INTERPRET=1. The reference for
+every output and gradient is `dispatch_reference` (tests/test_triton.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from mhmoe.layers.experts import activate
+
+BLOCK_M = 64  # rows per tile of the row kernel; also the tile granularity of the schedule
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels can run here: Triton installed, and CUDA (fp32/bf16/fp16) or the CPU interpreter."""
+    if not triton_available() or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+@functools.cache
+def _kernels():  # type: ignore[no-untyped-def]
+    """Built on first use: importing this module must not need Triton.
+
+    The kernels use only Triton builtins (tl.full, not tl.zeros): helpers of triton.language that are
+    themselves @triton.jit functions are fixed as compiled or interpreted when triton is imported, so
+    they would break TRITON_INTERPRET=1 set after that import (e.g. once torch.compile loaded triton).
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rows_mm(
+        a_ptr, w_ptr, out_ptr, a_index_ptr, out_index_ptr,
+        tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+        N, K,
+        stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+        HAS_A_INDEX: tl.constexpr, HAS_OUT_INDEX: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        tile = tl.program_id(0)
+        expert = tl.load(tile_expert_ptr + tile)
+        if expert < 0:  # past the last real tile
+            return
+        rows = tl.load(tile_start_ptr + tile) + tl.arange(0, BLOCK_M)
+        row_ok = rows < tl.load(tile_end_ptr + tile)
+        src = tl.load(a_index_ptr + rows, mask=row_ok, other=0) if HAS_A_INDEX else rows
+        dst = tl.load(out_index_ptr + rows, mask=row_ok, other=0) if HAS_OUT_INDEX else rows
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: a jit function (see below)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(
+                a_ptr + src.to(tl.int64)[:, None] * stride_am + ks[None, :] * stride_ak,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                w_base + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(a, w, input_precision=PRECISION)
+        tl.store(
+            out_ptr + dst.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
+
+    @triton.jit
+    def weight_grad(
+        a_ptr, g_ptr, dw_ptr, a_index_ptr, g_index_ptr, row_start_ptr, row_end_ptr,
+        K, N,
+        stride_am, stride_ak, stride_gm, stride_gn, stride_de, stride_dk, stride_dn,
+        HAS_A_INDEX: tl.constexpr, HAS_G_INDEX: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):  # fmt: skip
+        expert = tl.program_id(0)
+        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok, col_ok = ks < K, cols < N
+        end = tl.load(row_end_ptr + expert)
+        acc = tl.full((BLOCK_K, BLOCK_N), 0.0, tl.float32)
+        for r0 in range(tl.load(row_start_ptr + expert), end, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            row_ok = rows < end
+            a_rows = tl.load(a_index_ptr + rows, mask=row_ok, other=0) if HAS_A_INDEX else rows
+            g_rows = tl.load(g_index_ptr + rows, mask=row_ok, other=0) if HAS_G_INDEX else rows
+            a_t = tl.load(  # (BLOCK_K, BLOCK_R): rows of a, transposed
+                a_ptr + a_rows.to(tl.int64)[None, :] * stride_am + ks[:, None] * stride_ak,
+                mask=row_ok[None, :] & k_ok[:, None],
+                other=0.0,
+            )
+            g = tl.load(
+                g_ptr + g_rows.to(tl.int64)[:, None] * stride_gm + cols[None, :] * stride_gn,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.dot(a_t, g, input_precision=PRECISION)
+        tl.store(
+            dw_ptr + expert.to(tl.int64) * stride_de + ks[:, None] * stride_dk + cols[None, :] * stride_dn,
+            acc.to(dw_ptr.dtype.element_ty),
+            mask=k_ok[:, None] & col_ok[None, :],
+        )
+
+    return triton, rows_mm, weight_grad
+
+
+def _block(n: int, cap: int) -> int:
+    """A power-of-two block size ≥ 16 (tl.dot's minimum) and ≤ cap, no larger than n needs."""
+    return max(16, min(cap, 1 << max(0, (n - 1).bit_length())))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; bf16/fp16 ignore it
+
+
+class Schedule:
+    """Where the rows of each expert lie once sorted, and the row tiles of `rows_mm`, all on the device.
+
+    counts_E: (E,) rows per expert. row_start_E / row_end_E bound expert e's sorted rows.
+    tile_expert_T: expert of each tile, -1 past the last one; tile_start_T / tile_end_T: its rows.
+    The number of tiles T = ceil(R / BLOCK_M) + E bounds the real count for any routing.
+    """
+
+    def __init__(self, counts_E: Tensor, num_rows: int, block_m: int = BLOCK_M):
+        E = counts_E.shape[0]
+        self.block_m = block_m
+        self.row_end_E = counts_E.cumsum(0)
+        self.row_start_E = self.row_end_E - counts_E
+        tiles_E = (counts_E + block_m - 1) // block_m
+        tile_end_E = tiles_E.cumsum(0)
+        tile = torch.arange(-(-num_rows // block_m) + E, device=counts_E.device)
+        expert_T = torch.searchsorted(tile_end_E, tile, right=True)  # E for tiles past the last
+        e_T = expert_T.clamp(max=E - 1)
+        self.tile_start_T = self.row_start_E[e_T] + (tile - (tile_end_E - tiles_E)[e_T]) * block_m
+        self.tile_end_T = self.row_end_E[e_T]
+        self.tile_expert_T = torch.where(expert_T < E, expert_T, -1)
+
+
+def rows_mm(
+    a: Tensor,
+    w_Ekn: Tensor,
+    schedule: Schedule,
+    num_out_rows: int,
+    a_index: Tensor | None = None,
+    out_index: Tensor | None = None,
+) -> Tensor:
+    """out[out_index[r]] = a[a_index[r]] @ w[e(r)] for every sorted row r (indices default to r)."""
+    triton, kernel, _ = _kernels()
+    K, N = w_Ekn.shape[1], w_Ekn.shape[2]
+    out = a.new_empty(num_out_rows, N)
+    if num_out_rows == 0:
+        return out
+    block_n, block_k = _block(N, 128), _block(K, 64)
+    dummy = schedule.tile_expert_T
+    grid = (schedule.tile_expert_T.shape[0], triton.cdiv(N, block_n))
+    kernel[grid](
+        a, w_Ekn, out, dummy if a_index is None else a_index, dummy if out_index is None else out_index,
+        schedule.tile_expert_T, schedule.tile_start_T, schedule.tile_end_T,
+        N, K,
+        a.stride(0), a.stride(1), w_Ekn.stride(0), w_Ekn.stride(1), w_Ekn.stride(2), out.stride(0), out.stride(1),
+        HAS_A_INDEX=a_index is not None, HAS_OUT_INDEX=out_index is not None, PRECISION=_precision(a.dtype),
+        BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return out
+
+
+def weight_grad(
+    a: Tensor,
+    g: Tensor,
+    schedule: Schedule,
+    a_index: Tensor | None = None,
+    g_index: Tensor | None = None,
+) -> Tensor:
+    """dw[e] = Σ over expert e's sorted rows r of a[a_index[r]]ᵀ ⊗ g[g_index[r]]: (E, k, n), fp32 accumulation."""
+    triton, _, kernel = _kernels()
+    E, K, N = schedule.row_end_E.shape[0], a.shape[1], g.shape[1]
+    dw = a.new_empty(E, K, N)
+    block_k, block_n = _block(K, 64), _block(N, 64)
+    dummy = schedule.row_end_E
+    grid = (E, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
+    kernel[grid](
+        a, g, dw, dummy if a_index is None else a_index, dummy if g_index is None else g_index,
+        schedule.row_start_E, schedule.row_end_E,
+        K, N,
+        a.stride(0), a.stride(1), g.stride(0), g.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+        HAS_A_INDEX=a_index is not None, HAS_G_INDEX=g_index is not None, PRECISION=_precision(a.dtype),
+        BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=32,
+    )  # fmt: skip
+    return dw
+
+
+class _GatherMM(torch.autograd.Function):
+    """h_sorted[r] = x[source_R[r]] @ w[e(r)]; backward scatters into choice-major rows and sums the K copies."""
+
+    @staticmethod
+    def forward(ctx, x_Sk, w_Ekn, source_R, order_R, schedule):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x_Sk, w_Ekn, source_R, order_R)
+        ctx.schedule = schedule
+        return rows_mm(x_Sk, w_Ekn, schedule, source_R.shape[0], a_index=source_R)
+
+    @staticmethod
+    def backward(ctx, grad_Rn):  # type: ignore[no-untyped-def, override]
+        x_Sk, w_Ekn, source_R, order_R = ctx.saved_tensors
+        grad_Rn = grad_Rn.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            S = x_Sk.shape[0]
+            grad_KSk = rows_mm(grad_Rn, w_Ekn.transpose(1, 2), ctx.schedule, order_R.shape[0], out_index=order_R)
+            grad_x = grad_KSk.view(-1, S, x_Sk.shape[1]).sum(0)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(x_Sk, grad_Rn, ctx.schedule, a_index=source_R)
+        return grad_x, grad_w, None, None, None
+
+
+class _ScatterMM(torch.autograd.Function):
+    """y[order_R[r]] = h_sorted[r] @ w[e(r)]: the second projection, written straight into choice-major rows."""
+
+    @staticmethod
+    def forward(ctx, h_Rk, w_Ekn, order_R, schedule):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(h_Rk, w_Ekn, order_R)
+        ctx.schedule = schedule
+        return rows_mm(h_Rk, w_Ekn, schedule, h_Rk.shape[0], out_index=order_R)
+
+    @staticmethod
+    def backward(ctx, grad_Rn):  # type: ignore[no-untyped-def, override]
+        h_Rk, w_Ekn, order_R = ctx.saved_tensors
+        grad_Rn = grad_Rn.contiguous()
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = rows_mm(grad_Rn, w_Ekn.transpose(1, 2), ctx.schedule, h_Rk.shape[0], a_index=order_R)
+        if ctx.needs_input_grad[1]:
+            grad_w = weight_grad(h_Rk, grad_Rn, ctx.schedule, g_index=order_R)
+        return grad_h, grad_w, None, None
+
+
+def expert_ffn(x_Sd: Tensor, w_in: Tensor, w_out: Tensor, order_R: Tensor, counts_E: Tensor, activation: str) -> Tensor:
+    """Every routed row through its expert, unweighted, in choice-major order: (K·S, d).
+
+    order_R: sorted row -> choice-major row (k·S + s), a stable sort of the experts by row;
+    counts_E: rows per expert. x, w_in, w_out in the compute dtype.
+    """
+    S = x_Sd.shape[0]
+    schedule = Schedule(counts_E, order_R.shape[0])
+    h_RF = activate(_GatherMM.apply(x_Sd.contiguous(), w_in, order_R % S, order_R, schedule), activation)
+    return _ScatterMM.apply(h_RF.contiguous(), w_out, order_R, schedule)

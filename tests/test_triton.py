@@ -1,0 +1,119 @@
+"""The Triton expert kernels equal the reference, run on the CPU under TRITON_INTERPRET=1 (small shapes).
+
+On a machine with CUDA the same tests also run the compiled kernels in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mhmoe.kernels import triton_experts as tk
+from mhmoe.layers.experts import ffn, glu_factor
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    """Kernels are built on first use, in the mode TRITON_INTERPRET says then: the interpreter for CPU tensors."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    tk._kernels.cache_clear()
+    yield
+    tk._kernels.cache_clear()
+
+
+def routed_problem(S, K, E, d, F, activation, dtype=torch.float32, device="cpu", experts=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(S, d, generator=g).to(device, dtype).requires_grad_()
+    w_in = (torch.randn(E, d, glu_factor(activation) * F, generator=g) / d**0.5).to(device, dtype).requires_grad_()
+    w_out = (torch.randn(E, F, d, generator=g) / F**0.5).to(device, dtype).requires_grad_()
+    pool = torch.tensor(experts if experts is not None else range(E))
+    top = pool[torch.randint(0, len(pool), (S, K), generator=g)].to(device)
+    return x, w_in, w_out, top
+
+
+def reference_rows(x, w_in, w_out, top, activation):
+    """(K·S, d) choice-major, one row at a time."""
+    S, K = top.shape
+    rows = [ffn(x[s : s + 1], w_in[top[s, k]], w_out[top[s, k]], activation) for k in range(K) for s in range(S)]
+    return torch.cat(rows) if rows else x.new_zeros(0, x.shape[1])
+
+
+def sort_rows(top, E):
+    expert_R = top.t().reshape(-1)
+    return torch.argsort(expert_R, stable=True), torch.bincount(expert_R, minlength=E)
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 0], [5, 0, 70], [64, 64, 1], [0, 129, 0], [1, 1, 1]])
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_schedule_tiles_cover_each_expert_exactly_once(counts, block_m):
+    counts_E = torch.tensor(counts)
+    R = sum(counts)
+    sched = tk.Schedule(counts_E, R, block_m)
+    assert sched.tile_expert_T.shape[0] == -(-R // block_m) + len(counts)  # the static bound
+    covered = []
+    for e, start, end in zip(sched.tile_expert_T.tolist(), sched.tile_start_T.tolist(), sched.tile_end_T.tolist()):
+        if e < 0:
+            continue
+        lo, hi = sum(counts[:e]), sum(counts[: e + 1])
+        assert lo <= start < hi and end == hi  # inside its expert, never straddling the next
+        covered += [(r, e) for r in range(start, min(start + block_m, end))]
+    expected = [(r, e) for e, n in enumerate(counts) for r in range(sum(counts[:e]), sum(counts[:e]) + n)]
+    assert sorted(covered) == expected
+    assert sched.row_start_E.tolist() == [sum(counts[:e]) for e in range(len(counts))]
+
+
+CASES = [
+    # S, K, E, d, F, activation, experts used (None = all)
+    (37, 2, 5, 16, 32, "gelu", None),
+    (50, 2, 4, 32, 16, "swiglu", [0, 2]),  # experts 1 and 3 get no rows
+    (20, 1, 3, 16, 48, "relu", [1]),  # every row to one expert
+    (90, 3, 6, 24, 40, "gelu", None),  # widths not multiples of the blocks, R > BLOCK_M
+]
+
+
+@pytest.mark.parametrize(("S", "K", "E", "d", "F", "activation", "experts"), CASES)
+def test_expert_ffn_matches_reference_outputs_and_gradients(S, K, E, d, F, activation, experts):
+    x, w_in, w_out, top = routed_problem(S, K, E, d, F, activation, experts=experts)
+    order_R, counts_E = sort_rows(top, E)
+    y = tk.expert_ffn(x, w_in, w_out, order_R, counts_E, activation)
+    ref = reference_rows(x, w_in, w_out, top, activation)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w_in, w_out), grad)
+    want = torch.autograd.grad(ref, (x, w_in, w_out), grad)
+    for name, a, b in zip(("x", "w_in", "w_out"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+    if experts is not None:  # experts without rows get exactly zero gradient
+        unused = [e for e in range(E) if e not in experts]
+        assert got[1][unused].abs().max() == 0 and got[2][unused].abs().max() == 0
+
+
+def test_weight_grad_with_gathered_operands():
+    g = torch.Generator().manual_seed(1)
+    R, K, N = 45, 24, 20
+    counts_E = torch.tensor([20, 0, 25])
+    sched = tk.Schedule(counts_E, R, 16)
+    a, grad = torch.randn(30, K, generator=g), torch.randn(R, N, generator=g)
+    a_index, g_index = torch.randint(0, 30, (R,), generator=g), torch.randperm(R, generator=g)
+    dw = tk.weight_grad(a, grad, sched, a_index=a_index, g_index=g_index)
+    a_rows, g_rows = a[a_index], grad[g_index]
+    want = torch.stack([a_rows[s:e].t() @ g_rows[s:e] for s, e in ((0, 20), (20, 20), (20, 45))])
+    torch.testing.assert_close(dw, want, rtol=1e-5, atol=1e-5)
+
+
+def test_supports():
+    assert tk.supports(torch.device("cpu"), torch.float32)  # under the interpreter
+    assert not tk.supports(torch.device("cpu"), torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_kernels_bf16_on_cuda(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    tk._kernels.cache_clear()
+    x, w_in, w_out, top = routed_problem(512, 2, 16, 256, 512, "swiglu", torch.bfloat16, "cuda")
+    order_R, counts_E = sort_rows(top, 16)
+    y = tk.expert_ffn(x, w_in, w_out, order_R, counts_E, "swiglu")
+    ref = reference_rows(x.float(), w_in.float(), w_out.float(), top, "swiglu")
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
