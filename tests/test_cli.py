@@ -29,3 +29,27 @@ def test_bench_rejects_unknown_shape_and_bad_repeats():
         main(["bench", "layer", "--shapes", "nope"])
     with pytest.raises(SystemExit, match="--repeats must be >= 1"):
         main(["bench", "layer", "--repeats", "0"])
+
+
+def test_bench_train_checks_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "train.json"
+    assert main(["bench", "train", "--preset", "cpu-tiny", "--repeats", "1", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    rows = {(r["variant"], r["impl"]): r for r in report["results"]}
+    assert set(rows) == {(v, i) for v in ("smoe", "mhmoe_flops") for i in ("fast", "loop", "dense-eq")}
+    assert all(rows[v, "fast"]["max_rel_error"] < 1e-4 and rows[v, "dense-eq"]["vs_dense"] == 1.0 for v in ("smoe",))
+    assert report["matmul_peak_tflops"] > 0 and 0 < rows["smoe", "fast"]["mfu"]
+    assert "| mhmoe_flops | fast |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["bench", "layer", "--shapes", "tiny"], ["bench", "train", "--preset", "cpu-tiny"]])
+def test_benchmarks_refuse_to_time_a_wrong_fast_path(monkeypatch, argv):
+    import mhmoe.layers.moe as moe
+
+    def off_by_a_bit(*args, **kwargs):
+        return moe_dispatch(*args, **kwargs) * 1.01
+
+    moe_dispatch = moe.dispatch_sorted
+    monkeypatch.setattr(moe, "dispatch_sorted", off_by_a_bit)
+    with pytest.raises(RuntimeError, match="differ"):
+        main([*argv, "--repeats", "1"])

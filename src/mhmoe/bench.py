@@ -11,6 +11,7 @@ warm-up; TFLOP/s counts useful FLOPs only (3 × forward matmul FLOPs per token �
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import platform
 import statistics
@@ -104,6 +105,22 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return times
 
 
+def _time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 3):
+    """Seconds per call of each function, timed round-robin so that a noisy machine slows all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def _max_error(a: nn.Module, b: nn.Module, x: Tensor, grad: Tensor) -> float:
     """Largest relative difference between two layers' outputs, input grads and parameter grads."""
     results = []
@@ -186,4 +203,143 @@ def format_table(report: dict) -> str:
             lines.append(
                 f"| {bench['name']} | {r['impl']} | {r['ms']:.1f} | {r['tflops']:.3f} | {r['vs_dense']:.2f} | {error} |"
             )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ training step
+
+TRAIN_VARIANTS = ("smoe", "mhmoe_flops")  # names from mhmoe.reproduce.english_variants
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Measured throughput of one large square matmul here: the denominator of the model FLOP utilisation."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = statistics.median(_time(lambda: a @ b, device, repeats))
+    return 2 * n**3 / seconds / 1e12
+
+
+def _with_dispatch(model: nn.Module, dispatch: str) -> nn.Module:
+    """A copy of the model whose MoE layers use another dispatch (same weights, same routing)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, SparseMoE):
+            module.dispatch = dispatch
+    return twin
+
+
+def _dense_twin(model: nn.Module) -> nn.Module:
+    """The model with each MoE layer replaced by the DenseFFN of equal forward FLOPs per token (dense-eq)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for block in twin.blocks:
+        if isinstance(block.ffn, (SparseMoE, MHMoE)):
+            d_model = block.ffn.d_model
+            activation = block.ffn.moe.experts.activation if isinstance(block.ffn, MHMoE) else block.ffn.activation
+            block.ffn = dense_equivalent(block.ffn, d_model, activation).to(next(model.parameters()).device)
+    return twin
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: Tensor, autocast: Any) -> Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+        out = model(idx[:, :-1], idx[:, 1:])
+    (out.loss + out.aux_loss).backward()
+    optimizer.step()
+    return out.loss
+
+
+def _grads_error(a: nn.Module, b: nn.Module, idx: Tensor, autocast: Any) -> float:
+    """Largest relative difference of loss and every parameter gradient between two models on one batch."""
+    results = []
+    for model in (a, b):
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(idx[:, :-1], idx[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        results.append([out.loss.detach()] + [p.grad for p in model.parameters()])
+    err = 0.0
+    for u, v in zip(*results):
+        scale = v.abs().max().float().clamp_min(1e-6)
+        err = max(err, float((u.float() - v.float()).abs().max() / scale))
+    a.zero_grad(set_to_none=True)
+    b.zero_grad(set_to_none=True)
+    return err
+
+
+def bench_train(preset_name: str, device: torch.device, repeats: int, seed: int = 0, loop: bool = True) -> dict:
+    """Time full training steps (forward, backward, AdamW) of the preset's LM with each MoE variant.
+
+    For each variant: this library's fast path, the per-expert loop (if `loop`) and dense-eq (every MoE
+    layer replaced by a DenseFFN of equal FLOPs per token). The fast path is checked against the loop
+    (loss and all gradients) before anything is timed. Inputs are random token ids: timing does not
+    depend on the text, and routing of an untrained router is what a run starts with.
+    """
+    from contextlib import nullcontext
+
+    from mhmoe.models.gpt import GPT, gpt_cost
+    from mhmoe.reproduce import english_variants
+    from mhmoe.train.config import preset
+
+    base = preset(preset_name)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    peak = matmul_peak_tflops(device, torch.bfloat16 if cuda else torch.float32)
+    B, L = base.train.batch_size, base.model.seq_len
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, base.model.vocab_size, (B, L + 1), generator=generator).to(device)
+    tolerance = 3e-2 if cuda else 1e-4
+    rows = []
+    for variant in (v for v in english_variants(base) if v.name in TRAIN_VARIANTS):
+        cfg = dataclasses.replace(base.model, ffn=variant.ffn)
+        torch.manual_seed(seed)
+        fast = GPT(cfg).to(device)
+        impls = {"fast": fast, "dense-eq": _dense_twin(fast)}
+        if loop:
+            reference = _with_dispatch(fast, "reference")
+            error = _grads_error(fast, reference, idx, autocast)
+            if error > tolerance:
+                raise RuntimeError(f"{variant.name}: fast path differs from the loop by {error:.2e} (> {tolerance:.0e})")
+            impls["loop"] = reference
+        steps = {
+            impl: functools.partial(_train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), idx, autocast)
+            for impl, model in impls.items()
+        }
+        flops = 3 * gpt_cost(cfg).flops_per_token * B * L  # dense-eq has the same FLOPs by construction
+        for impl, times in _time_interleaved(steps, device, repeats).items():
+            seconds = statistics.median(times)
+            rows.append(
+                dict(
+                    variant=variant.name,
+                    impl=impl,
+                    ms=1e3 * seconds,
+                    tokens_per_s=B * L / seconds,
+                    tflops=flops / seconds / 1e12,
+                    mfu=flops / seconds / 1e12 / peak,
+                    max_rel_error=error if impl == "fast" and loop else None,
+                )
+            )
+        dense_ms = next(r["ms"] for r in rows if r["variant"] == variant.name and r["impl"] == "dense-eq")
+        for r in rows:
+            if r["variant"] == variant.name:
+                r["vs_dense"] = r["ms"] / dense_ms
+    return dict(
+        preset=preset_name, batch=[B, L], matmul_peak_tflops=peak, precision="bf16" if cuda else "fp32", results=rows
+    )
+
+
+def format_train_table(report: dict) -> str:
+    lines = [
+        "| variant | impl | ms/step | tokens/s | TFLOP/s | MFU | × dense-eq | max rel. error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        error = "-" if r["max_rel_error"] is None else f"{r['max_rel_error']:.1e}"
+        lines.append(
+            f"| {r['variant']} | {r['impl']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['tflops']:.3f} | "
+            f"{100 * r['mfu']:.1f}% | {r['vs_dense']:.2f} | {error} |"
+        )
     return "\n".join(lines)

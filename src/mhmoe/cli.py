@@ -5,6 +5,7 @@
     mhmoe analyze RUN_DIR [--data PATH]
     mhmoe reproduce english [--quick|--gpu] [--seeds N] [--out DIR] [--data PATH] [--set key=value ...]
     mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--json FILE]
+    mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--json FILE]
     mhmoe sizes       the PAPER.md §4 presets with their exact parameter counts and FLOPs
 
 Errors a user can fix (bad data, config or checkpoint) print one line, not a traceback.
@@ -37,6 +38,26 @@ def _bench_layer(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
         report["benchmarks"].append(bench_shape(name, device, dtype, args.repeats))
     print(format_table(report))
+    if args.json:
+        _write_json_atomically(Path(args.json), report)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def _bench_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from mhmoe.bench import bench_train, environment, format_train_table
+    from mhmoe.train.config import PRESETS
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("mhmoe: --device cuda given but no CUDA device is available")
+    device = torch.device(args.device)
+    name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    if name not in PRESETS:
+        raise SystemExit(f"mhmoe: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    report = dict(environment=environment(device), **bench_train(name, device, args.repeats, loop=not args.no_loop))
+    print(format_train_table(report))
     if args.json:
         _write_json_atomically(Path(args.json), report)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -188,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--repeats", type=int, default=5)
     layer.add_argument("--json", help="also write the results to this JSON file")
     layer.set_defaults(run=_bench_layer)
+    step = bench_verbs.add_parser("train", help="time LM training steps: fast path vs loop vs dense-eq")
+    step.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    step.add_argument("--preset", help="model and batch of this training preset (default: cpu, or gpu on CUDA)")
+    step.add_argument("--repeats", type=int, default=5)
+    step.add_argument("--no-loop", action="store_true", help="skip the per-expert loop (and its correctness check)")
+    step.add_argument("--json", help="also write the results to this JSON file")
+    step.set_defaults(run=_bench_train)
 
     sizes = verbs.add_parser("sizes", help="parameter counts and FLOPs of the paper's presets")
     sizes.set_defaults(run=_sizes)
