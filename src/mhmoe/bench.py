@@ -5,6 +5,7 @@ Implementations, all on the same weights and input:
     loop       the per-expert loop (dispatch="reference"), as in many model files
     slices     sort by expert + one matmul per contiguous slice (dispatch="slices")
     grouped_mm sort by expert + torch.nn.functional.grouped_mm (dispatch="grouped_mm")
+    triton     the Triton kernels with gather/scatter fused into the GEMMs (dispatch="triton"), CUDA only
 Timings are forward + backward (routing and losses included), the median of `repeats` runs after
 warm-up; TFLOP/s counts useful FLOPs only (3 × forward matmul FLOPs per token × tokens).
 """
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mhmoe.accounting import cost_of
+from mhmoe.kernels import triton_experts
 from mhmoe.layers.dispatch import resolve_backend
 from mhmoe.layers.experts import DenseFFN, glu_factor
 from mhmoe.layers.moe import SparseMoE
@@ -150,6 +152,8 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
     backends = ["slices"]
     if resolve_backend("auto", dtype, device, (shape.d_model // shape.num_heads, shape.expert_hidden)) == "grouped_mm":
         backends.append("grouped_mm")
+    if device.type == "cuda" and triton_experts.supports(device, dtype):  # on the CPU only the (slow) interpreter
+        backends.append("triton")
     for backend in backends:
         layer = shape.build(backend).to(device=device, dtype=dtype)
         layer.load_state_dict(reference.state_dict())

@@ -10,7 +10,14 @@ Two implementations of one contract, `dispatch(x_Sd, experts, top_experts_SK, ga
 - `dispatch_sorted`: sort rows by expert, run all experts with one grouped GEMM per projection
   (`torch.nn.functional.grouped_mm`) or, where that kernel is missing, a loop over contiguous
   slices; combine with gathers and a sum over K, so no atomics and a deterministic result.
+  With backend "triton" the gather and the permutation back are fused into the two expert GEMMs
+  (`mhmoe.kernels.triton_experts`).
 The backend is chosen in one place, `resolve_backend`.
+
+Between the sort and the combine, `dispatch_sorted` hands the rows, grouped by expert, to an
+`ExpertRunner`. The default, `run_experts`, computes every expert here; expert parallelism
+(`mhmoe.parallel`) installs a runner that sends the rows to the ranks holding their experts and
+back, so the layers never see a process group.
 
 Assignments the caller wants skipped (capacity overflow, padding) come with gate 0. The sorted
 path still runs them through their expert (shapes stay static, no host sync) and multiplies the
@@ -20,17 +27,18 @@ result by 0; capacity therefore bounds what a token receives, not the work done.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mhmoe.kernels import triton_experts
 from mhmoe.layers.experts import Experts, activate, ffn
 
-Backend = Literal["grouped_mm", "slices"]
-DispatchName = Literal["auto", "grouped_mm", "slices", "reference"]
-DISPATCHES: tuple[str, ...] = ("auto", "grouped_mm", "slices", "reference")
+Backend = Literal["grouped_mm", "slices", "triton"]
+DispatchName = Literal["auto", "grouped_mm", "slices", "triton", "reference"]
+DISPATCHES: tuple[str, ...] = ("auto", "grouped_mm", "slices", "triton", "reference")
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -41,7 +49,17 @@ def resolve_backend(requested: str, dtype: torch.dtype, device: torch.device, di
     "auto": grouped_mm when torch has it and supports the case (CPU: fp32/bf16/fp16; CUDA: bf16/fp16
     on compute capability ≥ 8.0), else "slices". Asking for grouped_mm where it cannot run is an error.
     dims: the GEMM widths (d, F); grouped_mm needs every row stride to be a multiple of 16 bytes.
+    "triton" (`mhmoe.kernels.triton_experts`: the gather and the scatter fused into the GEMMs) must be
+    asked for: it needs Triton and CUDA, or the CPU under TRITON_INTERPRET=1 (tests). "auto" does not
+    pick it until it has been measured against grouped_mm on a GPU (benchmarks/README.md).
     """
+    if requested == "triton":
+        if not triton_experts.supports(device, dtype):
+            raise ValueError(
+                f"the triton backend cannot run {dtype} on {device}: it needs triton installed "
+                f"(pip install 'mhmoe[triton]') and a CUDA device, or TRITON_INTERPRET=1 on the CPU; use 'auto'"
+            )
+        return "triton"
     supported = _HAS_GROUPED_MM and dtype in _GROUPED_MM_DTYPES
     supported = supported and all(n * dtype.itemsize % 16 == 0 for n in dims)
     if device.type == "cuda":
@@ -119,11 +137,13 @@ class _GatherRepeated(torch.autograd.Function):
     def forward(ctx, x_Sd: Tensor, order_R: Tensor, inverse_R: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(inverse_R)
         ctx.num_items = x_Sd.shape[0]
-        return x_Sd.index_select(0, order_R % x_Sd.shape[0])
+        return x_Sd.index_select(0, order_R % max(x_Sd.shape[0], 1))
 
     @staticmethod
     def backward(ctx, grad_Rd: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (inverse_R,) = ctx.saved_tensors
+        if ctx.num_items == 0:  # view(-1, 0, d) is ambiguous; an empty input has an empty gradient
+            return grad_Rd.new_zeros(0, grad_Rd.shape[-1]), None, None
         grad_KSd = grad_Rd.index_select(0, inverse_R).view(-1, ctx.num_items, grad_Rd.shape[-1])
         return grad_KSd.sum(0), None, None
 
@@ -140,6 +160,11 @@ class _PermuteRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (inverse,) = ctx.saved_tensors
         return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+    """x[perm] for a permutation with its inverse given; the backward is a gather, no scatter."""
+    return _PermuteRows.apply(x, perm, inverse)
 
 
 @torch.library.custom_op("mhmoe::grouped_mm", mutates_args=())
@@ -198,24 +223,72 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def dispatch_sorted(
-    x_Sd: Tensor, experts: Experts, top_experts_SK: Tensor, gates_SK: Tensor, backend: Backend
+class ExpertRunner(Protocol):
+    """Runs experts on rows sorted by expert: (x_Rd, counts_E, experts, backend) -> y_Rd, row for row.
+
+    counts_E (E,) int64 counts the rows of each of the layer's E experts, in order; `num_experts` is
+    that E (under expert parallelism `experts` holds only this rank's share of them).
+    """
+
+    num_experts: int
+
+    def __call__(self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: Backend) -> Tensor: ...
+
+
+def expert_ffn_sorted(
+    x_Rd: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor, activation: str, backend: Backend
 ) -> Tensor:
-    """Same contract as `dispatch_reference`: sort by expert, grouped GEMMs, gather-and-sum combine."""
+    """act(x @ w_in[e]) @ w_out[e] for rows grouped by expert (counts_E rows each), in the weights' dtype.
+
+    No rows at all: an empty result that still gives the weights (zero) gradients, since grouped_mm
+    cannot differentiate empty inputs.
+    """
+    if x_Rd.shape[0] == 0:
+        return x_Rd.to(w_in.dtype) + 0 * (w_in.sum() + w_out.sum())
+    if backend == "triton":  # rows already in place: identity gather and scatter
+        rows_R = torch.arange(x_Rd.shape[0], device=x_Rd.device)
+        return triton_experts.expert_ffn(x_Rd.to(w_in.dtype), w_in, w_out, rows_R, counts_E, activation)
+    h_RF = activate(expert_matmul(x_Rd.to(w_in.dtype), w_in, counts_E, backend), activation)
+    return expert_matmul(h_RF, w_out, counts_E, backend)
+
+
+def run_experts(x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: Backend) -> Tensor:
+    """The default `ExpertRunner`: all E experts live here."""
+    dtype = compute_dtype(x_Rd)
+    w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
+    return expert_ffn_sorted(x_Rd, w_in, w_out, counts_E, experts.activation, backend)
+
+
+def dispatch_sorted(
+    x_Sd: Tensor,
+    experts: Experts,
+    top_experts_SK: Tensor,
+    gates_SK: Tensor,
+    backend: Backend,
+    runner: ExpertRunner | None = None,
+) -> Tensor:
+    """Same contract as `dispatch_reference`: sort by expert, run the experts, gather-and-sum combine.
+
+    runner: who runs the experts on the sorted rows (default `run_experts`, all experts local). A
+    runner is called even when S == 0: a distributed one must join its collectives on every rank.
+    """
     S, K = top_experts_SK.shape
     dtype = compute_dtype(x_Sd)
-    w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
-    if S == 0:  # grouped_mm cannot differentiate empty inputs; give the experts zero gradients
-        return x_Sd + 0 * (w_in.sum() + w_out.sum()).to(x_Sd.dtype)
+    if S == 0 and runner is None:  # grouped_mm cannot differentiate empty inputs; give the experts zero gradients
+        return x_Sd + 0 * (experts.w_in.sum() + experts.w_out.sum()).to(x_Sd.dtype)
+    num_experts = experts.num_experts if runner is None else runner.num_experts
     expert_R = top_experts_SK.t().reshape(-1)  # choice-major: r = k·S + s
     order_R = torch.argsort(expert_R, stable=True)
     inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(K * S, device=order_R.device))
-    counts_E = torch.zeros(experts.num_experts, dtype=torch.long, device=x_Sd.device)
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=x_Sd.device)
     counts_E.scatter_add_(0, expert_R, torch.ones_like(expert_R))
 
+    if backend == "triton" and runner is None:  # gather and permute-back fused into the expert GEMMs
+        w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
+        y_Rd = triton_experts.expert_ffn(x_Sd.to(dtype), w_in, w_out, order_R, counts_E, experts.activation)
+        return (y_Rd.view(K, S, x_Sd.shape[-1]) * gates_SK.t().unsqueeze(-1)).sum(0).to(x_Sd.dtype)
     x_Rd = _GatherRepeated.apply(x_Sd.to(dtype), order_R, inverse_R)  # rows sorted by expert
-    h_RF = activate(expert_matmul(x_Rd, w_in, counts_E, backend), experts.activation)
-    y_Rd = expert_matmul(h_RF, w_out, counts_E, backend)
-    y_KSd = _PermuteRows.apply(y_Rd, inverse_R, order_R).view(K, S, -1)  # back to choice-major
+    y_Rd = (runner or run_experts)(x_Rd, counts_E, experts, backend)
+    y_KSd = _PermuteRows.apply(y_Rd, inverse_R, order_R).view(K, S, x_Sd.shape[-1])  # back to choice-major
     y_Sd = (y_KSd * gates_SK.t().unsqueeze(-1)).sum(0)  # in the gates' dtype (≥ fp32)
     return y_Sd.to(x_Sd.dtype)

@@ -9,6 +9,11 @@ K top-k, F expert hidden.
     shared    : optional always-on experts added for every item (DeepSeekMoE / Qwen-MoE)
     losses    : aux_loss = balance_loss_coef · balance + z_loss_coef · z, returned, never stored
 
+Parallelism plugs in from outside through two attributes, both None (single process) by default:
+`expert_runner` (an `ExpertRunner`: who runs the experts on the rows sorted by expert, e.g. an
+all-to-all to the ranks that hold them) and `loss_reduce` (sums router-loss statistics over the
+data-parallel batch, for a balance loss over the global batch). `mhmoe.parallel` sets them.
+
 NaN/Inf input: the router upcasts and routes what it gets; a non-finite item gets a non-finite
 output and makes `aux_loss` non-finite, which the trainer must catch. In dropless mode the other
 items' outputs are unaffected (each row is computed on its own); with a capacity the bad item
@@ -25,6 +30,7 @@ from torch import Tensor, nn
 from mhmoe.layers.dispatch import (
     DISPATCHES,
     DispatchName,
+    ExpertRunner,
     capacity_keep,
     compute_dtype,
     dispatch_reference,
@@ -33,7 +39,7 @@ from mhmoe.layers.dispatch import (
     resolve_backend,
 )
 from mhmoe.layers.experts import Activation, DenseFFN, Experts, check_positive
-from mhmoe.layers.losses import balance_loss, z_loss
+from mhmoe.layers.losses import Reduce, balance_loss, z_loss
 from mhmoe.layers.routers import Router, RouterName, make_router
 
 
@@ -137,6 +143,9 @@ class SparseMoE(nn.Module):
             if num_shared_experts
             else None
         )
+        # Extension points for parallelism (module doc); plain attributes, not state.
+        self.expert_runner: ExpertRunner | None = None
+        self.loss_reduce: Reduce | None = None
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
         check_input(x, self.d_model, "SparseMoE")
@@ -154,16 +163,18 @@ class SparseMoE(nn.Module):
             gates_SK = gates_SK * keep_SK
 
         if self.dispatch == "reference":
+            if self.expert_runner is not None:
+                raise ValueError("dispatch='reference' runs every expert here; it cannot use an expert_runner")
             y_Sd = dispatch_reference(x_Sd, self.experts, r.top_experts, gates_SK)
         else:
             dims = (self.d_model, self.expert_hidden)
             backend = resolve_backend(self.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
-            y_Sd = dispatch_sorted(x_Sd, self.experts, r.top_experts, gates_SK, backend)
+            y_Sd = dispatch_sorted(x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner)
         if self.shared_experts is not None:
             y_Sd = y_Sd + self.shared_experts(x_Sd)
 
-        balance = balance_loss(r.balance_probs, r.top_experts[:, 0], valid_S)
-        z = z_loss(r.logits, valid_S)
+        balance = balance_loss(r.balance_probs, r.top_experts[:, 0], valid_S, self.loss_reduce)
+        z = z_loss(r.logits, valid_S, self.loss_reduce)
         aux_loss = self.balance_loss_coef * balance + self.z_loss_coef * z
         stats = MoEStats(
             tokens_per_expert=tokens_per_expert(r.top_experts, self.num_experts, valid_S),
