@@ -1,16 +1,23 @@
 """A GPT-style decoder whose FFNs are Dense, SparseMoE or MHMoE.
 
-Shape legend: B batch, L sequence length, D model dim, V vocabulary, nh attention heads, hs = D/nh.
+Shape legend: B batch, L sequence length (new tokens), P cached positions, S = P + L key positions,
+D model dim, V vocabulary, nh attention heads, hs = D/nh.
 Pre-norm blocks (RMSNorm), rotary positions, PyTorch's scaled-dot-product attention. MoE layers
 replace the FFN of every `moe_every`-th block (blocks 2, 4, … of PAPER.md §2.8 by default).
 The model returns logits, the task loss and the summed auxiliary loss of its MoE layers; it knows
 nothing about optimisers, logging or devices beyond what it is given.
+
+Decoding: pass a `KVCache` (or any object with the `transformers.Cache` methods `update` and
+`get_seq_length`, e.g. a `DynamicCache`) to `GPT.forward`: the first call (prefill) fills it, each
+later call feeds only the new tokens, which attend to the cached keys at rotary positions P, P+1, ….
+Routing is per token, so a cached decode step routes a token exactly as a full forward does, as long
+as the MoE layers are dropless (a capacity makes routing depend on the other tokens of the call).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -114,10 +121,46 @@ def rotary_tables(seq_len: int, head_size: int, base: float) -> tuple[Tensor, Te
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, nh, L, hs); rotate pairs (x1, x2) of the two halves by position-dependent angles."""
+    """x: (B, nh, L, hs); cos, sin: (L, hs/2) or per-sequence (B, 1, L, hs/2).
+    Rotate pairs (x1, x2) of the two halves by position-dependent angles."""
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return rotated.type_as(x)
+
+
+class Cache(Protocol):
+    """What attention needs of a KV cache: the two methods of `transformers.Cache` it calls."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, cache_kwargs: dict | None = None):
+        """Append (B, nh, L, hs) keys and values of block `layer_idx`; return all of them, (B, nh, S, hs)."""
+        ...
+
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
+
+class KVCache:
+    """A growing per-block list of keys and values (B, nh, S, hs): `transformers.DynamicCache`'s surface, no
+    dependency. Greedy decoding with it gives the tokens of recomputing the whole prefix (tests/test_hf.py)."""
+
+    def __init__(self) -> None:
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, cache_kwargs: dict | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if layer_idx == len(self.keys):
+            self.keys.append(key_states)
+            self.values.append(value_states)
+        elif layer_idx < len(self.keys):
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        else:
+            raise ValueError(f"KVCache filled for {len(self.keys)} blocks, got block {layer_idx}: blocks run in order")
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
 
 class Attention(nn.Module):
@@ -132,18 +175,38 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None, attn_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        cos: Tensor | None = None,
+        sin: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        cache: Cache | None = None,
+        layer_idx: int = 0,
     ) -> Tensor:
-        """x: (B, L, D); cos, sin: rotary tables (>= L rows) or None for no rotary; attn_mask: SDPA mask
-        (bool, True = attend), only for bidirectional attention (e.g. to hide padding)."""
+        """x: (B, L, D); cos, sin: rotary tables ((>= L, hs/2): rows 0.. are the new tokens' positions; or
+        (B, 1, L, hs/2) per sequence) or None for no rotary; attn_mask: bool SDPA mask over keys (True = attend,
+        broadcastable to (B, nh, L, S)), e.g. to hide padding; causal attention combines it with the causal mask.
+        cache: keys/values of earlier positions (decoder only), updated in place at block `layer_idx`."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, nh, L, hs)
         if cos is not None and sin is not None:
-            q, k = apply_rotary(q, cos[:L], sin[:L]), apply_rotary(k, cos[:L], sin[:L])
-        if attn_mask is not None and self.causal:
-            raise ValueError("attn_mask is only supported for bidirectional attention (causal=False)")
+            if cos.dim() == 2:
+                cos, sin = cos[:L], sin[:L]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("a KV cache is only supported for causal attention")
+            k, v = cache.update(k, v, layer_idx)  # (B, nh, S, hs)
+        S = k.shape[-2]
+        is_causal = self.causal and attn_mask is None and S == L  # no cache, or prefill: SDPA's own causal mask
+        if self.causal and not is_causal:  # the L new queries sit at positions S-L .. S-1
+            query_L1 = torch.arange(S - L, S, device=x.device).unsqueeze(-1)
+            key_S = torch.arange(S, device=x.device)
+            mask_LS = key_S <= query_L1
+            # The diagonal stays open so a padding query (all of whose keys are hidden) gets a finite output.
+            attn_mask = mask_LS if attn_mask is None else (mask_LS & attn_mask) | (key_S == query_L1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
@@ -160,9 +223,20 @@ class Block(nn.Module):
         self.ffn = LAYERS[kind](**kwargs)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor | None, MoEStats | None]:
-        x = x + self.drop(self.attn(self.norm_attn(x), cos, sin))
-        out = self.ffn(self.norm_ffn(x))
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None = None,
+        cache: Cache | None = None,
+        layer_idx: int = 0,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, MoEStats | None]:
+        """x: (B, L, D); token_mask: (B, L) bool, False = padding, which MoE layers do not route."""
+        x = x + self.drop(self.attn(self.norm_attn(x), cos, sin, attn_mask, cache, layer_idx))
+        h = self.norm_ffn(x)
+        out = self.ffn(h) if token_mask is None or isinstance(self.ffn, DenseFFN) else self.ffn(h, token_mask)
         if isinstance(out, Tensor):
             return x + self.drop(out), None, None
         return x + self.drop(out.y), out.aux_loss, out.stats
@@ -183,15 +257,47 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> GPTOutput:
-        """idx, targets: (B, L) int64 token ids, L <= seq_len."""
-        if idx.dim() != 2 or idx.shape[1] > self.cfg.seq_len:
-            raise ValueError(f"GPT expects (batch, length <= {self.cfg.seq_len}) token ids, got {tuple(idx.shape)}")
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: Cache | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> GPTOutput:
+        """idx: (B, L) int64 token ids; targets: (B, L), -100 = ignore.
+
+        cache: keys and values of the P earlier positions (`KVCache`), extended in place by these L tokens.
+        attention_mask: (B, P + L), 1/True for real tokens, 0 for padding (e.g. left-padded prompts): padding is
+        never attended to and not routed; positions then count real tokens only, unless position_ids (B, L)
+        are given. Without either, the tokens sit at positions P .. P + L - 1, which must be < seq_len.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"GPT expects (batch, length) token ids, got shape {tuple(idx.shape)}")
+        L, P = idx.shape[1], (cache.get_seq_length() if cache is not None else 0)
+        if P + L > self.cfg.seq_len:
+            raise ValueError(
+                f"GPT expects (batch, length <= {self.cfg.seq_len}) token ids including {P} cached positions, "
+                f"got {tuple(idx.shape)}"
+            )
+        cos, sin, key_mask, token_mask = self.rope_cos[P : P + L], self.rope_sin[P : P + L], None, None
+        if attention_mask is not None:
+            if attention_mask.shape != (idx.shape[0], P + L):
+                raise ValueError(
+                    f"attention_mask must have shape {(idx.shape[0], P + L)}, got {tuple(attention_mask.shape)}"
+                )
+            key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and queries
+            token_mask = attention_mask[:, P:].bool()
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, P:]
+        if position_ids is not None:
+            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
         x = self.embed(idx)  # (B, L, D)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         routing: list[MoEStats] = []
-        for block in self.blocks:
-            x, aux, stats = block(x, self.rope_cos, self.rope_sin)
+        for i, block in enumerate(self.blocks):
+            x, aux, stats = block(x, cos, sin, key_mask, cache, i, token_mask)
             if stats is not None:
                 aux_loss = aux_loss + aux
                 routing.append(stats)
@@ -203,6 +309,57 @@ class GPT(nn.Module):
 
     def moe_layers(self) -> list[nn.Module]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, (SparseMoE, MHMoE))]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue (B, L) prompts by max_new_tokens tokens -> (B, L + max_new_tokens).
+
+        temperature 0 is greedy; otherwise sample from softmax(logits / temperature), over the top_k best if
+        given. After a row emits eos_id it is padded with eos_id. use_cache=False recomputes the whole prefix
+        each step (same tokens, slower). Call `.eval()` first: dropout stays on in training mode.
+        """
+        if max_new_tokens < 0 or idx.shape[-1] + max_new_tokens - 1 > self.cfg.seq_len:
+            raise ValueError(
+                f"prompt length ({idx.shape[-1]}) + max_new_tokens ({max_new_tokens}) - 1 must be within "
+                f"seq_len ({self.cfg.seq_len}) and max_new_tokens >= 0"
+            )
+        cache = KVCache() if use_cache else None
+        tokens, fed = idx, idx
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            logits = self(fed, cache=cache).logits[:, -1].float()  # (B, V)
+            next_id = pick_token(logits, temperature, top_k, generator)  # (B, 1)
+            if eos_id is not None:
+                next_id = next_id.masked_fill(finished.unsqueeze(-1), eos_id)
+                finished = finished | (next_id.squeeze(-1) == eos_id)
+            tokens = torch.cat([tokens, next_id], dim=1)
+            fed = next_id if use_cache else tokens
+            if eos_id is not None and bool(finished.all()):
+                break
+        return tokens
+
+
+def pick_token(logits_BV: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """(B, V) logits -> (B, 1) next token ids: argmax when temperature is 0, else a sample."""
+    if temperature == 0:
+        return logits_BV.argmax(-1, keepdim=True)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    logits_BV = logits_BV / temperature
+    if top_k is not None:
+        kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator)
 
 
 def gpt_cost(cfg: GPTConfig) -> Cost:

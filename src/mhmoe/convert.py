@@ -1,0 +1,477 @@
+"""MoE-ify an existing model: replace its dense FFN/MLP modules by SparseMoE or MH-MoE layers (upcycling).
+
+Shape legend: T tokens, D model dim, F dense hidden, E experts, H MH-MoE heads, d = D/H, R routed rows.
+
+Dense FFNs are recognised by their parts, not their class, so any model built the same way converts:
+    mhmoe `DenseFFN`         fc_in, fc_out (nn.Linear; SwiGLU's fc_in holds [gate | up]), `activation`
+    GPT-2 style MLP          c_fc, c_proj (transformers Conv1D, weight (in, out)) with biases, act, dropout
+    Llama / Qwen / Mistral   gate_proj, up_proj, down_proj (nn.Linear, biases optional), act_fn:
+                             down(act(gate(x)) · up(x))
+Each becomes a `MoEFFN`: it returns a tensor like the module it replaces (so the host model's code is
+untouched) and keeps the `MoEOutput` of its last call; `moe_aux_loss(model)` sums their weighted auxiliary
+losses, to add to the task loss after each forward (`moe_outputs(model)` gives the routing statistics).
+
+Experts have no biases and know GELU / ReLU / SwiGLU only. A dense FFN with biases (GPT-2) or another
+activation (GPT-2's tanh GELU) gets an `ExpertExtras` runner: per-expert biases and the original activation
+module, applied around the same grouped GEMMs (`SparseMoE.expert_runner`). Upcycled experts are then exact
+copies of the dense FFN, biases included.
+
+Initialisation (`init`):
+    "upcycle" (default) SMoE: every expert a copy of the dense FFN (Komatsuzaki et al. 2023, sparse upcycling);
+        the router is left random and its k gates renormalised to sum 1, so at initialisation the output equals
+        the dense FFN's whatever the router picks (exact up to float rounding; tests/test_convert.py).
+        MH-MoE: multi-head and merge layers set to the identity; expert e is the dense FFN restricted to head
+        h = e mod H's slice of the model dim: input weights W_in[h·d:(h+1)·d, :], output weights
+        W_out[:, h·d:(h+1)·d], hidden F (all units). A sub-token routed to an expert of its own head then
+        gets the dense output with the other heads' input terms dropped; H = 1 is exactly the SMoE upcycling.
+        This is an approximation (README: measured gap); `calibrate` then fits each layer to its dense FFN.
+    "random": the layers' own initialisation (training from scratch inside the pretrained model).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mhmoe.layers.dispatch import compute_dtype, expert_matmul
+from mhmoe.layers.experts import DenseFFN, Experts
+from mhmoe.layers.moe import MoEOutput, SparseMoE
+from mhmoe.layers.multihead import MHMoE
+
+Kind = Literal["smoe", "mhmoe"]
+Init = Literal["upcycle", "random"]
+
+
+@dataclass
+class DenseWeights:
+    """A dense FFN as y = act_glu(x @ w_in + b_in) @ w_out + b_out, weights in (in, out) layout."""
+
+    w_in: Tensor  # (D, g·F), g = 2 for a GLU ([gate | up]), else 1
+    b_in: Tensor | None  # (g·F,)
+    w_out: Tensor  # (F, D)
+    b_out: Tensor | None  # (D,)
+    activation: str  # "gelu", "relu" or "swiglu" when our experts compute it exactly, else "custom"
+    act: Callable[[Tensor], Tensor]  # the module's own activation (SiLU for a GLU gate)
+    glu: bool
+    dropout: nn.Module | None  # applied after the FFN by the original module (GPT-2)
+
+    @property
+    def d_model(self) -> int:
+        return self.w_in.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.w_out.shape[0]
+
+
+def _activation_name(act: Callable, glu: bool) -> str:
+    """Our expert activation that computes `act` exactly (same PyTorch op), or "custom"."""
+    name = type(act).__name__
+    if glu:
+        return "swiglu" if isinstance(act, nn.SiLU) or name in ("SiLUActivation", "SiLU") or act is F.silu else "custom"
+    if isinstance(act, nn.ReLU) or act is F.relu:
+        return "relu"
+    if (isinstance(act, nn.GELU) and act.approximate == "none") or name == "GELUActivation" or act is F.gelu:
+        return "gelu"
+    return "custom"
+
+
+def dense_weights(module: nn.Module) -> DenseWeights | None:
+    """The weights of a supported dense FFN module (see the module doc), or None for anything else."""
+    if isinstance(module, DenseFFN):
+        act = _ACTIVATION_FNS[module.activation]
+        return DenseWeights(
+            module.fc_in.weight.t(),
+            module.fc_in.bias,
+            module.fc_out.weight.t(),
+            module.fc_out.bias,
+            module.activation,
+            F.silu if module.activation == "swiglu" else act,
+            module.activation == "swiglu",
+            None,
+        )
+    parts = {name: getattr(module, name, None) for name in ("c_fc", "c_proj", "gate_proj", "up_proj", "down_proj")}
+    if _is_conv1d(parts["c_fc"]) and _is_conv1d(parts["c_proj"]) and callable(getattr(module, "act", None)):
+        c_fc, c_proj = parts["c_fc"], parts["c_proj"]
+        dropout = getattr(module, "dropout", None)
+        return DenseWeights(
+            c_fc.weight,
+            c_fc.bias,
+            c_proj.weight,
+            c_proj.bias,
+            _activation_name(module.act, False),
+            module.act,
+            False,
+            dropout if isinstance(dropout, nn.Dropout) else None,
+        )
+    gate, up, down = parts["gate_proj"], parts["up_proj"], parts["down_proj"]
+    if all(isinstance(p, nn.Linear) for p in (gate, up, down)) and callable(getattr(module, "act_fn", None)):
+        biases = [gate.bias, up.bias]
+        if (biases[0] is None) != (biases[1] is None):
+            return None
+        return DenseWeights(
+            torch.cat([gate.weight.t(), up.weight.t()], dim=1),
+            None if biases[0] is None else torch.cat(biases),
+            down.weight.t(),
+            down.bias,
+            _activation_name(module.act_fn, True),
+            module.act_fn,
+            True,
+            None,
+        )
+    return None
+
+
+_ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}
+
+
+def _is_conv1d(module: Any) -> bool:
+    """transformers' Conv1D (a linear layer with weight (in, out)), without importing transformers."""
+    return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), Tensor)
+
+
+def find_dense_ffns(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every supported dense FFN in `model`, outermost first, none nested in another."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if name and dense_weights(module) is not None:
+            found.append((name, module))
+    return found
+
+
+class ExpertExtras(nn.Module):
+    """An `ExpertRunner` adding what bias-free GELU/ReLU/SwiGLU experts lack: per-expert biases and any
+    activation module. Expert e computes act_glu(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e] with the
+    experts' stacked weights and the same grouped GEMMs as the default runner.
+
+    b_in: (E, g·F) or None; b_out: (E, d) or None; act: the activation (the gate's, for a GLU).
+    """
+
+    def __init__(self, num_experts: int, act: Callable, glu: bool, b_in: Tensor | None, b_out: Tensor | None):
+        super().__init__()
+        self.num_experts, self.act, self.glu = num_experts, act, glu
+        self.b_in = None if b_in is None else nn.Parameter(b_in.detach().clone())
+        self.b_out = None if b_out is None else nn.Parameter(b_out.detach().clone())
+
+    def forward(self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: str) -> Tensor:
+        dtype = compute_dtype(x_Rd)
+        w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
+        if x_Rd.shape[0] == 0:  # grouped_mm cannot differentiate empty inputs: zero gradients instead
+            return x_Rd.to(dtype) + 0 * sum(p.sum() for p in (w_in, w_out, *self.parameters()))
+        ends_E = counts_E.cumsum(0)
+        expert_R = torch.searchsorted(ends_E, torch.arange(x_Rd.shape[0], device=x_Rd.device), right=True)
+        h_RF = expert_matmul(x_Rd.to(dtype), w_in, counts_E, backend)
+        if self.b_in is not None:
+            h_RF = h_RF + self.b_in.to(dtype).index_select(0, expert_R)
+        if self.glu:
+            gate_RF, up_RF = h_RF.chunk(2, dim=-1)
+            h_RF = self.act(gate_RF) * up_RF
+        else:
+            h_RF = self.act(h_RF)
+        y_Rd = expert_matmul(h_RF, w_out, counts_E, backend)
+        if self.b_out is not None:
+            y_Rd = y_Rd + self.b_out.to(dtype).index_select(0, expert_R)
+        return y_Rd
+
+
+class MoEFFN(nn.Module):
+    """A SparseMoE / MHMoE standing in for a dense FFN: forward(x) -> a tensor of x's shape, like the FFN.
+
+    `last_output` holds the MoEOutput (aux_loss, stats) of the latest call, for `moe_aux_loss` / `moe_outputs`;
+    it is overwritten by every call, so read it after each forward. `dropout` is the original module's
+    output dropout (GPT-2), kept so training behaves as before.
+    """
+
+    def __init__(self, moe: SparseMoE | MHMoE, dropout: nn.Module | None = None):
+        super().__init__()
+        self.moe = moe
+        self.dropout = dropout if dropout is not None else nn.Identity()
+        self.last_output: MoEOutput | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.moe(x)
+        self.last_output = out
+        return self.dropout(out.y)
+
+
+def moe_outputs(model: nn.Module) -> list[MoEOutput]:
+    """The latest MoEOutput of every MoEFFN in `model`, in module order (those that have run)."""
+    return [m.last_output for m in model.modules() if isinstance(m, MoEFFN) and m.last_output is not None]
+
+
+def moe_aux_loss(model: nn.Module) -> Tensor:
+    """Sum of the weighted auxiliary losses of the MoEFFN layers' latest calls: add it to the task loss."""
+    losses = [out.aux_loss for out in moe_outputs(model)]
+    if not losses:
+        return torch.zeros(())
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def _inner_moe(layer: SparseMoE | MHMoE) -> SparseMoE:
+    return layer.moe if isinstance(layer, MHMoE) else layer
+
+
+def _build_layer(kind: Kind, dense: DenseWeights, num_experts: int, top_k: int, **kwargs: Any) -> SparseMoE | MHMoE:
+    activation = dense.activation if dense.activation != "custom" else ("swiglu" if dense.glu else "gelu")
+    if not dense.glu and activation == "swiglu":
+        raise ValueError("a non-GLU dense FFN cannot become SwiGLU experts")
+    common = dict(d_model=dense.d_model, num_experts=num_experts, top_k=top_k, activation=activation, **kwargs)
+    common.setdefault("expert_hidden", dense.hidden)
+    if kind == "smoe":
+        return SparseMoE(**common)
+    if kind == "mhmoe":
+        return MHMoE(**common)
+    raise ValueError(f"unknown MoE kind {kind!r}; choose 'smoe' or 'mhmoe'")
+
+
+def _upcycle(layer: SparseMoE | MHMoE, dense: DenseWeights) -> None:
+    """Load the dense FFN into `layer` (see the module doc: copies for SMoE, head slices for MH-MoE)."""
+    moe = _inner_moe(layer)
+    if moe.expert_hidden != dense.hidden:
+        raise ValueError(
+            f"upcycling copies the dense FFN, so expert_hidden must equal its hidden width {dense.hidden}, "
+            f"got {moe.expert_hidden}; pass init='random' for other sizes"
+        )
+    heads = layer.num_heads if isinstance(layer, MHMoE) else 1
+    if isinstance(layer, MHMoE):
+        for proj in (layer.multi_head_layer, layer.merge_layer):
+            if not isinstance(proj, nn.Linear):
+                raise ValueError("MH-MoE upcycling needs exactly one multi-head and one merge layer")
+            with torch.no_grad():
+                proj.weight.copy_(torch.eye(proj.in_features))
+                proj.bias.zero_()
+    d = dense.d_model // heads
+    E = moe.num_experts
+    slices = [slice((e % heads) * d, (e % heads + 1) * d) for e in range(E)]
+    with torch.no_grad():
+        for e, rows in enumerate(slices):
+            moe.experts.w_in[e].copy_(dense.w_in[rows])
+            moe.experts.w_out[e].copy_(dense.w_out[:, rows])
+    if isinstance(moe.expert_runner, ExpertExtras):
+        with torch.no_grad():
+            if moe.expert_runner.b_in is not None:
+                moe.expert_runner.b_in.copy_(dense.b_in.expand(E, -1))
+            if moe.expert_runner.b_out is not None:
+                moe.expert_runner.b_out.copy_(torch.stack([dense.b_out[rows] for rows in slices]))
+
+
+def _add_extras(layer: SparseMoE | MHMoE, dense: DenseWeights) -> None:
+    """Give the experts the dense FFN's kind of biases (zero) and its activation, when ours lack them."""
+    if dense.activation != "custom" and dense.b_in is None and dense.b_out is None:
+        return
+    moe = _inner_moe(layer)
+    E, d = moe.num_experts, moe.d_model
+    b_in = None if dense.b_in is None else dense.w_in.new_zeros(E, moe.experts.w_in.shape[-1])
+    b_out = None if dense.b_out is None else dense.w_in.new_zeros(E, d)
+    moe.expert_runner = ExpertExtras(E, dense.act, dense.glu, b_in, b_out)
+
+
+def _router_kwargs(router: str, router_kwargs: dict | None, init: Init) -> dict | None:
+    """Upcycling needs the k gates to sum to 1 (identical experts then give the dense output)."""
+    router_kwargs = dict(router_kwargs or {})
+    if init == "upcycle":
+        if router == "switch":
+            raise ValueError(
+                "router='switch' gates by the expert's probability (< 1), so upcycling is not exact; "
+                "use 'softmax' with top_k=1"
+            )
+        router_kwargs.setdefault("renormalize", True)
+    return router_kwargs or None
+
+
+def moeify(
+    model: nn.Module,
+    kind: Kind = "smoe",
+    *,
+    num_experts: int = 8,
+    top_k: int = 2,
+    every: int = 1,
+    init: Init = "upcycle",
+    router: str = "softmax",
+    router_kwargs: dict | None = None,
+    only: Callable[[str], bool] | None = None,
+    **layer_kwargs: Any,
+) -> list[str]:
+    """Replace dense FFNs of `model` in place by `MoEFFN(SparseMoE | MHMoE)`; return the replaced names.
+
+    every: convert the every-th FFN (1-based: every=2 converts the 2nd, 4th, …, as the paper places MoE);
+    only: a predicate on the qualified name, applied first. layer_kwargs go to SparseMoE / MHMoE (num_heads,
+    expert_hidden, capacity_factor, balance_loss_coef, …); expert_hidden defaults to the dense hidden width.
+    The new layers take the dtype and device of the dense weights they replace.
+    """
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    if init not in ("upcycle", "random"):
+        raise ValueError(f"unknown init {init!r}; choose 'upcycle' or 'random'")
+    ffns = [(n, m) for n, m in find_dense_ffns(model) if only is None or only(n)]
+    if not ffns:
+        raise ValueError(
+            f"no dense FFN found in {type(model).__name__}: supported are mhmoe DenseFFN, GPT-2 style MLPs "
+            "(c_fc/c_proj) and Llama/Qwen style MLPs (gate_proj/up_proj/down_proj)"
+        )
+    replaced = []
+    kwargs = dict(layer_kwargs, router=router, router_kwargs=_router_kwargs(router, router_kwargs, init))
+    for i, (name, module) in enumerate(ffns):
+        if (i + 1) % every:
+            continue
+        dense = dense_weights(module)
+        assert dense is not None
+        layer = _build_layer(kind, dense, num_experts, top_k, **kwargs).to(dense.w_in)
+        _add_extras(layer, dense)
+        if init == "upcycle":
+            _upcycle(layer, dense)
+        _set_submodule(model, name, MoEFFN(layer, copy.deepcopy(dense.dropout)))
+        replaced.append(name)
+    return replaced
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def capture_ffn_io(model: nn.Module, batches: Iterable[Any], names: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Run `model(batch)` for each batch (no gradients) and record the (input, output) rows of the named FFN
+    modules: {name: ((N, D) inputs, (N, D) outputs)}. Call it on the dense model, before `moeify`."""
+    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in names}
+    hooks = []
+    for name in names:
+
+        def hook(module: nn.Module, args: tuple, output: Tensor, name: str = name) -> None:
+            x = args[0]
+            records[name].append((x.detach().reshape(-1, x.shape[-1]), output.detach().reshape(-1, x.shape[-1])))
+
+        hooks.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (torch.cat([x for x, _ in r]), torch.cat([y for _, y in r])) for n, r in records.items()}
+
+
+def relative_error(y: Tensor, reference: Tensor) -> float:
+    """‖y − reference‖ / ‖reference‖ over all rows (Frobenius)."""
+    return float((y.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
+
+
+def calibrate(
+    model: nn.Module,
+    io: dict[str, tuple[Tensor, Tensor]],
+    *,
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch_rows: int = 1024,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, tuple[float, float]]:
+    """Fit each converted layer (MoEFFN at a name of `io`) to its dense FFN's recorded outputs (mean squared
+    error plus the layer's aux loss, Adam), layer by layer on the dense model's recorded inputs.
+
+    Returns {name: (relative error before, after)} on the recorded rows.
+    """
+    from tqdm import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    report = {}
+    for name, (x_ND, y_ND) in tqdm(io.items(), desc="calibrate", disable=not progress):
+        layer = model.get_submodule(name)
+        if not isinstance(layer, MoEFFN):
+            raise ValueError(f"{name} is a {type(layer).__name__}, not a converted MoEFFN")
+        was_training = layer.training
+        layer.train()
+        before = _layer_error(layer, x_ND, y_ND)
+        opt = torch.optim.Adam(layer.moe.parameters(), lr=lr)
+        for _ in range(steps):
+            rows = torch.randint(0, x_ND.shape[0], (min(batch_rows, x_ND.shape[0]),), generator=generator)
+            out = layer.moe(x_ND[rows])
+            loss = F.mse_loss(out.y.float(), y_ND[rows].float()) / y_ND[rows].float().square().mean() + out.aux_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        report[name] = (before, _layer_error(layer, x_ND, y_ND))
+        layer.train(was_training)
+    return report
+
+
+@torch.no_grad()
+def _layer_error(layer: MoEFFN, x_ND: Tensor, y_ND: Tensor) -> float:
+    return relative_error(layer.moe(x_ND).y, y_ND)
+
+
+# ------------------------------------------------------------------------------------ saved HF folders
+
+RECIPE_FILE = "mhmoe_moeify.json"
+WEIGHTS_FILE = "moeified.safetensors"  # not model.safetensors: plain from_pretrained must not load it half-dense
+
+
+def moeify_pretrained(hf_dir: str | Path, out_dir: str | Path, kind: Kind = "smoe", **recipe: Any) -> list[str]:
+    """Convert a saved transformers causal LM folder (GPT-2, Llama, Qwen, … or MHMoEForCausalLM) into
+    out_dir: its config and tokenizer files, `moeified.safetensors` (all weights) and `mhmoe_moeify.json`
+    (the `moeify` arguments). Load it with `load_moeified(out_dir)`. Weights are read from safetensors only.
+    recipe: `moeify`'s keyword arguments (JSON-serialisable values). Returns the replaced module names."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+
+    from mhmoe.hf.runs import _fresh_destination, _move_into_place, load_pretrained
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    model = load_pretrained(AutoModelForCausalLM, hf_dir)
+    recipe = {"kind": kind, **recipe}
+    json.dumps(recipe)  # fail before writing anything if the recipe cannot be recorded
+    replaced = moeify(model, **recipe)
+    tmp = _fresh_destination(out_dir)
+    try:
+        model.config.save_pretrained(tmp)
+        for file in sorted(hf_dir.iterdir()):
+            if file.is_file() and file.name not in ("config.json", RECIPE_FILE) and _is_tokenizer_file(file.name):
+                shutil.copyfile(file, tmp / file.name)
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        (tmp / RECIPE_FILE).write_text(json.dumps({"recipe": recipe, "replaced": replaced}, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _move_into_place(tmp, out_dir)
+    return replaced
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "generation_config"))
+
+
+def load_moeified(path: str | Path) -> nn.Module:
+    """A model written by `moeify_pretrained`: the architecture from config.json, the recorded conversion,
+    then every weight from moeified.safetensors (strict: a missing or extra key is an error)."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mhmoe.errors import CheckpointError
+
+    path = Path(path)
+    if not (path / RECIPE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path} is not a folder written by `mhmoe moeify` (no {RECIPE_FILE} / {WEIGHTS_FILE})")
+    recipe = json.loads((path / RECIPE_FILE).read_text())["recipe"]
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    moeify(model, **{**recipe, "init": "random"})
+    missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not fit (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    return model.eval()

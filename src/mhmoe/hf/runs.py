@@ -1,0 +1,180 @@
+"""mhmoe train run directories <-> Hugging Face model folders, losslessly (identical logits both ways).
+
+Export (`export_run`, `mhmoe export-hf RUN_DIR OUT_DIR`): the run's latest checkpoint (sha256-verified) becomes
+    config.json             MHMoEConfig; `mhmoe_run` records the run config, step and data position
+    model.safetensors       the GPT's weights under `model.` (tied embeddings stored once)
+    generation_config.json  eos / pad = the tokenizer's end-of-text id
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json   a `PreTrainedTokenizerFast`, so
+                            `AutoTokenizer.from_pretrained(OUT_DIR)` works offline. A BPE run exports its own
+                            tokenizer.json; a byte-tokenizer run exports an equivalent byte-level BPE without merges
+                            (ids 0..255 = bytes, 256 = <|endoftext|>), which encodes every text to the same ids.
+Import (`import_run`, `mhmoe import-hf HF_DIR RUN_DIR`): a folder saved by `MHMoEForCausalLM.save_pretrained`
+becomes a run directory with config.json, tokenizer.json and one checkpoint that `mhmoe eval / analyze /
+export-hf` read. The optimiser state is not part of the Hugging Face format: `mhmoe train` on an imported run
+continues with fresh AdamW moments, from the exported step and data position when the folder came from
+`export_run` (else it has no data position, and training on it is refused by the sampler check).
+
+Both write into a temporary sibling folder and rename it into place, so a crash leaves no half-written output;
+both refuse an existing non-empty destination. Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from mhmoe.errors import CheckpointError, UserError
+from mhmoe.models.gpt import GPT
+
+BYTE_EOS = "<|endoftext|>"
+
+
+def _fresh_destination(path: Path) -> Path:
+    """A temporary sibling of `path`, after checking `path` does not hold anything yet."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already exists and is not empty; pass a new folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    if path.exists():
+        path.rmdir()  # empty, checked by _fresh_destination
+    os.replace(tmp, path)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, the alphabet of byte-level BPE (`tokenizers.ByteLevel`)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer_as_bpe() -> Any:
+    """A `tokenizers.Tokenizer` giving `mhmoe.data.ByteTokenizer`'s ids: byte-level BPE without merges, the 256
+    bytes as ids 0..255 in byte order, <|endoftext|> = 256."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {char: b for b, char in bytes_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([BYTE_EOS])
+    return tokenizer
+
+
+def hf_tokenizer(tokenizer: Any) -> Any:
+    """The run tokenizer (`mhmoe.data` ByteTokenizer or BPETokenizer) as a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if tokenizer.name == "byte":
+        backend, eos = byte_tokenizer_as_bpe(), BYTE_EOS
+    else:
+        backend, eos = Tokenizer.from_str(tokenizer.tokenizer.to_str()), tokenizer.eos_token
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos)
+
+
+def _read_run(run_dir: Path) -> tuple[Any, GPT, Any, dict]:
+    """(RunConfig, GPT at the latest verified checkpoint, tokenizer, state.json) without tokenizing any data."""
+    from mhmoe.data import ByteTokenizer, load_tokenizer
+    from mhmoe.train.checkpoint import latest_checkpoint, load_model_weights
+    from mhmoe.train.config import RunConfig
+
+    config = run_dir / "config.json"
+    if not config.exists():
+        raise CheckpointError(
+            f"{run_dir} is not an mhmoe run directory (no config.json); pass the --out of a train run"
+        )
+    cfg = RunConfig.from_dict(json.loads(config.read_text()))
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first")
+    model = GPT(cfg.model)
+    load_model_weights(checkpoint, model)
+    state = json.loads((checkpoint / "state.json").read_text())
+    saved = run_dir / "tokenizer.json"
+    if saved.exists():
+        tokenizer = load_tokenizer(saved)
+    elif cfg.data.tokenizer == "byte":
+        tokenizer = ByteTokenizer()
+    else:
+        raise CheckpointError(f"{run_dir} has no tokenizer.json (data.tokenizer={cfg.data.tokenizer!r})")
+    return cfg, model.eval(), tokenizer, state
+
+
+def export_run(run_dir: Path, out_dir: Path) -> Path:
+    """Write the run's latest checkpoint as a Hugging Face model folder (see the module doc); return out_dir."""
+    from mhmoe.hf.modeling_mhmoe import MHMoEForCausalLM
+
+    cfg, model, tokenizer, state = _read_run(run_dir)
+    record = {
+        "run_config": cfg.to_dict(),
+        "step": state["step"],
+        "trainer_state": {k: state[k] for k in ("sampler", "tokens_seen", "train_seconds") if k in state},
+    }
+    eos = tokenizer.eos_id
+    hf = MHMoEForCausalLM.from_gpt(model, mhmoe_run=record, eos_token_id=eos, pad_token_id=eos)
+    tmp = _fresh_destination(out_dir)
+    try:
+        hf.save_pretrained(tmp)
+        hf_tokenizer(tokenizer).save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _move_into_place(tmp, out_dir)
+    return out_dir
+
+
+def import_run(hf_dir: Path, run_dir: Path) -> Path:
+    """Make a run directory from a folder saved by `MHMoEForCausalLM.save_pretrained` (see the module doc)."""
+    from mhmoe.hf.modeling_mhmoe import MHMoEForCausalLM
+    from mhmoe.train.checkpoint import save_checkpoint
+    from mhmoe.train.config import RunConfig
+    from mhmoe.train.trainer import make_optimizer
+
+    hf = load_pretrained(MHMoEForCausalLM, hf_dir)
+    model: GPT = hf.model
+    record = hf.config.mhmoe_run or {}
+    cfg = RunConfig.from_dict(record["run_config"]) if "run_config" in record else RunConfig(model=model.cfg)
+    cfg.model = model.cfg
+    tokenizer_file = Path(hf_dir) / "tokenizer.json"
+    byte_run = cfg.data.tokenizer == "byte"
+    if not tokenizer_file.exists() and not byte_run:
+        raise UserError(f"{hf_dir} has no tokenizer.json; an mhmoe run needs its tokenizer")
+    tmp = _fresh_destination(run_dir)
+    try:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        if not byte_run:  # a byte run keeps no tokenizer file (data.tokenizer = "byte" says it all)
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        state = {"imported_from": str(hf_dir), **record.get("trainer_state", {})}
+        save_checkpoint(tmp / "checkpoints", int(record.get("step", 0)), model, make_optimizer(model, cfg), state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _move_into_place(tmp, run_dir)
+    return run_dir
+
+
+def load_pretrained(model_class: Any, path: Path | str, **kwargs: Any) -> Any:
+    """`model_class.from_pretrained(path, use_safetensors=True)` with a one-line error for a folder that is not one."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
+    try:
+        return model_class.from_pretrained(str(path), use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {path} (safetensors weights only): {str(e).splitlines()[0]}") from e
