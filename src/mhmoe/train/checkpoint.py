@@ -10,6 +10,10 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
 It is built in a temporary folder and renamed into place; `checkpoints/latest` (a one-line file,
 replaced atomically) then names it. A crash at any point leaves the previous checkpoint and
 `latest` intact; a truncated or foreign folder fails `verify` with a CheckpointError.
+
+Distributed runs (`mhmoe.parallel.checkpoint`, format "mhmoe-checkpoint-dcp/1") keep the same
+folder, manifest and `latest` rules; their optimiser and sharded weights are in dcp/ (resharded on
+load), and model.safetensors holds the consolidated weights, so `load_model_weights` reads both.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from torch import nn
 from mhmoe.errors import CheckpointError
 
 FORMAT = "mhmoe-checkpoint/1"
+DCP_FORMAT = "mhmoe-checkpoint-dcp/1"
+FORMATS = (FORMAT, DCP_FORMAT)
 LATEST = "latest"
 
 
@@ -114,7 +120,6 @@ def save_checkpoint(
     from safetensors.torch import save_file, save_model
 
     directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"step-{step:08d}"
     tmp = directory / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -125,9 +130,18 @@ def save_checkpoint(
     rng_tensors, rng_plain = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     _write_json(tmp / "state.json", {"step": step, "rng": rng_plain, **state})
-    files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-    _write_json(tmp / "manifest.json", {"format": FORMAT, "step": step, "files": files})
-    _fsync_dir(tmp)
+    return publish_checkpoint(tmp, directory, step, keep)
+
+
+def publish_checkpoint(tmp: Path, directory: Path, step: int, keep: int, fmt: str = FORMAT) -> Path:
+    """Seal a fully written temporary folder: manifest (every file, sub-folders included) written last,
+    rename to step-NNNNNNNN, point `latest` to it, keep the newest `keep`. Returns the final path."""
+    final = directory / f"step-{step:08d}"
+    paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+    files = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in paths}
+    _write_json(tmp / "manifest.json", {"format": fmt, "step": step, "files": files})
+    for folder in {p.parent for p in paths} | {tmp}:
+        _fsync_dir(folder)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -163,8 +177,8 @@ def verify(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{manifest_path} is not valid JSON: the checkpoint is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in FORMATS:
+        raise CheckpointError(f"{path} has format {manifest.get('format')!r}, expected one of {FORMATS}")
     for name, meta in manifest["files"].items():
         file = path / name
         if not file.exists() or file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
@@ -192,6 +206,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     from safetensors.torch import load_file
 
     load_model_weights(path, model)
+    if optimizer is not None and json.loads((path / "manifest.json").read_text())["format"] == DCP_FORMAT:
+        raise CheckpointError(
+            f"{path} was written by a distributed run; resume it with torchrun (any number of processes)"
+        )
     if optimizer is not None:
         opt_plain = json.loads((path / "optimizer.json").read_text())
         optimizer.load_state_dict(_optimizer_state(load_file(str(path / "optimizer.safetensors")), opt_plain))

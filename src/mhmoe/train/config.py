@@ -24,6 +24,10 @@ class DataConfig:
     vocab_size: int = 8192  # BPE vocabulary when trained here
     valid_fraction: float = 0.05  # held-out share for corpora without their own splits
     test_fraction: float = 0.05
+    # language-tagged data (mhmoe.data.multilingual): tokenizer text and batches drawn per language, q_l ∝ p_l^α
+    multilingual: bool = False
+    language_alpha: float = 0.3  # α: 1 = the natural mix, 0 = uniform over languages; 0.3 as in XLM-R
+    languages: str = ""  # comma-separated language tags to keep ("" = every language in the data)
 
 
 @dataclass
@@ -55,10 +59,22 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Used when launched by torchrun (`mhmoe.parallel`); a plain `mhmoe train` ignores it."""
+
+    expert: int = 1  # expert-parallel size P: each MoE layer's experts split over P ranks (P divides the world)
+    data: str = "ddp"  # non-expert parameters over all ranks: "ddp" (replicated) or "fsdp" (FSDP2 fully_shard)
+    balance: str = "local"  # router losses over each rank's micro-batch ("local") or all ranks' ("global")
+    backend: str = "auto"  # "auto" (NCCL on CUDA, gloo on CPU), "gloo" or "nccl"
+    timeout_s: float = 600.0  # a collective waiting longer (dead or hung rank) ends the job with an error
+
+
+@dataclass
 class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +86,7 @@ class RunConfig:
                 model=GPTConfig.from_dict(data["model"]),
                 data=DataConfig(**data["data"]),
                 train=TrainConfig(**data["train"]),
+                parallel=ParallelConfig(**data.get("parallel", {})),
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"run configuration is not one this version of mhmoe wrote ({e})") from None
@@ -231,6 +248,14 @@ def _parse(key: str, text: str, kind: type) -> Any:
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply 'a.b.c=value' strings in order; values are parsed by the field's type."""
+    set_fields(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def set_fields(cfg: Any, overrides: list[str], hint: str = "see `mhmoe train --list-keys`") -> Any:
+    """'a.b.c=value' strings into any dataclass tree (parsed by the field's type), without range checks:
+    the caller validates its own config (apply_overrides does, for a RunConfig)."""
     known = field_names(cfg)
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -238,14 +263,13 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if not sep:
             raise ConfigError(f"override {item!r} is not key=value")
         if key not in known:
-            raise ConfigError(f"unknown config key {key!r}{_suggest(key, known)}; see `mhmoe train --list-keys`")
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, known)}; {hint}")
         *path, name = key.split(".")
         target = cfg
         for part in path:
             target = getattr(target, part)
         hints = typing.get_type_hints(type(target))
         setattr(target, name, _parse(key, text.strip(), hints[name]))
-    validate(cfg)
     return cfg
 
 
@@ -308,3 +332,18 @@ def validate(cfg: RunConfig) -> None:
         0 < d.valid_fraction < 0.5 and 0 < d.test_fraction < 0.5,
         f"data.valid_fraction and data.test_fraction must be in (0, 0.5), got {d.valid_fraction}, {d.test_fraction}",
     )
+    _check(0 <= d.language_alpha <= 1, f"data.language_alpha must be in [0, 1], got {d.language_alpha}")
+    _validate_parallel(cfg)
+
+
+def _validate_parallel(cfg: RunConfig) -> None:
+    p, f = cfg.parallel, cfg.model.ffn
+    _check(p.expert >= 1, f"parallel.expert must be >= 1, got {p.expert}")
+    _check(
+        f.kind == "dense" or f.num_experts % p.expert == 0,
+        f"model.ffn.num_experts ({f.num_experts}) must be divisible by parallel.expert ({p.expert})",
+    )
+    _check(p.data in ("ddp", "fsdp"), f"parallel.data must be ddp or fsdp, got {p.data!r}")
+    _check(p.balance in ("local", "global"), f"parallel.balance must be local or global, got {p.balance!r}")
+    _check(p.backend in ("auto", "gloo", "nccl"), f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
+    _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")

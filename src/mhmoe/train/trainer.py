@@ -18,9 +18,9 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -78,21 +78,55 @@ def data_path(cfg: RunConfig) -> Path:
 
 
 def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, dict[str, np.ndarray]]:
-    """The run's tokenizer (trained once and kept in the run) and the tokenized splits (cached)."""
-    from mhmoe.data import BPETokenizer, data_cache_dir, load_corpus, load_tokenizer, tokenize_corpus
+    """The run's tokenizer (trained once and kept in the run) and the tokenized splits (cached).
 
-    corpus = load_corpus(data_path(cfg), valid_fraction=cfg.data.valid_fraction, test_fraction=cfg.data.test_fraction)
+    Multilingual runs (data.multilingual) also hold "train:<lang>", "valid:<lang>", ... per language.
+    """
+    from mhmoe.data import data_cache_dir, load_corpus, tokenize_corpus
+
+    d = cfg.data
+    if d.multilingual:
+        from mhmoe.data.multilingual import load_multilingual, tokenize_languages, tokenizer_text
+
+        languages = [lang.strip() for lang in d.languages.split(",") if lang.strip()]
+        corpus = load_multilingual(
+            data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction, languages=languages
+        )
+        tokenizer = run_tokenizer(cfg, run_dir, lambda: tokenizer_text(corpus, d.language_alpha))
+        return tokenizer, tokenize_languages(corpus, tokenizer, data_cache_dir(), cfg.model.seq_len, progress)
+    corpus = load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+    tokenizer = run_tokenizer(cfg, run_dir, lambda: corpus.train)
+    return tokenizer, tokenize_corpus(corpus, tokenizer, data_cache_dir(), progress=progress)
+
+
+def run_tokenizer(cfg: RunConfig, run_dir: Path, bpe_text: Callable[[], Iterable[str]]) -> Any:
+    """The run's saved tokenizer, else a BPE trained on `bpe_text()` (data.tokenizer=bpe) or the one named."""
+    from mhmoe.data import BPETokenizer, load_tokenizer
+
     saved = run_dir / "tokenizer.json"
     if saved.exists():
-        tokenizer = load_tokenizer(saved)
-    elif cfg.data.tokenizer == "bpe":
-        tokenizer = BPETokenizer.train(corpus.train, cfg.data.vocab_size)
+        return load_tokenizer(saved)
+    if cfg.data.tokenizer == "bpe":
+        tokenizer = BPETokenizer.train(bpe_text(), cfg.data.vocab_size)
         tokenizer.save(saved)
-    else:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if cfg.data.tokenizer != "byte":
-            tokenizer.save(saved)
-    return tokenizer, tokenize_corpus(corpus, tokenizer, data_cache_dir(), progress=progress)
+        return tokenizer
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.data.tokenizer != "byte":
+        tokenizer.save(saved)
+    return tokenizer
+
+
+def make_sampler(cfg: RunConfig, splits: dict[str, np.ndarray]) -> Any:
+    """Training batches: uniform over the train split's windows, or per language with temperature (multilingual)."""
+    from mhmoe.data import BatchSampler
+
+    t = cfg.train
+    if cfg.data.multilingual:
+        from mhmoe.data.multilingual import LanguageSampler, languages_of, split_key
+
+        tokens = {lang: splits[split_key("train", lang)] for lang in languages_of(splits)}
+        return LanguageSampler(tokens, t.batch_size, cfg.model.seq_len, seed=t.seed, alpha=cfg.data.language_alpha)
+    return BatchSampler(splits["train"], t.batch_size, cfg.model.seq_len, seed=t.seed)
 
 
 def git_commit() -> str:
@@ -126,7 +160,7 @@ def check_resumable(cfg: RunConfig, run_dir: Path) -> None:
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         return
-    saved = json.loads(saved_path.read_text())
+    saved = RunConfig.from_dict(json.loads(saved_path.read_text())).to_dict()  # fields added since: defaults
     now = cfg.to_dict()
     now["model"]["vocab_size"] = saved.get("model", {}).get("vocab_size")  # derived from the tokenizer
     for section in ("model", "data"):
@@ -250,6 +284,67 @@ def _finite(*values: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in values)
 
 
+class SingleProcess:
+    """The one-process side of what `mhmoe.parallel.session.DistributedRun` does on W ranks (same methods)."""
+
+    rank, world, is_main = 0, 1, True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def first_on_main(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def wrap(self, model: torch.nn.Module, seed: int) -> torch.nn.Module:
+        return model
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch
+
+    def finish_gradients(self, model: torch.nn.Module, grad_clip: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+
+    def mean(self, values: list[float]) -> list[float]:
+        return values
+
+    def update_router_biases(self, model: torch.nn.Module) -> None:
+        _update_router_biases(model)
+
+    def save(self, directory: Path, step: int, model: torch.nn.Module, optimizer: Any, state: dict, keep: int) -> None:
+        save_checkpoint(directory, step, model, optimizer, state, keep=keep)
+
+    def load(self, path: Path, model: torch.nn.Module, optimizer: Any) -> dict:
+        return load_checkpoint(path, model, optimizer)
+
+    def close(self) -> None:
+        pass
+
+
+def start_session(cfg: RunConfig, device: torch.device) -> Any:
+    """DistributedRun under torchrun (or inside an existing process group), else SingleProcess."""
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if group or "WORLD_SIZE" in os.environ:
+        from mhmoe.parallel.session import DistributedRun
+
+        return DistributedRun(cfg, device)
+    if cfg.parallel.expert > 1:
+        raise ConfigError(
+            f"parallel.expert={cfg.parallel.expert} needs {cfg.parallel.expert} or more processes: "
+            f"torchrun --nproc-per-node {cfg.parallel.expert} -m mhmoe train ..."
+        )
+    return SingleProcess(device)
+
+
+class _NoMetrics:
+    """Ranks other than 0 log nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # ------------------------------------------------------------------------------------------------- train
 
 
@@ -260,34 +355,36 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
     check_resumable(cfg, run_dir)
     if t.threads:
         torch.set_num_threads(t.threads)
-    device = resolve_device(t.device)
-    tokenizer, splits = prepare_data(cfg, run_dir, progress)
+    session = start_session(cfg, resolve_device(t.device))
+    device, progress = session.device, progress and session.is_main
+    tokenizer, splits = session.first_on_main(lambda: prepare_data(cfg, run_dir, progress))
     cfg.model.vocab_size = tokenizer.vocab_size
-    write_text_atomically(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
-    write_text_atomically(run_dir / "env.json", json.dumps(environment(device), indent=1) + "\n")
-
-    from mhmoe.data import BatchSampler
+    if session.is_main:
+        write_text_atomically(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+        write_text_atomically(run_dir / "env.json", json.dumps(environment(device), indent=1) + "\n")
 
     torch.manual_seed(t.seed)
     model = GPT(cfg.model).to(device)
+    forward = session.wrap(model, t.seed)
     optimizer = make_optimizer(model, cfg)
-    sampler = BatchSampler(splits["train"], t.batch_size, cfg.model.seq_len, seed=t.seed)
+    # one sampler of global batches (batch_size rows per rank), each rank keeps its slice: see session.shard
+    sampler = make_sampler(replace(cfg, train=replace(t, batch_size=t.batch_size * session.world)), splits)
     step, tokens_seen, train_seconds = 0, 0, 0.0
     checkpoints = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoints)
     if latest is not None:
-        state = load_checkpoint(latest, model, optimizer)
+        state = session.load(latest, model, optimizer)
         sampler.load_state_dict(state["sampler"])
         step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
-    forward = torch.compile(model) if t.compile else model
-    metrics = MetricsLog(run_dir, step)
+    forward = torch.compile(forward) if t.compile else forward
+    metrics = MetricsLog(run_dir, step) if session.is_main else _NoMetrics()
     cost = gpt_cost(cfg.model)
     bar = _progress_bar(t.max_steps, step, progress)
-    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len
+    tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len * session.world
 
     def save() -> None:
         state = {"sampler": sampler.state_dict(), "tokens_seen": tokens_seen, "train_seconds": train_seconds}
-        save_checkpoint(checkpoints, step, model, optimizer, state, keep=t.keep_checkpoints)
+        session.save(checkpoints, step, model, optimizer, state, keep=t.keep_checkpoints)
 
     try:
         model.train()
@@ -299,7 +396,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
             loss_sum = aux_sum = 0.0
             finite = True
             for _ in range(t.grad_accum):
-                x, y = (v.to(device, non_blocking=True) for v in sampler.next_batch())
+                x, y = (session.shard(v).to(device, non_blocking=True) for v in sampler.next_batch())
                 with autocast_for(cfg, device):
                     out = forward(x, y)
                 loss = (out.loss + out.aux_loss) / t.grad_accum
@@ -307,8 +404,9 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
                 loss.backward()
                 loss_sum += out.loss.item() / t.grad_accum
                 aux_sum += out.aux_loss.item() / t.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
-            finite = finite and _finite(grad_norm)
+            grad_norm = session.finish_gradients(model, t.grad_clip)  # global norm, clipped
+            loss_sum, aux_sum, nonfinite = session.mean([loss_sum, aux_sum, float(not finite)])
+            finite = nonfinite == 0 and _finite(grad_norm)  # the same verdict on every rank
             if not finite:
                 what = f"non-finite loss or gradient at step {step} (loss {loss_sum:.4g}, grad norm {float(grad_norm):.4g})"
                 if t.on_nonfinite == "stop":
@@ -320,7 +418,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                _update_router_biases(model)
+                session.update_router_biases(model)
             step += 1
             tokens_seen += tokens_per_step
             elapsed = time.perf_counter() - started
@@ -359,5 +457,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
         "val_tokens": val["tokens"],
         "test_tokens": test["tokens"],
     }
-    write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    if session.is_main:
+        write_text_atomically(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    session.close()
     return result

@@ -1,0 +1,187 @@
+"""Process group, device mesh and data parallelism for the non-expert parameters.
+
+W ranks, expert-parallel size P (a divisor of W). Every rank trains on its own slice of the global batch.
+Non-expert parameters (attention, norms, routers, embeddings, shared experts) are data-parallel over all
+W ranks: replicated with DDP, or sharded with FSDP2 `fully_shard`; both average their gradients over W.
+Expert weights are sharded over the P ranks of an expert group (`mhmoe.parallel.expert`) and left out of
+DDP/FSDP; `finish_gradients` reduces them. Gradient clipping and the sigmoid router's bias update need the
+whole picture, so they live here too.
+
+Failure behaviour: the process group is created with a timeout; a collective that waits longer (a peer
+died, hung or diverged) raises on every rank that waits, so the job ends with an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from mhmoe.errors import ConfigError
+from mhmoe.layers.routers import SigmoidRouter
+from mhmoe.parallel.expert import (
+    expert_parameters,
+    finish_expert_gradients,
+    local_tensor,
+    shard_experts,
+    use_global_balance,
+)
+
+DataParallel = Literal["ddp", "fsdp"]
+Balance = Literal["local", "global"]
+
+
+def launched_distributed() -> bool:
+    """True under torchrun (it sets WORLD_SIZE) or when a process group already exists."""
+    return (dist.is_available() and dist.is_initialized()) or "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: torch.device, backend: str = "auto", timeout_s: float = 300.0) -> torch.device:
+    """Join the process group torchrun describes (env:// rendezvous), unless one exists already.
+
+    device: "cuda" picks cuda:LOCAL_RANK. backend "auto" is NCCL on CUDA, gloo on CPU. Returns this rank's device.
+    """
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device
+    if "WORLD_SIZE" not in os.environ:
+        raise ConfigError("distributed training needs torchrun: torchrun --nproc-per-node N -m mhmoe train ...")
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+@dataclass
+class Layout:
+    """Where this rank sits: a 2-D mesh ("replicate", "expert") of W ranks and a 1-D ("data",) mesh of all W."""
+
+    mesh: DeviceMesh
+    data_mesh: DeviceMesh
+    data_parallel: DataParallel = "ddp"
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world(self) -> int:
+        return self.mesh.size()
+
+    @property
+    def expert_size(self) -> int:
+        return self.mesh.size(1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def make_layout(expert: int, device_type: str, data_parallel: DataParallel = "ddp") -> Layout:
+    """Meshes for expert-parallel size `expert` over the current process group (W must be a multiple of it)."""
+    world = dist.get_world_size()
+    if expert < 1 or world % expert:
+        raise ConfigError(f"parallel.expert ({expert}) must divide the number of processes ({world})")
+    if data_parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel.data must be ddp or fsdp, got {data_parallel!r}")
+    mesh = init_device_mesh(device_type, (world // expert, expert), mesh_dim_names=("replicate", "expert"))
+    data_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("data",))
+    return Layout(mesh, data_mesh, data_parallel)
+
+
+def parallelize(model: nn.Module, layout: Layout, balance: Balance = "local") -> nn.Module:
+    """Shard the experts, choose the balance statistics, wrap the rest for data parallelism.
+
+    `model` is changed in place (keep it: its state dict, modules and parameters are the ones to save,
+    clip and update); the returned module is the one to call in training (a DDP wrapper, or model itself
+    under FSDP2). balance: "local" — router losses over each rank's micro-batch; "global" — over all ranks'.
+    """
+    shard_experts(model, layout.mesh)
+    if balance == "global":
+        use_global_balance(model, layout.data_mesh.get_group())
+    elif balance != "local":
+        raise ConfigError(f"parallel.balance must be local or global, got {balance!r}")
+    experts = set(expert_parameters(model))  # Tensor hashes are ids: membership is identity
+    if layout.data_parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "blocks", []):
+            fully_shard(block, mesh=layout.data_mesh, ignored_params=experts)
+        fully_shard(model, mesh=layout.data_mesh, ignored_params=experts)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ignored = [name for name, p in model.named_parameters() if p in experts]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    device_ids = [torch.cuda.current_device()] if layout.mesh.device_type == "cuda" else None
+    # No buffer sync in forward: the sigmoid router's load counter differs per rank until `update_router_biases`
+    # (torch >= 2.13 names the option forward_sync_buffers; older versions broadcast_buffers).
+    new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=device_ids, **no_sync)
+
+
+def finish_gradients(model: nn.Module, layout: Layout) -> None:
+    """After the step's backward passes: expert gradients → the single-process gradient (DDP/FSDP did the rest)."""
+    finish_expert_gradients(model, layout.mesh)
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, max_norm: float, layout: Layout) -> Tensor:
+    """Global gradient norm over every parameter, as one process would compute it; clip when max_norm is finite.
+
+    Replicated (DDP) gradients count once; FSDP shards and expert shards are summed over their ranks
+    (experts once per replica group). One all-reduce.
+    """
+    experts = set(expert_parameters(model))
+    grads = [(p, local_tensor(p.grad)) for p in model.parameters() if p.grad is not None]
+    device = grads[0][1].device if grads else torch.device("cpu")
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # [replicated, FSDP shards, expert shards]
+    for p, g in grads:
+        kind = 2 if p in experts else 1 if isinstance(p.grad, DTensor) else 0
+        sums[kind] += g.double().square().sum()
+    spread = sums[1:].clone()
+    dist.all_reduce(spread)  # shards summed over all ranks; experts counted once per replica group
+    total = (sums[0] + spread[0] + spread[1] / layout.mesh.size(0)).sqrt().float()
+    if max_norm != float("inf"):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for _, g in grads:
+            g.mul_(coef.to(g.dtype))
+    return total
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module) -> None:
+    """DeepSeek-V3 bias step of every sigmoid router on loads summed over all ranks (one all-reduce),
+    so the biases stay identical on every rank and equal those of one process on the global batch."""
+    routers = [m for m in model.modules() if isinstance(m, SigmoidRouter)]
+    if not routers:
+        return
+    loads = torch.cat([r.load for r in routers])
+    dist.all_reduce(loads)
+    for router, load in zip(routers, loads.split([r.num_experts for r in routers])):
+        router.update_bias(load)
+
+
+def all_mean(values: list[float], device: torch.device) -> list[float]:
+    """Mean of each value over all ranks (for logging)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def shard_rows(batch: Tensor, rank: int, world: int) -> Tensor:
+    """Rank's contiguous slice of a global batch's rows (B·W, ...) -> (B, ...)."""
+    if batch.shape[0] % world:
+        raise ValueError(f"a global batch of {batch.shape[0]} rows cannot be split over {world} ranks")
+    return batch.chunk(world)[rank]

@@ -1,0 +1,176 @@
+"""Expert parallelism, data parallelism and resharding checkpoints on CPU with gloo, 2 and 4 processes.
+
+Every check compares W processes with one process on the same global batch (fp32): outputs, input
+gradients, every parameter gradient, auxiliary loss, router biases; ten training steps; checkpoints saved
+at expert-parallel size 2 and loaded at 1 and 4. Each job runs under a deadline (distributed_workers.launch),
+so a hang fails the test instead of stalling the suite. The figures are printed (`pytest -s`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shared_file
+from distributed_workers import (
+    crash_during_save_job,
+    dying_job,
+    hanging_job,
+    launch,
+    layer_job,
+    load_job,
+    tiny_config,
+    train_job,
+)
+
+from mhmoe.errors import ConfigError
+from mhmoe.models.gpt import GPT
+from mhmoe.train.checkpoint import latest_checkpoint, load_model_weights, verify
+from mhmoe.train.config import RunConfig
+from mhmoe.train.trainer import train
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+FP32 = 1e-5
+
+
+def _case(name: str, kind: str, router: str, expert: int, data: str = "ddp", **extra) -> dict:
+    return dict(name=name, kind=kind, router=router, num_experts=8, expert=expert, data=data, tokens=32, **extra)
+
+
+def _check_layers(results: list[dict], world: int) -> dict[str, float]:
+    """Every difference within fp32 tolerance on every rank; returns the worst per case (printed)."""
+    worst = {}
+    for name in results[0]:
+        per_rank = [r[name] for r in results]
+        for rank, result in enumerate(per_rank):
+            bad = {k: v for k, v in result["diffs"].items() if v > FP32}
+            assert not bad, f"{name}, rank {rank} of {world}: {bad}"
+        assert len({r["aux_loss"] for r in per_rank}) == 1, f"{name}: aux loss differs between ranks"
+        worst[name] = max(max(r["diffs"].values()) for r in per_rank)
+    print(f"\n{world} processes, max abs difference to one process:", json.dumps(worst, indent=1))
+    return worst
+
+
+def _check_edge_cases(results: list[dict], world: int, expert: int, empty_heads: int) -> None:
+    """The edge cases are what they claim: all 32 tokens × top-2 on rank 0's experts; all tokens on rank 0."""
+    one, empty = results[0]["one-rank"], results[0]["empty-ranks"]
+    local = 8 // expert
+    assert sum(one["counts"][:local]) == 32 * 2 and sum(one["counts"][local:]) == 0, one["counts"]
+    assert [r["empty-ranks"]["local_tokens"] for r in results] == [32] + [0] * (world - 1)
+    assert sum(empty["counts"]) == 32 * empty_heads * 2
+
+
+def test_layers_two_processes(tmp_path):
+    cases = [
+        _case("smoe-softmax-ep2-ddp", "smoe", "softmax", 2),
+        _case("mhmoe-xmoe-ep2-ddp", "mhmoe", "xmoe", 2),
+        _case("smoe-sigmoid-ep2-fsdp", "smoe", "sigmoid", 2, "fsdp"),
+        _case("mhmoe-softmax-ep1-ddp", "mhmoe", "softmax", 1),
+        _case("one-rank", "smoe", "sigmoid", 2, one_rank=True),  # every token to rank 0's experts
+        _case("empty-ranks", "mhmoe", "softmax", 2, empty_ranks=True),  # rank 1 has no tokens
+    ]
+    results = launch(layer_job, 2, tmp_path, 120, cases)
+    _check_layers(results, 2)
+    _check_edge_cases(results, 2, 2, empty_heads=2)
+
+
+def test_layers_four_processes_and_balance_across_layouts(tmp_path):
+    layouts = [_case(f"smoe-softmax-ep{p}-ddp", "smoe", "softmax", p) for p in (1, 2, 4)]
+    cases = layouts + [
+        _case("mhmoe-sigmoid-ep2-fsdp", "mhmoe", "sigmoid", 2, "fsdp"),
+        _case("mhmoe-softmax-ep4-ddp", "mhmoe", "softmax", 4),
+        _case("one-rank", "smoe", "sigmoid", 4, one_rank=True),
+        _case("empty-ranks", "smoe", "softmax", 4, empty_ranks=True),
+    ]
+    results = launch(layer_job, 4, tmp_path, 150, cases)
+    _check_layers(results, 4)
+    _check_edge_cases(results, 4, 4, empty_heads=1)
+    # the global balance loss is one number, whatever the layout (expert-parallel size 1, 2, 4)
+    aux = [results[0][c["name"]]["aux_loss"] for c in layouts]
+    assert max(aux) - min(aux) <= 1e-7, aux
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    text = gzip.open(shared_file("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:120_000]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"doc{i:02d}.txt").write_text(text[i * 10_000 : (i + 1) * 10_000])
+    return folder
+
+
+def _losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_training_and_resharding_checkpoints(corpus, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MHMOE_CACHE", str(cache))
+    ep2, single = tmp_path / "ep2", tmp_path / "single"
+    parallel = ["parallel.expert=2", "parallel.balance=global"]
+    launch(train_job, 2, tmp_path, 180, str(corpus), str(cache), str(ep2), ["train.batch_size=2", *parallel])
+    train(tiny_config(corpus, "train.batch_size=4"), single, progress=False)  # one process, the same global batch
+    curve = max(abs(a - b) for a, b in zip(_losses(ep2), _losses(single)))
+    print(f"\n10 steps, 2 processes (EP 2, DDP) vs 1: max |loss difference| {curve:.2e}")
+    assert len(_losses(ep2)) == 10 and curve <= FP32
+
+    # resume from step 5 at 4 processes, EP 4, FSDP2: the checkpoint (model + optimiser) is resharded
+    cut = tmp_path / "cut"
+    shutil.copytree(ep2, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000010")
+    (cut / "checkpoints" / "latest").write_text("step-00000005\n")
+    resume = ["train.batch_size=1", "parallel.expert=4", "parallel.balance=global", "parallel.data=fsdp"]
+    launch(train_job, 4, tmp_path, 180, str(corpus), str(cache), str(cut), resume)
+    resumed = max(abs(a - b) for a, b in zip(_losses(cut), _losses(ep2)))
+    print(f"resumed at EP 4 + FSDP2 from the EP 2 checkpoint of step 5: max |loss difference| {resumed:.2e}")
+    assert len(_losses(cut)) == 10 and resumed <= FP32
+
+    # the step-10 checkpoint (EP 2) loaded at EP 1 and EP 4, and the consolidated file without torch.distributed
+    step10 = latest_checkpoint(ep2 / "checkpoints")
+    assert verify(step10)["format"] == "mhmoe-checkpoint-dcp/1"
+    logits = {}
+    for world in (1, 4):
+        results = launch(load_job, world, tmp_path, 120, str(step10), world)
+        assert all(r["step"] == 10 and r["logits_vs_consolidated"] <= 1e-6 for r in results), results
+        logits[world] = torch.load(Path(results[0]["logits_dir"]) / "logits.pt")
+    plain = GPT(RunConfig.from_dict(json.loads((ep2 / "config.json").read_text())).model)
+    load_model_weights(step10, plain)  # what `mhmoe eval` does: one process, safetensors
+    x = torch.randint(0, plain.cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = plain.eval()(x).logits
+    reshard = max(float((logits[w] - expected).abs().max()) for w in logits)
+    print(
+        f"EP 2 checkpoint loaded at EP 1 and EP 4 vs the consolidated safetensors: max |logit difference| {reshard:.2e}"
+    )
+    assert reshard <= 1e-6
+
+
+def test_dead_rank_mid_save_keeps_last_checkpoint(tmp_path):
+    results = launch(crash_during_save_job, 2, tmp_path, 60, str(tmp_path / "run"), pg_timeout_s=10)
+    assert results[0]["error"], "rank 0 should have failed when rank 1 died"
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last = latest_checkpoint(checkpoints)
+    assert last is not None and last.name == "step-00000001"
+    assert json.loads((last / "state.json").read_text())["note"] == "complete"
+    verify(last)
+    assert not (checkpoints / "step-00000002").exists()
+
+
+def test_dead_or_hung_rank_ends_the_job(tmp_path):
+    died = launch(dying_job, 2, tmp_path, 60, pg_timeout_s=10)
+    assert died[0]["error"] and died[0]["seconds"] < 10, died[0]  # the survivor errors by itself
+    with pytest.raises(AssertionError, match="Timed out"):  # a peer that never joins: the collective times out
+        launch(hanging_job, 2, tmp_path, 60, pg_timeout_s=3)
+
+
+def test_expert_parallel_without_torchrun_is_a_clear_error(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="torchrun --nproc-per-node 2"):
+        train(tiny_config(corpus, "parallel.expert=2"), tmp_path / "run", progress=False)
