@@ -232,6 +232,25 @@ def summarize(layers: Sequence[LayerRouting], threshold: float = DEFAULT_ACTIVAT
     )
 
 
+def language_expert_information(shares_LE: np.ndarray) -> float:
+    """I(language; expert) in bits, languages weighted equally: H(mean of the rows) − mean of the rows' H.
+
+    shares_LE: (languages, E) expert shares of one layer, each row summing to 1 (`expert_shares` per language).
+    0 when every language uses the experts alike; at most log2(number of languages), reached when no two
+    languages share an expert.
+    """
+    shares = np.asarray(shares_LE, dtype=float)
+    if shares.ndim != 2 or 0 in shares.shape:
+        raise ValueError(f"shares_LE must be a non-empty (languages, experts) array, got shape {shares.shape}")
+    if (shares < 0).any() or not np.allclose(shares.sum(axis=1), 1.0, atol=1e-6):
+        raise ValueError(f"each row of shares_LE must be >= 0 and sum to 1, got row sums {shares.sum(axis=1)}")
+
+    def entropy(p: np.ndarray) -> np.ndarray:
+        return -np.where(p > 0, p * np.log2(np.where(p > 0, p, 1.0)), 0.0).sum(axis=-1)
+
+    return float(max(entropy(shares.mean(axis=0)) - entropy(shares).mean(), 0.0))
+
+
 def _per_layer(layers: Sequence[LayerRouting], metric: Callable[[LayerRouting], np.ndarray]) -> list[np.ndarray]:
     if len(layers) == 0:
         raise ValueError("need at least one LayerRouting, got none")
@@ -246,6 +265,7 @@ __all__ = [
     "effective_fraction",
     "expert_shares",
     "head_usage",
+    "language_expert_information",
     "mean_divergence",
     "selection_ratio",
     "subtoken_divergence",

@@ -88,6 +88,14 @@ def plot_activation_heatmap(
     return _heatmap(matrix, path, title, names, "MoE layer", colorbar_label)
 
 
+def plot_language_usage(shares: np.ndarray, path: PathLike, title: str, languages: Sequence[str]) -> Path:
+    """Heat map of (languages, E) expert shares of one MoE layer: which experts each language's tokens go to."""
+    matrix = _matrix(shares, "shares")
+    if len(languages) != matrix.shape[0]:
+        raise ValueError(f"got {len(languages)} languages for {matrix.shape[0]} rows of shares")
+    return _heatmap(matrix, path, title, list(languages), "language", "share of the language's assignments")
+
+
 def plot_head_usage(usage: np.ndarray, path: PathLike, title: str) -> Path:
     """Heat map of `analysis.head_usage`, (H, E): which experts each head's sub-tokens go to."""
     matrix = _matrix(usage, "usage")
@@ -204,10 +212,58 @@ def plot_patch_divergence(
     return _save(figure, path)
 
 
+def plot_patch_divergence_grid(
+    images: Sequence[np.ndarray],
+    divergence_maps: Sequence[Sequence[np.ndarray]],
+    path: PathLike,
+    column_titles: Sequence[str],
+) -> Path:
+    """Per-patch divergence over several images (rows) at several training steps (columns), PAPER §6.
+
+    images: n pictures (H_img, W_img[, C]), values in [0, 1] or uint8; divergence_maps[i][s]: the (h, w) patch
+    map of image i at step s, drawn over the image (one colour scale for every cell, so steps and images
+    compare); column_titles: one per step. The first column shows the plain images.
+    """
+    pictures = [np.asarray(i) for i in images]
+    maps = [[np.asarray(m, dtype=float) for m in row] for row in divergence_maps]
+    steps = len(column_titles)
+    if not pictures or len(maps) != len(pictures) or any(len(row) != steps for row in maps) or steps == 0:
+        shapes = [len(row) for row in maps]
+        raise ValueError(
+            f"need one row of {steps} maps per image and at least one image and step; got {len(pictures)} images, "
+            f"map rows of lengths {shapes}"
+        )
+    if any(m.ndim != 2 for row in maps for m in row):
+        raise ValueError("divergence maps must be 2-D (patch rows, patch columns)")
+    vmin, vmax = min(m.min() for row in maps for m in row), max(m.max() for row in maps for m in row)
+    figure = _new_figure(1.6 * (steps + 1) + 1, 1.6 * len(pictures) + 0.6)
+    axes = figure.subplots(len(pictures), steps + 1, squeeze=False)
+    overlay = None
+    for r, (picture, row) in enumerate(zip(pictures, maps)):
+        cmap = "gray" if picture.ndim == 2 else None
+        axes[r, 0].imshow(picture, cmap=cmap)
+        for c, div in enumerate(row, start=1):
+            extent = (0, picture.shape[1], picture.shape[0], 0)
+            axes[r, c].imshow(picture, cmap=cmap)
+            top = max(vmax, vmin + 1e-9)
+            overlay = axes[r, c].imshow(
+                div, extent=extent, cmap="magma", alpha=0.65, vmin=vmin, vmax=top, interpolation="none"
+            )
+    for c, title in enumerate(["image", *column_titles]):
+        axes[0, c].set_title(title, fontsize=9)
+    for ax in axes.reshape(-1):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.colorbar(overlay, ax=axes[:, 1:].reshape(-1).tolist(), label="distinct experts per patch", shrink=0.8)
+    return _save(figure, path)
+
+
 __all__ = [
     "plot_activation_heatmap",
     "plot_curves",
     "plot_divergence_histogram",
     "plot_head_usage",
+    "plot_language_usage",
     "plot_patch_divergence",
+    "plot_patch_divergence_grid",
 ]
