@@ -1,0 +1,241 @@
+"""`mhmoe reproduce multimodal`: Dense vs SMoE vs X-MoE vs MH-MoE in a BEiT-3-style multiway Transformer.
+
+The five models of `mhmoe reproduce english` (`english_variants`: dense, smoe, xmoe, mhmoe_params parameter-matched
+as v1, mhmoe_flops FLOPs-matched as v2) replace the vision and the language FFNs of every second block alike. Each
+trains with masked data modelling on text alone, images alone and image–caption pairs (`mhmoe.train.masked`), on
+the same batches and masks for the same number of steps per seed. Reported: masked-token perplexity on held-out
+text and pairs (the paper's metric), masked-patch accuracy and loss, expert activation per modality, and the
+per-patch sub-token divergence over training (PAPER.md §6). results.json has the English command's shape
+("task": "multimodal") with these metrics added.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from mhmoe.models.multiway import multiway_cost
+from mhmoe.reproduce import Variant, _mean_curve, _mean_std, english_variants
+from mhmoe.train.checkpoint import write_text_atomically
+from mhmoe.train.masked import MaskedRunConfig, apply_masked_overrides, masked_preset
+
+CURVES = {  # file -> (metrics.jsonl key, title)
+    "val_curves.png": ("val_text_loss", "masked-token loss, held-out text"),
+    "val_curves_pairs.png": ("val_pair_text_loss", "masked-token loss, held-out caption tokens of pairs"),
+    "val_curves_patches.png": ("val_patch_loss", "masked-patch loss (visual tokens), held-out images"),
+}
+
+
+def multimodal_base(quick: bool, gpu: bool) -> MaskedRunConfig:
+    """The shared budget. quick: ~15 min for all five models on 2 CPU cores (shows the pipeline, PAPER.md §7);
+    gpu: one H200, every model and 3 seeds in under 6 minutes (sized by FLOPs, see README); neither: a longer CPU run."""
+    if gpu:
+        return masked_preset("gpu")
+    base = masked_preset("cpu")
+    if not quick:
+        apply_masked_overrides(base, ["train.max_steps=1000", "train.warmup_steps=50", "train.eval_every=200",
+                                      "train.eval_batches=10", "train.checkpoint_every=500", "data.fashion_limit=0"])  # fmt: skip
+    return base
+
+
+def _seed_record(seed: int, result, analysis: dict, run_dir: Path) -> dict:
+    def metric(split: dict, name: str, key: str) -> float | None:
+        return split[name][key] if name in split else None
+
+    return {
+        "seed": seed,
+        "val_ppl": metric(result.valid, "text", "ppl"),
+        "test_ppl": metric(result.test, "text", "ppl"),
+        "val_pair_ppl": metric(result.valid, "pair_text", "ppl"),
+        "test_pair_ppl": metric(result.test, "pair_text", "ppl"),
+        "val_patch_acc": metric(result.valid, "patch", "acc"),
+        "test_patch_acc": metric(result.test, "patch", "acc"),
+        "val_patch_loss": metric(result.valid, "patch", "loss"),
+        "test_patch_loss": metric(result.test, "patch", "loss"),
+        "test_pair_patch_acc": metric(result.test, "pair_patch", "acc"),
+        "valid": result.valid,
+        "test": result.test,
+        "tokens_seen": result.tokens_seen,
+        "train_seconds": result.train_seconds,
+        "analysis": analysis.get("all"),
+        "analysis_vision": analysis.get("vision"),
+        "analysis_language": analysis.get("language"),
+        "patch_divergence": analysis.get("patch_divergence"),
+        "curves": {key: _curve(run_dir, key) for key, _ in CURVES.values()},
+    }
+
+
+def _curve(run_dir: Path, key: str) -> list[tuple[float, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["tokens"], r[key]) for r in records if key in r]
+
+
+def reproduce_multimodal(
+    out: Path,
+    quick: bool = False,
+    gpu: bool = False,
+    seeds: int = 1,
+    data: str = "",
+    overrides: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train every variant for every seed on one prepared data set, analyse routing per modality, write
+    results.json / results.md / curves, heat maps per modality and the patch-divergence grids."""
+    import torch
+
+    from mhmoe.plots import plot_curves
+    from mhmoe.train.masked import analyze_masked_run, load_masked_model, prepare_multimodal, train_masked
+    from mhmoe.train.trainer import environment, resolve_device
+
+    base = multimodal_base(quick, gpu)
+    if data:
+        base.data.path = data
+    apply_masked_overrides(base, overrides or [])
+    started, load_start = time.perf_counter(), os.getloadavg()
+    print(f"== preparing data from {base.data.path or os.environ.get('MHMOE_MULTIMODAL_DATA', '?')}", flush=True)
+    prepared = prepare_multimodal(base, progress=progress)
+    prepare_seconds = time.perf_counter() - started
+    device = resolve_device(base.train.device)
+    models: dict[str, dict] = {}
+    curves: dict[str, dict] = {key: {} for key, _ in CURVES.values()}
+    bands: dict[str, dict] = {key: {} for key, _ in CURVES.values()}
+    for variant in english_variants(base):  # type: ignore[arg-type]  # reads model.d_model and model.ffn only
+        runs = []
+        for seed in range(seeds):
+            cfg = copy.deepcopy(base)
+            cfg.model.ffn = copy.deepcopy(variant.ffn)
+            cfg.train.seed = seed
+            run_dir = out / "runs" / f"{variant.name}-seed{seed}"
+            print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
+            result = train_masked(cfg, run_dir, progress=progress, data=prepared)
+            trained_cfg, model = load_masked_model(run_dir, device)
+            analysis = analyze_masked_run(run_dir, prepared, trained_cfg, model, device)
+            runs.append(_seed_record(seed, result, analysis, run_dir))
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        models[variant.name] = _aggregate(variant, cfg, runs)
+        for key in curves:
+            points = [r["curves"][key] for r in runs]
+            if all(points):
+                curves[key][variant.name], bands[key][variant.name] = _mean_curve(points)
+        _copy_figures(out, variant)
+    results = {
+        "task": "multimodal",
+        "models": models,
+        "budget": base.to_dict(),
+        "data": prepared.root,
+        "sources": {s.name: {k: int(len(s.indices(k))) for k in ("train", "valid", "test")} for s in prepared.sources},
+        "text_tokens": {k: int(len(v)) for k, v in prepared.text.items()},
+        "prepare_seconds": prepare_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        "environment": environment(device),
+    }
+    write_text_atomically(out / "results.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomically(out / "results.md", multimodal_table(results) + "\n")
+    for name, (key, title) in CURVES.items():
+        if curves[key]:
+            plot_curves(curves[key], out / name, title, xlabel="input positions", bands=bands[key])
+    return results
+
+
+def _copy_figures(out: Path, variant: Variant) -> None:
+    analysis = out / "runs" / f"{variant.name}-seed0" / "analysis"
+    for source, target in (
+        ("heatmap-vision.png", out / "heatmaps" / f"{variant.name}-vision.png"),
+        ("heatmap-language.png", out / "heatmaps" / f"{variant.name}-language.png"),
+        ("divergence-patches.png", out / "divergence" / f"{variant.name}.png"),
+    ):
+        if (analysis / source).exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((analysis / source).read_bytes())
+
+
+def _aggregate(variant: Variant, cfg: MaskedRunConfig, runs: list[dict]) -> dict:
+    cost = multiway_cost(cfg.model)
+
+    def mean_std(key: str) -> tuple[float | None, float | None]:
+        values = [r[key] for r in runs if r[key] is not None]
+        return _mean_std(values) if values else (None, None)
+
+    def mean_of(key: str, which: str) -> float | None:
+        values = [r[which][key] for r in runs if r.get(which)]
+        return statistics.fmean(values) if values else None
+
+    entry = {
+        "matching": variant.matching,
+        "params_total": cost.params_total,
+        "params_active": cost.params_active,
+        "flops_per_token": cost.flops_per_token,
+        "num_experts": variant.ffn.num_experts if variant.ffn.kind != "dense" else 0,
+        "expert_hidden": variant.ffn.expert_hidden if variant.ffn.kind != "dense" else variant.ffn.hidden,
+        "mh_heads": variant.ffn.num_heads if variant.ffn.kind == "mhmoe" else None,
+    }
+    for key in ("val_ppl", "test_ppl", "val_pair_ppl", "test_pair_ppl", "val_patch_acc", "test_patch_acc",
+                "val_patch_loss", "test_patch_loss", "test_pair_patch_acc"):  # fmt: skip
+        entry[key], entry[f"{key}_std"] = mean_std(key)
+    for suffix, which in (("", "analysis"), ("_vision", "analysis_vision"), ("_language", "analysis_language")):
+        entry[f"activation_ratio{suffix}"] = mean_of("activation_ratio", which)
+        entry[f"effective_experts{suffix}"] = mean_of("effective_experts", which)
+        entry[f"effective_fraction{suffix}"] = mean_of("effective_fraction", which)
+    entry["activation_threshold"] = mean_of("threshold", "analysis")
+    divergence = [r["patch_divergence"] for r in runs if r.get("patch_divergence")]
+    entry["patch_divergence"] = (
+        {step: statistics.fmean(d[step] for d in divergence) for step in divergence[0]} if divergence else None
+    )
+    entry["tokens_seen"] = runs[0]["tokens_seen"]
+    entry["train_seconds"] = statistics.fmean(r["train_seconds"] for r in runs)
+    entry["seeds"] = [{k: v for k, v in r.items() if k != "curves"} for r in runs]
+    return entry
+
+
+def multimodal_table(results: dict) -> str:
+    """The results as a markdown table with a note on what each column measures."""
+    seeds = len(next(iter(results["models"].values()))["seeds"])
+
+    def fmt(m: dict, key: str, scale: float = 1.0, digits: int = 2, pct: bool = False) -> str:
+        value, std = m.get(key), m.get(f"{key}_std")
+        if value is None:
+            return "-"
+        unit = "%" if pct else ""
+        text = f"{scale * value:.{digits}f}{unit}"
+        return text + (f" ± {scale * std:.{digits}f}" if seeds > 1 and std is not None else "")
+
+    def eff(m: dict, suffix: str) -> str:
+        value, fraction = m.get(f"effective_experts{suffix}"), m.get(f"effective_fraction{suffix}")
+        return "-" if value is None else f"{value:.2f} ({100 * fraction:.0f}%)"
+
+    header = (
+        "| model | matching | experts × hidden | params total | params active | MFLOPs/token | text ppl (val) "
+        "| text ppl (test) | pair ppl (val) | pair ppl (test) | patch acc (val) | patch acc (test) | patch loss (test) "
+        "| eff. experts vision | eff. experts language | positions/model | train s |"
+    )
+    lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
+    for name, m in results["models"].items():
+        experts = f"{m['num_experts']} × {m['expert_hidden']}" if m["num_experts"] else f"dense {m['expert_hidden']}"
+        lines.append(
+            f"| {name} | {m['matching']} | {experts} | {m['params_total'] / 1e6:.2f} M | {m['params_active'] / 1e6:.2f} M "
+            f"| {m['flops_per_token'] / 1e6:.2f} | {fmt(m, 'val_ppl')} | {fmt(m, 'test_ppl')} | {fmt(m, 'val_pair_ppl')} "
+            f"| {fmt(m, 'test_pair_ppl')} | {fmt(m, 'val_patch_acc', 100, 1, True)} "
+            f"| {fmt(m, 'test_patch_acc', 100, 1, True)} | {fmt(m, 'test_patch_loss')} | {eff(m, '_vision')} "
+            f"| {eff(m, '_language')} | {m['tokens_seen']:,} | {m['train_seconds']:.0f} |"
+        )
+    budget = results["budget"]
+    note = (
+        f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; text / pair ppl = masked-token perplexity on "
+        f"held-out text ({100 * budget['data']['text_mask_ratio']:.0f}% of tokens masked) and held-out image–caption "
+        f"pairs ({100 * budget['data']['pair_text_mask_ratio']:.0f}% of caption tokens masked); patch acc / loss = "
+        f"visual-token accuracy and cross-entropy on {100 * budget['data']['image_mask_ratio']:.0f}% block-masked "
+        f"patches of held-out images ({budget['model']['codebook_size']} k-means codes); eff. experts = exp(entropy "
+        "of the expert shares) of the vision / language FFNs on unmasked held-out images / text, mean over MoE layers "
+        "(% of E); positions = patches + text tokens trained on."
+    )
+    return "\n".join(lines + ["", note])
+
+
+__all__ = ["MaskedRunConfig", "multimodal_base", "multimodal_table", "reproduce_multimodal"]
