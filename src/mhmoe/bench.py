@@ -306,7 +306,9 @@ def bench_train(preset_name: str, device: torch.device, repeats: int, seed: int 
             reference = _with_dispatch(fast, "reference")
             error = _grads_error(fast, reference, idx, autocast)
             if error > tolerance:
-                raise RuntimeError(f"{variant.name}: fast path differs from the loop by {error:.2e} (> {tolerance:.0e})")
+                raise RuntimeError(
+                    f"{variant.name}: fast path differs from the loop by {error:.2e} (> {tolerance:.0e})"
+                )
             impls["loop"] = reference
         steps = {
             impl: functools.partial(_train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), idx, autocast)

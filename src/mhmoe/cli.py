@@ -4,9 +4,15 @@
     mhmoe eval RUN_DIR
     mhmoe analyze RUN_DIR [--data PATH]
     mhmoe reproduce english [--quick|--gpu] [--seeds N] [--out DIR] [--data PATH] [--set key=value ...]
+    mhmoe reproduce multilingual [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
+    mhmoe reproduce multimodal [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
     mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--json FILE]
     mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--json FILE]
     mhmoe sizes       the PAPER.md §4 presets with their exact parameter counts and FLOPs
+    mhmoe export-hf RUN_DIR OUT_DIR    a train run as a Hugging Face model folder (MHMoEForCausalLM + tokenizer)
+    mhmoe import-hf HF_DIR RUN_DIR     and back: a run directory that eval / analyze / export-hf read
+    mhmoe moeify HF_DIR OUT_DIR [--kind smoe|mhmoe] [--experts N] [--top-k K] [--heads H] [--every N]
+                      replace a saved transformers model's FFNs by upcycled SMoE / MH-MoE layers
 
 Errors a user can fix (bad data, config or checkpoint) print one line, not a traceback.
 """
@@ -83,6 +89,36 @@ def _write_json_atomically(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from mhmoe.hf.runs import export_run
+
+    print(f"wrote {export_run(Path(args.run_dir), Path(args.out_dir))}")
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from mhmoe.hf.runs import import_run
+
+    print(f"wrote {import_run(Path(args.hf_dir), Path(args.run_dir))}")
+    return 0
+
+
+def _moeify(args: argparse.Namespace) -> int:
+    from mhmoe.convert import moeify_pretrained
+    from mhmoe.errors import UserError
+
+    recipe = dict(num_experts=args.experts, top_k=args.top_k, every=args.every, router=args.router)
+    if args.kind == "mhmoe":
+        recipe["num_heads"] = args.heads
+    try:
+        replaced = moeify_pretrained(Path(args.hf_dir), Path(args.out_dir), args.kind, **recipe)
+    except ValueError as e:  # sizes that do not fit the model: one line, like any user error
+        raise UserError(str(e)) from None
+    print(f"{args.out_dir}: {len(replaced)} FFNs replaced by {args.kind} ({', '.join(replaced)})")
+    print("load it with mhmoe.convert.load_moeified(OUT_DIR)", file=sys.stderr)
+    return 0
+
+
 def _sizes(args: argparse.Namespace) -> int:
     from mhmoe.accounting import layer_cost, presets
 
@@ -111,10 +147,11 @@ def _train(args: argparse.Namespace) -> int:
     apply_overrides(cfg, args.set)
     out = Path(args.out or f"runs/{args.preset}")
     result = train(cfg, out, progress=not args.no_progress)
-    print(
-        f"{out}: step {result.step}, {result.tokens_seen:,} tokens, val ppl {result.val_ppl:.2f}, "
-        f"test ppl {result.test_ppl:.2f}, {result.train_seconds:.0f} s"
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        print(
+            f"{out}: step {result.step}, {result.tokens_seen:,} tokens, val ppl {result.val_ppl:.2f}, "
+            f"test ppl {result.test_ppl:.2f}, {result.train_seconds:.0f} s"
+        )
     return 0
 
 
@@ -144,8 +181,46 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce_multimodal(args: argparse.Namespace) -> int:
+    from mhmoe.reproduce_multimodal import multimodal_table, reproduce_multimodal
+
+    if args.ood_data:
+        raise SystemExit("mhmoe: --ood-data applies to `reproduce english` only")
+    out = Path(args.out or f"runs/reproduce-multimodal{'-quick' if args.quick else ''}")
+    seeds = args.seeds or (3 if args.gpu else 1)
+    results = reproduce_multimodal(
+        out, quick=args.quick, gpu=args.gpu, seeds=seeds, data=args.data or "", overrides=args.set,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(multimodal_table(results))
+    print(
+        f"results.json, results.md, val_curves*.png, heatmaps/ and divergence/ in {out} ({results['wall_seconds']:.0f} s)"
+    )
+    return 0
+
+
+def _reproduce_multilingual(args: argparse.Namespace) -> int:
+    from mhmoe.reproduce_multilingual import reproduce_multilingual, results_table
+
+    out = Path(args.out or f"runs/reproduce-multilingual{'-quick' if args.quick else ''}")
+    results = reproduce_multilingual(
+        out, quick=args.quick, gpu=args.gpu, seeds=args.seeds or (3 if args.gpu else 1), data=args.data or "",
+        overrides=args.set, progress=not args.no_progress, ood=args.ood_data or "",
+    )  # fmt: skip
+    print(results_table(results))
+    print(
+        f"results.json, results.md, val_curves.png, heatmaps/ and divergence/ in {out} ({results['wall_seconds']:.0f} s)"
+    )
+    return 0
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from mhmoe.reproduce import reproduce_english, results_table
+
+    if args.task == "multimodal":
+        return _reproduce_multimodal(args)
+    if args.task == "multilingual":
+        return _reproduce_multilingual(args)
 
     out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
     seeds = args.seeds or (3 if args.gpu else 1)
@@ -188,14 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.set_defaults(run=_analyze)
 
     reproduce = verbs.add_parser("reproduce", help="the paper's comparisons")
-    reproduce.add_argument("task", choices=("english",))
+    reproduce.add_argument("task", choices=("english", "multilingual", "multimodal"))
     size = reproduce.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
     size.add_argument("--gpu", action="store_true", help="the one-GPU budget (about 10 M tokens per model)")
     reproduce.add_argument("--seeds", type=int, help="seeds per model (default: 3 with --gpu, else 1)")
     reproduce.add_argument("--ood-data", help="also measure expert activation on this corpus (another genre/language)")
     reproduce.add_argument("--out")
-    reproduce.add_argument("--data", help="default: $MHMOE_DATA or the built-in Shakespeare corpus")
+    reproduce.add_argument(
+        "--data",
+        help="english: default $MHMOE_DATA or the built-in Shakespeare corpus; multilingual: a folder of "
+        "<lang>.train.txt(.gz) / <lang>.valid.txt(.gz) files (or <lang>.txt, <lang>/, JSONL with text and lang), "
+        "default $MHMOE_MULTILINGUAL_DATA; multimodal: the data pack root "
+        "(images/, english/) or an image folder with captions.jsonl, default $MHMOE_MULTIMODAL_DATA",
+    )
     reproduce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the budget")
     reproduce.add_argument("--no-progress", action="store_true")
     reproduce.set_defaults(run=_reproduce)
@@ -216,6 +297,27 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--no-loop", action="store_true", help="skip the per-expert loop (and its correctness check)")
     step.add_argument("--json", help="also write the results to this JSON file")
     step.set_defaults(run=_bench_train)
+
+    export_hf = verbs.add_parser("export-hf", help="a train run as a Hugging Face model folder")
+    export_hf.add_argument("run_dir")
+    export_hf.add_argument("out_dir", help="a new (or empty) folder")
+    export_hf.set_defaults(run=_export_hf)
+
+    import_hf = verbs.add_parser("import-hf", help="a Hugging Face MHMoEForCausalLM folder as a run directory")
+    import_hf.add_argument("hf_dir")
+    import_hf.add_argument("run_dir", help="a new (or empty) folder")
+    import_hf.set_defaults(run=_import_hf)
+
+    moeify = verbs.add_parser("moeify", help="replace a saved transformers model's FFNs by SMoE / MH-MoE layers")
+    moeify.add_argument("hf_dir", help="a saved transformers causal LM (safetensors weights)")
+    moeify.add_argument("out_dir", help="a new (or empty) folder")
+    moeify.add_argument("--kind", choices=("smoe", "mhmoe"), default="smoe")
+    moeify.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
+    moeify.add_argument("--top-k", type=int, default=2, help="experts per (sub-)token (default 2)")
+    moeify.add_argument("--heads", type=int, default=4, help="MH-MoE heads (default 4; --kind mhmoe only)")
+    moeify.add_argument("--every", type=int, default=1, help="convert every N-th FFN (default 1: all)")
+    moeify.add_argument("--router", choices=("softmax", "xmoe", "sigmoid"), default="softmax")
+    moeify.set_defaults(run=_moeify)
 
     sizes = verbs.add_parser("sizes", help="parameter counts and FLOPs of the paper's presets")
     sizes.set_defaults(run=_sizes)
