@@ -42,14 +42,14 @@ from mhmoe.train.checkpoint import (
 from mhmoe.train.config import DataConfig, RunConfig, TrainConfig, set_fields, validate
 from mhmoe.train.trainer import (
     MetricsLog,
-    _finite,
-    _progress_bar,
-    _update_router_biases,
+    all_finite,
     autocast_for,
     environment,
     lr_at,
     make_optimizer,
+    progress_bar,
     resolve_device,
+    update_router_biases,
 )
 
 TASKS = ("text", "image", "pair")
@@ -652,7 +652,7 @@ def train_masked(
     forward = torch.compile(model) if t.compile else model
     metrics = MetricsLog(run_dir, step)
     snapshots = set(snapshot_steps(t.max_steps, cfg.analysis.snapshots))
-    bar = _progress_bar(t.max_steps, step, progress)
+    bar = progress_bar(t.max_steps, step, progress)
 
     def save() -> None:
         state = {"tokens_seen": tokens_seen, "train_seconds": train_seconds}
@@ -684,12 +684,12 @@ def train_masked(
                     with autocast_for(cfg, device):
                         out = forward(**_to(batch, device))
                     loss = (out.loss + out.aux_loss) / t.grad_accum
-                    finite = finite and _finite(loss)
+                    finite = finite and all_finite(loss)
                     loss.backward()
                     losses[kind] += out.loss.item() / t.grad_accum
                     aux_sum += out.aux_loss.item() / t.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
-            finite = finite and _finite(grad_norm)
+            finite = finite and all_finite(grad_norm)
             if not finite:
                 what = f"non-finite loss or gradient at step {step} (losses {losses}, grad norm {float(grad_norm):.4g})"
                 if t.on_nonfinite == "stop":
@@ -701,7 +701,7 @@ def train_masked(
                 metrics.write({"step": step + 1, "skipped": what})
             else:
                 optimizer.step()
-                _update_router_biases(model)
+                update_router_biases(model)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += positions

@@ -268,19 +268,19 @@ class MetricsLog:
             self._tb.close()
 
 
-def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+def progress_bar(total: int, initial: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-def _update_router_biases(model: torch.nn.Module) -> None:
+def update_router_biases(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, SigmoidRouter):
             module.update_bias()
 
 
-def _finite(*values: torch.Tensor) -> bool:
+def all_finite(*values: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in values)
 
 
@@ -308,7 +308,7 @@ class SingleProcess:
         return values
 
     def update_router_biases(self, model: torch.nn.Module) -> None:
-        _update_router_biases(model)
+        update_router_biases(model)
 
     def save(self, directory: Path, step: int, model: torch.nn.Module, optimizer: Any, state: dict, keep: int) -> None:
         save_checkpoint(directory, step, model, optimizer, state, keep=keep)
@@ -379,7 +379,7 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
     forward = torch.compile(forward) if t.compile else forward
     metrics = MetricsLog(run_dir, step) if session.is_main else _NoMetrics()
     cost = gpt_cost(cfg.model)
-    bar = _progress_bar(t.max_steps, step, progress)
+    bar = progress_bar(t.max_steps, step, progress)
     tokens_per_step = t.batch_size * t.grad_accum * cfg.model.seq_len * session.world
 
     def save() -> None:
@@ -400,13 +400,13 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
                 with autocast_for(cfg, device):
                     out = forward(x, y)
                 loss = (out.loss + out.aux_loss) / t.grad_accum
-                finite = finite and _finite(loss)
+                finite = finite and all_finite(loss)
                 loss.backward()
                 loss_sum += out.loss.item() / t.grad_accum
                 aux_sum += out.aux_loss.item() / t.grad_accum
             grad_norm = session.finish_gradients(model, t.grad_clip)  # global norm, clipped
             loss_sum, aux_sum, nonfinite = session.mean([loss_sum, aux_sum, float(not finite)])
-            finite = nonfinite == 0 and _finite(grad_norm)  # the same verdict on every rank
+            finite = nonfinite == 0 and all_finite(grad_norm)  # the same verdict on every rank
             if not finite:
                 what = f"non-finite loss or gradient at step {step} (loss {loss_sum:.4g}, grad norm {float(grad_norm):.4g})"
                 if t.on_nonfinite == "stop":
