@@ -107,16 +107,16 @@ def english_base(quick: bool, gpu: bool) -> RunConfig:
     ])  # fmt: skip
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _curve(run_dir: Path) -> list[tuple[float, float]]:
+def val_curve(run_dir: Path) -> list[tuple[float, float]]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
-def _ood_tokens(path: str, tokenizer: object) -> dict[str, np.ndarray]:
+def ood_tokens(path: str, tokenizer: object) -> dict[str, np.ndarray]:
     """All text of another corpus (never trained on), tokenized with the run's tokenizer."""
     if not path:
         return {}
@@ -158,7 +158,7 @@ def reproduce_english(
             print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
             result = train(cfg, run_dir, progress=progress)
             run = load_run(run_dir)  # once: its model, tokenizer and data serve both analyses
-            other = _ood_tokens(ood, run.tokenizer)
+            other = ood_tokens(ood, run.tokenizer)
             analysis = analyze_run(run_dir, other=other, max_batches=8 if quick else 20, run=run)
             runs.append(
                 {
@@ -170,11 +170,11 @@ def reproduce_english(
                     "train_seconds": result.train_seconds,
                     "analysis": analysis.get("valid"),
                     "analysis_ood": analysis.get("ood"),
-                    "curve": _curve(run_dir),
+                    "curve": val_curve(run_dir),
                 }
             )
-        models[variant.name] = _aggregate(variant, cfg, runs)
-        curves[variant.name], bands[variant.name] = _mean_curve([r["curve"] for r in runs])
+        models[variant.name] = aggregate_runs(variant, cfg, runs)
+        curves[variant.name], bands[variant.name] = mean_curve([r["curve"] for r in runs])
         heat = out / "runs" / f"{variant.name}-seed0" / "analysis" / "heatmap-valid.png"
         if heat.exists():
             (out / "heatmaps").mkdir(parents=True, exist_ok=True)
@@ -192,10 +192,10 @@ def reproduce_english(
     return results
 
 
-def _aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
+def aggregate_runs(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     cost = gpt_cost(cfg.model)
-    val_mean, val_std = _mean_std([r["val_ppl"] for r in runs])
-    test_mean, test_std = _mean_std([r["test_ppl"] for r in runs])
+    val_mean, val_std = mean_std([r["val_ppl"] for r in runs])
+    test_mean, test_std = mean_std([r["test_ppl"] for r in runs])
 
     def mean_of(key: str, which: str = "analysis") -> float | None:
         values = [r[which][key] for r in runs if r.get(which)]
@@ -225,7 +225,7 @@ def _aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     }
 
 
-def _mean_curve(curves: list[list[tuple[float, float]]]) -> tuple[list, list]:
+def mean_curve(curves: list[list[tuple[float, float]]]) -> tuple[list, list]:
     points = min(len(c) for c in curves)
     mean, band = [], []
     for i in range(points):

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mhmoe.errors import DataError
-from mhmoe.reproduce import _aggregate, _curve, _mean_curve, _mean_std, _ood_tokens, english_base, english_variants
+from mhmoe.reproduce import aggregate_runs, english_base, english_variants, mean_curve, mean_std, ood_tokens, val_curve
 from mhmoe.reproduce import results_table as english_table
 from mhmoe.train.checkpoint import write_text_atomically
 from mhmoe.train.config import RunConfig, apply_overrides
@@ -132,7 +132,7 @@ def reproduce_multilingual(
             languages = languages or language_table(run)
             per_language = evaluate_languages(run, budget.eval_batches)
             analysis = analyze_run(
-                run_dir, other=_ood_tokens(ood, run.tokenizer), max_batches=8 if quick else 20, run=run
+                run_dir, other=ood_tokens(ood, run.tokenizer), max_batches=8 if quick else 20, run=run
             )
             usage = language_usage(run, budget.usage_batches)
             if word_windows is None:
@@ -160,11 +160,11 @@ def reproduce_multilingual(
                         "shares": None if usage["shares"] is None else usage["shares"].tolist(),
                     },
                     "divergence": divergence,
-                    "curve": _curve(run_dir),
+                    "curve": val_curve(run_dir),
                 }
             )
         models[variant.name] = _aggregate_multilingual(variant, cfg, runs)
-        curves[variant.name], bands[variant.name] = _mean_curve([r["curve"] for r in runs])
+        curves[variant.name], bands[variant.name] = mean_curve([r["curve"] for r in runs])
     results = {
         "task": "multilingual",
         "models": models,
@@ -448,21 +448,21 @@ def _plot_run(out: Path, name: str, usage: dict, divergence: dict | None) -> Non
 def _aggregate_multilingual(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     """The English aggregate (val/test ppl = language averages) plus bits per byte, per-language numbers, the
     language-expert information and the divergence groups, each as mean (and std over seeds)."""
-    model = _aggregate(variant, cfg, runs)
+    model = aggregate_runs(variant, cfg, runs)
     for key in ("val_bpb", "test_bpb", "val_bpb_pooled", "test_bpb_pooled", "language_mi_bits"):
         values = [r[key] for r in runs if r.get(key) is not None]
-        model[key], model[f"{key}_std"] = _mean_std(values) if values else (None, None)
+        model[key], model[f"{key}_std"] = mean_std(values) if values else (None, None)
     model["per_language"] = {}
     for lang in runs[0]["per_language"]:
         row = {}
         for key in ("valid_ppl", "test_ppl", "valid_bpb", "test_bpb"):
-            row[key], row[f"{key}_std"] = _mean_std([r["per_language"][lang][key] for r in runs])
+            row[key], row[f"{key}_std"] = mean_std([r["per_language"][lang][key] for r in runs])
         model["per_language"][lang] = row
     if runs[0]["divergence"] is not None:
         model["divergence"] = {}
         for g in GROUPS:
             means = [r["divergence"]["groups"][g]["mean"] for r in runs]
-            model["divergence"][g] = _mean_std(means) if None not in means else (None, None)
+            model["divergence"][g] = mean_std(means) if None not in means else (None, None)
         model["divergence_tokens"] = {g: runs[0]["divergence"]["groups"][g]["tokens"] for g in GROUPS}
     else:
         model["divergence"] = None

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from mhmoe.models.multiway import multiway_cost
-from mhmoe.reproduce import Variant, _mean_curve, _mean_std, english_variants
+from mhmoe.reproduce import Variant, english_variants, mean_curve, mean_std
 from mhmoe.train.checkpoint import write_text_atomically
 from mhmoe.train.masked import MaskedRunConfig, apply_masked_overrides, masked_preset
 
@@ -122,7 +122,7 @@ def reproduce_multimodal(
         for key in curves:
             points = [r["curves"][key] for r in runs]
             if all(points):
-                curves[key][variant.name], bands[key][variant.name] = _mean_curve(points)
+                curves[key][variant.name], bands[key][variant.name] = mean_curve(points)
         _copy_figures(out, variant)
     results = {
         "task": "multimodal",
@@ -159,9 +159,9 @@ def _copy_figures(out: Path, variant: Variant) -> None:
 def _aggregate(variant: Variant, cfg: MaskedRunConfig, runs: list[dict]) -> dict:
     cost = multiway_cost(cfg.model)
 
-    def mean_std(key: str) -> tuple[float | None, float | None]:
+    def stat(key: str) -> tuple[float | None, float | None]:
         values = [r[key] for r in runs if r[key] is not None]
-        return _mean_std(values) if values else (None, None)
+        return mean_std(values) if values else (None, None)
 
     def mean_of(key: str, which: str) -> float | None:
         values = [r[which][key] for r in runs if r.get(which)]
@@ -178,7 +178,7 @@ def _aggregate(variant: Variant, cfg: MaskedRunConfig, runs: list[dict]) -> dict
     }
     for key in ("val_ppl", "test_ppl", "val_pair_ppl", "test_pair_ppl", "val_patch_acc", "test_patch_acc",
                 "val_patch_loss", "test_patch_loss", "test_pair_patch_acc"):  # fmt: skip
-        entry[key], entry[f"{key}_std"] = mean_std(key)
+        entry[key], entry[f"{key}_std"] = stat(key)
     for suffix, which in (("", "analysis"), ("_vision", "analysis_vision"), ("_language", "analysis_language")):
         entry[f"activation_ratio{suffix}"] = mean_of("activation_ratio", which)
         entry[f"effective_experts{suffix}"] = mean_of("effective_experts", which)

@@ -161,7 +161,7 @@ def _line_pieces(paragraph: str, chunk_bytes: int) -> list[str]:
 # --- hash-based held-out assignment --------------------------------------------------------------------------
 
 
-def _score(stable_id: str, seed: int) -> float:
+def hash_score(stable_id: str, seed: int) -> float:
     """A uniform number in [0, 1) from the id and seed: the same document gets the same score everywhere."""
     digest = hashlib.sha256(f"{seed}:{stable_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -175,7 +175,7 @@ def _assign_by_hash(units: list[tuple[str, str]], valid_fraction: float, test_fr
     """
     out: Scored = {s: [] for s in SPLITS}
     for stable_id, text in units:
-        u = _score(stable_id, seed)
+        u = hash_score(stable_id, seed)
         split = "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
         out[split].append((u, text))
     in_train = {text for _, text in out["train"]}
@@ -232,7 +232,7 @@ def _from_documents_jsonl(path: Path, seed: int) -> Scored:
             raise DataError(f'{path} line {number} has split {split!r}; "split" must be one of {", ".join(SPLITS)}')
         if record["text"].strip():
             stable_id = str(record.get("id", f"{path.name}#{number}"))
-            scored[split].append((_score(stable_id, seed), record["text"]))
+            scored[split].append((hash_score(stable_id, seed), record["text"]))
     return scored
 
 
@@ -243,7 +243,7 @@ def _from_split_files(files: dict[str, Path | None], test_fraction: float, seed:
         if file is None:
             continue
         for i, chunk in enumerate(_paragraph_chunks(_read_text(file))):
-            scored[split].append((_score(f"{file.name}#{i}", seed), chunk))
+            scored[split].append((hash_score(f"{file.name}#{i}", seed), chunk))
     if files["test"] is None:
         keep = [(u, text) for u, text in scored["train"] if u >= test_fraction]
         scored["test"] = [(u, text) for u, text in scored["train"] if u < test_fraction]

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mhmoe.data.corpus import _score
+from mhmoe.data.corpus import hash_score
 from mhmoe.errors import DataError
 from mhmoe.models.multiway import patchify
 
@@ -86,7 +86,7 @@ class ImageCaptions:
 
 
 def _hash_splits(ids: Sequence[str], valid_fraction: float, test_fraction: float, seed: int = 0) -> np.ndarray:
-    scores = np.array([_score(i, seed) for i in ids])
+    scores = np.array([hash_score(i, seed) for i in ids])
     out = np.full(len(ids), "train", dtype=object)
     out[scores < valid_fraction + test_fraction] = "test"
     out[scores < valid_fraction] = "valid"

@@ -46,7 +46,7 @@ from mhmoe.data.corpus import (
     _jsonl_records,
     _paragraph_chunks,
     _read_text,
-    _score,
+    hash_score,
     load_corpus,
 )
 from mhmoe.data.dataset import BatchSampler, tokenize_corpus
@@ -125,7 +125,7 @@ def _from_language_files(
     scored = _assign_by_hash(units, valid_fraction, 0.0 if files["test"] else test_fraction, seed)
     if files["test"] is not None:
         chunks = _paragraph_chunks(_read_text(files["test"]))
-        scored["test"] = [(_score(f"{files['test'].name}#{i}", seed), c) for i, c in enumerate(chunks)]
+        scored["test"] = [(hash_score(f"{files['test'].name}#{i}", seed), c) for i, c in enumerate(chunks)]
     return scored
 
 
@@ -155,7 +155,7 @@ def _scored_records(
     scored = _assign_by_hash([(i, t) for i, t, s in records if s is None], valid_fraction, test_fraction, seed)
     for stable_id, text, split in records:
         if split is not None:
-            scored[split].append((_score(stable_id, seed), text))
+            scored[split].append((hash_score(stable_id, seed), text))
     return scored
 
 

@@ -133,8 +133,8 @@ def masked_preset(name: str) -> MaskedRunConfig:
                 ffn=FFNConfig(**ffn, hidden=512, num_experts=8, expert_hidden=512),
             ),
             data=MaskedDataConfig(vocab_size=4096, fashion_limit=12_000),
-            train=TrainConfig(batch_size=16, max_steps=100, warmup_steps=10, lr=3e-3, eval_every=25, eval_batches=3,
-                              final_eval_batches=12, checkpoint_every=100, log_every=10),
+            train=TrainConfig(batch_size=16, max_steps=250, warmup_steps=20, lr=3e-3, eval_every=50, eval_batches=3,
+                              final_eval_batches=12, checkpoint_every=250, log_every=10),
             analysis=AnalysisConfig(snapshots=4, display_images=6, max_batches=8),
         )  # fmt: skip
     if name == "gpu":
