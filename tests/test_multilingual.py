@@ -37,13 +37,9 @@ from mhmoe.data.multilingual import (
 from mhmoe.data.wordlists import CONTROL_WORDS, FALSE_COGNATES
 from mhmoe.errors import DataError
 from mhmoe.models.gpt import GPT
-from mhmoe.reproduce_multilingual import (
-    AnalysisBudget,
-    divergence_windows,
-    evaluate_languages,
-    word_divergence,
-)
+from mhmoe.reproduce_multilingual import AnalysisBudget, divergence_windows, word_divergence
 from mhmoe.train.config import apply_overrides, preset
+from mhmoe.train.runs import evaluate_languages
 from mhmoe.train.trainer import train
 
 MULTILINGUAL = shared_file("multilingual")
@@ -251,7 +247,7 @@ def test_language_sampler_resumes_exactly():
         other.load_state_dict(state)
 
 
-def test_multilingual_training_resumes_exactly(toy_languages, tmp_path, one_thread):
+def test_multilingual_training_resumes_exactly(toy_languages, tmp_path, one_thread, capsys):
     cfg = apply_overrides(preset("cpu-tiny"), [
         f"data.path={toy_languages}", "data.multilingual=true", "train.max_steps=6", "train.checkpoint_every=3",
         "train.log_every=1", "train.eval_every=3", "train.eval_batches=1", "train.keep_checkpoints=3", "train.threads=1",
@@ -271,6 +267,13 @@ def test_multilingual_training_resumes_exactly(toy_languages, tmp_path, one_thre
     assert losses(cut) == losses(full) and len(losses(full)) == 6
     state = json.loads((full / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert state["sampler"]["languages"] == ["de", "en", "es"] and state["sampler"]["batches"] == 6
+
+    from mhmoe.cli import main  # `mhmoe eval` of a multilingual run reports every language
+
+    capsys.readouterr()
+    assert main(["eval", str(full)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"valid {lang}:" in out for lang in ("de", "en", "es")) and "bits/byte" in out, out
 
 
 # ------------------------------------------------------------------------------------------------- bits per byte

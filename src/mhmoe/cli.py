@@ -162,6 +162,15 @@ def _eval(args: argparse.Namespace) -> int:
     for split in ("valid", "test"):
         r = results[split]
         print(f"{split}: loss {r['loss']:.4f} nats/token, ppl {r['ppl']:.2f} over {r['tokens']:,} tokens")
+    for lang, row in results.get("languages", {}).items():
+        for split in ("valid", "test"):
+            print(
+                f"{split} {lang}: ppl {row[split + '_ppl']:.2f}, {row[split + '_bpb']:.4f} bits/byte "
+                f"over {row[split + '_tokens']:,} tokens"
+            )
+    if "language_average" in results:
+        avg = results["language_average"]
+        print(f"average over languages: val ppl {avg['val_ppl']:.2f}, val {avg['val_bpb']:.4f} bits/byte")
     return 0
 
 

@@ -35,6 +35,7 @@ from mhmoe.reproduce import aggregate_runs, english_base, english_variants, mean
 from mhmoe.reproduce import results_table as english_table
 from mhmoe.train.checkpoint import write_text_atomically
 from mhmoe.train.config import RunConfig, apply_overrides
+from mhmoe.train.runs import evaluate_languages, language_averages
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from mhmoe.data.multilingual import MultilingualCorpus
@@ -147,7 +148,7 @@ def reproduce_multilingual(
             runs.append(
                 {
                     "seed": seed,
-                    **_language_averages(per_language),
+                    **language_averages(per_language),
                     "per_language": per_language,
                     "tokens_seen": result.tokens_seen,
                     "train_seconds": result.train_seconds,
@@ -212,51 +213,6 @@ def shared_tokenizer(base: RunConfig, corpus: MultilingualCorpus, out: Path) -> 
 
 
 # --------------------------------------------------------------------------------- per-language evaluation
-
-
-def evaluate_languages(
-    run: LoadedRun, max_batches: int = 0, splits: tuple[str, ...] = ("valid", "test")
-) -> dict[str, dict]:
-    """{lang: {"<split>_loss", "<split>_ppl", "<split>_bpb", "<split>_tokens", "<split>_bytes"}} of a loaded run.
-
-    Each language's split is read from its start (`max_batches` batches, 0 = all of it); bits per byte divide
-    the summed loss by the UTF-8 bytes of exactly the tokens predicted (`target_bytes`).
-    """
-    from mhmoe.data.multilingual import bits_per_byte, languages_of, split_key, target_bytes, token_byte_lengths
-    from mhmoe.train.trainer import evaluate
-
-    lengths = token_byte_lengths(run.tokenizer)
-    report: dict[str, dict] = {}
-    for lang in languages_of(run.splits):
-        row = report.setdefault(lang, {})
-        for split in splits:
-            tokens = run.splits[split_key(split, lang)]
-            r = evaluate(run.model, tokens, run.cfg, run.device, max_batches=max_batches)
-            nbytes = target_bytes(run.tokenizer, tokens[1 : 1 + r["tokens"]], lengths)  # the targets evaluated
-            row.update(
-                {
-                    f"{split}_loss": r["loss"],
-                    f"{split}_ppl": r["ppl"],
-                    f"{split}_bpb": bits_per_byte(r["loss"] * r["tokens"], nbytes),
-                    f"{split}_tokens": r["tokens"],
-                    f"{split}_bytes": nbytes,
-                }
-            )
-    return report
-
-
-def _language_averages(per_language: dict[str, dict]) -> dict[str, float]:
-    """Languages weigh equally: ppl = exp(mean loss over languages), bpb = mean bpb; plus the pooled bpb."""
-    out = {}
-    for split in ("val", "test"):
-        key = "valid" if split == "val" else "test"
-        rows = list(per_language.values())
-        out[f"{split}_loss"] = statistics.fmean(r[f"{key}_loss"] for r in rows)
-        out[f"{split}_ppl"] = math.exp(min(out[f"{split}_loss"], 50.0))
-        out[f"{split}_bpb"] = statistics.fmean(r[f"{key}_bpb"] for r in rows)
-        nats = sum(r[f"{key}_loss"] * r[f"{key}_tokens"] for r in rows)
-        out[f"{split}_bpb_pooled"] = nats / (sum(r[f"{key}_bytes"] for r in rows) * math.log(2))
-    return out
 
 
 def language_table(run: LoadedRun) -> dict[str, dict]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +51,60 @@ def load_run(run_dir: Path, progress: bool = False) -> LoadedRun:
 
 
 def eval_run(run_dir: Path) -> dict:
+    """Loss and perplexity on the valid and test splits; for a multilingual run also per language ("languages")
+    and averaged over languages ("language_average"), with bits per byte."""
     run = load_run(run_dir)
-    results = {"step": run.step}
+    results: dict[str, Any] = {"step": run.step}
     for split in ("valid", "test"):
         results[split] = evaluate(run.model, run.splits[split], run.cfg, run.device)
+    if run.cfg.data.multilingual:
+        results["languages"] = evaluate_languages(run)
+        results["language_average"] = language_averages(results["languages"])
     return results
+
+
+def evaluate_languages(
+    run: LoadedRun, max_batches: int = 0, splits: tuple[str, ...] = ("valid", "test")
+) -> dict[str, dict]:
+    """{lang: {"<split>_loss", "<split>_ppl", "<split>_bpb", "<split>_tokens", "<split>_bytes"}} of a loaded run.
+
+    Each language's split is read from its start (`max_batches` batches, 0 = all of it); bits per byte divide
+    the summed loss by the UTF-8 bytes of exactly the tokens predicted (`target_bytes`).
+    """
+    from mhmoe.data.multilingual import bits_per_byte, languages_of, split_key, target_bytes, token_byte_lengths
+
+    lengths = token_byte_lengths(run.tokenizer)
+    report: dict[str, dict] = {}
+    for lang in languages_of(run.splits):
+        row = report.setdefault(lang, {})
+        for split in splits:
+            tokens = run.splits[split_key(split, lang)]
+            r = evaluate(run.model, tokens, run.cfg, run.device, max_batches=max_batches)
+            nbytes = target_bytes(run.tokenizer, tokens[1 : 1 + r["tokens"]], lengths)  # the targets evaluated
+            row.update(
+                {
+                    f"{split}_loss": r["loss"],
+                    f"{split}_ppl": r["ppl"],
+                    f"{split}_bpb": bits_per_byte(r["loss"] * r["tokens"], nbytes),
+                    f"{split}_tokens": r["tokens"],
+                    f"{split}_bytes": nbytes,
+                }
+            )
+    return report
+
+
+def language_averages(per_language: dict[str, dict]) -> dict[str, float]:
+    """Languages weigh equally: ppl = exp(mean loss over languages), bpb = mean bpb; plus the pooled bpb."""
+    out = {}
+    for split in ("val", "test"):
+        key = "valid" if split == "val" else "test"
+        rows = list(per_language.values())
+        out[f"{split}_loss"] = statistics.fmean(r[f"{key}_loss"] for r in rows)
+        out[f"{split}_ppl"] = math.exp(min(out[f"{split}_loss"], 50.0))
+        out[f"{split}_bpb"] = statistics.fmean(r[f"{key}_bpb"] for r in rows)
+        nats = sum(r[f"{key}_loss"] * r[f"{key}_tokens"] for r in rows)
+        out[f"{split}_bpb_pooled"] = nats / (sum(r[f"{key}_bytes"] for r in rows) * math.log(2))
+    return out
 
 
 @torch.no_grad()
