@@ -19,7 +19,8 @@ def test_bench_layer_checks_and_writes_json(tmp_path, capsys):
     report = json.loads(path.read_text())
     (bench,) = report["benchmarks"]
     impls = {r["impl"]: r for r in bench["results"]}
-    assert {"loop", "slices", "grouped_mm", "dense-eq"} <= set(impls)
+    assert {"loop", "slices", "grouped_mm", "plain-grouped", "dense-eq"} <= set(impls)
+    assert impls["plain-grouped"]["max_rel_error"] < 1e-4
     assert impls["grouped_mm"]["max_rel_error"] < 1e-4 and impls["dense-eq"]["vs_dense"] == 1.0
     assert report["environment"]["torch"] and "| tiny | grouped_mm |" in capsys.readouterr().out
 

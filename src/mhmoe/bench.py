@@ -4,7 +4,8 @@ Implementations, all on the same weights and input:
     dense-eq   one DenseFFN doing the layer's FLOPs per token (the limit an MoE layer can reach)
     loop       the per-expert loop (dispatch="reference"), as in many model files
     slices     sort by expert + one matmul per contiguous slice (dispatch="slices")
-    grouped_mm sort by expert + torch.nn.functional.grouped_mm (dispatch="grouped_mm")
+    grouped_mm sort by expert + torch.nn.functional.grouped_mm (dispatch="grouped_mm"), gather-and-sum combine
+    plain-grouped  the common plain version: the same GEMMs, copies gathered token-major, index_add_ back
     triton     the Triton kernels with gather/scatter fused into the GEMMs (dispatch="triton"), CUDA only
 Timings are forward + backward (routing and losses included), the median of `repeats` runs after
 warm-up; TFLOP/s counts useful FLOPs only (3 × forward matmul FLOPs per token × tokens).
@@ -27,7 +28,7 @@ from mhmoe.accounting import cost_of
 from mhmoe.kernels import triton_experts
 from mhmoe.layers.dispatch import resolve_backend
 from mhmoe.layers.experts import DenseFFN, glu_factor
-from mhmoe.layers.moe import SparseMoE
+from mhmoe.layers.moe import MoEOutput, SparseMoE
 from mhmoe.layers.multihead import MHMoE
 
 
@@ -74,6 +75,43 @@ DEFAULT_SHAPES = {
 }
 
 
+class PlainGrouped(nn.Module):
+    """The plain implementation found in many codebases, as a baseline: sort the (sub-)token copies by expert,
+    gather them, `torch.nn.functional.grouped_mm` twice, scale by the gates and `index_add_` them back.
+
+    Wraps a SparseMoE or an MHMoE (residual "outer", no capacity, no shared experts: the benchmark shapes) and
+    uses its router and weights, so it routes exactly like the layer; returns (y, aux_loss) like `_step` needs.
+    """
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.moe: SparseMoE = layer.moe if isinstance(layer, MHMoE) else layer
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        import torch.nn.functional as F
+
+        from mhmoe.layers.experts import activate
+        from mhmoe.layers.losses import balance_loss
+
+        moe, mh = self.moe, isinstance(self.layer, MHMoE)
+        h = self.layer.multi_head_layer(x.reshape(-1, x.shape[-1])) if mh else x.reshape(-1, x.shape[-1])
+        h_Sd = h.reshape(-1, moe.d_model)
+        r = moe.router(h_Sd, None)
+        K = r.top_experts.shape[1]
+        order = torch.argsort(r.top_experts.reshape(-1), stable=True)  # token-major copies s·K + k, by expert
+        counts = torch.bincount(r.top_experts.reshape(-1), minlength=moe.num_experts)
+        offsets = counts.cumsum(0).to(torch.int32)
+        token = order // K
+        w_in, w_out = moe.experts.w_in.to(x.dtype), moe.experts.w_out.to(x.dtype)
+        hidden = activate(F.grouped_mm(h_Sd[token], w_in, offs=offsets), moe.experts.activation)
+        out = F.grouped_mm(hidden, w_out, offs=offsets) * r.gates.reshape(-1)[order, None].to(x.dtype)
+        y_Sd = torch.zeros_like(h_Sd).index_add_(0, token, out)
+        y = self.layer.merge_layer(y_Sd.reshape(-1, x.shape[-1])) if mh else y_Sd
+        aux = moe.balance_loss_coef * balance_loss(r.balance_probs, r.top_experts[:, 0])
+        return y.view(x.shape), aux
+
+
 def dense_equivalent(layer: nn.Module, d_model: int, activation: str) -> DenseFFN:
     """A DenseFFN of width d_model whose hidden size gives the layer's forward FLOPs per token."""
     flops = cost_of(layer).flops_per_token
@@ -83,7 +121,12 @@ def dense_equivalent(layer: nn.Module, d_model: int, activation: str) -> DenseFF
 
 def _step(layer: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
     out = layer(x)
-    y, aux = (out, None) if isinstance(out, Tensor) else (out.y, out.aux_loss)
+    if isinstance(out, Tensor):  # dense-eq
+        y, aux = out, None
+    elif isinstance(out, MoEOutput):
+        y, aux = out.y, out.aux_loss
+    else:  # PlainGrouped
+        y, aux = out
     loss = (y * grad).sum() if aux is None else (y * grad).sum() + aux
     loss.backward()
     return y, loss
@@ -158,6 +201,10 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
         layer = shape.build(backend).to(device=device, dtype=dtype)
         layer.load_state_dict(reference.state_dict())
         impls[backend] = layer
+    if "grouped_mm" in backends:
+        plain = shape.build("reference").to(device=device, dtype=dtype)
+        plain.load_state_dict(reference.state_dict())
+        impls["plain-grouped"] = PlainGrouped(plain)
     impls["dense-eq"] = dense_equivalent(reference, shape.d_model, shape.activation).to(device=device, dtype=dtype)
 
     rows = []
