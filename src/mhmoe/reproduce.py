@@ -19,6 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -126,6 +127,25 @@ def ood_tokens(path: str, tokenizer: object) -> dict[str, np.ndarray]:
     return {"ood": np.concatenate([splits["valid"], splits["test"], splits["train"]])}
 
 
+def variant_seeds(base: Any, variant: Variant, seeds: int, out: Path) -> Iterator[tuple[int, Any, Path]]:
+    """(seed, config, run directory) of each seed of a variant: the shared budget `base` (a RunConfig or a
+    MaskedRunConfig) with the variant's FFN and the seed; each run is announced on stdout."""
+    for seed in range(seeds):
+        cfg = copy.deepcopy(base)
+        cfg.model.ffn = copy.deepcopy(variant.ffn)
+        cfg.train.seed = seed
+        run_dir = out / "runs" / f"{variant.name}-seed{seed}"
+        print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
+        yield seed, cfg, run_dir
+
+
+def copy_figure(source: Path, target: Path) -> None:
+    """A figure a run wrote, copied into the results folder (if the run made it)."""
+    if source.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+
+
 def reproduce_english(
     out: Path,
     quick: bool = False,
@@ -150,12 +170,7 @@ def reproduce_english(
     curves, bands = {}, {}
     for variant in english_variants(base):
         runs = []
-        for seed in range(seeds):
-            cfg = copy.deepcopy(base)
-            cfg.model.ffn = copy.deepcopy(variant.ffn)
-            cfg.train.seed = seed
-            run_dir = out / "runs" / f"{variant.name}-seed{seed}"
-            print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
+        for seed, cfg, run_dir in variant_seeds(base, variant, seeds, out):
             result = train(cfg, run_dir, progress=progress)
             run = load_run(run_dir)  # once: its model, tokenizer and data serve both analyses
             other = ood_tokens(ood, run.tokenizer)
@@ -175,10 +190,10 @@ def reproduce_english(
             )
         models[variant.name] = aggregate_runs(variant, cfg, runs)
         curves[variant.name], bands[variant.name] = mean_curve([r["curve"] for r in runs])
-        heat = out / "runs" / f"{variant.name}-seed0" / "analysis" / "heatmap-valid.png"
-        if heat.exists():
-            (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-            (out / "heatmaps" / f"{variant.name}.png").write_bytes(heat.read_bytes())
+        copy_figure(
+            out / "runs" / f"{variant.name}-seed0" / "analysis" / "heatmap-valid.png",
+            out / "heatmaps" / f"{variant.name}.png",
+        )
     results = {
         "task": "english",
         "models": models,

@@ -17,7 +17,6 @@ per-language values. Perplexities of different tokenizers are not comparable; bi
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -31,7 +30,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mhmoe.errors import DataError
-from mhmoe.reproduce import aggregate_runs, english_base, english_variants, mean_curve, mean_std, ood_tokens, val_curve
+from mhmoe.reproduce import (
+    aggregate_runs,
+    copy_figure,
+    english_base,
+    english_variants,
+    mean_curve,
+    mean_std,
+    ood_tokens,
+    val_curve,
+    variant_seeds,
+)
 from mhmoe.reproduce import results_table as english_table
 from mhmoe.train.checkpoint import write_text_atomically
 from mhmoe.train.config import RunConfig, apply_overrides
@@ -121,12 +130,7 @@ def reproduce_multilingual(
     word_windows = None  # the divergence inputs depend only on the (shared) tokenizer: found once
     for variant in english_variants(base):
         runs = []
-        for seed in range(seeds):
-            cfg = copy.deepcopy(base)
-            cfg.model.ffn = copy.deepcopy(variant.ffn)
-            cfg.train.seed = seed
-            run_dir = out / "runs" / f"{variant.name}-seed{seed}"
-            print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
+        for seed, cfg, run_dir in variant_seeds(base, variant, seeds, out):
             result = train(cfg, run_dir, progress=progress)
             t0 = time.perf_counter()
             run = load_run(run_dir)
@@ -141,10 +145,7 @@ def reproduce_multilingual(
             divergence = word_divergence(run, word_windows)
             if seed == 0:
                 _plot_run(out, variant.name, usage, divergence)
-                heat = run_dir / "analysis" / "heatmap-valid.png"
-                if heat.exists():
-                    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
-                    (out / "heatmaps" / f"{variant.name}.png").write_bytes(heat.read_bytes())
+                copy_figure(run_dir / "analysis" / "heatmap-valid.png", out / "heatmaps" / f"{variant.name}.png")
             runs.append(
                 {
                     "seed": seed,

@@ -11,7 +11,6 @@ per-patch sub-token divergence over training (PAPER.md §6). results.json has th
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import statistics
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 from mhmoe.models.multiway import multiway_cost
-from mhmoe.reproduce import Variant, english_variants, mean_curve, mean_std
+from mhmoe.reproduce import Variant, copy_figure, english_variants, mean_curve, mean_std, variant_seeds
 from mhmoe.train.checkpoint import write_text_atomically
 from mhmoe.train.masked import MaskedRunConfig, apply_masked_overrides, masked_preset
 
@@ -105,12 +104,7 @@ def reproduce_multimodal(
     bands: dict[str, dict] = {key: {} for key, _ in CURVES.values()}
     for variant in english_variants(base):  # type: ignore[arg-type]  # reads model.d_model and model.ffn only
         runs = []
-        for seed in range(seeds):
-            cfg = copy.deepcopy(base)
-            cfg.model.ffn = copy.deepcopy(variant.ffn)
-            cfg.train.seed = seed
-            run_dir = out / "runs" / f"{variant.name}-seed{seed}"
-            print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
+        for seed, cfg, run_dir in variant_seeds(base, variant, seeds, out):
             result = train_masked(cfg, run_dir, progress=progress, data=prepared)
             trained_cfg, model = load_masked_model(run_dir, device)
             analysis = analyze_masked_run(run_dir, prepared, trained_cfg, model, device)
@@ -151,9 +145,7 @@ def _copy_figures(out: Path, variant: Variant) -> None:
         ("heatmap-language.png", out / "heatmaps" / f"{variant.name}-language.png"),
         ("divergence-patches.png", out / "divergence" / f"{variant.name}.png"),
     ):
-        if (analysis / source).exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes((analysis / source).read_bytes())
+        copy_figure(analysis / source, target)
 
 
 def _aggregate(variant: Variant, cfg: MaskedRunConfig, runs: list[dict]) -> dict:
