@@ -91,18 +91,11 @@ def hf_tokenizer(tokenizer: Any) -> Any:
 def _read_run(run_dir: Path) -> tuple[Any, GPT, Any, dict]:
     """(RunConfig, GPT at the latest verified checkpoint, tokenizer, state.json) without tokenizing any data."""
     from mhmoe.data import ByteTokenizer, load_tokenizer
-    from mhmoe.train.checkpoint import latest_checkpoint, load_model_weights
+    from mhmoe.train.checkpoint import load_model_weights, run_checkpoint
     from mhmoe.train.config import RunConfig
 
-    config = run_dir / "config.json"
-    if not config.exists():
-        raise CheckpointError(
-            f"{run_dir} is not an mhmoe run directory (no config.json); pass the --out of a train run"
-        )
-    cfg = RunConfig.from_dict(json.loads(config.read_text()))
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first")
+    config, checkpoint = run_checkpoint(run_dir)
+    cfg = RunConfig.from_dict(config)
     model = GPT(cfg.model)
     load_model_weights(checkpoint, model)
     state = json.loads((checkpoint / "state.json").read_text())

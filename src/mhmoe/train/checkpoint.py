@@ -168,6 +168,18 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return path
 
 
+def run_checkpoint(run_dir: Path, kind: str = "an mhmoe run directory") -> tuple[dict, Path]:
+    """(the run's config.json, its latest checkpoint) of a trained run directory, or a CheckpointError saying
+    what is missing."""
+    config = run_dir / "config.json"
+    if not config.exists():
+        raise CheckpointError(f"{run_dir} is not {kind} (no config.json); pass the --out of a train run")
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first")
+    return json.loads(config.read_text()), checkpoint
+
+
 def verify(path: Path) -> dict:
     """Check format and every file's size and sha256; return the manifest."""
     manifest_path = path / "manifest.json"

@@ -36,6 +36,7 @@ from mhmoe.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
+    run_checkpoint,
     save_checkpoint,
     write_text_atomically,
 )
@@ -561,15 +562,8 @@ def analyze_masked_run(
 
 def load_masked_model(run_dir: Path, device=None) -> tuple[MaskedRunConfig, MultiwayTransformer]:
     """The config and model of a run directory at its latest checkpoint."""
-    from mhmoe.errors import CheckpointError
-
-    config = run_dir / "config.json"
-    if not config.exists():
-        raise CheckpointError(f"{run_dir} is not a masked multimodal run directory (no config.json)")
-    cfg = MaskedRunConfig.from_dict(json.loads(config.read_text()))
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first")
+    config, checkpoint = run_checkpoint(run_dir, "a masked multimodal run directory")
+    cfg = MaskedRunConfig.from_dict(config)
     model = MultiwayTransformer(cfg.model)
     load_model_weights(checkpoint, model)
     return cfg, model.to(device or resolve_device(cfg.train.device)).eval()

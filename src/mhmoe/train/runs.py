@@ -12,11 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mhmoe.errors import CheckpointError
 from mhmoe.layers.moe import SparseMoE
 from mhmoe.layers.multihead import MHMoE
 from mhmoe.models.gpt import GPT
-from mhmoe.train.checkpoint import latest_checkpoint, load_model_weights, write_text_atomically
+from mhmoe.train.checkpoint import load_model_weights, run_checkpoint, write_text_atomically
 from mhmoe.train.config import RunConfig
 from mhmoe.train.trainer import autocast_for, evaluate, prepare_data, resolve_device
 
@@ -33,15 +32,8 @@ class LoadedRun:
 
 def load_run(run_dir: Path, progress: bool = False) -> LoadedRun:
     """The model of a run directory at its latest checkpoint, with its tokenizer and data."""
-    config = run_dir / "config.json"
-    if not config.exists():
-        raise CheckpointError(
-            f"{run_dir} is not an mhmoe run directory (no config.json); pass the --out of a train run"
-        )
-    cfg = RunConfig.from_dict(json.loads(config.read_text()))
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first")
+    config, checkpoint = run_checkpoint(run_dir)
+    cfg = RunConfig.from_dict(config)
     device = resolve_device(cfg.train.device)
     tokenizer, splits = prepare_data(cfg, run_dir, progress)
     model = GPT(cfg.model)
