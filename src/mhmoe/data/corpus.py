@@ -103,8 +103,8 @@ def _read_text(path: Path) -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for each non-blank line; every record must be an object with a string "text"."""
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file (gunzipped if .gz); errors name the line."""
     for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
@@ -112,7 +112,15 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove that line") from e
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {number} is not a JSON object")
+        yield number, record
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """`jsonl_objects` whose every record must have a string "text"."""
+    for number, record in jsonl_objects(path):
+        if not isinstance(record.get("text"), str):
             raise DataError(f'{path} line {number} has no string "text" field; every record needs one')
         yield number, record
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mhmoe.data.corpus import hash_score
+from mhmoe.data.corpus import hash_score, jsonl_objects
 from mhmoe.errors import DataError
 from mhmoe.models.multiway import patchify
 
@@ -101,25 +101,6 @@ def _read_gz_or_plain(path: Path) -> bytes:
         raise DataError(f"cannot read {path}: {e}") from e
 
 
-def _jsonl(path: Path) -> list[tuple[int, dict]]:
-    try:
-        text = _read_gz_or_plain(path).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove that line") from e
-        if not isinstance(record, dict):
-            raise DataError(f"{path} line {number} is not a JSON object")
-        records.append((number, record))
-    return records
-
-
 # ------------------------------------------------------------------------------------------------ sources
 
 
@@ -139,7 +120,7 @@ def load_emoji(
             images = np.asarray(archive["images"])
     except (OSError, KeyError, ValueError) as e:
         raise DataError(f"{npz} is not an npz file with an 'images' array ({e})") from e
-    records = _jsonl(jsonl)
+    records = list(jsonl_objects(jsonl))
     if len(records) != len(images):
         raise DataError(f"{jsonl} has {len(records)} records but {npz} has {len(images)} images; they must match")
     captions, ids = [], []
@@ -252,7 +233,7 @@ def load_image_folder(
             f"image folder {folder} has no captions.jsonl(.gz); add one with an image path and caption per line"
         )
     images, captions, ids, given = [], [], [], []
-    for number, record in _jsonl(jsonl):
+    for number, record in jsonl_objects(jsonl):
         where = f"{jsonl} line {number}"
         name = record.get("image")
         if not isinstance(name, str) or not name:
