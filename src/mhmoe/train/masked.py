@@ -44,6 +44,7 @@ from mhmoe.train.config import DataConfig, RunConfig, TrainConfig, set_fields, v
 from mhmoe.train.trainer import (
     MetricsLog,
     all_finite,
+    apply_step,
     autocast_for,
     environment,
     lr_at,
@@ -684,19 +685,13 @@ def train_masked(
                     aux_sum += out.aux_loss.item() / t.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip else float("inf"))
             finite = finite and all_finite(grad_norm)
-            if not finite:
-                what = f"non-finite loss or gradient at step {step} (losses {losses}, grad norm {float(grad_norm):.4g})"
-                if t.on_nonfinite == "stop":
-                    from mhmoe.train.trainer import TrainingError
-
-                    raise TrainingError(
-                        f"{what}; the last checkpoint is intact. Lower train.lr or set train.on_nonfinite=skip"
-                    )
-                metrics.write({"step": step + 1, "skipped": what})
-            else:
-                optimizer.step()
+            what = (
+                ""
+                if finite
+                else f"non-finite loss or gradient at step {step} (losses {losses}, grad norm {float(grad_norm):.4g})"
+            )
+            if apply_step(optimizer, finite, what, t.on_nonfinite, metrics, step):
                 update_router_biases(model)
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_seen += positions
             elapsed = time.perf_counter() - started

@@ -280,6 +280,21 @@ def update_router_biases(model: torch.nn.Module) -> None:
             module.update_bias()
 
 
+def apply_step(
+    optimizer: torch.optim.Optimizer, finite: bool, what: str, on_nonfinite: str, metrics: Any, step: int
+) -> bool:
+    """Step the optimizer; after a non-finite loss or gradient (`what` says which) stop with a TrainingError or
+    skip the step (logged), as train.on_nonfinite says. Gradients are cleared either way; returns whether it stepped."""
+    if finite:
+        optimizer.step()
+    elif on_nonfinite == "stop":
+        raise TrainingError(f"{what}; the last checkpoint is intact. Lower train.lr or set train.on_nonfinite=skip")
+    else:
+        metrics.write({"step": step + 1, "skipped": what})
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
 def all_finite(*values: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in values)
 
@@ -407,17 +422,12 @@ def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
             grad_norm = session.finish_gradients(model, t.grad_clip)  # global norm, clipped
             loss_sum, aux_sum, nonfinite = session.mean([loss_sum, aux_sum, float(not finite)])
             finite = nonfinite == 0 and all_finite(grad_norm)  # the same verdict on every rank
-            if not finite:
-                what = f"non-finite loss or gradient at step {step} (loss {loss_sum:.4g}, grad norm {float(grad_norm):.4g})"
-                if t.on_nonfinite == "stop":
-                    raise TrainingError(
-                        f"{what}; the last checkpoint is intact. Lower train.lr or set train.on_nonfinite=skip"
-                    )
-                metrics.write({"step": step + 1, "skipped": what})
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            what = (
+                ""
+                if finite
+                else f"non-finite loss or gradient at step {step} (loss {loss_sum:.4g}, grad norm {float(grad_norm):.4g})"
+            )
+            if apply_step(optimizer, finite, what, t.on_nonfinite, metrics, step):
                 session.update_router_biases(model)
             step += 1
             tokens_seen += tokens_per_step
