@@ -56,31 +56,19 @@ def english_variants(base: RunConfig) -> list[Variant]:
         Variant("dense", "baseline", FFNConfig(kind="dense", **common)),
         Variant("smoe", "baseline", FFNConfig(kind="smoe", router="softmax", **moe_fields, **common)),
         Variant("xmoe", "baseline", FFNConfig(kind="smoe", router="xmoe", **moe_fields, **common)),
-        Variant(
-            "mhmoe_params",
-            "params",
-            FFNConfig(
-                kind="mhmoe",
-                router="xmoe",
-                num_heads=MH_HEADS,
-                num_experts=params["num_experts"],
-                top_k=params["top_k"],
-                expert_hidden=params["expert_hidden"],
-                **common,
-            ),
-        ),
-        Variant(
-            "mhmoe_flops",
-            "flops",
-            FFNConfig(
-                kind="mhmoe",
-                router="xmoe",
-                num_heads=MH_HEADS,
-                num_experts=flops["num_experts"],
-                top_k=flops["top_k"],
-                expert_hidden=flops["expert_hidden"],
-                **common,
-            ),
+        *(
+            Variant(
+                f"mhmoe_{matching}",
+                matching,
+                FFNConfig(
+                    kind="mhmoe",
+                    router="xmoe",
+                    num_heads=MH_HEADS,
+                    **{k: sized[k] for k in ("num_experts", "top_k", "expert_hidden")},
+                    **common,
+                ),
+            )
+            for matching, sized in (("params", params), ("flops", flops))
         ),
     ]
 
