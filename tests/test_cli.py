@@ -22,7 +22,20 @@ def test_bench_layer_checks_and_writes_json(tmp_path, capsys):
     assert {"loop", "slices", "grouped_mm", "plain-grouped", "dense-eq"} <= set(impls)
     assert impls["plain-grouped"]["max_rel_error"] < 1e-4
     assert impls["grouped_mm"]["max_rel_error"] < 1e-4 and impls["dense-eq"]["vs_dense"] == 1.0
+    assert impls["dense-eq"]["activation_vs_dense"] == 1.0 and all(r["activation_mib"] > 0 for r in impls.values())
+    assert "tuned" in report["environment"]["allocator"]
     assert report["environment"]["torch"] and "| tiny | grouped_mm |" in capsys.readouterr().out
+
+
+def test_saved_activation_bytes_counts_what_backward_keeps():
+    import torch
+
+    from mhmoe.bench import saved_activation_bytes
+    from mhmoe.layers.experts import DenseFFN
+
+    ffn = DenseFFN(d_model=16, hidden=24, activation="gelu")
+    # the input and the weights are not counted; GELU keeps its input, fc_out keeps GELU's output
+    assert saved_activation_bytes(ffn, torch.randn(10, 16)) == 2 * 10 * 24 * 4
 
 
 def test_bench_rejects_unknown_shape_and_bad_repeats():

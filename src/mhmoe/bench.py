@@ -8,7 +8,9 @@ Implementations, all on the same weights and input:
     plain-grouped  the common plain version: the same GEMMs, copies gathered token-major, index_add_ back
     triton     the Triton kernels with gather/scatter fused into the GEMMs (dispatch="triton"), CUDA only
 Timings are forward + backward (routing and losses included), the median of `repeats` runs after
-warm-up; TFLOP/s counts useful FLOPs only (3 × forward matmul FLOPs per token × tokens).
+warm-up, all implementations timed round-robin so that a noisy machine slows each alike; TFLOP/s
+counts useful FLOPs only (3 × forward matmul FLOPs per token × tokens). Memory: the bytes autograd
+saves for the backward (activation memory, any device) and, on CUDA, the peak allocated by one call.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from mhmoe import allocator
 from mhmoe.accounting import cost_of
 from mhmoe.kernels import triton_experts
 from mhmoe.layers.dispatch import resolve_backend
@@ -166,6 +169,41 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, r
     return times
 
 
+def saved_activation_bytes(layer: nn.Module, x: Tensor) -> int:
+    """Bytes autograd keeps from one forward of `layer` for its backward: the activation memory.
+
+    Counts each storage once (views share one), and neither the layer's parameters nor the input `x`
+    (the caller holds those anyway). Device-independent, so it is measured on the CPU too.
+    """
+    held = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in held:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    xi = x.detach().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(xi)
+    del out
+    return sum(seen.values())
+
+
+def _peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak device memory of one call (CUDA only; None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    fn()  # warm: later calls reuse the caching allocator's blocks
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
 def _max_error(a: nn.Module, b: nn.Module, x: Tensor, grad: Tensor) -> float:
     """Largest relative difference between two layers' outputs, input grads and parameter grads."""
     results = []
@@ -208,27 +246,21 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
     impls["dense-eq"] = dense_equivalent(reference, shape.d_model, shape.activation).to(device=device, dtype=dtype)
 
     rows = []
-    for impl, layer in impls.items():
+    for impl, layer in impls.items():  # check everything before timing anything
         error = None if impl in ("loop", "dense-eq") else _max_error(layer, reference, x, grad)
         if error is not None and error > tolerance:
             raise RuntimeError(f"{name}/{impl}: differs from the reference by {error:.2e} (> {tolerance:.0e})")
-        xi = x.detach().clone().requires_grad_()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = _time(functools.partial(_step, layer, xi, grad), device, repeats)
+        rows.append(dict(impl=impl, max_rel_error=error, activation_mib=saved_activation_bytes(layer, x) / 2**20))
+    for row, layer in zip(rows, impls.values()):
+        row["peak_mib"] = _peak_mib(functools.partial(_step, layer, x.detach().clone().requires_grad_(), grad), device)
+    steps = {impl: functools.partial(_step, layer, x.detach().clone().requires_grad_(), grad) for impl, layer in impls.items()}
+    for row, times in zip(rows, _time_interleaved(steps, device, repeats).values()):
         seconds = statistics.median(times)
-        rows.append(
-            dict(
-                impl=impl,
-                ms=1e3 * seconds,
-                tflops=3 * cost.flops_per_token * shape.tokens / seconds / 1e12,
-                max_rel_error=error,
-                peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-            )
-        )
-    dense_ms = next(r["ms"] for r in rows if r["impl"] == "dense-eq")
+        row.update(ms=1e3 * seconds, tflops=3 * cost.flops_per_token * shape.tokens / seconds / 1e12)
+    dense = next(r for r in rows if r["impl"] == "dense-eq")
     for r in rows:
-        r["vs_dense"] = r["ms"] / dense_ms
+        r["vs_dense"] = r["ms"] / dense["ms"]
+        r["activation_vs_dense"] = r["activation_mib"] / dense["activation_mib"]
     return dict(name=name, shape=asdict(shape), flops_per_token=cost.flops_per_token, results=rows)
 
 
@@ -240,6 +272,7 @@ def environment(device: torch.device) -> dict:
         processor=platform.processor() or platform.machine(),
         threads=torch.get_num_threads(),
         date=time.strftime("%Y-%m-%d"),
+        allocator=allocator.state or dict(tuned=False, reason="not tuned by this process"),
     )
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -247,12 +280,17 @@ def environment(device: torch.device) -> dict:
 
 
 def format_table(report: dict) -> str:
-    lines = ["| shape | impl | ms (fwd+bwd) | TFLOP/s | × dense-eq | max rel. error |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| shape | impl | ms (fwd+bwd) | TFLOP/s | × dense-eq | activations MiB | × dense-eq | peak MiB | max rel. error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for bench in report["benchmarks"]:
         for r in bench["results"]:
             error = "-" if r["max_rel_error"] is None else f"{r['max_rel_error']:.1e}"
+            peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
             lines.append(
-                f"| {bench['name']} | {r['impl']} | {r['ms']:.1f} | {r['tflops']:.3f} | {r['vs_dense']:.2f} | {error} |"
+                f"| {bench['name']} | {r['impl']} | {r['ms']:.1f} | {r['tflops']:.3f} | {r['vs_dense']:.2f} | "
+                f"{r['activation_mib']:.1f} | {r['activation_vs_dense']:.2f} | {peak} | {error} |"
             )
     return "\n".join(lines)
 

@@ -334,9 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mhmoe.allocator import tune_cpu_allocator
     from mhmoe.errors import UserError
 
     args = build_parser().parse_args(argv)
+    tune_cpu_allocator()  # keep freed activations for reuse on the CPU (module doc); MHMOE_TUNE_MALLOC=0 opts out
     for name in ("repeats", "seeds", "batches"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
