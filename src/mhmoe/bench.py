@@ -253,7 +253,10 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
         rows.append(dict(impl=impl, max_rel_error=error, activation_mib=saved_activation_bytes(layer, x) / 2**20))
     for row, layer in zip(rows, impls.values()):
         row["peak_mib"] = _peak_mib(functools.partial(_step, layer, x.detach().clone().requires_grad_(), grad), device)
-    steps = {impl: functools.partial(_step, layer, x.detach().clone().requires_grad_(), grad) for impl, layer in impls.items()}
+    steps = {
+        impl: functools.partial(_step, layer, x.detach().clone().requires_grad_(), grad)
+        for impl, layer in impls.items()
+    }
     for row, times in zip(rows, _time_interleaved(steps, device, repeats).values()):
         seconds = statistics.median(times)
         row.update(ms=1e3 * seconds, tflops=3 * cost.flops_per_token * shape.tokens / seconds / 1e12)
