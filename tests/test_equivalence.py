@@ -15,6 +15,7 @@ from conftest import (
     TOLERANCES,
     assert_bitwise_equal,
     assert_fast_matches_reference,
+    clone_layer,
     forward_backward,
     layer_kwargs,
     make_pair,
@@ -320,3 +321,75 @@ def test_gradcheck(cls, router, top_k, router_kwargs, capacity_factor, dispatch)
     layer = cls(**kwargs).double()
     x = torch.randn(3, 4, dtype=torch.float64)
     gradcheck_layer(layer, x)
+
+
+# ---------------------------------------------------------------- recomputation
+
+
+def _moe(layer):
+    return layer.moe if isinstance(layer, MHMoE) else layer
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        pytest.param("grouped_mm", torch.float32, id="grouped_mm-f32"),
+        pytest.param("slices", torch.float64, id="slices-f64"),
+    ],
+)
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("cls", LAYERS)
+def test_recompute_matches_reference_and_keeping(cls, activation, capacity_factor, backend, dtype):
+    """recompute=True: the reference's outputs and gradients, and bit for bit those of keeping activations."""
+    kwargs = layer_kwargs(cls, activation=activation, capacity_factor=capacity_factor, z_loss_coef=1e-3)
+    reference, kept = make_pair(cls, fast=backend, dtype=dtype, **kwargs)
+    recomputed = clone_layer(kept)
+    _moe(recomputed).recompute = True
+    x = torch.randn(3, 6, 8, dtype=dtype)
+    token_mask = torch.arange(6) < torch.tensor([6, 3, 1])[:, None]
+    actual, _ = assert_fast_matches_reference(reference, recomputed, x, token_mask, **TOLERANCES[dtype])
+    assert_bitwise_equal(actual, forward_backward(kept, x, token_mask))
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_recompute_keeps_no_expert_activations(cls):
+    """Keeping costs exactly the gathered rows and the pre-activations (R·d + R·F values); recompute keeps neither."""
+    from mhmoe.bench import saved_activation_bytes
+
+    kwargs = layer_kwargs(cls, expert_hidden=16)
+    kept = cls(**kwargs)
+    recomputed = clone_layer(kept)
+    _moe(recomputed).recompute = True
+    x = torch.randn(5, 8)
+    moe = _moe(kept)
+    rows = x.shape[0] * (x.shape[1] // moe.d_model) * moe.top_k  # R = K·S
+    difference = saved_activation_bytes(kept, x) - saved_activation_bytes(recomputed, x)
+    assert difference == rows * (moe.d_model + moe.expert_hidden) * x.element_size()
+
+
+def test_gradcheck_with_recompute():
+    layer = MHMoE(**layer_kwargs(MHMoE, d_model=4, num_experts=3, expert_hidden=3, activation="swiglu", recompute=True))
+    gradcheck_layer(layer.double(), torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_recompute_is_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="recompute is not supported with dispatch='reference'"):
+        SparseMoE(**layer_kwargs(SparseMoE, dispatch="reference", recompute=True))
+    with pytest.raises(TypeError, match="recompute must be True or False"):
+        SparseMoE(**layer_kwargs(SparseMoE, recompute="yes"))
+    layer = SparseMoE(**layer_kwargs(SparseMoE, recompute=True))
+    layer.expert_runner = lambda *args: None  # any runner: expert parallelism
+    layer.expert_runner.num_experts = 4
+    with pytest.raises(ValueError, match="recompute is not supported with an expert runner"):
+        layer(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activate_backward_is_the_gradient_of_activate(activation):
+    from mhmoe.layers.experts import activate, activate_backward
+
+    h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(7, 5 if activation == "swiglu" else 10, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(activate(h, activation), h, grad)
+    torch.testing.assert_close(activate_backward(grad, h.detach(), activation), expected, rtol=1e-12, atol=1e-12)

@@ -508,3 +508,20 @@ def test_autocast_with_narrow_widths_falls_back_to_slices():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(torch.randn(3, 8))
     assert torch.isfinite(out.y).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_largest_k_is_topk(k):
+    """The CPU two-pass top-2 equals torch.topk: values, indices (best first) and gradients."""
+    from mhmoe.layers.routers import largest_k
+
+    scores = torch.randn(50, 7, dtype=torch.float64, requires_grad=True)
+    values, indices = largest_k(scores, k)
+    expected_values, expected_indices = scores.topk(k, dim=-1)
+    assert torch.equal(indices, expected_indices) and torch.equal(values, expected_values)
+    g = torch.randn_like(values)
+    (grad,) = torch.autograd.grad(values, scores, g)
+    (expected_grad,) = torch.autograd.grad(expected_values, scores, g)
+    assert torch.equal(grad, expected_grad)
+    tied = torch.tensor([[1.0, 3.0, 3.0, 3.0]])
+    assert largest_k(tied, 2)[1].tolist() == [[1, 2]]  # ties: lower index first

@@ -25,8 +25,9 @@ from mhmoe.layers.moe import SparseMoE
 from mhmoe.layers.multihead import MHMoE, subtoken_router_kwargs
 from mhmoe.layers.routers import Router, XMoERouter
 
-# Constructor arguments that change no size.
-_COST_FREE = {"capacity_factor", "balance_loss_coef", "z_loss_coef", "dispatch", "residual"}
+# Constructor arguments that change no size. recompute adds backward work, but model FLOPs (and MFU)
+# count the model's own FLOPs, not recomputation, by convention.
+_COST_FREE = {"capacity_factor", "balance_loss_coef", "z_loss_coef", "dispatch", "residual", "recompute"}
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Implementations, all on the same weights and input:
     loop       the per-expert loop (dispatch="reference"), as in many model files
     slices     sort by expert + one matmul per contiguous slice (dispatch="slices")
     grouped_mm sort by expert + torch.nn.functional.grouped_mm (dispatch="grouped_mm"), gather-and-sum combine
+    grouped_mm-recompute  the same with recompute=True: no expert activations kept, one more GEMM
     plain-grouped  the common plain version: the same GEMMs, copies gathered token-major, index_add_ back
     triton     the Triton kernels with gather/scatter fused into the GEMMs (dispatch="triton"), CUDA only
 Timings are forward + backward (routing and losses included), the median of `repeats` runs after
@@ -45,13 +46,14 @@ class Shape:
     tokens: int
     activation: str = "gelu"
 
-    def build(self, dispatch: str) -> nn.Module:
+    def build(self, dispatch: str, recompute: bool = False) -> nn.Module:
         common = dict(
             num_experts=self.num_experts,
             top_k=self.top_k,
             expert_hidden=self.expert_hidden,
             activation=self.activation,
             dispatch=dispatch,
+            recompute=recompute,
         )
         if self.num_heads == 1:
             return SparseMoE(d_model=self.d_model, **common)
@@ -240,6 +242,8 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
         layer.load_state_dict(reference.state_dict())
         impls[backend] = layer
     if "grouped_mm" in backends:
+        impls["grouped_mm-recompute"] = shape.build("grouped_mm", recompute=True).to(device=device, dtype=dtype)
+        impls["grouped_mm-recompute"].load_state_dict(reference.state_dict())
         plain = shape.build("reference").to(device=device, dtype=dtype)
         plain.load_state_dict(reference.state_dict())
         impls["plain-grouped"] = PlainGrouped(plain)

@@ -14,10 +14,11 @@ Two implementations of one contract, `dispatch(x_Sd, experts, top_experts_SK, ga
   (`mhmoe.kernels.triton_experts`).
 The backend is chosen in one place, `resolve_backend`.
 
-Between the sort and the combine, `dispatch_sorted` hands the rows, grouped by expert, to an
-`ExpertRunner`. The default, `run_experts`, computes every expert here; expert parallelism
-(`mhmoe.parallel`) installs a runner that sends the rows to the ranks holding their experts and
-back, so the layers never see a process group.
+With all experts here, gather, expert GEMMs, gating and the sum over K form one autograd node
+(`_SortedExpertFFN`) that keeps only the gathered rows and the pre-activations for its backward,
+or nothing with `recompute`. Expert parallelism (`mhmoe.parallel`) instead installs an
+`ExpertRunner`: `dispatch_sorted` hands it the rows grouped by expert, and it sends them to the
+ranks holding their experts and back, so the layers never see a process group.
 
 Assignments the caller wants skipped (capacity overflow, padding) come with gate 0. The sorted
 path still runs them through their expert (shapes stay static, no host sync) and multiplies the
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mhmoe.kernels import triton_experts
-from mhmoe.layers.experts import Experts, activate, ffn
+from mhmoe.layers.experts import Experts, activate, activate_backward, ffn
 
 Backend = Literal["grouped_mm", "slices", "triton"]
 DispatchName = Literal["auto", "grouped_mm", "slices", "triton", "reference"]
@@ -216,6 +217,62 @@ def expert_matmul(x_Rk: Tensor, w_Ekn: Tensor, counts_E: Tensor, backend: Backen
     return torch.cat([rows @ w for rows, w in zip(torch.split(x_Rk, sizes), w_Ekn.unbind(0))])
 
 
+def expert_weight_grad(x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend: Backend) -> Tensor:
+    """Per expert e, x_eᵀ @ grad_e over its rows: the (E, k, n) gradient of `expert_matmul`'s weights."""
+    if backend == "grouped_mm":
+        return grouped_mm_weight_grad(x_Rk, grad_Rn.contiguous(), counts_E.cumsum(0).to(torch.int32))
+    sizes = counts_E.tolist()
+    return torch.stack([x.t() @ g for x, g in zip(torch.split(x_Rk, sizes), torch.split(grad_Rn, sizes))])
+
+
+class _SortedExpertFFN(torch.autograd.Function):
+    """y_s = Σ_k gate_{k,s} · expert(x_s) for rows sorted by expert: gather, both GEMMs, gating and the
+    sum over K in one autograd node, so that the backward keeps little.
+
+    Kept for the backward: the gathered rows x_Rd and the pre-activation h_RF, or with `recompute`
+    neither (the backward gathers x_Rd again and recomputes h_RF: one more GEMM). Never kept: the
+    activation (recomputed from h_RF: an elementwise op) and the expert outputs y_Rd, because the
+    gates' gradient g_r · y_r equals (g_r @ w_outᵀ) · act(h_r), whose first factor the backward
+    computes anyway (the trick of SonicMoE, Guo et al. 2025).
+    """
+
+    @staticmethod
+    def forward(ctx, x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, activation, backend, recompute):  # type: ignore[override]
+        S, d = x_Sd.shape
+        x_Rd = x_Sd.index_select(0, order_R % S)
+        h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
+        y_Rd = expert_matmul(activate(h_RF, activation), w_out, counts_E, backend)
+        y_Rd = y_Rd.to(gates_R.dtype).mul_(gates_R.unsqueeze(-1))  # in the gates' dtype (≥ fp32), summed there
+        kept = () if recompute else (x_Rd, h_RF)
+        ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, *kept)
+        ctx.activation, ctx.backend = activation, backend
+        return y_Rd.index_select(0, inverse_R).view(-1, S, d).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad_Sd):  # type: ignore[override]
+        x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, *kept = ctx.saved_tensors
+        S, backend, dtype = x_Sd.shape[0], ctx.backend, x_Sd.dtype
+        if kept:
+            x_Rd, h_RF = kept
+        else:
+            x_Rd = x_Sd.index_select(0, order_R % S)
+            h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
+        a_RF = activate(h_RF, ctx.activation)
+        grad_Rd = grad_Sd.index_select(0, order_R % S)  # each row's token's gradient
+        grad_a_ungated_RF = expert_matmul(grad_Rd.to(dtype), w_out.transpose(-1, -2), counts_E, backend)
+        grad_gates_R = (grad_a_ungated_RF.to(gates_R.dtype) * a_RF.to(gates_R.dtype)).sum(-1)
+        gates_R1 = gates_R.unsqueeze(-1)
+        grad_w_out = expert_weight_grad(a_RF, (grad_Rd * gates_R1).to(dtype), counts_E, backend)
+        grad_a_RF = grad_a_ungated_RF.mul_(gates_R1)  # in place: the ungated gradient is used up
+        grad_h_RF = activate_backward(grad_a_RF, h_RF, ctx.activation)
+        grad_w_in = expert_weight_grad(x_Rd, grad_h_RF, counts_E, backend)
+        grad_x_Sd = None
+        if ctx.needs_input_grad[0]:
+            grad_x_Rd = expert_matmul(grad_h_RF, w_in.transpose(-1, -2), counts_E, backend)
+            grad_x_Sd = grad_x_Rd.index_select(0, inverse_R).view(-1, S, x_Sd.shape[1]).sum(0)
+        return grad_x_Sd, grad_w_in, grad_w_out, grad_gates_R, None, None, None, None, None, None
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the expert GEMMs run in: autocast's for float32 input under autocast, else x's."""
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
@@ -252,13 +309,6 @@ def expert_ffn_sorted(
     return expert_matmul(h_RF, w_out, counts_E, backend)
 
 
-def run_experts(x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: Backend) -> Tensor:
-    """The default `ExpertRunner`: all E experts live here."""
-    dtype = compute_dtype(x_Rd)
-    w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
-    return expert_ffn_sorted(x_Rd, w_in, w_out, counts_E, experts.activation, backend)
-
-
 def dispatch_sorted(
     x_Sd: Tensor,
     experts: Experts,
@@ -266,12 +316,19 @@ def dispatch_sorted(
     gates_SK: Tensor,
     backend: Backend,
     runner: ExpertRunner | None = None,
+    recompute: bool = False,
 ) -> Tensor:
     """Same contract as `dispatch_reference`: sort by expert, run the experts, gather-and-sum combine.
 
-    runner: who runs the experts on the sorted rows (default `run_experts`, all experts local). A
-    runner is called even when S == 0: a distributed one must join its collectives on every rank.
+    runner: who runs the experts on the sorted rows (default: all experts here, in one autograd node,
+    `_SortedExpertFFN`). A runner is called even when S == 0: a distributed one must join its
+    collectives on every rank.
+    recompute: keep no expert activations for the backward, recompute them there (one more GEMM);
+    only with the local grouped_mm / slices backends.
     """
+    if recompute and (runner is not None or backend == "triton"):
+        where = "with an expert runner (expert parallelism)" if runner is not None else "with the triton backend"
+        raise ValueError(f"recompute is not supported {where}; use recompute=False")
     S, K = top_experts_SK.shape
     dtype = compute_dtype(x_Sd)
     if S == 0 and runner is None:  # grouped_mm cannot differentiate empty inputs; give the experts zero gradients
@@ -283,12 +340,16 @@ def dispatch_sorted(
     counts_E = torch.zeros(num_experts, dtype=torch.long, device=x_Sd.device)
     counts_E.scatter_add_(0, expert_R, torch.ones_like(expert_R))
 
-    if backend == "triton" and runner is None:  # gather and permute-back fused into the expert GEMMs
+    if runner is None:
         w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
-        y_Rd = triton_experts.expert_ffn(x_Sd.to(dtype), w_in, w_out, order_R, counts_E, experts.activation)
-        return (y_Rd.view(K, S, x_Sd.shape[-1]) * gates_SK.t().unsqueeze(-1)).sum(0).to(x_Sd.dtype)
+        if backend == "triton":  # gather and permute-back fused into the expert GEMMs
+            y_Rd = triton_experts.expert_ffn(x_Sd.to(dtype), w_in, w_out, order_R, counts_E, experts.activation)
+            return (y_Rd.view(K, S, x_Sd.shape[-1]) * gates_SK.t().unsqueeze(-1)).sum(0).to(x_Sd.dtype)
+        gates_R = gates_SK.t().reshape(-1).index_select(0, order_R)  # each sorted row's gate
+        args = (order_R, inverse_R, counts_E, experts.activation, backend, recompute)
+        return _SortedExpertFFN.apply(x_Sd.to(dtype), w_in, w_out, gates_R, *args).to(x_Sd.dtype)
     x_Rd = _GatherRepeated.apply(x_Sd.to(dtype), order_R, inverse_R)  # rows sorted by expert
-    y_Rd = (runner or run_experts)(x_Rd, counts_E, experts, backend)
+    y_Rd = runner(x_Rd, counts_E, experts, backend)
     y_KSd = _PermuteRows.apply(y_Rd, inverse_R, order_R).view(K, S, x_Sd.shape[-1])  # back to choice-major
     y_Sd = (y_KSd * gates_SK.t().unsqueeze(-1)).sum(0)  # in the gates' dtype (≥ fp32)
     return y_Sd.to(x_Sd.dtype)

@@ -40,6 +40,16 @@ def activate(h: Tensor, activation: str) -> Tensor:
     return F.relu(h)
 
 
+def activate_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    """The gradient of `activate` at h: (..., F) grad of its output -> (..., glu_factor·F) grad of h."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, h)
+    return grad * (h > 0)
+
+
 def ffn(x_Nd: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
     """act(x @ w_in) @ w_out for one expert's weights: (N, d) -> (N, d)."""
     return activate(x_Nd @ w_in, activation) @ w_out

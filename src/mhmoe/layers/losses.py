@@ -19,25 +19,20 @@ from torch import Tensor
 Reduce = Callable[[Tensor], Tensor]  # sums a 1-D tensor over all parts of the batch, differentiably
 
 
-def _masked_mean(values_S: Tensor, valid_S: Tensor | None) -> Tensor:
-    """Mean over dim 0 of values (S, ...) counting only valid rows; 0 when there are none."""
-    if valid_S is None:
-        return values_S.sum(0) / max(values_S.shape[0], 1)
-    w = valid_S.to(values_S.dtype).reshape(-1, *([1] * (values_S.dim() - 1)))
-    return (values_S * w).sum(0) / w.sum().clamp_min(1)
+def _means(sums: list[Tensor], count: Tensor, reduce: Reduce | None) -> list[Tensor]:
+    """Each sum over this call's valid items divided by their count; with `reduce`, sums and count
+    are first totalled over every caller (one reduce call). 0, not NaN, with no valid item."""
+    if reduce is not None:
+        packed = reduce(torch.cat([s.reshape(-1) for s in sums] + [count.reshape(1)]))
+        count = packed[-1]
+        sums = [part.view(s.shape) for part, s in zip(packed[:-1].split([s.numel() for s in sums]), sums)]
+    count = count.clamp_min(1)
+    return [s / count for s in sums]
 
 
-def _means(values: list[Tensor], valid_S: Tensor | None, reduce: Reduce | None) -> list[Tensor]:
-    """`_masked_mean` of each (S, ...) tensor; with `reduce`, over every caller's items (one reduce call)."""
-    if reduce is None:
-        return [_masked_mean(v, valid_S) for v in values]
-    first = values[0]
-    w_S = first.new_ones(first.shape[0]) if valid_S is None else valid_S.to(first.dtype)
-    sums = [(v * w_S.reshape(-1, *([1] * (v.dim() - 1)))).sum(0) for v in values]
-    packed = reduce(torch.cat([s.reshape(-1) for s in sums] + [w_S.sum().reshape(1)]))
-    count = packed[-1].clamp_min(1)
-    parts = packed[:-1].split([s.numel() for s in sums])
-    return [part.view(s.shape) / count for part, s in zip(parts, sums)]
+def _weights(values_S: Tensor, valid_S: Tensor | None) -> Tensor:
+    """(S,) 1 for the items that count, 0 for padding, in values' dtype."""
+    return values_S.new_ones(values_S.shape[0]) if valid_S is None else valid_S.to(values_S.dtype)
 
 
 def balance_loss(
@@ -50,12 +45,16 @@ def balance_loss(
     With `reduce`, both means run over the whole (global) batch.
     """
     num_experts = probs_SE.shape[-1]
-    one_hot_SE = torch.nn.functional.one_hot(first_choice_S, num_experts).to(probs_SE.dtype)
-    mean_prob_E, frac_E = _means([probs_SE, one_hot_SE], valid_S, reduce)
+    w_S = _weights(probs_SE, valid_S)
+    prob_sum_E = probs_SE.sum(0) if valid_S is None else (probs_SE * w_S.unsqueeze(-1)).sum(0)
+    first_count_E = torch.zeros_like(prob_sum_E).scatter_add_(0, first_choice_S, w_S)  # no (S, E) one-hot
+    mean_prob_E, frac_E = _means([prob_sum_E, first_count_E.detach()], w_S.sum(), reduce)
     return num_experts * (mean_prob_E * frac_E).sum()
 
 
 def z_loss(logits_SE: Tensor, valid_S: Tensor | None = None, reduce: Reduce | None = None) -> Tensor:
     """Router z-loss (ST-MoE): mean of logsumexp(logits)² — keeps router logits small."""
-    (mean,) = _means([torch.logsumexp(logits_SE, dim=-1).square()], valid_S, reduce)
+    z_S = torch.logsumexp(logits_SE, dim=-1).square()
+    w_S = _weights(z_S, valid_S)
+    (mean,) = _means([(z_S * w_S).sum()], w_S.sum(), reduce)
     return mean

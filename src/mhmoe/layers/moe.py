@@ -94,6 +94,9 @@ class SparseMoE(nn.Module):
             num_shared_experts · shared_expert_hidden, which equals their sum); hidden defaults to expert_hidden.
         dispatch: "auto" (fast path, backend chosen by `resolve_backend`), "grouped_mm", "slices",
             or "reference" (the per-expert loop, for tests).
+        recompute: keep no expert activations for the backward and recompute them there (one more
+            expert GEMM per layer; see `benchmarks/README.md` for time and memory). Not with
+            dispatch "triton" or "reference", nor with expert parallelism.
 
     forward(x, token_mask=None) -> MoEOutput; x: (..., d_model); token_mask: (...) bool, False for
     padding, which is not routed, gets no routed output and counts in no loss or statistic.
@@ -115,9 +118,16 @@ class SparseMoE(nn.Module):
         num_shared_experts: int = 0,
         shared_expert_hidden: int | None = None,
         dispatch: DispatchName = "auto",
+        recompute: bool = False,
     ):
         super().__init__()
         check_positive(d_model=d_model, num_experts=num_experts, expert_hidden=expert_hidden)
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be True or False, got {recompute!r}")
+        if recompute and dispatch in ("reference", "triton"):
+            raise ValueError(
+                f"recompute is not supported with dispatch={dispatch!r}; use 'auto', 'grouped_mm' or 'slices'"
+            )
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
         if num_shared_experts < 0:
@@ -131,6 +141,7 @@ class SparseMoE(nn.Module):
                 raise ValueError(f"{name} must be >= 0, got {coef}")
         self.d_model, self.num_experts, self.top_k, self.expert_hidden = d_model, num_experts, top_k, expert_hidden
         self.activation, self.capacity_factor, self.dispatch = activation, capacity_factor, dispatch
+        self.recompute = recompute
         self.balance_loss_coef, self.z_loss_coef = balance_loss_coef, z_loss_coef
         self.router = make_router(
             router, d_model=d_model, num_experts=num_experts, top_k=top_k, **(router_kwargs or {})
@@ -169,12 +180,15 @@ class SparseMoE(nn.Module):
         else:
             dims = (self.d_model, self.expert_hidden)
             backend = resolve_backend(self.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
-            y_Sd = dispatch_sorted(x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner)
+            y_Sd = dispatch_sorted(
+                x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, self.recompute
+            )
         if self.shared_experts is not None:
             y_Sd = y_Sd + self.shared_experts(x_Sd)
 
         balance = balance_loss(r.balance_probs, r.top_experts[:, 0], valid_S, self.loss_reduce)
-        z = z_loss(r.logits, valid_S, self.loss_reduce)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.z_loss_coef != 0):  # a statistic only at 0
+            z = z_loss(r.logits, valid_S, self.loss_reduce)
         aux_loss = self.balance_loss_coef * balance + self.z_loss_coef * z
         stats = MoEStats(
             tokens_per_expert=tokens_per_expert(r.top_experts, self.num_experts, valid_S),
@@ -188,7 +202,7 @@ class SparseMoE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"capacity_factor={self.capacity_factor}, balance_loss_coef={self.balance_loss_coef}, "
-            f"z_loss_coef={self.z_loss_coef}, dispatch={self.dispatch!r}"
+            f"z_loss_coef={self.z_loss_coef}, dispatch={self.dispatch!r}, recompute={self.recompute}"
         )
 
 

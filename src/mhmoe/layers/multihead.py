@@ -85,6 +85,7 @@ class MHMoE(nn.Module):
         num_shared_experts: int = 0,
         shared_expert_hidden: int | None = None,
         dispatch: DispatchName = "auto",
+        recompute: bool = False,
     ):
         super().__init__()
         check_positive(d_model=d_model, num_heads=num_heads)
@@ -114,6 +115,7 @@ class MHMoE(nn.Module):
             num_shared_experts=num_shared_experts,
             shared_expert_hidden=shared_expert_hidden,
             dispatch=dispatch,
+            recompute=recompute,
         )
         self.merge_layer = projection(d_model, merge_layers, gain=1.0, zero_bias=True)
 

@@ -62,8 +62,23 @@ class Router(nn.Module):
         return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, jitter={self.jitter}"
 
 
+def largest_k(scores_SE: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of each row's k largest scores, best first, as `Tensor.topk`.
+
+    On the CPU, k = 2 takes two argmax passes instead: torch.topk over a few dozen columns is about
+    1.6× slower there (8192 × 64: 4.0 ms vs 2.5 ms on 2 cores; no gain at k = 1). Ties go to the
+    lower index.
+    """
+    if scores_SE.device.type != "cpu" or k != 2:
+        return scores_SE.topk(k, dim=-1)
+    first_S1 = scores_SE.detach().argmax(-1, keepdim=True)
+    second_S1 = scores_SE.detach().scatter(-1, first_S1, -torch.inf).argmax(-1, keepdim=True)
+    indices_SK = torch.cat([first_S1, second_S1], dim=-1)
+    return scores_SE.gather(-1, indices_SK), indices_SK
+
+
 def top_k_gates(probs_SE: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    gates_SK, top_experts_SK = probs_SE.topk(top_k, dim=-1)
+    gates_SK, top_experts_SK = largest_k(probs_SE, top_k)
     if renormalize:
         gates_SK = gates_SK / gates_SK.sum(-1, keepdim=True).clamp_min(torch.finfo(gates_SK.dtype).tiny)
     return top_experts_SK, gates_SK
@@ -202,7 +217,7 @@ class SigmoidRouter(Router):
     def route(self, x_Sd: Tensor, valid_S: Tensor | None) -> RouterOutput:
         logits_SE = x_Sd @ self._weight(self.weight, x_Sd).t()
         scores_SE = logits_SE.sigmoid()
-        top_experts_SK = (scores_SE.detach() + self.expert_bias.to(scores_SE.dtype)).topk(self.top_k, dim=-1).indices
+        _, top_experts_SK = largest_k(scores_SE.detach() + self.expert_bias.to(scores_SE.dtype), self.top_k)
         gates_SK = scores_SE.gather(-1, top_experts_SK)
         if self.renormalize:
             gates_SK = gates_SK / gates_SK.sum(-1, keepdim=True).clamp_min(torch.finfo(gates_SK.dtype).tiny)

@@ -48,6 +48,7 @@ class FFNConfig:
     multi_head_layers: int = 1  # mhmoe only
     merge_layers: int = 1  # mhmoe only
     residual: str = "outer"  # mhmoe only: "outer" (authors' code) or "subtoken" (v1 Eq. 6)
+    recompute: bool = False  # recompute expert activations in the backward instead of keeping them
 
     def moe_layer(self, d_model: int) -> tuple[str, dict]:
         """(kind, constructor kwargs) of the MoE layer, the form `mhmoe.accounting` counts."""
@@ -63,6 +64,7 @@ class FFNConfig:
             balance_loss_coef=self.balance_loss_coef,
             z_loss_coef=self.z_loss_coef,
             num_shared_experts=self.num_shared_experts,
+            recompute=self.recompute,
         )
         if self.kind == "mhmoe":
             kwargs.update(
