@@ -15,8 +15,8 @@ Two implementations of one contract, `dispatch(x_Sd, experts, top_experts_SK, ga
 The backend is chosen in one place, `resolve_backend`.
 
 With all experts here, gather, expert GEMMs, gating and the sum over K form one autograd node
-(`_SortedExpertFFN`) that keeps only the gathered rows and the pre-activations for its backward,
-or nothing with `recompute`. Expert parallelism (`mhmoe.parallel`) instead installs an
+(`_SortedExpertFFN`) that keeps the gathered rows, pre-activations, activations and expert outputs
+for its backward, or nothing with `recompute`. Expert parallelism (`mhmoe.parallel`) instead installs an
 `ExpertRunner`: `dispatch_sorted` hands it the rows grouped by expert, and it sends them to the
 ranks holding their experts and back, so the layers never see a process group.
 
@@ -227,13 +227,16 @@ def expert_weight_grad(x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend:
 
 class _SortedExpertFFN(torch.autograd.Function):
     """y_s = Σ_k gate_{k,s} · expert(x_s) for rows sorted by expert: gather, both GEMMs, gating and the
-    sum over K in one autograd node, so that the backward keeps little.
+    sum over K in one autograd node, so that the backward keeps only what it needs.
 
-    Kept for the backward: the gathered rows x_Rd and the pre-activation h_RF, or with `recompute`
-    neither (the backward gathers x_Rd again and recomputes h_RF: one more GEMM). Never kept: the
-    activation (recomputed from h_RF: an elementwise op) and the expert outputs y_Rd, because the
-    gates' gradient g_r · y_r equals (g_r @ w_outᵀ) · act(h_r), whose first factor the backward
-    computes anyway (the trick of SonicMoE, Guo et al. 2025).
+    Kept for the backward: the gathered rows x_Rd, the pre-activation h_RF, the activation a_RF and
+    the ungated expert outputs y_Rd (for the gates' gradient g_r · y_r, over d columns). Recomputing
+    a_RF from h_RF instead would save R·F values for one elementwise pass, but that pass is not
+    cheap in MH-MoE, whose experts have H times the hidden values of dense-eq (the `cpu` preset's
+    step was measurably slower). With `recompute` nothing is kept: the backward gathers x_Rd again
+    and recomputes h_RF (one more GEMM) and a_RF, and takes the gates' gradient as
+    (g_r @ w_outᵀ) · a_r, whose first factor it computes anyway (SonicMoE's trick, Guo et al.
+    2025), so y_Rd needs no second GEMM.
     """
 
     @staticmethod
@@ -241,29 +244,34 @@ class _SortedExpertFFN(torch.autograd.Function):
         S, d = x_Sd.shape
         x_Rd = x_Sd.index_select(0, order_R % S)
         h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
-        y_Rd = expert_matmul(activate(h_RF, activation), w_out, counts_E, backend)
-        y_Rd = y_Rd.to(gates_R.dtype).mul_(gates_R.unsqueeze(-1))  # in the gates' dtype (≥ fp32), summed there
-        kept = () if recompute else (x_Rd, h_RF)
+        a_RF = activate(h_RF, activation)
+        y_Rd = expert_matmul(a_RF, w_out, counts_E, backend)
+        kept = () if recompute else (x_Rd, h_RF, a_RF, y_Rd)
         ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, *kept)
         ctx.activation, ctx.backend = activation, backend
-        return y_Rd.index_select(0, inverse_R).view(-1, S, d).sum(0)
+        gated_Rd = y_Rd * gates_R.unsqueeze(-1)  # in the gates' dtype (≥ fp32), summed over K there
+        return gated_Rd.index_select(0, inverse_R).view(-1, S, d).sum(0)
 
     @staticmethod
     def backward(ctx, grad_Sd):  # type: ignore[override]
         x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, *kept = ctx.saved_tensors
         S, backend, dtype = x_Sd.shape[0], ctx.backend, x_Sd.dtype
+        w_out_t = w_out.transpose(-1, -2)
+        gates_R1 = gates_R.unsqueeze(-1)
+        grad_Rd = grad_Sd.index_select(0, order_R % S)  # each row's token's gradient (gates' dtype)
+        grad_y_Rd = (grad_Rd * gates_R1).to(dtype)  # of the ungated expert outputs
         if kept:
-            x_Rd, h_RF = kept
+            x_Rd, h_RF, a_RF, y_Rd = kept
+            grad_gates_R = (grad_Rd * y_Rd.to(gates_R.dtype)).sum(-1)
+            grad_a_RF = expert_matmul(grad_y_Rd, w_out_t, counts_E, backend)
         else:
             x_Rd = x_Sd.index_select(0, order_R % S)
             h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
-        a_RF = activate(h_RF, ctx.activation)
-        grad_Rd = grad_Sd.index_select(0, order_R % S)  # each row's token's gradient
-        grad_a_ungated_RF = expert_matmul(grad_Rd.to(dtype), w_out.transpose(-1, -2), counts_E, backend)
-        grad_gates_R = (grad_a_ungated_RF.to(gates_R.dtype) * a_RF.to(gates_R.dtype)).sum(-1)
-        gates_R1 = gates_R.unsqueeze(-1)
-        grad_w_out = expert_weight_grad(a_RF, (grad_Rd * gates_R1).to(dtype), counts_E, backend)
-        grad_a_RF = grad_a_ungated_RF.mul_(gates_R1)  # in place: the ungated gradient is used up
+            a_RF = activate(h_RF, ctx.activation)
+            grad_a_RF = expert_matmul(grad_Rd.to(dtype), w_out_t, counts_E, backend)  # ungated for now
+            grad_gates_R = (grad_a_RF.to(gates_R.dtype) * a_RF.to(gates_R.dtype)).sum(-1)
+            grad_a_RF = grad_a_RF.mul_(gates_R1)
+        grad_w_out = expert_weight_grad(a_RF, grad_y_Rd, counts_E, backend)
         grad_h_RF = activate_backward(grad_a_RF, h_RF, ctx.activation)
         grad_w_in = expert_weight_grad(x_Rd, grad_h_RF, counts_E, backend)
         grad_x_Sd = None
