@@ -7,6 +7,7 @@ Implementations, all on the same weights and input:
     grouped_mm sort by expert + torch.nn.functional.grouped_mm (dispatch="grouped_mm"), gather-and-sum combine
     grouped_mm-recompute  the same with recompute=True: no expert activations kept, one more GEMM
     plain-grouped  the common plain version: the same GEMMs, copies gathered token-major, index_add_ back
+    floor      not an implementation: the same matmuls and activation with no routing, sort or gather
     triton     the Triton kernels with gather/scatter fused into the GEMMs (dispatch="triton"), CUDA only
 Timings are forward + backward (routing and losses included), the median of `repeats` runs after
 warm-up, all implementations timed round-robin so that a noisy machine slows each alike; TFLOP/s
@@ -117,6 +118,37 @@ class PlainGrouped(nn.Module):
         return y.view(x.shape), aux
 
 
+class GemmFloor(nn.Module):
+    """Not an implementation: the layer's matmuls and activation alone, as a lower bound.
+
+    The same multi-head and merge layers and grouped expert GEMMs (on the layer's weights, with the
+    per-expert row counts of the layer's own routing of `x`), but no router, no sort and no gather:
+    the rows stay where they are. What any implementation built on these GEMM kernels
+    must spend; fast minus floor is the cost of routing and moving rows. Returns (y, None).
+    """
+
+    def __init__(self, layer: nn.Module, x: Tensor):
+        super().__init__()
+        self.layer = layer
+        self.moe: SparseMoE = layer.moe if isinstance(layer, MHMoE) else layer
+        with torch.no_grad():
+            self.counts_E = layer(x).stats.tokens_per_expert
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        from mhmoe.layers.dispatch import expert_ffn_sorted, resolve_backend
+
+        moe, mh = self.moe, isinstance(self.layer, MHMoE)
+        h = self.layer.multi_head_layer(x.reshape(-1, x.shape[-1])) if mh else x.reshape(-1, x.shape[-1])
+        h_Sd = h.reshape(-1, moe.d_model)
+        x_Rd = h_Sd.repeat(moe.top_k, 1)  # K copies, in place of a gather
+        backend = resolve_backend("auto", x.dtype, x.device, (moe.d_model, moe.expert_hidden))
+        experts = moe.experts
+        y_Rd = expert_ffn_sorted(x_Rd, experts.w_in, experts.w_out, self.counts_E, experts.activation, backend)
+        y_Sd = y_Rd.view(moe.top_k, -1, moe.d_model).sum(0)
+        y = self.layer.merge_layer(y_Sd.reshape(-1, x.shape[-1])) if mh else y_Sd
+        return y.view(x.shape), None
+
+
 def dense_equivalent(layer: nn.Module, d_model: int, activation: str) -> DenseFFN:
     """A DenseFFN of width d_model whose hidden size gives the layer's forward FLOPs per token."""
     flops = cost_of(layer).flops_per_token
@@ -130,7 +162,7 @@ def _step(layer: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
         y, aux = out, None
     elif isinstance(out, MoEOutput):
         y, aux = out.y, out.aux_loss
-    else:  # PlainGrouped
+    else:  # PlainGrouped, GemmFloor
         y, aux = out
     loss = (y * grad).sum() if aux is None else (y * grad).sum() + aux
     loss.backward()
@@ -247,11 +279,12 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
         plain = shape.build("reference").to(device=device, dtype=dtype)
         plain.load_state_dict(reference.state_dict())
         impls["plain-grouped"] = PlainGrouped(plain)
+    impls["floor"] = GemmFloor(reference, x)
     impls["dense-eq"] = dense_equivalent(reference, shape.d_model, shape.activation).to(device=device, dtype=dtype)
 
     rows = []
     for impl, layer in impls.items():  # check everything before timing anything
-        error = None if impl in ("loop", "dense-eq") else _max_error(layer, reference, x, grad)
+        error = None if impl in ("loop", "floor", "dense-eq") else _max_error(layer, reference, x, grad)
         if error is not None and error > tolerance:
             raise RuntimeError(f"{name}/{impl}: differs from the reference by {error:.2e} (> {tolerance:.0e})")
         rows.append(dict(impl=impl, max_rel_error=error, activation_mib=saved_activation_bytes(layer, x) / 2**20))
