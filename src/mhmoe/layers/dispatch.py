@@ -232,8 +232,8 @@ class _SortedExpertFFN(torch.autograd.Function):
     Kept for the backward: the gathered rows x_Rd, the pre-activation h_RF, the activation a_RF and
     the ungated expert outputs y_Rd (for the gates' gradient g_r · y_r, over d columns). Recomputing
     a_RF from h_RF instead would save R·F values for one elementwise pass, but that pass is not
-    cheap in MH-MoE, whose experts have H times the hidden values of dense-eq (the `cpu` preset's
-    step was measurably slower). With `recompute` nothing is kept: the backward gathers x_Rd again
+    cheap in MH-MoE, whose experts carry H times the hidden values of a dense FFN of their FLOPs (a
+    layer of the `cpu` preset's shape took 5–7% longer that way on 2 CPU cores). With `recompute` nothing is kept: the backward gathers x_Rd again
     and recomputes h_RF (one more GEMM) and a_RF, and takes the gates' gradient as
     (g_r @ w_outᵀ) · a_r, whose first factor it computes anyway (SonicMoE's trick, Guo et al.
     2025), so y_Rd needs no second GEMM.
