@@ -47,7 +47,10 @@ def main() -> None:
         for r in runs[0]["results"]:
             key = f"{r['variant']}/{r['impl']}/{'tuned' if tuned else 'default'}"
             medians[key] = statistics.median(
-                x["ms"] for run in runs if run["tuned"] == tuned for x in run["results"]
+                x["ms"]
+                for run in runs
+                if run["tuned"] == tuned
+                for x in run["results"]
                 if (x["variant"], x["impl"]) == (r["variant"], r["impl"])
             )
     print("| variant | impl | ms/step glibc default | ms/step tuned | speed-up |")

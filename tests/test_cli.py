@@ -67,3 +67,12 @@ def test_benchmarks_refuse_to_time_a_wrong_fast_path(monkeypatch, argv):
     monkeypatch.setattr(moe, "dispatch_sorted", off_by_a_bit)
     with pytest.raises(RuntimeError, match="differ"):
         main([*argv, "--repeats", "1"])
+
+
+@pytest.mark.slow
+def test_bench_train_compiled_checks_against_the_eager_loop(tmp_path):
+    path = tmp_path / "train.json"
+    assert main(["bench", "train", "--preset", "cpu-tiny", "--repeats", "1", "--compile", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["compiled"] is True
+    assert all(r["max_rel_error"] < 1e-4 for r in report["results"] if r["impl"] == "fast")

@@ -399,13 +399,17 @@ def _grads_error(a: nn.Module, b: nn.Module, idx: Tensor, autocast: Any) -> floa
     return err
 
 
-def bench_train(preset_name: str, device: torch.device, repeats: int, seed: int = 0, loop: bool = True) -> dict:
+def bench_train(
+    preset_name: str, device: torch.device, repeats: int, seed: int = 0, loop: bool = True, compile: bool = False
+) -> dict:
     """Time full training steps (forward, backward, AdamW) of the preset's LM with each MoE variant.
 
     For each variant: this library's fast path, the per-expert loop (if `loop`) and dense-eq (every MoE
     layer replaced by a DenseFFN of equal FLOPs per token). The fast path is checked against the loop
     (loss and all gradients) before anything is timed. Inputs are random token ids: timing does not
     depend on the text, and routing of an untrained router is what a run starts with.
+    compile: time `torch.compile`d fast and dense-eq models instead (the loop, with its data-dependent
+    shapes, stays eager); the compiled fast path is checked against the eager loop as well.
     """
     from contextlib import nullcontext
 
@@ -435,6 +439,12 @@ def bench_train(preset_name: str, device: torch.device, repeats: int, seed: int 
                     f"{variant.name}: fast path differs from the loop by {error:.2e} (> {tolerance:.0e})"
                 )
             impls["loop"] = reference
+        if compile:
+            impls = {impl: model if impl == "loop" else torch.compile(model) for impl, model in impls.items()}
+            if loop:
+                error = max(error, _grads_error(impls["fast"], impls["loop"], idx, autocast))
+                if error > tolerance:
+                    raise RuntimeError(f"{variant.name}: compiled fast path differs from the loop by {error:.2e}")
         steps = {
             impl: functools.partial(_train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), idx, autocast)
             for impl, model in impls.items()
@@ -457,8 +467,9 @@ def bench_train(preset_name: str, device: torch.device, repeats: int, seed: int 
         for r in rows:
             if r["variant"] == variant.name:
                 r["vs_dense"] = r["ms"] / dense_ms
+    precision = "bf16" if cuda else "fp32"
     return dict(
-        preset=preset_name, batch=[B, L], matmul_peak_tflops=peak, precision="bf16" if cuda else "fp32", results=rows
+        preset=preset_name, batch=[B, L], matmul_peak_tflops=peak, precision=precision, compiled=compile, results=rows
     )
 
 

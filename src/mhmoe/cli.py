@@ -7,7 +7,7 @@
     mhmoe reproduce multilingual [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
     mhmoe reproduce multimodal [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
     mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--json FILE]
-    mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--json FILE]
+    mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--compile] [--json FILE]
     mhmoe sizes       the PAPER.md §4 presets with their exact parameter counts and FLOPs
     mhmoe export-hf RUN_DIR OUT_DIR    a train run as a Hugging Face model folder (MHMoEForCausalLM + tokenizer)
     mhmoe import-hf HF_DIR RUN_DIR     and back: a run directory that eval / analyze / export-hf read
@@ -62,7 +62,8 @@ def _bench_train(args: argparse.Namespace) -> int:
     name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     if name not in PRESETS:
         raise SystemExit(f"mhmoe: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    report = dict(environment=environment(device), **bench_train(name, device, args.repeats, loop=not args.no_loop))
+    results = bench_train(name, device, args.repeats, loop=not args.no_loop, compile=args.compile)
+    report = dict(environment=environment(device), **results)
     print(format_train_table(report))
     if args.json:
         _write_json_atomically(Path(args.json), report)
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--preset", help="model and batch of this training preset (default: cpu, or gpu on CUDA)")
     step.add_argument("--repeats", type=int, default=5)
     step.add_argument("--no-loop", action="store_true", help="skip the per-expert loop (and its correctness check)")
+    step.add_argument(
+        "--compile", action="store_true", help="time torch.compile'd models (fast and dense-eq; checked against eager)"
+    )
     step.add_argument("--json", help="also write the results to this JSON file")
     step.set_defaults(run=_bench_train)
 
