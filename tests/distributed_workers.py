@@ -85,11 +85,12 @@ def _entry(rank: int, fn, world: int, out: Path, timeout: float, args: tuple) ->
 # ---------------------------------------------------------------------------------------------- layers
 
 
-def _layer(kind: str, router: str, num_experts: int):  # type: ignore[no-untyped-def]
+def _layer(kind: str, router: str, num_experts: int, recompute: bool = False):  # type: ignore[no-untyped-def]
     from mhmoe import MHMoE, SparseMoE
 
     torch.manual_seed(0)
     common = dict(num_experts=num_experts, top_k=2, expert_hidden=16, router=router, z_loss_coef=1e-3)
+    common["recompute"] = recompute
     if kind == "mhmoe":
         return MHMoE(d_model=16, num_heads=2, **common)
     return SparseMoE(d_model=8, **common)
@@ -111,7 +112,7 @@ def layer_case(rank: int, world: int, case: dict) -> dict:
     from mhmoe.layers.routers import SigmoidRouter
     from mhmoe.parallel import finish_gradients, make_layout, parallelize, update_router_biases
 
-    reference = _layer(case["kind"], case["router"], case["num_experts"])
+    reference = _layer(case["kind"], case["router"], case["num_experts"], case.get("recompute", False))
     if case.get("one_rank"):  # every (sub-)token picks experts of rank 0: the others' experts get nothing
         bias = reference.moe.router.expert_bias if case["kind"] == "mhmoe" else reference.router.expert_bias
         bias[case["num_experts"] // case["expert"] :] = -100.0

@@ -218,3 +218,15 @@ def test_moeify_refuses_pickle_weights(tmp_path):
         pickle.dump({"transformer.wte.weight": _Exploit(tmp_path / "pwned")}, f)
     assert main(["moeify", str(folder), str(tmp_path / "out")]) == 2
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_expert_extras_refuse_recompute():
+    import torch.nn.functional as F
+
+    from mhmoe.convert import ExpertExtras
+    from mhmoe.layers.experts import Experts
+
+    runner = ExpertExtras(2, F.gelu, False, None, None)
+    experts = Experts(num_experts=2, d_model=8, hidden=8, activation="gelu")
+    with pytest.raises(ValueError, match="recompute is not supported for converted experts"):
+        runner(torch.randn(3, 8), torch.tensor([1, 2]), experts, "slices", True)

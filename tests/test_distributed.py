@@ -70,6 +70,7 @@ def test_layers_two_processes(tmp_path):
         _case("mhmoe-xmoe-ep2-ddp", "mhmoe", "xmoe", 2),
         _case("smoe-sigmoid-ep2-fsdp", "smoe", "sigmoid", 2, "fsdp"),
         _case("mhmoe-softmax-ep1-ddp", "mhmoe", "softmax", 1),
+        _case("mhmoe-softmax-ep2-recompute", "mhmoe", "softmax", 2, recompute=True),
         _case("one-rank", "smoe", "sigmoid", 2, one_rank=True),  # every token to rank 0's experts
         _case("empty-ranks", "mhmoe", "softmax", 2, empty_ranks=True),  # rank 1 has no tokens
     ]

@@ -381,11 +381,8 @@ def test_recompute_is_refused_where_it_cannot_run():
         SparseMoE(**layer_kwargs(SparseMoE, dispatch="reference", recompute=True))
     with pytest.raises(TypeError, match="recompute must be True or False"):
         SparseMoE(**layer_kwargs(SparseMoE, recompute="yes"))
-    layer = SparseMoE(**layer_kwargs(SparseMoE, recompute=True))
-    layer.expert_runner = lambda *args: None  # any runner: expert parallelism
-    layer.expert_runner.num_experts = 4
-    with pytest.raises(ValueError, match="recompute is not supported with an expert runner"):
-        layer(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="recompute is not supported with dispatch='triton'"):
+        SparseMoE(**layer_kwargs(SparseMoE, dispatch="triton", recompute=True))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

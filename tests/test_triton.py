@@ -146,20 +146,23 @@ def test_layers_with_the_triton_backend_match_the_reference(layer, activation, c
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
-def test_expert_ffn_sorted_triton_equals_grouped_rows():
-    """The path expert-parallel runners take: rows already sorted, identity gather and scatter."""
-    from mhmoe.layers.dispatch import expert_ffn_sorted
+def test_permuted_expert_ffn_triton_equals_grouped_rows():
+    """The expert-parallel runner's local step: rows taken in an order, results written back in place."""
+    from mhmoe.layers.dispatch import permuted_expert_ffn
 
     x, w_in, w_out, top = routed_problem(40, 1, 4, 16, 32, "gelu")
-    order_R, counts_E = sort_rows(top, 4)
-    x_Rd = x.detach()[order_R].requires_grad_()  # K = 1: sorted row r is item order_R[r]
-    y = expert_ffn_sorted(x_Rd, w_in, w_out, counts_E, "gelu", "triton")
-    ref = expert_ffn_sorted(x_Rd, w_in, w_out, counts_E, "gelu", "slices")
+    order_R, counts_E = sort_rows(top, 4)  # K = 1: sorted row r is item order_R[r]
+    inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(len(order_R)))
+    args = (order_R, inverse_R, counts_E, "gelu")
+    y = permuted_expert_ffn(x, w_in, w_out, *args, "triton")
+    ref = permuted_expert_ffn(x, w_in, w_out, *args, "slices")
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    got = torch.autograd.grad(y.square().sum(), (x_Rd, w_in, w_out))
-    want = torch.autograd.grad(ref.square().sum(), (x_Rd, w_in, w_out))
+    got = torch.autograd.grad(y.square().sum(), (x, w_in, w_out))
+    want = torch.autograd.grad(ref.square().sum(), (x, w_in, w_out))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="recompute is not supported with the triton backend"):
+        permuted_expert_ffn(x, w_in, w_out, *args, "triton", recompute=True)
 
 
 def test_triton_backend_refused_where_it_cannot_run(monkeypatch):

@@ -135,15 +135,17 @@ class GemmFloor(nn.Module):
             self.counts_E = layer(x).stats.tokens_per_expert
 
     def forward(self, x: Tensor) -> tuple[Tensor, None]:
-        from mhmoe.layers.dispatch import expert_ffn_sorted, resolve_backend
+        from mhmoe.layers.dispatch import expert_matmul, resolve_backend
+        from mhmoe.layers.experts import activate
 
         moe, mh = self.moe, isinstance(self.layer, MHMoE)
         h = self.layer.multi_head_layer(x.reshape(-1, x.shape[-1])) if mh else x.reshape(-1, x.shape[-1])
         h_Sd = h.reshape(-1, moe.d_model)
         x_Rd = h_Sd.repeat(moe.top_k, 1)  # K copies, in place of a gather
         backend = resolve_backend("auto", x.dtype, x.device, (moe.d_model, moe.expert_hidden))
-        experts = moe.experts
-        y_Rd = expert_ffn_sorted(x_Rd, experts.w_in, experts.w_out, self.counts_E, experts.activation, backend)
+        experts, counts_E = moe.experts, self.counts_E
+        h_RF = activate(expert_matmul(x_Rd, experts.w_in, counts_E, backend), experts.activation)
+        y_Rd = expert_matmul(h_RF, experts.w_out, counts_E, backend)
         y_Sd = y_Rd.view(moe.top_k, -1, moe.d_model).sum(0)
         y = self.layer.merge_layer(y_Sd.reshape(-1, x.shape[-1])) if mh else y_Sd
         return y.view(x.shape), None

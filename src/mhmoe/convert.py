@@ -164,7 +164,9 @@ class ExpertExtras(nn.Module):
         self.b_in = None if b_in is None else nn.Parameter(b_in.detach().clone())
         self.b_out = None if b_out is None else nn.Parameter(b_out.detach().clone())
 
-    def forward(self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: str) -> Tensor:
+    def forward(self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: str, recompute: bool) -> Tensor:
+        if recompute:
+            raise ValueError("recompute is not supported for converted experts with biases (ExpertExtras)")
         dtype = compute_dtype(x_Rd)
         w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
         if x_Rd.shape[0] == 0:  # grouped_mm cannot differentiate empty inputs: zero gradients instead

@@ -163,11 +163,6 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
-def permute_rows(x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-    """x[perm] for a permutation with its inverse given; the backward is a gather, no scatter."""
-    return _PermuteRows.apply(x, perm, inverse)
-
-
 @torch.library.custom_op("mhmoe::grouped_mm", mutates_args=())
 def grouped_mm(x_Rk: Tensor, w_Ekn: Tensor, offsets_E: Tensor) -> Tensor:
     """`F.grouped_mm` as an opaque op: (R, k) rows in expert groups ending at offsets_E, times (E, k, n).
@@ -227,7 +222,8 @@ def expert_weight_grad(x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend:
 
 class _SortedExpertFFN(torch.autograd.Function):
     """y_s = Σ_k gate_{k,s} · expert(x_s) for rows sorted by expert: gather, both GEMMs, gating and the
-    sum over K in one autograd node, so that the backward keeps only what it needs.
+    sum over K in one autograd node, so that the backward keeps only what it needs. gates_R None: no
+    gating (each row's output as is; the expert-parallel runner's local step, K = 1).
 
     Kept for the backward: the gathered rows x_Rd, the pre-activation h_RF, the activation a_RF and
     the ungated expert outputs y_Rd (for the gates' gradient g_r · y_r, over d columns). Recomputing
@@ -249,28 +245,33 @@ class _SortedExpertFFN(torch.autograd.Function):
         kept = () if recompute else (x_Rd, h_RF, a_RF, y_Rd)
         ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, *kept)
         ctx.activation, ctx.backend = activation, backend
-        gated_Rd = y_Rd * gates_R.unsqueeze(-1)  # in the gates' dtype (≥ fp32), summed over K there
-        return gated_Rd.index_select(0, inverse_R).view(-1, S, d).sum(0)
+        if gates_R is not None:
+            y_Rd = y_Rd * gates_R.unsqueeze(-1)  # in the gates' dtype (≥ fp32), summed over K there
+        y_KSd = y_Rd.index_select(0, inverse_R).view(-1, S, d)
+        return y_KSd[0] if y_KSd.shape[0] == 1 else y_KSd.sum(0)
 
     @staticmethod
     def backward(ctx, grad_Sd):  # type: ignore[override]
         x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, *kept = ctx.saved_tensors
         S, backend, dtype = x_Sd.shape[0], ctx.backend, x_Sd.dtype
         w_out_t = w_out.transpose(-1, -2)
-        gates_R1 = gates_R.unsqueeze(-1)
         grad_Rd = grad_Sd.index_select(0, order_R % S)  # each row's token's gradient (gates' dtype)
-        grad_y_Rd = (grad_Rd * gates_R1).to(dtype)  # of the ungated expert outputs
+        gated = gates_R is not None
+        grad_y_Rd = (grad_Rd * gates_R.unsqueeze(-1) if gated else grad_Rd).to(dtype)  # of the ungated outputs
+        grad_gates_R = None
         if kept:
             x_Rd, h_RF, a_RF, y_Rd = kept
-            grad_gates_R = (grad_Rd * y_Rd.to(gates_R.dtype)).sum(-1)
+            if gated:
+                grad_gates_R = (grad_Rd * y_Rd.to(gates_R.dtype)).sum(-1)
             grad_a_RF = expert_matmul(grad_y_Rd, w_out_t, counts_E, backend)
         else:
             x_Rd = x_Sd.index_select(0, order_R % S)
             h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
             a_RF = activate(h_RF, ctx.activation)
             grad_a_RF = expert_matmul(grad_Rd.to(dtype), w_out_t, counts_E, backend)  # ungated for now
-            grad_gates_R = (grad_a_RF.to(gates_R.dtype) * a_RF.to(gates_R.dtype)).sum(-1)
-            grad_a_RF = grad_a_RF.mul_(gates_R1)
+            if gated:
+                grad_gates_R = (grad_a_RF.to(gates_R.dtype) * a_RF.to(gates_R.dtype)).sum(-1)
+                grad_a_RF = grad_a_RF.mul_(gates_R.unsqueeze(-1))
         grad_w_out = expert_weight_grad(a_RF, grad_y_Rd, counts_E, backend)
         grad_h_RF = activate_backward(grad_a_RF, h_RF, ctx.activation)
         grad_w_in = expert_weight_grad(x_Rd, grad_h_RF, counts_E, backend)
@@ -289,32 +290,47 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 class ExpertRunner(Protocol):
-    """Runs experts on rows sorted by expert: (x_Rd, counts_E, experts, backend) -> y_Rd, row for row.
+    """Runs experts on rows sorted by expert: (x_Rd, counts_E, experts, backend, recompute) -> y_Rd, row
+    for row.
 
     counts_E (E,) int64 counts the rows of each of the layer's E experts, in order; `num_experts` is
-    that E (under expert parallelism `experts` holds only this rank's share of them).
+    that E (under expert parallelism `experts` holds only this rank's share of them). recompute: the
+    layer's setting (keep no expert activations for the backward); a runner that cannot must refuse it.
     """
 
     num_experts: int
 
-    def __call__(self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: Backend) -> Tensor: ...
+    def __call__(
+        self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: Backend, recompute: bool
+    ) -> Tensor: ...
 
 
-def expert_ffn_sorted(
-    x_Rd: Tensor, w_in: Tensor, w_out: Tensor, counts_E: Tensor, activation: str, backend: Backend
+def permuted_expert_ffn(
+    x_Nd: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    order_N: Tensor,
+    inverse_N: Tensor,
+    counts_E: Tensor,
+    activation: str,
+    backend: Backend,
+    recompute: bool = False,
 ) -> Tensor:
-    """act(x @ w_in[e]) @ w_out[e] for rows grouped by expert (counts_E rows each), in the weights' dtype.
+    """act(x @ w_in[e]) @ w_out[e] for rows taken in `order_N` (then grouped by expert, counts_E rows
+    each; inverse_N its inverse), each result written back at its own input row: (N, d) -> (N, d), in
+    the weights' dtype. The expert-parallel runner's local step; one autograd node (`_SortedExpertFFN`).
 
     No rows at all: an empty result that still gives the weights (zero) gradients, since grouped_mm
     cannot differentiate empty inputs.
     """
-    if x_Rd.shape[0] == 0:
-        return x_Rd.to(w_in.dtype) + 0 * (w_in.sum() + w_out.sum())
-    if backend == "triton":  # rows already in place: identity gather and scatter
-        rows_R = torch.arange(x_Rd.shape[0], device=x_Rd.device)
-        return triton_experts.expert_ffn(x_Rd.to(w_in.dtype), w_in, w_out, rows_R, counts_E, activation)
-    h_RF = activate(expert_matmul(x_Rd.to(w_in.dtype), w_in, counts_E, backend), activation)
-    return expert_matmul(h_RF, w_out, counts_E, backend)
+    x_Nd = x_Nd.to(w_in.dtype)
+    if x_Nd.shape[0] == 0:
+        return x_Nd + 0 * (w_in.sum() + w_out.sum())
+    if backend == "triton":  # the gather and the write-back fused into the GEMMs
+        if recompute:
+            raise ValueError("recompute is not supported with the triton backend; use recompute=False")
+        return triton_experts.expert_ffn(x_Nd, w_in, w_out, order_N, counts_E, activation)
+    return _SortedExpertFFN.apply(x_Nd, w_in, w_out, None, order_N, inverse_N, counts_E, activation, backend, recompute)
 
 
 def dispatch_sorted(
@@ -332,11 +348,10 @@ def dispatch_sorted(
     `_SortedExpertFFN`). A runner is called even when S == 0: a distributed one must join its
     collectives on every rank.
     recompute: keep no expert activations for the backward, recompute them there (one more GEMM);
-    only with the local grouped_mm / slices backends.
+    not with the triton backend. Passed on to a runner.
     """
-    if recompute and (runner is not None or backend == "triton"):
-        where = "with an expert runner (expert parallelism)" if runner is not None else "with the triton backend"
-        raise ValueError(f"recompute is not supported {where}; use recompute=False")
+    if recompute and backend == "triton":
+        raise ValueError("recompute is not supported with the triton backend; use recompute=False")
     S, K = top_experts_SK.shape
     dtype = compute_dtype(x_Sd)
     if S == 0 and runner is None:  # grouped_mm cannot differentiate empty inputs; give the experts zero gradients
@@ -357,7 +372,7 @@ def dispatch_sorted(
         args = (order_R, inverse_R, counts_E, experts.activation, backend, recompute)
         return _SortedExpertFFN.apply(x_Sd.to(dtype), w_in, w_out, gates_R, *args).to(x_Sd.dtype)
     x_Rd = _GatherRepeated.apply(x_Sd.to(dtype), order_R, inverse_R)  # rows sorted by expert
-    y_Rd = runner(x_Rd, counts_E, experts, backend)
+    y_Rd = runner(x_Rd, counts_E, experts, backend, recompute)
     y_KSd = _PermuteRows.apply(y_Rd, inverse_R, order_R).view(K, S, x_Sd.shape[-1])  # back to choice-major
     y_Sd = (y_KSd * gates_SK.t().unsqueeze(-1)).sum(0)  # in the gates' dtype (≥ fp32)
     return y_Sd.to(x_Sd.dtype)

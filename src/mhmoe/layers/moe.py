@@ -96,7 +96,8 @@ class SparseMoE(nn.Module):
             or "reference" (the per-expert loop, for tests).
         recompute: keep no expert activations for the backward and recompute them there (one more
             expert GEMM per layer; see `benchmarks/README.md` for time and memory). Not with
-            dispatch "triton" or "reference", nor with expert parallelism.
+            dispatch "triton" or "reference"; under expert parallelism the combine still keeps the
+            experts' (R, d) outputs.
 
     forward(x, token_mask=None) -> MoEOutput; x: (..., d_model); token_mask: (...) bool, False for
     padding, which is not routed, gets no routed output and counts in no loss or statistic.

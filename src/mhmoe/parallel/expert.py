@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from mhmoe.layers.dispatch import Backend, expert_ffn_sorted, permute_rows
+from mhmoe.layers.dispatch import Backend, permuted_expert_ffn
 from mhmoe.layers.experts import Experts
 from mhmoe.layers.moe import SparseMoE
 
@@ -107,7 +107,7 @@ class AllToAllExperts:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({self.size})")
         self.local_experts = num_experts // self.size
 
-    def __call__(self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: Backend) -> Tensor:
+    def __call__(self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: Backend, recompute: bool) -> Tensor:
         P, El = self.size, self.local_experts
         recv_counts_E = torch.empty_like(counts_E)  # block p: rows rank p sends to each of my El experts
         dist.all_to_all_single(recv_counts_E, counts_E, group=self.group)
@@ -118,10 +118,10 @@ class AllToAllExperts:
         x_Nd = _exchange(x_Rd, send_splits, recv_splits, self.group)  # blocks (source, expert)
         perm_N, inverse_N = _regroup(recv_counts_PE)
         w_in, w_out = (local_tensor(w).to(x_Rd.dtype) for w in (experts.w_in, experts.w_out))
-        y_Nd = expert_ffn_sorted(
-            permute_rows(x_Nd, perm_N, inverse_N), w_in, w_out, recv_counts_PE.sum(0), experts.activation, backend
+        counts_El = recv_counts_PE.sum(0)
+        y_Nd = permuted_expert_ffn(  # regrouped by expert inside, results back in blocks (source, expert)
+            x_Nd, w_in, w_out, perm_N, inverse_N, counts_El, experts.activation, backend, recompute
         )
-        y_Nd = permute_rows(y_Nd, inverse_N, perm_N)  # back to blocks (source, expert)
         return _exchange(y_Nd, recv_splits, send_splits, self.group)
 
     def __repr__(self) -> str:
