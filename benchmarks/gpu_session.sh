@@ -2,8 +2,8 @@
 # The prepared device run for a session with a GPU (about 10 minutes on one H200): every implementation,
 # the Triton kernels included, is checked against the per-expert reference inside the benchmarks before it is
 # timed. Run from the repository root on the GPU machine, where nothing is installed: PYTHONPATH=src.
-# Results: ${OUT:-benchmarks/results}/<gpu>-<date>.json, <gpu>-<date>-train.json and -train-compiled.json; tables
-# on stdout.
+# Results: ${OUT:-benchmarks/results}/<gpu>-<date>.json, <gpu>-<date>-train.json, -train-compiled.json and
+# -cuda-graph.json; tables on stdout.
 set -euo pipefail
 export PYTHONPATH=src
 out=${OUT:-benchmarks/results}
@@ -12,5 +12,7 @@ name=$(python -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 python -m mhmoe bench layer --device cuda --shapes all --repeats 10 --json "$out/$name.json"
 python -m mhmoe bench train --device cuda --repeats 10 --json "$out/$name-train.json"
-# last, so that a time limit cuts only this: compiled steps (inductor; about a minute of compilation per variant)
+# then compiled steps (inductor; about a minute of compilation per variant)
 python -m mhmoe bench train --device cuda --compile --no-loop --repeats 10 --json "$out/$name-train-compiled.json"
+# last: a failed CUDA-graph capture can leave the context unusable
+python -m mhmoe bench layer --device cuda --cuda-graph --json "$out/$name-cuda-graph.json"

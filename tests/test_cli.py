@@ -76,3 +76,49 @@ def test_bench_train_compiled_checks_against_the_eager_loop(tmp_path):
     report = json.loads(path.read_text())
     assert report["compiled"] is True
     assert all(r["max_rel_error"] < 1e-4 for r in report["results"] if r["impl"] == "fast")
+
+
+def test_cuda_graph_check_logic_with_stand_ins(monkeypatch):
+    """The CUDA-graph check's own logic (warm-up, capture, replay, compare, report), with no-op stand-ins for
+    the CUDA stream and graph API so it runs here; on a GPU the real ones are used (`gpu_session.sh`)."""
+    import contextlib
+
+    import torch
+
+    from mhmoe.bench import cuda_graph_check
+
+    class Stand:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, stream):
+            pass
+
+        def replay(self):
+            pass
+
+    for name, value in dict(
+        Stream=Stand,
+        CUDAGraph=Stand,
+        current_stream=lambda device=None: Stand(),
+        stream=lambda s: contextlib.nullcontext(),
+        graph=lambda g: contextlib.nullcontext(),
+        synchronize=lambda device=None: None,
+    ).items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    result = cuda_graph_check("tiny", torch.device("cpu"), torch.float32)
+    assert result["capturable"] is True and result["replay_max_rel_error"] == 0.0
+
+    @contextlib.contextmanager
+    def refusing(g):
+        yield
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "graph", refusing)
+    result = cuda_graph_check("tiny", torch.device("cpu"), torch.float32)
+    assert result["capturable"] is False and "not permitted" in result["error"]
+
+
+def test_cuda_graph_needs_cuda():
+    with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
+        main(["bench", "layer", "--cuda-graph"])

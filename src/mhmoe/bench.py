@@ -306,6 +306,47 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
     return dict(name=name, shape=asdict(shape), flops_per_token=cost.flops_per_token, results=rows)
 
 
+def cuda_graph_check(name: str, device: torch.device, dtype: torch.dtype, dispatch: str = "auto") -> dict:
+    """Can the layer's forward + backward be captured in one CUDA graph, and does a replay match eager?
+
+    The performance issue asks for a layer with no host synchronisation, capturable in a CUDA graph; this
+    tries it (warm-up on a side stream, capture of forward + `torch.autograd.grad`, one replay) and reports
+    the error instead of raising. Run it after everything else on a device: a failed capture can leave the
+    CUDA context unusable.
+    """
+    shape = SHAPES[name]
+    torch.manual_seed(0)
+    layer = shape.build(dispatch).to(device=device, dtype=dtype)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    x = torch.randn(shape.tokens, shape.d_model, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step() -> tuple[Tensor, ...]:
+        out = layer(x)
+        return (out.y, *torch.autograd.grad((out.y * grad).sum() + out.aux_loss, [x, *params]))
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay()
+        torch.cuda.synchronize(device)
+    except Exception as e:  # the answer is the error, not a crash of the benchmark
+        return dict(shape=name, dispatch=dispatch, capturable=False, error=f"{type(e).__name__}: {e}"[:1000])
+    eager = step()
+    error = max(
+        float((a.detach().float() - b.detach().float()).abs().max() / b.detach().float().abs().max().clamp_min(1e-6))
+        for a, b in zip(captured, eager)
+    )
+    return dict(shape=name, dispatch=dispatch, capturable=True, replay_max_rel_error=error)
+
+
 def environment(device: torch.device) -> dict:
     env = dict(
         torch=torch.__version__,

@@ -6,7 +6,7 @@
     mhmoe reproduce english [--quick|--gpu] [--seeds N] [--out DIR] [--data PATH] [--set key=value ...]
     mhmoe reproduce multilingual [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
     mhmoe reproduce multimodal [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
-    mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--json FILE]
+    mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--cuda-graph] [--json FILE]
     mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--compile] [--json FILE]
     mhmoe sizes       the PAPER.md §4 presets with their exact parameter counts and FLOPs
     mhmoe export-hf RUN_DIR OUT_DIR    a train run as a Hugging Face model folder (MHMoEForCausalLM + tokenizer)
@@ -32,18 +32,23 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 def _bench_layer(args: argparse.Namespace) -> int:
     import torch
 
-    from mhmoe.bench import DEFAULT_SHAPES, SHAPES, bench_shape, environment, format_table
+    from mhmoe.bench import DEFAULT_SHAPES, SHAPES, bench_shape, cuda_graph_check, environment, format_table
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("mhmoe: --device cuda given but no CUDA device is available")
+    if args.cuda_graph and args.device != "cuda":
+        raise SystemExit("mhmoe: --cuda-graph needs --device cuda")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     names = _parse_shapes(args.shapes, DEFAULT_SHAPES[device.type], SHAPES)
     report = dict(environment=environment(device), dtype=str(dtype).removeprefix("torch."), benchmarks=[])
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
-        report["benchmarks"].append(bench_shape(name, device, dtype, args.repeats))
-    print(format_table(report))
+        if args.cuda_graph:
+            report["benchmarks"].append(cuda_graph_check(name, device, dtype))
+        else:
+            report["benchmarks"].append(bench_shape(name, device, dtype, args.repeats))
+    print(json.dumps(report["benchmarks"], indent=1) if args.cuda_graph else format_table(report))
     if args.json:
         _write_json_atomically(Path(args.json), report)
         print(f"wrote {args.json}", file=sys.stderr)
@@ -299,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     layer.add_argument("--shapes", help="comma-separated shape names, or 'all' (default: the device's set)")
     layer.add_argument("--repeats", type=int, default=5)
     layer.add_argument("--json", help="also write the results to this JSON file")
+    layer.add_argument(
+        "--cuda-graph", action="store_true", help="instead of timing: capture forward + backward in a CUDA graph"
+    )
     layer.set_defaults(run=_bench_layer)
     step = bench_verbs.add_parser("train", help="time LM training steps: fast path vs loop vs dense-eq")
     step.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
