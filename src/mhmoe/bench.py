@@ -81,7 +81,31 @@ DEFAULT_SHAPES = {
 }
 
 
-class PlainGrouped(nn.Module):
+class _AroundExperts(nn.Module):
+    """A baseline wrapped around a SparseMoE or an MHMoE: its multi-head and merge layers (identity for a
+    SparseMoE) and its weights, with the experts' part replaced by the subclass's."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.moe: SparseMoE = layer.moe if isinstance(layer, MHMoE) else layer
+
+    def split(self, x: Tensor) -> Tensor:
+        """(..., D) -> (S, d): the multi-head layer, then the sub-tokens as rows."""
+        h = x.reshape(-1, x.shape[-1])
+        if isinstance(self.layer, MHMoE):
+            h = self.layer.multi_head_layer(h)
+        return h.reshape(-1, self.moe.d_model)
+
+    def merge(self, y_Sd: Tensor, x: Tensor) -> Tensor:
+        """(S, d) -> x's shape: the sub-tokens merged, then the merge layer."""
+        y = y_Sd.reshape(-1, x.shape[-1])
+        if isinstance(self.layer, MHMoE):
+            y = self.layer.merge_layer(y)
+        return y.view(x.shape)
+
+
+class PlainGrouped(_AroundExperts):
     """The plain implementation found in many codebases, as a baseline: sort the (sub-)token copies by expert,
     gather them, `torch.nn.functional.grouped_mm` twice, scale by the gates and `index_add_` them back.
 
@@ -89,20 +113,14 @@ class PlainGrouped(nn.Module):
     uses its router and weights, so it routes exactly like the layer; returns (y, aux_loss) like `_step` needs.
     """
 
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-        self.moe: SparseMoE = layer.moe if isinstance(layer, MHMoE) else layer
-
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         import torch.nn.functional as F
 
         from mhmoe.layers.experts import activate
         from mhmoe.layers.losses import balance_loss
 
-        moe, mh = self.moe, isinstance(self.layer, MHMoE)
-        h = self.layer.multi_head_layer(x.reshape(-1, x.shape[-1])) if mh else x.reshape(-1, x.shape[-1])
-        h_Sd = h.reshape(-1, moe.d_model)
+        moe = self.moe
+        h_Sd = self.split(x)
         r = moe.router(h_Sd, None)
         K = r.top_experts.shape[1]
         order = torch.argsort(r.top_experts.reshape(-1), stable=True)  # token-major copies s·K + k, by expert
@@ -113,12 +131,11 @@ class PlainGrouped(nn.Module):
         hidden = activate(F.grouped_mm(h_Sd[token], w_in, offs=offsets), moe.experts.activation)
         out = F.grouped_mm(hidden, w_out, offs=offsets) * r.gates.reshape(-1)[order, None].to(x.dtype)
         y_Sd = torch.zeros_like(h_Sd).index_add_(0, token, out)
-        y = self.layer.merge_layer(y_Sd.reshape(-1, x.shape[-1])) if mh else y_Sd
         aux = moe.balance_loss_coef * balance_loss(r.balance_probs, r.top_experts[:, 0])
-        return y.view(x.shape), aux
+        return self.merge(y_Sd, x), aux
 
 
-class GemmFloor(nn.Module):
+class GemmFloor(_AroundExperts):
     """Not an implementation: the layer's matmuls and activation alone, as a lower bound.
 
     The same multi-head and merge layers and grouped expert GEMMs (on the layer's weights, with the
@@ -128,9 +145,7 @@ class GemmFloor(nn.Module):
     """
 
     def __init__(self, layer: nn.Module, x: Tensor):
-        super().__init__()
-        self.layer = layer
-        self.moe: SparseMoE = layer.moe if isinstance(layer, MHMoE) else layer
+        super().__init__(layer)
         with torch.no_grad():
             self.counts_E = layer(x).stats.tokens_per_expert
 
@@ -138,17 +153,13 @@ class GemmFloor(nn.Module):
         from mhmoe.layers.dispatch import expert_matmul, resolve_backend
         from mhmoe.layers.experts import activate
 
-        moe, mh = self.moe, isinstance(self.layer, MHMoE)
-        h = self.layer.multi_head_layer(x.reshape(-1, x.shape[-1])) if mh else x.reshape(-1, x.shape[-1])
-        h_Sd = h.reshape(-1, moe.d_model)
-        x_Rd = h_Sd.repeat(moe.top_k, 1)  # K copies, in place of a gather
+        moe = self.moe
+        x_Rd = self.split(x).repeat(moe.top_k, 1)  # K copies, in place of a gather
         backend = resolve_backend("auto", x.dtype, x.device, (moe.d_model, moe.expert_hidden))
         experts, counts_E = moe.experts, self.counts_E
         h_RF = activate(expert_matmul(x_Rd, experts.w_in, counts_E, backend), experts.activation)
         y_Rd = expert_matmul(h_RF, experts.w_out, counts_E, backend)
-        y_Sd = y_Rd.view(moe.top_k, -1, moe.d_model).sum(0)
-        y = self.layer.merge_layer(y_Sd.reshape(-1, x.shape[-1])) if mh else y_Sd
-        return y.view(x.shape), None
+        return self.merge(y_Rd.view(moe.top_k, -1, moe.d_model).sum(0), x), None
 
 
 def dense_equivalent(layer: nn.Module, d_model: int, activation: str) -> DenseFFN:
