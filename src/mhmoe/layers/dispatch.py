@@ -236,14 +236,15 @@ class _SortedExpertFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, activation, backend, recompute):  # type: ignore[override]
+    def forward(ctx, x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, activation, backend, recompute):  # type: ignore[override]
+        # source_R: the input row of each sorted row (order_R % S); inverse_R: where each copy r = k·S + s sits
         S, d = x_Sd.shape
-        x_Rd = x_Sd.index_select(0, order_R % S)
+        x_Rd = x_Sd.index_select(0, source_R)
         h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
         a_RF = activate(h_RF, activation)
         y_Rd = expert_matmul(a_RF, w_out, counts_E, backend)
         kept = () if recompute else (x_Rd, h_RF, a_RF, y_Rd)
-        ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, *kept)
+        ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, *kept)
         ctx.activation, ctx.backend = activation, backend
         if gates_R is not None:
             y_Rd = y_Rd * gates_R.unsqueeze(-1)  # in the gates' dtype (≥ fp32), summed over K there
@@ -252,10 +253,10 @@ class _SortedExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_Sd):  # type: ignore[override]
-        x_Sd, w_in, w_out, gates_R, order_R, inverse_R, counts_E, *kept = ctx.saved_tensors
+        x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, *kept = ctx.saved_tensors
         S, backend, dtype = x_Sd.shape[0], ctx.backend, x_Sd.dtype
         w_out_t = w_out.transpose(-1, -2)
-        grad_Rd = grad_Sd.index_select(0, order_R % S)  # each row's token's gradient (gates' dtype)
+        grad_Rd = grad_Sd.index_select(0, source_R)  # each row's token's gradient (gates' dtype)
         gated = gates_R is not None
         grad_y_Rd = (grad_Rd * gates_R.unsqueeze(-1) if gated else grad_Rd).to(dtype)  # of the ungated outputs
         grad_gates_R = None
@@ -265,7 +266,7 @@ class _SortedExpertFFN(torch.autograd.Function):
                 grad_gates_R = (grad_Rd * y_Rd.to(gates_R.dtype)).sum(-1)
             grad_a_RF = expert_matmul(grad_y_Rd, w_out_t, counts_E, backend)
         else:
-            x_Rd = x_Sd.index_select(0, order_R % S)
+            x_Rd = x_Sd.index_select(0, source_R)
             h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
             a_RF = activate(h_RF, ctx.activation)
             grad_a_RF = expert_matmul(grad_Rd.to(dtype), w_out_t, counts_E, backend)  # ungated for now
@@ -369,7 +370,7 @@ def dispatch_sorted(
             y_Rd = triton_experts.expert_ffn(x_Sd.to(dtype), w_in, w_out, order_R, counts_E, experts.activation)
             return (y_Rd.view(K, S, x_Sd.shape[-1]) * gates_SK.t().unsqueeze(-1)).sum(0).to(x_Sd.dtype)
         gates_R = gates_SK.t().reshape(-1).index_select(0, order_R)  # each sorted row's gate
-        args = (order_R, inverse_R, counts_E, experts.activation, backend, recompute)
+        args = (order_R % S, inverse_R, counts_E, experts.activation, backend, recompute)
         return _SortedExpertFFN.apply(x_Sd.to(dtype), w_in, w_out, gates_R, *args).to(x_Sd.dtype)
     x_Rd = _GatherRepeated.apply(x_Sd.to(dtype), order_R, inverse_R)  # rows sorted by expert
     y_Rd = runner(x_Rd, counts_E, experts, backend, recompute)

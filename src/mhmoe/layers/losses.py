@@ -56,5 +56,5 @@ def z_loss(logits_SE: Tensor, valid_S: Tensor | None = None, reduce: Reduce | No
     """Router z-loss (ST-MoE): mean of logsumexp(logits)² — keeps router logits small."""
     z_S = torch.logsumexp(logits_SE, dim=-1).square()
     w_S = _weights(z_S, valid_S)
-    (mean,) = _means([(z_S * w_S).sum()], w_S.sum(), reduce)
+    (mean,) = _means([z_S.sum() if valid_S is None else (z_S * w_S).sum()], w_S.sum(), reduce)
     return mean
