@@ -38,6 +38,16 @@ ROUTER_CASES = [
     pytest.param("sigmoid", 2, {}, id="sigmoid"),
 ]
 ACTIVATIONS = ["gelu", "relu", "swiglu"]
+# --set overrides of a toy-sized language model, for end-to-end runs of the reproductions
+TOY_MODEL = [
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_layers=2",
+    "model.seq_len=32",
+    "model.ffn.hidden=64",
+    "model.ffn.expert_hidden=64",
+    "model.ffn.num_experts=4",
+]
 TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import shared_file
+from conftest import TOY_MODEL, shared_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -431,13 +431,7 @@ def test_word_divergence_groups_follow_the_routing(monkeypatch):
 # ----------------------------------------------------------------------------------------------- end to end
 
 TOY = [
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.n_layers=2",
-    "model.seq_len=32",
-    "model.ffn.hidden=64",
-    "model.ffn.expert_hidden=64",
-    "model.ffn.num_experts=4",
+    *TOY_MODEL,
     "train.max_steps=3",
     "train.eval_every=3",
     "train.eval_batches=1",

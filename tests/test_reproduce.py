@@ -4,7 +4,7 @@ import gzip
 import json
 
 import pytest
-from conftest import shared_file
+from conftest import TOY_MODEL, shared_file
 
 from mhmoe.cli import main
 from mhmoe.models.gpt import gpt_cost
@@ -12,13 +12,7 @@ from mhmoe.reproduce import english_base, english_variants
 
 SHARED = shared_file()
 TOY = [
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.n_layers=2",
-    "model.seq_len=32",
-    "model.ffn.hidden=64",
-    "model.ffn.expert_hidden=64",
-    "model.ffn.num_experts=4",
+    *TOY_MODEL,
     "train.max_steps=4",
     "train.eval_every=2",
     "train.eval_batches=2",
