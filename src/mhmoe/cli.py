@@ -196,61 +196,42 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reproduce_multimodal(args: argparse.Namespace) -> int:
-    from mhmoe.reproduce_multimodal import multimodal_table, reproduce_multimodal
-
-    if args.ood_data:
-        raise SystemExit("mhmoe: --ood-data applies to `reproduce english` only")
-    out = Path(args.out or f"runs/reproduce-multimodal{'-quick' if args.quick else ''}")
-    seeds = args.seeds or (3 if args.gpu else 1)
-    results = reproduce_multimodal(
-        out, quick=args.quick, gpu=args.gpu, seeds=seeds, data=args.data or "", overrides=args.set,
-        progress=not args.no_progress,
-    )  # fmt: skip
-    print(multimodal_table(results))
-    print(
-        f"results.json, results.md, val_curves*.png, heatmaps/ and divergence/ in {out} ({results['wall_seconds']:.0f} s)"
-    )
-    return 0
-
-
-def _reproduce_multilingual(args: argparse.Namespace) -> int:
-    from mhmoe.reproduce_multilingual import reproduce_multilingual, results_table
-
-    out = Path(args.out or f"runs/reproduce-multilingual{'-quick' if args.quick else ''}")
-    results = reproduce_multilingual(
-        out, quick=args.quick, gpu=args.gpu, seeds=args.seeds or (3 if args.gpu else 1), data=args.data or "",
-        overrides=args.set, progress=not args.no_progress, ood=args.ood_data or "",
-    )  # fmt: skip
-    print(results_table(results))
-    print(
-        f"results.json, results.md, val_curves.png, heatmaps/ and divergence/ in {out} ({results['wall_seconds']:.0f} s)"
-    )
-    return 0
+# task -> (module, its run function, its table function, what it writes besides results.json / results.md)
+REPRODUCTIONS = {
+    "english": ("mhmoe.reproduce", "reproduce_english", "results_table", "val_curves.png and heatmaps/"),
+    "multilingual": (
+        "mhmoe.reproduce_multilingual", "reproduce_multilingual", "results_table",
+        "val_curves.png, heatmaps/ and divergence/",
+    ),
+    "multimodal": (
+        "mhmoe.reproduce_multimodal", "reproduce_multimodal", "multimodal_table",
+        "val_curves*.png, heatmaps/ and divergence/",
+    ),
+}  # fmt: skip
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from mhmoe.reproduce import reproduce_english, results_table
+    import importlib
 
-    if args.task == "multimodal":
-        return _reproduce_multimodal(args)
-    if args.task == "multilingual":
-        return _reproduce_multilingual(args)
-
-    out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
-    seeds = args.seeds or (3 if args.gpu else 1)
-    results = reproduce_english(
-        out,
+    module_name, run_name, table_name, files = REPRODUCTIONS[args.task]
+    module = importlib.import_module(module_name)
+    kwargs = dict(
         quick=args.quick,
         gpu=args.gpu,
-        seeds=seeds,
+        seeds=args.seeds or (3 if args.gpu else 1),
         data=args.data or "",
         overrides=args.set,
         progress=not args.no_progress,
-        ood=args.ood_data or "",
     )
-    print(results_table(results))
-    print(f"results.json, results.md, val_curves.png and heatmaps/ in {out} ({results['wall_seconds']:.0f} s)")
+    if args.task == "multimodal":
+        if args.ood_data:
+            raise SystemExit("mhmoe: --ood-data applies to `reproduce english` and `reproduce multilingual` only")
+    else:
+        kwargs["ood"] = args.ood_data or ""
+    out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
+    results = getattr(module, run_name)(out, **kwargs)
+    print(getattr(module, table_name)(results))
+    print(f"results.json, results.md, {files} in {out} ({results['wall_seconds']:.0f} s)")
     return 0
 
 
