@@ -276,22 +276,20 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
     cost = cost_of(reference)
     tolerance = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
 
-    impls: dict[str, nn.Module] = {"loop": reference}
+    def twin(dispatch: str, recompute: bool = False) -> nn.Module:  # the reference's weights, another dispatch
+        layer = shape.build(dispatch, recompute).to(device=device, dtype=dtype)
+        layer.load_state_dict(reference.state_dict())
+        return layer
+
     backends = ["slices"]
     if resolve_backend("auto", dtype, device, (shape.d_model // shape.num_heads, shape.expert_hidden)) == "grouped_mm":
         backends.append("grouped_mm")
     if device.type == "cuda" and triton_experts.supports(device, dtype):  # on the CPU only the (slow) interpreter
         backends.append("triton")
-    for backend in backends:
-        layer = shape.build(backend).to(device=device, dtype=dtype)
-        layer.load_state_dict(reference.state_dict())
-        impls[backend] = layer
+    impls: dict[str, nn.Module] = {"loop": reference, **{backend: twin(backend) for backend in backends}}
     if "grouped_mm" in backends:
-        impls["grouped_mm-recompute"] = shape.build("grouped_mm", recompute=True).to(device=device, dtype=dtype)
-        impls["grouped_mm-recompute"].load_state_dict(reference.state_dict())
-        plain = shape.build("reference").to(device=device, dtype=dtype)
-        plain.load_state_dict(reference.state_dict())
-        impls["plain-grouped"] = PlainGrouped(plain)
+        impls["grouped_mm-recompute"] = twin("grouped_mm", recompute=True)
+        impls["plain-grouped"] = PlainGrouped(twin("reference"))
     impls["floor"] = GemmFloor(reference, x)
     impls["dense-eq"] = dense_equivalent(reference, shape.d_model, shape.activation).to(device=device, dtype=dtype)
 
@@ -301,12 +299,12 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
         if error is not None and error > tolerance:
             raise RuntimeError(f"{name}/{impl}: differs from the reference by {error:.2e} (> {tolerance:.0e})")
         rows.append(dict(impl=impl, max_rel_error=error, activation_mib=saved_activation_bytes(layer, x) / 2**20))
-    for row, layer in zip(rows, impls.values()):
-        row["peak_mib"] = _peak_mib(functools.partial(_step, layer, x.detach().clone().requires_grad_(), grad), device)
     steps = {
         impl: functools.partial(_step, layer, x.detach().clone().requires_grad_(), grad)
         for impl, layer in impls.items()
     }
+    for row, step in zip(rows, steps.values()):
+        row["peak_mib"] = _peak_mib(step, device)
     for row, times in zip(rows, _time_interleaved(steps, device, repeats).values()):
         seconds = statistics.median(times)
         row.update(ms=1e3 * seconds, tflops=3 * cost.flops_per_token * shape.tokens / seconds / 1e12)
