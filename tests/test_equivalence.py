@@ -381,8 +381,6 @@ def test_recompute_is_refused_where_it_cannot_run():
         SparseMoE(**layer_kwargs(SparseMoE, dispatch="reference", recompute=True))
     with pytest.raises(TypeError, match="recompute must be True or False"):
         SparseMoE(**layer_kwargs(SparseMoE, recompute="yes"))
-    with pytest.raises(ValueError, match="recompute is not supported with dispatch='triton'"):
-        SparseMoE(**layer_kwargs(SparseMoE, dispatch="triton", recompute=True))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

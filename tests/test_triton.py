@@ -33,11 +33,14 @@ def routed_problem(S, K, E, d, F, activation, dtype=torch.float32, device="cpu",
     return x, w_in, w_out, top
 
 
-def reference_rows(x, w_in, w_out, top, activation):
-    """(K·S, d) choice-major, one row at a time."""
+def reference_combine(x, w_in, w_out, top, gates, activation):
+    """(S, d): Σ_k gates[s, k] · expert_{top[s, k]}(x_s), one row at a time."""
     S, K = top.shape
-    rows = [ffn(x[s : s + 1], w_in[top[s, k]], w_out[top[s, k]], activation) for k in range(K) for s in range(S)]
-    return torch.cat(rows) if rows else x.new_zeros(0, x.shape[1])
+    rows = [
+        sum(gates[s, k] * ffn(x[s : s + 1], w_in[top[s, k]], w_out[top[s, k]], activation) for k in range(K))
+        for s in range(S)
+    ]
+    return torch.cat(rows)
 
 
 def sort_rows(top, E):
@@ -73,21 +76,47 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize(("S", "K", "E", "d", "F", "activation", "experts"), CASES)
-def test_expert_ffn_matches_reference_outputs_and_gradients(S, K, E, d, F, activation, experts):
+def test_expert_ffn_matches_reference_outputs_and_gradients(S, K, E, d, F, activation, experts, recompute):
     x, w_in, w_out, top = routed_problem(S, K, E, d, F, activation, experts=experts)
+    gates = torch.rand(S, K, generator=torch.Generator().manual_seed(2))
+    gates[0] = 0  # a dropped assignment: gate 0, still computed
+    gates.requires_grad_()
     order_R, counts_E = sort_rows(top, E)
-    y = tk.expert_ffn(x, w_in, w_out, order_R, counts_E, activation)
-    ref = reference_rows(x, w_in, w_out, top, activation)
+    gates_R = gates.t().reshape(-1)[order_R]
+    y = tk.expert_ffn(x, w_in, w_out, order_R, counts_E, activation, gates_R, recompute)
+    ref = reference_combine(x, w_in, w_out, top, gates, activation)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, w_in, w_out), grad)
-    want = torch.autograd.grad(ref, (x, w_in, w_out), grad)
-    for name, a, b in zip(("x", "w_in", "w_out"), got, want):
+    got = torch.autograd.grad(y, (x, w_in, w_out, gates), grad)
+    want = torch.autograd.grad(ref, (x, w_in, w_out, gates), grad)
+    for name, a, b in zip(("x", "w_in", "w_out", "gates"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
     if experts is not None:  # experts without rows get exactly zero gradient
         unused = [e for e in range(E) if e not in experts]
         assert got[1][unused].abs().max() == 0 and got[2][unused].abs().max() == 0
+
+
+def test_expert_ffn_keeps_no_expert_outputs_and_nothing_with_recompute():
+    from mhmoe.bench import saved_activation_bytes
+
+    S, K, E, d, F = 40, 2, 4, 16, 32
+    x, w_in, w_out, top = routed_problem(S, K, E, d, F, "gelu")
+    order_R, counts_E = sort_rows(top, E)
+    gates_R = torch.rand(K * S, requires_grad=True)
+
+    class Experts(torch.nn.Module):
+        def __init__(self, recompute):
+            super().__init__()
+            self.w_in, self.w_out, self.recompute = torch.nn.Parameter(w_in), torch.nn.Parameter(w_out), recompute
+
+        def forward(self, x):
+            return tk.expert_ffn(x, self.w_in, self.w_out, order_R, counts_E, "gelu", gates_R, self.recompute)
+
+    kept, recomputed = (saved_activation_bytes(Experts(r), x) for r in (False, True))
+    assert kept - recomputed == 2 * K * S * F * 4  # h and GELU(h), (R, F) each; no (R, d) expert outputs
+    assert recomputed == K * S * (4 + 8 + 8)  # only the (R,) gates, order and source rows
 
 
 def test_weight_grad_with_gathered_operands():
@@ -113,26 +142,27 @@ def test_compiled_kernels_bf16_on_cuda(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     tk._kernels.cache_clear()
     x, w_in, w_out, top = routed_problem(512, 2, 16, 256, 512, "swiglu", torch.bfloat16, "cuda")
+    gates = torch.rand(512, 2, device="cuda")
     order_R, counts_E = sort_rows(top, 16)
-    y = tk.expert_ffn(x, w_in, w_out, order_R, counts_E, "swiglu")
-    ref = reference_rows(x.float(), w_in.float(), w_out.float(), top, "swiglu")
+    y = tk.expert_ffn(x, w_in, w_out, order_R, counts_E, "swiglu", gates.t().reshape(-1)[order_R])
+    ref = reference_combine(x.float(), w_in.float(), w_out.float(), top, gates, "swiglu")
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("layer", ["smoe", "mhmoe"])
-@pytest.mark.parametrize(("activation", "capacity_factor"), [("gelu", None), ("swiglu", 1.0)])
-def test_layers_with_the_triton_backend_match_the_reference(layer, activation, capacity_factor):
+@pytest.mark.parametrize(("activation", "capacity_factor", "recompute"), [("gelu", None, False), ("swiglu", 1.0, True)])
+def test_layers_with_the_triton_backend_match_the_reference(layer, activation, capacity_factor, recompute):
     from mhmoe import MHMoE, SparseMoE
 
     kwargs = dict(num_experts=6, top_k=2, expert_hidden=32, activation=activation, capacity_factor=capacity_factor)
     build = (
-        (lambda dispatch: SparseMoE(d_model=32, dispatch=dispatch, **kwargs))
+        (lambda dispatch, **kw: SparseMoE(d_model=32, dispatch=dispatch, **kwargs, **kw))
         if layer == "smoe"
-        else (lambda dispatch: MHMoE(d_model=64, num_heads=4, dispatch=dispatch, **kwargs))
+        else (lambda dispatch, **kw: MHMoE(d_model=64, num_heads=4, dispatch=dispatch, **kwargs, **kw))
     )
     torch.manual_seed(0)
     reference = build("reference")
-    fast = build("triton")
+    fast = build("triton", recompute=recompute)
     fast.load_state_dict(reference.state_dict())
     x = torch.randn(3, 11, 32 if layer == "smoe" else 64)
     mask = torch.rand(3, 11) > 0.2
@@ -154,15 +184,14 @@ def test_permuted_expert_ffn_triton_equals_grouped_rows():
     order_R, counts_E = sort_rows(top, 4)  # K = 1: sorted row r is item order_R[r]
     inverse_R = torch.empty_like(order_R).scatter_(0, order_R, torch.arange(len(order_R)))
     args = (order_R, inverse_R, counts_E, "gelu")
-    y = permuted_expert_ffn(x, w_in, w_out, *args, "triton")
     ref = permuted_expert_ffn(x, w_in, w_out, *args, "slices")
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    got = torch.autograd.grad(y.square().sum(), (x, w_in, w_out))
     want = torch.autograd.grad(ref.square().sum(), (x, w_in, w_out))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="recompute is not supported with the triton backend"):
-        permuted_expert_ffn(x, w_in, w_out, *args, "triton", recompute=True)
+    for recompute in (False, True):
+        y = permuted_expert_ffn(x, w_in, w_out, *args, "triton", recompute=recompute)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad(y.square().sum(), (x, w_in, w_out))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_triton_backend_refused_where_it_cannot_run(monkeypatch):

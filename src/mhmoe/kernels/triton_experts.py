@@ -4,18 +4,18 @@ Shape legend: S routed items, K top-k, R = K·S routed rows, E experts, d item w
 k / n the two sides of one projection. Rows "sorted" are ordered by expert (`order_R[r]` is the
 choice-major row, k·S + s, that sorted row r came from); "choice-major" rows are in k·S + s order.
 
-Plain sort + grouped_mm (the torch path in `mhmoe.layers.dispatch`) materialises three permuted
-copies per call: x gathered into sorted order, the output permuted back, and the same again in
-backward. When rows are narrow (MH-MoE's sub-tokens are D/H wide) these copies cost as much as the
-GEMMs. The two kernels here fold the permutations into the GEMMs, as ScatterMoE does:
+Plain sort + grouped_mm (the torch path in `mhmoe.layers.dispatch`) materialises permuted copies:
+x gathered into sorted order, the outputs taken back to token order, and the same in backward. When
+rows are narrow (MH-MoE's sub-tokens are D/H wide) these copies cost as much as the GEMMs. The two
+kernels here fold the permutations (and the gates) into the GEMMs, as ScatterMoE does:
 
-    gather_mm : out_sorted[r]        = a[a_index[r]] @ w[e(r)]        (first projection: a = x, a_index = s)
-    scatter_mm: out[out_index[r]]    = a_sorted[r]   @ w[e(r)]        (second projection into choice-major)
-    weight_grad: dw[e] = Σ_{r of e} a[a_index[r]]ᵀ ⊗ g[g_index[r]]    (either side may be gathered)
+    rows_mm    : out[out_index[r]] = scale[r] · a[a_index[r]] @ w[e(r)]   (index vectors and scale optional)
+    weight_grad: dw[e] = Σ_{r of e} a[a_index[r]]ᵀ ⊗ g_scale[r] · g[g_index[r]]
 
-All three are one kernel, `_rows_mm`, or `_weight_grad`, with optional index vectors. Work is split
+The first expert projection is rows_mm with a_index (gather x), the second rows_mm with out_index and
+scale (gate and write choice-major rows); `_ExpertFFN` is the autograd node around them. Work is split
 into tiles of BLOCK_M rows that never straddle two experts; the tile schedule is computed on the
-device from the expert counts (`tile_schedule`), with a static upper bound on the number of tiles,
+device from the expert counts (`Schedule`), with a static upper bound on the number of tiles,
 so there is no host synchronisation and the launch is CUDA-graph capturable. Experts with no rows
 get no tiles and a zero weight gradient.
 
@@ -31,7 +31,7 @@ import os
 import torch
 from torch import Tensor
 
-from mhmoe.layers.experts import activate
+from mhmoe.layers.experts import activate, activate_backward
 
 BLOCK_M = 64  # rows per tile of the row kernel; also the tile granularity of the schedule
 
@@ -69,11 +69,11 @@ def _kernels():  # type: ignore[no-untyped-def]
 
     @triton.jit
     def rows_mm(
-        a_ptr, w_ptr, out_ptr, a_index_ptr, out_index_ptr,
+        a_ptr, w_ptr, out_ptr, a_index_ptr, out_index_ptr, scale_ptr,
         tile_expert_ptr, tile_start_ptr, tile_end_ptr,
         N, K,
         stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
-        HAS_A_INDEX: tl.constexpr, HAS_OUT_INDEX: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_A_INDEX: tl.constexpr, HAS_OUT_INDEX: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         tile = tl.program_id(0)
@@ -102,6 +102,8 @@ def _kernels():  # type: ignore[no-untyped-def]
                 other=0.0,
             )
             acc += tl.dot(a, w, input_precision=PRECISION)
+        if HAS_SCALE:  # each row times its gate, in fp32 before the one rounding to the output dtype
+            acc = acc * tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
         tl.store(
             out_ptr + dst.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_on,
             acc.to(out_ptr.dtype.element_ty),
@@ -110,10 +112,10 @@ def _kernels():  # type: ignore[no-untyped-def]
 
     @triton.jit
     def weight_grad(
-        a_ptr, g_ptr, dw_ptr, a_index_ptr, g_index_ptr, row_start_ptr, row_end_ptr,
+        a_ptr, g_ptr, dw_ptr, a_index_ptr, g_index_ptr, g_scale_ptr, row_start_ptr, row_end_ptr,
         K, N,
         stride_am, stride_ak, stride_gm, stride_gn, stride_de, stride_dk, stride_dn,
-        HAS_A_INDEX: tl.constexpr, HAS_G_INDEX: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_A_INDEX: tl.constexpr, HAS_G_INDEX: tl.constexpr, HAS_G_SCALE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
         expert = tl.program_id(0)
@@ -137,6 +139,9 @@ def _kernels():  # type: ignore[no-untyped-def]
                 mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
+            if HAS_G_SCALE:  # rounded to the operands' dtype, as the torch path rounds gate · grad
+                g_scale = tl.load(g_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+                g = (g.to(tl.float32) * g_scale[:, None]).to(a_t.dtype)
             acc += tl.dot(a_t, g, input_precision=PRECISION)
         tl.store(
             dw_ptr + expert.to(tl.int64) * stride_de + ks[:, None] * stride_dk + cols[None, :] * stride_dn,
@@ -186,11 +191,14 @@ def rows_mm(
     num_out_rows: int,
     a_index: Tensor | None = None,
     out_index: Tensor | None = None,
+    scale: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """out[out_index[r]] = a[a_index[r]] @ w[e(r)] for every sorted row r (indices default to r)."""
+    """out[out_index[r]] = scale[r] · (a[a_index[r]] @ w[e(r)]) for every sorted row r (indices default to r,
+    scale to 1); out in out_dtype (default a's), accumulated in fp32."""
     triton, kernel, _ = _kernels()
     K, N = w_Ekn.shape[1], w_Ekn.shape[2]
-    out = a.new_empty(num_out_rows, N)
+    out = a.new_empty(num_out_rows, N, dtype=out_dtype or a.dtype)
     if num_out_rows == 0:
         return out
     block_n, block_k = _block(N, 128), _block(K, 64)
@@ -198,11 +206,12 @@ def rows_mm(
     grid = (schedule.tile_expert_T.shape[0], triton.cdiv(N, block_n))
     kernel[grid](
         a, w_Ekn, out, dummy if a_index is None else a_index, dummy if out_index is None else out_index,
+        dummy if scale is None else scale,
         schedule.tile_expert_T, schedule.tile_start_T, schedule.tile_end_T,
         N, K,
         a.stride(0), a.stride(1), w_Ekn.stride(0), w_Ekn.stride(1), w_Ekn.stride(2), out.stride(0), out.stride(1),
-        HAS_A_INDEX=a_index is not None, HAS_OUT_INDEX=out_index is not None, PRECISION=_precision(a.dtype),
-        BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_A_INDEX=a_index is not None, HAS_OUT_INDEX=out_index is not None, HAS_SCALE=scale is not None,
+        PRECISION=_precision(a.dtype), BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return out
 
@@ -213,8 +222,10 @@ def weight_grad(
     schedule: Schedule,
     a_index: Tensor | None = None,
     g_index: Tensor | None = None,
+    g_scale: Tensor | None = None,
 ) -> Tensor:
-    """dw[e] = Σ over expert e's sorted rows r of a[a_index[r]]ᵀ ⊗ g[g_index[r]]: (E, k, n), fp32 accumulation."""
+    """dw[e] = Σ over expert e's sorted rows r of a[a_index[r]]ᵀ ⊗ g_scale[r] · g[g_index[r]]: (E, k, n), fp32
+    accumulation (g_scale · g rounded to a's dtype first)."""
     triton, _, kernel = _kernels()
     E, K, N = schedule.row_end_E.shape[0], a.shape[1], g.shape[1]
     dw = a.new_empty(E, K, N)
@@ -223,66 +234,89 @@ def weight_grad(
     grid = (E, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
     kernel[grid](
         a, g, dw, dummy if a_index is None else a_index, dummy if g_index is None else g_index,
-        schedule.row_start_E, schedule.row_end_E,
+        dummy if g_scale is None else g_scale, schedule.row_start_E, schedule.row_end_E,
         K, N,
         a.stride(0), a.stride(1), g.stride(0), g.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        HAS_A_INDEX=a_index is not None, HAS_G_INDEX=g_index is not None, PRECISION=_precision(a.dtype),
-        BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=32,
+        HAS_A_INDEX=a_index is not None, HAS_G_INDEX=g_index is not None, HAS_G_SCALE=g_scale is not None,
+        PRECISION=_precision(a.dtype), BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=32,
     )  # fmt: skip
     return dw
 
 
-class _GatherMM(torch.autograd.Function):
-    """h_sorted[r] = x[source_R[r]] @ w[e(r)]; backward scatters into choice-major rows and sums the K copies."""
+class _ExpertFFN(torch.autograd.Function):
+    """y_s = Σ_k gate_{k,s} · expert(x_s): the Triton twin of `mhmoe.layers.dispatch._SortedExpertFFN`.
 
-    @staticmethod
-    def forward(ctx, x_Sk, w_Ekn, source_R, order_R, schedule):  # type: ignore[no-untyped-def, override]
-        ctx.save_for_backward(x_Sk, w_Ekn, source_R, order_R)
-        ctx.schedule = schedule
-        return rows_mm(x_Sk, w_Ekn, schedule, source_R.shape[0], a_index=source_R)
+    Forward: h_sorted = x[source] @ w_in[e] (the gather fused into the first GEMM), a = act(h), and
+    gate_r · (a_r @ w_out[e]) written straight into choice-major row order_R[r] (gating and the
+    permutation back fused into the second GEMM, in the gates' dtype); the sum over K is one reduction
+    of those rows (deterministic, no atomics). gates_R None: no gating, output in x's dtype.
 
-    @staticmethod
-    def backward(ctx, grad_Rn):  # type: ignore[no-untyped-def, override]
-        x_Sk, w_Ekn, source_R, order_R = ctx.saved_tensors
-        grad_Rn = grad_Rn.contiguous()
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            S = x_Sk.shape[0]
-            grad_KSk = rows_mm(grad_Rn, w_Ekn.transpose(1, 2), ctx.schedule, order_R.shape[0], out_index=order_R)
-            grad_x = grad_KSk.view(-1, S, x_Sk.shape[1]).sum(0)
-        if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(x_Sk, grad_Rn, ctx.schedule, a_index=source_R)
-        return grad_x, grad_w, None, None, None
-
-
-class _ScatterMM(torch.autograd.Function):
-    """y[order_R[r]] = h_sorted[r] @ w[e(r)]: the second projection, written straight into choice-major rows."""
-
-    @staticmethod
-    def forward(ctx, h_Rk, w_Ekn, order_R, schedule):  # type: ignore[no-untyped-def, override]
-        ctx.save_for_backward(h_Rk, w_Ekn, order_R)
-        ctx.schedule = schedule
-        return rows_mm(h_Rk, w_Ekn, schedule, h_Rk.shape[0], out_index=order_R)
-
-    @staticmethod
-    def backward(ctx, grad_Rn):  # type: ignore[no-untyped-def, override]
-        h_Rk, w_Ekn, order_R = ctx.saved_tensors
-        grad_Rn = grad_Rn.contiguous()
-        grad_h = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_h = rows_mm(grad_Rn, w_Ekn.transpose(1, 2), ctx.schedule, h_Rk.shape[0], a_index=order_R)
-        if ctx.needs_input_grad[1]:
-            grad_w = weight_grad(h_Rk, grad_Rn, ctx.schedule, g_index=order_R)
-        return grad_h, grad_w, None, None
-
-
-def expert_ffn(x_Sd: Tensor, w_in: Tensor, w_out: Tensor, order_R: Tensor, counts_E: Tensor, activation: str) -> Tensor:
-    """Every routed row through its expert, unweighted, in choice-major order: (K·S, d).
-
-    order_R: sorted row -> choice-major row (k·S + s), a stable sort of the experts by row;
-    counts_E: rows per expert. x, w_in, w_out in the compute dtype.
+    Kept for the backward: h and a (the expert outputs are not: the gates' gradient is
+    (g_s @ w_outᵀ) · a_r, whose first factor the backward computes anyway, as in SonicMoE), or with
+    `recompute` nothing but indices (h again by the first GEMM, then a). The backward gathers each
+    row's gradient inside its GEMMs too, and scales it by the gate inside the w_out gradient's kernel.
     """
-    S = x_Sd.shape[0]
-    schedule = Schedule(counts_E, order_R.shape[0])
-    h_RF = activate(_GatherMM.apply(x_Sd.contiguous(), w_in, order_R % S, order_R, schedule), activation)
-    return _ScatterMM.apply(h_RF.contiguous(), w_out, order_R, schedule)
+
+    @staticmethod
+    def forward(ctx, x_Sd, w_in, w_out, gates_R, order_R, counts_E, activation, recompute):  # type: ignore[override]
+        S, d = x_Sd.shape
+        R = order_R.shape[0]
+        schedule = Schedule(counts_E, R)
+        source_R = order_R % S  # the input row of each sorted row
+        h_RF = rows_mm(x_Sd, w_in, schedule, R, a_index=source_R)
+        a_RF = activate(h_RF, activation)
+        out_dtype = None if gates_R is None else gates_R.dtype
+        y_KSd = rows_mm(a_RF, w_out, schedule, R, out_index=order_R, scale=gates_R, out_dtype=out_dtype)
+        kept = () if recompute else (h_RF, a_RF)
+        ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, order_R, source_R, *kept)
+        ctx.schedule, ctx.activation = schedule, activation
+        y_KSd = y_KSd.view(-1, S, d)
+        return y_KSd[0] if y_KSd.shape[0] == 1 else y_KSd.sum(0)
+
+    @staticmethod
+    def backward(ctx, grad_Sd):  # type: ignore[override]
+        x_Sd, w_in, w_out, gates_R, order_R, source_R, *kept = ctx.saved_tensors
+        schedule, R, S = ctx.schedule, order_R.shape[0], x_Sd.shape[0]
+        grad_Sd = grad_Sd.to(x_Sd.dtype).contiguous()
+        if kept:
+            h_RF, a_RF = kept
+        else:
+            h_RF = rows_mm(x_Sd, w_in, schedule, R, a_index=source_R)
+            a_RF = activate(h_RF, ctx.activation)
+        grad_a_RF = rows_mm(grad_Sd, w_out.transpose(1, 2), schedule, R, a_index=source_R)  # ungated
+        grad_gates_R = None
+        if gates_R is not None:
+            if ctx.needs_input_grad[3]:
+                grad_gates_R = (grad_a_RF.to(gates_R.dtype) * a_RF.to(gates_R.dtype)).sum(-1)
+            grad_a_RF = (grad_a_RF * gates_R.unsqueeze(-1)).to(x_Sd.dtype)
+        grad_w_out = weight_grad(a_RF, grad_Sd, schedule, g_index=source_R, g_scale=gates_R)
+        grad_h_RF = activate_backward(grad_a_RF, h_RF, ctx.activation).contiguous()
+        grad_w_in = weight_grad(x_Sd, grad_h_RF, schedule, a_index=source_R)
+        grad_x_Sd = None
+        if ctx.needs_input_grad[0]:
+            grad_x_KSd = rows_mm(grad_h_RF, w_in.transpose(1, 2), schedule, R, out_index=order_R).view(
+                -1, S, x_Sd.shape[1]
+            )
+            grad_x_Sd = grad_x_KSd.sum(0)
+        return grad_x_Sd, grad_w_in, grad_w_out, grad_gates_R, None, None, None, None
+
+
+def expert_ffn(
+    x_Sd: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    order_R: Tensor,
+    counts_E: Tensor,
+    activation: str,
+    gates_R: Tensor | None = None,
+    recompute: bool = False,
+) -> Tensor:
+    """Σ_k gate · expert(x_s) for every item: (S, d), in the gates' dtype (x's without gates).
+
+    order_R: sorted row -> choice-major row (k·S + s), a stable sort of the experts by row; counts_E:
+    rows per expert; gates_R: each sorted row's gate, or None (no gating; with K = 1 each item's own
+    expert output). x, w_in, w_out in the compute dtype. recompute: keep no activations for the backward.
+    """
+    if x_Sd.shape[0] == 0:
+        raise ValueError("expert_ffn needs at least one row; the callers handle empty inputs")
+    return _ExpertFFN.apply(x_Sd.contiguous(), w_in, w_out, gates_R, order_R, counts_E, activation, recompute)

@@ -10,13 +10,13 @@ Two implementations of one contract, `dispatch(x_Sd, experts, top_experts_SK, ga
 - `dispatch_sorted`: sort rows by expert, run all experts with one grouped GEMM per projection
   (`torch.nn.functional.grouped_mm`) or, where that kernel is missing, a loop over contiguous
   slices; combine with gathers and a sum over K, so no atomics and a deterministic result.
-  With backend "triton" the gather and the permutation back are fused into the two expert GEMMs
-  (`mhmoe.kernels.triton_experts`).
+  With backend "triton" the gather is fused into the first expert GEMM and the gating and the
+  permutation back into the second (`mhmoe.kernels.triton_experts`).
 The backend is chosen in one place, `resolve_backend`.
 
 With all experts here, gather, expert GEMMs, gating and the sum over K form one autograd node
-(`_SortedExpertFFN`) that keeps the gathered rows, pre-activations, activations and expert outputs
-for its backward, or nothing with `recompute`. Expert parallelism (`mhmoe.parallel`) instead installs an
+(`_SortedExpertFFN`; its Triton twin is `triton_experts._ExpertFFN`) that keeps the gathered rows,
+pre-activations, activations and expert outputs for its backward, or nothing with `recompute`. Expert parallelism (`mhmoe.parallel`) instead installs an
 `ExpertRunner`: `dispatch_sorted` hands it the rows grouped by expert, and it sends them to the
 ranks holding their experts and back, so the layers never see a process group.
 
@@ -328,9 +328,7 @@ def permuted_expert_ffn(
     if x_Nd.shape[0] == 0:
         return x_Nd + 0 * (w_in.sum() + w_out.sum())
     if backend == "triton":  # the gather and the write-back fused into the GEMMs
-        if recompute:
-            raise ValueError("recompute is not supported with the triton backend; use recompute=False")
-        return triton_experts.expert_ffn(x_Nd, w_in, w_out, order_N, counts_E, activation)
+        return triton_experts.expert_ffn(x_Nd, w_in, w_out, order_N, counts_E, activation, recompute=recompute)
     return _SortedExpertFFN.apply(x_Nd, w_in, w_out, None, order_N, inverse_N, counts_E, activation, backend, recompute)
 
 
@@ -348,11 +346,9 @@ def dispatch_sorted(
     runner: who runs the experts on the sorted rows (default: all experts here, in one autograd node,
     `_SortedExpertFFN`). A runner is called even when S == 0: a distributed one must join its
     collectives on every rank.
-    recompute: keep no expert activations for the backward, recompute them there (one more GEMM);
-    not with the triton backend. Passed on to a runner.
+    recompute: keep no expert activations for the backward, recompute them there (one more GEMM).
+    Passed on to a runner.
     """
-    if recompute and backend == "triton":
-        raise ValueError("recompute is not supported with the triton backend; use recompute=False")
     S, K = top_experts_SK.shape
     dtype = compute_dtype(x_Sd)
     if S == 0 and runner is None:  # grouped_mm cannot differentiate empty inputs; give the experts zero gradients
@@ -366,10 +362,10 @@ def dispatch_sorted(
 
     if runner is None:
         w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
-        if backend == "triton":  # gather and permute-back fused into the expert GEMMs
-            y_Rd = triton_experts.expert_ffn(x_Sd.to(dtype), w_in, w_out, order_R, counts_E, experts.activation)
-            return (y_Rd.view(K, S, x_Sd.shape[-1]) * gates_SK.t().unsqueeze(-1)).sum(0).to(x_Sd.dtype)
         gates_R = gates_SK.t().reshape(-1).index_select(0, order_R)  # each sorted row's gate
+        if backend == "triton":  # gather, gating and permute-back fused into the expert GEMMs
+            args = (order_R, counts_E, experts.activation, gates_R, recompute)
+            return triton_experts.expert_ffn(x_Sd.to(dtype), w_in, w_out, *args).to(x_Sd.dtype)
         args = (order_R % S, inverse_R, counts_E, experts.activation, backend, recompute)
         return _SortedExpertFFN.apply(x_Sd.to(dtype), w_in, w_out, gates_R, *args).to(x_Sd.dtype)
     x_Rd = _GatherRepeated.apply(x_Sd.to(dtype), order_R, inverse_R)  # rows sorted by expert

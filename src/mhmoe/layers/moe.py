@@ -96,8 +96,8 @@ class SparseMoE(nn.Module):
             or "reference" (the per-expert loop, for tests).
         recompute: keep no expert activations for the backward and recompute them there (one more
             expert GEMM per layer; see `benchmarks/README.md` for time and memory). Not with
-            dispatch "triton" or "reference"; under expert parallelism the combine still keeps the
-            experts' (R, d) outputs.
+            dispatch "reference"; under expert parallelism the combine still keeps the experts'
+            (R, d) outputs.
 
     forward(x, token_mask=None) -> MoEOutput; x: (..., d_model); token_mask: (...) bool, False for
     padding, which is not routed, gets no routed output and counts in no loss or statistic.
@@ -125,10 +125,8 @@ class SparseMoE(nn.Module):
         check_positive(d_model=d_model, num_experts=num_experts, expert_hidden=expert_hidden)
         if not isinstance(recompute, bool):
             raise TypeError(f"recompute must be True or False, got {recompute!r}")
-        if recompute and dispatch in ("reference", "triton"):
-            raise ValueError(
-                f"recompute is not supported with dispatch={dispatch!r}; use 'auto', 'grouped_mm' or 'slices'"
-            )
+        if recompute and dispatch == "reference":
+            raise ValueError("recompute is not supported with dispatch='reference' (the test oracle); use 'auto'")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
         if num_shared_experts < 0:
