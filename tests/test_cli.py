@@ -27,6 +27,25 @@ def test_bench_layer_checks_and_writes_json(tmp_path, capsys):
     assert report["environment"]["torch"] and "| tiny | grouped_mm |" in capsys.readouterr().out
 
 
+def test_bench_layer_times_the_triton_kernels_under_the_interpreter(tmp_path, monkeypatch):
+    """The Triton rows of a GPU session's benchmark, run here on the CPU under TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    from mhmoe.kernels import triton_experts
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_experts._kernels.cache_clear()
+    path = tmp_path / "bench.json"
+    try:
+        assert main(["bench", "layer", "--shapes", "tiny", "--repeats", "1", "--json", str(path)]) == 0
+    finally:
+        triton_experts._kernels.cache_clear()
+    impls = {r["impl"]: r for r in json.loads(path.read_text())["benchmarks"][0]["results"]}
+    assert impls["triton"]["max_rel_error"] < 1e-4 and impls["triton-recompute"]["max_rel_error"] < 1e-4
+    # the Triton node keeps no expert outputs: less than the grouped_mm node, which keeps them (R, d)
+    assert impls["triton"]["activation_mib"] < impls["grouped_mm"]["activation_mib"]
+    assert impls["triton-recompute"]["activation_mib"] < impls["triton"]["activation_mib"] / 2
+
+
 def test_saved_activation_bytes_counts_what_backward_keeps():
     import torch
 

@@ -8,7 +8,9 @@ Implementations, all on the same weights and input:
     grouped_mm-recompute  the same with recompute=True: no expert activations kept, one more GEMM
     plain-grouped  the common plain version: the same GEMMs, copies gathered token-major, index_add_ back
     floor      not an implementation: the same matmuls and activation with no routing, sort or gather
-    triton     the Triton kernels with gather/scatter fused into the GEMMs (dispatch="triton"), CUDA only
+    triton     the Triton kernels with gather, gates and scatter fused into the GEMMs (dispatch="triton"),
+               on CUDA (on the CPU only under TRITON_INTERPRET=1: a check, slow); triton-recompute the same
+               with recompute=True
 Timings are forward + backward (routing and losses included), the median of `repeats` runs after
 warm-up, all implementations timed round-robin so that a noisy machine slows each alike; TFLOP/s
 counts useful FLOPs only (3 × forward matmul FLOPs per token × tokens). Memory: the bytes autograd
@@ -284,12 +286,14 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
     backends = ["slices"]
     if resolve_backend("auto", dtype, device, (shape.d_model // shape.num_heads, shape.expert_hidden)) == "grouped_mm":
         backends.append("grouped_mm")
-    if device.type == "cuda" and triton_experts.supports(device, dtype):  # on the CPU only the (slow) interpreter
+    if triton_experts.supports(device, dtype):  # CUDA, or the CPU under TRITON_INTERPRET=1 (a slow check)
         backends.append("triton")
     impls: dict[str, nn.Module] = {"loop": reference, **{backend: twin(backend) for backend in backends}}
     if "grouped_mm" in backends:
         impls["grouped_mm-recompute"] = twin("grouped_mm", recompute=True)
         impls["plain-grouped"] = PlainGrouped(twin("reference"))
+    if "triton" in backends:
+        impls["triton-recompute"] = twin("triton", recompute=True)
     impls["floor"] = GemmFloor(reference, x)
     impls["dense-eq"] = dense_equivalent(reference, shape.d_model, shape.activation).to(device=device, dtype=dtype)
 
