@@ -119,6 +119,33 @@ def test_expert_ffn_keeps_no_expert_outputs_and_nothing_with_recompute():
     assert recomputed == K * S * (4 + 8 + 8)  # only the (R,) gates, order and source rows
 
 
+@pytest.mark.parametrize("i", range(max(len(tk._ROWS_CONFIGS), len(tk._GRAD_CONFIGS))))
+def test_every_gpu_tile_config_computes_the_same(monkeypatch, i):
+    """The GPU autotuner picks among these tiles; each must be right (masks, partial tiles), whichever wins.
+
+    Run in the interpreter one config at a time (a single config is used without timing).
+    """
+    monkeypatch.setattr(tk, "interpreting", lambda: False)  # the GPU's config lists ...
+    monkeypatch.setattr(tk, "_ROWS_CONFIGS", [tk._ROWS_CONFIGS[i % len(tk._ROWS_CONFIGS)]])
+    monkeypatch.setattr(tk, "_GRAD_CONFIGS", [tk._GRAD_CONFIGS[i % len(tk._GRAD_CONFIGS)]])
+    tk._kernels.cache_clear()  # ... run by the interpreter (TRITON_INTERPRET=1)
+    _, rows, grad = tk._kernels()
+    assert rows.configs[0].num_warps == tk._ROWS_CONFIGS[i % len(tk._ROWS_CONFIGS)][2]
+    assert grad.configs[0].kwargs["BLOCK_R"] == tk._GRAD_CONFIGS[i % len(tk._GRAD_CONFIGS)][2]
+    S, K, E, d, F, activation, experts = CASES[3]  # widths that fill no block exactly, R > BLOCK_M
+    x, w_in, w_out, top = routed_problem(S, K, E, d, F, activation, experts=experts)
+    gates = torch.rand(S, K, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    order_R, counts_E = sort_rows(top, E)
+    y = tk.expert_ffn(x, w_in, w_out, order_R, counts_E, activation, gates.t().reshape(-1)[order_R])
+    ref = reference_combine(x, w_in, w_out, top, gates, activation)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(y)
+    for a, b in zip(
+        torch.autograd.grad(y, (x, w_in, w_out, gates), grad), torch.autograd.grad(ref, (x, w_in, w_out, gates), grad)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_weight_grad_with_gathered_operands():
     g = torch.Generator().manual_seed(1)
     R, K, N = 45, 24, 20

@@ -17,7 +17,9 @@ scale (gate and write choice-major rows); `_ExpertFFN` is the autograd node arou
 into tiles of BLOCK_M rows that never straddle two experts; the tile schedule is computed on the
 device from the expert counts (`Schedule`), with a static upper bound on the number of tiles,
 so there is no host synchronisation and the launch is CUDA-graph capturable. Experts with no rows
-get no tiles and a zero weight gradient.
+get no tiles and a zero weight gradient. On a GPU the other tile sizes and launch settings are
+autotuned on first use for each set of widths, flags and dtypes (`_ROWS_CONFIGS`, `_GRAD_CONFIGS`:
+run a step before capturing a graph); the interpreter uses one small tile.
 
 These kernels run on CUDA and, for tests, on the CPU under TRITON_INTERPRET=1. The reference for
 every output and gradient is `dispatch_reference` (tests/test_triton.py).
@@ -149,12 +151,36 @@ def _kernels():  # type: ignore[no-untyped-def]
             mask=k_ok[:, None] & col_ok[None, :],
         )
 
+    if interpreting():  # one small config, nothing timed: the interpreter only checks the arithmetic
+        rows_configs = [triton.Config(dict(BLOCK_N=32, BLOCK_K=32))]
+        grad_configs = [triton.Config(dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32))]
+    else:  # timed once per widths, flags and dtypes on the GPU at hand (configs that do not fit are skipped)
+        rows_configs = [
+            triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=warps, num_stages=stages)
+            for n, k, warps, stages in _ROWS_CONFIGS
+        ]
+        grad_configs = [
+            triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_R=r), num_warps=warps, num_stages=stages)
+            for k, n, r, warps, stages in _GRAD_CONFIGS
+        ]
+    rows_key = ["N", "K", "HAS_A_INDEX", "HAS_OUT_INDEX", "HAS_SCALE"]  # the autotuner adds the dtypes
+    grad_key = ["K", "N", "HAS_A_INDEX", "HAS_G_INDEX", "HAS_G_SCALE"]
+    rows_mm = triton.autotune(configs=rows_configs, key=rows_key)(rows_mm)
+    weight_grad = triton.autotune(configs=grad_configs, key=grad_key)(weight_grad)
     return triton, rows_mm, weight_grad
 
 
-def _block(n: int, cap: int) -> int:
-    """A power-of-two block size ≥ 16 (tl.dot's minimum) and ≤ cap, no larger than n needs."""
-    return max(16, min(cap, 1 << max(0, (n - 1).bit_length())))
+# Candidate tiles for the GPU: (BLOCK_N, BLOCK_K, warps, stages) of rows_mm (BLOCK_M is the schedule's)
+# and (BLOCK_K, BLOCK_N, BLOCK_R, warps, stages) of weight_grad; the usual bf16 GEMM tiles of
+# Ampere/Hopper Triton matmuls, from 64-wide to 256-wide.
+_ROWS_CONFIGS = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4), (128, 128, 8, 3)]
+_GRAD_CONFIGS = [
+    (64, 64, 32, 4, 3),
+    (64, 128, 64, 4, 3),
+    (128, 64, 64, 4, 3),
+    (128, 128, 32, 8, 3),
+    (128, 128, 64, 8, 3),
+]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -201,17 +227,16 @@ def rows_mm(
     out = a.new_empty(num_out_rows, N, dtype=out_dtype or a.dtype)
     if num_out_rows == 0:
         return out
-    block_n, block_k = _block(N, 128), _block(K, 64)
     dummy = schedule.tile_expert_T
-    grid = (schedule.tile_expert_T.shape[0], triton.cdiv(N, block_n))
-    kernel[grid](
+    num_tiles = schedule.tile_expert_T.shape[0]
+    kernel[lambda meta: (num_tiles, triton.cdiv(N, meta["BLOCK_N"]))](
         a, w_Ekn, out, dummy if a_index is None else a_index, dummy if out_index is None else out_index,
         dummy if scale is None else scale,
         schedule.tile_expert_T, schedule.tile_start_T, schedule.tile_end_T,
         N, K,
         a.stride(0), a.stride(1), w_Ekn.stride(0), w_Ekn.stride(1), w_Ekn.stride(2), out.stride(0), out.stride(1),
         HAS_A_INDEX=a_index is not None, HAS_OUT_INDEX=out_index is not None, HAS_SCALE=scale is not None,
-        PRECISION=_precision(a.dtype), BLOCK_M=schedule.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=_precision(a.dtype), BLOCK_M=schedule.block_m,
     )  # fmt: skip
     return out
 
@@ -229,16 +254,14 @@ def weight_grad(
     triton, _, kernel = _kernels()
     E, K, N = schedule.row_end_E.shape[0], a.shape[1], g.shape[1]
     dw = a.new_empty(E, K, N)
-    block_k, block_n = _block(K, 64), _block(N, 64)
     dummy = schedule.row_end_E
-    grid = (E, triton.cdiv(K, block_k), triton.cdiv(N, block_n))
-    kernel[grid](
+    kernel[lambda meta: (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))](
         a, g, dw, dummy if a_index is None else a_index, dummy if g_index is None else g_index,
         dummy if g_scale is None else g_scale, schedule.row_start_E, schedule.row_end_E,
         K, N,
         a.stride(0), a.stride(1), g.stride(0), g.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         HAS_A_INDEX=a_index is not None, HAS_G_INDEX=g_index is not None, HAS_G_SCALE=g_scale is not None,
-        PRECISION=_precision(a.dtype), BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_R=32,
+        PRECISION=_precision(a.dtype),
     )  # fmt: skip
     return dw
 
