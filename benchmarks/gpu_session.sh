@@ -11,7 +11,7 @@ mkdir -p "$out"
 name=$(python -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower())")-$(date +%F)
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 python -m mhmoe bench layer --device cuda --shapes all --repeats 10 --json "$out/$name.json"
-python -m mhmoe bench train --device cuda --repeats 10 --json "$out/$name-train.json"
+python -m mhmoe bench train --device cuda --also recompute,triton,triton-recompute --repeats 10 --json "$out/$name-train.json"
 # then compiled steps (inductor; about a minute of compilation per variant)
 python -m mhmoe bench train --device cuda --compile --no-loop --repeats 10 --json "$out/$name-train-compiled.json"
 # last: a failed CUDA-graph capture can leave the context unusable

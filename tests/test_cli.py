@@ -66,13 +66,35 @@ def test_bench_rejects_unknown_shape_and_bad_repeats():
 
 def test_bench_train_checks_and_writes_json(tmp_path, capsys):
     path = tmp_path / "train.json"
-    assert main(["bench", "train", "--preset", "cpu-tiny", "--repeats", "1", "--json", str(path)]) == 0
+    argv = ["bench", "train", "--preset", "cpu-tiny", "--repeats", "1", "--also", "recompute", "--json", str(path)]
+    assert main(argv) == 0
     report = json.loads(path.read_text())
     rows = {(r["variant"], r["impl"]): r for r in report["results"]}
-    assert set(rows) == {(v, i) for v in ("smoe", "mhmoe_flops") for i in ("fast", "loop", "dense-eq")}
-    assert all(rows[v, "fast"]["max_rel_error"] < 1e-4 and rows[v, "dense-eq"]["vs_dense"] == 1.0 for v in ("smoe",))
+    assert set(rows) == {(v, i) for v in ("smoe", "mhmoe_flops") for i in ("fast", "recompute", "loop", "dense-eq")}
+    for v in ("smoe", "mhmoe_flops"):
+        assert rows[v, "fast"]["max_rel_error"] < 1e-4 and rows[v, "recompute"]["max_rel_error"] < 1e-4
+        assert rows[v, "dense-eq"]["vs_dense"] == 1.0 and rows[v, "loop"]["max_rel_error"] is None
     assert report["matmul_peak_tflops"] > 0 and 0 < rows["smoe", "fast"]["mfu"]
     assert "| mhmoe_flops | fast |" in capsys.readouterr().out
+
+
+def test_bench_train_times_the_triton_kernels_under_the_interpreter(tmp_path, monkeypatch):
+    pytest.importorskip("triton")
+    from mhmoe.kernels import triton_experts
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_experts._kernels.cache_clear()
+    path = tmp_path / "train.json"
+    try:
+        argv = ["bench", "train", "--preset", "cpu-tiny", "--repeats", "1", "--no-loop", "--also", "triton"]
+        assert main([*argv, "--json", str(path)]) == 0
+    finally:
+        triton_experts._kernels.cache_clear()
+    rows = {(r["variant"], r["impl"]): r for r in json.loads(path.read_text())["results"]}
+    assert all(rows[v, "triton"]["max_rel_error"] < 1e-4 for v in ("smoe", "mhmoe_flops"))  # against the fast path
+    assert rows["smoe", "fast"]["max_rel_error"] is None  # nothing to check it against without the loop
+    with pytest.raises(SystemExit, match="unknown --also"):
+        main(["bench", "train", "--preset", "cpu-tiny", "--also", "recompute,nope"])
 
 
 @pytest.mark.parametrize("argv", [["bench", "layer", "--shapes", "tiny"], ["bench", "train", "--preset", "cpu-tiny"]])

@@ -25,7 +25,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -404,14 +404,18 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 
     return 2 * n**3 / seconds / 1e12
 
 
-def _with_dispatch(model: nn.Module, dispatch: str) -> nn.Module:
+# More ways to run the fast path's MoE layers in `bench_train`: name -> (dispatch, recompute)
+TRAIN_EXTRAS = {"recompute": ("auto", True), "triton": ("triton", False), "triton-recompute": ("triton", True)}
+
+
+def _with_dispatch(model: nn.Module, dispatch: str, recompute: bool = False) -> nn.Module:
     """A copy of the model whose MoE layers use another dispatch (same weights, same routing)."""
     import copy
 
     twin = copy.deepcopy(model)
     for module in twin.modules():
         if isinstance(module, SparseMoE):
-            module.dispatch = dispatch
+            module.dispatch, module.recompute = dispatch, recompute
     return twin
 
 
@@ -456,7 +460,13 @@ def _grads_error(a: nn.Module, b: nn.Module, idx: Tensor, autocast: Any) -> floa
 
 
 def bench_train(
-    preset_name: str, device: torch.device, repeats: int, seed: int = 0, loop: bool = True, compile: bool = False
+    preset_name: str,
+    device: torch.device,
+    repeats: int,
+    seed: int = 0,
+    loop: bool = True,
+    compile: bool = False,
+    extras: Sequence[str] = (),
 ) -> dict:
     """Time full training steps (forward, backward, AdamW) of the preset's LM with each MoE variant.
 
@@ -466,7 +476,12 @@ def bench_train(
     depend on the text, and routing of an untrained router is what a run starts with.
     compile: time `torch.compile`d fast and dense-eq models instead (the loop, with its data-dependent
     shapes, stays eager); the compiled fast path is checked against the eager loop as well.
+    extras: names from `TRAIN_EXTRAS`, more fast-path rows (recompute, the Triton kernels), each checked
+    like the fast path (against the loop, or against the fast path with `loop=False`).
     """
+    unknown = [name for name in extras if name not in TRAIN_EXTRAS]
+    if unknown:
+        raise ValueError(f"unknown extra implementations {unknown}; choose from {sorted(TRAIN_EXTRAS)}")
     from contextlib import nullcontext
 
     from mhmoe.models.gpt import GPT, gpt_cost
@@ -486,21 +501,22 @@ def bench_train(
         cfg = dataclasses.replace(base.model, ffn=variant.ffn)
         torch.manual_seed(seed)
         fast = GPT(cfg).to(device)
-        impls = {"fast": fast, "dense-eq": _dense_twin(fast)}
-        if loop:
-            reference = _with_dispatch(fast, "reference")
-            error = _grads_error(fast, reference, idx, autocast)
-            if error > tolerance:
-                raise RuntimeError(
-                    f"{variant.name}: fast path differs from the loop by {error:.2e} (> {tolerance:.0e})"
-                )
-            impls["loop"] = reference
+        reference = _with_dispatch(fast, "reference") if loop else fast
+        eager = {"fast": fast, **{name: _with_dispatch(fast, *TRAIN_EXTRAS[name]) for name in extras}}
+        impls = {**eager, "dense-eq": _dense_twin(fast), **({"loop": reference} if loop else {})}
         if compile:
             impls = {impl: model if impl == "loop" else torch.compile(model) for impl, model in impls.items()}
-            if loop:
-                error = max(error, _grads_error(impls["fast"], impls["loop"], idx, autocast))
-                if error > tolerance:
-                    raise RuntimeError(f"{variant.name}: compiled fast path differs from the loop by {error:.2e}")
+        errors: dict[str, float] = {}
+        for impl, model in eager.items():  # the eager model, then the compiled one, against the reference
+            for candidate in (model, impls[impl]) if compile else (model,):
+                if candidate is reference:
+                    continue
+                errors[impl] = max(errors.get(impl, 0.0), _grads_error(candidate, reference, idx, autocast))
+                if errors[impl] > tolerance:
+                    raise RuntimeError(
+                        f"{variant.name}: {impl} differs from the {'loop' if loop else 'fast path'} by "
+                        f"{errors[impl]:.2e} (> {tolerance:.0e})"
+                    )
         steps = {
             impl: functools.partial(_train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), idx, autocast)
             for impl, model in impls.items()
@@ -516,7 +532,7 @@ def bench_train(
                     tokens_per_s=B * L / seconds,
                     tflops=flops / seconds / 1e12,
                     mfu=flops / seconds / 1e12 / peak,
-                    max_rel_error=error if impl == "fast" and loop else None,
+                    max_rel_error=errors.get(impl),
                 )
             )
         dense_ms = next(r["ms"] for r in rows if r["variant"] == variant.name and r["impl"] == "dense-eq")

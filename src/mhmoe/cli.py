@@ -58,7 +58,7 @@ def _bench_layer(args: argparse.Namespace) -> int:
 def _bench_train(args: argparse.Namespace) -> int:
     import torch
 
-    from mhmoe.bench import bench_train, environment, format_train_table
+    from mhmoe.bench import TRAIN_EXTRAS, bench_train, environment, format_train_table
     from mhmoe.train.config import PRESETS
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -67,7 +67,11 @@ def _bench_train(args: argparse.Namespace) -> int:
     name = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     if name not in PRESETS:
         raise SystemExit(f"mhmoe: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    results = bench_train(name, device, args.repeats, loop=not args.no_loop, compile=args.compile)
+    extras = [e for e in (args.also or "").split(",") if e]
+    unknown = sorted(set(extras) - set(TRAIN_EXTRAS))
+    if unknown:
+        raise SystemExit(f"mhmoe: unknown --also {unknown}; choose from {sorted(TRAIN_EXTRAS)}")
+    results = bench_train(name, device, args.repeats, loop=not args.no_loop, compile=args.compile, extras=extras)
     report = dict(environment=environment(device), **results)
     print(format_train_table(report))
     if args.json:
@@ -296,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--no-loop", action="store_true", help="skip the per-expert loop (and its correctness check)")
     step.add_argument(
         "--compile", action="store_true", help="time torch.compile'd models (fast and dense-eq; checked against eager)"
+    )
+    step.add_argument(
+        "--also",
+        metavar="IMPLS",
+        help="more fast-path rows, comma-separated: recompute, triton, triton-recompute (Triton: CUDA only)",
     )
     step.add_argument("--json", help="also write the results to this JSON file")
     step.set_defaults(run=_bench_train)
