@@ -203,6 +203,31 @@ def test_layers_with_the_triton_backend_match_the_reference(layer, activation, c
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_triton_layer_under_half_precision_autocast_matches_grouped_mm(recompute):
+    """Mixed precision as on a GPU (fp32 gates and master weights, half-precision expert GEMMs). fp16: the
+    interpreter cannot multiply bf16 (tl.dot on bf16 is unsupported there, triton issue #11584)."""
+    from mhmoe import MHMoE
+
+    torch.manual_seed(0)
+    build = lambda dispatch, **kw: MHMoE(  # noqa: E731
+        d_model=64, num_heads=4, num_experts=6, top_k=2, expert_hidden=32, dispatch=dispatch, **kw
+    )
+    grouped, fast = build("grouped_mm"), build("triton", recompute=recompute)
+    fast.load_state_dict(grouped.state_dict())
+    x = torch.randn(2, 9, 64)
+    outs = []
+    for module in (grouped, fast):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = module(xi)
+        assert out.y.dtype == torch.float16
+        (out.y.float().square().sum() + out.aux_loss).backward()
+        outs.append([out.y.detach().float(), xi.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=0, atol=3e-3 * float(a.abs().max()))
+
+
 def test_permuted_expert_ffn_triton_equals_grouped_rows():
     """The expert-parallel runner's local step: rows taken in an order, results written back in place."""
     from mhmoe.layers.dispatch import permuted_expert_ffn

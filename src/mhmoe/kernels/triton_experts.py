@@ -317,10 +317,8 @@ class _ExpertFFN(torch.autograd.Function):
         grad_w_in = weight_grad(x_Sd, grad_h_RF, schedule, a_index=source_R)
         grad_x_Sd = None
         if ctx.needs_input_grad[0]:
-            grad_x_KSd = rows_mm(grad_h_RF, w_in.transpose(1, 2), schedule, R, out_index=order_R).view(
-                -1, S, x_Sd.shape[1]
-            )
-            grad_x_Sd = grad_x_KSd.sum(0)
+            grad_x_Rd = rows_mm(grad_h_RF, w_in.transpose(1, 2), schedule, R, out_index=order_R)  # choice-major
+            grad_x_Sd = grad_x_Rd.view(-1, S, x_Sd.shape[1]).sum(0)
         return grad_x_Sd, grad_w_in, grad_w_out, grad_gates_R, None, None, None, None
 
 
