@@ -46,6 +46,29 @@ def test_bench_layer_times_the_triton_kernels_under_the_interpreter(tmp_path, mo
     assert impls["triton-recompute"]["activation_mib"] < impls["triton"]["activation_mib"] / 2
 
 
+@pytest.mark.parametrize("kind", ["layer", "train"])
+def test_a_failing_triton_kernel_is_reported_and_the_rest_still_timed(tmp_path, monkeypatch, capsys, kind):
+    """A GPU session runs its benchmark once: a kernel that fails there must not cost the other numbers."""
+    pytest.importorskip("triton")
+    from mhmoe.kernels import triton_experts
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_experts, "expert_ffn", broken)
+    path = tmp_path / "bench.json"
+    argv = ["--shapes", "tiny"] if kind == "layer" else ["--preset", "cpu-tiny", "--no-loop", "--also", "triton"]
+    assert main(["bench", kind, *argv, "--repeats", "1", "--json", str(path)]) == 1
+    report = json.loads(path.read_text())
+    group = report["benchmarks"][0] if kind == "layer" else report
+    impls = {r["impl"] for r in group["results"]}
+    assert "fast" in impls or "grouped_mm" in impls
+    assert not any(i.startswith("triton") for i in impls)
+    assert group["failed"] and all("out of resources" in f["error"] for f in group["failed"])
+    assert "not timed:" in capsys.readouterr().err
+
+
 def test_saved_activation_bytes_counts_what_backward_keeps():
     import torch
 

@@ -33,6 +33,7 @@ def _bench_layer(args: argparse.Namespace) -> int:
     import torch
 
     from mhmoe.bench import DEFAULT_SHAPES, SHAPES, bench_shape, cuda_graph_check, environment, format_table
+    from mhmoe.kernels import triton_experts
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("mhmoe: --device cuda given but no CUDA device is available")
@@ -44,15 +45,25 @@ def _bench_layer(args: argparse.Namespace) -> int:
     report = dict(environment=environment(device), dtype=str(dtype).removeprefix("torch."), benchmarks=[])
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
-        if args.cuda_graph:
-            report["benchmarks"].append(cuda_graph_check(name, device, dtype))
+        if args.cuda_graph:  # the default path, and the Triton kernels where they run
+            dispatches = ["auto"] + (["triton"] if triton_experts.supports(device, dtype) else [])
+            report["benchmarks"] += [cuda_graph_check(name, device, dtype, dispatch) for dispatch in dispatches]
         else:
             report["benchmarks"].append(bench_shape(name, device, dtype, args.repeats))
     print(json.dumps(report["benchmarks"], indent=1) if args.cuda_graph else format_table(report))
-    if args.json:
-        _write_json_atomically(Path(args.json), report)
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0
+    return _finish_bench(report, args.json)
+
+
+def _finish_bench(report: dict, json_path: str | None) -> int:
+    """Write the report; 1 if an implementation could not be checked (the rest was still timed)."""
+    from mhmoe.bench import failures
+
+    if json_path:
+        _write_json_atomically(Path(json_path), report)
+        print(f"wrote {json_path}", file=sys.stderr)
+    for line in failures(report):
+        print(f"mhmoe: not timed: {line}", file=sys.stderr)
+    return 1 if failures(report) else 0
 
 
 def _bench_train(args: argparse.Namespace) -> int:
@@ -74,10 +85,7 @@ def _bench_train(args: argparse.Namespace) -> int:
     results = bench_train(name, device, args.repeats, loop=not args.no_loop, compile=args.compile, extras=extras)
     report = dict(environment=environment(device), **results)
     print(format_train_table(report))
-    if args.json:
-        _write_json_atomically(Path(args.json), report)
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0
+    return _finish_bench(report, args.json)
 
 
 def _parse_shapes(spec: str | None, default: list[str], known: dict) -> list[str]:
