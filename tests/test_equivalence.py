@@ -357,7 +357,8 @@ def test_recompute_matches_reference_and_keeping(cls, activation, capacity_facto
 
 @pytest.mark.parametrize("cls", LAYERS)
 def test_recompute_keeps_no_expert_activations(cls):
-    """Keeping costs exactly the gathered rows, pre-activations, activations and outputs (2·R·d + 2·R·F values)."""
+    """Keeping costs exactly the pre-activations, activations and expert outputs (R·(2F + d) values), not the
+    gathered rows."""
     from mhmoe.bench import saved_activation_bytes
 
     kwargs = layer_kwargs(cls, expert_hidden=16)
@@ -368,7 +369,7 @@ def test_recompute_keeps_no_expert_activations(cls):
     moe = _moe(kept)
     rows = x.shape[0] * (x.shape[1] // moe.d_model) * moe.top_k  # R = K·S
     difference = saved_activation_bytes(kept, x) - saved_activation_bytes(recomputed, x)
-    assert difference == rows * 2 * (moe.d_model + moe.expert_hidden) * x.element_size()
+    assert difference == rows * (2 * moe.expert_hidden + moe.d_model) * x.element_size()
 
 
 def test_gradcheck_with_recompute():

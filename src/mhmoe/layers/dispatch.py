@@ -15,8 +15,9 @@ Two implementations of one contract, `dispatch(x_Sd, experts, top_experts_SK, ga
 The backend is chosen in one place, `resolve_backend`.
 
 With all experts here, gather, expert GEMMs, gating and the sum over K form one autograd node
-(`_SortedExpertFFN`; its Triton twin is `triton_experts._ExpertFFN`) that keeps the gathered rows,
-pre-activations, activations and expert outputs for its backward, or nothing with `recompute`. Expert parallelism (`mhmoe.parallel`) instead installs an
+(`_SortedExpertFFN`; its Triton twin is `triton_experts._ExpertFFN`) that keeps the pre-activations,
+activations and expert outputs for its backward (the Triton node not even those outputs), or nothing
+with `recompute`. Expert parallelism (`mhmoe.parallel`) instead installs an
 `ExpertRunner`: `dispatch_sorted` hands it the rows grouped by expert, and it sends them to the
 ranks holding their experts and back, so the layers never see a process group.
 
@@ -225,25 +226,23 @@ class _SortedExpertFFN(torch.autograd.Function):
     sum over K in one autograd node, so that the backward keeps only what it needs. gates_R None: no
     gating (each row's output as is; the expert-parallel runner's local step, K = 1).
 
-    Kept for the backward: the gathered rows x_Rd, the pre-activation h_RF, the activation a_RF and
-    the ungated expert outputs y_Rd (for the gates' gradient g_r · y_r, over d columns). Recomputing
-    a_RF from h_RF instead would save R·F values for one elementwise pass, but that pass is not
-    cheap in MH-MoE, whose experts carry H times the hidden values of a dense FFN of their FLOPs (a
-    layer of the `cpu` preset's shape took 5–7% longer that way on 2 CPU cores). With `recompute` nothing is kept: the backward gathers x_Rd again
-    and recomputes h_RF (one more GEMM) and a_RF, and takes the gates' gradient as
-    (g_r @ w_outᵀ) · a_r, whose first factor it computes anyway (SonicMoE's trick, Guo et al.
-    2025), so y_Rd needs no second GEMM.
+    Kept for the backward: the pre-activation h_RF, the activation a_RF and the ungated expert outputs
+    y_Rd (for the gates' gradient g_r · y_r, over d columns); not the gathered rows, which the backward
+    gathers again (a d-wide copy). With `recompute` nothing is kept: the backward also recomputes h_RF
+    (one more GEMM) and a_RF, and takes the gates' gradient as (g_r @ w_outᵀ) · a_r, whose first factor
+    it computes anyway (SonicMoE's trick, Guo et al. 2025), so y_Rd needs no second GEMM. Taking the
+    gates' gradient that way always would not keep y_Rd either, but costs two more F-wide passes:
+    MH-MoE's layer at the `cpu` preset's shape (d = 32, F = 448) took 16% longer on 2 CPU cores.
     """
 
     @staticmethod
     def forward(ctx, x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, activation, backend, recompute):  # type: ignore[override]
         # source_R: the input row of each sorted row (order_R % S); inverse_R: where each copy r = k·S + s sits
         S, d = x_Sd.shape
-        x_Rd = x_Sd.index_select(0, source_R)
-        h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
+        h_RF = expert_matmul(x_Sd.index_select(0, source_R), w_in, counts_E, backend)
         a_RF = activate(h_RF, activation)
         y_Rd = expert_matmul(a_RF, w_out, counts_E, backend)
-        kept = () if recompute else (x_Rd, h_RF, a_RF, y_Rd)
+        kept = () if recompute else (h_RF, a_RF, y_Rd)
         ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, *kept)
         ctx.activation, ctx.backend = activation, backend
         if gates_R is not None:
@@ -256,17 +255,17 @@ class _SortedExpertFFN(torch.autograd.Function):
         x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, *kept = ctx.saved_tensors
         S, backend, dtype = x_Sd.shape[0], ctx.backend, x_Sd.dtype
         w_out_t = w_out.transpose(-1, -2)
+        x_Rd = x_Sd.index_select(0, source_R)
         grad_Rd = grad_Sd.index_select(0, source_R)  # each row's token's gradient (gates' dtype)
         gated = gates_R is not None
         grad_y_Rd = (grad_Rd * gates_R.unsqueeze(-1) if gated else grad_Rd).to(dtype)  # of the ungated outputs
         grad_gates_R = None
         if kept:
-            x_Rd, h_RF, a_RF, y_Rd = kept
+            h_RF, a_RF, y_Rd = kept
             if gated:
                 grad_gates_R = (grad_Rd * y_Rd.to(gates_R.dtype)).sum(-1)
             grad_a_RF = expert_matmul(grad_y_Rd, w_out_t, counts_E, backend)
         else:
-            x_Rd = x_Sd.index_select(0, source_R)
             h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
             a_RF = activate(h_RF, ctx.activation)
             grad_a_RF = expert_matmul(grad_Rd.to(dtype), w_out_t, counts_E, backend)  # ungated for now
