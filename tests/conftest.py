@@ -58,6 +58,19 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """The Triton kernels built for the CPU interpreter (TRITON_INTERPRET=1): kernels are built on first use, in
+    the mode TRITON_INTERPRET says then, so the cache is cleared before and after the test."""
+    pytest.importorskip("triton")
+    from mhmoe.kernels import triton_experts
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_experts._kernels.cache_clear()
+    yield
+    triton_experts._kernels.cache_clear()
+
+
 def layer_kwargs(cls: type[nn.Module], **overrides) -> dict:
     """Small default constructor arguments for SparseMoE (d_model 8) or MHMoE (d_model 8, H 2 -> d 4)."""
     kwargs: dict = dict(d_model=8, num_experts=4, top_k=2, expert_hidden=8)

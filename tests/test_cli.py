@@ -27,18 +27,10 @@ def test_bench_layer_checks_and_writes_json(tmp_path, capsys):
     assert report["environment"]["torch"] and "| tiny | grouped_mm |" in capsys.readouterr().out
 
 
-def test_bench_layer_times_the_triton_kernels_under_the_interpreter(tmp_path, monkeypatch):
+def test_bench_layer_times_the_triton_kernels_under_the_interpreter(tmp_path, triton_interpreter):
     """The Triton rows of a GPU session's benchmark, run here on the CPU under TRITON_INTERPRET=1."""
-    pytest.importorskip("triton")
-    from mhmoe.kernels import triton_experts
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_experts._kernels.cache_clear()
     path = tmp_path / "bench.json"
-    try:
-        assert main(["bench", "layer", "--shapes", "tiny", "--repeats", "1", "--json", str(path)]) == 0
-    finally:
-        triton_experts._kernels.cache_clear()
+    assert main(["bench", "layer", "--shapes", "tiny", "--repeats", "1", "--json", str(path)]) == 0
     impls = {r["impl"]: r for r in json.loads(path.read_text())["benchmarks"][0]["results"]}
     assert impls["triton"]["max_rel_error"] < 1e-4 and impls["triton-recompute"]["max_rel_error"] < 1e-4
     # the Triton node keeps no expert outputs: less than the grouped_mm node, which keeps them (R, d)
@@ -47,15 +39,15 @@ def test_bench_layer_times_the_triton_kernels_under_the_interpreter(tmp_path, mo
 
 
 @pytest.mark.parametrize("kind", ["layer", "train"])
-def test_a_failing_triton_kernel_is_reported_and_the_rest_still_timed(tmp_path, monkeypatch, capsys, kind):
+def test_a_failing_triton_kernel_is_reported_and_the_rest_still_timed(
+    tmp_path, monkeypatch, capsys, kind, triton_interpreter
+):
     """A GPU session runs its benchmark once: a kernel that fails there must not cost the other numbers."""
-    pytest.importorskip("triton")
     from mhmoe.kernels import triton_experts
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of resources: shared memory")
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton_experts, "expert_ffn", broken)
     path = tmp_path / "bench.json"
     argv = ["--shapes", "tiny"] if kind == "layer" else ["--preset", "cpu-tiny", "--no-loop", "--also", "triton"]
@@ -101,18 +93,10 @@ def test_bench_train_checks_and_writes_json(tmp_path, capsys):
     assert "| mhmoe_flops | fast |" in capsys.readouterr().out
 
 
-def test_bench_train_times_the_triton_kernels_under_the_interpreter(tmp_path, monkeypatch):
-    pytest.importorskip("triton")
-    from mhmoe.kernels import triton_experts
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_experts._kernels.cache_clear()
+def test_bench_train_times_the_triton_kernels_under_the_interpreter(tmp_path, triton_interpreter):
     path = tmp_path / "train.json"
-    try:
-        argv = ["bench", "train", "--preset", "cpu-tiny", "--repeats", "1", "--no-loop", "--also", "triton"]
-        assert main([*argv, "--json", str(path)]) == 0
-    finally:
-        triton_experts._kernels.cache_clear()
+    argv = ["bench", "train", "--preset", "cpu-tiny", "--repeats", "1", "--no-loop", "--also", "triton"]
+    assert main([*argv, "--json", str(path)]) == 0
     rows = {(r["variant"], r["impl"]): r for r in json.loads(path.read_text())["results"]}
     assert all(rows[v, "triton"]["max_rel_error"] < 1e-4 for v in ("smoe", "mhmoe_flops"))  # against the fast path
     assert rows["smoe", "fast"]["max_rel_error"] is None  # nothing to check it against without the loop

@@ -14,13 +14,7 @@ from mhmoe.layers.experts import ffn, glu_factor
 pytest.importorskip("triton")
 
 
-@pytest.fixture(autouse=True)
-def interpret(monkeypatch):
-    """Kernels are built on first use, in the mode TRITON_INTERPRET says then: the interpreter for CPU tensors."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    tk._kernels.cache_clear()
-    yield
-    tk._kernels.cache_clear()
+pytestmark = pytest.mark.usefixtures("triton_interpreter")  # conftest: the CPU interpreter, kernels rebuilt
 
 
 def routed_problem(S, K, E, d, F, activation, dtype=torch.float32, device="cpu", experts=None, seed=0):
