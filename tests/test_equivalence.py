@@ -372,6 +372,30 @@ def test_recompute_keeps_no_expert_activations(cls):
     assert difference == rows * (2 * moe.expert_hidden + moe.d_model) * x.element_size()
 
 
+def test_ungated_expert_step_keeps_no_outputs():
+    """The expert-parallel runner's local step (no gates) keeps pre-activations and activations only."""
+    from mhmoe.bench import saved_activation_bytes
+    from mhmoe.layers.dispatch import permuted_expert_ffn
+
+    N, E, d, F = 30, 3, 8, 16
+    order = torch.randperm(N)
+    counts = torch.tensor([10, 0, 20])
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N))
+
+    class Step(torch.nn.Module):
+        def __init__(self, recompute):
+            super().__init__()
+            self.w_in, self.w_out = torch.nn.Parameter(torch.randn(E, d, F)), torch.nn.Parameter(torch.randn(E, F, d))
+            self.recompute = recompute
+
+        def forward(self, x):
+            args = (order, inverse, counts, "gelu", "grouped_mm", self.recompute)
+            return permuted_expert_ffn(x, self.w_in, self.w_out, *args)
+
+    x = torch.randn(N, d)
+    assert saved_activation_bytes(Step(False), x) - saved_activation_bytes(Step(True), x) == 2 * N * F * 4
+
+
 def test_gradcheck_with_recompute():
     layer = MHMoE(**layer_kwargs(MHMoE, d_model=4, num_experts=3, expert_hidden=3, activation="swiglu", recompute=True))
     gradcheck_layer(layer.double(), torch.randn(3, 4, dtype=torch.float64))

@@ -226,9 +226,9 @@ class _SortedExpertFFN(torch.autograd.Function):
     sum over K in one autograd node, so that the backward keeps only what it needs. gates_R None: no
     gating (each row's output as is; the expert-parallel runner's local step, K = 1).
 
-    Kept for the backward: the pre-activation h_RF, the activation a_RF and the ungated expert outputs
-    y_Rd (for the gates' gradient g_r · y_r, over d columns); not the gathered rows, which the backward
-    gathers again (a d-wide copy). With `recompute` nothing is kept: the backward also recomputes h_RF
+    Kept for the backward: the pre-activation h_RF, the activation a_RF and, with gates, the ungated
+    expert outputs y_Rd (for the gates' gradient g_r · y_r, over d columns); not the gathered rows,
+    which the backward gathers again (a d-wide copy). With `recompute` nothing is kept: the backward also recomputes h_RF
     (one more GEMM) and a_RF, and takes the gates' gradient as (g_r @ w_outᵀ) · a_r, whose first factor
     it computes anyway (SonicMoE's trick, Guo et al. 2025), so y_Rd needs no second GEMM. Taking the
     gates' gradient that way always would not keep y_Rd either, but costs two more F-wide passes:
@@ -242,7 +242,7 @@ class _SortedExpertFFN(torch.autograd.Function):
         h_RF = expert_matmul(x_Sd.index_select(0, source_R), w_in, counts_E, backend)
         a_RF = activate(h_RF, activation)
         y_Rd = expert_matmul(a_RF, w_out, counts_E, backend)
-        kept = () if recompute else (h_RF, a_RF, y_Rd)
+        kept = () if recompute else (h_RF, a_RF, y_Rd) if gates_R is not None else (h_RF, a_RF)
         ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, *kept)
         ctx.activation, ctx.backend = activation, backend
         if gates_R is not None:
@@ -261,9 +261,9 @@ class _SortedExpertFFN(torch.autograd.Function):
         grad_y_Rd = (grad_Rd * gates_R.unsqueeze(-1) if gated else grad_Rd).to(dtype)  # of the ungated outputs
         grad_gates_R = None
         if kept:
-            h_RF, a_RF, y_Rd = kept
+            h_RF, a_RF, *y_Rd = kept  # the outputs only with gates
             if gated:
-                grad_gates_R = (grad_Rd * y_Rd.to(gates_R.dtype)).sum(-1)
+                grad_gates_R = (grad_Rd * y_Rd[0].to(gates_R.dtype)).sum(-1)
             grad_a_RF = expert_matmul(grad_y_Rd, w_out_t, counts_E, backend)
         else:
             h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
