@@ -170,3 +170,22 @@ def test_cuda_graph_check_logic_with_stand_ins(monkeypatch):
 def test_cuda_graph_needs_cuda():
     with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
         main(["bench", "layer", "--cuda-graph"])
+
+
+def test_the_prepared_gpu_session_runs_valid_commands():
+    """`benchmarks/gpu_session.sh` is run once, on a machine with no second chance: every `mhmoe` command in it
+    must parse (options that exist, shapes and extras that are known)."""
+    import shlex
+    from pathlib import Path
+
+    from mhmoe.bench import SHAPES, TRAIN_EXTRAS
+    from mhmoe.cli import build_parser
+
+    script = (Path(__file__).parents[1] / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line)[1:] for line in script.splitlines() if line.startswith("step python -m mhmoe")]
+    assert len(commands) == 4
+    for command in commands:
+        args = build_parser().parse_args(command[3:])  # after "python -m mhmoe"
+        assert args.device == "cuda"
+        assert getattr(args, "shapes", None) in (None, "all") or set(args.shapes.split(",")) <= set(SHAPES)
+        assert set(filter(None, (getattr(args, "also", None) or "").split(","))) <= set(TRAIN_EXTRAS)
