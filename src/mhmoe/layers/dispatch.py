@@ -228,11 +228,12 @@ class _SortedExpertFFN(torch.autograd.Function):
 
     Kept for the backward: the pre-activation h_RF, the activation a_RF and, with gates, the ungated
     expert outputs y_Rd (for the gates' gradient g_r · y_r, over d columns); not the gathered rows,
-    which the backward gathers again (a d-wide copy). With `recompute` nothing is kept: the backward also recomputes h_RF
-    (one more GEMM) and a_RF, and takes the gates' gradient as (g_r @ w_outᵀ) · a_r, whose first factor
-    it computes anyway (SonicMoE's trick, Guo et al. 2025), so y_Rd needs no second GEMM. Taking the
-    gates' gradient that way always would not keep y_Rd either, but costs two more F-wide passes:
-    MH-MoE's layer at the `cpu` preset's shape (d = 32, F = 448) took 16% longer on 2 CPU cores.
+    which the backward gathers again (a d-wide copy). With `recompute` nothing is kept: the backward
+    also recomputes h_RF (one more GEMM) and a_RF, and takes the gates' gradient as (g_r @ w_outᵀ) · a_r,
+    whose first factor it computes anyway (SonicMoE's trick, Guo et al. 2025), so y_Rd needs no second
+    GEMM. Taking the gates' gradient that way always would not keep y_Rd either, but costs two more
+    F-wide passes: MH-MoE's layer at the `cpu` preset's shape (d = 32, F = 448) took 16% longer on 2
+    CPU cores.
     """
 
     @staticmethod
