@@ -182,7 +182,8 @@ def test_the_prepared_gpu_session_runs_valid_commands():
     from mhmoe.cli import build_parser
 
     script = (Path(__file__).parents[1] / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", " ")
-    commands = [shlex.split(line)[1:] for line in script.splitlines() if line.startswith("step python -m mhmoe")]
+    lines = [line.split("step ", 1)[1].split(";;")[0] for line in script.splitlines() if "step python -m mhmoe" in line]
+    commands = [shlex.split(line) for line in lines]
     assert len(commands) == 4
     for command in commands:
         args = build_parser().parse_args(command[3:])  # after "python -m mhmoe"
