@@ -305,9 +305,7 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
                 raise RuntimeError(f"{name}/{impl}: differs from the reference by {error:.2e} (> {tolerance:.0e})")
             rows.append(dict(impl=impl, max_rel_error=error, activation_mib=saved_activation_bytes(layer, x) / 2**20))
         except Exception as e:
-            if not impl.startswith("triton"):
-                raise
-            failed.append(_failure(impl, e))  # the kernels still to be proven on a GPU: report, time the rest
+            failed.append(_failure(impl, e))
             del impls[impl]
     steps = {
         impl: functools.partial(_step, layer, x.detach().clone().requires_grad_(), grad)
@@ -325,9 +323,13 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
     return dict(name=name, shape=asdict(shape), flops_per_token=cost.flops_per_token, results=rows, failed=failed)
 
 
-def _failure(impl: str, error: Exception) -> dict:
-    """An implementation that could not be checked (it raised, or differs from the reference): not timed."""
-    return dict(impl=impl, error=f"{type(error).__name__}: {error}"[:2000])
+def _failure(impl: str, error: Exception, where: str | None = None) -> dict:
+    """The record of an implementation that could not be checked (it raised, or differs from the reference),
+    which is then not timed. Only the Triton kernels, still to be proven on a GPU, may fail so: for any other
+    implementation the error is raised again."""
+    if not impl.startswith("triton"):
+        raise error
+    return dict(impl=impl if where is None else f"{where}/{impl}", error=f"{type(error).__name__}: {error}"[:2000])
 
 
 def failures(report: dict) -> list[str]:
@@ -536,9 +538,7 @@ def bench_train(
                             f"{errors[impl]:.2e} (> {tolerance:.0e})"
                         )
             except Exception as e:
-                if not impl.startswith("triton"):
-                    raise
-                failed.append(_failure(f"{variant.name}/{impl}", e))  # not yet proven on a GPU: report, go on
+                failed.append(_failure(impl, e, where=variant.name))
                 del impls[impl]
         steps = {
             impl: functools.partial(_train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), idx, autocast)
