@@ -147,10 +147,24 @@ def test_weight_grad_with_gathered_operands():
     sched = tk.Schedule(counts_E, R, 16)
     a, grad = torch.randn(30, K, generator=g), torch.randn(R, N, generator=g)
     a_index, g_index = torch.randint(0, 30, (R,), generator=g), torch.randperm(R, generator=g)
+    row_scale = torch.rand(R, generator=g)
     dw = tk.weight_grad(a, grad, sched, a_index=a_index, g_index=g_index)
+    dw_scaled = tk.weight_grad(a, grad, sched, a_index=a_index, g_index=g_index, row_scale=row_scale)
     a_rows, g_rows = a[a_index], grad[g_index]
-    want = torch.stack([a_rows[s:e].t() @ g_rows[s:e] for s, e in ((0, 20), (20, 20), (20, 45))])
-    torch.testing.assert_close(dw, want, rtol=1e-5, atol=1e-5)
+    blocks = ((0, 20), (20, 20), (20, 45))
+    torch.testing.assert_close(dw, torch.stack([a_rows[s:e].t() @ g_rows[s:e] for s, e in blocks]))
+    want = torch.stack([(row_scale[s:e, None] * a_rows[s:e]).t() @ g_rows[s:e] for s, e in blocks])
+    torch.testing.assert_close(dw_scaled, want)
+
+
+def test_fp32_uses_tf32_only_where_torch_matmuls_may():
+    assert tk._precision(torch.float32) == "ieee"  # torch's default: exact fp32
+    torch.backends.cuda.matmul.allow_tf32 = True  # a property: monkeypatch cannot restore it
+    try:
+        assert tk._precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert tk._precision(torch.bfloat16) == tk._precision(torch.float16) == "tf32"  # ignored for half types
 
 
 def test_supports():

@@ -10,7 +10,7 @@ rows are narrow (MH-MoE's sub-tokens are D/H wide) these copies cost as much as 
 kernels here fold the permutations (and the gates) into the GEMMs, as ScatterMoE does:
 
     rows_mm    : out[out_index[r]] = scale[r] · a[a_index[r]] @ w[e(r)]   (index vectors and scale optional)
-    weight_grad: dw[e] = Σ_{r of e} a[a_index[r]]ᵀ ⊗ g_scale[r] · g[g_index[r]]
+    weight_grad: dw[e] = Σ_{r of e} (row_scale[r] · a[a_index[r]])ᵀ ⊗ g[g_index[r]]
 
 The first expert projection is rows_mm with a_index (gather x), the second rows_mm with out_index and
 scale (gate and write choice-major rows); `_ExpertFFN` is the autograd node around them. Work is split
@@ -27,8 +27,11 @@ every output and gradient is `dispatch_reference` (tests/test_triton.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +39,7 @@ from torch import Tensor
 from mhmoe.layers.experts import activate, activate_backward
 
 BLOCK_M = 64  # rows per tile of the row kernel; also the tile granularity of the schedule
+_recording: list[tuple[Any, tuple, dict]] | None = None  # see recorded_launches
 
 
 @functools.cache
@@ -114,10 +118,10 @@ def _kernels():  # type: ignore[no-untyped-def]
 
     @triton.jit
     def weight_grad(
-        a_ptr, g_ptr, dw_ptr, a_index_ptr, g_index_ptr, g_scale_ptr, row_start_ptr, row_end_ptr,
+        a_ptr, g_ptr, dw_ptr, a_index_ptr, g_index_ptr, row_scale_ptr, row_start_ptr, row_end_ptr,
         K, N,
         stride_am, stride_ak, stride_gm, stride_gn, stride_de, stride_dk, stride_dn,
-        HAS_A_INDEX: tl.constexpr, HAS_G_INDEX: tl.constexpr, HAS_G_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+        HAS_A_INDEX: tl.constexpr, HAS_G_INDEX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
         expert = tl.program_id(0)
@@ -141,9 +145,9 @@ def _kernels():  # type: ignore[no-untyped-def]
                 mask=row_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            if HAS_G_SCALE:  # rounded to the operands' dtype, as the torch path rounds gate · grad
-                g_scale = tl.load(g_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-                g = (g.to(tl.float32) * g_scale[:, None]).to(a_t.dtype)
+            if HAS_ROW_SCALE:  # on a's side: scaling g made fp32 (FMA) tiles spill (`mhmoe.kernels.ahead`)
+                row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+                a_t = (a_t.to(tl.float32) * row_scale[None, :]).to(g.dtype)
             acc += tl.dot(a_t, g, input_precision=PRECISION)
         tl.store(
             dw_ptr + expert.to(tl.int64) * stride_de + ks[:, None] * stride_dk + cols[None, :] * stride_dn,
@@ -164,7 +168,7 @@ def _kernels():  # type: ignore[no-untyped-def]
             for k, n, r, warps, stages in _GRAD_CONFIGS
         ]
     rows_key = ["N", "K", "HAS_A_INDEX", "HAS_OUT_INDEX", "HAS_SCALE"]  # the autotuner adds the dtypes
-    grad_key = ["K", "N", "HAS_A_INDEX", "HAS_G_INDEX", "HAS_G_SCALE"]
+    grad_key = ["K", "N", "HAS_A_INDEX", "HAS_G_INDEX", "HAS_ROW_SCALE"]
     rows_mm = triton.autotune(configs=rows_configs, key=rows_key)(rows_mm)
     weight_grad = triton.autotune(configs=grad_configs, key=grad_key)(weight_grad)
     return triton, rows_mm, weight_grad
@@ -184,7 +188,10 @@ _GRAD_CONFIGS = [
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; bf16/fp16 ignore it
+    """tl.dot's input precision: fp32 on TF32 tensor cores only where torch's own CUDA matmuls may use them
+    (`torch.backends.cuda.matmul.allow_tf32`, e.g. after `torch.set_float32_matmul_precision("high")`), else
+    exact (FMA); bf16 and fp16 ignore it."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
 class Schedule:
@@ -210,6 +217,28 @@ class Schedule:
         self.tile_expert_T = torch.where(expert_T < E, expert_T, -1)
 
 
+def _launch(kernel: Any, grid: Any, *args: Any, **meta: Any) -> None:
+    if _recording is not None:
+        _recording.append((kernel, args, meta))
+    else:
+        kernel[grid](*args, **meta)
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[tuple[Any, tuple, dict]]]:
+    """Inside, the kernels are not run: each launch is recorded as (autotuned kernel, arguments, keyword
+    arguments) and its output is left unwritten. How `mhmoe.kernels.ahead` learns what a layer step
+    launches, to build it for a GPU the machine does not have. Not thread-safe; does not nest."""
+    global _recording
+    if _recording is not None:
+        raise RuntimeError("recorded_launches() does not nest")
+    _recording = []
+    try:
+        yield _recording
+    finally:
+        _recording = None
+
+
 def rows_mm(
     a: Tensor,
     w_Ekn: Tensor,
@@ -229,7 +258,8 @@ def rows_mm(
         return out
     dummy = schedule.tile_expert_T
     num_tiles = schedule.tile_expert_T.shape[0]
-    kernel[lambda meta: (num_tiles, triton.cdiv(N, meta["BLOCK_N"]))](
+    _launch(
+        kernel, lambda meta: (num_tiles, triton.cdiv(N, meta["BLOCK_N"])),
         a, w_Ekn, out, dummy if a_index is None else a_index, dummy if out_index is None else out_index,
         dummy if scale is None else scale,
         schedule.tile_expert_T, schedule.tile_start_T, schedule.tile_end_T,
@@ -247,20 +277,21 @@ def weight_grad(
     schedule: Schedule,
     a_index: Tensor | None = None,
     g_index: Tensor | None = None,
-    g_scale: Tensor | None = None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
-    """dw[e] = Σ over expert e's sorted rows r of a[a_index[r]]ᵀ ⊗ g_scale[r] · g[g_index[r]]: (E, k, n), fp32
-    accumulation (g_scale · g rounded to a's dtype first)."""
+    """dw[e] = Σ over expert e's sorted rows r of (row_scale[r] · a[a_index[r]])ᵀ ⊗ g[g_index[r]]: (E, k, n),
+    fp32 accumulation (row_scale · a rounded to the operands' dtype first)."""
     triton, _, kernel = _kernels()
     E, K, N = schedule.row_end_E.shape[0], a.shape[1], g.shape[1]
     dw = a.new_empty(E, K, N)
     dummy = schedule.row_end_E
-    kernel[lambda meta: (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"]))](
+    _launch(
+        kernel, lambda meta: (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"])),
         a, g, dw, dummy if a_index is None else a_index, dummy if g_index is None else g_index,
-        dummy if g_scale is None else g_scale, schedule.row_start_E, schedule.row_end_E,
+        dummy if row_scale is None else row_scale, schedule.row_start_E, schedule.row_end_E,
         K, N,
         a.stride(0), a.stride(1), g.stride(0), g.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        HAS_A_INDEX=a_index is not None, HAS_G_INDEX=g_index is not None, HAS_G_SCALE=g_scale is not None,
+        HAS_A_INDEX=a_index is not None, HAS_G_INDEX=g_index is not None, HAS_ROW_SCALE=row_scale is not None,
         PRECISION=_precision(a.dtype),
     )  # fmt: skip
     return dw
@@ -277,7 +308,7 @@ class _ExpertFFN(torch.autograd.Function):
     Kept for the backward: h and a (the expert outputs are not: the gates' gradient is
     (g_s @ w_outᵀ) · a_r, whose first factor the backward computes anyway, as in SonicMoE), or with
     `recompute` nothing but indices (h again by the first GEMM, then a). The backward gathers each
-    row's gradient inside its GEMMs too, and scales it by the gate inside the w_out gradient's kernel.
+    row's gradient inside its GEMMs too, and applies the gates inside the w_out gradient's kernel.
     """
 
     @staticmethod
@@ -312,7 +343,7 @@ class _ExpertFFN(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_gates_R = (grad_a_RF.to(gates_R.dtype) * a_RF.to(gates_R.dtype)).sum(-1)
             grad_a_RF = (grad_a_RF * gates_R.unsqueeze(-1)).to(x_Sd.dtype)
-        grad_w_out = weight_grad(a_RF, grad_Sd, schedule, g_index=source_R, g_scale=gates_R)
+        grad_w_out = weight_grad(a_RF, grad_Sd, schedule, g_index=source_R, row_scale=gates_R)
         grad_h_RF = activate_backward(grad_a_RF, h_RF, ctx.activation).contiguous()
         grad_w_in = weight_grad(x_Sd, grad_h_RF, schedule, a_index=source_R)
         grad_x_Sd = None
