@@ -69,8 +69,10 @@ def test_every_tile_builds_for_hopper_in_bf16_pipelined_on_wgmma_without_spills(
         assert b.fits and b.pipelined and b.matrix_instruction == "wgmma", b
         assert b.spilled_bytes == 0 and 0 < b.registers <= 255, b
     assert {b.operands for b in rows} == {"a=bf16 w=bf16 out=bf16", "a=bf16 w=bf16 out=fp32", "a=bf16 wᵀ=bf16 out=bf16"}
-    table = capsys.readouterr().out
-    assert table.count("\n| rows_mm |") + table.count("\n| weight_grad |") == len(builds)
+    printed = capsys.readouterr().out
+    assert printed.count("\n| rows_mm |") + printed.count("\n| weight_grad |") == len(builds)
+    assert printed.endswith(f"{ahead.summary(builds)}\n")
+    assert ahead.summary(builds).startswith(f"{len(builds)} builds: {len(builds)} fit in shared memory")
 
 
 @pytest.mark.slow

@@ -189,6 +189,19 @@ def table(builds: list[Build]) -> str:
     return "\n".join(lines)
 
 
+def summary(builds: list[Build]) -> str:
+    """One line: how many builds fit, load asynchronously and spill, on which matrix instructions."""
+    spilled = [b for b in builds if b.spilled_bytes]
+    registers = [b.registers for b in builds if b.registers is not None]
+    shared = [b.shared_bytes / 1024 for b in builds]
+    return (
+        f"{len(builds)} builds: {sum(b.fits for b in builds)} fit in shared memory ({min(shared):.0f}-"
+        f"{max(shared):.0f} KiB), {sum(b.pipelined for b in builds)} pipelined, matrix instructions "
+        f"{'/'.join(sorted({b.matrix_instruction for b in builds}))}, {len(spilled)} spill"
+        + (f", registers {min(registers)}-{max(registers)}" if registers else "")
+    )
+
+
 def _or_dash(value: int | None) -> str:
     return "-" if value is None else str(value)
 
@@ -209,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     builds = compile_ahead(args.arch, DTYPES[args.dtype], d_model=args.d_model, hidden=args.hidden)
     print(table(builds))
+    print(summary(builds))
     if args.json:
         record = dict(
             arch=args.arch, dtype=args.dtype, d_model=args.d_model, hidden=args.hidden,
