@@ -47,7 +47,7 @@ def sort_rows(top, E):
 def test_schedule_tiles_cover_each_expert_exactly_once(counts, block_m):
     counts_E = torch.tensor(counts)
     R = sum(counts)
-    sched = tk.Schedule(counts_E, R, block_m)
+    sched = tk.Schedule.build(counts_E, R, block_m)
     assert sched.tile_expert_T.shape[0] == -(-R // block_m) + len(counts)  # the static bound
     covered = []
     for e, start, end in zip(sched.tile_expert_T.tolist(), sched.tile_start_T.tolist(), sched.tile_end_T.tolist()):
@@ -110,7 +110,8 @@ def test_expert_ffn_keeps_no_expert_outputs_and_nothing_with_recompute():
 
     kept, recomputed = (saved_activation_bytes(Experts(r), x) for r in (False, True))
     assert kept - recomputed == 2 * K * S * F * 4  # h and GELU(h), (R, F) each; no (R, d) expert outputs
-    assert recomputed == K * S * (4 + 8 + 8)  # only the (R,) gates, order and source rows
+    T = -(-K * S // tk.BLOCK_M) + E  # the schedule's tiles
+    assert recomputed == K * S * (4 + 8 + 8) + (2 * E + 3 * T) * 8  # the (R,) gates, order, source; the schedule
 
 
 @pytest.mark.parametrize("i", range(max(len(tk._ROWS_CONFIGS), len(tk._GRAD_CONFIGS))))
@@ -144,7 +145,7 @@ def test_weight_grad_with_gathered_operands():
     g = torch.Generator().manual_seed(1)
     R, K, N = 45, 24, 20
     counts_E = torch.tensor([20, 0, 25])
-    sched = tk.Schedule(counts_E, R, 16)
+    sched = tk.Schedule.build(counts_E, R, 16)
     a, grad = torch.randn(30, K, generator=g), torch.randn(R, N, generator=g)
     a_index, g_index = torch.randint(0, 30, (R,), generator=g), torch.randperm(R, generator=g)
     row_scale = torch.rand(R, generator=g)

@@ -31,7 +31,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -194,27 +194,35 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-class Schedule:
+class Schedule(NamedTuple):
     """Where the rows of each expert lie once sorted, and the row tiles of `rows_mm`, all on the device.
 
-    counts_E: (E,) rows per expert. row_start_E / row_end_E bound expert e's sorted rows.
-    tile_expert_T: expert of each tile, -1 past the last one; tile_start_T / tile_end_T: its rows.
-    The number of tiles T = ceil(R / BLOCK_M) + E bounds the real count for any routing.
+    row_start_E / row_end_E bound expert e's sorted rows. tile_expert_T: expert of each tile, -1 past the
+    last one; tile_start_T / tile_end_T: its rows. `Schedule.build` makes one from the expert counts.
     """
 
-    def __init__(self, counts_E: Tensor, num_rows: int, block_m: int = BLOCK_M):
+    row_start_E: Tensor
+    row_end_E: Tensor
+    tile_expert_T: Tensor
+    tile_start_T: Tensor
+    tile_end_T: Tensor
+    block_m: int = BLOCK_M
+
+    @classmethod
+    def build(cls, counts_E: Tensor, num_rows: int, block_m: int = BLOCK_M) -> Schedule:
+        """counts_E: (E,) rows per expert, num_rows their sum. The number of tiles T = ceil(R / block_m) + E
+        bounds the real count for any routing, so no shape depends on the routing."""
         E = counts_E.shape[0]
-        self.block_m = block_m
-        self.row_end_E = counts_E.cumsum(0)
-        self.row_start_E = self.row_end_E - counts_E
+        row_end_E = counts_E.cumsum(0)
+        row_start_E = row_end_E - counts_E
         tiles_E = (counts_E + block_m - 1) // block_m
         tile_end_E = tiles_E.cumsum(0)
         tile = torch.arange(-(-num_rows // block_m) + E, device=counts_E.device)
         expert_T = torch.searchsorted(tile_end_E, tile, right=True)  # E for tiles past the last
         e_T = expert_T.clamp(max=E - 1)
-        self.tile_start_T = self.row_start_E[e_T] + (tile - (tile_end_E - tiles_E)[e_T]) * block_m
-        self.tile_end_T = self.row_end_E[e_T]
-        self.tile_expert_T = torch.where(expert_T < E, expert_T, -1)
+        tile_start_T = row_start_E[e_T] + (tile - (tile_end_E - tiles_E)[e_T]) * block_m
+        tile_expert_T = torch.where(expert_T < E, expert_T, -1)
+        return cls(row_start_E, row_end_E, tile_expert_T, tile_start_T, row_end_E[e_T], block_m)
 
 
 def _launch(kernel: Any, grid: Any, *args: Any, **meta: Any) -> None:
@@ -251,24 +259,8 @@ def rows_mm(
 ) -> Tensor:
     """out[out_index[r]] = scale[r] · (a[a_index[r]] @ w[e(r)]) for every sorted row r (indices default to r,
     scale to 1); out in out_dtype (default a's), accumulated in fp32."""
-    triton, kernel, _ = _kernels()
-    K, N = w_Ekn.shape[1], w_Ekn.shape[2]
-    out = a.new_empty(num_out_rows, N, dtype=out_dtype or a.dtype)
-    if num_out_rows == 0:
-        return out
-    dummy = schedule.tile_expert_T
-    num_tiles = schedule.tile_expert_T.shape[0]
-    _launch(
-        kernel, lambda meta: (num_tiles, triton.cdiv(N, meta["BLOCK_N"])),
-        a, w_Ekn, out, dummy if a_index is None else a_index, dummy if out_index is None else out_index,
-        dummy if scale is None else scale,
-        schedule.tile_expert_T, schedule.tile_start_T, schedule.tile_end_T,
-        N, K,
-        a.stride(0), a.stride(1), w_Ekn.stride(0), w_Ekn.stride(1), w_Ekn.stride(2), out.stride(0), out.stride(1),
-        HAS_A_INDEX=a_index is not None, HAS_OUT_INDEX=out_index is not None, HAS_SCALE=scale is not None,
-        PRECISION=_precision(a.dtype), BLOCK_M=schedule.block_m,
-    )  # fmt: skip
-    return out
+    tiles = schedule.tile_expert_T, schedule.tile_start_T, schedule.tile_end_T
+    return _rows_mm_op(a, w_Ekn, *tiles, schedule.block_m, num_out_rows, a_index, out_index, scale, out_dtype)
 
 
 def weight_grad(
@@ -281,20 +273,83 @@ def weight_grad(
 ) -> Tensor:
     """dw[e] = Σ over expert e's sorted rows r of (row_scale[r] · a[a_index[r]])ᵀ ⊗ g[g_index[r]]: (E, k, n),
     fp32 accumulation (row_scale · a rounded to the operands' dtype first)."""
+    return _weight_grad_op(a, g, schedule.row_start_E, schedule.row_end_E, a_index, g_index, row_scale)
+
+
+# Each launch is an opaque custom op with a shape rule, so that torch.compile(fullgraph=True) puts it in its
+# graph as one call instead of tracing into Triton's launcher (which it cannot).
+
+
+@torch.library.custom_op("mhmoe::triton_rows_mm", mutates_args=())
+def _rows_mm_op(
+    a: Tensor,
+    w_Ekn: Tensor,
+    tile_expert_T: Tensor,
+    tile_start_T: Tensor,
+    tile_end_T: Tensor,
+    block_m: int,
+    num_out_rows: int,
+    a_index: Tensor | None,
+    out_index: Tensor | None,
+    scale: Tensor | None,
+    out_dtype: torch.dtype | None,
+) -> Tensor:
+    triton, kernel, _ = _kernels()
+    K, N = w_Ekn.shape[1], w_Ekn.shape[2]
+    out = a.new_empty(num_out_rows, N, dtype=out_dtype or a.dtype)
+    if num_out_rows == 0:
+        return out
+    num_tiles = tile_expert_T.shape[0]
+    _launch(
+        kernel, lambda meta: (num_tiles, triton.cdiv(N, meta["BLOCK_N"])),
+        a, w_Ekn, out, _or(a_index, tile_expert_T), _or(out_index, tile_expert_T), _or(scale, tile_expert_T),
+        tile_expert_T, tile_start_T, tile_end_T,
+        N, K,
+        a.stride(0), a.stride(1), w_Ekn.stride(0), w_Ekn.stride(1), w_Ekn.stride(2), out.stride(0), out.stride(1),
+        HAS_A_INDEX=a_index is not None, HAS_OUT_INDEX=out_index is not None, HAS_SCALE=scale is not None,
+        PRECISION=_precision(a.dtype), BLOCK_M=block_m,
+    )  # fmt: skip
+    return out
+
+
+@_rows_mm_op.register_fake
+def _(a, w_Ekn, tile_expert_T, tile_start_T, tile_end_T, block_m, num_out_rows, a_index, out_index, scale, out_dtype):  # type: ignore[no-untyped-def]
+    return a.new_empty(num_out_rows, w_Ekn.shape[2], dtype=out_dtype or a.dtype)
+
+
+@torch.library.custom_op("mhmoe::triton_weight_grad", mutates_args=())
+def _weight_grad_op(
+    a: Tensor,
+    g: Tensor,
+    row_start_E: Tensor,
+    row_end_E: Tensor,
+    a_index: Tensor | None,
+    g_index: Tensor | None,
+    row_scale: Tensor | None,
+) -> Tensor:
     triton, _, kernel = _kernels()
-    E, K, N = schedule.row_end_E.shape[0], a.shape[1], g.shape[1]
+    E, K, N = row_end_E.shape[0], a.shape[1], g.shape[1]
     dw = a.new_empty(E, K, N)
-    dummy = schedule.row_end_E
     _launch(
         kernel, lambda meta: (E, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(N, meta["BLOCK_N"])),
-        a, g, dw, dummy if a_index is None else a_index, dummy if g_index is None else g_index,
-        dummy if row_scale is None else row_scale, schedule.row_start_E, schedule.row_end_E,
+        a, g, dw, _or(a_index, row_end_E), _or(g_index, row_end_E), _or(row_scale, row_end_E),
+        row_start_E, row_end_E,
         K, N,
         a.stride(0), a.stride(1), g.stride(0), g.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         HAS_A_INDEX=a_index is not None, HAS_G_INDEX=g_index is not None, HAS_ROW_SCALE=row_scale is not None,
         PRECISION=_precision(a.dtype),
     )  # fmt: skip
     return dw
+
+
+@_weight_grad_op.register_fake
+def _(a, g, row_start_E, row_end_E, a_index, g_index, row_scale):  # type: ignore[no-untyped-def]
+    return a.new_empty(row_end_E.shape[0], a.shape[1], g.shape[1])
+
+
+def _or(tensor: Tensor | None, dummy: Tensor) -> Tensor:
+    """An optional pointer argument: a kernel flag says whether it is read; when absent, any tensor fills it."""
+    return dummy if tensor is None else tensor
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -315,22 +370,23 @@ class _ExpertFFN(torch.autograd.Function):
     def forward(ctx, x_Sd, w_in, w_out, gates_R, order_R, counts_E, activation, recompute):  # type: ignore[override]
         S, d = x_Sd.shape
         R = order_R.shape[0]
-        schedule = Schedule(counts_E, R)
+        schedule = Schedule.build(counts_E, R)
         source_R = order_R % S  # the input row of each sorted row
         h_RF = rows_mm(x_Sd, w_in, schedule, R, a_index=source_R)
         a_RF = activate(h_RF, activation)
         out_dtype = None if gates_R is None else gates_R.dtype
         y_KSd = rows_mm(a_RF, w_out, schedule, R, out_index=order_R, scale=gates_R, out_dtype=out_dtype)
         kept = () if recompute else (h_RF, a_RF)
-        ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, order_R, source_R, *kept)
-        ctx.schedule, ctx.activation = schedule, activation
+        ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, order_R, source_R, *schedule[:5], *kept)
+        ctx.block_m, ctx.activation = schedule.block_m, activation
         y_KSd = y_KSd.view(-1, S, d)
         return y_KSd[0] if y_KSd.shape[0] == 1 else y_KSd.sum(0)
 
     @staticmethod
     def backward(ctx, grad_Sd):  # type: ignore[override]
-        x_Sd, w_in, w_out, gates_R, order_R, source_R, *kept = ctx.saved_tensors
-        schedule, R, S = ctx.schedule, order_R.shape[0], x_Sd.shape[0]
+        x_Sd, w_in, w_out, gates_R, order_R, source_R, *rest = ctx.saved_tensors
+        schedule, kept = Schedule(*rest[:5], ctx.block_m), rest[5:]
+        R, S = order_R.shape[0], x_Sd.shape[0]
         grad_Sd = grad_Sd.to(x_Sd.dtype).contiguous()
         if kept:
             h_RF, a_RF = kept
