@@ -168,6 +168,15 @@ def test_fp32_uses_tf32_only_where_torch_matmuls_may():
     assert tk._precision(torch.bfloat16) == tk._precision(torch.float16) == "tf32"  # ignored for half types
 
 
+def test_tuned_tiles_reports_the_autotuners_choices():
+    assert tk.tuned_tiles() == {}  # nothing built
+    _, rows, _ = tk._kernels()
+    assert tk.tuned_tiles() == {}  # built, nothing timed (the interpreter never times)
+    key = (256, 128, True, False, False, "torch.bfloat16")
+    rows.cache[key] = rows.configs[0]  # what the GPU autotuner records after timing a key
+    assert tk.tuned_tiles() == {"rows_mm": {str(key): str(rows.configs[0])}}
+
+
 def test_supports():
     assert tk.supports(torch.device("cpu"), torch.float32)  # under the interpreter
     assert not tk.supports(torch.device("cpu"), torch.float64)

@@ -55,9 +55,13 @@ def _bench_layer(args: argparse.Namespace) -> int:
 
 
 def _finish_bench(report: dict, json_path: str | None) -> int:
-    """Write the report; 1 if an implementation could not be checked (the rest was still timed)."""
+    """Write the report (with the Triton autotuner's choices, if it timed any); 1 if an implementation could
+    not be checked (the rest was still timed)."""
     from mhmoe.bench import failures
+    from mhmoe.kernels import triton_experts
 
+    if tiles := triton_experts.tuned_tiles():
+        report["triton_tiles"] = tiles
     if json_path:
         _write_json_atomically(Path(json_path), report)
         print(f"wrote {json_path}", file=sys.stderr)

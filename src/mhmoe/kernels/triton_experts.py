@@ -187,6 +187,19 @@ _GRAD_CONFIGS = [
 ]
 
 
+def tuned_tiles() -> dict[str, dict[str, str]]:
+    """The tile the GPU autotuner chose for each key it has timed so far, per kernel: {"rows_mm": {key:
+    config}, "weight_grad": {...}}; empty when the kernels were never built (the interpreter times nothing)."""
+    if _kernels.cache_info().currsize == 0:
+        return {}
+    _, rows, grad = _kernels()
+    tiles = {
+        name: {str(k): str(c) for k, c in kernel.cache.items()}
+        for name, kernel in (("rows_mm", rows), ("weight_grad", grad))
+    }
+    return {name: chosen for name, chosen in tiles.items() if chosen}
+
+
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: fp32 on TF32 tensor cores only where torch's own CUDA matmuls may use them
     (`torch.backends.cuda.matmul.allow_tf32`, e.g. after `torch.set_float32_matmul_precision("high")`), else
