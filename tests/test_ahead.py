@@ -56,7 +56,7 @@ def test_step_launches_refuse_the_interpreter(monkeypatch):
 
 def test_every_tile_builds_for_hopper_in_bf16_pipelined_on_wgmma_without_spills(triton_compiler, tmp_path, capsys):
     """The GPU path's dtype on H100/H200: each of the 6 + 5 tiles of every launch fits in shared memory,
-    loads asynchronously (software-pipelined), multiplies with wgmma and spills nothing."""
+    loads asynchronously (software-pipelined) in 16-byte vectors, multiplies with wgmma and spills nothing."""
     out = tmp_path / "builds.json"
     ahead.main(["--arch", "90", "--dtype", "bf16", "--json", str(out)])
     record = json.loads(out.read_text())
@@ -66,7 +66,7 @@ def test_every_tile_builds_for_hopper_in_bf16_pipelined_on_wgmma_without_spills(
     assert len(rows) == 5 * len(tk._ROWS_CONFIGS)
     assert len(builds) - len(rows) == 3 * len(tk._GRAD_CONFIGS)
     for b in builds:
-        assert b.fits and b.pipelined and b.matrix_instruction == "wgmma", b
+        assert b.fits and b.pipelined and b.widest_copy_bytes == 16 and b.matrix_instruction == "wgmma", b
         assert b.spilled_bytes == 0 and 0 < b.registers <= 255, b
     assert {b.operands for b in rows} == {"a=bf16 w=bf16 out=bf16", "a=bf16 w=bf16 out=fp32", "a=bf16 wᵀ=bf16 out=bf16"}
     printed = capsys.readouterr().out

@@ -10,7 +10,8 @@ Triton's JIT specialises a launch on that GPU (integers equal to 1, 16-divisible
 and reports for each build:
 
 - shared memory per block, against the architecture's limit (a tile over it is skipped by the autotuner);
-- whether the main loop's loads are asynchronous (cp.async or TMA: software-pipelined);
+- whether the main loop's loads are asynchronous (cp.async or TMA: software-pipelined), and the widest of
+  those copies (16 bytes: the operand tiles load as vectors);
 - the matrix instructions: "wgmma" (Hopper tensor cores), "mma" (mma.sync, Ampere tensor cores) or "fma";
 - registers, stack and local memory per thread (stack or local bytes: values spilled out of registers), read
   from the cubin by the cuobjdump Triton ships.
@@ -54,6 +55,7 @@ class Build:
     shared_bytes: int
     shared_limit: int | None  # None: architecture not in SHARED_MEMORY_LIMIT
     pipelined: bool  # asynchronous global -> shared copies (cp.async / TMA) in the PTX
+    widest_copy_bytes: int  # the largest cp.async in the PTX (16 = vectorised operand loads); 0 without any
     matrix_instruction: str  # "wgmma", "mma" or "fma"
     registers: int | None  # per thread; None without cuobjdump
     spilled_bytes: int | None  # stack + local memory per thread (registers spilled); None without cuobjdump
@@ -142,6 +144,7 @@ def _describe(name: str, arch: int, signature: dict, bound: dict, meta: dict, co
         shared_bytes=compiled.metadata.shared,
         shared_limit=SHARED_MEMORY_LIMIT.get(arch),
         pipelined="cp.async" in ptx,
+        widest_copy_bytes=max((int(size, 0) for size in _ASYNC_COPY.findall(ptx)), default=0),
         matrix_instruction="wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "fma",
         registers=registers,
         spilled_bytes=spilled_bytes,
@@ -149,6 +152,7 @@ def _describe(name: str, arch: int, signature: dict, bound: dict, meta: dict, co
 
 
 _OPERANDS = ("a_ptr", "w_ptr", "g_ptr", "out_ptr", "dw_ptr")
+_ASYNC_COPY = re.compile(r"cp\.async\.c[ag]\.shared\.global\S* \[[^\]]+\], \[[^\]]+\], (\w+)")  # its bytes
 
 
 def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
@@ -176,14 +180,14 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
 
 def table(builds: list[Build]) -> str:
     lines = [
-        "| kernel | operands | flags | tile | shared KiB (limit) | pipelined | matrix | registers | spilled B |",
+        "| kernel | operands | flags | tile | shared KiB (limit) | pipelined (widest copy B) | matrix | registers | spilled B |",
         "|---|---|---|---|---:|---|---|---:|---:|",
     ]
     for b in builds:
         limit = "?" if b.shared_limit is None else f"{b.shared_limit / 1024:.0f}"
         lines.append(
             f"| {b.kernel} | {b.operands} | {b.flags} | {b.tile} | {b.shared_bytes / 1024:.0f} ({limit}) | "
-            f"{'yes' if b.pipelined else 'NO'} | {b.matrix_instruction} | {_or_dash(b.registers)} | "
+            f"{'yes' if b.pipelined else 'NO'} ({b.widest_copy_bytes}) | {b.matrix_instruction} | {_or_dash(b.registers)} | "
             f"{_or_dash(b.spilled_bytes)} |"
         )
     return "\n".join(lines)
@@ -196,7 +200,8 @@ def summary(builds: list[Build]) -> str:
     shared = [b.shared_bytes / 1024 for b in builds]
     return (
         f"{len(builds)} builds: {sum(b.fits for b in builds)} fit in shared memory ({min(shared):.0f}-"
-        f"{max(shared):.0f} KiB), {sum(b.pipelined for b in builds)} pipelined, matrix instructions "
+        f"{max(shared):.0f} KiB), {sum(b.pipelined for b in builds)} pipelined "
+        f"({sum(b.widest_copy_bytes == 16 for b in builds)} with 16-byte copies), matrix instructions "
         f"{'/'.join(sorted({b.matrix_instruction for b in builds}))}, {len(spilled)} spill"
         + (f", registers {min(registers)}-{max(registers)}" if registers else "")
     )
