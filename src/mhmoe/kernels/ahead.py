@@ -180,15 +180,16 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
 
 def table(builds: list[Build]) -> str:
     lines = [
-        "| kernel | operands | flags | tile | shared KiB (limit) | pipelined (widest copy B) | matrix | registers | spilled B |",
+        "| kernel | operands | flags | tile | shared KiB (limit) | pipelined (widest copy B) | matrix | registers "
+        "| spilled B |",
         "|---|---|---|---|---:|---|---|---:|---:|",
     ]
     for b in builds:
         limit = "?" if b.shared_limit is None else f"{b.shared_limit / 1024:.0f}"
+        pipelined = f"{'yes' if b.pipelined else 'NO'} ({b.widest_copy_bytes})"
         lines.append(
             f"| {b.kernel} | {b.operands} | {b.flags} | {b.tile} | {b.shared_bytes / 1024:.0f} ({limit}) | "
-            f"{'yes' if b.pipelined else 'NO'} ({b.widest_copy_bytes}) | {b.matrix_instruction} | {_or_dash(b.registers)} | "
-            f"{_or_dash(b.spilled_bytes)} |"
+            f"{pipelined} | {b.matrix_instruction} | {_or_dash(b.registers)} | {_or_dash(b.spilled_bytes)} |"
         )
     return "\n".join(lines)
 

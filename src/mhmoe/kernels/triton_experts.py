@@ -326,7 +326,9 @@ def _rows_mm_op(
 
 
 @_rows_mm_op.register_fake
-def _(a, w_Ekn, tile_expert_T, tile_start_T, tile_end_T, block_m, num_out_rows, a_index, out_index, scale, out_dtype):  # type: ignore[no-untyped-def]
+def _(  # type: ignore[no-untyped-def]
+    a, w_Ekn, tile_expert_T, tile_start_T, tile_end_T, block_m, num_out_rows, a_index, out_index, scale, out_dtype
+):
     return a.new_empty(num_out_rows, w_Ekn.shape[2], dtype=out_dtype or a.dtype)
 
 
