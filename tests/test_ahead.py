@@ -38,8 +38,8 @@ def test_a_layer_step_is_recorded_not_run(triton_compiler):
         ("weight_grad", frozenset({"HAS_G_INDEX"})),  # w_out's gradient, ungated
         ("weight_grad", frozenset({"HAS_A_INDEX"})),  # w_in's gradient
     }
-    # forward + backward, twice (with and without recompute, which adds the first GEMM again), then the
-    # ungated step: 4 + 2 row GEMMs per gated step (5 + 2 with recompute), 4 + 2 ungated
+    # each step: 4 row GEMMs and 2 weight gradients, one more row GEMM with recompute (the first again);
+    # nothing ran (this machine has no GPU to run them on)
     assert len(launches) == (6 + 7 + 6)
     assert tk._recording is None
     with tk.recorded_launches():
