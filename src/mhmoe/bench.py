@@ -253,6 +253,15 @@ def _peak_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def _max_rel_difference(got: Sequence[Tensor], want: Sequence[Tensor]) -> float:
+    """Largest difference between paired tensors, each relative to the largest magnitude of its `want`."""
+    err = 0.0
+    for u, v in zip(got, want, strict=True):
+        u, v = u.detach().float(), v.detach().float()
+        err = max(err, float((u - v).abs().max() / v.abs().max().clamp_min(1e-6)))
+    return err
+
+
 def _max_error(a: nn.Module, b: nn.Module, x: Tensor, grad: Tensor) -> float:
     """Largest relative difference between two layers' outputs, input grads and parameter grads."""
     results = []
@@ -262,11 +271,7 @@ def _max_error(a: nn.Module, b: nn.Module, x: Tensor, grad: Tensor) -> float:
         y, _ = _step(layer, xi, grad)
         grads = [xi.grad] + [p.grad for p in layer.parameters()]
         results.append([y.detach()] + grads)
-    err = 0.0
-    for u, v in zip(*results):
-        scale = v.abs().max().float().clamp_min(1e-6)
-        err = max(err, float(((u.float() - v.float()).abs().max() / scale)))
-    return err
+    return _max_rel_difference(*results)
 
 
 def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: int, seed: int = 0) -> dict:
@@ -371,11 +376,7 @@ def cuda_graph_check(name: str, device: torch.device, dtype: torch.dtype, dispat
         torch.cuda.synchronize(device)
     except Exception as e:  # the answer is the error, not a crash of the benchmark
         return dict(shape=name, dispatch=dispatch, capturable=False, error=f"{type(e).__name__}: {e}"[:1000])
-    eager = step()
-    error = max(
-        float((a.detach().float() - b.detach().float()).abs().max() / b.detach().float().abs().max().clamp_min(1e-6))
-        for a, b in zip(captured, eager)
-    )
+    error = _max_rel_difference(captured, step())  # the replay against eager
     return dict(shape=name, dispatch=dispatch, capturable=True, replay_max_rel_error=error)
 
 
@@ -469,10 +470,7 @@ def _grads_error(a: nn.Module, b: nn.Module, idx: Tensor, autocast: Any) -> floa
             out = model(idx[:, :-1], idx[:, 1:])
         (out.loss + out.aux_loss).backward()
         results.append([out.loss.detach()] + [p.grad for p in model.parameters()])
-    err = 0.0
-    for u, v in zip(*results):
-        scale = v.abs().max().float().clamp_min(1e-6)
-        err = max(err, float((u.float() - v.float()).abs().max() / scale))
+    err = _max_rel_difference(*results)
     a.zero_grad(set_to_none=True)
     b.zero_grad(set_to_none=True)
     return err
