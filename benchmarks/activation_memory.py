@@ -9,15 +9,11 @@ minute per shape), while their speed needs a GPU. Writes MiB and the ratio to de
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-import time
-from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
+import per_shape  # noqa: E402
 import torch  # noqa: E402
 
 from mhmoe.bench import SHAPES, dense_equivalent, saved_activation_bytes  # noqa: E402
@@ -45,27 +41,10 @@ def measure(name: str) -> dict:
     return dict(name=name, results=rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="cpu-mhmoe-16e,cpu-mhmoe-64e,cpu-smoe-64e")
-    parser.add_argument("--out", help="write the results to this JSON file")
-    args = parser.parse_args()
-    names = args.shapes.split(",")
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown:
-        raise SystemExit(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
-    report = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, benchmarks=[])
-    print("| shape | impl | activations MiB | × dense-eq |\n|---|---|---:|---:|")
-    for name in names:
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        bench = measure(name)
-        report["benchmarks"].append(bench)
-        for r in bench["results"]:
-            print(f"| {name} | {r['impl']} | {r['activation_mib']:.1f} | {r['activation_vs_dense']:.2f} |", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    main()
+    per_shape.main(
+        __doc__,
+        "| shape | impl | activations MiB | × dense-eq |\n|---|---|---:|---:|",
+        measure,
+        lambda r: f"{r['impl']} | {r['activation_mib']:.1f} | {r['activation_vs_dense']:.2f}",
+    )

@@ -16,13 +16,9 @@ the benchmark input), timed round-robin three ways, after checking that they agr
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
-import time
-from pathlib import Path
 
+import per_shape
 import torch
 import torch.nn.functional as F
 
@@ -87,30 +83,11 @@ def gemms(name: str, repeats: int) -> dict:
     )  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="cpu-mhmoe-16e,cpu-mhmoe-64e,cpu-smoe-64e")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", help="write the results to this JSON file")
-    args = parser.parse_args()
-    names = args.shapes.split(",")
-    unknown = [n for n in names if n not in SHAPES]
-    if unknown or args.repeats < 1:
-        raise SystemExit(f"unknown shapes {unknown} (choose from {sorted(SHAPES)}) or --repeats < 1")
-    report = dict(
-        date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads(), benchmarks=[]
-    )
-    print("| shape | impl | ms (6 GEMMs) | GFLOP/s | × one GEMM |\n|---|---|---:|---:|---:|")
-    for name in names:
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        bench = gemms(name, args.repeats)
-        report["benchmarks"].append(bench)
-        for r in bench["results"]:
-            print(f"| {name} | {r['impl']} | {r['ms']:.1f} | {r['gflops']:.0f} | {r['vs_one_gemm']:.2f} |", flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}", file=sys.stderr)
-
-
 if __name__ == "__main__":
-    main()
+    per_shape.main(
+        __doc__,
+        "| shape | impl | ms (6 GEMMs) | GFLOP/s | × one GEMM |\n|---|---|---:|---:|---:|",
+        gemms,
+        lambda r: f"{r['impl']} | {r['ms']:.1f} | {r['gflops']:.0f} | {r['vs_one_gemm']:.2f}",
+        repeats=15,
+    )
