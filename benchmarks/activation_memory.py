@@ -16,7 +16,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 import per_shape  # noqa: E402
 import torch  # noqa: E402
 
-from mhmoe.bench import SHAPES, dense_equivalent, saved_activation_bytes  # noqa: E402
+from mhmoe.bench.layer import SHAPES, dense_equivalent
+from mhmoe.bench.timing import saved_activation_bytes  # noqa: E402
 
 IMPLS = {  # name -> (dispatch, recompute)
     "grouped_mm": ("grouped_mm", False),

@@ -22,7 +22,8 @@ import per_shape
 import torch
 import torch.nn.functional as F
 
-from mhmoe.bench import SHAPES, _time_interleaved
+from mhmoe.bench.layer import SHAPES
+from mhmoe.bench.timing import time_interleaved
 
 
 def gemms(name: str, repeats: int) -> dict:
@@ -72,7 +73,7 @@ def gemms(name: str, repeats: int) -> dict:
 
     for a, b in zip(grouped(), padded()):  # the same products (padding rows give zeros), weight gradients too
         torch.testing.assert_close(pad(a) if a.dim() == 2 else a, b, rtol=1e-4, atol=1e-3)
-    times = _time_interleaved(dict(grouped_mm=grouped, padded_bmm=padded, one_gemm=one), torch.device("cpu"), repeats)
+    times = time_interleaved(dict(grouped_mm=grouped, padded_bmm=padded, one_gemm=one), torch.device("cpu"), repeats)
     ms = {impl: 1e3 * statistics.median(t) for impl, t in times.items()}
     flops = 6 * 2 * R * d * hidden
     return dict(

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from mhmoe.bench import DEFAULT_SHAPES, SHAPES
+from mhmoe.bench.layer import DEFAULT_SHAPES, SHAPES
 
 
 def main(

@@ -45,8 +45,8 @@ TOY_MODEL = [
     "model.n_layers=2",
     "model.seq_len=32",
     "model.ffn.hidden=64",
-    "model.ffn.expert_hidden=64",
-    "model.ffn.num_experts=4",
+    "model.ffn.moe.expert_hidden=64",
+    "model.ffn.moe.num_experts=4",
 ]
 TOLERANCES = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
@@ -63,7 +63,7 @@ def triton_interpreter(monkeypatch):
     """The Triton kernels built for the CPU interpreter (TRITON_INTERPRET=1): kernels are built on first use, in
     the mode TRITON_INTERPRET says then, so the cache is cleared before and after the test."""
     pytest.importorskip("triton")
-    from mhmoe.kernels import triton_experts
+    from mhmoe.ops import triton_experts
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     triton_experts._kernels.cache_clear()
@@ -160,3 +160,12 @@ def set_identity_(linear: nn.Linear) -> None:
     with torch.no_grad():
         linear.weight.copy_(torch.eye(linear.in_features, dtype=linear.weight.dtype))
         linear.bias.zero_()
+
+
+def ffn_config(kind: str = "dense", *, hidden: int = 1024, activation: str = "gelu", moe_every: int = 2, **moe):
+    """A model's FFN section with MoE options given flat (num_experts=..., router=..., ...), as tests write them."""
+    from mhmoe import FFNConfig, MoEConfig
+
+    moe = {"num_experts": 8, "top_k": 2, "expert_hidden": 1024, "num_heads": 4, "activation": activation, **moe}
+    return FFNConfig(kind=kind, hidden=hidden, activation=activation, moe_every=moe_every,
+                     moe=MoEConfig.from_kwargs(**moe))  # fmt: skip

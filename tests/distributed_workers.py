@@ -187,27 +187,27 @@ def tiny_config(corpus: Path, *overrides: str):  # type: ignore[no-untyped-def]
         "train.keep_checkpoints=3",
         "train.device=cpu",
         "train.precision=fp32",
-        "model.ffn.num_experts=8",
-        "model.ffn.router=sigmoid",
+        "model.ffn.moe.num_experts=8",
+        "model.ffn.moe.router.kind=sigmoid",
     ]
     return apply_overrides(cfg, base + list(overrides))
 
 
 def train_job(rank: int, world: int, out: Path, corpus: str, cache: str, run_dir: str, overrides: list[str]) -> dict:
-    """`mhmoe.train.trainer.train` as torchrun would run it, in the process group `launch` made."""
-    from mhmoe.train.trainer import train
+    """`mhmoe.train.lm.train` as torchrun would run it, in the process group `launch` made."""
+    from mhmoe.train.lm import train
 
     os.environ["MHMOE_CACHE"] = cache
     started = time.perf_counter()
     result = train(tiny_config(Path(corpus), *overrides), Path(run_dir), progress=False)
-    return {"step": result.step, "val_loss": result.val_loss, "seconds": time.perf_counter() - started}
+    return {"step": result.step, "val_loss": result.valid["loss"], "seconds": time.perf_counter() - started}
 
 
 def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int) -> dict:
     """Load a distributed checkpoint at expert size `expert`: logits on a fixed batch vs the consolidated file."""
     from mhmoe.models.gpt import GPT
     from mhmoe.parallel import make_layout, parallelize
-    from mhmoe.parallel.checkpoint import load_distributed
+    from mhmoe.train.dcp import load_distributed
     from mhmoe.train.checkpoint import load_model_weights
     from mhmoe.train.config import RunConfig
 
@@ -262,7 +262,7 @@ def hanging_job(rank: int, world: int, out: Path) -> dict:
 def crash_during_save_job(rank: int, world: int, out: Path, run_dir: str) -> dict:
     """Save step 1 of a tiny GPT; then rank 1 dies in the middle of saving step 2 (after its DCP shard)."""
     from mhmoe.models.gpt import GPT, GPTConfig
-    from mhmoe.parallel import checkpoint as pc
+    from mhmoe.train import dcp as pc
     from mhmoe.parallel import make_layout, parallelize
 
     torch.manual_seed(0)

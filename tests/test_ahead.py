@@ -1,4 +1,4 @@
-"""The Triton kernels built for NVIDIA GPUs on this CPU-only machine (`mhmoe.kernels.ahead`): what the GPU
+"""The Triton kernels built for NVIDIA GPUs on this CPU-only machine (`mhmoe.ops.triton_ahead`): what the GPU
 compiler makes of every launch of a layer step, at every tile the autotuner may pick."""
 
 import json
@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from mhmoe.kernels import ahead  # noqa: E402
-from mhmoe.kernels import triton_experts as tk  # noqa: E402
+from mhmoe.ops import triton_ahead as ahead  # noqa: E402
+from mhmoe.ops import triton_experts as tk  # noqa: E402
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""mhmoe.allocator: the CLI's glibc malloc settings, and when they are left alone."""
+"""mhmoe.train.allocator: the CLI's glibc malloc settings, and when they are left alone."""
 
 import platform
 
 import pytest
 
-from mhmoe import allocator
-from mhmoe.allocator import tune_cpu_allocator
+from mhmoe.train import allocator
+from mhmoe.train.allocator import tune_cpu_allocator
 
 glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 

@@ -31,7 +31,7 @@ from mhmoe.analysis import (
     subtoken_divergence,
     summarize,
 )
-from mhmoe.plots import (
+from mhmoe.analysis.plots import (
     plot_activation_heatmap,
     plot_curves,
     plot_divergence_histogram,
@@ -257,8 +257,8 @@ def test_metrics_reject():
 def test_core_imports_without_matplotlib():
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"
-        "import mhmoe, mhmoe.analysis, mhmoe.plots\n"
-        "try:\n    mhmoe.plots.plot_head_usage([[1.0]], 'x.png', 't')\n"
+        "import mhmoe, mhmoe.analysis, mhmoe.analysis.plots\n"
+        "try:\n    mhmoe.analysis.plots.plot_head_usage([[1.0]], 'x.png', 't')\n"
         "except ImportError as e:\n    assert 'pip install matplotlib' in str(e), e\n"
         "else:\n    raise SystemExit('plotting without matplotlib did not fail')\n"
     )

@@ -43,7 +43,7 @@ def test_a_failing_triton_kernel_is_reported_and_the_rest_still_timed(
     tmp_path, monkeypatch, capsys, kind, triton_interpreter
 ):
     """A GPU session runs its benchmark once: a kernel that fails there must not cost the other numbers."""
-    from mhmoe.kernels import triton_experts
+    from mhmoe.ops import triton_experts
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of resources: shared memory")
@@ -64,7 +64,7 @@ def test_a_failing_triton_kernel_is_reported_and_the_rest_still_timed(
 def test_saved_activation_bytes_counts_what_backward_keeps():
     import torch
 
-    from mhmoe.bench import saved_activation_bytes
+    from mhmoe.bench.timing import saved_activation_bytes
     from mhmoe.layers.experts import DenseFFN
 
     ffn = DenseFFN(d_model=16, hidden=24, activation="gelu")
@@ -133,7 +133,7 @@ def test_cuda_graph_check_logic_with_stand_ins(monkeypatch):
 
     import torch
 
-    from mhmoe.bench import cuda_graph_check
+    from mhmoe.bench.layer import cuda_graph_check
 
     class Stand:
         def __init__(self, *args, **kwargs):
@@ -178,7 +178,8 @@ def test_the_prepared_gpu_session_runs_valid_commands():
     import shlex
     from pathlib import Path
 
-    from mhmoe.bench import SHAPES, TRAIN_EXTRAS
+    from mhmoe.bench.layer import SHAPES
+    from mhmoe.bench.train_step import TRAIN_EXTRAS
     from mhmoe.cli import build_parser
 
     script = (Path(__file__).parents[1] / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", " ")

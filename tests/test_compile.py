@@ -28,10 +28,12 @@ def test_compiled_mhmoe_matches_eager_without_recompiling():
 def test_compiled_gpt_matches_eager_without_recompiling():
     """The whole model traces as one graph (aot_eager keeps this fast on 2 cores; the layer test above runs
     inductor), forward and backward match eager, and new batches with new routing reuse the graph."""
-    from mhmoe.models.gpt import GPT, FFNConfig, GPTConfig
+    from conftest import ffn_config
+
+    from mhmoe.models.gpt import GPT, GPTConfig
 
     torch._dynamo.reset()
-    ffn = FFNConfig(kind="mhmoe", hidden=64, num_experts=4, top_k=2, expert_hidden=32, num_heads=2, capacity_factor=1.0)
+    ffn = ffn_config("mhmoe", hidden=64, num_experts=4, top_k=2, expert_hidden=32, num_heads=2, capacity_factor=1.0)
     model = GPT(GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=2, ffn=ffn))
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)

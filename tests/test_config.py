@@ -16,17 +16,56 @@ def test_presets_are_valid_and_round_trip(name):
 def test_overrides_parse_by_type():
     cfg = apply_overrides(
         preset("cpu"),
-        ["model.ffn.num_experts=16", "train.lr=5e-4", "train.compile=true", "model.ffn.router=sigmoid", "data.path=/x"],
+        [
+            "model.ffn.moe.num_experts=16",
+            "train.lr=5e-4",
+            "train.compile=true",
+            "model.ffn.moe.router.kind=sigmoid",
+            "data.path=/x",
+            "model.ffn.moe.capacity_factor=1.25",
+        ],
     )
-    assert (cfg.model.ffn.num_experts, cfg.train.lr, cfg.train.compile) == (16, 5e-4, True)
-    assert (cfg.model.ffn.router, cfg.data.path) == ("sigmoid", "/x")
+    assert (cfg.model.ffn.moe.num_experts, cfg.train.lr, cfg.train.compile) == (16, 5e-4, True)
+    assert (cfg.model.ffn.moe.router.kind, cfg.data.path, cfg.model.ffn.moe.capacity_factor) == ("sigmoid", "/x", 1.25)
+    assert apply_overrides(cfg, ["model.ffn.moe.capacity_factor=none"]).model.ffn.moe.capacity_factor is None
+
+
+def test_every_layer_option_is_settable():
+    """Each MoEConfig and RouterConfig field is a key of `--set` (the layer's options are written once)."""
+    import dataclasses
+
+    from mhmoe import MoEConfig, RouterConfig
+
+    names = field_names(preset("cpu"))
+    for f in dataclasses.fields(MoEConfig):
+        if f.name != "router":
+            assert f"model.ffn.moe.{f.name}" in names
+    for f in dataclasses.fields(RouterConfig):
+        assert f"model.ffn.moe.router.{f.name}" in names
+    cfg = apply_overrides(preset("cpu"), ["model.ffn.moe.dispatch=slices", "model.ffn.moe.router.jitter=0.01",
+                                         "model.ffn.moe.num_shared_experts=1", "model.ffn.moe.shared_expert_hidden=64"])
+    moe = cfg.model.ffn.moe
+    assert (moe.dispatch, moe.router.jitter, moe.num_shared_experts, moe.shared_expert_hidden) == ("slices", 0.01, 1, 64)
+
+
+def test_overrides_are_checked_together_whatever_their_order():
+    cfg = apply_overrides(preset("cpu"), ["model.ffn.moe.top_k=4", "model.ffn.moe.num_experts=4"])
+    assert (cfg.model.ffn.moe.num_experts, cfg.model.ffn.moe.top_k) == (4, 4)
+
+
+def test_keys_of_mhmoe_0_1_name_their_new_place():
+    with pytest.raises(ConfigError, match=r"config key 'model.ffn.num_experts' is now 'model.ffn.moe.num_experts'"):
+        apply_overrides(preset("cpu"), ["model.ffn.num_experts=4"])
+    with pytest.raises(ConfigError, match=r"'model.ffn.router_form' is now 'model.ffn.moe.router.form'"):
+        apply_overrides(preset("cpu"), ["model.ffn.router_form=code"])
 
 
 def test_unknown_key_suggests():
     with pytest.raises(
-        ConfigError, match=r"unknown config key 'model.ffn.num_expert' \(did you mean 'model.ffn.num_experts'\?\)"
+        ConfigError,
+        match=r"unknown config key 'model.ffn.moe.num_expert' \(did you mean 'model.ffn.moe.num_experts'\?\)",
     ):
-        apply_overrides(preset("cpu"), ["model.ffn.num_expert=4"])
+        apply_overrides(preset("cpu"), ["model.ffn.moe.num_expert=4"])
 
 
 @pytest.mark.parametrize(
@@ -34,11 +73,15 @@ def test_unknown_key_suggests():
     [
         ("train.lr=fast", r"train.lr='fast': expected a float"),
         ("train.compile=maybe", r"expected a bool"),
-        ("model.ffn.top_k=9", r"model.ffn.top_k must be in 1..8, got 9"),
-        ("model.ffn.num_heads=3", r"model.d_model \(128\) must be divisible by model.ffn.num_heads \(3\)"),
+        ("model.ffn.moe.top_k=9", r"model.ffn.moe: top_k must be an integer in 1..num_experts \(8\), got 9"),
+        ("model.ffn.moe.num_heads=3", r"model.d_model \(128\) must be divisible by model.ffn.moe.num_heads \(3\)"),
         ("train.batch_size=0", r"train.batch_size must be >= 1, got 0"),
-        ("train.schedule=step", r"train.schedule must be cosine or linear, got 'step'"),
-        ("model.ffn.router=hash", r"model.ffn.router must be softmax, switch, xmoe or sigmoid"),
+        ("train.schedule=step", r"train.schedule='step': choose one of cosine, linear"),
+        ("model.ffn.moe.router.kind=hash", r"model.ffn.moe.router.kind='hash': choose one of softmax, switch, xmoe, sigmoid"),
+        ("model.ffn.moe.router.jitter=1.5", r"model.ffn.moe: jitter must be in \[0, 1\), got 1.5"),
+        ("model.ffn.moe.router.bias_update_rate=0.1", r"router option bias_update_rate=0.1 does not apply to the xmoe"),
+        ("model.ffn.moe.capacity_factor=inf", r"capacity_factor must be finite \(None is dropless\), got inf"),
+        ("model.ffn.moe_every=5", r"model.ffn.moe_every \(5\) is larger than model.n_layers \(4\)"),
         ("lr", r"override 'lr' is not key=value"),
     ],
 )
@@ -57,4 +100,4 @@ def test_unknown_preset_and_foreign_config():
 
 def test_field_names_cover_the_tree():
     names = field_names(preset("cpu"))
-    assert "model.ffn.expert_hidden" in names and "train.grad_accum" in names and "data.tokenizer" in names
+    assert "model.ffn.moe.expert_hidden" in names and "train.grad_accum" in names and "data.tokenizer" in names

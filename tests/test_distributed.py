@@ -31,7 +31,7 @@ from mhmoe.errors import ConfigError
 from mhmoe.models.gpt import GPT
 from mhmoe.train.checkpoint import latest_checkpoint, load_model_weights, verify
 from mhmoe.train.config import RunConfig
-from mhmoe.train.trainer import train
+from mhmoe.train.lm import train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 FP32 = 1e-5

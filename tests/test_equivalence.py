@@ -26,7 +26,9 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 from mhmoe import MHMoE, SparseMoE
-from mhmoe.layers.dispatch import capacity_keep, capacity_keep_reference, expert_capacity, resolve_backend
+from mhmoe.ops.backend import resolve_backend
+from mhmoe.ops.capacity import capacity_keep, expert_capacity
+from mhmoe.ops.reference import capacity_keep_reference
 
 LAYERS = [pytest.param(SparseMoE, id="SparseMoE"), pytest.param(MHMoE, id="MHMoE")]
 DTYPES = [pytest.param(torch.float64, id="f64"), pytest.param(torch.float32, id="f32")]
@@ -359,7 +361,7 @@ def test_recompute_matches_reference_and_keeping(cls, activation, capacity_facto
 def test_recompute_keeps_no_expert_activations(cls):
     """Keeping costs exactly the pre-activations, activations and expert outputs (R·(2F + d) values), not the
     gathered rows."""
-    from mhmoe.bench import saved_activation_bytes
+    from mhmoe.bench.timing import saved_activation_bytes
 
     kwargs = layer_kwargs(cls, expert_hidden=16)
     kept = cls(**kwargs)
@@ -374,8 +376,8 @@ def test_recompute_keeps_no_expert_activations(cls):
 
 def test_ungated_expert_step_keeps_no_outputs():
     """The expert-parallel runner's local step (no gates) keeps pre-activations and activations only."""
-    from mhmoe.bench import saved_activation_bytes
-    from mhmoe.layers.dispatch import permuted_expert_ffn
+    from mhmoe.bench.timing import saved_activation_bytes
+    from mhmoe.ops.sorted import permuted_expert_ffn
 
     N, E, d, F = 30, 3, 8, 16
     order = torch.randperm(N)
@@ -410,7 +412,7 @@ def test_recompute_is_refused_where_it_cannot_run():
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activate_backward_is_the_gradient_of_activate(activation):
-    from mhmoe.layers.experts import activate, activate_backward
+    from mhmoe.ops.activations import activate, activate_backward
 
     h = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(7, 5 if activation == "swiglu" else 10, dtype=torch.float64)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mhmoe import DenseFFN, Experts, MHMoE, SigmoidRouter, SoftmaxRouter, SparseMoE, XMoERouter
-from mhmoe.layers.dispatch import resolve_backend
+from mhmoe.ops.backend import resolve_backend
 
 
 def moe(**overrides) -> SparseMoE:

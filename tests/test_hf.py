@@ -11,15 +11,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import shared_file  # noqa: E402
+from conftest import ffn_config, shared_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mhmoe.cli import main  # noqa: E402
 from mhmoe.errors import UserError  # noqa: E402
 from mhmoe.hf import MHMoEConfig, MHMoEForCausalLM  # noqa: E402
 from mhmoe.hf.runs import _read_run, byte_tokenizer_as_bpe, import_run, load_pretrained  # noqa: E402
-from mhmoe.models.gpt import GPT, FFNConfig, GPTConfig, KVCache  # noqa: E402
-from mhmoe.train.runs import load_run  # noqa: E402
+from mhmoe.models.gpt import GPT, GPTConfig, KVCache  # noqa: E402
+from mhmoe.analysis.runs import load_run  # noqa: E402
 
 KINDS = ["dense", "smoe", "mhmoe"]
 
@@ -27,7 +27,7 @@ KINDS = ["dense", "smoe", "mhmoe"]
 def gpt(kind: str, tie: bool = True, **ffn) -> GPT:
     ffn = dict(kind=kind, hidden=64, num_experts=4, top_k=2, expert_hidden=32, num_heads=2, moe_every=1, **ffn)
     cfg = GPTConfig(vocab_size=61, seq_len=32, d_model=32, n_layers=2, n_heads=2, tie_embeddings=tie)
-    cfg.ffn = FFNConfig(**ffn)
+    cfg.ffn = ffn_config(**ffn)
     return GPT(cfg).eval()
 
 
@@ -177,7 +177,7 @@ def test_byte_tokenizer_export_encodes_like_the_byte_tokenizer():
 def run_dirs(tmp_path, monkeypatch):
     """Two tiny trained runs (byte and BPE tokenizers) on real English text, 2 steps each."""
     from mhmoe.train.config import apply_overrides, preset
-    from mhmoe.train.trainer import train
+    from mhmoe.train.lm import train
 
     monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
     text = gzip.open(shared_file("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:40_000]

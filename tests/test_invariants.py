@@ -10,7 +10,7 @@ from conftest import ACTIVATIONS, ROUTER_CASES, clone_layer, forward_backward, l
 from torch import nn
 
 from mhmoe import DenseFFN, MHMoE, SigmoidRouter, SoftmaxRouter, SparseMoE, SwitchRouter, XMoERouter
-from mhmoe.layers.dispatch import resolve_backend
+from mhmoe.ops.backend import resolve_backend
 from mhmoe.layers.losses import balance_loss, z_loss
 
 F64 = dict(rtol=1e-12, atol=1e-12)

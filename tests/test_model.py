@@ -2,16 +2,17 @@
 
 import pytest
 import torch
+from conftest import ffn_config
 
 from mhmoe.layers.experts import DenseFFN
 from mhmoe.layers.moe import SparseMoE
 from mhmoe.layers.multihead import MHMoE
-from mhmoe.models.gpt import GPT, FFNConfig, GPTConfig, gpt_cost
+from mhmoe.models.gpt import GPT, GPTConfig, gpt_cost
 
 
 def config(kind: str, **ffn) -> GPTConfig:
     ffn = dict(kind=kind, hidden=64, num_experts=4, top_k=2, expert_hidden=32, num_heads=2, **ffn)
-    return GPTConfig(vocab_size=50, seq_len=16, d_model=32, n_layers=4, n_heads=2, ffn=FFNConfig(**ffn))
+    return GPTConfig(vocab_size=50, seq_len=16, d_model=32, n_layers=4, n_heads=2, ffn=ffn_config(**ffn))
 
 
 @pytest.mark.parametrize("kind", ["dense", "smoe", "mhmoe"])

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from mhmoe.analysis import LayerRouting, language_expert_information
 from mhmoe.cli import main
 from mhmoe.data import BPETokenizer, ByteTokenizer
+from mhmoe.analysis.runs import evaluate_languages
 from mhmoe.data.multilingual import (
     LanguageSampler,
     bits_per_byte,
@@ -29,18 +30,21 @@ from mhmoe.data.multilingual import (
     load_multilingual,
     target_bytes,
     token_byte_lengths,
-    token_offsets,
     tokenizer_text,
+)
+from mhmoe.errors import DataError
+from mhmoe.experiments.multilingual.experiment import AnalysisBudget
+from mhmoe.experiments.multilingual.wordlists import CONTROL_WORDS, FALSE_COGNATES
+from mhmoe.experiments.multilingual.words import (
+    divergence_windows,
+    token_offsets,
     tokens_in_spans,
+    word_divergence,
     word_spans,
 )
-from mhmoe.data.wordlists import CONTROL_WORDS, FALSE_COGNATES
-from mhmoe.errors import DataError
 from mhmoe.models.gpt import GPT
-from mhmoe.reproduce_multilingual import AnalysisBudget, divergence_windows, word_divergence
 from mhmoe.train.config import apply_overrides, preset
-from mhmoe.train.runs import evaluate_languages
-from mhmoe.train.trainer import train
+from mhmoe.train.lm import train
 
 MULTILINGUAL = shared_file("multilingual")
 
@@ -387,7 +391,7 @@ def test_word_lists_are_documented_and_disjoint():
 def test_divergence_windows_label_tokens_by_hand():
     # German: "die" is a false cognate, "name" a control word. Byte tokens (one per character here), windows of 8:
     # window 0 = "die Name", window 1 = " die Kat", window 2 = "ze ist h", window 3 = "ier!!!!!" (eos cut off).
-    from mhmoe.reproduce_multilingual import _WORDS
+    from mhmoe.experiments.multilingual.words import WORDS as _WORDS
 
     doc = "die Name die Katze ist hier!!!!!"
     ids, group, word = divergence_windows(ByteTokenizer(), [doc], "de", seq_len=8, occurrences=1)
@@ -405,7 +409,7 @@ def test_divergence_windows_label_tokens_by_hand():
 def test_word_divergence_groups_follow_the_routing(monkeypatch):
     """With routing that reaches 1 expert for even token ids and 2 for odd ones, each group's mean divergence is
     the share of odd ids among its tokens plus 1: the windows, routing rows and labels line up."""
-    import mhmoe.train.runs as runs
+    import mhmoe.experiments.multilingual.words as runs
 
     def fake_routing(run, tokens, max_batches):
         L, B = run.cfg.model.seq_len, run.cfg.train.batch_size
@@ -442,7 +446,7 @@ TOY = [
 
 
 def test_reproduce_multilingual_toy(toy_languages, tmp_path, monkeypatch, capsys, one_thread):
-    import mhmoe.reproduce_multilingual as rm
+    import mhmoe.experiments.multilingual.experiment as rm
 
     monkeypatch.setattr(rm, "analysis_budget", lambda quick, gpu: AnalysisBudget(1, 1, 2))
     out = tmp_path / "out"

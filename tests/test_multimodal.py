@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_file
+from conftest import ffn_config, shared_file
 
-from mhmoe.data.images import (
+from mhmoe.experiments.multimodal.data import (
     ImageCaptions,
     VisualTokenizer,
     block_mask,
@@ -27,17 +27,10 @@ from mhmoe.data.images import (
 )
 from mhmoe.errors import ConfigError, DataError
 from mhmoe.layers.moe import SparseMoE
-from mhmoe.models.gpt import FFNConfig
 from mhmoe.models.multiway import MultiwayConfig, MultiwayTransformer, multiway_cost, patchify
-from mhmoe.train.masked import (
-    MultimodalData,
-    apply_masked_overrides,
-    make_batch,
-    masked_preset,
-    patch_divergence_maps,
-    snapshot_steps,
-    train_masked,
-)
+from mhmoe.experiments.multimodal.analysis import patch_divergence_maps, snapshot_steps
+from mhmoe.experiments.multimodal.config import apply_masked_overrides, masked_preset
+from mhmoe.experiments.multimodal.task import MultimodalData, make_batch, train_masked
 
 # ------------------------------------------------------------------------------------------------ masks
 
@@ -218,7 +211,7 @@ def _numbered_data(n: int = 12, patch: int = 8) -> MultimodalData:
 
 
 def test_pair_batches_pair_each_image_with_its_own_caption():
-    from mhmoe.train.masked import _draw_items, heldout_items
+    from mhmoe.experiments.multimodal.task import _draw_items, heldout_items
 
     data = _numbered_data()
     cfg = masked_preset("tiny")
@@ -268,7 +261,7 @@ def test_visual_tokenizer_recovers_clusters_and_round_trips(tmp_path):
 def _model(kind: str = "mhmoe", **ffn) -> MultiwayTransformer:
     defaults = dict(kind=kind, hidden=64, num_experts=4, top_k=2, expert_hidden=32, num_heads=2, moe_every=1)
     cfg = MultiwayConfig(vocab_size=50, max_text_len=12, patch_size=8, codebook_size=16, d_model=32, n_layers=2,
-                         n_heads=2, ffn=FFNConfig(**{**defaults, **ffn}))  # fmt: skip
+                         n_heads=2, ffn=ffn_config(**{**defaults, **ffn}))  # fmt: skip
     torch.manual_seed(0)
     return MultiwayTransformer(cfg)
 
@@ -394,7 +387,7 @@ def test_patch_divergence_from_a_hand_made_snapshot(tmp_path):
 
 
 def test_divergence_grid_plot(tmp_path):
-    from mhmoe.plots import plot_patch_divergence_grid
+    from mhmoe.analysis.plots import plot_patch_divergence_grid
 
     images = [np.zeros((32, 32, 3), np.uint8), np.full((32, 32), 0.5)]
     maps = [[np.ones((4, 4)), np.full((4, 4), 2.0)], [np.eye(4) + 1, np.full((4, 4), 3.0)]]
@@ -417,12 +410,12 @@ def _restore_threads():
 def test_variants_are_matched(quick, gpu):
     import copy
 
-    from mhmoe.reproduce import english_variants
-    from mhmoe.reproduce_multimodal import multimodal_base
+    from mhmoe.experiments.common import variants
+    from mhmoe.experiments.multimodal.experiment import multimodal_base
 
     base = multimodal_base(quick=quick, gpu=gpu)
     costs = {}
-    for variant in english_variants(base):
+    for variant in variants(base.model.d_model, base.model.ffn):
         cfg = copy.deepcopy(base.model)
         cfg.ffn = variant.ffn
         costs[variant.name] = multiway_cost(cfg)
@@ -448,8 +441,8 @@ def test_config_errors(monkeypatch):
         apply_masked_overrides(cfg, ["data.image_mask_ratio=1.5"])
     with pytest.raises(ConfigError, match="data.tasks"):
         apply_masked_overrides(masked_preset("tiny"), ["data.tasks=text,video"])
-    with pytest.raises(ConfigError, match="model.ffn.top_k"):
-        apply_masked_overrides(masked_preset("tiny"), ["model.ffn.top_k=9"])
+    with pytest.raises(ConfigError, match="model.ffn.moe: top_k"):
+        apply_masked_overrides(masked_preset("tiny"), ["model.ffn.moe.top_k=9"])
     with pytest.raises(ConfigError, match="unknown masked preset"):
         masked_preset("huge")
     monkeypatch.delenv("MHMOE_MULTIMODAL_DATA", raising=False)
@@ -490,7 +483,7 @@ def test_reproduce_multimodal_end_to_end(tmp_path, monkeypatch, capsys, small_te
     out = tmp_path / "out"
     toy = ["data.tokenizer=byte", "data.fashion_limit=100", f"data.text={small_text}", "model.d_model=32",
            "model.n_layers=2", "model.n_heads=2", "model.max_text_len=16", "data.caption_len=12", "model.patch_size=8",
-           "model.codebook_size=16", "model.ffn.hidden=64", "model.ffn.expert_hidden=64", "model.ffn.num_experts=4",
+           "model.codebook_size=16", "model.ffn.hidden=64", "model.ffn.moe.expert_hidden=64", "model.ffn.moe.num_experts=4",
            "train.batch_size=4", "train.max_steps=4", "train.eval_every=4", "train.eval_batches=2", "train.threads=1",
            "train.final_eval_batches=2", "analysis.snapshots=3", "analysis.display_images=2", "analysis.max_batches=2"]  # fmt: skip
     args = ["reproduce", "multimodal", "--quick", "--out", str(out), "--data", str(shared_file()), "--no-progress"]

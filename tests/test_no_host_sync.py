@@ -16,7 +16,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import layer_kwargs
+from conftest import ffn_config, layer_kwargs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mhmoe import MHMoE, SparseMoE
@@ -92,9 +92,9 @@ def test_the_spy_sees_syncs(dispatch, sync):
 @pytest.mark.parametrize("kind", ["smoe", "mhmoe"])
 def test_language_model_step_has_no_host_sync(kind):
     """The whole GPT forward and backward (attention, MoE blocks, loss); logging the loss is the trainer's sync."""
-    from mhmoe.models.gpt import GPT, FFNConfig, GPTConfig
+    from mhmoe.models.gpt import GPT, GPTConfig
 
-    ffn = FFNConfig(kind=kind, hidden=64, num_experts=4, expert_hidden=32, num_heads=2)
+    ffn = ffn_config(kind, hidden=64, num_experts=4, expert_hidden=32, num_heads=2)
     model = GPT(GPTConfig(vocab_size=50, seq_len=16, d_model=32, n_layers=2, n_heads=2, ffn=ffn))
     idx = torch.randint(0, 50, (2, 17))
     with spying() as spy:

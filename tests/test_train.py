@@ -18,7 +18,8 @@ from mhmoe.errors import CheckpointError
 from mhmoe.models.gpt import GPT
 from mhmoe.train.checkpoint import latest_checkpoint, load_checkpoint, verify
 from mhmoe.train.config import apply_overrides, preset
-from mhmoe.train.trainer import TrainingError, lr_at, train
+from mhmoe.train.lm import train
+from mhmoe.train.loop import TrainingError, lr_at
 
 ENGLISH = shared_file("english", "valid.txt.gz")
 
@@ -62,7 +63,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
         "train.log_every=1",
         "train.eval_every=6",
         "model.dropout=0.1",
-        "model.ffn.router=xmoe",
+        "model.ffn.moe.router.kind=xmoe",
         "train.keep_checkpoints=3",
     )
     full = tmp_path / "full"
@@ -81,7 +82,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
 
 def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
     # The balance loss is a per-micro-batch statistic, so it is switched off for this identity.
-    common = ["train.max_steps=3", "model.ffn.balance_loss_coef=0", "train.warmup_steps=0", "train.log_every=1"]
+    common = ["train.max_steps=3", "model.ffn.moe.balance_loss_coef=0", "train.warmup_steps=0", "train.log_every=1"]
     train(tiny(corpus, *common, "train.batch_size=4", "train.grad_accum=1"), tmp_path / "one", progress=False)
     train(tiny(corpus, *common, "train.batch_size=2", "train.grad_accum=2"), tmp_path / "two", progress=False)
     for a, b in zip(records(tmp_path / "one", "loss"), records(tmp_path / "two", "loss"), strict=True):
@@ -167,11 +168,11 @@ def test_non_finite_loss(corpus, tmp_path, monkeypatch, policy):
 
 def test_lr_schedule():
     cfg = apply_overrides(preset("cpu"), ["train.max_steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1"])
-    assert lr_at(0, cfg) == pytest.approx(cfg.train.lr / 10)
-    assert lr_at(9, cfg) == pytest.approx(cfg.train.lr)
-    assert lr_at(100, cfg) == pytest.approx(0.1 * cfg.train.lr)
+    assert lr_at(0, cfg.train) == pytest.approx(cfg.train.lr / 10)
+    assert lr_at(9, cfg.train) == pytest.approx(cfg.train.lr)
+    assert lr_at(100, cfg.train) == pytest.approx(0.1 * cfg.train.lr)
     apply_overrides(cfg, ["train.schedule=linear"])
-    assert lr_at(55, cfg) == pytest.approx(cfg.train.lr * (0.1 + 0.9 * 0.5))
+    assert lr_at(55, cfg.train) == pytest.approx(cfg.train.lr * (0.1 + 0.9 * 0.5))
 
 
 def test_cli_train_eval_analyze_end_to_end(corpus, tmp_path, capsys):
@@ -244,7 +245,7 @@ def test_help(capsys):
         ("missing", ["--data", "{tmp}/nope"], "does not exist"),
         ("latin1", ["--data", "{tmp}/latin1.txt"], "not UTF-8"),
         ("empty", ["--data", "{tmp}/empty.txt"], "empty"),
-        ("none", ["--set", "model.ffn.num_expert=3"], "did you mean 'model.ffn.num_experts'"),
+        ("none", ["--set", "model.ffn.moe.num_expert=3"], "did you mean 'model.ffn.moe.num_experts'"),
         ("none", ["--set", "train.lr=-1"], "train.lr must be > 0"),
     ],
 )

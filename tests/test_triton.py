@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhmoe.kernels import triton_experts as tk
-from mhmoe.layers.experts import ffn, glu_factor
+from mhmoe.ops import triton_experts as tk
+from mhmoe.ops.activations import ffn, glu_factor
 
 pytest.importorskip("triton")
 
@@ -93,7 +93,7 @@ def test_expert_ffn_matches_reference_outputs_and_gradients(S, K, E, d, F, activ
 
 
 def test_expert_ffn_keeps_no_expert_outputs_and_nothing_with_recompute():
-    from mhmoe.bench import saved_activation_bytes
+    from mhmoe.bench.timing import saved_activation_bytes
 
     S, K, E, d, F = 40, 2, 4, 16, 32
     x, w_in, w_out, top = routed_problem(S, K, E, d, F, "gelu")
@@ -248,7 +248,7 @@ def test_triton_layer_under_half_precision_autocast_matches_grouped_mm(recompute
 
 def test_permuted_expert_ffn_triton_equals_grouped_rows():
     """The expert-parallel runner's local step: rows taken in an order, results written back in place."""
-    from mhmoe.layers.dispatch import permuted_expert_ffn
+    from mhmoe.ops.sorted import permuted_expert_ffn
 
     x, w_in, w_out, top = routed_problem(40, 1, 4, 16, 32, "gelu")
     order_R, counts_E = sort_rows(top, 4)  # K = 1: sorted row r is item order_R[r]
@@ -265,7 +265,7 @@ def test_permuted_expert_ffn_triton_equals_grouped_rows():
 
 
 def test_triton_backend_refused_where_it_cannot_run(monkeypatch):
-    from mhmoe.layers.dispatch import resolve_backend
+    from mhmoe.ops.backend import resolve_backend
 
     assert resolve_backend("triton", torch.float32, torch.device("cpu")) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")

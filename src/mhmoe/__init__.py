@@ -1,20 +1,42 @@
-"""mhmoe: Multi-Head Mixture-of-Experts and sparse-MoE layers for PyTorch."""
+"""mhmoe: Multi-Head Mixture-of-Experts and sparse-MoE layers for PyTorch.
 
+The public API: the layers and their one configuration (`MoEConfig`, `RouterConfig`), the routers, and the
+GPT decoder built from them. Training, data, analysis and the paper's experiments live in subpackages
+(`mhmoe.train`, `mhmoe.data`, `mhmoe.analysis`, `mhmoe.experiments`) and are imported from there.
+"""
+
+from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.experts import DenseFFN, Experts
-from mhmoe.layers.moe import MoEOutput, MoEStats, SparseMoE
+from mhmoe.layers.moe import MoELayer, MoEOutput, MoEStats, SparseMoE
 from mhmoe.layers.multihead import MHMoE
-from mhmoe.layers.routers import ROUTERS, Router, RouterOutput, SigmoidRouter, SoftmaxRouter, SwitchRouter, XMoERouter
+from mhmoe.layers.routers import (
+    ROUTERS,
+    Router,
+    RouterConfig,
+    RouterOutput,
+    SigmoidRouter,
+    SoftmaxRouter,
+    SwitchRouter,
+    XMoERouter,
+)
+from mhmoe.models.gpt import GPT, FFNConfig, GPTConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DenseFFN",
     "Experts",
+    "FFNConfig",
+    "GPT",
+    "GPTConfig",
     "MHMoE",
+    "MoEConfig",
+    "MoELayer",
     "MoEOutput",
     "MoEStats",
     "ROUTERS",
     "Router",
+    "RouterConfig",
     "RouterOutput",
     "SigmoidRouter",
     "SoftmaxRouter",

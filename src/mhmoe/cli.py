@@ -8,7 +8,7 @@
     mhmoe reproduce multimodal [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
     mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--cuda-graph] [--json FILE]
     mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--compile] [--json FILE]
-    mhmoe sizes       the PAPER.md §4 presets with their exact parameter counts and FLOPs
+    mhmoe sizes       the papers' layer presets with their exact parameter counts and FLOPs
     mhmoe export-hf RUN_DIR OUT_DIR    a train run as a Hugging Face model folder (MHMoEForCausalLM + tokenizer)
     mhmoe import-hf HF_DIR RUN_DIR     and back: a run directory that eval / analyze / export-hf read
     mhmoe moeify HF_DIR OUT_DIR [--kind smoe|mhmoe] [--experts N] [--top-k K] [--heads H] [--every N]
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -32,8 +31,9 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 def _bench_layer(args: argparse.Namespace) -> int:
     import torch
 
-    from mhmoe.bench import DEFAULT_SHAPES, SHAPES, bench_shape, cuda_graph_check, environment, format_table
-    from mhmoe.kernels import triton_experts
+    from mhmoe.bench.layer import DEFAULT_SHAPES, SHAPES, bench_shape, cuda_graph_check, format_table
+    from mhmoe.bench.timing import environment
+    from mhmoe.ops import triton_experts
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("mhmoe: --device cuda given but no CUDA device is available")
@@ -57,13 +57,14 @@ def _bench_layer(args: argparse.Namespace) -> int:
 def _finish_bench(report: dict, json_path: str | None) -> int:
     """Write the report (with the Triton autotuner's choices, if it timed any); 1 if an implementation could
     not be checked (the rest was still timed)."""
-    from mhmoe.bench import failures
-    from mhmoe.kernels import triton_experts
+    from mhmoe.bench.timing import failures
+    from mhmoe.io import write_json
+    from mhmoe.ops import triton_experts
 
     if tiles := triton_experts.tuned_tiles():
         report["triton_tiles"] = tiles
     if json_path:
-        _write_json_atomically(Path(json_path), report)
+        write_json(Path(json_path), report, indent=2)
         print(f"wrote {json_path}", file=sys.stderr)
     for line in failures(report):
         print(f"mhmoe: not timed: {line}", file=sys.stderr)
@@ -73,7 +74,8 @@ def _finish_bench(report: dict, json_path: str | None) -> int:
 def _bench_train(args: argparse.Namespace) -> int:
     import torch
 
-    from mhmoe.bench import TRAIN_EXTRAS, bench_train, environment, format_train_table
+    from mhmoe.bench.timing import environment
+    from mhmoe.bench.train_step import TRAIN_EXTRAS, bench_train, format_train_table
     from mhmoe.train.config import PRESETS
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -100,15 +102,6 @@ def _parse_shapes(spec: str | None, default: list[str], known: dict) -> list[str
     if unknown:
         raise SystemExit(f"mhmoe: unknown shape(s) {unknown}; choose from {sorted(known)} or 'all'")
     return names
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _export_hf(args: argparse.Namespace) -> int:
@@ -142,23 +135,25 @@ def _moeify(args: argparse.Namespace) -> int:
 
 
 def _sizes(args: argparse.Namespace) -> int:
-    from mhmoe.accounting import layer_cost, presets
+    from mhmoe.models.cost import layer_cost, presets
 
     print("| preset | layer | experts | top-k | expert hidden | heads | params total | params active | GFLOPs/token |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (kind, kw) in presets().items():
-        c = layer_cost(kind, kw)
-        hidden = kw.get("expert_hidden", kw.get("hidden"))
+    for name, spec in presets().items():
+        c, moe = layer_cost(spec), spec.moe
+        experts, top_k = (moe.num_experts, moe.top_k) if moe and spec.kind != "dense" else ("-", "-")
+        hidden = moe.expert_hidden if moe and spec.kind != "dense" else spec.hidden
+        heads = moe.num_heads if moe and spec.kind == "mhmoe" else "-"
         print(
-            f"| {name} | {kind} | {kw.get('num_experts', '-')} | {kw.get('top_k', '-')} | {hidden} | "
-            f"{kw.get('num_heads', '-')} | {c.params_total:,} | {c.params_active:,} | {c.flops_per_token / 1e9:.4f} |"
+            f"| {name} | {spec.kind} | {experts} | {top_k} | {hidden} | {heads} | "
+            f"{c.params_total:,} | {c.params_active:,} | {c.flops_per_token / 1e9:.4f} |"
         )
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
     from mhmoe.train.config import apply_overrides, field_names, preset
-    from mhmoe.train.trainer import train
+    from mhmoe.train.lm import train
 
     cfg = preset(args.preset)
     if args.list_keys:
@@ -171,14 +166,14 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, out, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         print(
-            f"{out}: step {result.step}, {result.tokens_seen:,} tokens, val ppl {result.val_ppl:.2f}, "
-            f"test ppl {result.test_ppl:.2f}, {result.train_seconds:.0f} s"
+            f"{out}: step {result.step}, {result.tokens_seen:,} tokens, val ppl {result.valid['ppl']:.2f}, "
+            f"test ppl {result.test['ppl']:.2f}, {result.train_seconds:.0f} s"
         )
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mhmoe.train.runs import eval_run
+    from mhmoe.analysis.runs import eval_run
 
     results = eval_run(Path(args.run_dir))
     for split in ("valid", "test"):
@@ -197,8 +192,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    from mhmoe.analysis.runs import analyze_run, load_run
     from mhmoe.data import data_cache_dir, load_corpus, tokenize_corpus
-    from mhmoe.train.runs import analyze_run, load_run
 
     run_dir = Path(args.run_dir)
     run = load_run(run_dir)
@@ -212,25 +207,18 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-# task -> (module, its run function, its table function, what it writes besides results.json / results.md)
-REPRODUCTIONS = {
-    "english": ("mhmoe.reproduce", "reproduce_english", "results_table", "val_curves.png and heatmaps/"),
-    "multilingual": (
-        "mhmoe.reproduce_multilingual", "reproduce_multilingual", "results_table",
-        "val_curves.png, heatmaps/ and divergence/",
-    ),
-    "multimodal": (
-        "mhmoe.reproduce_multimodal", "reproduce_multimodal", "multimodal_table",
-        "val_curves*.png, heatmaps/ and divergence/",
-    ),
-}  # fmt: skip
+# What each reproduction writes besides results.json / results.md
+REPRODUCTION_FILES = {
+    "english": "val_curves.png and heatmaps/",
+    "multilingual": "val_curves.png, heatmaps/ and divergence/",
+    "multimodal": "val_curves*.png, heatmaps/ and divergence/",
+}
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    import importlib
+    from mhmoe.experiments import english, multilingual, multimodal
 
-    module_name, run_name, table_name, files = REPRODUCTIONS[args.task]
-    module = importlib.import_module(module_name)
+    experiment = {"english": english, "multilingual": multilingual, "multimodal": multimodal}[args.task]
     kwargs = dict(
         quick=args.quick,
         gpu=args.gpu,
@@ -245,9 +233,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     else:
         kwargs["ood"] = args.ood_data or ""
     out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
-    results = getattr(module, run_name)(out, **kwargs)
-    print(getattr(module, table_name)(results))
-    print(f"results.json, results.md, {files} in {out} ({results['wall_seconds']:.0f} s)")
+    results = experiment.run(out, **kwargs)
+    print(experiment.table(results))
+    print(f"results.json, results.md, {REPRODUCTION_FILES[args.task]} in {out} ({results['wall_seconds']:.0f} s)")
     return 0
 
 
@@ -348,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mhmoe.allocator import tune_cpu_allocator
     from mhmoe.errors import UserError
+    from mhmoe.train.allocator import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
     tune_cpu_allocator()  # keep freed activations for reuse on the CPU (module doc); MHMOE_TUNE_MALLOC=0 opts out

@@ -42,10 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mhmoe.layers.dispatch import compute_dtype, expert_matmul
-from mhmoe.layers.experts import DenseFFN, Experts
-from mhmoe.layers.moe import MoEOutput, SparseMoE
+from mhmoe.layers.experts import DenseFFN
+from mhmoe.layers.moe import MoELayer, MoEOutput, SparseMoE
 from mhmoe.layers.multihead import MHMoE
+from mhmoe.ops.backend import Backend, compute_dtype
+from mhmoe.ops.grouped import expert_matmul
+from mhmoe.ops.reference import ExpertWeights
 
 Kind = Literal["smoe", "mhmoe"]
 Init = Literal["upcycle", "random"]
@@ -164,7 +166,9 @@ class ExpertExtras(nn.Module):
         self.b_in = None if b_in is None else nn.Parameter(b_in.detach().clone())
         self.b_out = None if b_out is None else nn.Parameter(b_out.detach().clone())
 
-    def forward(self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: str, recompute: bool) -> Tensor:
+    def forward(
+        self, x_Rd: Tensor, counts_E: Tensor, experts: ExpertWeights, backend: Backend, recompute: bool
+    ) -> Tensor:
         if recompute:
             raise ValueError("recompute is not supported for converted experts with biases (ExpertExtras)")
         dtype = compute_dtype(x_Rd)
@@ -195,7 +199,7 @@ class MoEFFN(nn.Module):
     output dropout (GPT-2), kept so training behaves as before.
     """
 
-    def __init__(self, moe: SparseMoE | MHMoE, dropout: nn.Module | None = None):
+    def __init__(self, moe: MoELayer, dropout: nn.Module | None = None):
         super().__init__()
         self.moe = moe
         self.dropout = dropout if dropout is not None else nn.Identity()
@@ -220,11 +224,7 @@ def moe_aux_loss(model: nn.Module) -> Tensor:
     return torch.stack([loss.float() for loss in losses]).sum()
 
 
-def _inner_moe(layer: SparseMoE | MHMoE) -> SparseMoE:
-    return layer.moe if isinstance(layer, MHMoE) else layer
-
-
-def _build_layer(kind: Kind, dense: DenseWeights, num_experts: int, top_k: int, **kwargs: Any) -> SparseMoE | MHMoE:
+def _build_layer(kind: Kind, dense: DenseWeights, num_experts: int, top_k: int, **kwargs: Any) -> MoELayer:
     activation = dense.activation if dense.activation != "custom" else ("swiglu" if dense.glu else "gelu")
     if not dense.glu and activation == "swiglu":
         raise ValueError("a non-GLU dense FFN cannot become SwiGLU experts")
@@ -237,15 +237,15 @@ def _build_layer(kind: Kind, dense: DenseWeights, num_experts: int, top_k: int, 
     raise ValueError(f"unknown MoE kind {kind!r}; choose 'smoe' or 'mhmoe'")
 
 
-def _upcycle(layer: SparseMoE | MHMoE, dense: DenseWeights) -> None:
+def _upcycle(layer: MoELayer, dense: DenseWeights) -> None:
     """Load the dense FFN into `layer` (see the module doc: copies for SMoE, head slices for MH-MoE)."""
-    moe = _inner_moe(layer)
+    moe = layer.routed
     if moe.expert_hidden != dense.hidden:
         raise ValueError(
             f"upcycling copies the dense FFN, so expert_hidden must equal its hidden width {dense.hidden}, "
             f"got {moe.expert_hidden}; pass init='random' for other sizes"
         )
-    heads = layer.num_heads if isinstance(layer, MHMoE) else 1
+    heads = layer.num_heads
     if isinstance(layer, MHMoE):
         for proj in (layer.multi_head_layer, layer.merge_layer):
             if not isinstance(proj, nn.Linear):
@@ -268,11 +268,11 @@ def _upcycle(layer: SparseMoE | MHMoE, dense: DenseWeights) -> None:
                 moe.expert_runner.b_out.copy_(torch.stack([dense.b_out[rows] for rows in slices]))
 
 
-def _add_extras(layer: SparseMoE | MHMoE, dense: DenseWeights) -> None:
+def _add_extras(layer: MoELayer, dense: DenseWeights) -> None:
     """Give the experts the dense FFN's kind of biases (zero) and its activation, when ours lack them."""
     if dense.activation != "custom" and dense.b_in is None and dense.b_out is None:
         return
-    moe = _inner_moe(layer)
+    moe = layer.routed
     E, d = moe.num_experts, moe.d_model
     b_in = None if dense.b_in is None else dense.w_in.new_zeros(E, moe.experts.w_in.shape[-1])
     b_out = None if dense.b_out is None else dense.w_in.new_zeros(E, d)
@@ -431,25 +431,26 @@ def moeify_pretrained(hf_dir: str | Path, out_dir: str | Path, kind: Kind = "smo
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM
 
-    from mhmoe.hf.runs import _fresh_destination, _move_into_place, load_pretrained
+    from mhmoe.hf.runs import load_pretrained
+    from mhmoe.io import publish_dir, staging_dir, write_json
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     model = load_pretrained(AutoModelForCausalLM, hf_dir)
     recipe = {"kind": kind, **recipe}
     json.dumps(recipe)  # fail before writing anything if the recipe cannot be recorded
     replaced = moeify(model, **recipe)
-    tmp = _fresh_destination(out_dir)
+    tmp = staging_dir(out_dir)
     try:
         model.config.save_pretrained(tmp)
         for file in sorted(hf_dir.iterdir()):
             if file.is_file() and file.name not in ("config.json", RECIPE_FILE) and _is_tokenizer_file(file.name):
                 shutil.copyfile(file, tmp / file.name)
         save_model(model, str(tmp / WEIGHTS_FILE))
-        (tmp / RECIPE_FILE).write_text(json.dumps({"recipe": recipe, "replaced": replaced}, indent=1) + "\n")
+        write_json(tmp / RECIPE_FILE, {"recipe": recipe, "replaced": replaced})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _move_into_place(tmp, out_dir)
+    publish_dir(tmp, out_dir)
     return replaced
 
 

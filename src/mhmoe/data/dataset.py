@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torch import Tensor
 from mhmoe.data.corpus import Corpus
 from mhmoe.data.tokenizer import Tokenizer
 from mhmoe.errors import DataError
+from mhmoe.io import atomic_write, write_json
 
 _ENCODE_BATCH_DOCS = 64  # documents per encode_batch call: large enough to use all cores, small enough for a bar
 _CACHE_FORMAT = 1
@@ -104,13 +104,9 @@ def _sha256(array: np.ndarray) -> str:
 
 
 def _write_npy_atomically(path: Path, tokens: np.ndarray) -> dict[str, Any]:
-    """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    """Write the array atomically (`mhmoe.io.atomic_write`): readers never see a half-written file."""
+    with atomic_write(path, "wb") as f:
         np.save(f, tokens, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return {"length": int(tokens.shape[0]), "dtype": tokens.dtype.name, "sha256": _sha256(tokens)}
 
 
@@ -143,9 +139,7 @@ def _read_meta(folder: Path) -> dict[str, Any]:
 
 def _write_meta(folder: Path, splits: dict[str, Any], tokenizer: Tokenizer) -> None:
     meta = {"format": _CACHE_FORMAT, "tokenizer": tokenizer.name, "eos_id": tokenizer.eos_id, "splits": splits}
-    tmp = folder / f".meta.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / "meta.json")
+    write_json(folder / "meta.json", meta, indent=2)
 
 
 # --- batches -------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from mhmoe.data.corpus import (
     load_corpus,
 )
 from mhmoe.data.dataset import BatchSampler, tokenize_corpus
-from mhmoe.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer
+from mhmoe.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, bytes_to_unicode
 from mhmoe.errors import DataError
 
 DEFAULT_ALPHA = 0.3  # XLM-R's exponent (Conneau et al. 2020)
@@ -406,19 +406,6 @@ def tokenize_languages(
     return {**combined, **per_language}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable character table of byte-level BPE (GPT-2; `tokenizers`' ByteLevel uses it too)."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray | None:
     """(V,) UTF-8 bytes each token stands for (0 for special tokens such as eos), or None if unknown.
 
@@ -434,7 +421,7 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray | None:
     definition = json.loads(tokenizer.tokenizer.to_str())
     if (definition.get("decoder") or {}).get("type") != "ByteLevel":
         return None
-    char_bytes = {c: 1 for c in _bytes_to_unicode().values()}
+    char_bytes = {c: 1 for c in bytes_to_unicode().values()}
     lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
     special = {t["id"] for t in definition.get("added_tokens", [])}
     for token, index in tokenizer.tokenizer.get_vocab(with_added_tokens=True).items():
@@ -463,51 +450,6 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     return total_nats / (total_bytes * math.log(2))
 
 
-# --- where given words are in a token stream ---------------------------------------------------------------------
-
-
-def token_offsets(tokenizer: Tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """(T,) token ids and (T, 2) character [start, end) spans of `text`'s tokens (a byte token: its character)."""
-    if isinstance(tokenizer, ByteTokenizer):
-        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-        char_of_byte = np.repeat(np.arange(len(text)), [len(c.encode("utf-8")) for c in text])
-        return ids, np.stack([char_of_byte, char_of_byte + 1], axis=1).reshape(-1, 2)
-    if isinstance(tokenizer, BPETokenizer):
-        encoding = tokenizer.tokenizer.encode(text, add_special_tokens=False)
-        return np.asarray(encoding.ids, dtype=np.int64), np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-    raise TypeError(f"token_offsets needs a ByteTokenizer or BPETokenizer, got {type(tokenizer).__name__}")
-
-
-def word_spans(text: str, words: Iterable[str]) -> list[tuple[int, int, str]]:
-    """(start, end, word) of every whole-word, case-insensitive occurrence of `words` in `text`, in order."""
-    words = sorted({w.lower() for w in words}, key=len, reverse=True)
-    if not words:
-        return []
-    pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(w) for w in words) + r")(?!\w)", re.IGNORECASE)
-    return [(m.start(), m.end(), m.group(1).lower()) for m in pattern.finditer(text)]
-
-
-def tokens_in_spans(offsets_T2: np.ndarray, spans: Sequence[tuple[int, int, Any]]) -> np.ndarray:
-    """(T,) int: for each token, the index into `spans` of the span it overlaps (first one), or -1."""
-    which = np.full(len(offsets_T2), -1, dtype=np.int64)
-    if len(offsets_T2) == 0 or len(spans) == 0:
-        return which
-    starts, ends = offsets_T2[:, 0], offsets_T2[:, 1]
-    if (np.diff(starts) < 0).any() or (np.diff(ends) < 0).any():
-        raise ValueError("token offsets must be in text order (non-decreasing starts and ends)")
-    span_s = np.array([s for s, _, _ in spans])
-    span_e = np.array([e for _, e, _ in spans])
-    # span i overlaps tokens [first_i, stop_i): the first whose end is past s, up to the first starting at e or later
-    first, stop = np.searchsorted(ends, span_s, side="right"), np.searchsorted(starts, span_e, side="left")
-    counts = np.maximum(stop - first, 0)
-    span_of_hit = np.repeat(np.arange(len(spans)), counts)
-    token_of_hit = np.repeat(first - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-    lowest = np.full(len(offsets_T2), len(spans), dtype=np.int64)
-    np.minimum.at(lowest, token_of_hit, span_of_hit)  # a token overlapping several spans keeps the first
-    which[lowest < len(spans)] = lowest[lowest < len(spans)]
-    return which
-
-
 __all__ = [
     "DEFAULT_ALPHA",
     "LanguageSampler",
@@ -520,9 +462,6 @@ __all__ = [
     "split_key",
     "target_bytes",
     "token_byte_lengths",
-    "token_offsets",
     "tokenize_languages",
     "tokenizer_text",
-    "tokens_in_spans",
-    "word_spans",
 ]

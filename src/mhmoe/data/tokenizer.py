@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from mhmoe.errors import DataError
+from mhmoe.io import write_text
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from tokenizers import Tokenizer as HFTokenizer
@@ -42,12 +42,17 @@ class Tokenizer(Protocol):
     def fingerprint(self) -> str: ...
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
-    """A crash mid-write must not leave a half-written tokenizer file that later loads as garbage."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, the alphabet of byte-level BPE (`tokenizers.ByteLevel`)."""
+    keep = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
 class ByteTokenizer:
@@ -74,7 +79,7 @@ class ByteTokenizer:
     def save(self, path: str | Path) -> None:
         """A tiny JSON file, so a run directory records its tokenizer whichever kind it is."""
         definition = {"type": _BYTE_MARKER, "version": 1, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
-        _write_text_atomically(Path(path), json.dumps(definition, indent=2) + "\n")
+        write_text(path, json.dumps(definition, indent=2) + "\n")
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"{_BYTE_MARKER}:v1:{self.vocab_size}:{self.eos_id}".encode()).hexdigest()
@@ -154,7 +159,7 @@ class BPETokenizer:
 
     def save(self, path: str | Path) -> None:
         """Writes a standard tokenizer.json that HF `tokenizers` (and `load_tokenizer`) can read back."""
-        _write_text_atomically(Path(path), self.tokenizer.to_str(pretty=True))
+        write_text(path, self.tokenizer.to_str(pretty=True))
 
     def fingerprint(self) -> str:
         definition = f"bpe:{self.eos_token}:" + self.tokenizer.to_str(pretty=False)

@@ -1,19 +1,20 @@
 """`MHMoEConfig`: the Hugging Face configuration of `mhmoe.models.gpt.GPT`.
 
 It holds `GPTConfig`'s fields under their own names (`d_model`, `n_layers`, …; the FFN settings as the
-`ffn` dict of `FFNConfig`), and answers the standard names transformers utilities read (`hidden_size`,
+`ffn` dict of `FFNConfig`, mhmoe 0.1's flat form included), and answers the standard names transformers utilities read (`hidden_size`,
 `num_hidden_layers`, `num_attention_heads`, `max_position_embeddings`) through `attribute_map`.
 Weight tying is `tie_word_embeddings`, the standard key, which `GPTConfig.tie_embeddings` maps to.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from mhmoe.models.gpt import FFNConfig, GPTConfig
+from mhmoe.models.ffn import FFNConfig, migrate_ffn
+from mhmoe.models.gpt import GPTConfig
 
 
 class MHMoEConfig(PretrainedConfig):
@@ -47,11 +48,12 @@ class MHMoEConfig(PretrainedConfig):
     ):
         self.vocab_size, self.seq_len, self.d_model = vocab_size, seq_len, d_model
         self.n_layers, self.n_heads, self.dropout, self.rope_base = n_layers, n_heads, dropout, rope_base
+        ffn = migrate_ffn(dict(ffn or {}))  # models exported by mhmoe 0.1 keep loading
         known = {f.name for f in fields(FFNConfig)}
-        unknown = sorted(set(ffn or {}) - known)
+        unknown = sorted(set(ffn) - known)
         if unknown:
             raise ValueError(f"unknown ffn key(s) {unknown}; FFNConfig has {sorted(known)}")
-        self.ffn = asdict(FFNConfig(**(ffn or {})))
+        self.ffn = FFNConfig.from_dict(ffn).to_dict()
         self.use_cache, self.mhmoe_run = use_cache, mhmoe_run
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -65,7 +67,7 @@ class MHMoEConfig(PretrainedConfig):
             dropout=self.dropout,
             tie_embeddings=self.tie_word_embeddings,
             rope_base=self.rope_base,
-            ffn=FFNConfig(**self.ffn),
+            ffn=FFNConfig.from_dict(self.ffn),
         )
 
     @classmethod

@@ -21,52 +21,23 @@ both refuse an existing non-empty destination. Weights load from safetensors onl
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from mhmoe.errors import CheckpointError, UserError
+from mhmoe.io import publish_dir, staging_dir, write_json
 from mhmoe.models.gpt import GPT
 
 BYTE_EOS = "<|endoftext|>"
-
-
-def _fresh_destination(path: Path) -> Path:
-    """A temporary sibling of `path`, after checking `path` does not hold anything yet."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"{path} already exists and is not empty; pass a new folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _move_into_place(tmp: Path, path: Path) -> None:
-    if path.exists():
-        path.rmdir()  # empty, checked by _fresh_destination
-    os.replace(tmp, path)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map, the alphabet of byte-level BPE (`tokenizers.ByteLevel`)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
 
 
 def byte_tokenizer_as_bpe() -> Any:
     """A `tokenizers.Tokenizer` giving `mhmoe.data.ByteTokenizer`'s ids: byte-level BPE without merges, the 256
     bytes as ids 0..255 in byte order, <|endoftext|> = 256."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from mhmoe.data.tokenizer import bytes_to_unicode
 
     vocab = {char: b for b, char in bytes_to_unicode().items()}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -121,14 +92,14 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     }
     eos = tokenizer.eos_id
     hf = MHMoEForCausalLM.from_gpt(model, mhmoe_run=record, eos_token_id=eos, pad_token_id=eos)
-    tmp = _fresh_destination(out_dir)
+    tmp = staging_dir(out_dir)
     try:
         hf.save_pretrained(tmp)
         hf_tokenizer(tokenizer).save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _move_into_place(tmp, out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir
 
 
@@ -137,7 +108,7 @@ def import_run(hf_dir: Path, run_dir: Path) -> Path:
     from mhmoe.hf.modeling_mhmoe import MHMoEForCausalLM
     from mhmoe.train.checkpoint import save_checkpoint
     from mhmoe.train.config import RunConfig
-    from mhmoe.train.trainer import make_optimizer
+    from mhmoe.train.loop import make_optimizer
 
     hf = load_pretrained(MHMoEForCausalLM, hf_dir)
     model: GPT = hf.model
@@ -148,17 +119,18 @@ def import_run(hf_dir: Path, run_dir: Path) -> Path:
     byte_run = cfg.data.tokenizer == "byte"
     if not tokenizer_file.exists() and not byte_run:
         raise UserError(f"{hf_dir} has no tokenizer.json; an mhmoe run needs its tokenizer")
-    tmp = _fresh_destination(run_dir)
+    tmp = staging_dir(run_dir)
     try:
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+        write_json(tmp / "config.json", cfg.to_dict())
         if not byte_run:  # a byte run keeps no tokenizer file (data.tokenizer = "byte" says it all)
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         state = {"imported_from": str(hf_dir), **record.get("trainer_state", {})}
-        save_checkpoint(tmp / "checkpoints", int(record.get("step", 0)), model, make_optimizer(model, cfg), state)
+        optimizer = make_optimizer(model.parameters(), cfg.train)
+        save_checkpoint(tmp / "checkpoints", int(record.get("step", 0)), model, optimizer, state)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _move_into_place(tmp, run_dir)
+    publish_dir(tmp, run_dir)
     return run_dir
 
 

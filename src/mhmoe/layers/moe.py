@@ -5,11 +5,12 @@ K top-k, F expert hidden.
 
     route     : router(x_Sd) -> top_experts_SK, gates_SK, probabilities, logits
     capacity  : optional; assignments past ceil(c·K·S/E) per expert get gate 0 (GShard priority)
-    experts   : y_Sd = Σ_k gates_SK · expert_{top_experts_SK}(x_Sd)     (dispatch.py)
+    experts   : y_Sd = Σ_k gates_SK · expert_{top_experts_SK}(x_Sd)     (mhmoe.ops: reference, sorted)
     shared    : optional always-on experts added for every item (DeepSeekMoE / Qwen-MoE)
     losses    : aux_loss = balance_loss_coef · balance + z_loss_coef · z, returned, never stored
 
-Parallelism plugs in from outside through two attributes, both None (single process) by default:
+Every option is a field of `MoEConfig` (layers/config.py). Parallelism plugs in from outside through two
+attributes, both None (single process) by default:
 `expert_runner` (an `ExpertRunner`: who runs the experts on the rows sorted by expert, e.g. an
 all-to-all to the ranks that hold them) and `loss_reduce` (sums router-loss statistics over the
 data-parallel batch, for a balance loss over the global batch). `mhmoe.parallel` sets them.
@@ -22,25 +23,20 @@ still takes an expert slot.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from mhmoe.layers.dispatch import (
-    DISPATCHES,
-    DispatchName,
-    ExpertRunner,
-    capacity_keep,
-    compute_dtype,
-    dispatch_reference,
-    dispatch_sorted,
-    expert_capacity,
-    resolve_backend,
-)
-from mhmoe.layers.experts import Activation, DenseFFN, Experts, check_positive
+from mhmoe.layers.config import MoEConfig
+from mhmoe.layers.experts import DenseFFN, Experts, check_positive
 from mhmoe.layers.losses import Reduce, balance_loss, z_loss
-from mhmoe.layers.routers import Router, RouterName, make_router
+from mhmoe.layers.routers import Router, make_router
+from mhmoe.ops.backend import compute_dtype, resolve_backend
+from mhmoe.ops.capacity import capacity_keep, expert_capacity
+from mhmoe.ops.reference import dispatch_reference
+from mhmoe.ops.sorted import ExpertRunner, dispatch_sorted
 
 
 class MoEStats(NamedTuple):
@@ -77,87 +73,123 @@ def check_token_mask(token_mask: Tensor | None, x: Tensor) -> Tensor | None:
     return token_mask.reshape(-1)
 
 
-class SparseMoE(nn.Module):
+def layer_config(config: MoEConfig | None, options: dict[str, Any], layer: str) -> tuple[MoEConfig, Router | None]:
+    """(config, router object or None) from a layer's arguments: a MoEConfig, or the keyword form
+    (`MoEConfig.from_kwargs`'s); either may come with `router=` a `Router` object, used instead of
+    the config's router."""
+    options = dict(options)
+    router = options.pop("router") if isinstance(options.get("router"), Router) else None
+    if router is not None and options.get("router_kwargs"):
+        raise ValueError(
+            f"router_kwargs {sorted(options['router_kwargs'])} given with a router object; set them on the object"
+        )
+    if router is not None:
+        options.pop("router_kwargs", None)
+    if config is None:
+        return MoEConfig.from_kwargs(**options), router
+    if options:
+        raise TypeError(f"{layer} takes a MoEConfig or keyword options, not both (got {sorted(options)})")
+    return config, router
+
+
+class MoELayer(nn.Module):
+    """What SparseMoE and MHMoE have in common: a `config` and a width `d_model`, called as
+    layer(x, token_mask=None) -> MoEOutput. `routed` is the SparseMoE that routes (the layer itself, or
+    MH-MoE's inner one over sub-tokens): its router, experts and hooks are where parallelism plugs in."""
+
+    config: MoEConfig
+    d_model: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    @property
+    def routed(self) -> SparseMoE:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
+        raise NotImplementedError
+
+
+class SparseMoE(MoELayer):
     """A sparse mixture-of-experts FFN over the last dimension of its input.
 
-    Args:
-        d_model: width of the routed items.
-        num_experts, top_k: E experts, each item goes to K of them.
-        expert_hidden: hidden width F of each expert.
-        activation: "gelu", "relu" or "swiglu".
-        router: a name from `mhmoe.layers.routers.ROUTERS` or a `Router` object; router_kwargs go to its constructor.
-        capacity_factor: None (default) is dropless; c drops assignments past ceil(c·K·S/E) per expert
-            (S counts all items, padding included, so the capacity is a static number).
-        balance_loss_coef, z_loss_coef: weights of the two router losses in `aux_loss`
-            (α = 0.01 is the paper's; the z-loss is off by default, as in the paper).
-        num_shared_experts, shared_expert_hidden: always-on experts (a dense FFN of width
-            num_shared_experts · shared_expert_hidden, which equals their sum); hidden defaults to expert_hidden.
-        dispatch: "auto" (fast path, backend chosen by `resolve_backend`), "grouped_mm", "slices",
-            or "reference" (the per-expert loop, for tests).
-        recompute: keep no expert activations for the backward and recompute them there (one more
-            expert GEMM per layer; see `benchmarks/README.md` for time and memory). Not with
-            dispatch "reference"; under expert parallelism the combine still keeps the experts'
-            (R, d) outputs.
+    SparseMoE(config, d_model=D) or the keyword form SparseMoE(d_model=D, num_experts=E, top_k=K,
+    expert_hidden=F, ...) with `MoEConfig`'s fields as keywords; there `router` may be a name (its options
+    in `router_kwargs`), a `RouterConfig` or a `Router` object. A config's multi-head fields are not read.
+
+    Capacity (`capacity_factor` c) drops assignments past ceil(c·K·S/E) per expert, where S counts all
+    items, padding included, so the capacity is a static number.
 
     forward(x, token_mask=None) -> MoEOutput; x: (..., d_model); token_mask: (...) bool, False for
     padding, which is not routed, gets no routed output and counts in no loss or statistic.
     """
 
-    def __init__(
-        self,
-        *,
-        d_model: int,
-        num_experts: int,
-        top_k: int,
-        expert_hidden: int,
-        activation: Activation = "gelu",
-        router: RouterName | Router = "softmax",
-        router_kwargs: dict | None = None,
-        capacity_factor: float | None = None,
-        balance_loss_coef: float = 0.01,
-        z_loss_coef: float = 0.0,
-        num_shared_experts: int = 0,
-        shared_expert_hidden: int | None = None,
-        dispatch: DispatchName = "auto",
-        recompute: bool = False,
-    ):
+    def __init__(self, config: MoEConfig | None = None, *, d_model: int, **options: Any):
         super().__init__()
-        check_positive(d_model=d_model, num_experts=num_experts, expert_hidden=expert_hidden)
-        if not isinstance(recompute, bool):
-            raise TypeError(f"recompute must be True or False, got {recompute!r}")
-        if recompute and dispatch == "reference":
-            raise ValueError("recompute is not supported with dispatch='reference' (the test oracle); use 'auto'")
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
-        if num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
-        if shared_expert_hidden is not None and not num_shared_experts:
-            raise ValueError(f"shared_expert_hidden={shared_expert_hidden} given but num_shared_experts is 0")
-        if dispatch not in DISPATCHES:
-            raise ValueError(f"unknown dispatch {dispatch!r}; choose one of {DISPATCHES}")
-        for name, coef in (("balance_loss_coef", balance_loss_coef), ("z_loss_coef", z_loss_coef)):
-            if coef < 0:
-                raise ValueError(f"{name} must be >= 0, got {coef}")
-        self.d_model, self.num_experts, self.top_k, self.expert_hidden = d_model, num_experts, top_k, expert_hidden
-        self.activation, self.capacity_factor, self.dispatch = activation, capacity_factor, dispatch
-        self.recompute = recompute
-        self.balance_loss_coef, self.z_loss_coef = balance_loss_coef, z_loss_coef
+        check_positive(d_model=d_model)
+        config, router = layer_config(config, options, "SparseMoE")
+        self.d_model, self.config = d_model, config.routed_part()
         self.router = make_router(
-            router, d_model=d_model, num_experts=num_experts, top_k=top_k, **(router_kwargs or {})
+            router or config.router, d_model=d_model, num_experts=config.num_experts, top_k=config.top_k
         )
-        self.experts = Experts(num_experts=num_experts, d_model=d_model, hidden=expert_hidden, activation=activation)
-        self.num_shared_experts = num_shared_experts
-        self.shared_expert_hidden = shared_expert_hidden or expert_hidden
+        self.experts = Experts(
+            num_experts=config.num_experts, d_model=d_model, hidden=config.expert_hidden, activation=config.activation
+        )
         self.shared_experts = (
-            DenseFFN(d_model=d_model, hidden=num_shared_experts * self.shared_expert_hidden, activation=activation)
-            if num_shared_experts
+            DenseFFN(d_model=d_model, hidden=config.num_shared_experts * self.shared_expert_hidden,
+                     activation=config.activation)
+            if config.num_shared_experts
             else None
-        )
+        )  # fmt: skip
         # Extension points for parallelism (module doc); plain attributes, not state.
         self.expert_runner: ExpertRunner | None = None
         self.loss_reduce: Reduce | None = None
 
+    @property
+    def routed(self) -> SparseMoE:
+        return self
+
+    # Execution choices (same weights, same results up to rounding) may change after construction.
+    @property
+    def dispatch(self) -> str:
+        return self.config.dispatch
+
+    @dispatch.setter
+    def dispatch(self, value: str) -> None:
+        self.config = dataclasses.replace(self.config, dispatch=value)  # type: ignore[arg-type]
+
+    @property
+    def recompute(self) -> bool:
+        return self.config.recompute
+
+    @recompute.setter
+    def recompute(self, value: bool) -> None:
+        self.config = dataclasses.replace(self.config, recompute=value)
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.config.expert_hidden
+
+    @property
+    def activation(self) -> str:
+        return self.config.activation
+
+    @property
+    def shared_expert_hidden(self) -> int:
+        return self.config.shared_expert_hidden or self.config.expert_hidden
+
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
+        c = self.config
         check_input(x, self.d_model, "SparseMoE")
         valid_S = check_token_mask(token_mask, x)
         x_Sd = x.reshape(-1, self.d_model)
@@ -165,32 +197,30 @@ class SparseMoE(nn.Module):
         gates_SK = r.gates if valid_S is None else r.gates * valid_S.unsqueeze(-1)
 
         dropped_fraction = gates_SK.new_zeros(())
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(self.capacity_factor, x_Sd.shape[0], self.top_k, self.num_experts)
-            keep_SK = capacity_keep(r.top_experts, capacity, self.num_experts, valid_S)
-            routed = torch.as_tensor(keep_SK.numel() if valid_S is None else valid_S.sum() * self.top_k)
+        if c.capacity_factor is not None:
+            capacity = expert_capacity(c.capacity_factor, x_Sd.shape[0], c.top_k, c.num_experts)
+            keep_SK = capacity_keep(r.top_experts, capacity, c.num_experts, valid_S)
+            routed = torch.as_tensor(keep_SK.numel() if valid_S is None else valid_S.sum() * c.top_k)
             dropped_fraction = (routed - keep_SK.sum()) / routed.clamp_min(1)  # 0, not 1, when nothing is routed
             gates_SK = gates_SK * keep_SK
 
-        if self.dispatch == "reference":
+        if c.dispatch == "reference":
             if self.expert_runner is not None:
                 raise ValueError("dispatch='reference' runs every expert here; it cannot use an expert_runner")
             y_Sd = dispatch_reference(x_Sd, self.experts, r.top_experts, gates_SK)
         else:
-            dims = (self.d_model, self.expert_hidden)
-            backend = resolve_backend(self.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
-            y_Sd = dispatch_sorted(
-                x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, self.recompute
-            )
+            dims = (self.d_model, c.expert_hidden)
+            backend = resolve_backend(c.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
+            y_Sd = dispatch_sorted(x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, c.recompute)
         if self.shared_experts is not None:
             y_Sd = y_Sd + self.shared_experts(x_Sd)
 
         balance = balance_loss(r.balance_probs, r.top_experts[:, 0], valid_S, self.loss_reduce)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.z_loss_coef != 0):  # a statistic only at 0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and c.z_loss_coef != 0):  # a statistic only at 0
             z = z_loss(r.logits, valid_S, self.loss_reduce)
-        aux_loss = self.balance_loss_coef * balance + self.z_loss_coef * z
+        aux_loss = c.balance_loss_coef * balance + c.z_loss_coef * z
         stats = MoEStats(
-            tokens_per_expert=tokens_per_expert(r.top_experts, self.num_experts, valid_S),
+            tokens_per_expert=tokens_per_expert(r.top_experts, c.num_experts, valid_S),
             dropped_fraction=dropped_fraction.detach().float(),
             balance_loss=balance.detach(),
             z_loss=z.detach(),
@@ -199,9 +229,10 @@ class SparseMoE(nn.Module):
         return MoEOutput(y_Sd.view(x.shape), aux_loss, stats)
 
     def extra_repr(self) -> str:
+        c = self.config
         return (
-            f"capacity_factor={self.capacity_factor}, balance_loss_coef={self.balance_loss_coef}, "
-            f"z_loss_coef={self.z_loss_coef}, dispatch={self.dispatch!r}, recompute={self.recompute}"
+            f"capacity_factor={c.capacity_factor}, balance_loss_coef={c.balance_loss_coef}, "
+            f"z_loss_coef={c.z_loss_coef}, dispatch={c.dispatch!r}, recompute={c.recompute}"
         )
 
 

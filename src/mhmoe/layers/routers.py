@@ -10,13 +10,19 @@ no per-call state, except `SigmoidRouter`'s load counter (a buffer, updated in t
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
 import math
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+RouterName = Literal["softmax", "switch", "xmoe", "sigmoid"]
+XMoEForm = Literal["paper", "code"]
 
 
 class RouterOutput(NamedTuple):
@@ -111,15 +117,12 @@ class SwitchRouter(SoftmaxRouter):
         super().__init__(d_model, num_experts, 1, renormalize=False, jitter=jitter)
 
 
-XMoEForm = Literal["paper", "code"]
-
-
 class XMoERouter(Router):
     """X-MoE (Chi et al. 2022): route on cosine similarity in a low-dimensional space.
 
     form="paper": s_e = cos(W x, e_e), probs = softmax(s / τ) with a learnable τ (kept ≥ 0.01;
-        its initial value, 0.3, is our choice: the papers do not state it); the balance loss uses
-        softmax(s / balance_temperature) with a fixed τ0 (0.3 for softmax gating, X-MoE §3).
+        initial value 0.3); the balance loss uses softmax(s / balance_temperature) with a fixed
+        τ0 (0.3 for softmax gating: X-MoE §3 and v1 Table 9).
     form="code": as the authors' code (fairseq/torchscale `Top1Gate(use_xmoe=True)`): only the
         expert embeddings are normalised (logits = (W x)·ê_e), no temperature, and the embeddings
         are rescaled in place to norm 1.5 at every training forward; the balance loss uses the
@@ -260,7 +263,6 @@ ROUTERS: dict[str, type[Router]] = {
     "xmoe": XMoERouter,
     "sigmoid": SigmoidRouter,
 }
-RouterName = Literal["softmax", "switch", "xmoe", "sigmoid"]
 
 
 def check_top_k(top_k: int, num_experts: int) -> None:
@@ -268,21 +270,76 @@ def check_top_k(top_k: int, num_experts: int) -> None:
         raise ValueError(f"top_k must be an integer in 1..num_experts ({num_experts}), got {top_k!r}")
 
 
-def make_router(router: str | Router, *, d_model: int, num_experts: int, top_k: int, **kwargs: object) -> Router:
-    """A router by name (`ROUTERS`) with extra keyword arguments, or a `Router` checked to fit."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """Which router picks each item's experts, and its options (each read by the routers that take it).
+
+    An option the chosen router does not take must keep its default: `RouterConfig(kind="softmax",
+    form="code")` is an error, not a silently ignored setting.
+    """
+
+    kind: RouterName = "softmax"  # softmax, switch, xmoe or sigmoid (`ROUTERS`)
+    jitter: float = 0.0  # every router: multiplicative input noise U(1 ± jitter) in training (Switch); 0 = off
+    renormalize: bool | None = None  # softmax, xmoe, sigmoid: k kept gates summed to 1; None = when k > 1
+    form: XMoEForm = "paper"  # xmoe: "paper" (cosine, learnable temperature) or "code" (the authors' code)
+    dim: int | None = None  # xmoe routing dim; None = 16, or 16 // H inside MH-MoE in the paper form (v1 §3)
+    init_temperature: float = 0.3  # xmoe paper form: initial learnable temperature
+    balance_temperature: float = 0.3  # xmoe paper form: fixed τ0 of the balance loss's softmax
+    bias_update_rate: float = 1e-3  # sigmoid: auxiliary-loss-free balancing step (DeepSeek-V3)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str):
+            raise TypeError(f"router must be a name or a Router, got {type(self.kind).__name__}")
+        if self.kind not in ROUTERS:
+            close = difflib.get_close_matches(self.kind, ROUTERS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown router {self.kind!r}{hint}; choose one of {sorted(ROUTERS)}")
+        accepted = _constructor_options(ROUTERS[self.kind])
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "kind" and f.name not in accepted and value != f.default:
+                raise ValueError(
+                    f"router option {f.name}={value!r} does not apply to the {self.kind} router "
+                    f"(it takes {', '.join(sorted(accepted)) or 'no options'})"
+                )
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of the `kind` router's constructor (dim only when set)."""
+        accepted = _constructor_options(ROUTERS[self.kind])
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in accepted}
+        if values.get("dim", 0) is None:
+            del values["dim"]
+        return values
+
+    @classmethod
+    def from_kwargs(cls, kind: str, router_kwargs: dict | None = None) -> RouterConfig:
+        """A router name with its constructor's keyword arguments (the layers' `router_kwargs`)."""
+        options = dict(router_kwargs or {})
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "kind"]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(
+                f"unexpected keyword argument {', '.join(map(repr, unknown))} in router_kwargs "
+                f"(router options: {', '.join(names)})"
+            )
+        return cls(kind=kind, **options)  # type: ignore[arg-type]
+
+
+def _constructor_options(router: type[Router]) -> set[str]:
+    """The keyword-only options a router class takes (its constructor's arguments after d_model, E, top_k)."""
+    parameters = inspect.signature(router.__init__).parameters.values()
+    return {p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def make_router(router: RouterConfig | Router, *, d_model: int, num_experts: int, top_k: int) -> Router:
+    """The router a `RouterConfig` describes, or a `Router` object checked to fit."""
     if isinstance(router, Router):
-        if kwargs:
-            raise ValueError(f"router_kwargs {sorted(kwargs)} given with a router object; set them on the object")
         got = (router.d_model, router.num_experts, router.top_k)
         if got != (d_model, num_experts, top_k):
             raise ValueError(
                 f"router has (d_model, num_experts, top_k) = {got}, the layer needs {(d_model, num_experts, top_k)}"
             )
         return router
-    if not isinstance(router, str):
+    if not isinstance(router, RouterConfig):
         raise TypeError(f"router must be a name or a Router, got {type(router).__name__}")
-    if router not in ROUTERS:
-        close = difflib.get_close_matches(router, ROUTERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown router {router!r}{hint}; choose one of {sorted(ROUTERS)}")
-    return ROUTERS[router](d_model, num_experts, top_k, **kwargs)  # type: ignore[arg-type]
+    return ROUTERS[router.kind](d_model, num_experts, top_k, **router.options())

@@ -3,7 +3,7 @@
 Shape legend: B batch, L sequence length (new tokens), P cached positions, S = P + L key positions,
 D model dim, V vocabulary, nh attention heads, hs = D/nh.
 Pre-norm blocks (RMSNorm), rotary positions, PyTorch's scaled-dot-product attention. MoE layers
-replace the FFN of every `moe_every`-th block (blocks 2, 4, … of PAPER.md §2.8 by default).
+replace the FFN of every `moe_every`-th block (blocks 2, 4, … by default; `mhmoe.models.ffn`).
 The model returns logits, the task loss and the summed auxiliary loss of its MoE layers; it knows
 nothing about optimisers, logging or devices beyond what it is given.
 
@@ -23,60 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mhmoe.accounting import Cost, layer_cost
-from mhmoe.layers.experts import DenseFFN
-from mhmoe.layers.moe import MoEStats, SparseMoE
-from mhmoe.layers.multihead import MHMoE
-
-
-@dataclass
-class FFNConfig:
-    kind: str = "dense"  # "dense", "smoe" or "mhmoe": what replaces the FFN of the MoE blocks
-    hidden: int = 1024  # hidden width of dense FFNs (the dense model, and the non-MoE blocks)
-    activation: str = "gelu"  # gelu, relu or swiglu, for dense FFNs and experts
-    moe_every: int = 2  # MoE in blocks moe_every, 2·moe_every, … (1-based); 1 = every block
-    num_experts: int = 8
-    top_k: int = 2
-    expert_hidden: int = 1024
-    num_heads: int = 4  # MH-MoE heads H (independent of attention heads); mhmoe only
-    router: str = "softmax"  # softmax, switch, xmoe or sigmoid
-    router_form: str = "paper"  # X-MoE form: "paper" or "code"
-    capacity_factor: float = 0.0  # 0 = dropless
-    balance_loss_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    num_shared_experts: int = 0
-    multi_head_layers: int = 1  # mhmoe only
-    merge_layers: int = 1  # mhmoe only
-    residual: str = "outer"  # mhmoe only: "outer" (authors' code) or "subtoken" (v1 Eq. 6)
-    recompute: bool = False  # recompute expert activations in the backward instead of keeping them
-
-    def moe_layer(self, d_model: int) -> tuple[str, dict]:
-        """(kind, constructor kwargs) of the MoE layer, the form `mhmoe.accounting` counts."""
-        kwargs: dict = dict(
-            d_model=d_model,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            expert_hidden=self.expert_hidden,
-            activation=self.activation,
-            router=self.router,
-            router_kwargs={"form": self.router_form} if self.router == "xmoe" else None,
-            capacity_factor=self.capacity_factor or None,
-            balance_loss_coef=self.balance_loss_coef,
-            z_loss_coef=self.z_loss_coef,
-            num_shared_experts=self.num_shared_experts,
-            recompute=self.recompute,
-        )
-        if self.kind == "mhmoe":
-            kwargs.update(
-                num_heads=self.num_heads,
-                multi_head_layers=self.multi_head_layers,
-                merge_layers=self.merge_layers,
-                residual=self.residual,
-            )
-        return self.kind, kwargs
-
-    def dense_layer(self, d_model: int) -> tuple[str, dict]:
-        return "dense", dict(d_model=d_model, hidden=self.hidden, activation=self.activation)
+from mhmoe.layers.moe import MoELayer, MoEStats
+from mhmoe.models.cost import Cost, layer_cost
+from mhmoe.models.ffn import FFNConfig, LayerSpec, block_ffns
 
 
 @dataclass
@@ -91,22 +40,16 @@ class GPTConfig:
     rope_base: float = 10000.0
     ffn: FFNConfig = field(default_factory=FFNConfig)
 
-    def block_ffns(self) -> list[tuple[str, dict]]:
-        """(kind, kwargs) of each block's FFN."""
-        moe = self.ffn.kind != "dense"
-        return [
-            self.ffn.moe_layer(self.d_model)
-            if moe and (i + 1) % self.ffn.moe_every == 0
-            else self.ffn.dense_layer(self.d_model)
-            for i in range(self.n_layers)
-        ]
+    def block_ffns(self) -> list[LayerSpec]:
+        """The FFN layer of each block."""
+        return block_ffns(self.ffn, self.d_model, self.n_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> GPTConfig:
-        return cls(**{**data, "ffn": FFNConfig(**data.get("ffn", {}))})
+        return cls(**{**data, "ffn": FFNConfig.from_dict(data.get("ffn", {}))})
 
 
 class GPTOutput(NamedTuple):
@@ -213,16 +156,12 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
-LAYERS = {"dense": DenseFFN, "smoe": SparseMoE, "mhmoe": MHMoE}
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, ffn: tuple[str, dict]):
+    def __init__(self, cfg: GPTConfig, ffn: LayerSpec):
         super().__init__()
-        kind, kwargs = ffn
         self.norm_attn, self.norm_ffn = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
-        self.ffn = LAYERS[kind](**kwargs)
+        self.ffn = ffn.build()
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -238,9 +177,9 @@ class Block(nn.Module):
         """x: (B, L, D); token_mask: (B, L) bool, False = padding, which MoE layers do not route."""
         x = x + self.drop(self.attn(self.norm_attn(x), cos, sin, attn_mask, cache, layer_idx))
         h = self.norm_ffn(x)
-        out = self.ffn(h) if token_mask is None or isinstance(self.ffn, DenseFFN) else self.ffn(h, token_mask)
-        if isinstance(out, Tensor):
-            return x + self.drop(out), None, None
+        if not isinstance(self.ffn, MoELayer):
+            return x + self.drop(self.ffn(h)), None, None
+        out = self.ffn(h, token_mask)
         return x + self.drop(out.y), out.aux_loss, out.stats
 
 
@@ -309,8 +248,8 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         return GPTOutput(logits, loss, aux_loss, routing)
 
-    def moe_layers(self) -> list[nn.Module]:
-        return [b.ffn for b in self.blocks if isinstance(b.ffn, (SparseMoE, MHMoE))]
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     @torch.no_grad()
     def generate(
@@ -365,7 +304,7 @@ def pick_token(logits_BV: Tensor, temperature: float, top_k: int | None, generat
 
 
 def gpt_cost(cfg: GPTConfig) -> Cost:
-    """Exact parameters and forward FLOPs per token of a GPT (see `mhmoe.accounting` conventions).
+    """Exact parameters and forward FLOPs per token of a GPT (see `mhmoe.models.cost` conventions).
 
     Attention FLOPs count the projections and 2·2·L·D for scores and values (no causal discount).
     """
@@ -374,7 +313,7 @@ def gpt_cost(cfg: GPTConfig) -> Cost:
     per_block = 4 * D * D + 2 * D  # attention projections + two norms
     total = active = embed + cfg.n_layers * per_block + D
     flops = 2 * D * V + cfg.n_layers * (2 * 4 * D * D + 4 * L * D)
-    for kind, kwargs in cfg.block_ffns():
-        cost = layer_cost(kind, kwargs)
+    for spec in cfg.block_ffns():
+        cost = layer_cost(spec)
         total, active, flops = total + cost.params_total, active + cost.params_active, flops + cost.flops_per_token
     return Cost(total, active, flops)

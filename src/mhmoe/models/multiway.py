@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mhmoe.accounting import Cost, layer_cost
-from mhmoe.layers.moe import MoEStats, SparseMoE
-from mhmoe.layers.multihead import MHMoE
-from mhmoe.models.gpt import LAYERS, Attention, FFNConfig, GPTConfig
+from mhmoe.layers.moe import MoELayer, MoEStats
+from mhmoe.models.cost import Cost, layer_cost
+from mhmoe.models.ffn import FFNConfig, LayerSpec, block_ffns
+from mhmoe.models.gpt import Attention
 
 MODALITIES = ("vision", "language")
 
@@ -65,16 +65,16 @@ class MultiwayConfig:
     def mask_id(self) -> int:
         return self.vocab_size - 1
 
-    def block_ffns(self) -> list[tuple[str, dict]]:
-        """(kind, kwargs) of each block's FFN (each modality gets one of these): the GPT's rule, reused."""
-        return GPTConfig.block_ffns(self)  # type: ignore[arg-type]  # reads only n_layers, d_model, ffn
+    def block_ffns(self) -> list[LayerSpec]:
+        """The FFN layer of each block (each modality gets one of these): the GPT's rule."""
+        return block_ffns(self.ffn, self.d_model, self.n_layers)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> MultiwayConfig:
-        return cls(**{**data, "ffn": FFNConfig(**data.get("ffn", {}))})
+        return cls(**{**data, "ffn": FFNConfig.from_dict(data.get("ffn", {}))})
 
 
 def patchify(images_BSSC: Tensor, patch_size: int) -> Tensor:
@@ -106,13 +106,12 @@ class MultiwayOutput(NamedTuple):
 
 
 class MultiwayBlock(nn.Module):
-    def __init__(self, cfg: MultiwayConfig, ffn: tuple[str, dict]):
+    def __init__(self, cfg: MultiwayConfig, ffn: LayerSpec):
         super().__init__()
-        kind, kwargs = ffn
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, causal=False)
         self.norm_attn = nn.ModuleDict({m: nn.RMSNorm(cfg.d_model) for m in MODALITIES})
         self.norm_ffn = nn.ModuleDict({m: nn.RMSNorm(cfg.d_model) for m in MODALITIES})
-        self.ffn = nn.ModuleDict({m: LAYERS[kind](**kwargs) for m in MODALITIES})
+        self.ffn = nn.ModuleDict({m: ffn.build() for m in MODALITIES})
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -126,7 +125,7 @@ class MultiwayBlock(nn.Module):
                 continue
             h = self.norm_ffn[modality](part)
             ffn = self.ffn[modality]
-            if isinstance(ffn, (SparseMoE, MHMoE)):
+            if isinstance(ffn, MoELayer):
                 out = ffn(h, valid)
                 parts.append(out.y)
                 aux = out.aux_loss if aux is None else aux + out.aux_loss
@@ -251,14 +250,14 @@ class MultiwayTransformer(nn.Module):
             raise ValueError(f"images and text must have the same batch size, got {batch}")
         return next(iter(batch.values()))
 
-    def moe_layers(self, modality: str | None = None) -> list[nn.Module]:
+    def moe_layers(self, modality: str | None = None) -> list[MoELayer]:
         """The MoE FFNs in block order (both modalities, vision first within a block, unless one is named)."""
         names = MODALITIES if modality is None else (modality,)
-        return [b.ffn[m] for b in self.blocks for m in names if isinstance(b.ffn[m], (SparseMoE, MHMoE))]
+        return [b.ffn[m] for b in self.blocks for m in names if isinstance(b.ffn[m], MoELayer)]
 
 
 def multiway_cost(cfg: MultiwayConfig) -> Cost:
-    """Exact parameters and forward FLOPs per token (`mhmoe.accounting` conventions).
+    """Exact parameters and forward FLOPs per token (`mhmoe.models.cost` conventions).
 
     params_total: every parameter (the [MASK] row and lm_head are one tied matrix). params_active: a token
     reads the shared attention and its own modality's FFNs (the other modality's FFNs and unchosen experts
@@ -275,8 +274,8 @@ def multiway_cost(cfg: MultiwayConfig) -> Cost:
     total = embeddings + heads + cfg.n_layers * per_block
     active = total
     flops = cfg.n_layers * (2 * 4 * D * D + 4 * L * D)
-    for kind, kwargs in cfg.block_ffns():
-        cost = layer_cost(kind, kwargs)
+    for spec in cfg.block_ffns():
+        cost = layer_cost(spec)
         total += 2 * cost.params_total
         active += cost.params_active
         flops += cost.flops_per_token

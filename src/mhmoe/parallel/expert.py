@@ -12,7 +12,7 @@ One MoE layer, on every rank (SparseMoE's `dispatch_sorted` does 1 and 5, `AllTo
     1. sort the R = K·S rows by expert (= by destination rank)
     2. exchange the per-expert row counts (all_to_all_single of E ints; a host sync: splits are ints)
     3. all_to_all_single the rows (variable splits); regroup them from (source, expert) to (expert, source)
-    4. run the El local experts with the grouped GEMMs of `mhmoe.layers.dispatch`; regroup; send back
+    4. run the El local experts with the grouped GEMMs of `mhmoe.ops.sorted`; regroup; send back
     5. unsort and combine with the gates, as in one process
 Every rank joins both exchanges, also with no rows to send or receive (it sends and gets empty
 blocks), so a rank whose experts get no tokens, or that has no tokens, never leaves a peer waiting.
@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from mhmoe.layers.dispatch import Backend, permuted_expert_ffn
-from mhmoe.layers.experts import Experts
 from mhmoe.layers.moe import SparseMoE
+from mhmoe.ops.backend import Backend
+from mhmoe.ops.reference import ExpertWeights
+from mhmoe.ops.sorted import permuted_expert_ffn
 
 EXPERT_WEIGHTS = ("w_in", "w_out")
 
@@ -95,7 +96,7 @@ def _regroup(counts_PE: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class AllToAllExperts:
-    """An `ExpertRunner` (mhmoe.layers.dispatch) that runs rows on the rank holding their expert.
+    """An `ExpertRunner` (mhmoe.ops.sorted) that runs rows on the rank holding their expert.
 
     group: the expert group (P ranks); num_experts: the layer's E, a multiple of P.
     """
@@ -107,7 +108,7 @@ class AllToAllExperts:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({self.size})")
         self.local_experts = num_experts // self.size
 
-    def __call__(self, x_Rd: Tensor, counts_E: Tensor, experts: Experts, backend: Backend, recompute: bool) -> Tensor:
+    def __call__(self, x_Rd: Tensor, counts_E: Tensor, experts: ExpertWeights, backend: Backend, recompute: bool) -> Tensor:
         P, El = self.size, self.local_experts
         recv_counts_E = torch.empty_like(counts_E)  # block p: rows rank p sends to each of my El experts
         dist.all_to_all_single(recv_counts_E, counts_E, group=self.group)

@@ -11,7 +11,7 @@ It is built in a temporary folder and renamed into place; `checkpoints/latest` (
 replaced atomically) then names it. A crash at any point leaves the previous checkpoint and
 `latest` intact; a truncated or foreign folder fails `verify` with a CheckpointError.
 
-Distributed runs (`mhmoe.parallel.checkpoint`, format "mhmoe-checkpoint-dcp/1") keep the same
+Distributed runs (`mhmoe.train.dcp`, format "mhmoe-checkpoint-dcp/1") keep the same
 folder, manifest and `latest` rules; their optimiser and sharded weights are in dcp/ (resharded on
 load), and model.safetensors holds the consolidated weights, so `load_model_weights` reads both.
 """
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mhmoe.errors import CheckpointError
+from mhmoe.io import TEMP_MARK, fsync_tree, publish_dir, write_json, write_text
 
 FORMAT = "mhmoe-checkpoint/1"
 DCP_FORMAT = "mhmoe-checkpoint-dcp/1"
@@ -44,30 +45,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -120,17 +97,23 @@ def save_checkpoint(
     from safetensors.torch import save_file, save_model
 
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".tmp-step-{step:08d}-{os.getpid()}"
+    tmp = temporary_checkpoint(directory, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     opt_tensors, opt_plain = _optimizer_parts(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    _write_json(tmp / "optimizer.json", opt_plain)
+    write_json(tmp / "optimizer.json", opt_plain)
     rng_tensors, rng_plain = rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    _write_json(tmp / "state.json", {"step": step, "rng": rng_plain, **state})
+    write_json(tmp / "state.json", {"step": step, "rng": rng_plain, **state})
     return publish_checkpoint(tmp, directory, step, keep)
+
+
+def temporary_checkpoint(directory: Path, step: int, tag: str | None = None) -> Path:
+    """Where checkpoint `step` is written before it is published: a hidden `.step-N.tmp-…` folder (`mhmoe.io`);
+    `tag` names it for writers that must agree on one name (all ranks of a distributed run), else it is unique."""
+    return directory / f".step-{step:08d}{TEMP_MARK}{tag if tag is not None else os.getpid()}"
 
 
 def publish_checkpoint(tmp: Path, directory: Path, step: int, keep: int, fmt: str = FORMAT) -> Path:
@@ -139,14 +122,12 @@ def publish_checkpoint(tmp: Path, directory: Path, step: int, keep: int, fmt: st
     final = directory / f"step-{step:08d}"
     paths = sorted(p for p in tmp.rglob("*") if p.is_file())
     files = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in paths}
-    _write_json(tmp / "manifest.json", {"format": fmt, "step": step, "files": files})
-    for folder in {p.parent for p in paths} | {tmp}:
-        _fsync_dir(folder)
+    write_json(tmp / "manifest.json", {"format": fmt, "step": step, "files": files})
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
-    write_text_atomically(directory / LATEST, final.name + "\n")
+    publish_dir(tmp, final)
+    write_text(directory / LATEST, final.name + "\n")
     _prune(directory, keep)
     return final
 

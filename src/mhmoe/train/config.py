@@ -7,14 +7,30 @@ silent default (torchtitan's lesson, STYLE.md §3).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from collections.abc import Iterator
+from typing import Any, Callable, Literal, get_args
+
+import torch
 
 from mhmoe.errors import ConfigError
-from mhmoe.models.gpt import FFNConfig, GPTConfig
+from mhmoe.layers.config import MoEConfig
+from mhmoe.layers.routers import RouterConfig
+from mhmoe.models.ffn import FFN_KINDS, V01_RENAMED, FFNConfig
+from mhmoe.models.gpt import GPTConfig
+
+
+Schedule = Literal["cosine", "linear"]
+Precision = Literal["auto", "fp32", "bf16"]
+OnNonFinite = Literal["stop", "skip"]
+DataParallel = Literal["ddp", "fsdp"]
+Balance = Literal["local", "global"]
+Backend = Literal["auto", "gloo", "nccl"]
 
 
 @dataclass
@@ -38,7 +54,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # final lr = lr · min_lr_ratio
     warmup_steps: int = 100
-    schedule: str = "cosine"  # "cosine" or "linear" decay after warmup
+    schedule: Schedule = "cosine"  # "cosine" or "linear" decay after warmup
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -52,8 +68,8 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
-    on_nonfinite: str = "stop"  # "stop" or "skip" the step when the loss or gradient is not finite
+    precision: Precision = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    on_nonfinite: OnNonFinite = "stop"  # "stop" or "skip" the step when the loss or gradient is not finite
     compile: bool = False
     threads: int = 0  # CPU threads for torch; 0 = torch's default
 
@@ -63,9 +79,9 @@ class ParallelConfig:
     """Used when launched by torchrun (`mhmoe.parallel`); a plain `mhmoe train` ignores it."""
 
     expert: int = 1  # expert-parallel size P: each MoE layer's experts split over P ranks (P divides the world)
-    data: str = "ddp"  # non-expert parameters over all ranks: "ddp" (replicated) or "fsdp" (FSDP2 fully_shard)
-    balance: str = "local"  # router losses over each rank's micro-batch ("local") or all ranks' ("global")
-    backend: str = "auto"  # "auto" (NCCL on CUDA, gloo on CPU), "gloo" or "nccl"
+    data: DataParallel = "ddp"  # non-expert parameters over all ranks: "ddp" (replicated) or "fsdp" (FSDP2)
+    balance: Balance = "local"  # router losses over each rank's micro-batch ("local") or all ranks' ("global")
+    backend: Backend = "auto"  # "auto" (NCCL on CUDA, gloo on CPU), "gloo" or "nccl"
     timeout_s: float = 600.0  # a collective waiting longer (dead or hung rank) ends the job with an error
 
 
@@ -81,18 +97,36 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> RunConfig:
-        try:
-            return cls(
-                model=GPTConfig.from_dict(data["model"]),
-                data=DataConfig(**data["data"]),
-                train=TrainConfig(**data["train"]),
-                parallel=ParallelConfig(**data.get("parallel", {})),
-            )
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"run configuration is not one this version of mhmoe wrote ({e})") from None
+        """A run configuration from its dict (config.json), mhmoe 0.1's included (`mhmoe.models.ffn.migrate_ffn`)."""
+        with config_errors("model"):
+            try:
+                return cls(
+                    model=GPTConfig.from_dict(data["model"]),
+                    data=DataConfig(**data["data"]),
+                    train=TrainConfig(**data["train"]),
+                    parallel=ParallelConfig(**data.get("parallel", {})),
+                )
+            except (KeyError, TypeError) as e:
+                raise ConfigError(f"run configuration is not one this version of mhmoe wrote ({e})") from None
+
+
+@contextlib.contextmanager
+def config_errors(section: str) -> Iterator[None]:
+    """A ValueError raised by a configuration class while a run config is rebuilt, as a one-line ConfigError
+    naming the section (the layer's own message names the field: "model.ffn.moe: top_k must be ...")."""
+    try:
+        yield
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{section}.{e}" if str(e).startswith("ffn.") else f"{section}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- presets
+
+
+def _xmoe(**fields: Any) -> MoEConfig:
+    return MoEConfig(router=RouterConfig(kind="xmoe"), **fields)
 
 
 def _cpu_tiny() -> RunConfig:
@@ -103,7 +137,7 @@ def _cpu_tiny() -> RunConfig:
             d_model=64,
             n_layers=2,
             n_heads=2,
-            ffn=FFNConfig(kind="mhmoe", hidden=256, num_experts=4, top_k=2, expert_hidden=64, num_heads=2),
+            ffn=FFNConfig(kind="mhmoe", hidden=256, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64, num_heads=2)),
         ),
         data=DataConfig(tokenizer="byte"),
         train=TrainConfig(
@@ -127,9 +161,7 @@ def _cpu() -> RunConfig:
             d_model=128,
             n_layers=4,
             n_heads=4,
-            ffn=FFNConfig(
-                kind="mhmoe", hidden=512, num_experts=8, top_k=2, expert_hidden=512, num_heads=4, router="xmoe"
-            ),
+            ffn=FFNConfig(kind="mhmoe", hidden=512, moe=_xmoe(num_experts=8, top_k=2, expert_hidden=512, num_heads=4)),
         ),
         data=DataConfig(tokenizer="bpe", vocab_size=4096),
         train=TrainConfig(
@@ -145,16 +177,14 @@ def _cpu() -> RunConfig:
 
 
 def _gpu() -> RunConfig:
-    """One H200 in about a minute: 6 layers, D = 512, ~8 M tokens (PAPER.md §7)."""
+    """One H200 in about a minute: 6 layers, D = 512, ~8 M tokens (docs/paper-notes.md §7)."""
     return RunConfig(
         model=GPTConfig(
             seq_len=512,
             d_model=512,
             n_layers=6,
             n_heads=8,
-            ffn=FFNConfig(
-                kind="mhmoe", hidden=2048, num_experts=16, top_k=2, expert_hidden=2048, num_heads=4, router="xmoe"
-            ),
+            ffn=FFNConfig(kind="mhmoe", hidden=2048, moe=_xmoe(num_experts=16, top_k=2, expert_hidden=2048, num_heads=4)),
         ),
         data=DataConfig(tokenizer="bpe", vocab_size=8192),
         train=TrainConfig(
@@ -171,7 +201,8 @@ def _gpu() -> RunConfig:
 
 
 def _paper() -> RunConfig:
-    """PAPER.md §5 scale (12 layers, D = 768, FFN 3072, 32 experts, H = 4, X-MoE router, v1 optimiser):
+    """The papers' scale (docs/paper-notes.md §5: 12 layers, D = 768, FFN 3072, 32 experts, H = 4, X-MoE router,
+    v1 optimiser):
     for a cluster and a real corpus, not for this machine."""
     return RunConfig(
         model=GPTConfig(
@@ -181,7 +212,7 @@ def _paper() -> RunConfig:
             n_layers=12,
             n_heads=12,
             ffn=FFNConfig(
-                kind="mhmoe", hidden=3072, num_experts=32, top_k=2, expert_hidden=12224, num_heads=4, router="xmoe"
+                kind="mhmoe", hidden=3072, moe=_xmoe(num_experts=32, top_k=2, expert_hidden=12224, num_heads=4)
             ),
         ),
         data=DataConfig(tokenizer="bpe", vocab_size=64000),
@@ -222,18 +253,59 @@ def _suggest(word: str, choices: Any) -> str:
 
 
 def field_names(cfg: Any, prefix: str = "") -> list[str]:
-    """All dotted leaf keys of a dataclass tree, e.g. 'model.ffn.num_experts'."""
-    names = []
+    """All dotted leaf keys of a dataclass tree, e.g. 'model.ffn.moe.num_experts'."""
+    return list(field_types(cfg, prefix))
+
+
+def field_types(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted leaf key: its type hint} of a dataclass tree (instance or class)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cfg if isinstance(cfg, type) else type(cfg))
     for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            names += field_names(value, f"{prefix}{f.name}.")
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            out.update(field_types(kind, f"{prefix}{f.name}."))
         else:
-            names.append(f"{prefix}{f.name}")
-    return names
+            out[f"{prefix}{f.name}"] = kind
+    return out
 
 
-def _parse(key: str, text: str, kind: type) -> Any:
+def describe_keys(cfg: Any) -> list[tuple[str, str, str]]:
+    """(key, current value, type) of every leaf key, for `--list-keys`."""
+    values = _flatten(dataclasses.asdict(cfg))
+    return [(key, repr(values[key]), _type_name(kind)) for key, kind in field_types(cfg).items()]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is Literal:
+        return " | ".join(map(str, get_args(kind)))
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(k) for k in get_args(kind))
+    return "none" if kind is type(None) else getattr(kind, "__name__", str(kind))
+
+
+def _parse(key: str, text: str, kind: Any) -> Any:
+    """`text` as a value of type `kind`: bool, int, float, str, a Literal's choices, or `X | None` ("none")."""
+    origin, args = typing.get_origin(kind), get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse(key, text, inner)
+    if origin is Literal:
+        if text not in args:
+            raise ConfigError(f"{key}={text!r}: choose one of {', '.join(map(str, args))}{_suggest(text, args)}")
+        return text
     try:
         if kind is bool:
             if text.lower() in ("1", "true", "yes", "on"):
@@ -243,34 +315,50 @@ def _parse(key: str, text: str, kind: type) -> Any:
             raise ValueError
         return kind(text)
     except ValueError:
-        raise ConfigError(f"{key}={text!r}: expected a {kind.__name__}") from None
+        raise ConfigError(f"{key}={text!r}: expected a {_type_name(kind)}") from None
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply 'a.b.c=value' strings in order; values are parsed by the field's type."""
+    """Apply 'a.b.c=value' strings in order (parsed by the field's type), then validate; `cfg` is changed in place
+    and returned."""
     set_fields(cfg, overrides)
     validate(cfg)
     return cfg
 
 
 def set_fields(cfg: Any, overrides: list[str], hint: str = "see `mhmoe train --list-keys`") -> Any:
-    """'a.b.c=value' strings into any dataclass tree (parsed by the field's type), without range checks:
-    the caller validates its own config (apply_overrides does, for a RunConfig)."""
-    known = field_names(cfg)
+    """'a.b.c=value' strings into a run configuration (any dataclass tree with `from_dict`), in place. The new
+    values are checked together when the tree is rebuilt (so the order of overrides does not matter), without
+    the range checks of `validate`."""
+    types_ = field_types(cfg)
+    data = dataclasses.asdict(cfg)
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep:
             raise ConfigError(f"override {item!r} is not key=value")
-        if key not in known:
-            raise ConfigError(f"unknown config key {key!r}{_suggest(key, known)}; {hint}")
+        if key not in types_:
+            renamed = _renamed(key)
+            if renamed:
+                raise ConfigError(f"config key {key!r} is now {renamed!r}")
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, types_)}; {hint}")
         *path, name = key.split(".")
-        target = cfg
+        target = data
         for part in path:
-            target = getattr(target, part)
-        hints = typing.get_type_hints(type(target))
-        setattr(target, name, _parse(key, text.strip(), hints[name]))
+            target = target[part]
+        target[name] = _parse(key, text.strip(), types_[key])
+    rebuilt = type(cfg).from_dict(data)
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, getattr(rebuilt, f.name))
     return cfg
+
+
+def _renamed(key: str) -> str | None:
+    """Today's name of a key mhmoe 0.1 had (model.ffn.num_experts -> model.ffn.moe.num_experts)."""
+    section, _, name = key.rpartition(".")
+    if section.endswith("ffn") and name in V01_RENAMED:
+        return f"{section}.{V01_RENAMED[name]}"
+    return None
 
 
 def _check(ok: bool, message: str) -> None:
@@ -280,70 +368,86 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range checks with one-line messages naming the key and the value."""
-    m, f, d, t = cfg.model, cfg.model.ffn, cfg.data, cfg.train
-    for key, value in [
-        ("model.seq_len", m.seq_len),
-        ("model.d_model", m.d_model),
-        ("model.n_layers", m.n_layers),
-        ("model.n_heads", m.n_heads),
-        ("model.ffn.hidden", f.hidden),
-        ("model.ffn.num_experts", f.num_experts),
-        ("model.ffn.expert_hidden", f.expert_hidden),
-        ("model.ffn.num_heads", f.num_heads),
-        ("model.ffn.moe_every", f.moe_every),
-        ("train.batch_size", t.batch_size),
-        ("train.grad_accum", t.grad_accum),
-        ("train.max_steps", t.max_steps),
-        ("train.eval_every", t.eval_every),
-        ("train.checkpoint_every", t.checkpoint_every),
-        ("train.log_every", t.log_every),
-        ("train.keep_checkpoints", t.keep_checkpoints),
-        ("data.vocab_size", d.vocab_size),
-    ]:
-        _check(value >= 1, f"{key} must be >= 1, got {value}")
-    _check(
-        m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
-        f"model.d_model ({m.d_model}) / model.n_heads ({m.n_heads}) must be an even integer",
-    )
-    _check(f.kind in ("dense", "smoe", "mhmoe"), f"model.ffn.kind must be dense, smoe or mhmoe, got {f.kind!r}")
-    _check(1 <= f.top_k <= f.num_experts, f"model.ffn.top_k must be in 1..{f.num_experts}, got {f.top_k}")
-    _check(
-        f.kind != "mhmoe" or m.d_model % f.num_heads == 0,
-        f"model.d_model ({m.d_model}) must be divisible by model.ffn.num_heads ({f.num_heads})",
-    )
-    _check(
-        f.router in ("softmax", "switch", "xmoe", "sigmoid"),
-        f"model.ffn.router must be softmax, switch, xmoe or sigmoid, got {f.router!r}",
-    )
-    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
-    _check(f.capacity_factor >= 0, f"model.ffn.capacity_factor must be >= 0 (0 = dropless), got {f.capacity_factor}")
-    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    _check(t.schedule in ("cosine", "linear"), f"train.schedule must be cosine or linear, got {t.schedule!r}")
-    _check(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
-    _check(t.on_nonfinite in ("stop", "skip"), f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
-    _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0")
-    _check(
-        t.eval_batches >= 0 and t.final_eval_batches >= 0,
-        f"train.eval_batches and train.final_eval_batches must be >= 0, got {t.eval_batches}, {t.final_eval_batches}",
-    )
+    validate_model(cfg.model, "model")
+    _check(cfg.model.seq_len >= 1, f"model.seq_len must be >= 1, got {cfg.model.seq_len}")
+    d, t = cfg.data, cfg.train
+    _check(d.vocab_size >= 1, f"data.vocab_size must be >= 1, got {d.vocab_size}")
     _check(
         0 < d.valid_fraction < 0.5 and 0 < d.test_fraction < 0.5,
         f"data.valid_fraction and data.test_fraction must be in (0, 0.5), got {d.valid_fraction}, {d.test_fraction}",
     )
     _check(0 <= d.language_alpha <= 1, f"data.language_alpha must be in [0, 1], got {d.language_alpha}")
-    _validate_parallel(cfg)
+    validate_train(t)
+    validate_parallel(cfg.parallel, cfg.model.ffn)
 
 
-def _validate_parallel(cfg: RunConfig) -> None:
-    p, f = cfg.parallel, cfg.model.ffn
+def validate_model(m: Any, section: str) -> None:
+    """The shared part of a model section (GPTConfig or the multiway model): sizes, attention heads, the FFNs."""
+    f = m.ffn
+    for key, value in [
+        ("d_model", m.d_model),
+        ("n_layers", m.n_layers),
+        ("n_heads", m.n_heads),
+        ("ffn.hidden", f.hidden),
+        ("ffn.moe_every", f.moe_every),
+    ]:
+        _check(value >= 1, f"{section}.{key} must be >= 1, got {value}")
+    _check(
+        m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
+        f"{section}.d_model ({m.d_model}) / {section}.n_heads ({m.n_heads}) must be an even integer",
+    )
+    _check(f.kind in FFN_KINDS, f"{section}.ffn.kind must be one of {', '.join(FFN_KINDS)}, got {f.kind!r}")
+    _check(0 <= m.dropout < 1, f"{section}.dropout must be in [0, 1), got {m.dropout}")
+    if f.kind == "dense":
+        return
+    _check(
+        f.moe_every <= m.n_layers,
+        f"{section}.ffn.moe_every ({f.moe_every}) is larger than {section}.n_layers ({m.n_layers}): "
+        f"no block would get an MoE layer; lower {section}.ffn.moe_every or use {section}.ffn.kind=dense",
+    )
+    _check(
+        f.kind != "mhmoe" or m.d_model % f.moe.num_heads == 0,
+        f"{section}.d_model ({m.d_model}) must be divisible by {section}.ffn.moe.num_heads ({f.moe.num_heads})",
+    )
+    try:
+        with torch.device("meta"):  # every check the layer makes, without allocating its weights
+            block_spec = next(spec for spec in m.block_ffns() if spec.kind != "dense")
+            block_spec.build()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{section}.ffn.moe: {e}") from None
+
+
+def validate_train(t: TrainConfig) -> None:
+    for key, value in [
+        ("batch_size", t.batch_size),
+        ("grad_accum", t.grad_accum),
+        ("max_steps", t.max_steps),
+        ("eval_every", t.eval_every),
+        ("checkpoint_every", t.checkpoint_every),
+        ("log_every", t.log_every),
+        ("keep_checkpoints", t.keep_checkpoints),
+    ]:
+        _check(value >= 1, f"train.{key} must be >= 1, got {value}")
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(t.schedule in get_args(Schedule), f"train.schedule must be cosine or linear, got {t.schedule!r}")
+    _check(t.precision in get_args(Precision), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    _check(t.on_nonfinite in get_args(OnNonFinite), f"train.on_nonfinite must be stop or skip, got {t.on_nonfinite!r}")
+    _check(t.grad_clip >= 0 and t.weight_decay >= 0, "train.grad_clip and train.weight_decay must be >= 0")
+    _check(
+        t.eval_batches >= 0 and t.final_eval_batches >= 0,
+        f"train.eval_batches and train.final_eval_batches must be >= 0, got {t.eval_batches}, {t.final_eval_batches}",
+    )
+
+
+def validate_parallel(p: ParallelConfig, ffn: FFNConfig) -> None:
     _check(p.expert >= 1, f"parallel.expert must be >= 1, got {p.expert}")
     _check(
-        f.kind == "dense" or f.num_experts % p.expert == 0,
-        f"model.ffn.num_experts ({f.num_experts}) must be divisible by parallel.expert ({p.expert})",
+        ffn.kind == "dense" or ffn.moe.num_experts % p.expert == 0,
+        f"model.ffn.moe.num_experts ({ffn.moe.num_experts}) must be divisible by parallel.expert ({p.expert})",
     )
-    _check(p.data in ("ddp", "fsdp"), f"parallel.data must be ddp or fsdp, got {p.data!r}")
-    _check(p.balance in ("local", "global"), f"parallel.balance must be local or global, got {p.balance!r}")
-    _check(p.backend in ("auto", "gloo", "nccl"), f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
+    _check(p.data in get_args(DataParallel), f"parallel.data must be ddp or fsdp, got {p.data!r}")
+    _check(p.balance in get_args(Balance), f"parallel.balance must be local or global, got {p.balance!r}")
+    _check(p.backend in get_args(Backend), f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
     _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")

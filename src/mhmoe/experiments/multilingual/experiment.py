@@ -1,0 +1,325 @@
+"""`mhmoe reproduce multilingual`: Dense vs SMoE vs X-MoE vs MH-MoE on language-tagged text (v1 §4.2;
+docs/paper-notes.md §5-6).
+
+The five models and budgets of `mhmoe reproduce english` (`mhmoe.experiments.common`), on a multilingual corpus
+(`mhmoe.data.multilingual`): one shared BPE tokenizer trained once on temperature-sampled text (q_l ∝ p_l^α,
+α = data.language_alpha), training batches drawn with the same temperature, and per language after training:
+    perplexity and bits per byte   validation and test, per language and averaged over languages
+    expert usage                   language × expert share per MoE layer (heat maps), and the mutual
+                                   information between language and expert choice
+    sub-token divergence           (MH-MoE) distinct experts per token's sub-tokens, for false cognates vs
+                                   control words (same spelling, same meaning) vs all other words (words.py)
+
+Averages weigh languages equally: the average perplexity is exp(mean over languages of the mean loss per
+token), i.e. the geometric mean of the per-language perplexities; the average bits per byte is the mean of the
+per-language values. Perplexities of different tokenizers are not comparable; bits per byte are.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mhmoe.analysis.plots import plot_curves, plot_divergence_histogram, plot_language_usage
+from mhmoe.analysis.routing import expert_shares, language_expert_information
+from mhmoe.analysis.runs import LoadedRun, analyze_run, collect_routing, evaluate_languages, language_averages
+from mhmoe.analysis.runs import load_run
+from mhmoe.data import BPETokenizer
+from mhmoe.data.multilingual import (
+    MultilingualCorpus,
+    language_probabilities,
+    languages_of,
+    load_multilingual,
+    split_key,
+    tokenizer_text,
+)
+from mhmoe.errors import DataError
+from mhmoe.experiments import english
+from mhmoe.experiments.common import Variant, copy_figure, fmt, mean_std, metric_curve, run_variants, seed_stats
+from mhmoe.experiments.common import split_bands, write_results
+from mhmoe.experiments.multilingual.words import GROUPS, divergence_inputs, word_divergence
+from mhmoe.train.config import RunConfig, apply_overrides
+from mhmoe.train.lm import data_path, train
+
+DATA_ENV = "MHMOE_MULTILINGUAL_DATA"
+
+
+@dataclass
+class AnalysisBudget:
+    """How much held-out text the per-language evaluation and the analyses read (batches of the run's B × L)."""
+
+    eval_batches: int  # per language and split, for perplexity and bits per byte (0 = the whole split)
+    usage_batches: int  # per language, for the language × expert shares
+    word_occurrences: int  # per (word, language), for the divergence analysis
+
+
+def multilingual_base(quick: bool, gpu: bool) -> RunConfig:
+    """The English budgets (same models, steps and batch), on language-tagged data with temperature sampling.
+
+    The trainer's own final evaluation (on all languages interleaved) only feeds the curves here; the reported
+    numbers come from the per-language evaluation, so it is kept as short as the periodic one.
+    """
+    cfg = english.base(quick, gpu)
+    return apply_overrides(cfg, ["data.multilingual=true", f"train.final_eval_batches={cfg.train.eval_batches}"])
+
+
+def analysis_budget(quick: bool, gpu: bool) -> AnalysisBudget:
+    if gpu:
+        return AnalysisBudget(eval_batches=0, usage_batches=8, word_occurrences=64)
+    if quick:
+        return AnalysisBudget(eval_batches=3, usage_batches=2, word_occurrences=8)
+    return AnalysisBudget(eval_batches=10, usage_batches=4, word_occurrences=32)
+
+
+def data_location(data: str) -> str:
+    """--data, else $MHMOE_MULTILINGUAL_DATA; there is no built-in multilingual corpus."""
+    location = data or os.environ.get(DATA_ENV, "")
+    if not location:
+        raise DataError(
+            f"no multilingual data: pass --data DIR (a folder of <lang>.train.txt(.gz) / <lang>.valid.txt(.gz) files, "
+            f'of <lang>.txt files, or JSONL with "text" and "lang") or set {DATA_ENV}'
+        )
+    return location
+
+
+# ------------------------------------------------------------------------------------------ the experiment
+
+
+def run(
+    out: Path,
+    quick: bool = False,
+    gpu: bool = False,
+    seeds: int = 1,
+    data: str = "",
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    ood: str = "",
+) -> dict:
+    """Train every model for every seed on the same batches, evaluate and analyse per language, write
+    results.json / results.md / val_curves.png / heatmaps/ / divergence/ in `out`."""
+    cfg = multilingual_base(quick, gpu)
+    cfg.data.path = data_location(data)
+    apply_overrides(cfg, overrides or [])
+    budget = analysis_budget(quick, gpu)
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = run_corpus(cfg)
+    if corpus.ignored:
+        print(f"note: not part of the corpus: {', '.join(corpus.ignored)}", file=sys.stderr, flush=True)
+    shared_tokenizer(cfg, corpus, out)
+    found: dict = {}  # the language table and the divergence inputs depend only on the (shared) tokenizer
+
+    def run_seed(variant: Variant, seed: int, run_cfg: RunConfig, run_dir: Path) -> dict:
+        result = train(run_cfg, run_dir, progress=progress)
+        t0 = time.perf_counter()
+        loaded = load_run(run_dir)
+        if not found:
+            found["languages"] = language_table(loaded)
+            seq_len = loaded.cfg.model.seq_len
+            found["windows"] = divergence_inputs(loaded.tokenizer, corpus, seq_len, budget.word_occurrences)
+        per_language = evaluate_languages(loaded, budget.eval_batches)
+        other = english.ood_tokens(ood, loaded.tokenizer)
+        analysis = analyze_run(run_dir, other=other, max_batches=8 if quick else 20, run=loaded)
+        usage = language_usage(loaded, budget.usage_batches)
+        divergence = word_divergence(loaded, found["windows"])
+        if seed == 0:
+            _plot_run(out, variant.name, usage, divergence)
+            copy_figure(run_dir / "analysis" / "heatmap-valid.png", out / "heatmaps" / f"{variant.name}.png")
+        return {
+            "seed": seed,
+            **language_averages(per_language),
+            "per_language": per_language,
+            "tokens_seen": result.tokens_seen,
+            "train_seconds": result.train_seconds,
+            "analysis_seconds": time.perf_counter() - t0,
+            "analysis": analysis.get("valid"),
+            "analysis_ood": analysis.get("ood"),
+            "language_mi_bits": usage["mi_bits_mean"],
+            "language_usage": {**usage, "shares": None if usage["shares"] is None else usage["shares"].tolist()},
+            "divergence": divergence,
+            "curves": {"val_loss": metric_curve(run_dir)},
+        }
+
+    models, curves = run_variants(cfg, english.models(cfg), seeds, out, run_seed, aggregate)
+    results = {
+        "task": "multilingual",
+        "models": models,
+        "budget": cfg.to_dict(),
+        "analysis_budget": vars(budget),
+        "languages": found.get("languages", {}),
+        "language_alpha": cfg.data.language_alpha,
+        "ood_data": ood or None,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_results(out, results, table)
+    mean, bands = split_bands(curves["val_loss"])
+    plot_curves(mean, out / "val_curves.png", "validation loss (all languages, interleaved)", bands=bands)
+    return results
+
+
+def run_corpus(cfg: RunConfig) -> MultilingualCorpus:
+    """The corpus exactly as the trainer loads it for `cfg` (same path, fractions and languages)."""
+    d = cfg.data
+    languages = [lang.strip() for lang in d.languages.split(",") if lang.strip()]
+    return load_multilingual(
+        data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction, languages=languages
+    )
+
+
+def shared_tokenizer(base: RunConfig, corpus: MultilingualCorpus, out: Path) -> None:
+    """Train the BPE tokenizer once, on temperature-sampled text, and point every run at it (`out/tokenizer.json`):
+    the same tokens for every model, so their perplexities compare, and one training instead of one per run."""
+    if base.data.tokenizer != "bpe":
+        return
+    path = out / "tokenizer.json"
+    if not path.exists():
+        print(
+            f"training the shared BPE tokenizer ({base.data.vocab_size} tokens, alpha {base.data.language_alpha})",
+            flush=True,
+        )
+        BPETokenizer.train(tokenizer_text(corpus, base.data.language_alpha), base.data.vocab_size).save(path)
+    base.data.tokenizer = str(path.resolve())
+
+
+# --------------------------------------------------------------------------------- per-language evaluation
+
+
+def language_table(run: LoadedRun) -> dict[str, dict]:
+    """Per language: training tokens, natural share p (tokens), temperature probability q, and how many epochs of
+    the language the run's budget draws (q · tokens per run / its training tokens)."""
+    sizes = {lang: len(run.splits[split_key("train", lang)]) for lang in languages_of(run.splits)}
+    natural = language_probabilities(sizes, 1.0)
+    q = language_probabilities(sizes, run.cfg.data.language_alpha)
+    t = run.cfg.train
+    drawn = t.max_steps * t.grad_accum * t.batch_size * run.cfg.model.seq_len
+    return {
+        lang: {
+            "train_tokens": n,
+            "valid_tokens": len(run.splits[split_key("valid", lang)]),
+            "natural_share": natural[lang],
+            "probability": q[lang],
+            "epochs": q[lang] * drawn / n,
+        }
+        for lang, n in sizes.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------------ analyses
+
+
+def language_usage(run: LoadedRun, max_batches: int) -> dict:
+    """(languages, MoE layers, E) expert shares on each language's validation text, and I(language; expert)."""
+    langs = languages_of(run.splits)
+    if not run.model.moe_layers():
+        return {"languages": langs, "layers": [], "shares": None, "mi_bits": [], "mi_bits_mean": None}
+    per_lang = [collect_routing(run, run.splits[split_key("valid", lang)], max_batches) for lang in langs]
+    shares = np.stack([[expert_shares(layer) for layer in layers] for layers in per_lang])  # (n_lang, n_layers, E)
+    mi = [language_expert_information(shares[:, i]) for i in range(shares.shape[1])]
+    return {
+        "languages": langs,
+        "layers": [layer.name for layer in per_lang[0]],
+        "shares": shares,
+        "mi_bits": mi,
+        "mi_bits_mean": float(np.mean(mi)),
+    }
+
+
+def _plot_run(out: Path, name: str, usage: dict, divergence: dict | None) -> None:
+    if usage["shares"] is not None:
+        for i, layer in enumerate(usage["layers"]):
+            plot_language_usage(
+                usage["shares"][:, i],
+                out / "heatmaps" / f"{name}-languages-{layer.replace(' ', '')}.png",
+                f"{name}: expert share per language, {layer} (I = {usage['mi_bits'][i]:.3f} bits)",
+                usage["languages"],
+            )
+    if divergence is not None:
+        groups = {g: np.asarray(v) for g, v in divergence["values"].items() if v}
+        if groups:
+            plot_divergence_histogram(
+                groups, out / "divergence" / f"{name}.png", f"{name}: sub-token divergence, held-out text"
+            )
+
+
+# ------------------------------------------------------------------------------------------------- results
+
+
+def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
+    """The English aggregate (val/test ppl = language averages) plus bits per byte, per-language numbers, the
+    language-expert information and the divergence groups, each as mean (and std over seeds)."""
+    model = english.aggregate(variant, cfg, runs)
+    model.update(seed_stats(runs, ("val_bpb", "test_bpb", "val_bpb_pooled", "test_bpb_pooled", "language_mi_bits")))
+    model["per_language"] = {}
+    for lang in runs[0]["per_language"]:
+        row = {}
+        for key in ("valid_ppl", "test_ppl", "valid_bpb", "test_bpb"):
+            row[key], row[f"{key}_std"] = mean_std([r["per_language"][lang][key] for r in runs])
+        model["per_language"][lang] = row
+    if runs[0]["divergence"] is not None:
+        model["divergence"] = {}
+        for g in GROUPS:
+            means = [r["divergence"]["groups"][g]["mean"] for r in runs]
+            model["divergence"][g] = mean_std(means) if None not in means else (None, None)
+        model["divergence_tokens"] = {g: runs[0]["divergence"]["groups"][g]["tokens"] for g in GROUPS}
+    else:
+        model["divergence"] = None
+    model["analysis_seconds"] = statistics.fmean(r["analysis_seconds"] for r in runs)
+    for r in model["seeds"]:
+        if r.get("divergence"):
+            r["divergence"] = {k: v for k, v in r["divergence"].items() if k != "values"}  # keep results.json small
+    return model
+
+
+def table(results: dict) -> str:
+    """The English table (val/test ppl = language averages), then per-language perplexity and bits per byte, then
+    the routing analyses."""
+    models = results["models"]
+    seeds = len(next(iter(models.values()))["seeds"])
+    langs = results["languages"]
+    lines = [english.table(results), ""]
+    head = "| language | q (p) | train tokens | epochs |" + "".join(f" {n} |" for n in models)
+    rule = "|---|---:|---:|---:|" + "---:|" * len(models)
+    for title, key, digits in (("validation perplexity", "valid_ppl", 1), ("validation bits per byte", "valid_bpb", 3)):
+        lines += [f"**{title} per language**", "", head, rule]
+        for lang, info in langs.items():
+            cells = "".join(
+                f" {fmt(m['per_language'][lang][key], m['per_language'][lang][key + '_std'], seeds, digits)} |"
+                for m in models.values()
+            )
+            lines.append(
+                f"| {lang} | {info['probability']:.3f} ({info['natural_share']:.3f}) | {info['train_tokens']:,} "
+                f"| {info['epochs']:.2f} |{cells}"
+            )
+        avg = "val_ppl" if key == "valid_ppl" else "val_bpb"
+        cells = "".join(f" {fmt(m[avg], m[avg + '_std'], seeds, digits)} |" for m in models.values())
+        lines += [f"| **average** | | | |{cells}", ""]
+    lines += [
+        "**routing by language and word**",
+        "",
+        "| model | I(language; expert) bits | divergence: false cognates | control words | other words |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, m in models.items():
+        div = m.get("divergence")
+        cells = " | ".join(f"{fmt(*div[g], seeds)} (n={m['divergence_tokens'][g]:,})" for g in GROUPS) if div else "- | - | -"
+        lines.append(f"| {name} | {fmt(m['language_mi_bits'], m['language_mi_bits_std'], seeds, 3)} | {cells} |")
+    b = results["analysis_budget"]
+    lines += [
+        "",
+        f"Languages weigh equally in the averages (ppl: exp of the mean per-language loss; bpb: mean of the "
+        f"per-language bits per byte = nats / (UTF-8 bytes · ln 2)); q = temperature probability of a language in "
+        f"tokenizer text and batches (alpha {results['language_alpha']}), p = its share of the training tokens; epochs = "
+        f"passes over the language's training tokens in one run. Per-language numbers on the first "
+        f"{b['eval_batches'] or 'all'} batch(es) of each language's split. I(language; expert) = mutual information "
+        "between the language of a token and the expert chosen (languages weighted equally), mean over MoE layers. "
+        "Divergence = distinct experts reached by a token's sub-tokens, mean over MoE layers (MH-MoE only), for the "
+        f"tokens of up to {b['word_occurrences']} held-out occurrences per listed word and language "
+        "(mhmoe/experiments/multilingual/wordlists.py) and of all other words in the same windows; n = tokens of seed 0.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,216 @@
+"""`mhmoe reproduce multimodal`: Dense vs SMoE vs X-MoE vs MH-MoE in a BEiT-3-style multiway Transformer (v1 §4.3).
+
+The five models of `mhmoe.experiments.common` (dense, smoe, xmoe, mhmoe_params parameter-matched as v1,
+mhmoe_flops FLOPs-matched as v2) replace the vision and the language FFNs of every second block alike. Each trains
+with masked data modelling on text alone, images alone and image–caption pairs (`task.py`), on the same batches and
+masks for the same number of steps per seed. Reported: masked-token perplexity on held-out text and pairs (the
+paper's metric), masked-patch accuracy and loss, expert activation per modality, and the per-patch sub-token
+divergence over training (docs/paper-notes.md §6). results.json has the English command's shape
+("task": "multimodal") with these metrics added.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mhmoe.analysis.plots import plot_curves
+from mhmoe.experiments.common import (
+    Variant,
+    copy_figure,
+    effective_cell,
+    experts_cell,
+    mean_of,
+    metric_curve,
+    model_fields,
+    run_fields,
+    run_variants,
+    seed_stats,
+    split_bands,
+    variants,
+    write_results,
+)
+from mhmoe.experiments.multimodal.analysis import analyze_masked_run, load_masked_model
+from mhmoe.experiments.multimodal.config import MaskedRunConfig, apply_masked_overrides, masked_preset
+from mhmoe.experiments.multimodal.task import data_root, prepare_multimodal, train_masked
+from mhmoe.io import environment
+from mhmoe.models.multiway import multiway_cost
+from mhmoe.train.loop import RunResult, resolve_device
+
+CURVES = {  # file -> (metrics.jsonl key, title)
+    "val_curves.png": ("val_text_loss", "masked-token loss, held-out text"),
+    "val_curves_pairs.png": ("val_pair_text_loss", "masked-token loss, held-out caption tokens of pairs"),
+    "val_curves_patches.png": ("val_patch_loss", "masked-patch loss (visual tokens), held-out images"),
+}
+
+
+def multimodal_base(quick: bool, gpu: bool) -> MaskedRunConfig:
+    """The shared budget. quick: ~15 min for all five models on 2 CPU cores (shows the pipeline, docs/paper-notes.md
+    §7); gpu: one H200, every model and 3 seeds in under 6 minutes (sized by FLOPs, see README); neither: a longer
+    CPU run."""
+    if gpu:
+        return masked_preset("gpu")
+    base = masked_preset("cpu")
+    if not quick:
+        apply_masked_overrides(base, ["train.max_steps=1000", "train.warmup_steps=50", "train.eval_every=200",
+                                      "train.eval_batches=10", "train.checkpoint_every=500", "data.fashion_limit=0"])  # fmt: skip
+    return base
+
+
+def _seed_record(seed: int, result: RunResult, analysis: dict, run_dir: Path) -> dict:
+    def metric(split: dict, name: str, key: str) -> float | None:
+        return split[name][key] if name in split else None
+
+    return {
+        "seed": seed,
+        "val_ppl": metric(result.valid, "text", "ppl"),
+        "test_ppl": metric(result.test, "text", "ppl"),
+        "val_pair_ppl": metric(result.valid, "pair_text", "ppl"),
+        "test_pair_ppl": metric(result.test, "pair_text", "ppl"),
+        "val_patch_acc": metric(result.valid, "patch", "acc"),
+        "test_patch_acc": metric(result.test, "patch", "acc"),
+        "val_patch_loss": metric(result.valid, "patch", "loss"),
+        "test_patch_loss": metric(result.test, "patch", "loss"),
+        "test_pair_patch_acc": metric(result.test, "pair_patch", "acc"),
+        "valid": result.valid,
+        "test": result.test,
+        "tokens_seen": result.tokens_seen,
+        "train_seconds": result.train_seconds,
+        "analysis": analysis.get("all"),
+        "analysis_vision": analysis.get("vision"),
+        "analysis_language": analysis.get("language"),
+        "patch_divergence": analysis.get("patch_divergence"),
+        "curves": {key: metric_curve(run_dir, key) for key, _ in CURVES.values()},
+    }
+
+
+def run(
+    out: Path,
+    quick: bool = False,
+    gpu: bool = False,
+    seeds: int = 1,
+    data: str = "",
+    overrides: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train every model for every seed on one prepared data set, analyse routing per modality, write
+    results.json / results.md / curves, heat maps per modality and the patch-divergence grids."""
+    cfg = multimodal_base(quick, gpu)
+    if data:
+        cfg.data.path = data
+    apply_masked_overrides(cfg, overrides or [])
+    started, load_start = time.perf_counter(), os.getloadavg()
+    root = data_root(cfg)  # a missing data location is an error before anything is announced
+    print(f"== preparing data from {root}", flush=True)
+    prepared = prepare_multimodal(cfg, progress=progress)
+    prepare_seconds = time.perf_counter() - started
+    device = resolve_device(cfg.train.device)
+
+    def run_seed(variant: Variant, seed: int, run_cfg: MaskedRunConfig, run_dir: Path) -> dict:
+        result = train_masked(run_cfg, run_dir, progress=progress, data=prepared)
+        trained_cfg, model = load_masked_model(run_dir, device)
+        analysis = analyze_masked_run(run_dir, prepared, trained_cfg, model, device)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if seed == 0:
+            _copy_figures(out, variant)
+        return _seed_record(seed, result, analysis, run_dir)
+
+    models, curves = run_variants(cfg, variants(cfg.model.d_model, cfg.model.ffn), seeds, out, run_seed, aggregate)
+    results = {
+        "task": "multimodal",
+        "models": models,
+        "budget": cfg.to_dict(),
+        "data": prepared.root,
+        "sources": {s.name: {k: int(len(s.indices(k))) for k in ("train", "valid", "test")} for s in prepared.sources},
+        "text_tokens": {k: int(len(v)) for k, v in prepared.text.items()},
+        "prepare_seconds": prepare_seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        "environment": environment(device),
+    }
+    write_results(out, results, table)
+    for name, (key, title) in CURVES.items():
+        if curves.get(key):
+            mean, bands = split_bands(curves[key])
+            plot_curves(mean, out / name, title, xlabel="input positions", bands=bands)
+    return results
+
+
+def _copy_figures(out: Path, variant: Variant) -> None:
+    analysis = out / "runs" / f"{variant.name}-seed0" / "analysis"
+    for source, target in (
+        ("heatmap-vision.png", out / "heatmaps" / f"{variant.name}-vision.png"),
+        ("heatmap-language.png", out / "heatmaps" / f"{variant.name}-language.png"),
+        ("divergence-patches.png", out / "divergence" / f"{variant.name}.png"),
+    ):
+        copy_figure(analysis / source, target)
+
+
+STAT_KEYS = ("val_ppl", "test_ppl", "val_pair_ppl", "test_pair_ppl", "val_patch_acc", "test_patch_acc",
+             "val_patch_loss", "test_patch_loss", "test_pair_patch_acc")  # fmt: skip
+
+
+def aggregate(variant: Variant, cfg: MaskedRunConfig, runs: list[dict]) -> dict:
+    """A model's results.json entry: size and cost, held-out metrics (mean and std over seeds), routing per
+    modality, the patch divergence over training, the seeds."""
+    entry: dict[str, Any] = model_fields(variant, multiway_cost(cfg.model))
+    entry["mh_heads"] = variant.ffn.moe.num_heads if variant.ffn.kind == "mhmoe" else None
+    entry.update(seed_stats(runs, STAT_KEYS))
+    for suffix, which in (("", "analysis"), ("_vision", "analysis_vision"), ("_language", "analysis_language")):
+        for key in ("activation_ratio", "effective_experts", "effective_fraction"):
+            entry[f"{key}{suffix}"] = mean_of(runs, which, key)
+    entry["activation_threshold"] = mean_of(runs, "analysis", "threshold")
+    divergence = [r["patch_divergence"] for r in runs if r.get("patch_divergence")]
+    entry["patch_divergence"] = (
+        {step: statistics.fmean(d[step] for d in divergence) for step in divergence[0]} if divergence else None
+    )
+    return {**entry, **run_fields(runs)}
+
+
+def table(results: dict) -> str:
+    """The results as a markdown table with a note on what each column measures."""
+    seeds = len(next(iter(results["models"].values()))["seeds"])
+
+    def fmt(m: dict, key: str, scale: float = 1.0, digits: int = 2, pct: bool = False) -> str:
+        value, std = m.get(key), m.get(f"{key}_std")
+        if value is None:
+            return "-"
+        unit = "%" if pct else ""
+        text = f"{scale * value:.{digits}f}{unit}"
+        return text + (f" ± {scale * std:.{digits}f}" if seeds > 1 and std is not None else "")
+
+    def eff(m: dict, suffix: str) -> str:
+        return effective_cell(m.get(f"effective_experts{suffix}"), m.get(f"effective_fraction{suffix}"))
+
+    header = (
+        "| model | matching | experts × hidden | params total | params active | MFLOPs/token | text ppl (val) "
+        "| text ppl (test) | pair ppl (val) | pair ppl (test) | patch acc (val) | patch acc (test) | patch loss (test) "
+        "| eff. experts vision | eff. experts language | positions/model | train s |"
+    )
+    lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
+    for name, m in results["models"].items():
+        lines.append(
+            f"| {name} | {m['matching']} | {experts_cell(m)} | {m['params_total'] / 1e6:.2f} M | {m['params_active'] / 1e6:.2f} M "
+            f"| {m['flops_per_token'] / 1e6:.2f} | {fmt(m, 'val_ppl')} | {fmt(m, 'test_ppl')} | {fmt(m, 'val_pair_ppl')} "
+            f"| {fmt(m, 'test_pair_ppl')} | {fmt(m, 'val_patch_acc', 100, 1, True)} "
+            f"| {fmt(m, 'test_patch_acc', 100, 1, True)} | {fmt(m, 'test_patch_loss')} | {eff(m, '_vision')} "
+            f"| {eff(m, '_language')} | {m['tokens_seen']:,} | {m['train_seconds']:.0f} |"
+        )
+    budget = results["budget"]
+    note = (
+        f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; text / pair ppl = masked-token perplexity on "
+        f"held-out text ({100 * budget['data']['text_mask_ratio']:.0f}% of tokens masked) and held-out image–caption "
+        f"pairs ({100 * budget['data']['pair_text_mask_ratio']:.0f}% of caption tokens masked); patch acc / loss = "
+        f"visual-token accuracy and cross-entropy on {100 * budget['data']['image_mask_ratio']:.0f}% block-masked "
+        f"patches of held-out images ({budget['model']['codebook_size']} k-means codes); eff. experts = exp(entropy "
+        "of the expert shares) of the vision / language FFNs on unmasked held-out images / text, mean over MoE layers "
+        "(% of E); positions = patches + text tokens trained on."
+    )
+    return "\n".join(lines + ["", note])

@@ -1,0 +1,145 @@
+"""Writing files so that a crash, a full disk or a second reader never sees half of one; and the environment record.
+
+Every file mhmoe writes (run configs, metrics snapshots, checkpoints, token caches, tokenizers, plots, results)
+goes through `atomic_write`: a temporary file in the same folder (named `.NAME.tmp-PID-RANDOM`), flushed and
+fsynced, renamed over the target, and the folder fsynced, so the target is either the old file or the new one.
+Folders are published the same way (`publish_dir`). `is_temporary` recognises what a killed writer leaves behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from mhmoe.errors import UserError
+
+TEMP_MARK = ".tmp-"  # in every temporary name this module makes, and in no final name
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh temporary sibling of `path`: `.NAME.tmp-PID-RANDOM`."""
+    return path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file or folder of this module (or of a checkpoint being written)."""
+    return path.name.startswith(".") and TEMP_MARK in path.name
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary sibling of `path` for writing; on success it replaces `path` (fsynced), on an exception
+    it is removed and `path` is left as it was. The parent folder is created if needed."""
+    path = Path(path)
+    if "w" not in mode and "x" not in mode:
+        raise ValueError(f"atomic_write writes files; got mode {mode!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+    try:
+        with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def write_json(path: str | Path, data: Any, indent: int = 1) -> None:
+    """`data` as JSON with a final newline, atomically."""
+    write_text(path, json.dumps(data, indent=indent) + "\n")
+
+
+def staging_dir(path: Path) -> Path:
+    """A new temporary sibling folder in which to build what becomes `path` (`publish_dir`), after checking that
+    `path` does not hold anything yet: outputs are never overwritten or mixed with what was there."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already exists and is not empty; pass a new folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a fully written folder into place (an empty `final` is replaced) and make the rename durable."""
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (before publishing it)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for sub in {p.parent for p in folder.rglob("*")} | {folder}:
+        fsync_dir(sub)
+
+
+def git_commit() -> str:
+    """The commit of the mhmoe checkout this runs from, or "unknown" (an installed package has none)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: Any = None, **extra: Any) -> dict:
+    """What a run or a benchmark ran on: versions, machine, device, threads, command, date (+ `extra`)."""
+    import torch
+
+    from mhmoe import __version__
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    env = {
+        "mhmoe": __version__,
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "command": sys.argv,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return {**env, **extra}

@@ -1,0 +1,222 @@
+"""Exact parameter counts and FLOPs per token, and the sized presets of the papers derived from them.
+
+Conventions:
+- params_total: every parameter of the layer (equals sum(p.numel()); buffers excluded).
+- params_active: parameters one token's computation reads. For SparseMoE: router + K experts +
+  shared experts. For MHMoE a token's H sub-tokens reach at most min(E, H·K) distinct experts;
+  that upper bound is counted, plus the head and merge layers.
+- flops_per_token: forward matmul FLOPs per token, 2 per multiply-add (router, experts, shared
+  experts, head and merge layers). Softmax, activations, sorting and copies are not counted;
+  a training step costs about 3× this. Recomputation (`recompute=True`) is not the model's own
+  work and is not counted either.
+
+The counters read the layers' own configuration (`MoEConfig`, or `LayerSpec` for any FFN), so a
+layer and its cost are described once: `cost_of(SparseMoE(cfg, d_model=D)) == sparse_moe_cost(cfg, d_model=D)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from mhmoe.layers.config import MoEConfig
+from mhmoe.layers.experts import DenseFFN
+from mhmoe.layers.moe import MoELayer
+from mhmoe.layers.multihead import MHMoE
+from mhmoe.layers.routers import Router, RouterConfig, XMoERouter
+from mhmoe.models.ffn import LayerSpec
+from mhmoe.ops.activations import glu_factor
+
+
+@dataclass(frozen=True)
+class Cost:
+    params_total: int
+    params_active: int
+    flops_per_token: int
+
+
+def _ffn_params(d_model: int, hidden: int, activation: str) -> int:
+    return d_model * glu_factor(activation) * hidden + hidden * d_model
+
+
+def _config(config: MoEConfig | None, options: dict[str, Any]) -> MoEConfig:
+    if config is None:
+        return MoEConfig.from_kwargs(**options)
+    if options:
+        raise TypeError(f"unexpected layer arguments {sorted(options)} beside a MoEConfig")
+    return config
+
+
+def _router_cost(router: RouterConfig | Router, d_model: int, num_experts: int) -> tuple[int, int]:
+    """(params, flops per routed item) of a router over items of width d_model."""
+    if isinstance(router, Router):
+        params = sum(p.numel() for p in router.parameters())
+        dim = router.dim if isinstance(router, XMoERouter) else None
+    else:
+        dim = (router.dim or 16) if router.kind == "xmoe" else None
+        if dim is None:
+            params = num_experts * d_model
+        else:
+            params = d_model * dim + num_experts * dim + (router.form == "paper")
+    flops = 2 * num_experts * d_model if dim is None else 2 * (d_model * dim + dim * num_experts)
+    return params, flops
+
+
+def dense_cost(*, d_model: int, hidden: int, activation: str = "gelu", bias: bool = False) -> Cost:
+    params = _ffn_params(d_model, hidden, activation)
+    bias_params = (glu_factor(activation) * hidden + d_model) if bias else 0
+    return Cost(params + bias_params, params + bias_params, 2 * params)
+
+
+def sparse_moe_cost(
+    config: MoEConfig | None = None, *, d_model: int, router: Any = None, **options: Any
+) -> Cost:
+    """The cost of `SparseMoE(config, d_model=d_model)` (or its keyword form). A `Router` object as `router`
+    is counted as it is built."""
+    router_object = router if isinstance(router, Router) else None
+    if router is not None and router_object is None:
+        options["router"] = router
+    c = _config(config, options)
+    router_params, router_flops = _router_cost(router_object or c.router, d_model, c.num_experts)
+    expert = _ffn_params(d_model, c.expert_hidden, c.activation)
+    shared = _ffn_params(d_model, c.num_shared_experts * (c.shared_expert_hidden or c.expert_hidden), c.activation)
+    return Cost(
+        params_total=router_params + c.num_experts * expert + shared,
+        params_active=router_params + c.top_k * expert + shared,
+        flops_per_token=router_flops + 2 * (c.top_k * expert + shared),
+    )
+
+
+def mhmoe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = None, **options: Any) -> Cost:
+    """The cost of `MHMoE(config, d_model=d_model)` (or its keyword form)."""
+    router_object = router if isinstance(router, Router) else None
+    if router is not None and router_object is None:
+        options["router"] = router
+    c = _config(config, options)
+    head_dim = d_model // c.num_heads
+    inner = sparse_moe_cost(c.subtoken(), d_model=head_dim, **({"router": router_object} if router_object else {}))
+    expert = _ffn_params(head_dim, c.expert_hidden, c.activation)
+    reached = min(c.num_experts, c.num_heads * c.top_k)
+    depth = c.multi_head_layers + c.merge_layers
+    projections = depth * (d_model * d_model + d_model)
+    return Cost(
+        params_total=projections + inner.params_total,
+        params_active=projections + inner.params_active + (reached - c.top_k) * expert,
+        flops_per_token=2 * depth * d_model * d_model + c.num_heads * inner.flops_per_token,
+    )
+
+
+def layer_cost(spec: LayerSpec) -> Cost:
+    if spec.kind == "dense":
+        return dense_cost(d_model=spec.d_model, hidden=spec.hidden, activation=spec.activation, bias=spec.bias)
+    count = sparse_moe_cost if spec.kind == "smoe" else mhmoe_cost
+    return count(spec.moe, d_model=spec.d_model)
+
+
+def cost_of(layer: nn.Module) -> Cost:
+    """The `Cost` of a built DenseFFN, SparseMoE or MHMoE, from its configuration (and its router as built)."""
+    if isinstance(layer, DenseFFN):
+        return dense_cost(d_model=layer.d_model, hidden=layer.hidden, activation=layer.activation, bias=layer.bias)
+    if isinstance(layer, MoELayer):
+        count = mhmoe_cost if isinstance(layer, MHMoE) else sparse_moe_cost
+        return count(layer.config, d_model=layer.d_model, router=layer.routed.router)
+    raise TypeError(f"cost_of knows DenseFFN, SparseMoE and MHMoE, got {type(layer).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (docs/paper-notes.md §4: v1 parameter-matched, v2 FLOPs-matched). Sizes are solved with the
+# counters above, never typed in, except the baselines' own published sizes.
+
+
+def _round_to(value: float, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def _solve_linear(f: Callable[[int], int], target: int, x0: int = 1) -> float:
+    """x with f(x) = target, for f affine in x (costs are affine in hidden size and expert count), from f at
+    the valid points x0 and x0 + 1."""
+    f0, f1 = f(x0), f(x0 + 1)
+    return x0 + (target - f0) / (f1 - f0)
+
+
+def _moe(config: MoEConfig, **changes: Any) -> MoEConfig:
+    return dataclasses.replace(config, **changes)
+
+
+def flops_matched_mhmoe(
+    d_model: int, smoe: MoEConfig, *, num_heads: int, top_k: int, hidden_multiple: int = 64, experts_multiple: int = 8
+) -> MoEConfig:
+    """v2-style MH-MoE: expert hidden chosen for equal FLOPs per token with `smoe`, then the expert
+    count raised for roughly equal total parameters (v2 Table 1: H=2 → 40 experts × 768,
+    H=3 → 96 × 512 against an 8 × 2048 SwiGLU SMoE at D = 768)."""
+    base = sparse_moe_cost(smoe, d_model=d_model)
+    mh = _moe(smoe, num_heads=num_heads, top_k=top_k)
+
+    def cost(**changes: Any) -> Any:
+        return mhmoe_cost(_moe(mh, **changes), d_model=d_model)
+
+    for _ in range(3):  # expert count and hidden size depend on each other only through the router
+        hidden = _solve_linear(lambda f: cost(expert_hidden=f).flops_per_token, base.flops_per_token)
+        mh = _moe(mh, expert_hidden=_round_to(hidden, hidden_multiple))
+        experts = _solve_linear(lambda e: cost(num_experts=e).params_total, base.params_total, x0=top_k)
+        mh = _moe(mh, num_experts=max(_round_to(experts, experts_multiple), top_k))
+    return mh
+
+
+def params_matched_mhmoe(d_model: int, smoe: MoEConfig, *, num_heads: int, hidden_multiple: int = 64) -> MoEConfig:
+    """v1-style MH-MoE: same experts and top-k as `smoe`, expert hidden chosen for equal total
+    parameters — so expert FLOPs grow about H-fold (the authors' code hard-codes 11520 at D = 768,
+    H = 4; the exact match with head and merge layers counted is what this returns)."""
+    base = sparse_moe_cost(smoe, d_model=d_model)
+    mh = _moe(smoe, num_heads=num_heads)
+    hidden = _solve_linear(
+        lambda f: mhmoe_cost(_moe(mh, expert_hidden=f), d_model=d_model).params_total, base.params_total
+    )
+    return _moe(mh, expert_hidden=_round_to(hidden, hidden_multiple))
+
+
+def fine_grained_smoe(d_model: int, smoe: MoEConfig, *, granularity: int, hidden_multiple: int = 64) -> MoEConfig:
+    """E·g experts, top-(K·g), hidden solved for equal FLOPs (v2's 16 × 1024 top-2 at g = 2)."""
+    base = sparse_moe_cost(smoe, d_model=d_model)
+    fine = _moe(smoe, num_experts=smoe.num_experts * granularity, top_k=smoe.top_k * granularity)
+    hidden = _solve_linear(
+        lambda f: sparse_moe_cost(_moe(fine, expert_hidden=f), d_model=d_model).flops_per_token,
+        base.flops_per_token,
+    )
+    return _moe(fine, expert_hidden=_round_to(hidden, hidden_multiple))
+
+
+V1_XMOE = MoEConfig(num_experts=8, top_k=2, expert_hidden=3072, activation="gelu", router=RouterConfig(kind="xmoe"))
+V2_SMOE = MoEConfig(num_experts=8, top_k=1, expert_hidden=2048, activation="swiglu")
+
+
+def presets() -> dict[str, LayerSpec]:
+    """Named layer sizes of docs/paper-notes.md §4 (all at D = 768)."""
+    D = 768
+    return {
+        "v1-dense": LayerSpec("dense", D, hidden=3072, activation="gelu"),
+        "v1-xmoe-8e": LayerSpec("smoe", D, V1_XMOE),
+        "v1-mhmoe-8e-h4": LayerSpec("mhmoe", D, params_matched_mhmoe(D, V1_XMOE, num_heads=4)),
+        "v1-xmoe-32e": LayerSpec("smoe", D, _moe(V1_XMOE, num_experts=32)),
+        "v1-mhmoe-32e-h4": LayerSpec("mhmoe", D, params_matched_mhmoe(D, _moe(V1_XMOE, num_experts=32), num_heads=4)),
+        "v2-smoe": LayerSpec("smoe", D, V2_SMOE),
+        "v2-fine-grained": LayerSpec("smoe", D, fine_grained_smoe(D, V2_SMOE, granularity=2)),
+        "v2-mhmoe-h2": LayerSpec("mhmoe", D, flops_matched_mhmoe(D, V2_SMOE, num_heads=2, top_k=2)),
+        "v2-mhmoe-h3": LayerSpec("mhmoe", D, flops_matched_mhmoe(D, V2_SMOE, num_heads=3, top_k=3)),
+    }
+
+
+def build_preset(name: str, **changes: Any) -> nn.Module:
+    """The preset's layer, with MoEConfig fields changed (e.g. dispatch="reference")."""
+    table = presets()
+    if name not in table:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(table)}")
+    spec = table[name]
+    if changes:
+        if spec.moe is None:
+            raise ValueError(f"preset {name!r} is dense; it has no MoE options to change ({sorted(changes)})")
+        spec = dataclasses.replace(spec, moe=_moe(spec.moe, **changes))
+    return spec.build()

@@ -1,0 +1,61 @@
+"""The one place that picks the expert-GEMM backend, and the dtype the expert GEMMs run in."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mhmoe.ops import triton_experts
+
+Backend = Literal["grouped_mm", "slices", "triton"]
+DispatchName = Literal["auto", "grouped_mm", "slices", "triton", "reference"]
+DISPATCHES: tuple[str, ...] = get_args(DispatchName)
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_backend(requested: str, dtype: torch.dtype, device: torch.device, dims: tuple[int, ...] = ()) -> Backend:
+    """The one place that picks the expert-GEMM backend.
+
+    "auto": grouped_mm when torch has it and supports the case (CPU: fp32/bf16/fp16; CUDA: bf16/fp16
+    on compute capability ≥ 8.0), else "slices". Asking for grouped_mm where it cannot run is an error.
+    dims: the GEMM widths (d, F); grouped_mm needs every row stride to be a multiple of 16 bytes.
+    "triton" (`mhmoe.ops.triton_experts`: the gather and the scatter fused into the GEMMs) must be
+    asked for: it needs Triton and CUDA, or the CPU under TRITON_INTERPRET=1 (tests). "auto" does not
+    pick it until it has been measured against grouped_mm on a GPU (benchmarks/README.md).
+    """
+    if requested == "triton":
+        if not triton_experts.supports(device, dtype):
+            raise ValueError(
+                f"the triton backend cannot run {dtype} on {device}: it needs triton installed "
+                f"(pip install 'mhmoe[triton]') and a CUDA device, or TRITON_INTERPRET=1 on the CPU; use 'auto'"
+            )
+        return "triton"
+    supported = _HAS_GROUPED_MM and dtype in _GROUPED_MM_DTYPES
+    supported = supported and all(n * dtype.itemsize % 16 == 0 for n in dims)
+    if device.type == "cuda":
+        supported = supported and dtype != torch.float32 and torch.cuda.get_device_capability(device) >= (8, 0)
+    elif device.type != "cpu":
+        supported = False
+    if requested == "auto":
+        return "grouped_mm" if supported else "slices"
+    if requested == "grouped_mm" and not supported:
+        raise ValueError(
+            f"grouped_mm cannot run {dtype} on {device} with widths {dims} (rows must be multiples of 16 bytes) "
+            f"with torch {torch.__version__}; use 'slices'"
+        )
+    if requested not in ("grouped_mm", "slices"):
+        raise ValueError(f"unknown dispatch backend {requested!r}; choose one of {DISPATCHES}")
+    return requested  # type: ignore[return-value]
+
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's for float32 input under autocast, else x's."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+

@@ -1,0 +1,71 @@
+"""Grouped GEMMs over rows sorted by expert: `torch.nn.functional.grouped_mm` as an opaque custom op (with its
+backward), and a loop over contiguous slices where that kernel cannot run.
+
+Shape legend: R rows sorted by expert (counts_E rows each), k / n the two sides of one projection, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mhmoe.ops.backend import Backend
+
+
+@torch.library.custom_op("mhmoe::grouped_mm", mutates_args=())
+def grouped_mm(x_Rk: Tensor, w_Ekn: Tensor, offsets_E: Tensor) -> Tensor:
+    """`F.grouped_mm` as an opaque op: (R, k) rows in expert groups ending at offsets_E, times (E, k, n).
+
+    Wrapped so torch.compile sees our shape rule (the stock one accepts only bf16) and so backward
+    always gets a contiguous gradient (the kernel rejects expanded ones).
+    """
+    return F.grouped_mm(x_Rk, w_Ekn, offs=offsets_E)
+
+
+@grouped_mm.register_fake
+def _(x_Rk: Tensor, w_Ekn: Tensor, offsets_E: Tensor) -> Tensor:
+    return x_Rk.new_empty(x_Rk.shape[0], w_Ekn.shape[-1])
+
+
+@torch.library.custom_op("mhmoe::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(x_Rk: Tensor, grad_Rn: Tensor, offsets_E: Tensor) -> Tensor:
+    """Per group e: x_eᵀ @ grad_e -> (E, k, n); an expert with no rows gets zeros."""
+    return F.grouped_mm(x_Rk.t(), grad_Rn, offs=offsets_E)
+
+
+@grouped_mm_weight_grad.register_fake
+def _(x_Rk: Tensor, grad_Rn: Tensor, offsets_E: Tensor) -> Tensor:
+    return x_Rk.new_empty(offsets_E.shape[0], x_Rk.shape[1], grad_Rn.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x_Rk, w_Ekn, offsets_E = inputs
+    ctx.save_for_backward(x_Rk, w_Ekn, offsets_E)
+
+
+def _grouped_mm_backward(ctx, grad_Rn: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[no-untyped-def]
+    x_Rk, w_Ekn, offsets_E = ctx.saved_tensors
+    grad_Rn = grad_Rn.contiguous()
+    grad_x = grouped_mm(grad_Rn, w_Ekn.transpose(-1, -2), offsets_E)
+    return grad_x, grouped_mm_weight_grad(x_Rk, grad_Rn, offsets_E), None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def expert_matmul(x_Rk: Tensor, w_Ekn: Tensor, counts_E: Tensor, backend: Backend) -> Tensor:
+    """Rows sorted by expert (counts_E rows each) times their expert's matrix: (R, k) -> (R, n)."""
+    if backend == "grouped_mm":
+        return grouped_mm(x_Rk.contiguous(), w_Ekn, counts_E.cumsum(0).to(torch.int32))
+    sizes = counts_E.tolist()  # host sync: the price of the fallback
+    return torch.cat([rows @ w for rows, w in zip(torch.split(x_Rk, sizes), w_Ekn.unbind(0))])
+
+
+def expert_weight_grad(x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend: Backend) -> Tensor:
+    """Per expert e, x_eᵀ @ grad_e over its rows: the (E, k, n) gradient of `expert_matmul`'s weights."""
+    if backend == "grouped_mm":
+        return grouped_mm_weight_grad(x_Rk, grad_Rn.contiguous(), counts_E.cumsum(0).to(torch.int32))
+    sizes = counts_E.tolist()
+    return torch.stack([x.t() @ g for x, g in zip(torch.split(x_Rk, sizes), torch.split(grad_Rn, sizes))])
+

@@ -1,0 +1,156 @@
+"""Causal language modelling: the task `mhmoe train` runs in the one loop (`mhmoe.train.loop`).
+
+Data: a text corpus (`mhmoe.data`), or language-tagged text (data.multilingual, batches drawn per language with
+temperature sampling), tokenized with the run's tokenizer (a BPE trained once on the training split and kept in
+the run as tokenizer.json, the byte tokenizer, or a tokenizer.json of the user's) and cached on disk.
+Evaluation: mean cross-entropy and perplexity over consecutive windows of a held-out split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mhmoe.data import (
+    BatchSampler,
+    BPETokenizer,
+    data_cache_dir,
+    default_corpus,
+    eval_batches,
+    load_corpus,
+    load_tokenizer,
+    tokenize_corpus,
+)
+from mhmoe.data.multilingual import LanguageSampler, languages_of, load_multilingual, split_key, tokenize_languages
+from mhmoe.data.multilingual import tokenizer_text
+from mhmoe.models.gpt import GPT, gpt_cost
+from mhmoe.train.config import RunConfig
+from mhmoe.train.loop import Part, RunResult, autocast_for
+from mhmoe.train.loop import train as train_loop
+from mhmoe.train.session import Session
+
+
+def data_path(cfg: RunConfig) -> Path:
+    """--data / data.path, else $MHMOE_DATA, else the built-in Shakespeare corpus (fetched once)."""
+    given = cfg.data.path or os.environ.get("MHMOE_DATA", "")
+    return Path(given).expanduser() if given else default_corpus(data_cache_dir())
+
+
+def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, dict[str, np.ndarray]]:
+    """The run's tokenizer (trained once and kept in the run) and the tokenized splits (cached).
+
+    Multilingual runs (data.multilingual) also hold "train:<lang>", "valid:<lang>", ... per language.
+    """
+    d = cfg.data
+    if d.multilingual:
+        languages = [lang.strip() for lang in d.languages.split(",") if lang.strip()]
+        corpus = load_multilingual(
+            data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction, languages=languages
+        )
+        tokenizer = run_tokenizer(cfg, run_dir, lambda: tokenizer_text(corpus, d.language_alpha))
+        return tokenizer, tokenize_languages(corpus, tokenizer, data_cache_dir(), cfg.model.seq_len, progress)
+    corpus = load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+    tokenizer = run_tokenizer(cfg, run_dir, lambda: corpus.train)
+    return tokenizer, tokenize_corpus(corpus, tokenizer, data_cache_dir(), progress=progress)
+
+
+def run_tokenizer(cfg: RunConfig, run_dir: Path, bpe_text: Callable[[], Iterable[str]]) -> Any:
+    """The run's saved tokenizer, else a BPE trained on `bpe_text()` (data.tokenizer=bpe) or the one named."""
+    saved = run_dir / "tokenizer.json"
+    if saved.exists():
+        return load_tokenizer(saved)
+    if cfg.data.tokenizer == "bpe":
+        tokenizer = BPETokenizer.train(bpe_text(), cfg.data.vocab_size)
+        tokenizer.save(saved)
+        return tokenizer
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.data.tokenizer != "byte":
+        tokenizer.save(saved)
+    return tokenizer
+
+
+def make_sampler(cfg: RunConfig, splits: dict[str, np.ndarray]) -> Any:
+    """Training batches: uniform over the train split's windows, or per language with temperature (multilingual)."""
+    t = cfg.train
+    if cfg.data.multilingual:
+        tokens = {lang: splits[split_key("train", lang)] for lang in languages_of(splits)}
+        return LanguageSampler(tokens, t.batch_size, cfg.model.seq_len, seed=t.seed, alpha=cfg.data.language_alpha)
+    return BatchSampler(splits["train"], t.batch_size, cfg.model.seq_len, seed=t.seed)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, tokens: np.ndarray, cfg: RunConfig, device: torch.device, max_batches: int = 0
+) -> dict[str, float]:
+    """Mean cross-entropy (nats/token) and perplexity over consecutive windows of a held-out split."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    batches = eval_batches(tokens, cfg.train.batch_size, cfg.model.seq_len, max_batches=max_batches or None)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast_for(cfg.train.precision, device):
+            logits = model(x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        total, count = total + loss.item(), count + y.numel()
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+class LMTask:
+    """The causal LM as a `mhmoe.train.loop.Task`: GPT on (idx, targets) windows of the training split."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, session: Session, progress: bool):
+        self.cfg, self.session = cfg, session
+        self.tokenizer, self.splits = session.first_on_main(lambda: prepare_data(cfg, run_dir, progress))
+        cfg.model.vocab_size = self.tokenizer.vocab_size
+        self.cost = gpt_cost(cfg.model)
+
+    def build_model(self) -> GPT:
+        return GPT(self.cfg.model)
+
+    def start(self) -> None:
+        # one sampler of global batches (batch_size rows per rank), each rank keeps its slice: see session.shard
+        t = self.cfg.train
+        self.sampler = make_sampler(replace(self.cfg, train=replace(t, batch_size=t.batch_size * self.session.world)),
+                                    self.splits)  # fmt: skip
+
+    def parts(self, step: int, micro: int) -> Iterator[Part]:
+        x, y = self.sampler.next_batch()
+        idx, targets = (self.session.shard(v).to(self.session.device, non_blocking=True) for v in (x, y))
+        yield Part("lm", {"idx": idx, "targets": targets}, x.numel())
+
+    def loss(self, out: Any, part: Part) -> torch.Tensor:
+        return out.loss
+
+    def evaluate(self, model: torch.nn.Module, split: str, max_batches: int) -> dict:
+        return evaluate(model, self.splits[split], self.cfg, self.session.device, max_batches=max_batches)
+
+    def metrics(self, report: dict) -> dict:
+        return {"val_loss": report["loss"], "val_ppl": report["ppl"]}
+
+    def summary(self, valid: dict, test: dict) -> dict:
+        return {"val_loss": valid["loss"], "val_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],
+                "val_tokens": valid["tokens"], "test_tokens": test["tokens"]}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def on_step(self, model: torch.nn.Module, step: int) -> None:
+        pass
+
+
+def train(cfg: RunConfig, run_dir: Path, progress: bool = True) -> RunResult:
+    """Train (or resume) the language model of `cfg` in run_dir (`mhmoe.train.loop.train`)."""
+    return train_loop(cfg, run_dir, lambda session: LMTask(cfg, run_dir, session, progress), progress)

@@ -1,0 +1,295 @@
+"""The one training loop, over a small task interface; the causal LM (`mhmoe.train.lm`) and the masked multimodal
+model (`mhmoe.experiments.multimodal.task`) are two tasks of it.
+
+A run directory holds everything needed to understand and resume a run:
+    config.json   the resolved run configuration     env.json      versions, device, git commit, command
+    metrics.jsonl / metrics.csv, tb/ (TensorBoard, if installed)      summary.json  final held-out evaluation
+    checkpoints/  `mhmoe.train.checkpoint` (`mhmoe.train.dcp` under torchrun), plus what the task saves
+Calling `train` on a directory with a checkpoint resumes from it exactly (same batches, same RNG). The loop
+runs on one process or on W ranks under torchrun alike (`mhmoe.train.session`): torchrun, expert parallelism,
+FSDP2, exact resume, the non-finite guard, progress and metrics serve every task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from mhmoe.errors import ConfigError, UserError
+from mhmoe.io import environment, write_json
+from mhmoe.models.cost import Cost
+from mhmoe.train.checkpoint import latest_checkpoint
+from mhmoe.train.config import TrainConfig
+from mhmoe.train.metrics import MetricsLog, NoMetrics, progress_bar
+from mhmoe.train.session import Session, start_session
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. a non-finite loss with on_nonfinite=stop)."""
+
+
+class Part(NamedTuple):
+    """One forward of a micro-batch: the model's keyword inputs (this rank's rows, on the device), a name for its
+    logged loss, the input positions of the whole (global) batch it was cut from, and any other counts of that
+    global batch the task's loss needs (e.g. its masked positions)."""
+
+    name: str
+    inputs: dict[str, Tensor]
+    positions: int
+    counts: dict[str, int] | None = None
+
+
+class Task(Protocol):
+    """What the loop trains. A task owns its data, its batches and its evaluation; the loop owns the rest."""
+
+    cost: Cost  # of the model, for summary.json
+
+    def build_model(self) -> nn.Module:
+        """The model, on the CPU (the loop seeds torch first and moves it)."""
+        ...
+
+    def start(self) -> None:
+        """Make the training samplers (of global batches: batch_size · world rows); called once, before resuming."""
+        ...
+
+    def parts(self, step: int, micro: int) -> Iterable[Part]:
+        """The forwards of micro-batch `micro` of optimiser step `step`."""
+        ...
+
+    def loss(self, out: Any, part: Part) -> Tensor:
+        """The task loss of a forward's output (the loop adds `out.aux_loss`)."""
+        ...
+
+    def evaluate(self, model: nn.Module, split: str, max_batches: int) -> dict:
+        """A held-out report of `split` ("valid" or "test"); max_batches 0 = all of it."""
+        ...
+
+    def metrics(self, report: dict) -> dict:
+        """The validation fields of metrics.jsonl for a report (val_loss and val_ppl at least)."""
+        ...
+
+    def summary(self, valid: dict, test: dict) -> dict:
+        """The task's part of summary.json."""
+        ...
+
+    def state_dict(self) -> dict:
+        """The data position, saved in every checkpoint."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        """Called at step 0 (before training) and after every optimiser step, on every rank."""
+        ...
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    tokens_seen: int  # input positions trained on (tokens; patches + text tokens for the masked task)
+    train_seconds: float
+    valid: dict  # the task's final held-out reports
+    test: dict
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use train.device=cpu")
+    return device
+
+
+def autocast_for(precision: str, device: torch.device) -> Any:
+    """bf16 autocast for train.precision bf16, or auto on CUDA; nothing (fp32) otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_optimizer(parameters: Iterable[nn.Parameter], t: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and expert stacks only (not norms, biases or temperatures)."""
+    parameters = list(parameters)
+    decay = [p for p in parameters if p.dim() >= 2]
+    no_decay = [p for p in parameters if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.eps,
+    )
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine or linear decay to lr · min_lr_ratio at max_steps."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
+
+
+def all_finite(*values: Tensor) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in values)
+
+
+def apply_step(
+    optimizer: torch.optim.Optimizer, finite: bool, what: str, on_nonfinite: str, metrics: Any, step: int
+) -> bool:
+    """Step the optimizer; after a non-finite loss or gradient (`what` says which) stop with a TrainingError or
+    skip the step (logged), as train.on_nonfinite says. Gradients are cleared either way; returns whether it stepped."""
+    if finite:
+        optimizer.step()
+    elif on_nonfinite == "stop":
+        raise TrainingError(f"{what}; the last checkpoint is intact. Lower train.lr or set train.on_nonfinite=skip")
+    else:
+        metrics.write({"step": step + 1, "skipped": what})
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def check_resumable(cfg: Any, run_dir: Path) -> None:
+    """A run directory is resumed only with the same model and data; train.* may change (e.g. max_steps)."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = type(cfg).from_dict(json.loads(saved_path.read_text())).to_dict()  # fields added since: defaults
+    now = cfg.to_dict()
+    now["model"]["vocab_size"] = saved.get("model", {}).get("vocab_size")  # derived from the tokenizer
+    for section in ("model", "data"):
+        if saved.get(section) != now[section]:
+            diffs = [k for k in now[section] if saved.get(section, {}).get(k) != now[section][k]]
+            raise ConfigError(
+                f"{run_dir} holds a run with different {section} settings ({', '.join(diffs)}); "
+                "pass another --out, or the same settings to resume"
+            )
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+
+def train(cfg: Any, run_dir: Path, make_task: Callable[[Session], Task], progress: bool = True) -> RunResult:
+    """Train (or resume) the run in run_dir to cfg.train.max_steps, then evaluate on valid and test.
+
+    cfg: a run configuration with `train` and `parallel` sections (`RunConfig` or a task's own); make_task builds
+    the task once the session exists (it prepares the data, and may fill in derived fields such as the vocabulary
+    size, before config.json is written).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(cfg, run_dir)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    session = start_session(cfg.parallel, resolve_device(cfg.train.device))
+    task = make_task(session)
+    if session.is_main:
+        write_json(run_dir / "config.json", cfg.to_dict())
+        write_json(run_dir / "env.json", environment(session.device))
+    return run(task, cfg.train, run_dir, session, progress and session.is_main)
+
+
+def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: bool) -> RunResult:
+    """The loop: optimiser steps until t.max_steps, with logging, evaluation and checkpoints, then the final
+    held-out evaluation. Every rank runs it; rank 0 alone writes files."""
+    device = session.device
+    torch.manual_seed(t.seed)
+    model = task.build_model().to(device)
+    forward = session.wrap(model, t.seed)
+    optimizer = make_optimizer(model.parameters(), t)
+    task.start()
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+    checkpoints = run_dir / "checkpoints"
+    latest = latest_checkpoint(checkpoints)
+    if latest is not None:
+        state = session.load(latest, model, optimizer)
+        task.load_state_dict(state)
+        step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
+    forward = torch.compile(forward) if t.compile else forward
+    metrics = MetricsLog(run_dir, step) if session.is_main else NoMetrics()
+    bar = progress_bar(t.max_steps, step, progress)
+    autocast = autocast_for(t.precision, device)
+
+    def save() -> None:
+        state = {**task.state_dict(), "tokens_seen": tokens_seen, "train_seconds": train_seconds}
+        session.save(checkpoints, step, model, optimizer, state, keep=t.keep_checkpoints)
+
+    try:
+        model.train()
+        if step == 0:
+            task.on_step(model, 0)
+        while step < t.max_steps:
+            started = time.perf_counter()
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses: dict[str, float] = {}
+            aux_sum, positions, finite = 0.0, 0, True
+            for micro in range(t.grad_accum):
+                for part in task.parts(step, micro):
+                    positions += part.positions
+                    with autocast:
+                        out = forward(**part.inputs)
+                    task_loss = task.loss(out, part)
+                    loss = (task_loss + out.aux_loss) / t.grad_accum
+                    finite = finite and all_finite(loss)
+                    loss.backward()
+                    losses[part.name] = losses.get(part.name, 0.0) + task_loss.item() / t.grad_accum
+                    aux_sum += out.aux_loss.item() / t.grad_accum
+            grad_norm = session.finish_gradients(model, t.grad_clip)  # global norm, clipped
+            *means, aux_sum, nonfinite = session.mean([*losses.values(), aux_sum, float(not finite)])
+            losses = dict(zip(losses, means))
+            finite = nonfinite == 0 and all_finite(grad_norm)  # the same verdict on every rank
+            what = "" if finite else _nonfinite(step, sum(losses.values()), grad_norm)
+            if apply_step(optimizer, finite, what, t.on_nonfinite, metrics, step):
+                session.update_router_biases(model)
+            step += 1
+            tokens_seen += positions
+            elapsed = time.perf_counter() - started
+            train_seconds += elapsed
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.max_steps:
+                record = {"step": step, "tokens": tokens_seen, "loss": sum(losses.values()), "aux_loss": aux_sum,
+                          "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": positions / elapsed}  # fmt: skip
+                if len(losses) > 1:
+                    record.update({f"loss_{name}": value for name, value in losses.items()})
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if step % t.eval_every == 0 or step == t.max_steps:
+                val = task.metrics(task.evaluate(model, "valid", t.eval_batches))
+                metrics.write({"step": step, "tokens": tokens_seen, **val})
+                bar.set_postfix(loss=f"{sum(losses.values()):.3f}", val_ppl=f"{val['val_ppl']:.1f}")
+            task.on_step(model, step)
+            if step % t.checkpoint_every == 0 or step == t.max_steps:
+                save()
+    finally:
+        bar.close()
+        metrics.close()
+
+    valid = task.evaluate(model, "valid", t.final_eval_batches)
+    test = task.evaluate(model, "test", t.final_eval_batches)
+    cost = task.cost
+    summary = {"step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds, **task.summary(valid, test),
+               "params_total": cost.params_total, "params_active": cost.params_active,
+               "flops_per_token": cost.flops_per_token}  # fmt: skip
+    if session.is_main:
+        write_json(run_dir / "summary.json", summary)
+    session.close()
+    return RunResult(run_dir, step, tokens_seen, train_seconds, valid, test)
+
+
+def _nonfinite(step: int, loss: float, grad_norm: Tensor) -> str:
+    return f"non-finite loss or gradient at step {step} (loss {loss:.4g}, grad norm {float(grad_norm):.4g})"
+

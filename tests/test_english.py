@@ -1,0 +1,102 @@
+"""`mhmoe reproduce english` end to end at toy size: every model, the results.json contract, the plots."""
+
+import gzip
+import json
+
+import pytest
+from conftest import TOY_MODEL, shared_file
+
+from mhmoe.cli import main
+from mhmoe.experiments.english import base as english_base
+from mhmoe.experiments.english import models as english_variants
+from mhmoe.models.gpt import gpt_cost
+
+SHARED = shared_file()
+TOY = [
+    *TOY_MODEL,
+    "train.max_steps=4",
+    "train.eval_every=2",
+    "train.eval_batches=2",
+    "train.final_eval_batches=2",
+    "train.batch_size=2",
+    "data.tokenizer=byte",
+]
+
+
+def test_variants_are_matched():
+    base = english_base(quick=True, gpu=False)
+    costs = {}
+    for v in english_variants(base):
+        base.model.ffn = v.ffn
+        costs[v.name] = gpt_cost(base.model)
+    assert [v.name for v in english_variants(base)] == ["dense", "smoe", "xmoe", "mhmoe_params", "mhmoe_flops"]
+    assert abs(costs["mhmoe_params"].params_total / costs["xmoe"].params_total - 1) < 0.01
+    assert abs(costs["mhmoe_flops"].flops_per_token / costs["xmoe"].flops_per_token - 1) < 0.02
+    assert abs(costs["mhmoe_flops"].params_total / costs["xmoe"].params_total - 1) < 0.05
+    assert costs["mhmoe_params"].flops_per_token > 1.5 * costs["xmoe"].flops_per_token
+
+
+def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = gzip.open(SHARED / "english" / "valid.txt.gz", "rt").read()[:40_000]
+    for i in range(8):
+        (corpus / f"{i}.txt").write_text(text[i * 5000 : (i + 1) * 5000])
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    german = gzip.open(SHARED / "multilingual" / "de.valid.txt.gz", "rt").read()[:30_000]
+    for i in range(3):
+        (ood / f"de{i}.txt").write_text(german[i * 10_000 : (i + 1) * 10_000])
+    args = [
+        "reproduce",
+        "english",
+        "--quick",
+        "--seeds",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--data",
+        str(corpus),
+        "--ood-data",
+        str(ood),
+        "--no-progress",
+    ]
+    for item in TOY:
+        args += ["--set", item]
+    assert main(args) == 0
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "english"
+    assert set(results["models"]) == {"dense", "smoe", "xmoe", "mhmoe_params", "mhmoe_flops"}
+    keys = {
+        "matching",
+        "params_total",
+        "params_active",
+        "flops_per_token",
+        "val_ppl",
+        "test_ppl",
+        "activation_ratio",
+        "effective_experts",
+        "tokens_seen",
+        "train_seconds",
+        "seeds",
+    }
+    for name, model in results["models"].items():
+        assert keys <= set(model), name
+        assert len(model["seeds"]) == 2 and model["tokens_seen"] == 4 * 2 * 32
+        assert model["val_ppl"] > 1
+        if name != "dense":
+            assert 0 < model["activation_ratio"] <= 1 and 1 <= model["effective_experts"] <= model["num_experts"]
+            assert model["activation_ratio_ood"] is not None
+    table = (out / "results.md").read_text()
+    assert "± " in table and "mhmoe_flops" in table and "(ood)" in table
+    assert (out / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "heatmaps" / "mhmoe_params.png").exists()
+    assert "mhmoe_params" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [(["--seeds", "0"], "--seeds must be >= 1")])
+def test_reproduce_argument_errors(args, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["reproduce", "english", *args])
