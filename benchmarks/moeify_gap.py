@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from mhmoe.train.runs import load_run
 
 from mhmoe.convert import calibrate, capture_ffn_io, find_dense_ffns, moeify, relative_error
 from mhmoe.hf import MHMoEForCausalLM
 from mhmoe.hf.runs import export_run
-from mhmoe.train.runs import load_run
 
 VARIANTS = {
     "smoe E=8 k=2": dict(kind="smoe", num_experts=8, top_k=2),

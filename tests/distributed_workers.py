@@ -207,9 +207,9 @@ def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int) -> 
     """Load a distributed checkpoint at expert size `expert`: logits on a fixed batch vs the consolidated file."""
     from mhmoe.models.gpt import GPT
     from mhmoe.parallel import make_layout, parallelize
-    from mhmoe.train.dcp import load_distributed
     from mhmoe.train.checkpoint import load_model_weights
     from mhmoe.train.config import RunConfig
+    from mhmoe.train.dcp import load_distributed
 
     path = Path(checkpoint)
     cfg = RunConfig.from_dict(json.loads((path.parent.parent / "config.json").read_text()))
@@ -262,8 +262,8 @@ def hanging_job(rank: int, world: int, out: Path) -> dict:
 def crash_during_save_job(rank: int, world: int, out: Path, run_dir: str) -> dict:
     """Save step 1 of a tiny GPT; then rank 1 dies in the middle of saving step 2 (after its DCP shard)."""
     from mhmoe.models.gpt import GPT, GPTConfig
-    from mhmoe.train import dcp as pc
     from mhmoe.parallel import make_layout, parallelize
+    from mhmoe.train import dcp as pc
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=64, seq_len=16, d_model=16, n_layers=2, n_heads=2)

@@ -42,10 +42,22 @@ def test_every_layer_option_is_settable():
             assert f"model.ffn.moe.{f.name}" in names
     for f in dataclasses.fields(RouterConfig):
         assert f"model.ffn.moe.router.{f.name}" in names
-    cfg = apply_overrides(preset("cpu"), ["model.ffn.moe.dispatch=slices", "model.ffn.moe.router.jitter=0.01",
-                                         "model.ffn.moe.num_shared_experts=1", "model.ffn.moe.shared_expert_hidden=64"])
+    cfg = apply_overrides(
+        preset("cpu"),
+        [
+            "model.ffn.moe.dispatch=slices",
+            "model.ffn.moe.router.jitter=0.01",
+            "model.ffn.moe.num_shared_experts=1",
+            "model.ffn.moe.shared_expert_hidden=64",
+        ],
+    )
     moe = cfg.model.ffn.moe
-    assert (moe.dispatch, moe.router.jitter, moe.num_shared_experts, moe.shared_expert_hidden) == ("slices", 0.01, 1, 64)
+    assert (moe.dispatch, moe.router.jitter, moe.num_shared_experts, moe.shared_expert_hidden) == (
+        "slices",
+        0.01,
+        1,
+        64,
+    )
 
 
 def test_overrides_are_checked_together_whatever_their_order():
@@ -77,7 +89,10 @@ def test_unknown_key_suggests():
         ("model.ffn.moe.num_heads=3", r"model.d_model \(128\) must be divisible by model.ffn.moe.num_heads \(3\)"),
         ("train.batch_size=0", r"train.batch_size must be >= 1, got 0"),
         ("train.schedule=step", r"train.schedule='step': choose one of cosine, linear"),
-        ("model.ffn.moe.router.kind=hash", r"model.ffn.moe.router.kind='hash': choose one of softmax, switch, xmoe, sigmoid"),
+        (
+            "model.ffn.moe.router.kind=hash",
+            r"model.ffn.moe.router.kind='hash': choose one of softmax, switch, xmoe, sigmoid",
+        ),
         ("model.ffn.moe.router.jitter=1.5", r"model.ffn.moe: jitter must be in \[0, 1\), got 1.5"),
         ("model.ffn.moe.router.bias_update_rate=0.1", r"router option bias_update_rate=0.1 does not apply to the xmoe"),
         ("model.ffn.moe.capacity_factor=inf", r"capacity_factor must be finite \(None is dropless\), got inf"),

@@ -14,12 +14,12 @@ pytest.importorskip("transformers")
 from conftest import ffn_config, shared_file  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from mhmoe.analysis.runs import load_run  # noqa: E402
 from mhmoe.cli import main  # noqa: E402
 from mhmoe.errors import UserError  # noqa: E402
 from mhmoe.hf import MHMoEConfig, MHMoEForCausalLM  # noqa: E402
 from mhmoe.hf.runs import _read_run, byte_tokenizer_as_bpe, import_run, load_pretrained  # noqa: E402
 from mhmoe.models.gpt import GPT, GPTConfig, KVCache  # noqa: E402
-from mhmoe.analysis.runs import load_run  # noqa: E402
 
 KINDS = ["dense", "smoe", "mhmoe"]
 

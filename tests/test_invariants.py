@@ -10,8 +10,8 @@ from conftest import ACTIVATIONS, ROUTER_CASES, clone_layer, forward_backward, l
 from torch import nn
 
 from mhmoe import DenseFFN, MHMoE, SigmoidRouter, SoftmaxRouter, SparseMoE, SwitchRouter, XMoERouter
-from mhmoe.ops.backend import resolve_backend
 from mhmoe.layers.losses import balance_loss, z_loss
+from mhmoe.ops.backend import resolve_backend
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 LAYERS = [pytest.param(SparseMoE, id="SparseMoE"), pytest.param(MHMoE, id="MHMoE")]

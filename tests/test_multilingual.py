@@ -19,9 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mhmoe.analysis import LayerRouting, language_expert_information
+from mhmoe.analysis.runs import evaluate_languages
 from mhmoe.cli import main
 from mhmoe.data import BPETokenizer, ByteTokenizer
-from mhmoe.analysis.runs import evaluate_languages
 from mhmoe.data.multilingual import (
     LanguageSampler,
     bits_per_byte,

@@ -11,6 +11,9 @@ import pytest
 import torch
 from conftest import ffn_config, shared_file
 
+from mhmoe.errors import ConfigError, DataError
+from mhmoe.experiments.multimodal.analysis import patch_divergence_maps
+from mhmoe.experiments.multimodal.config import apply_masked_overrides, masked_preset
 from mhmoe.experiments.multimodal.data import (
     ImageCaptions,
     VisualTokenizer,
@@ -25,12 +28,9 @@ from mhmoe.experiments.multimodal.data import (
     read_idx,
     text_masks,
 )
-from mhmoe.errors import ConfigError, DataError
+from mhmoe.experiments.multimodal.task import MultimodalData, make_batch, snapshot_steps, train_masked
 from mhmoe.layers.moe import SparseMoE
 from mhmoe.models.multiway import MultiwayConfig, MultiwayTransformer, multiway_cost, patchify
-from mhmoe.experiments.multimodal.analysis import patch_divergence_maps, snapshot_steps
-from mhmoe.experiments.multimodal.config import apply_masked_overrides, masked_preset
-from mhmoe.experiments.multimodal.task import MultimodalData, make_batch, train_masked
 
 # ------------------------------------------------------------------------------------------------ masks
 

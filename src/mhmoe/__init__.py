@@ -20,8 +20,7 @@ from mhmoe.layers.routers import (
     XMoERouter,
 )
 from mhmoe.models.gpt import GPT, FFNConfig, GPTConfig
-
-__version__ = "0.1.0"
+from mhmoe.version import __version__
 
 __all__ = [
     "DenseFFN",

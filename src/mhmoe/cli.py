@@ -34,6 +34,7 @@ def _bench_layer(args: argparse.Namespace) -> int:
     from mhmoe.bench.layer import DEFAULT_SHAPES, SHAPES, bench_shape, cuda_graph_check, format_table
     from mhmoe.bench.timing import environment
     from mhmoe.ops import triton_experts
+    from mhmoe.ops.backend import DispatchName
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("mhmoe: --device cuda given but no CUDA device is available")
@@ -42,15 +43,16 @@ def _bench_layer(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     names = _parse_shapes(args.shapes, DEFAULT_SHAPES[device.type], SHAPES)
-    report = dict(environment=environment(device), dtype=str(dtype).removeprefix("torch."), benchmarks=[])
+    benchmarks: list[dict] = []
+    report = dict(environment=environment(device), dtype=str(dtype).removeprefix("torch."), benchmarks=benchmarks)
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
         if args.cuda_graph:  # the default path, and the Triton kernels where they run
-            dispatches = ["auto"] + (["triton"] if triton_experts.supports(device, dtype) else [])
-            report["benchmarks"] += [cuda_graph_check(name, device, dtype, dispatch) for dispatch in dispatches]
+            dispatches: list[DispatchName] = ["auto", "triton"] if triton_experts.supports(device, dtype) else ["auto"]
+            benchmarks += [cuda_graph_check(name, device, dtype, dispatch) for dispatch in dispatches]
         else:
-            report["benchmarks"].append(bench_shape(name, device, dtype, args.repeats))
-    print(json.dumps(report["benchmarks"], indent=1) if args.cuda_graph else format_table(report))
+            benchmarks.append(bench_shape(name, device, dtype, args.repeats))
+    print(json.dumps(benchmarks, indent=1) if args.cuda_graph else format_table(report))
     return _finish_bench(report, args.json)
 
 

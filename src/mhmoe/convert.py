@@ -36,7 +36,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -101,32 +101,30 @@ def dense_weights(module: nn.Module) -> DenseWeights | None:
             module.activation == "swiglu",
             None,
         )
-    parts = {name: getattr(module, name, None) for name in ("c_fc", "c_proj", "gate_proj", "up_proj", "down_proj")}
-    if _is_conv1d(parts["c_fc"]) and _is_conv1d(parts["c_proj"]) and callable(getattr(module, "act", None)):
-        c_fc, c_proj = parts["c_fc"], parts["c_proj"]
+    c_fc, c_proj, gpt2_act = (getattr(module, name, None) for name in ("c_fc", "c_proj", "act"))
+    if _is_conv1d(c_fc) and _is_conv1d(c_proj) and callable(gpt2_act):
         dropout = getattr(module, "dropout", None)
         return DenseWeights(
             c_fc.weight,
             c_fc.bias,
             c_proj.weight,
             c_proj.bias,
-            _activation_name(module.act, False),
-            module.act,
+            _activation_name(gpt2_act, False),
+            gpt2_act,
             False,
             dropout if isinstance(dropout, nn.Dropout) else None,
         )
-    gate, up, down = parts["gate_proj"], parts["up_proj"], parts["down_proj"]
-    if all(isinstance(p, nn.Linear) for p in (gate, up, down)) and callable(getattr(module, "act_fn", None)):
-        biases = [gate.bias, up.bias]
-        if (biases[0] is None) != (biases[1] is None):
+    gate, up, down, act_fn = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+    if isinstance(gate, nn.Linear) and isinstance(up, nn.Linear) and isinstance(down, nn.Linear) and callable(act_fn):
+        if (gate.bias is None) != (up.bias is None):
             return None
         return DenseWeights(
             torch.cat([gate.weight.t(), up.weight.t()], dim=1),
-            None if biases[0] is None else torch.cat(biases),
+            None if gate.bias is None or up.bias is None else torch.cat([gate.bias, up.bias]),
             down.weight.t(),
             down.bias,
-            _activation_name(module.act_fn, True),
-            module.act_fn,
+            _activation_name(act_fn, True),
+            act_fn,
             True,
             None,
         )
@@ -136,7 +134,7 @@ def dense_weights(module: nn.Module) -> DenseWeights | None:
 _ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "swiglu": F.silu}
 
 
-def _is_conv1d(module: Any) -> bool:
+def _is_conv1d(module: Any) -> TypeGuard[Any]:
     """transformers' Conv1D (a linear layer with weight (in, out)), without importing transformers."""
     return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), Tensor)
 
@@ -260,12 +258,13 @@ def _upcycle(layer: MoELayer, dense: DenseWeights) -> None:
         for e, rows in enumerate(slices):
             moe.experts.w_in[e].copy_(dense.w_in[rows])
             moe.experts.w_out[e].copy_(dense.w_out[:, rows])
-    if isinstance(moe.expert_runner, ExpertExtras):
+    extras = moe.expert_runner
+    if isinstance(extras, ExpertExtras):
         with torch.no_grad():
-            if moe.expert_runner.b_in is not None:
-                moe.expert_runner.b_in.copy_(dense.b_in.expand(E, -1))
-            if moe.expert_runner.b_out is not None:
-                moe.expert_runner.b_out.copy_(torch.stack([dense.b_out[rows] for rows in slices]))
+            if extras.b_in is not None and dense.b_in is not None:
+                extras.b_in.copy_(dense.b_in.expand(E, -1))
+            if extras.b_out is not None and dense.b_out is not None:
+                extras.b_out.copy_(torch.stack([dense.b_out[rows] for rows in slices]))
 
 
 def _add_extras(layer: MoELayer, dense: DenseWeights) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from mhmoe.errors import UserError
+from mhmoe.version import __version__
 
 TEMP_MARK = ".tmp-"  # in every temporary name this module makes, and in no final name
 
@@ -48,7 +49,7 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary sibling of `path` for writing; on success it replaces `path` (fsynced), on an exception
     it is removed and `path` is left as it was. The parent folder is created if needed."""
     path = Path(path)
@@ -70,12 +71,12 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs: Any) -> Itera
     fsync_dir(path.parent)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_text(path: str | os.PathLike[str], text: str) -> None:
     with atomic_write(path) as f:
         f.write(text)
 
 
-def write_json(path: str | Path, data: Any, indent: int = 1) -> None:
+def write_json(path: str | os.PathLike[str], data: Any, indent: int = 1) -> None:
     """`data` as JSON with a final newline, atomically."""
     write_text(path, json.dumps(data, indent=indent) + "\n")
 
@@ -123,8 +124,6 @@ def git_commit() -> str:
 def environment(device: Any = None, **extra: Any) -> dict:
     """What a run or a benchmark ran on: versions, machine, device, threads, command, date (+ `extra`)."""
     import torch
-
-    from mhmoe import __version__
 
     device = torch.device(device) if device is not None else torch.device("cpu")
     env = {

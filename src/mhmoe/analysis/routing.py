@@ -256,5 +256,3 @@ def _per_layer(layers: Sequence[LayerRouting], metric: Callable[[LayerRouting], 
     if len(layers) == 0:
         raise ValueError("need at least one LayerRouting, got none")
     return [metric(layer) for layer in layers]
-
-

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import statistics
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +34,8 @@ from mhmoe.layers.moe import MoELayer, MoEOutput, SparseMoE
 from mhmoe.layers.multihead import MHMoE
 from mhmoe.models.cost import cost_of
 from mhmoe.ops import triton_experts
-from mhmoe.ops.activations import activate, glu_factor
-from mhmoe.ops.backend import resolve_backend
+from mhmoe.ops.activations import Activation, activate, glu_factor
+from mhmoe.ops.backend import DispatchName, resolve_backend
 from mhmoe.ops.grouped import expert_matmul
 
 
@@ -46,15 +47,15 @@ class Shape:
     expert_hidden: int
     num_heads: int  # 1 = SparseMoE
     tokens: int
-    activation: str = "gelu"
+    activation: Activation = "gelu"
 
-    def build(self, dispatch: str, recompute: bool = False) -> MoELayer:
+    def build(self, dispatch: DispatchName, recompute: bool = False) -> MoELayer:
         config = MoEConfig(
             num_experts=self.num_experts,
             top_k=self.top_k,
             expert_hidden=self.expert_hidden,
-            activation=self.activation,  # type: ignore[arg-type]
-            dispatch=dispatch,  # type: ignore[arg-type]
+            activation=self.activation,
+            dispatch=dispatch,
             recompute=recompute,
             num_heads=self.num_heads,
         )
@@ -159,7 +160,7 @@ class GemmFloor(_AroundExperts):
         return self.merge(y_Rd.view(moe.top_k, -1, moe.d_model).sum(0), x), None
 
 
-def dense_equivalent(layer: nn.Module, d_model: int, activation: str) -> DenseFFN:
+def dense_equivalent(layer: nn.Module, d_model: int, activation: Activation) -> DenseFFN:
     """A DenseFFN of width d_model whose hidden size gives the layer's forward FLOPs per token."""
     flops = cost_of(layer).flops_per_token
     hidden = max(1, round(flops / (2 * d_model * (glu_factor(activation) + 1))))
@@ -181,13 +182,13 @@ def _step(layer: nn.Module, x: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
 
 def _max_error(a: nn.Module, b: nn.Module, x: Tensor, grad: Tensor) -> float:
     """Largest relative difference between two layers' outputs, input grads and parameter grads."""
-    results = []
+    results: list[list[Tensor]] = []
     for layer in (a, b):
         layer.zero_grad(set_to_none=True)
         xi = x.detach().clone().requires_grad_()
         y, _ = _step(layer, xi, grad)
-        grads = [xi.grad] + [p.grad for p in layer.parameters()]
-        results.append([y.detach()] + grads)
+        grads = [xi.grad, *(p.grad for p in layer.parameters())]
+        results.append([y.detach(), *(g if g is not None else torch.zeros(()) for g in grads)])
     return max_rel_difference(*results)
 
 
@@ -200,12 +201,12 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
     cost = cost_of(reference)
     tolerance = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
 
-    def twin(dispatch: str, recompute: bool = False) -> nn.Module:  # the reference's weights, another dispatch
+    def twin(dispatch: DispatchName, recompute: bool = False) -> MoELayer:  # the reference's weights, another dispatch
         layer = shape.build(dispatch, recompute).to(device=device, dtype=dtype)
         layer.load_state_dict(reference.state_dict())
         return layer
 
-    backends = ["slices"]
+    backends: list[DispatchName] = ["slices"]
     if resolve_backend("auto", dtype, device, (shape.d_model // shape.num_heads, shape.expert_hidden)) == "grouped_mm":
         backends.append("grouped_mm")
     if triton_experts.supports(device, dtype):  # CUDA, or the CPU under TRITON_INTERPRET=1 (a slow check)
@@ -219,7 +220,8 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
     impls["floor"] = GemmFloor(reference, x)
     impls["dense-eq"] = dense_equivalent(reference, shape.d_model, shape.activation).to(device=device, dtype=dtype)
 
-    rows, failed = [], []
+    rows: list[dict[str, Any]] = []
+    failed: list[dict] = []
     for impl, layer in list(impls.items()):  # check everything before timing anything
         try:
             error = None if impl in ("loop", "floor", "dense-eq") else _max_error(layer, reference, x, grad)
@@ -245,7 +247,7 @@ def bench_shape(name: str, device: torch.device, dtype: torch.dtype, repeats: in
     return dict(name=name, shape=asdict(shape), flops_per_token=cost.flops_per_token, results=rows, failed=failed)
 
 
-def cuda_graph_check(name: str, device: torch.device, dtype: torch.dtype, dispatch: str = "auto") -> dict:
+def cuda_graph_check(name: str, device: torch.device, dtype: torch.dtype, dispatch: DispatchName = "auto") -> dict:
     """Can the layer's forward + backward be captured in one CUDA graph, and does a replay match eager?
 
     The performance issue asks for a layer with no host synchronisation, capturable in a CUDA graph; this
@@ -296,5 +298,3 @@ def format_table(report: dict) -> str:
                 f"{r['activation_mib']:.1f} | {r['activation_vs_dense']:.2f} | {peak} | {error} |"
             )
     return "\n".join(lines)
-
-

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import platform
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,9 @@ def time_calls(fn: Callable[[], Any], device: torch.device, repeats: int, warmup
     return times
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 3):
+def time_interleaved(
+    fns: Mapping[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 3
+) -> dict[str, list[float]]:
     """Seconds per call of each function, timed round-robin so that a noisy machine slows all alike."""
     for fn in fns.values():
         for _ in range(warmup):

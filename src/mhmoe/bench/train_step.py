@@ -7,8 +7,9 @@ import copy
 import dataclasses
 import functools
 import statistics
+from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from mhmoe.bench.timing import failure, max_rel_difference, time_calls, time_int
 from mhmoe.experiments.english import models
 from mhmoe.layers.moe import MoELayer, SparseMoE
 from mhmoe.models.gpt import GPT, gpt_cost
+from mhmoe.ops.backend import DispatchName
 from mhmoe.train.config import preset
 
 TRAIN_VARIANTS = ("smoe", "mhmoe_flops")  # names from mhmoe.experiments.common.variants
@@ -32,10 +34,14 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 
 
 
 # More ways to run the fast path's MoE layers in `bench_train`: name -> (dispatch, recompute)
-TRAIN_EXTRAS = {"recompute": ("auto", True), "triton": ("triton", False), "triton-recompute": ("triton", True)}
+TRAIN_EXTRAS: dict[str, tuple[DispatchName, bool]] = {
+    "recompute": ("auto", True),
+    "triton": ("triton", False),
+    "triton-recompute": ("triton", True),
+}
 
 
-def _with_dispatch(model: nn.Module, dispatch: str, recompute: bool = False) -> nn.Module:
+def _with_dispatch(model: nn.Module, dispatch: DispatchName, recompute: bool = False) -> nn.Module:
     """A copy of the model whose MoE layers use another dispatch (same weights, same routing)."""
     twin = copy.deepcopy(model)
     for module in twin.modules():
@@ -47,11 +53,16 @@ def _with_dispatch(model: nn.Module, dispatch: str, recompute: bool = False) -> 
 def _dense_twin(model: nn.Module) -> nn.Module:
     """The model with each MoE layer replaced by the DenseFFN of equal forward FLOPs per token (dense-eq)."""
     twin = copy.deepcopy(model)
-    for block in twin.blocks:
+    for block in twin.blocks:  # type: ignore[union-attr]  # a GPT's ModuleList
         if isinstance(block.ffn, MoELayer):
             dense = dense_equivalent(block.ffn, block.ffn.d_model, block.ffn.config.activation)
             block.ffn = dense.to(next(model.parameters()).device)
     return twin
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    """torch.compile of a module: an `OptimizedModule`, itself a module (the stubs say only Callable)."""
+    return cast(nn.Module, torch.compile(model))
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: Tensor, autocast: Any) -> Tensor:
@@ -109,16 +120,19 @@ def bench_train(
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, base.model.vocab_size, (B, L + 1), generator=generator).to(device)
     tolerance = 3e-2 if cuda else 1e-4
-    rows, failed = [], []
+    rows: list[dict[str, Any]] = []
+    failed: list[dict] = []
     for variant in (v for v in models(base) if v.name in TRAIN_VARIANTS):
         cfg = dataclasses.replace(base.model, ffn=variant.ffn)
         torch.manual_seed(seed)
         fast = GPT(cfg).to(device)
         reference = _with_dispatch(fast, "reference") if loop else fast
         eager = {"fast": fast, **{name: _with_dispatch(fast, *TRAIN_EXTRAS[name]) for name in extras}}
-        impls = {**eager, "dense-eq": _dense_twin(fast), **({"loop": reference} if loop else {})}
+        impls: dict[str, nn.Module] = {**eager, "dense-eq": _dense_twin(fast)}
+        if loop:
+            impls["loop"] = reference
         if compile:
-            impls = {impl: model if impl == "loop" else torch.compile(model) for impl, model in impls.items()}
+            impls = {impl: model if impl == "loop" else _compiled(model) for impl, model in impls.items()}
         errors: dict[str, float] = {}
         for impl, model in eager.items():  # the eager model, then the compiled one, against the reference
             try:

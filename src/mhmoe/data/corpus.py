@@ -244,7 +244,7 @@ def _from_documents_jsonl(path: Path, seed: int) -> Scored:
     return scored
 
 
-def _from_split_files(files: dict[str, Path | None], test_fraction: float, seed: int) -> Scored:
+def _from_split_files(files: dict[Split, Path | None], test_fraction: float, seed: int) -> Scored:
     """Layout (b): train/valid(/test) text files; without a test file, test chunks are held out of train."""
     scored: Scored = {s: [] for s in SPLITS}
     for split, file in files.items():

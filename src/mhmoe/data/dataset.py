@@ -100,7 +100,7 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
 
 
 def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array).data.cast("B")).hexdigest()
 
 
 def _write_npy_atomically(path: Path, tokens: np.ndarray) -> dict[str, Any]:

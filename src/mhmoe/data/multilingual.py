@@ -25,10 +25,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from torch import Tensor
@@ -39,6 +39,7 @@ from mhmoe.data.corpus import (
     TEXT_SUFFIXES,
     Corpus,
     Scored,
+    Split,
     _assign_by_hash,
     _check_readable,
     _fill_empty_splits,
@@ -94,18 +95,18 @@ def _strip_suffix(name: str, suffixes: Sequence[str]) -> str:
     return name
 
 
-def _split_file_layout(folder: Path) -> tuple[dict[str, dict[str, Path | None]], list[str]]:
+def _split_file_layout(folder: Path) -> tuple[dict[str, dict[Split, Path | None]], list[str]]:
     """Layout (a): {lang: {split: file or None}} and the names of the other entries of the folder."""
-    found: dict[str, dict[str, Path | None]] = {}
+    found: dict[str, dict[Split, Path | None]] = {}
     ignored = []
     for entry in sorted(folder.iterdir()):
         match = _SPLIT_FILE.match(entry.name)
         if entry.is_file() and match and LANGUAGE_TAG.match(match["lang"]):
             files = found.setdefault(match["lang"], dict.fromkeys(SPLITS))
-            split = match["split"].lower()
-            if files[split] is not None:
+            split = cast(Split, match["split"].lower())  # the pattern allows only the three splits
+            if (other := files[split]) is not None:
                 raise DataError(
-                    f"{folder} has two {split} files for language {match['lang']!r}: {files[split].name}, {entry.name}"
+                    f"{folder} has two {split} files for language {match['lang']!r}: {other.name}, {entry.name}"
                 )
             files[split] = entry
         elif not entry.name.startswith("."):
@@ -114,7 +115,7 @@ def _split_file_layout(folder: Path) -> tuple[dict[str, dict[str, Path | None]],
 
 
 def _from_language_files(
-    files: dict[str, Path | None], folder: Path, lang: str, valid_fraction: float, test_fraction: float, seed: int
+    files: dict[Split, Path | None], folder: Path, lang: str, valid_fraction: float, test_fraction: float, seed: int
 ) -> Scored:
     if files["train"] is None:
         raise DataError(f"{folder}: language {lang!r} has held-out files but no {lang}.train.txt(.gz)")
@@ -208,8 +209,8 @@ def _load_scored(
     if path.is_file():
         if not path.name.lower().endswith(JSONL_SUFFIXES):
             raise DataError(f'{path} is not a .jsonl(.gz) file of {{"text", "lang"}} records; pass one, or a folder')
-        records = _jsonl_by_language(path, None, seed)
-        return {lang: _scored_records(r, valid_fraction, test_fraction, seed) for lang, r in records.items()}, []
+        by_language = _jsonl_by_language(path, None, seed)
+        return {lang: _scored_records(r, valid_fraction, test_fraction, seed) for lang, r in by_language.items()}, []
     split_files, ignored = _split_file_layout(path)
     if split_files:
         return {

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from mhmoe.io import write_json, write_text
+from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
 from mhmoe.models.cost import Cost, flops_matched_mhmoe, params_matched_mhmoe
-from mhmoe.models.ffn import FFNConfig
+from mhmoe.models.ffn import FFNConfig, FFNKind
 
 MH_HEADS = 4
 Curve = list[tuple[float, float]]  # (x, y) points, x in tokens (or input positions)
@@ -42,7 +43,11 @@ class Variant:
 
 def variants(d_model: int, ffn: FFNConfig) -> list[Variant]:
     """The five models of the comparison (module doc), from a base model's width and FFN section."""
-    moe, common = ffn.moe, dict(hidden=ffn.hidden, activation=ffn.activation, moe_every=ffn.moe_every)
+    moe = ffn.moe
+
+    def ffn_of(kind: FFNKind, config: MoEConfig) -> FFNConfig:
+        return FFNConfig(kind=kind, hidden=ffn.hidden, activation=ffn.activation, moe_every=ffn.moe_every, moe=config)
+
     base = dataclasses.replace(moe.routed_part(), num_shared_experts=0, shared_expert_hidden=None)
     smoe = dataclasses.replace(base, router=RouterConfig(kind="softmax"))
     xmoe = dataclasses.replace(base, router=RouterConfig(kind="xmoe"))
@@ -51,11 +56,11 @@ def variants(d_model: int, ffn: FFNConfig) -> list[Variant]:
         d_model, xmoe, num_heads=MH_HEADS, top_k=moe.top_k, hidden_multiple=32, experts_multiple=4
     )
     return [
-        Variant("dense", "baseline", FFNConfig(kind="dense", moe=smoe, **common)),
-        Variant("smoe", "baseline", FFNConfig(kind="smoe", moe=smoe, **common)),
-        Variant("xmoe", "baseline", FFNConfig(kind="smoe", moe=xmoe, **common)),
-        Variant("mhmoe_params", "params", FFNConfig(kind="mhmoe", moe=params, **common)),
-        Variant("mhmoe_flops", "flops", FFNConfig(kind="mhmoe", moe=flops, **common)),
+        Variant("dense", "baseline", ffn_of("dense", smoe)),
+        Variant("smoe", "baseline", ffn_of("smoe", smoe)),
+        Variant("xmoe", "baseline", ffn_of("smoe", xmoe)),
+        Variant("mhmoe_params", "params", ffn_of("mhmoe", params)),
+        Variant("mhmoe_flops", "flops", ffn_of("mhmoe", flops)),
     ]
 
 
@@ -173,14 +178,18 @@ def write_results(out: Path, results: dict, table: Callable[[dict], str]) -> Non
 
 
 def fmt(mean: float | None, std: float | None, seeds: int, digits: int = 2) -> str:
-    """"mean ± std" (std only with several seeds), "-" for a missing value."""
+    """ "mean ± std" (std only with several seeds), "-" for a missing value."""
     if mean is None:
         return "-"
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 and std is not None else f"{mean:.{digits}f}"
 
 
 def experts_cell(model: dict) -> str:
-    return f"{model['num_experts']} × {model['expert_hidden']}" if model["num_experts"] else f"dense {model['expert_hidden']}"
+    return (
+        f"{model['num_experts']} × {model['expert_hidden']}"
+        if model["num_experts"]
+        else f"dense {model['expert_hidden']}"
+    )
 
 
 def effective_cell(value: float | None, fraction: float | None) -> str:

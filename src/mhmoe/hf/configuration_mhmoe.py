@@ -55,7 +55,8 @@ class MHMoEConfig(PretrainedConfig):
             raise ValueError(f"unknown ffn key(s) {unknown}; FFNConfig has {sorted(known)}")
         self.ffn = FFNConfig.from_dict(ffn).to_dict()
         self.use_cache, self.mhmoe_run = use_cache, mhmoe_run
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(**kwargs)
+        self.tie_word_embeddings = tie_word_embeddings  # a constructor argument in transformers 4, a field in 5
 
     def to_gpt_config(self) -> GPTConfig:
         return GPTConfig(

@@ -38,8 +38,8 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 class MHMoECausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the MoE parts: loss = lm_loss + aux_loss when labels are given."""
 
-    lm_loss: torch.FloatTensor | None = None
-    aux_loss: torch.FloatTensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
     router_stats: tuple | None = None
 
 

@@ -134,4 +134,3 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, data: dict) -> MoEConfig:
         return cls(**{**data, "router": RouterConfig(**data.get("router", {}))})
-

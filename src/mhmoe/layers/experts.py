@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mhmoe.ops.activations import Activation, activate, check_activation, ffn, glu_factor
 
+
 def check_positive(**values: int) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -33,7 +33,7 @@ from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.experts import DenseFFN, Experts, check_positive
 from mhmoe.layers.losses import Reduce, balance_loss, z_loss
 from mhmoe.layers.routers import Router, make_router
-from mhmoe.ops.backend import compute_dtype, resolve_backend
+from mhmoe.ops.backend import DispatchName, compute_dtype, resolve_backend
 from mhmoe.ops.capacity import capacity_keep, expert_capacity
 from mhmoe.ops.reference import dispatch_reference
 from mhmoe.ops.sorted import ExpertRunner, dispatch_sorted
@@ -161,12 +161,12 @@ class SparseMoE(MoELayer):
 
     # Execution choices (same weights, same results up to rounding) may change after construction.
     @property
-    def dispatch(self) -> str:
+    def dispatch(self) -> DispatchName:
         return self.config.dispatch
 
     @dispatch.setter
-    def dispatch(self, value: str) -> None:
-        self.config = dataclasses.replace(self.config, dispatch=value)  # type: ignore[arg-type]
+    def dispatch(self, value: DispatchName) -> None:
+        self.config = dataclasses.replace(self.config, dispatch=value)
 
     @property
     def recompute(self) -> bool:
@@ -211,7 +211,9 @@ class SparseMoE(MoELayer):
         else:
             dims = (self.d_model, c.expert_hidden)
             backend = resolve_backend(c.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
-            y_Sd = dispatch_sorted(x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, c.recompute)
+            y_Sd = dispatch_sorted(
+                x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, c.recompute
+            )
         if self.shared_experts is not None:
             y_Sd = y_Sd + self.shared_experts(x_Sd)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mhmoe.layers.config import MoEConfig
+from mhmoe.layers.config import MoEConfig, Residual
 from mhmoe.layers.experts import check_positive
 from mhmoe.layers.moe import MoELayer, MoEOutput, SparseMoE, check_input, check_token_mask, layer_config
 
@@ -74,12 +74,12 @@ class MHMoE(MoELayer):
         return self.moe
 
     @property
-    def residual(self) -> str:
+    def residual(self) -> Residual:
         return self.config.residual
 
     @residual.setter
-    def residual(self, value: str) -> None:
-        self.config = dataclasses.replace(self.config, residual=value)  # type: ignore[arg-type]
+    def residual(self, value: Residual) -> None:
+        self.config = dataclasses.replace(self.config, residual=value)
 
     @property
     def multi_head_layers(self) -> int:

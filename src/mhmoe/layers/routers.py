@@ -14,12 +14,11 @@ import dataclasses
 import difflib
 import inspect
 import math
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
 
 RouterName = Literal["softmax", "switch", "xmoe", "sigmoid"]
 XMoEForm = Literal["paper", "code"]
@@ -161,7 +160,7 @@ class XMoERouter(Router):
             self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
 
     def route(self, x_Sd: Tensor, valid_S: Tensor | None) -> RouterOutput:
-        emb_Eh = self.expert_embeddings
+        emb_Eh: Tensor = self.expert_embeddings
         if self.form == "code" and self.training:
             with torch.no_grad():
                 emb_Eh.mul_(1.5 / emb_Eh.norm(dim=1, keepdim=True).clamp_min(1e-4))
@@ -196,6 +195,9 @@ class SigmoidRouter(Router):
     optimiser step (after all-reducing `load` when data-parallel): bias_e += rate · sign(mean load − load_e).
     The balance loss, if its coefficient is non-zero, uses the scores normalised per (sub-)token.
     """
+
+    expert_bias: Tensor  # (E,) buffer, >= float32
+    load: Tensor  # (E,) buffer, >= float32
 
     def __init__(
         self,
@@ -233,7 +235,7 @@ class SigmoidRouter(Router):
         balance_probs_SE = scores_SE / scores_SE.sum(-1, keepdim=True).clamp_min(torch.finfo(scores_SE.dtype).tiny)
         return RouterOutput(top_experts_SK, gates_SK, balance_probs_SE, logits_SE)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse=True):
         # Module.to(torch.bfloat16) casts buffers too; the balancing state stays >= float32 (a bf16
         # counter stops counting exactly past 256, and a 1e-3 bias step vanishes next to 0.5).
         kept = {name: getattr(self, name) for name in ("expert_bias", "load")}
@@ -251,6 +253,7 @@ class SigmoidRouter(Router):
         load: (E,) tokens per expert since the last update; defaults to the router's own count.
         """
         load = self.load if load is None else load.to(self.load)
+        assert load is not None
         if load.shape != (self.num_experts,):
             raise ValueError(f"load must have shape ({self.num_experts},), got {tuple(load.shape)}")
         self.expert_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
@@ -322,7 +325,7 @@ class RouterConfig:
                 f"unexpected keyword argument {', '.join(map(repr, unknown))} in router_kwargs "
                 f"(router options: {', '.join(names)})"
             )
-        return cls(kind=kind, **options)  # type: ignore[arg-type]
+        return cls(kind=cast(RouterName, kind), **options)  # the name is checked in __post_init__
 
 
 def _constructor_options(router: type[Router]) -> set[str]:

@@ -71,9 +71,7 @@ def dense_cost(*, d_model: int, hidden: int, activation: str = "gelu", bias: boo
     return Cost(params + bias_params, params + bias_params, 2 * params)
 
 
-def sparse_moe_cost(
-    config: MoEConfig | None = None, *, d_model: int, router: Any = None, **options: Any
-) -> Cost:
+def sparse_moe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = None, **options: Any) -> Cost:
     """The cost of `SparseMoE(config, d_model=d_model)` (or its keyword form). A `Router` object as `router`
     is counted as it is built."""
     router_object = router if isinstance(router, Router) else None

@@ -85,7 +85,10 @@ _V01_MOE_KEYS = (
 )  # fmt: skip
 
 
-V01_RENAMED = {key: f"moe.{key}" for key in _V01_MOE_KEYS} | {"router": "moe.router.kind", "router_form": "moe.router.form"}
+V01_RENAMED = {key: f"moe.{key}" for key in _V01_MOE_KEYS} | {
+    "router": "moe.router.kind",
+    "router_form": "moe.router.form",
+}
 
 
 def migrate_ffn(data: dict) -> dict:

@@ -184,6 +184,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    rope_cos: Tensor  # (seq_len, hs/2) rotary tables, buffers
+    rope_sin: Tensor
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg

@@ -253,7 +253,8 @@ class MultiwayTransformer(nn.Module):
     def moe_layers(self, modality: str | None = None) -> list[MoELayer]:
         """The MoE FFNs in block order (both modalities, vision first within a block, unless one is named)."""
         names = MODALITIES if modality is None else (modality,)
-        return [b.ffn[m] for b in self.blocks for m in names if isinstance(b.ffn[m], MoELayer)]
+        ffns = [block.ffn[m] for block in self.blocks for m in names]  # type: ignore[index]  # a ModuleDict
+        return [ffn for ffn in ffns if isinstance(ffn, MoELayer)]
 
 
 def multiway_cost(cfg: MultiwayConfig) -> Cost:

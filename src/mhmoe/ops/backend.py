@@ -47,10 +47,11 @@ def resolve_backend(requested: str, dtype: torch.dtype, device: torch.device, di
             f"grouped_mm cannot run {dtype} on {device} with widths {dims} (rows must be multiples of 16 bytes) "
             f"with torch {torch.__version__}; use 'slices'"
         )
-    if requested not in ("grouped_mm", "slices"):
-        raise ValueError(f"unknown dispatch backend {requested!r}; choose one of {DISPATCHES}")
-    return requested  # type: ignore[return-value]
-
+    if requested == "grouped_mm":
+        return "grouped_mm"
+    if requested == "slices":
+        return "slices"
+    raise ValueError(f"unknown dispatch backend {requested!r}; choose one of {DISPATCHES}")
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -58,4 +59,3 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-

@@ -35,4 +35,3 @@ def capacity_keep(top_experts_SK: Tensor, capacity: int, num_experts: int, valid
     keep_sorted_R = (position_R < capacity) & (sorted_expert_R < num_experts)
     keep_R = torch.empty_like(keep_sorted_R).scatter_(0, order_R, keep_sorted_R)
     return keep_R.view(K, S).t()
-

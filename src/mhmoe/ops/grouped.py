@@ -39,12 +39,12 @@ def _(x_Rk: Tensor, grad_Rn: Tensor, offsets_E: Tensor) -> Tensor:
     return x_Rk.new_empty(offsets_E.shape[0], x_Rk.shape[1], grad_Rn.shape[1])
 
 
-def _grouped_mm_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _grouped_mm_setup(ctx, inputs, output) -> None:
     x_Rk, w_Ekn, offsets_E = inputs
     ctx.save_for_backward(x_Rk, w_Ekn, offsets_E)
 
 
-def _grouped_mm_backward(ctx, grad_Rn: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[no-untyped-def]
+def _grouped_mm_backward(ctx, grad_Rn: Tensor) -> tuple[Tensor, Tensor, None]:
     x_Rk, w_Ekn, offsets_E = ctx.saved_tensors
     grad_Rn = grad_Rn.contiguous()
     grad_x = grouped_mm(grad_Rn, w_Ekn.transpose(-1, -2), offsets_E)
@@ -68,4 +68,3 @@ def expert_weight_grad(x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend:
         return grouped_mm_weight_grad(x_Rk, grad_Rn.contiguous(), counts_E.cumsum(0).to(torch.int32))
     sizes = counts_E.tolist()
     return torch.stack([x.t() @ g for x, g in zip(torch.split(x_Rk, sizes), torch.split(grad_Rn, sizes))])
-

@@ -16,9 +16,12 @@ from mhmoe.ops.activations import ffn
 class ExpertWeights(Protocol):
     """E stacked expert FFNs: w_in (E, d, glu_factor·F), w_out (E, F, d) and their activation name."""
 
-    w_in: Tensor
-    w_out: Tensor
-    activation: str
+    @property
+    def w_in(self) -> Tensor: ...
+    @property
+    def w_out(self) -> Tensor: ...
+    @property
+    def activation(self) -> str: ...
 
 
 def capacity_keep_reference(top_experts_SK: Tensor, capacity: int, num_experts: int, valid_S: Tensor | None) -> Tensor:
@@ -46,4 +49,3 @@ def dispatch_reference(x_Sd: Tensor, experts: ExpertWeights, top_experts_SK: Ten
         out_Nd = ffn(x_Sd[s_N], w_in, w_out, experts.activation)
         y_Sd = y_Sd.index_add(0, s_N, gates_SK[s_N, k_N, None] * out_Nd)
     return y_Sd.to(x_Sd.dtype)
-

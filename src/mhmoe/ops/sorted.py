@@ -44,13 +44,13 @@ class _GatherRepeated(torch.autograd.Function):
     """rows_Rd = x_Sd[order_R % S]; backward sums the K copies of each row by gathers, no atomics."""
 
     @staticmethod
-    def forward(ctx, x_Sd: Tensor, order_R: Tensor, inverse_R: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x_Sd: Tensor, order_R: Tensor, inverse_R: Tensor) -> Tensor:
         ctx.save_for_backward(inverse_R)
         ctx.num_items = x_Sd.shape[0]
         return x_Sd.index_select(0, order_R % max(x_Sd.shape[0], 1))
 
     @staticmethod
-    def backward(ctx, grad_Rd: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_Rd: Tensor) -> tuple[Tensor, None, None]:
         (inverse_R,) = ctx.saved_tensors
         if ctx.num_items == 0:  # view(-1, 0, d) is ambiguous; an empty input has an empty gradient
             return grad_Rd.new_zeros(0, grad_Rd.shape[-1]), None, None
@@ -62,12 +62,12 @@ class _PermuteRows(torch.autograd.Function):
     """x[perm] for a permutation; backward is the gather by its inverse."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
         ctx.save_for_backward(inverse)
         return x.index_select(0, perm)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         (inverse,) = ctx.saved_tensors
         return grad.index_select(0, inverse), None, None
 
@@ -88,7 +88,7 @@ class _SortedExpertFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, activation, backend, recompute):  # type: ignore[override]
+    def forward(ctx, x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, activation, backend, recompute):
         # source_R: the input row of each sorted row (order_R % S); inverse_R: where each copy r = k·S + s sits
         S, d = x_Sd.shape
         h_RF = expert_matmul(x_Sd.index_select(0, source_R), w_in, counts_E, backend)
@@ -103,7 +103,7 @@ class _SortedExpertFFN(torch.autograd.Function):
         return y_KSd[0] if y_KSd.shape[0] == 1 else y_KSd.sum(0)
 
     @staticmethod
-    def backward(ctx, grad_Sd):  # type: ignore[override]
+    def backward(ctx, grad_Sd):
         x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, *kept = ctx.saved_tensors
         S, backend, dtype = x_Sd.shape[0], ctx.backend, x_Sd.dtype
         w_out_t = w_out.transpose(-1, -2)
@@ -132,7 +132,6 @@ class _SortedExpertFFN(torch.autograd.Function):
             grad_x_Rd = expert_matmul(grad_h_RF, w_in.transpose(-1, -2), counts_E, backend)
             grad_x_Sd = grad_x_Rd.index_select(0, inverse_R).view(-1, S, x_Sd.shape[1]).sum(0)
         return grad_x_Sd, grad_w_in, grad_w_out, grad_gates_R, None, None, None, None, None, None
-
 
 
 class ExpertRunner(Protocol):
@@ -209,8 +208,8 @@ def dispatch_sorted(
         w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
         gates_R = gates_SK.t().reshape(-1).index_select(0, order_R)  # each sorted row's gate
         if backend == "triton":  # gather, gating and permute-back fused into the expert GEMMs
-            args = (order_R, counts_E, experts.activation, gates_R, recompute)
-            return triton_experts.expert_ffn(x_Sd.to(dtype), w_in, w_out, *args).to(x_Sd.dtype)
+            fused = (order_R, counts_E, experts.activation, gates_R, recompute)
+            return triton_experts.expert_ffn(x_Sd.to(dtype), w_in, w_out, *fused).to(x_Sd.dtype)
         args = (order_R % S, inverse_R, counts_E, experts.activation, backend, recompute)
         return _SortedExpertFFN.apply(x_Sd.to(dtype), w_in, w_out, gates_R, *args).to(x_Sd.dtype)
     x_Rd = _GatherRepeated.apply(x_Sd.to(dtype), order_R, inverse_R)  # rows sorted by expert
@@ -218,4 +217,3 @@ def dispatch_sorted(
     y_KSd = _PermuteRows.apply(y_Rd, inverse_R, order_R).view(K, S, x_Sd.shape[-1])  # back to choice-major
     y_Sd = (y_KSd * gates_SK.t().unsqueeze(-1)).sum(0)  # in the gates' dtype (≥ fp32)
     return y_Sd.to(x_Sd.dtype)
-

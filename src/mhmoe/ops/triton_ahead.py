@@ -178,9 +178,10 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
         except (OSError, subprocess.CalledProcessError):
             return None, None
     found = [re.search(rf"\b{field}:(\d+)", usage) for field in ("REG", "STACK", "LOCAL")]
-    if None in found:
+    numbers = [int(m.group(1)) for m in found if m is not None]
+    if len(numbers) < 3:
         return None, None
-    registers, stack, local = (int(m.group(1)) for m in found)  # type: ignore[union-attr]
+    registers, stack, local = numbers
     return registers, stack + local
 
 

@@ -63,7 +63,7 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def _kernels():  # type: ignore[no-untyped-def]
+def _kernels():
     """Built on first use: importing this module must not need Triton.
 
     The kernels use only Triton builtins (tl.full, not tl.zeros): helpers of triton.language that are
@@ -326,9 +326,7 @@ def _rows_mm_op(
 
 
 @_rows_mm_op.register_fake
-def _(  # type: ignore[no-untyped-def]
-    a, w_Ekn, tile_expert_T, tile_start_T, tile_end_T, block_m, num_out_rows, a_index, out_index, scale, out_dtype
-):
+def _(a, w_Ekn, tile_expert_T, tile_start_T, tile_end_T, block_m, num_out_rows, a_index, out_index, scale, out_dtype):
     return a.new_empty(num_out_rows, w_Ekn.shape[2], dtype=out_dtype or a.dtype)
 
 
@@ -358,7 +356,7 @@ def _weight_grad_op(
 
 
 @_weight_grad_op.register_fake
-def _(a, g, row_start_E, row_end_E, a_index, g_index, row_scale):  # type: ignore[no-untyped-def]
+def _(a, g, row_start_E, row_end_E, a_index, g_index, row_scale):
     return a.new_empty(row_end_E.shape[0], a.shape[1], g.shape[1])
 
 
@@ -382,7 +380,7 @@ class _ExpertFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_Sd, w_in, w_out, gates_R, order_R, counts_E, activation, recompute):  # type: ignore[override]
+    def forward(ctx, x_Sd, w_in, w_out, gates_R, order_R, counts_E, activation, recompute):
         S, d = x_Sd.shape
         R = order_R.shape[0]
         schedule = Schedule.build(counts_E, R)
@@ -398,9 +396,9 @@ class _ExpertFFN(torch.autograd.Function):
         return y_KSd[0] if y_KSd.shape[0] == 1 else y_KSd.sum(0)
 
     @staticmethod
-    def backward(ctx, grad_Sd):  # type: ignore[override]
+    def backward(ctx, grad_Sd):
         x_Sd, w_in, w_out, gates_R, order_R, source_R, *rest = ctx.saved_tensors
-        schedule, kept = Schedule(*rest[:5], ctx.block_m), rest[5:]
+        schedule, kept = Schedule._make([*rest[:5], ctx.block_m]), rest[5:]
         R, S = order_R.shape[0], x_Sd.shape[0]
         grad_Sd = grad_Sd.to(x_Sd.dtype).contiguous()
         if kept:

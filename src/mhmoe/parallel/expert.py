@@ -51,14 +51,14 @@ class _AllToAll(torch.autograd.Function):
     """all_to_all_single with variable splits; the backward sends the gradients back the same way."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, send: list[int], recv: list[int], group: dist.ProcessGroup) -> Tensor:
         ctx.send, ctx.recv, ctx.group = send, recv, group
         out = x.new_empty((sum(recv), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
         return _AllToAll.apply(grad, ctx.recv, ctx.send, ctx.group), None, None, None
 
 
@@ -66,14 +66,14 @@ class _AllReduceSum(torch.autograd.Function):
     """Sum over the group; the gradient of every rank's copy is the sum of all ranks' gradients."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
         ctx.group = group
         out = x.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return _AllReduceSum.apply(grad, ctx.group), None
 
 
@@ -108,7 +108,9 @@ class AllToAllExperts:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel size ({self.size})")
         self.local_experts = num_experts // self.size
 
-    def __call__(self, x_Rd: Tensor, counts_E: Tensor, experts: ExpertWeights, backend: Backend, recompute: bool) -> Tensor:
+    def __call__(
+        self, x_Rd: Tensor, counts_E: Tensor, experts: ExpertWeights, backend: Backend, recompute: bool
+    ) -> Tensor:
         P, El = self.size, self.local_experts
         recv_counts_E = torch.empty_like(counts_E)  # block p: rows rank p sends to each of my El experts
         dist.all_to_all_single(recv_counts_E, counts_E, group=self.group)
@@ -178,7 +180,7 @@ def finish_expert_gradients(model: nn.Module, mesh: DeviceMesh) -> None:
             dist.all_reduce(g, group=replicas)
 
 
-def all_reduce_sum(group: dist.ProcessGroup):  # type: ignore[no-untyped-def]
+def all_reduce_sum(group: dist.ProcessGroup):
     """A `mhmoe.layers.losses.Reduce` over group: a differentiable all-reduce (its backward sums too)."""
 
     def reduce(t: Tensor) -> Tensor:

@@ -128,7 +128,7 @@ def parallelize(model: nn.Module, layout: Layout, balance: Balance = "local") ->
     # (torch >= 2.13 names the option forward_sync_buffers; older versions broadcast_buffers).
     new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
-    return DistributedDataParallel(model, device_ids=device_ids, **no_sync)
+    return DistributedDataParallel(model, device_ids=device_ids, **no_sync)  # type: ignore[arg-type]  # by version
 
 
 def finish_gradients(model: nn.Module, layout: Layout) -> None:

@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -52,9 +51,12 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = state
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     version, py_state, py_gauss = random.getstate()
-    plain = {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(py_state), py_gauss]}
+    plain = {
+        "numpy": [kind, np.asarray(keys).tolist(), pos, has_gauss, gauss],
+        "python": [version, list(py_state), py_gauss],
+    }
     return tensors, plain
 
 
@@ -71,7 +73,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor], plain: dict) -> None:
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     state = optimizer.state_dict()
-    tensors, plain_state = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict] = {}
     for index, entries in state["state"].items():
         plain_state[str(index)] = {}
         for name, value in entries.items():

@@ -12,8 +12,8 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import asdict, dataclass, field
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, get_args
 
 import torch
@@ -23,7 +23,6 @@ from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
 from mhmoe.models.ffn import FFN_KINDS, V01_RENAMED, FFNConfig
 from mhmoe.models.gpt import GPTConfig
-
 
 Schedule = Literal["cosine", "linear"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -137,7 +136,9 @@ def _cpu_tiny() -> RunConfig:
             d_model=64,
             n_layers=2,
             n_heads=2,
-            ffn=FFNConfig(kind="mhmoe", hidden=256, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64, num_heads=2)),
+            ffn=FFNConfig(
+                kind="mhmoe", hidden=256, moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=64, num_heads=2)
+            ),
         ),
         data=DataConfig(tokenizer="byte"),
         train=TrainConfig(
@@ -184,7 +185,9 @@ def _gpu() -> RunConfig:
             d_model=512,
             n_layers=6,
             n_heads=8,
-            ffn=FFNConfig(kind="mhmoe", hidden=2048, moe=_xmoe(num_experts=16, top_k=2, expert_hidden=2048, num_heads=4)),
+            ffn=FFNConfig(
+                kind="mhmoe", hidden=2048, moe=_xmoe(num_experts=16, top_k=2, expert_hidden=2048, num_heads=4)
+            ),
         ),
         data=DataConfig(tokenizer="bpe", vocab_size=8192),
         train=TrainConfig(

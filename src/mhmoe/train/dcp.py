@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -122,7 +123,7 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         set_model_state_dict(model, model_sd)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        both = {"model": model_sd, "optimizer": optim_sd}
+        both: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(both, checkpoint_id=str(path / "dcp"))
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
     state = json.loads((path / "state.json").read_text())

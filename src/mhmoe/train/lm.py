@@ -28,8 +28,15 @@ from mhmoe.data import (
     load_tokenizer,
     tokenize_corpus,
 )
-from mhmoe.data.multilingual import LanguageSampler, languages_of, load_multilingual, split_key, tokenize_languages
-from mhmoe.data.multilingual import tokenizer_text
+from mhmoe.data.multilingual import (
+    LanguageSampler,
+    languages_of,
+    load_multilingual,
+    split_key,
+    tokenize_languages,
+    tokenizer_text,
+)
+from mhmoe.data.tokenizer import Tokenizer
 from mhmoe.models.gpt import GPT, gpt_cost
 from mhmoe.train.config import RunConfig
 from mhmoe.train.loop import Part, RunResult, autocast_for
@@ -56,20 +63,20 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, di
         )
         tokenizer = run_tokenizer(cfg, run_dir, lambda: tokenizer_text(corpus, d.language_alpha))
         return tokenizer, tokenize_languages(corpus, tokenizer, data_cache_dir(), cfg.model.seq_len, progress)
-    corpus = load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
-    tokenizer = run_tokenizer(cfg, run_dir, lambda: corpus.train)
-    return tokenizer, tokenize_corpus(corpus, tokenizer, data_cache_dir(), progress=progress)
+    text = load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+    tokenizer = run_tokenizer(cfg, run_dir, lambda: text.train)
+    return tokenizer, tokenize_corpus(text, tokenizer, data_cache_dir(), progress=progress)
 
 
-def run_tokenizer(cfg: RunConfig, run_dir: Path, bpe_text: Callable[[], Iterable[str]]) -> Any:
+def run_tokenizer(cfg: RunConfig, run_dir: Path, bpe_text: Callable[[], Iterable[str]]) -> Tokenizer:
     """The run's saved tokenizer, else a BPE trained on `bpe_text()` (data.tokenizer=bpe) or the one named."""
     saved = run_dir / "tokenizer.json"
     if saved.exists():
         return load_tokenizer(saved)
     if cfg.data.tokenizer == "bpe":
-        tokenizer = BPETokenizer.train(bpe_text(), cfg.data.vocab_size)
-        tokenizer.save(saved)
-        return tokenizer
+        bpe = BPETokenizer.train(bpe_text(), cfg.data.vocab_size)
+        bpe.save(saved)
+        return bpe
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if cfg.data.tokenizer != "byte":
         tokenizer.save(saved)

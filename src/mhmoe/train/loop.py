@@ -207,7 +207,7 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
     device = session.device
     torch.manual_seed(t.seed)
     model = task.build_model().to(device)
-    forward = session.wrap(model, t.seed)
+    forward: Callable[..., Any] = session.wrap(model, t.seed)
     optimizer = make_optimizer(model.parameters(), t)
     task.start()
     step, tokens_seen, train_seconds = 0, 0, 0.0
@@ -292,4 +292,3 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
 
 def _nonfinite(step: int, loss: float, grad_norm: Tensor) -> str:
     return f"non-finite loss or gradient at step {step} (loss {loss:.4g}, grad norm {float(grad_norm):.4g})"
-

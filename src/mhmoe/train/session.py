@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mhmoe.errors import ConfigError
-from mhmoe.parallel import runtime
 from mhmoe.layers.routers import SigmoidRouter
+from mhmoe.parallel import runtime
 from mhmoe.train import dcp
 from mhmoe.train.checkpoint import load_checkpoint, save_checkpoint
 from mhmoe.train.config import ParallelConfig
@@ -109,7 +109,7 @@ class DistributedRun:
     def __init__(self, p: ParallelConfig, device: torch.device):
         self.owns_group = not dist.is_initialized()
         self.device = runtime.init_distributed(device, p.backend, p.timeout_s)
-        self.layout = runtime.make_layout(p.expert, self.device.type, p.data)  # type: ignore[arg-type]
+        self.layout = runtime.make_layout(p.expert, self.device.type, p.data)
         self.balance = p.balance
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
@@ -124,7 +124,7 @@ class DistributedRun:
         return result
 
     def wrap(self, model: nn.Module, seed: int) -> nn.Module:
-        forward = runtime.parallelize(model, self.layout, self.balance)  # type: ignore[arg-type]
+        forward = runtime.parallelize(model, self.layout, self.balance)
         torch.manual_seed(seed + self.rank)  # same weights everywhere, but each rank its own dropout/jitter
         return forward
 

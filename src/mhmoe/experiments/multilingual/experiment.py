@@ -28,8 +28,7 @@ import numpy as np
 
 from mhmoe.analysis.plots import plot_curves, plot_divergence_histogram, plot_language_usage
 from mhmoe.analysis.routing import expert_shares, language_expert_information
-from mhmoe.analysis.runs import LoadedRun, analyze_run, collect_routing, evaluate_languages, language_averages
-from mhmoe.analysis.runs import load_run
+from mhmoe.analysis.runs import LoadedRun, analyze_run, collect_routing, evaluate_languages, language_averages, load_run
 from mhmoe.data import BPETokenizer
 from mhmoe.data.multilingual import (
     MultilingualCorpus,
@@ -41,8 +40,17 @@ from mhmoe.data.multilingual import (
 )
 from mhmoe.errors import DataError
 from mhmoe.experiments import english
-from mhmoe.experiments.common import Variant, copy_figure, fmt, mean_std, metric_curve, run_variants, seed_stats
-from mhmoe.experiments.common import split_bands, write_results
+from mhmoe.experiments.common import (
+    Variant,
+    copy_figure,
+    fmt,
+    mean_std,
+    metric_curve,
+    run_variants,
+    seed_stats,
+    split_bands,
+    write_results,
+)
 from mhmoe.experiments.multilingual.words import GROUPS, divergence_inputs, word_divergence
 from mhmoe.train.config import RunConfig, apply_overrides
 from mhmoe.train.lm import data_path, train
@@ -307,7 +315,11 @@ def table(results: dict) -> str:
     ]
     for name, m in models.items():
         div = m.get("divergence")
-        cells = " | ".join(f"{fmt(*div[g], seeds)} (n={m['divergence_tokens'][g]:,})" for g in GROUPS) if div else "- | - | -"
+        cells = (
+            " | ".join(f"{fmt(div[g][0], div[g][1], seeds)} (n={m['divergence_tokens'][g]:,})" for g in GROUPS)
+            if div
+            else "- | - | -"
+        )
         lines.append(f"| {name} | {fmt(m['language_mi_bits'], m['language_mi_bits_std'], seeds, 3)} | {cells} |")
     b = results["analysis_budget"]
     lines += [

@@ -121,7 +121,9 @@ def divergence_windows(tokenizer: Any, docs: list[str], lang: str, seq_len: int,
     false_words, control_words = words_for(FALSE_COGNATES, lang), words_for(CONTROL_WORDS, lang)
     if not false_words + control_words:
         return None
-    ids, group, word = [], [], []
+    ids: list[Any] = []
+    group: list[Any] = []
+    word: list[Any] = []
     taken = dict.fromkeys(false_words + control_words, 0)
     for doc in docs:
         doc_ids, offsets = token_offsets(tokenizer, doc)

@@ -21,62 +21,12 @@ from mhmoe.analysis.routing import (
     summarize,
 )
 from mhmoe.experiments.multimodal.config import MaskedRunConfig
-from mhmoe.experiments.multimodal.data import normalise
-from mhmoe.experiments.multimodal.task import Item, MultimodalData, eval_batches_of, heldout_items, to_device
-from mhmoe.io import atomic_write, write_json
+from mhmoe.experiments.multimodal.task import MultimodalData, eval_batches_of, to_device
+from mhmoe.io import write_json
 from mhmoe.layers.multihead import MHMoE
 from mhmoe.models.multiway import MultiwayTransformer
 from mhmoe.train.checkpoint import load_model_weights, run_checkpoint
 from mhmoe.train.loop import autocast_for, resolve_device
-
-
-def display_items(data: MultimodalData, cfg: MaskedRunConfig) -> list[Item]:
-    """The held-out images whose routing is snapshotted: the first of each source in turn."""
-    return heldout_items(data, "valid", with_caption=False)[: cfg.analysis.display_images]
-
-
-def snapshot_steps(max_steps: int, count: int) -> list[int]:
-    """`count` steps evenly spaced over 0..max_steps, both ends included (just max_steps for count 1)."""
-    if count <= 0:
-        return []
-    if count == 1:
-        return [max_steps]
-    return sorted({round(max_steps * i / (count - 1)) for i in range(count)})
-
-
-@torch.no_grad()
-def save_routing_snapshot(
-    model: MultiwayTransformer,
-    data: MultimodalData,
-    cfg: MaskedRunConfig,
-    step: int,
-    folder: Path,
-    device: torch.device,
-    write: bool = True,
-) -> Path | None:
-    """The vision MoE layers' top experts for the display images (unmasked) at this step, as routing/step-N.npz.
-
-    Every rank of a distributed run runs the forward (its collectives); only the one with `write` writes."""
-    layers = model.moe_layers("vision")
-    if not layers:
-        return None
-    items = display_items(data, cfg)
-    pictures = np.stack([data.sources[s].images[i] for s, i, _ in items])
-    was_training = model.training
-    model.eval()
-    with autocast_for(cfg.train.precision, device):
-        out = model(images=normalise(pictures).to(device))
-    model.train(was_training)
-    arrays: dict[str, np.ndarray] = {"step": np.array(step), "images": pictures, "grid": np.array(cfg.model.grid)}
-    for r in out.routing:
-        arrays[f"block{r.block}"] = r.stats.top_experts.cpu().numpy()
-    arrays["num_heads"] = np.array(layers[0].num_heads)
-    arrays["num_experts"] = np.array(layers[0].num_experts)
-    path = folder / f"step-{step:08d}.npz"
-    if write:
-        with atomic_write(path, "wb") as f:
-            np.savez(f, **arrays)
-    return path
 
 
 def patch_divergence_maps(snapshot: Path) -> tuple[int, np.ndarray, np.ndarray]:
@@ -154,14 +104,10 @@ def analyze_masked_run(
     return report
 
 
-def load_masked_model(
-    run_dir: Path, device: torch.device | None = None
-) -> tuple[MaskedRunConfig, MultiwayTransformer]:
+def load_masked_model(run_dir: Path, device: torch.device | None = None) -> tuple[MaskedRunConfig, MultiwayTransformer]:
     """The config and model of a run directory at its latest checkpoint."""
     config, checkpoint = run_checkpoint(run_dir, "a masked multimodal run directory")
     cfg = MaskedRunConfig.from_dict(config)
     model = MultiwayTransformer(cfg.model)
     load_model_weights(checkpoint, model)
     return cfg, model.to(device or resolve_device(cfg.train.device)).eval()
-
-

@@ -149,7 +149,9 @@ def validate_masked(cfg: MaskedRunConfig) -> None:
     )
     _check(m.channels == 3, f"model.channels must be 3 (images are read as RGB), got {m.channels}")
     _check(m.codebook_size >= 2, f"model.codebook_size must be >= 2, got {m.codebook_size}")
-    _check(1 <= d.caption_len <= m.max_text_len, f"data.caption_len must be in 1..{m.max_text_len}, got {d.caption_len}")
+    _check(
+        1 <= d.caption_len <= m.max_text_len, f"data.caption_len must be in 1..{m.max_text_len}, got {d.caption_len}"
+    )
     unknown = [t for t in d.task_list() if t not in TASKS]
     _check(bool(d.task_list()) and not unknown, f"data.tasks must name some of {', '.join(TASKS)}, got {d.tasks!r}")
     for key in ("text_mask_ratio", "pair_text_mask_ratio", "image_mask_ratio"):

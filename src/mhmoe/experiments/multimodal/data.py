@@ -168,7 +168,9 @@ def load_fashion_mnist(folder: str | Path, limit: int = 0) -> ImageCaptions:
         raise DataError(
             f"{folder / 'classes.json'} is missing or not JSON ({e}); it must list the 10 class names"
         ) from e
-    images, captions, splits = [], [], []
+    images: list[np.ndarray] = []
+    captions: list[list[str]] = []
+    splits: list[np.ndarray] = []
     for prefix in ("train", "t10k"):
         pictures = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
         labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")

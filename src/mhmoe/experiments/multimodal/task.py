@@ -25,13 +25,21 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from mhmoe.data import BatchSampler, BPETokenizer, Corpus, data_cache_dir, eval_batches, load_corpus
-from mhmoe.data import load_tokenizer, tokenize_corpus
+from mhmoe.data import (
+    BatchSampler,
+    BPETokenizer,
+    Corpus,
+    data_cache_dir,
+    eval_batches,
+    load_corpus,
+    load_tokenizer,
+    tokenize_corpus,
+)
 from mhmoe.errors import ConfigError, DataError
 from mhmoe.experiments.multimodal.config import TASKS, MaskedDataConfig, MaskedRunConfig, validate_masked
 from mhmoe.experiments.multimodal.data import (
@@ -46,6 +54,7 @@ from mhmoe.experiments.multimodal.data import (
     pad_captions,
     text_masks,
 )
+from mhmoe.io import atomic_write
 from mhmoe.models.multiway import MultiwayTransformer, multiway_cost
 from mhmoe.train.loop import Part, RunResult, autocast_for
 from mhmoe.train.loop import train as train_loop
@@ -225,14 +234,14 @@ def eval_batches_of(
     B = cfg.train.batch_size
     if kind == "text":
         source = eval_batches(data.text[split], B, cfg.model.max_text_len, max_batches=max_batches or None)
-        chunks = (("text", x) for x, _ in source)
+        chunks: Iterator[dict[str, Any]] = ({"text": x} for x, _ in source)
     else:
         items = heldout_items(data, split, with_caption=kind == "pair")
         starts = range(0, len(items), B)
-        chunks = (("items", items[i : i + B]) for i in list(starts)[: max_batches or None])
-    for number, (what, chunk) in enumerate(chunks):
+        chunks = ({"items": items[i : i + B]} for i in list(starts)[: max_batches or None])
+    for number, chunk in enumerate(chunks):
         rng = np.random.default_rng([EVAL_SEED, TASKS.index(kind), number])
-        batch = make_batch(kind, data, cfg, rng, **({"text": chunk} if what == "text" else {"items": chunk}))
+        batch = make_batch(kind, data, cfg, rng, **chunk)
         if not masked:
             batch = {k: v for k, v in batch.items() if k not in ("text_mask", "image_mask", "image_targets")}
         yield batch
@@ -284,6 +293,58 @@ def headline(report: dict[str, dict[str, float]]) -> tuple[float, float]:
     raise ValueError("evaluation report is empty")
 
 
+# ------------------------------------------------------------------------------------------------ routing snapshots
+
+
+def display_items(data: MultimodalData, cfg: MaskedRunConfig) -> list[Item]:
+    """The held-out images whose routing is snapshotted: the first of each source in turn."""
+    return heldout_items(data, "valid", with_caption=False)[: cfg.analysis.display_images]
+
+
+def snapshot_steps(max_steps: int, count: int) -> list[int]:
+    """`count` steps evenly spaced over 0..max_steps, both ends included (just max_steps for count 1)."""
+    if count <= 0:
+        return []
+    if count == 1:
+        return [max_steps]
+    return sorted({round(max_steps * i / (count - 1)) for i in range(count)})
+
+
+@torch.no_grad()
+def save_routing_snapshot(
+    model: MultiwayTransformer,
+    data: MultimodalData,
+    cfg: MaskedRunConfig,
+    step: int,
+    folder: Path,
+    device: torch.device,
+    write: bool = True,
+) -> Path | None:
+    """The vision MoE layers' top experts for the display images (unmasked) at this step, as routing/step-N.npz.
+
+    Every rank of a distributed run runs the forward (its collectives); only the one with `write` writes."""
+    layers = model.moe_layers("vision")
+    if not layers:
+        return None
+    items = display_items(data, cfg)
+    pictures = np.stack([data.sources[s].images[i] for s, i, _ in items])
+    was_training = model.training
+    model.eval()
+    with autocast_for(cfg.train.precision, device):
+        out = model(images=normalise(pictures).to(device))
+    model.train(was_training)
+    arrays: dict[str, np.ndarray] = {"step": np.array(step), "images": pictures, "grid": np.array(cfg.model.grid)}
+    for r in out.routing:
+        arrays[f"block{r.block}"] = r.stats.top_experts.cpu().numpy()
+    arrays["num_heads"] = np.array(layers[0].num_heads)
+    arrays["num_experts"] = np.array(layers[0].num_experts)
+    path = folder / f"step-{step:08d}.npz"
+    if write:
+        with atomic_write(path, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ the task
 
 
@@ -331,8 +392,10 @@ class MaskedTask:
                 assert self.sampler is not None
                 batch = make_batch(kind, self.data, self.cfg, rng, text=self.sampler.next_batch()[0])
             else:
-                batch = make_batch(kind, self.data, self.cfg, rng, items=_draw_items(self.data, rng, rows, kind == "pair"))
-            masked = {k: int(batch[k].sum()) for k in ("text_mask", "image_mask") if k in batch}
+                batch = make_batch(
+                    kind, self.data, self.cfg, rng, items=_draw_items(self.data, rng, rows, kind == "pair")
+                )
+            masked: dict[str, int] = {k: int(batch[k].sum()) for k in ("text_mask", "image_mask") if k in batch}
             local = {k: self.session.shard(v).to(self.session.device, non_blocking=True) for k, v in batch.items()}
             yield Part(kind, local, _positions(batch), masked)
 
@@ -351,6 +414,7 @@ class MaskedTask:
         return loss
 
     def evaluate(self, model: torch.nn.Module, split: str, max_batches: int) -> dict:
+        model = cast(MultiwayTransformer, model)  # what build_model made
         return evaluate_masked(model, self.data, self.cfg, split, self.session.device, max_batches=max_batches)
 
     def metrics(self, report: dict) -> dict:
@@ -367,11 +431,12 @@ class MaskedTask:
             self.sampler.load_state_dict(state["sampler"])
 
     def on_step(self, model: torch.nn.Module, step: int) -> None:
-        from mhmoe.experiments.multimodal.analysis import save_routing_snapshot, snapshot_steps
-
         if step in snapshot_steps(self.cfg.train.max_steps, self.cfg.analysis.snapshots):
             folder = self.run_dir / "routing"
-            save_routing_snapshot(model, self.data, self.cfg, step, folder, self.session.device, self.session.is_main)
+            multiway = cast(MultiwayTransformer, model)  # what build_model made
+            save_routing_snapshot(
+                multiway, self.data, self.cfg, step, folder, self.session.device, self.session.is_main
+            )
 
 
 def _save_tokenizers(data: MultimodalData, run_dir: Path) -> None:
