@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import functools
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, cast
 
@@ -126,50 +126,16 @@ def bench_train(
         cfg = dataclasses.replace(base.model, ffn=variant.ffn)
         torch.manual_seed(seed)
         fast = GPT(cfg).to(device)
-        reference = _with_dispatch(fast, "reference") if loop else fast
-        eager = {"fast": fast, **{name: _with_dispatch(fast, *TRAIN_EXTRAS[name]) for name in extras}}
-        impls: dict[str, nn.Module] = {**eager, "dense-eq": _dense_twin(fast)}
-        if loop:
-            impls["loop"] = reference
-        if compile:
-            impls = {impl: model if impl == "loop" else _compiled(model) for impl, model in impls.items()}
-        errors: dict[str, float] = {}
-        for impl, model in eager.items():  # the eager model, then the compiled one, against the reference
-            try:
-                for candidate in (model, impls[impl]) if compile else (model,):
-                    if candidate is reference:
-                        continue
-                    errors[impl] = max(errors.get(impl, 0.0), _grads_error(candidate, reference, idx, autocast))
-                    if errors[impl] > tolerance:
-                        raise RuntimeError(
-                            f"{variant.name}: {impl} differs from the {'loop' if loop else 'fast path'} by "
-                            f"{errors[impl]:.2e} (> {tolerance:.0e})"
-                        )
-            except Exception as e:
-                failed.append(failure(impl, e, where=variant.name))
-                del impls[impl]
+        reference, eager, impls = _implementations(fast, loop, compile, extras)
+        error_of = functools.partial(_grads_error, b=reference, idx=idx, autocast=autocast)
+        message = f"{variant.name}: %s differs from the {'loop' if loop else 'fast path'}"
+        errors = _check(eager, impls, reference, error_of, tolerance, message, failed, variant.name)
         steps = {
             impl: functools.partial(_train_step, model, torch.optim.AdamW(model.parameters(), lr=1e-4), idx, autocast)
             for impl, model in impls.items()
         }
         flops = 3 * gpt_cost(cfg).flops_per_token * B * L  # dense-eq has the same FLOPs by construction
-        for impl, times in time_interleaved(steps, device, repeats).items():
-            seconds = statistics.median(times)
-            rows.append(
-                dict(
-                    variant=variant.name,
-                    impl=impl,
-                    ms=1e3 * seconds,
-                    tokens_per_s=B * L / seconds,
-                    tflops=flops / seconds / 1e12,
-                    mfu=flops / seconds / 1e12 / peak,
-                    max_rel_error=errors.get(impl),
-                )
-            )
-        dense_ms = next(r["ms"] for r in rows if r["variant"] == variant.name and r["impl"] == "dense-eq")
-        for r in rows:
-            if r["variant"] == variant.name:
-                r["vs_dense"] = r["ms"] / dense_ms
+        rows += _time_rows(variant.name, steps, errors, device, repeats, B * L, flops, peak)
     precision = "bf16" if cuda else "fp32"
     return dict(
         preset=preset_name,
@@ -180,6 +146,78 @@ def bench_train(
         results=rows,
         failed=failed,
     )
+
+
+def _implementations(
+    fast: nn.Module, loop: bool, compile: bool, extras: Sequence[str]
+) -> tuple[nn.Module, dict[str, nn.Module], dict[str, nn.Module]]:
+    """(the reference, the eager fast-path models, every model to time) for one variant."""
+    reference = _with_dispatch(fast, "reference") if loop else fast
+    eager = {"fast": fast, **{name: _with_dispatch(fast, *TRAIN_EXTRAS[name]) for name in extras}}
+    impls: dict[str, nn.Module] = {**eager, "dense-eq": _dense_twin(fast)}
+    if loop:
+        impls["loop"] = reference
+    if compile:
+        impls = {impl: model if impl == "loop" else _compiled(model) for impl, model in impls.items()}
+    return reference, eager, impls
+
+
+def _check(
+    eager: dict[str, nn.Module],
+    impls: dict[str, nn.Module],
+    reference: nn.Module,
+    error_of: Callable[[nn.Module], float],
+    tolerance: float,
+    message: str,
+    failed: list[dict],
+    where: str,
+) -> dict[str, float]:
+    """Each implementation's largest error against the reference (its eager model, and its compiled one if it
+    differs), before anything is timed; one that fails is recorded in `failed` and removed from `impls`."""
+    errors: dict[str, float] = {}
+    for impl, model in eager.items():
+        try:
+            for candidate in {id(m): m for m in (model, impls[impl])}.values():
+                if candidate is reference:
+                    continue
+                errors[impl] = max(errors.get(impl, 0.0), error_of(candidate))
+                if errors[impl] > tolerance:
+                    raise RuntimeError(f"{message % impl} by {errors[impl]:.2e} (> {tolerance:.0e})")
+        except Exception as e:
+            failed.append(failure(impl, e, where=where))
+            del impls[impl]
+    return errors
+
+
+def _time_rows(
+    variant: str,
+    steps: Mapping[str, Callable[[], Any]],
+    errors: dict[str, float],
+    device: torch.device,
+    repeats: int,
+    tokens: int,
+    flops: float,
+    peak: float,
+) -> list[dict[str, Any]]:
+    """One row per implementation: median step time, throughput, MFU and the ratio to dense-eq."""
+    rows: list[dict[str, Any]] = []
+    for impl, times in time_interleaved(steps, device, repeats).items():
+        seconds = statistics.median(times)
+        rows.append(
+            dict(
+                variant=variant,
+                impl=impl,
+                ms=1e3 * seconds,
+                tokens_per_s=tokens / seconds,
+                tflops=flops / seconds / 1e12,
+                mfu=flops / seconds / 1e12 / peak,
+                max_rel_error=errors.get(impl),
+            )
+        )
+    dense_ms = next(r["ms"] for r in rows if r["impl"] == "dense-eq")
+    for r in rows:
+        r["vs_dense"] = r["ms"] / dense_ms
+    return rows
 
 
 def format_train_table(report: dict) -> str:

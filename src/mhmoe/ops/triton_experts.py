@@ -63,13 +63,42 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def _kernels():
-    """Built on first use: importing this module must not need Triton.
+def _kernels() -> tuple[Any, Any, Any]:
+    """(triton, rows_mm, weight_grad): the two kernels, autotuned, built on first use (importing this module must
+    not need Triton).
 
     The kernels use only Triton builtins (tl.full, not tl.zeros): helpers of triton.language that are
     themselves @triton.jit functions are fixed as compiled or interpreted when triton is imported, so
     they would break TRITON_INTERPRET=1 set after that import (e.g. once torch.compile loaded triton).
     """
+    import triton
+
+    rows_configs, grad_configs = _configs(triton)
+    rows_key = ["N", "K", "HAS_A_INDEX", "HAS_OUT_INDEX", "HAS_SCALE"]  # the autotuner adds the dtypes
+    grad_key = ["K", "N", "HAS_A_INDEX", "HAS_G_INDEX", "HAS_ROW_SCALE"]
+    rows_mm = triton.autotune(configs=rows_configs, key=rows_key)(_rows_mm_kernel())
+    weight_grad = triton.autotune(configs=grad_configs, key=grad_key)(_weight_grad_kernel())
+    return triton, rows_mm, weight_grad
+
+
+def _configs(triton: Any) -> tuple[list, list]:
+    """The autotuner's candidate launch settings of the two kernels."""
+    if interpreting():  # one small config, nothing timed: the interpreter only checks the arithmetic
+        return [triton.Config(dict(BLOCK_N=32, BLOCK_K=32))], [triton.Config(dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32))]
+    # timed once per widths, flags and dtypes on the GPU at hand (configs that do not fit are skipped)
+    rows = [
+        triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=warps, num_stages=stages)
+        for n, k, warps, stages in _ROWS_CONFIGS
+    ]
+    grad = [
+        triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_R=r), num_warps=warps, num_stages=stages)
+        for k, n, r, warps, stages in _GRAD_CONFIGS
+    ]
+    return rows, grad
+
+
+def _rows_mm_kernel() -> Any:
+    """out[out_index[r]] = scale[r] · a[a_index[r]] @ w[e(r)] over the schedule's tiles (module doc)."""
     import triton
     import triton.language as tl
 
@@ -116,6 +145,14 @@ def _kernels():
             mask=row_ok[:, None] & col_ok[None, :],
         )
 
+    return rows_mm
+
+
+def _weight_grad_kernel() -> Any:
+    """dw[e] = Σ_{r of e} (row_scale[r] · a[a_index[r]])ᵀ ⊗ g[g_index[r]], one program per (expert, tile)."""
+    import triton
+    import triton.language as tl
+
     @triton.jit
     def weight_grad(
         a_ptr, g_ptr, dw_ptr, a_index_ptr, g_index_ptr, row_scale_ptr, row_start_ptr, row_end_ptr,
@@ -155,23 +192,7 @@ def _kernels():
             mask=k_ok[:, None] & col_ok[None, :],
         )
 
-    if interpreting():  # one small config, nothing timed: the interpreter only checks the arithmetic
-        rows_configs = [triton.Config(dict(BLOCK_N=32, BLOCK_K=32))]
-        grad_configs = [triton.Config(dict(BLOCK_K=32, BLOCK_N=32, BLOCK_R=32))]
-    else:  # timed once per widths, flags and dtypes on the GPU at hand (configs that do not fit are skipped)
-        rows_configs = [
-            triton.Config(dict(BLOCK_N=n, BLOCK_K=k), num_warps=warps, num_stages=stages)
-            for n, k, warps, stages in _ROWS_CONFIGS
-        ]
-        grad_configs = [
-            triton.Config(dict(BLOCK_K=k, BLOCK_N=n, BLOCK_R=r), num_warps=warps, num_stages=stages)
-            for k, n, r, warps, stages in _GRAD_CONFIGS
-        ]
-    rows_key = ["N", "K", "HAS_A_INDEX", "HAS_OUT_INDEX", "HAS_SCALE"]  # the autotuner adds the dtypes
-    grad_key = ["K", "N", "HAS_A_INDEX", "HAS_G_INDEX", "HAS_ROW_SCALE"]
-    rows_mm = triton.autotune(configs=rows_configs, key=rows_key)(rows_mm)
-    weight_grad = triton.autotune(configs=grad_configs, key=grad_key)(weight_grad)
-    return triton, rows_mm, weight_grad
+    return weight_grad
 
 
 # Candidate tiles for the GPU: (BLOCK_N, BLOCK_K, warps, stages) of rows_mm (BLOCK_M is the schedule's)

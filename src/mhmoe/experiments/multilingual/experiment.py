@@ -17,11 +17,12 @@ per-language values. Perplexities of different tokenizers are not comparable; bi
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -121,46 +122,15 @@ def run(
     if corpus.ignored:
         print(f"note: not part of the corpus: {', '.join(corpus.ignored)}", file=sys.stderr, flush=True)
     shared_tokenizer(cfg, corpus, out)
-    found: dict = {}  # the language table and the divergence inputs depend only on the (shared) tokenizer
-
-    def run_seed(variant: Variant, seed: int, run_cfg: RunConfig, run_dir: Path) -> dict:
-        result = train(run_cfg, run_dir, progress=progress)
-        t0 = time.perf_counter()
-        loaded = load_run(run_dir)
-        if not found:
-            found["languages"] = language_table(loaded)
-            seq_len = loaded.cfg.model.seq_len
-            found["windows"] = divergence_inputs(loaded.tokenizer, corpus, seq_len, budget.word_occurrences)
-        per_language = evaluate_languages(loaded, budget.eval_batches)
-        other = english.ood_tokens(ood, loaded.tokenizer)
-        analysis = analyze_run(run_dir, other=other, max_batches=8 if quick else 20, run=loaded)
-        usage = language_usage(loaded, budget.usage_batches)
-        divergence = word_divergence(loaded, found["windows"])
-        if seed == 0:
-            _plot_run(out, variant.name, usage, divergence)
-            copy_figure(run_dir / "analysis" / "heatmap-valid.png", out / "heatmaps" / f"{variant.name}.png")
-        return {
-            "seed": seed,
-            **language_averages(per_language),
-            "per_language": per_language,
-            "tokens_seen": result.tokens_seen,
-            "train_seconds": result.train_seconds,
-            "analysis_seconds": time.perf_counter() - t0,
-            "analysis": analysis.get("valid"),
-            "analysis_ood": analysis.get("ood"),
-            "language_mi_bits": usage["mi_bits_mean"],
-            "language_usage": {**usage, "shares": None if usage["shares"] is None else usage["shares"].tolist()},
-            "divergence": divergence,
-            "curves": {"val_loss": metric_curve(run_dir)},
-        }
-
+    shared = _Shared(out, corpus, budget, quick, ood, progress)
+    run_seed = functools.partial(_run_seed, shared)
     models, curves = run_variants(cfg, english.models(cfg), seeds, out, run_seed, aggregate)
     results = {
         "task": "multilingual",
         "models": models,
         "budget": cfg.to_dict(),
         "analysis_budget": vars(budget),
-        "languages": found.get("languages", {}),
+        "languages": shared.languages,
         "language_alpha": cfg.data.language_alpha,
         "ood_data": ood or None,
         "wall_seconds": time.perf_counter() - started,
@@ -169,6 +139,54 @@ def run(
     mean, bands = split_bands(curves["val_loss"])
     plot_curves(mean, out / "val_curves.png", "validation loss (all languages, interleaved)", bands=bands)
     return results
+
+
+@dataclass
+class _Shared:
+    """What every run of a comparison shares; the language table and the divergence inputs depend only on the
+    (shared) tokenizer, so the first run finds them."""
+
+    out: Path
+    corpus: MultilingualCorpus
+    budget: AnalysisBudget
+    quick: bool
+    ood: str
+    progress: bool
+    languages: dict = field(default_factory=dict)
+    windows: dict | None = None
+
+
+def _run_seed(shared: _Shared, variant: Variant, seed: int, cfg: RunConfig, run_dir: Path) -> dict:
+    """Train one model, evaluate it per language and analyse its routing: the seed's record."""
+    result = train(cfg, run_dir, progress=shared.progress)
+    t0 = time.perf_counter()
+    loaded = load_run(run_dir)
+    if shared.windows is None:
+        shared.languages = language_table(loaded)
+        seq_len, occurrences = loaded.cfg.model.seq_len, shared.budget.word_occurrences
+        shared.windows = divergence_inputs(loaded.tokenizer, shared.corpus, seq_len, occurrences)
+    per_language = evaluate_languages(loaded, shared.budget.eval_batches)
+    other = english.ood_tokens(shared.ood, loaded.tokenizer)
+    analysis = analyze_run(run_dir, other=other, max_batches=8 if shared.quick else 20, run=loaded)
+    usage = language_usage(loaded, shared.budget.usage_batches)
+    divergence = word_divergence(loaded, shared.windows)
+    if seed == 0:
+        _plot_run(shared.out, variant.name, usage, divergence)
+        copy_figure(run_dir / "analysis" / "heatmap-valid.png", shared.out / "heatmaps" / f"{variant.name}.png")
+    return {
+        "seed": seed,
+        **language_averages(per_language),
+        "per_language": per_language,
+        "tokens_seen": result.tokens_seen,
+        "train_seconds": result.train_seconds,
+        "analysis_seconds": time.perf_counter() - t0,
+        "analysis": analysis.get("valid"),
+        "analysis_ood": analysis.get("ood"),
+        "language_mi_bits": usage["mi_bits_mean"],
+        "language_usage": {**usage, "shares": None if usage["shares"] is None else usage["shares"].tolist()},
+        "divergence": divergence,
+        "curves": {"val_loss": metric_curve(run_dir)},
+    }
 
 
 def run_corpus(cfg: RunConfig) -> MultilingualCorpus:
