@@ -2,7 +2,7 @@
 
     python benchmarks/activation_memory.py --out benchmarks/results/NAME.json [--shapes cpu-mhmoe-64e,...]
 
-What autograd keeps for the backward does not depend on the device (`mhmoe.bench.saved_activation_bytes`),
+What autograd keeps for the backward does not depend on the device (`mhmoe.bench.timing.saved_activation_bytes`),
 so the Triton kernels' memory can be measured here, by one forward under TRITON_INTERPRET=1 (about a
 minute per shape), while their speed needs a GPU. Writes MiB and the ratio to dense-eq for each shape.
 """

@@ -1,4 +1,4 @@
-"""Training-step time with the CLI's allocator settings (`mhmoe.allocator`) and with glibc's defaults.
+"""Training-step time with the CLI's allocator settings (`mhmoe.train.allocator`) and with glibc's defaults.
 
     python benchmarks/allocator_ab.py --out benchmarks/results/NAME.json [--pairs 3] [--repeats 5] [--preset cpu]
 

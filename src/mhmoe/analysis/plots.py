@@ -70,7 +70,7 @@ def plot_activation_heatmap(
     layer_names: Sequence[str] | None = None,
     colorbar_label: str = "share of routed assignments",
 ) -> Path:
-    """Heat map of (layers, E) expert shares or selection ratios (PAPER §6 "expert activation").
+    """Heat map of (layers, E) expert shares or selection ratios (notes §6 "expert activation").
 
     Rows are MoE layers (labelled by layer_names, default "layer 0", …), columns experts.
     Pass colorbar_label="selection ratio" when plotting `selection_ratio`.
@@ -112,7 +112,7 @@ def plot_divergence_histogram(
 ) -> Path:
     """Side-by-side normalised histograms of per-token divergence, one bar per integer value and group.
 
-    groups: name -> (T_g,) divergence values (e.g. "polysemous" vs "other", PAPER §6). Averaged values
+    groups: name -> (T_g,) divergence values (e.g. "polysemous" vs "other", notes §6). Averaged values
     from `mean_divergence` are binned to the nearest integer. max_value: the last bar (default: largest value).
     """
     if not groups:
@@ -175,7 +175,7 @@ def plot_patch_divergence(
     path: PathLike,
     titles: Sequence[str],
 ) -> Path:
-    """Per-patch divergence over an image at several training steps (PAPER §6 "image patches").
+    """Per-patch divergence over an image at several training steps (notes §6 "image patches").
 
     One row per step: the image on the left, the (h, w) patch-divergence map overlaid on it on the right,
     one colour scale for all steps so they compare. images: one (H_img, W_img[, C]) array for every step,
@@ -212,7 +212,7 @@ def plot_patch_divergence_grid(
     path: PathLike,
     column_titles: Sequence[str],
 ) -> Path:
-    """Per-patch divergence over several images (rows) at several training steps (columns), PAPER §6.
+    """Per-patch divergence over several images (rows) at several training steps (columns), notes §6.
 
     images: n pictures (H_img, W_img[, C]), values in [0, 1] or uint8; divergence_maps[i][s]: the (h, w) patch
     map of image i at step s, drawn over the image (one colour scale for every cell, so steps and images

@@ -1,4 +1,4 @@
-"""`mhmoe reproduce english`: Dense vs SMoE vs X-MoE vs MH-MoE under one budget (v1 §4.1; docs/paper-notes.md §5).
+"""`mhmoe reproduce english`: Dense vs SMoE vs X-MoE vs MH-MoE under one budget (docs/paper-notes.md §5).
 
 The five models of `mhmoe.experiments.common`, trained on the same batches for the same tokens per seed; each run
 is then evaluated and its routing analysed on held-out text (and on an unseen corpus with `ood`: the papers

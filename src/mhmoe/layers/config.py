@@ -24,7 +24,7 @@ from mhmoe.ops.backend import DISPATCHES, DispatchName
 
 Residual = Literal["outer", "subtoken"]
 RESIDUALS: tuple[str, ...] = get_args(Residual)
-XMOE_DIM = 16  # X-MoE's routing dim (Chi et al. 2022); v1 §3 divides it by H inside MH-MoE
+XMOE_DIM = 16  # X-MoE's routing dim (Chi et al. 2022); v1 divides it by H inside MH-MoE (docs/paper-notes.md §3)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,7 +118,7 @@ class MoEConfig:
 
     def subtoken(self) -> MoEConfig:
         """The config of MH-MoE's inner SparseMoE: the multi-head fields at their defaults and, for X-MoE in its
-        paper form, the routing dim 16 // H (at least 1) unless set (v1 §3; the authors' code keeps 16)."""
+        paper form, the routing dim 16 // H (at least 1) unless set (v1; the authors' code keeps 16)."""
         router = self.router
         if router.kind == "xmoe" and router.form == "paper" and router.dim is None:
             router = dataclasses.replace(router, dim=max(1, XMOE_DIM // self.num_heads))

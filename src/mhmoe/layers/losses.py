@@ -38,7 +38,7 @@ def _weights(values_S: Tensor, valid_S: Tensor | None) -> Tensor:
 def balance_loss(
     probs_SE: Tensor, first_choice_S: Tensor, valid_S: Tensor | None = None, reduce: Reduce | None = None
 ) -> Tensor:
-    """Switch/GShard load-balancing loss: E · Σ_e mean_s(p_se) · frac_s(e) (PAPER.md §2.9).
+    """Switch/GShard load-balancing loss: E · Σ_e mean_s(p_se) · frac_s(e) (docs/paper-notes.md §2.9).
 
     frac_s(e) is the share of (sub-)tokens whose first choice is e. The loss is 1 when routing is
     uniform (p = 1/E, whatever frac is) and when the load is even; its gradient flows through p only.

@@ -70,9 +70,8 @@ class Router(nn.Module):
 def largest_k(scores_SE: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(values, indices) of each row's k largest scores, best first, as `Tensor.topk`.
 
-    On the CPU, k = 2 takes two argmax passes instead: torch.topk over a few dozen columns is about
-    1.6× slower there (8192 × 64: 4.0 ms vs 2.5 ms on 2 cores; no gain at k = 1). Ties go to the
-    lower index.
+    On the CPU, k = 2 takes two argmax passes instead: torch.topk over a few dozen columns is slower there
+    (benchmarks/README.md, "Design measurements"). Ties go to the lower index.
     """
     if scores_SE.device.type != "cpu" or k != 2:
         return scores_SE.topk(k, dim=-1)
@@ -121,7 +120,7 @@ class XMoERouter(Router):
 
     form="paper": s_e = cos(W x, e_e), probs = softmax(s / τ) with a learnable τ (kept ≥ 0.01;
         initial value 0.3); the balance loss uses softmax(s / balance_temperature) with a fixed
-        τ0 (0.3 for softmax gating: X-MoE §3 and v1 Table 9).
+        τ0 (0.3 for softmax gating, as X-MoE and v1's hyperparameters give it; docs/paper-notes.md §3).
     form="code": as the authors' code (fairseq/torchscale `Top1Gate(use_xmoe=True)`): only the
         expert embeddings are normalised (logits = (W x)·ê_e), no temperature, and the embeddings
         are rescaled in place to norm 1.5 at every training forward; the balance loss uses the
@@ -285,7 +284,9 @@ class RouterConfig:
     jitter: float = 0.0  # every router: multiplicative input noise U(1 ± jitter) in training (Switch); 0 = off
     renormalize: bool | None = None  # softmax, xmoe, sigmoid: k kept gates summed to 1; None = when k > 1
     form: XMoEForm = "paper"  # xmoe: "paper" (cosine, learnable temperature) or "code" (the authors' code)
-    dim: int | None = None  # xmoe routing dim; None = 16, or 16 // H inside MH-MoE in the paper form (v1 §3)
+    dim: int | None = (
+        None  # xmoe routing dim; None = 16, or 16 // H inside MH-MoE in the paper form (docs/paper-notes.md §3)
+    )
     init_temperature: float = 0.3  # xmoe paper form: initial learnable temperature
     balance_temperature: float = 0.3  # xmoe paper form: fixed τ0 of the balance loss's softmax
     bias_update_rate: float = 1e-3  # sigmoid: auxiliary-loss-free balancing step (DeepSeek-V3)

@@ -3,7 +3,7 @@ that both the model builder and the cost counter (`mhmoe.models.cost`) read.
 
 `FFNConfig` is the `model.ffn` section of a run: the kind of the MoE blocks (dense, smoe or mhmoe), the dense
 FFN's width and activation, and the MoE layer's `MoEConfig` (`model.ffn.moe`). MoE layers replace the FFN of
-every `moe_every`-th block (blocks 2, 4, … by default: v1 §3; docs/paper-notes.md §2.8).
+every `moe_every`-th block (blocks 2, 4, … by default, as in v1; docs/paper-notes.md §2.8).
 """
 
 from __future__ import annotations

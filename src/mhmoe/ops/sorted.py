@@ -83,8 +83,7 @@ class _SortedExpertFFN(torch.autograd.Function):
     also recomputes h_RF (one more GEMM) and a_RF, and takes the gates' gradient as (g_r @ w_outᵀ) · a_r,
     whose first factor it computes anyway (SonicMoE's trick, Guo et al. 2025), so y_Rd needs no second
     GEMM. Taking the gates' gradient that way always would not keep y_Rd either, but costs two more
-    F-wide passes: MH-MoE's layer at the `cpu` preset's shape (d = 32, F = 448) took 16% longer on 2
-    CPU cores.
+    F-wide passes, which measured slower (benchmarks/README.md, "Design measurements").
     """
 
     @staticmethod

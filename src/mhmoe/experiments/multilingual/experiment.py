@@ -1,5 +1,5 @@
-"""`mhmoe reproduce multilingual`: Dense vs SMoE vs X-MoE vs MH-MoE on language-tagged text (v1 §4.2;
-docs/paper-notes.md §5-6).
+"""`mhmoe reproduce multilingual`: Dense vs SMoE vs X-MoE vs MH-MoE on language-tagged text
+(docs/paper-notes.md §5-6).
 
 The five models and budgets of `mhmoe reproduce english` (`mhmoe.experiments.common`), on a multilingual corpus
 (`mhmoe.data.multilingual`): one shared BPE tokenizer trained once on temperature-sampled text (q_l ∝ p_l^α,

@@ -1,7 +1,7 @@
-"""Word lists for the sub-token divergence analysis of the multilingual comparison (PAPER.md §6).
+"""Word lists for the sub-token divergence analysis of the multilingual comparison (docs/paper-notes.md §6).
 
 A shared tokenizer gives a word spelled alike in two languages the same tokens; only context tells the model
-which meaning it carries. PAPER.md §6 plots the sub-token divergence (distinct experts a token's H sub-tokens
+which meaning it carries. v1 plots the sub-token divergence (distinct experts a token's H sub-tokens
 reach) of such polysemous / false-cognate words against other words.
 
 FALSE_COGNATES: word -> {language: meaning}: spelled alike, different meanings across the languages named

@@ -1,4 +1,5 @@
-"""`mhmoe reproduce multimodal`: Dense vs SMoE vs X-MoE vs MH-MoE in a BEiT-3-style multiway Transformer (v1 §4.3).
+"""`mhmoe reproduce multimodal`: Dense vs SMoE vs X-MoE vs MH-MoE in a BEiT-3-style multiway Transformer
+(docs/paper-notes.md §5).
 
 The five models of `mhmoe.experiments.common` (dense, smoe, xmoe, mhmoe_params parameter-matched as v1,
 mhmoe_flops FLOPs-matched as v2) replace the vision and the language FFNs of every second block alike. Each trains
