@@ -203,6 +203,27 @@ def train_job(rank: int, world: int, out: Path, corpus: str, cache: str, run_dir
     return {"step": result.step, "val_loss": result.valid["loss"], "seconds": time.perf_counter() - started}
 
 
+def masked_config(data: str, text: str, *overrides: str):  # type: ignore[no-untyped-def]
+    """The tiny masked multimodal run, fp32 on CPU, 4 steps, a loss record every step, checkpoints at 2 and 4."""
+    from mhmoe.experiments.multimodal.config import apply_masked_overrides, masked_preset
+
+    base = [f"data.path={data}", f"data.text={text}", "data.fashion_limit=100", "train.log_every=1",
+            "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.device=cpu", "train.precision=fp32",
+            "model.ffn.moe.router.kind=softmax"]  # fmt: skip
+    return apply_masked_overrides(masked_preset("tiny"), base + list(overrides))
+
+
+def masked_train_job(
+    rank: int, world: int, out: Path, data: str, text: str, cache: str, run_dir: str, overrides: list[str]
+) -> dict:
+    """The masked multimodal task on the one training loop, as torchrun would run it."""
+    from mhmoe.experiments.multimodal.task import train_masked
+
+    os.environ["MHMOE_CACHE"] = cache
+    result = train_masked(masked_config(data, text, *overrides), Path(run_dir), progress=False)
+    return {"step": result.step, "tokens_seen": result.tokens_seen}
+
+
 def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int) -> dict:
     """Load a distributed checkpoint at expert size `expert`: logits on a fixed batch vs the consolidated file."""
     from mhmoe.models.gpt import GPT

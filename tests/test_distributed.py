@@ -23,11 +23,14 @@ from distributed_workers import (
     launch,
     layer_job,
     load_job,
+    masked_config,
+    masked_train_job,
     tiny_config,
     train_job,
 )
 
 from mhmoe.errors import ConfigError
+from mhmoe.experiments.multimodal.task import train_masked
 from mhmoe.models.gpt import GPT
 from mhmoe.train.checkpoint import latest_checkpoint, load_model_weights, verify
 from mhmoe.train.config import RunConfig
@@ -150,6 +153,36 @@ def test_training_and_resharding_checkpoints(corpus, tmp_path, monkeypatch):
         f"EP 2 checkpoint loaded at EP 1 and EP 4 vs the consolidated safetensors: max |logit difference| {reshard:.2e}"
     )
     assert reshard <= 1e-6
+
+
+def test_masked_multimodal_training_on_two_processes_equals_one(tmp_path, monkeypatch):
+    """The masked task gets what the loop gives every task: 2 ranks (experts over both, global balance) train
+    as one process on the same global batch, and resume from a distributed checkpoint exactly."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MHMOE_CACHE", str(cache))
+    text = gzip.open(shared_file("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:60_000]
+    corpus = tmp_path / "text"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text(text[i * 10_000 : (i + 1) * 10_000])
+    data, ep2, single = str(shared_file()), tmp_path / "ep2", tmp_path / "single"
+    parallel = ["parallel.expert=2", "parallel.balance=global"]
+    launch(
+        masked_train_job, 2, tmp_path, 240, data, str(corpus), str(cache), str(ep2), ["train.batch_size=2", *parallel]
+    )
+    train_masked(masked_config(data, str(corpus), "train.batch_size=4"), single, progress=False)
+    curve = max(abs(a - b) for a, b in zip(_losses(ep2), _losses(single), strict=True))
+    print(f"\nmasked multimodal, 4 steps, 2 processes (EP 2) vs 1: max |loss difference| {curve:.2e}")
+    assert len(_losses(ep2)) == 4 and curve <= FP32
+
+    cut = tmp_path / "cut"  # stopped after its step-2 checkpoint; resumed on 2 processes
+    shutil.copytree(ep2, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000004")
+    (cut / "checkpoints" / "latest").write_text("step-00000002\n")
+    launch(
+        masked_train_job, 2, tmp_path, 240, data, str(corpus), str(cache), str(cut), ["train.batch_size=2", *parallel]
+    )
+    assert _losses(cut) == _losses(ep2)
 
 
 def test_dead_rank_mid_save_keeps_last_checkpoint(tmp_path):

@@ -62,7 +62,16 @@ def test_a_0_1_run_evaluates_to_its_summary_and_resumes(legacy_run, capsys):
     assert f"ppl {summary['val_ppl']:.2f} over {summary['val_tokens']:,} tokens" in printed
     assert f"ppl {summary['test_ppl']:.2f} over {summary['test_tokens']:,} tokens" in printed
     config = json.loads((legacy_run / "config.json").read_text())
-    args = ["train", "--out", str(legacy_run), "--preset", "cpu-tiny", "--no-progress", "--data", config["data"]["path"]]
+    args = [
+        "train",
+        "--out",
+        str(legacy_run),
+        "--preset",
+        "cpu-tiny",
+        "--no-progress",
+        "--data",
+        config["data"]["path"],
+    ]
     settings = ["model.d_model=8", "model.n_heads=2", "model.seq_len=16", "model.ffn.hidden=16",
                 "model.ffn.moe.expert_hidden=8", "model.ffn.moe.num_experts=4", "model.ffn.moe.router.kind=xmoe",
                 "model.ffn.moe.router.form=code", "model.ffn.moe_every=1", "train.max_steps=4", "train.batch_size=2",

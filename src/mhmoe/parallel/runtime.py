@@ -17,7 +17,7 @@ import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -99,12 +99,16 @@ def make_layout(expert: int, device_type: str, data_parallel: DataParallel = "dd
     return Layout(mesh, data_mesh, data_parallel)
 
 
-def parallelize(model: nn.Module, layout: Layout, balance: Balance = "local") -> nn.Module:
+def parallelize(
+    model: nn.Module, layout: Layout, balance: Balance = "local", partial_forwards: bool = False
+) -> nn.Module:
     """Shard the experts, choose the balance statistics, wrap the rest for data parallelism.
 
     `model` is changed in place (keep it: its state dict, modules and parameters are the ones to save,
     clip and update); the returned module is the one to call in training (a DDP wrapper, or model itself
     under FSDP2). balance: "local" — router losses over each rank's micro-batch; "global" — over all ranks'.
+    partial_forwards: a forward may use only part of the parameters (e.g. a multiway model's text-only forward
+    leaves the vision FFNs unused); DDP then looks for the unused ones after each forward.
     """
     shard_experts(model, layout.mesh)
     if balance == "global":
@@ -128,7 +132,8 @@ def parallelize(model: nn.Module, layout: Layout, balance: Balance = "local") ->
     # (torch >= 2.13 names the option forward_sync_buffers; older versions broadcast_buffers).
     new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     no_sync = {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
-    return DistributedDataParallel(model, device_ids=device_ids, **no_sync)  # type: ignore[arg-type]  # by version
+    options: dict[str, Any] = {"device_ids": device_ids, "find_unused_parameters": partial_forwards, **no_sync}
+    return DistributedDataParallel(model, **options)
 
 
 def finish_gradients(model: nn.Module, layout: Layout) -> None:

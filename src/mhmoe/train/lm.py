@@ -115,6 +115,8 @@ def evaluate(
 class LMTask:
     """The causal LM as a `mhmoe.train.loop.Task`: GPT on (idx, targets) windows of the training split."""
 
+    partial_forwards = False
+
     def __init__(self, cfg: RunConfig, run_dir: Path, session: Session, progress: bool):
         self.cfg, self.session = cfg, session
         self.tokenizer, self.splits = session.first_on_main(lambda: prepare_data(cfg, run_dir, progress))

@@ -52,6 +52,7 @@ class Task(Protocol):
     """What the loop trains. A task owns its data, its batches and its evaluation; the loop owns the rest."""
 
     cost: Cost  # of the model, for summary.json
+    partial_forwards: bool  # whether one forward may use only part of the parameters (several parts per step)
 
     def build_model(self) -> nn.Module:
         """The model, on the CPU (the loop seeds torch first and moves it)."""
@@ -207,7 +208,7 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
     device = session.device
     torch.manual_seed(t.seed)
     model = task.build_model().to(device)
-    forward: Callable[..., Any] = session.wrap(model, t.seed)
+    forward: Callable[..., Any] = session.wrap(model, t.seed, task.partial_forwards)
     optimizer = make_optimizer(model.parameters(), t)
     task.start()
     step, tokens_seen, train_seconds = 0, 0, 0.0

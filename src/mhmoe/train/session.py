@@ -37,7 +37,7 @@ class Session(Protocol):
     device: torch.device
 
     def first_on_main(self, fn: Callable[[], T]) -> T: ...
-    def wrap(self, model: nn.Module, seed: int) -> nn.Module: ...
+    def wrap(self, model: nn.Module, seed: int, partial_forwards: bool = False) -> nn.Module: ...
     def shard(self, batch: Tensor) -> Tensor: ...
     def finish_gradients(self, model: nn.Module, grad_clip: float) -> Tensor: ...
     def mean(self, values: list[float]) -> list[float]: ...
@@ -65,7 +65,7 @@ class SingleProcess:
     def first_on_main(self, fn: Callable[[], T]) -> T:
         return fn()
 
-    def wrap(self, model: nn.Module, seed: int) -> nn.Module:
+    def wrap(self, model: nn.Module, seed: int, partial_forwards: bool = False) -> nn.Module:
         return model
 
     def shard(self, batch: Tensor) -> Tensor:
@@ -123,8 +123,8 @@ class DistributedRun:
             result = fn()
         return result
 
-    def wrap(self, model: nn.Module, seed: int) -> nn.Module:
-        forward = runtime.parallelize(model, self.layout, self.balance)
+    def wrap(self, model: nn.Module, seed: int, partial_forwards: bool = False) -> nn.Module:
+        forward = runtime.parallelize(model, self.layout, self.balance, partial_forwards)
         torch.manual_seed(seed + self.rank)  # same weights everywhere, but each rank its own dropout/jitter
         return forward
 

@@ -352,6 +352,8 @@ class MaskedTask:
     """Masked multimodal modelling as a `mhmoe.train.loop.Task`: one forward per data task (text, image, pair) in
     every micro-batch, their losses added (BEiT-3)."""
 
+    partial_forwards = True  # a text-only forward leaves the vision FFNs unused, an image-only one the language ones
+
     def __init__(
         self, cfg: MaskedRunConfig, run_dir: Path, session: Session, progress: bool, data: MultimodalData | None
     ):
