@@ -38,6 +38,14 @@ from mhmoe.analysis.plots import (
     plot_head_usage,
     plot_patch_divergence,
 )
+from mhmoe.analysis.routing import (
+    chance_divergence,
+    effective_experts_per_head,
+    head_selection,
+    relative_activation_ratio,
+    token_selection_ratio,
+    uniform_ratio,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -131,12 +139,84 @@ def test_summarize_is_plain_json():
     assert summary["activation_ratio"] == 3 / 4
     assert summary["effective_experts"] == pytest.approx(effective_experts(hand_layer()))
     assert summary["divergence_mean"] == pytest.approx(5 / 3)
+    per_head = effective_experts_per_head(hand_layer()).tolist()
     assert summary["per_layer"][1] == dict(
-        name="b", effective_experts=effective_experts(hand_layer()), max_share=4 / 6, min_share=0.0
-    )
+        name="b", effective_experts=effective_experts(hand_layer()), effective_experts_per_head=per_head,
+        max_share=4 / 6, min_share=0.0,
+    )  # fmt: skip
     scalars = [v for k, v in summary.items() if k != "per_layer"]
-    scalars += [v for row in summary["per_layer"] for k, v in row.items() if k != "name"]
+    scalars += [
+        v for row in summary["per_layer"] for k, v in row.items() if k not in ("name", "effective_experts_per_head")
+    ]
     assert all(type(v) is float for v in scalars)
+    assert all(type(v) is float for row in summary["per_layer"] for v in row["effective_experts_per_head"])
+
+
+# ---- metrics that cannot flatter: hand-made routings whose answer is known ----------------------------------------
+
+
+def disjoint_heads(tokens: int = 40, top_k: int = 1) -> LayerRouting:
+    """H = 4 heads, E = 8: head h only ever uses experts 2h and 2h + 1 (alternating over tokens, or both at K = 2)."""
+    rows = []
+    for t in range(tokens):
+        for h in range(4):
+            pair = [2 * h, 2 * h + 1]
+            rows.append(pair if top_k == 2 else [pair[t % 2]])
+    return LayerRouting(np.array(rows), num_heads=4, num_experts=8)
+
+
+def test_four_heads_on_four_disjoint_expert_sets_look_even_only_when_pooled():
+    layer = disjoint_heads()
+    assert effective_experts(layer) == pytest.approx(8)  # pooled: every expert takes 1/8 of the assignments
+    np.testing.assert_allclose(effective_experts_per_head(layer), [2, 2, 2, 2])  # each head: two experts
+    summary = summarize([layer])
+    assert summary["effective_fraction"] == pytest.approx(1) and summary["effective_fraction_head"] == pytest.approx(
+        0.25
+    )
+
+
+def test_divergence_is_read_against_its_chance_value():
+    # disjoint heads: 4 distinct first choices per token, exactly what independent heads at these rates give
+    layer = disjoint_heads()
+    assert (subtoken_divergence(layer, first_choice_only=True) == 4).all()
+    np.testing.assert_allclose(head_selection(layer, True)[0], [0.5, 0.5, 0, 0, 0, 0, 0, 0])
+    assert chance_divergence(layer, first_choice_only=True) == pytest.approx(8 * 0.5)
+    # all K = 2 choices saturate at min(E, H·K) = 8 whatever the routing; so does the chance value here
+    both = disjoint_heads(top_k=2)
+    assert (subtoken_divergence(both) == 8).all() and chance_divergence(both) == pytest.approx(8)
+    # every sub-token of a token to the same expert: divergence 1, far below chance at uniform rates
+    same = LayerRouting(np.repeat(np.arange(40) % 8, 4)[:, None], num_heads=4, num_experts=8)
+    assert (subtoken_divergence(same, True) == 1).all()
+    assert chance_divergence(same, True) == pytest.approx(8 * (1 - (7 / 8) ** 4))
+
+
+def test_chance_divergence_matches_independent_uniform_routing():
+    """E = 8, H = 4, K = 2 uniform and independent: chance = 8 · (1 − 0.75⁴) ≈ 5.47, and random routing gets it."""
+    rng = np.random.default_rng(0)
+    rows = np.stack([rng.choice(8, size=2, replace=False) for _ in range(4 * 20_000)])
+    layer = LayerRouting(rows, num_heads=4, num_experts=8)
+    assert chance_divergence(layer) == pytest.approx(8 * (1 - 0.75**4), abs=0.01)
+    assert subtoken_divergence(layer).mean() == pytest.approx(chance_divergence(layer), abs=0.02)
+
+
+def test_relative_activation_moves_with_the_uniform_rate():
+    # E = 8, top-1: expert 7 takes 2% of sub-tokens: over the fixed 1% threshold, under a quarter of uniform (3.1%)
+    counts = [14] * 6 + [14, 2]  # of 100 sub-tokens (H = 1)
+    layer = LayerRouting(np.repeat(np.arange(8), counts)[:, None], num_heads=1, num_experts=8)
+    assert selection_ratio(layer)[7] == pytest.approx(0.02)
+    assert activation_ratio([layer]) == 1.0
+    assert uniform_ratio(layer) == pytest.approx(1 / 8)
+    assert relative_activation_ratio([layer], 0.25) == pytest.approx(7 / 8)
+    with pytest.raises(ValueError, match="per must be 'subtoken' or 'token'"):
+        relative_activation_ratio([layer], per="head")
+
+
+def test_per_token_selection_counts_a_token_once():
+    # H = 2, K = 1: token 0 sends both sub-tokens to expert 0; token 1 one to 0 and one to 1
+    layer = LayerRouting(np.array([[0], [0], [0], [1]]), num_heads=2, num_experts=2)
+    np.testing.assert_allclose(token_selection_ratio(layer), [1.0, 0.5])
+    np.testing.assert_allclose(selection_ratio(layer), [0.75, 0.25])
+    assert uniform_ratio(layer, "token") == pytest.approx(1 - 0.5**2)
 
 
 # ---- invariants on random routing -----------------------------------------------------------------------------

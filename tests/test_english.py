@@ -90,7 +90,14 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
             assert 0 < model["activation_ratio"] <= 1 and 1 <= model["effective_experts"] <= model["num_experts"]
             assert model["activation_ratio_ood"] is not None
     table = (out / "results.md").read_text()
-    assert "± " in table and "mhmoe_flops" in table and "(ood)" in table
+    assert "± " in table and "mhmoe_flops" in table and "| mhmoe_flops | ood |" in table  # a routing row per corpus
+    assert "Paired per-seed differences" in table
+    paired = results["paired"]["val_loss"]
+    assert paired["mhmoe_flops"]["baseline"] in ("smoe", "xmoe") and paired["mhmoe_flops"]["vs_dense"]["seeds"] == 2
+    assert "vs_dense" not in paired["dense"]
+    for name in results["models"]:
+        for r in results["models"][name]["seeds"]:
+            assert set(r["seconds"]) == {"train", "analysis"} and r["seconds"]["train"]["cpu"] > 0
     assert (out / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "heatmaps" / "mhmoe_params.png").exists()
     assert "mhmoe_params" in capsys.readouterr().out

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+PARTS = ("core", "controls", "all")  # mhmoe.experiments.common.PARTS, without importing the experiments here
 
 
 def _bench_layer(args: argparse.Namespace) -> int:
@@ -228,12 +229,13 @@ def _reproduce(args: argparse.Namespace) -> int:
         data=args.data or "",
         overrides=args.set,
         progress=not args.no_progress,
+        part=args.part,
     )
     if args.task == "multimodal":
         if args.ood_data:
             raise SystemExit("mhmoe: --ood-data applies to `reproduce english` and `reproduce multilingual` only")
     else:
-        kwargs["ood"] = args.ood_data or ""
+        kwargs["ood"] = args.ood_data
     out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
     results = experiment.run(out, **kwargs)
     print(experiment.table(results))
@@ -270,7 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
     size.add_argument("--gpu", action="store_true", help="the one-GPU budget (about 10 M tokens per model)")
     reproduce.add_argument("--seeds", type=int, help="seeds per model (default: 3 with --gpu, else 1)")
-    reproduce.add_argument("--ood-data", help="also measure expert activation on this corpus (another genre/language)")
+    reproduce.add_argument(
+        "--ood-data",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="also measure routing on this corpus the models never saw (another language or genre); repeat it, or "
+        "separate corpora with commas; a bare path is named by its file name's first part (de.test.txt.gz: de)",
+    )
+    reproduce.add_argument(
+        "--part",
+        choices=PARTS,
+        default="core",
+        help="core: dense, smoe, xmoe, mhmoe_params, mhmoe_flops; controls: dense, smoe and the four attribution "
+        "controls (fine-grained SMoE, MH-MoE with the softmax router, with H = 1, without head and merge layers); "
+        "all: both. Runs already in --out are reused (default: core)",
+    )
     reproduce.add_argument("--out")
     reproduce.add_argument(
         "--data",

@@ -4,14 +4,19 @@ sub-token divergence.
 Shape legend: T tokens, H heads (1 for SparseMoE), S = T·H sub-tokens (token-major: sub-token j of
 token i is row i·H + j), K top-k, E experts, R = S·K routed assignments.
 
-Definitions (the paper gives none precisely, so they are fixed here):
+Definitions (the paper gives none precisely, so they are fixed here; each is tested on hand-made routings whose
+answer is known):
 - share of expert e: its fraction of the layer's R routed assignments (all K choices; sums to 1).
 - selection ratio of e: the fraction of the S (sub-)tokens that have e among their top-k
   ("selection frequency / number of tokens", §6); sums to K because a row's K experts are distinct.
 - activation ratio: the fraction of (layer, expert) cells whose selection ratio strictly exceeds a
   threshold (default DEFAULT_ACTIVATION_THRESHOLD). Not comparable across expert counts (notes §7).
-- effective experts: exp(entropy of the shares), between 1 and E; threshold-free.
-- divergence of a token: distinct experts reached by its H sub-tokens over all K choices, 1..min(E, H·K).
+- relative activation ratio: the same with a threshold of a stated fraction of the uniform ratio (K/E per
+  sub-token, 1 − (1 − K/E)^H per token), so it does not saturate or vanish as E changes.
+- effective experts: exp(entropy of the shares), between 1 and E; threshold-free. Pooled over the H sub-token
+  streams, or per head (a head's own shares): heads that each keep to a few experts look even when pooled.
+- divergence of a token: distinct experts reached by its H sub-tokens over all K choices, 1..min(E, H·K), or
+  over first choices, 1..H; read it against its chance value under independent heads (`chance_divergence`).
 
 Everything is computed on the CPU in numpy; routing is gathered from `MoEStats` by `LayerRouting.from_stats`.
 """
@@ -176,8 +181,25 @@ def effective_experts(layer: LayerRouting) -> float:
 
 
 def effective_fraction(layer: LayerRouting) -> float:
-    """effective_experts / E, in [1/E, 1]: comparable across expert counts, unlike the activation ratio."""
+    """effective_experts / E, in [1/E, 1]. Normalised by E but not free of it: the same tokens spread over more
+    experts give noisier shares and a lower fraction, so compare it between models with the same E and read it
+    across expert counts with care (it does not saturate as the activation ratio does)."""
     return effective_experts(layer) / layer.num_experts
+
+
+def _effective(shares: np.ndarray) -> np.ndarray:
+    """exp(entropy) of each row of (..., E) shares."""
+    logs = np.log(np.where(shares > 0, shares, 1.0))
+    return np.exp(-(shares * logs).sum(axis=-1))
+
+
+def effective_experts_per_head(layer: LayerRouting) -> np.ndarray:
+    """(H,) exp(entropy) of each head's own expert shares (`head_usage`), in [1, E].
+
+    The pooled `effective_experts` mixes the H sub-token streams: four heads that each use two of eight
+    experts look like eight used evenly when pooled, and like two per head here.
+    """
+    return _effective(head_usage(layer))
 
 
 def head_usage(layer: LayerRouting) -> np.ndarray:
@@ -188,13 +210,68 @@ def head_usage(layer: LayerRouting) -> np.ndarray:
     return counts / counts.sum(axis=1, keepdims=True)
 
 
-def subtoken_divergence(layer: LayerRouting) -> np.ndarray:
-    """(T,) int: distinct experts reached by each token's H sub-tokens over all K choices, 1..min(E, H·K).
+def subtoken_divergence(layer: LayerRouting, first_choice_only: bool = False) -> np.ndarray:
+    """(T,) int: distinct experts reached by each token's H sub-tokens, over all K choices (1..min(E, H·K)) or
+    over their first choices only (1..min(E, H)).
 
-    For SparseMoE (H = 1) this is K, since a row's K experts are distinct.
+    Over all K choices it saturates at min(E, H·K) and chance alone comes close (`chance_divergence`); the
+    first-choice form ranges over 1..H. For SparseMoE (H = 1) it is K, or 1.
     """
-    per_token = np.sort(layer.top_experts.reshape(layer.num_tokens, -1), axis=1)  # (T, H·K)
+    chosen = layer.top_experts[:, :1] if first_choice_only else layer.top_experts
+    per_token = np.sort(chosen.reshape(layer.num_tokens, -1), axis=1)  # (T, H·K) or (T, H)
     return 1 + (np.diff(per_token, axis=1) != 0).sum(axis=1)
+
+
+def head_selection(layer: LayerRouting, first_choice_only: bool = False) -> np.ndarray:
+    """(H, E): the fraction of head h's sub-tokens that have expert e among their top-k (or as first choice)."""
+    H, E = layer.num_heads, layer.num_experts
+    chosen = layer.top_experts[:, :1] if first_choice_only else layer.top_experts
+    by_head = chosen.reshape(layer.num_tokens, H, -1)  # (T, H, K')
+    counts = np.stack([_counts(by_head[:, h], E) for h in range(H)])
+    return counts / layer.num_tokens
+
+
+def chance_divergence(layer: LayerRouting, first_choice_only: bool = False) -> float:
+    """The mean `subtoken_divergence` if each head routed its sub-tokens independently of the token's other
+    sub-tokens, each at its own measured rates: Σ_e [1 − Π_h (1 − π_he)], π_he = `head_selection`.
+
+    The baseline the observed divergence must beat before it says that a token's sub-tokens are sent apart on
+    purpose: for E = 8, H = 4, K = 2 and uniform routing it is 8 · (1 − 0.75⁴) ≈ 5.47 of at most 8.
+    """
+    missed = np.prod(1 - head_selection(layer, first_choice_only), axis=0)  # (E,) no sub-token reaches e
+    return float((1 - missed).sum())
+
+
+def token_selection_ratio(layer: LayerRouting) -> np.ndarray:
+    """(E,) fraction of tokens with at least one sub-token routed to each expert: the paper's per-token
+    denominator ("selection frequency / number of tokens"), beside the per-sub-token `selection_ratio`."""
+    per_token = layer.top_experts.reshape(layer.num_tokens, -1)  # (T, H·K)
+    reached = np.zeros((layer.num_tokens, layer.num_experts), dtype=bool)
+    np.put_along_axis(reached, per_token, True, axis=1)
+    return reached.mean(axis=0)
+
+
+def uniform_ratio(layer: LayerRouting, per: str = "subtoken") -> float:
+    """Each expert's selection ratio under uniform routing: K/E per sub-token, 1 − (1 − K/E)^H per token."""
+    share = layer.top_k / layer.num_experts
+    return share if per == "subtoken" else 1 - (1 - share) ** layer.num_heads
+
+
+def relative_activation_ratio(layers: Sequence[LayerRouting], fraction: float = 0.25, per: str = "subtoken") -> float:
+    """Share of (layer, expert) cells whose selection ratio exceeds `fraction` of its uniform value
+    (`uniform_ratio`): a threshold that moves with E, K and H, unlike `activation_ratio`'s fixed 1%.
+
+    per: "subtoken" (the ratio over the layer's routed items) or "token" (the paper's per-token denominator).
+    """
+    if per not in ("subtoken", "token"):
+        raise ValueError(f"per must be 'subtoken' or 'token', got {per!r}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    ratio = selection_ratio if per == "subtoken" else token_selection_ratio
+    active = [ratio(layer) > fraction * uniform_ratio(layer, per) for layer in layers]
+    if not active:
+        raise ValueError("need at least one LayerRouting, got none")
+    return float(np.mean(np.concatenate(active)))
 
 
 def mean_divergence(layers: Sequence[LayerRouting]) -> np.ndarray:
@@ -207,28 +284,49 @@ def mean_divergence(layers: Sequence[LayerRouting]) -> np.ndarray:
     return np.mean(np.stack(divergences), axis=0)
 
 
-def summarize(layers: Sequence[LayerRouting], threshold: float = DEFAULT_ACTIVATION_THRESHOLD) -> dict:
-    """JSON-ready summary: activation ratio at `threshold`, effective experts, divergence, per-layer details.
+RELATIVE_FRACTION = 0.25  # an expert is active when its selection ratio exceeds a quarter of the uniform ratio
 
-    effective_experts and effective_fraction are means over layers; divergence_mean is the mean over
-    tokens of mean_divergence; max_share/min_share are of expert_shares.
+
+def summarize(layers: Sequence[LayerRouting], threshold: float = DEFAULT_ACTIVATION_THRESHOLD) -> dict:
+    """JSON-ready summary over layers (means over layers; per-head values also over heads):
+
+    activation_ratio (fixed `threshold`, the paper's form; saturates at small E), activation_relative and
+    activation_relative_token (selection ratio above RELATIVE_FRACTION of uniform, per sub-token and per token);
+    effective_experts / effective_fraction pooled over the H sub-token streams, and *_head per head;
+    divergence_mean over all K choices beside divergence_chance (independent heads at their own measured
+    rates), and divergence_top1 beside divergence_top1_chance (first choices, range 1..H); per_layer details.
     """
     ratio = activation_ratio(layers, threshold)  # also rejects an empty list and a bad threshold
     per_layer = [
         dict(
             name=layer.name,
             effective_experts=effective_experts(layer),
+            effective_experts_per_head=effective_experts_per_head(layer).tolist(),
             max_share=float(expert_shares(layer).max()),
             min_share=float(expert_shares(layer).min()),
         )
         for layer in layers
     ]
+    per_head = np.concatenate([effective_experts_per_head(layer) for layer in layers])
+    fractions = np.concatenate([effective_experts_per_head(layer) / layer.num_experts for layer in layers])
+
+    def mean(metric: Callable[[LayerRouting], float]) -> float:
+        return float(np.mean([metric(layer) for layer in layers]))
+
     return dict(
         activation_ratio=ratio,
         threshold=float(threshold),
+        activation_relative=relative_activation_ratio(layers, RELATIVE_FRACTION, "subtoken"),
+        activation_relative_token=relative_activation_ratio(layers, RELATIVE_FRACTION, "token"),
+        relative_fraction=RELATIVE_FRACTION,
         effective_experts=float(np.mean([row["effective_experts"] for row in per_layer])),
-        effective_fraction=float(np.mean([effective_fraction(layer) for layer in layers])),
+        effective_fraction=mean(effective_fraction),
+        effective_experts_head=float(per_head.mean()),
+        effective_fraction_head=float(fractions.mean()),
         divergence_mean=float(mean_divergence(layers).mean()),
+        divergence_chance=mean(chance_divergence),
+        divergence_top1=float(np.mean([subtoken_divergence(layer, True).mean() for layer in layers])),
+        divergence_top1_chance=mean(lambda layer: chance_divergence(layer, True)),
         per_layer=per_layer,
     )
 
@@ -237,8 +335,8 @@ def language_expert_information(shares_LE: np.ndarray) -> float:
     """I(language; expert) in bits, languages weighted equally: H(mean of the rows) − mean of the rows' H.
 
     shares_LE: (languages, E) expert shares of one layer, each row summing to 1 (`expert_shares` per language).
-    0 when every language uses the experts alike; at most log2(number of languages), reached when no two
-    languages share an expert.
+    0 when every language uses the experts alike; at most min(log2 L, log2 E) for L languages and E experts
+    (log2 L when no two languages share an expert, which needs E >= L): 3 bits with 8 experts, whatever L.
     """
     shares = np.asarray(shares_LE, dtype=float)
     if shares.ndim != 2 or 0 in shares.shape:

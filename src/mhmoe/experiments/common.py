@@ -1,16 +1,25 @@
-"""What the reproductions share: the five models of the comparison, the models × seeds driver, aggregation over
-seeds, curves, and writing results.json / results.md.
+"""What the reproductions share: the models of the comparison, the models × seeds driver, aggregation over seeds,
+paired statistics, curves, and writing results.json / results.md.
 
-The five models (NAME in results.json), sized from a base model configuration (its `ffn.moe` gives E, top-k and
-the expert hidden F):
-    dense         FFN hidden `ffn.hidden` in every block
-    smoe          softmax top-k SMoE, E experts of hidden F, in every `moe_every`-th block
-    xmoe          the same with the X-MoE router
-    mhmoe_params  MH-MoE (X-MoE router, H = 4), same E and top-k, hidden solved for equal total parameters
-                  (v1; about H× the expert FLOPs)
-    mhmoe_flops   MH-MoE (X-MoE router, H = 4), hidden solved for equal FLOPs per token and E raised for about
-                  equal total parameters (v2)
-Every model trains on the same batches for the same number of steps per seed.
+The models (NAME in results.json), sized from a base model configuration (its `ffn.moe` gives E, top-k and the
+expert hidden F); every one trains on the same batches for the same number of steps per seed.
+
+The core comparison (`part="core"`), as the papers run it:
+    dense                FFN hidden `ffn.hidden` in every block
+    smoe                 softmax top-k SMoE, E experts of hidden F, in every `moe_every`-th block
+    xmoe                 the same with the X-MoE router
+    mhmoe_params         MH-MoE (X-MoE router, H = 4), same E and top-k, hidden solved for equal total parameters
+                         (v1; about H× the expert FLOPs)
+    mhmoe_flops          MH-MoE (X-MoE router, H = 4), hidden solved for equal FLOPs per token and E raised for
+                         about equal total parameters (v2)
+The controls (`part="controls"`): `mhmoe_flops` against `xmoe` changes three things at once (the head split, the
+granularity — H·K expert calls of smaller experts instead of K — and X-MoE's routing dimension 16/H); each control
+changes one, all at equal FLOPs per token and about equal parameters, all with the softmax router of `smoe`:
+    smoe_fine            fine-grained SMoE at MH-MoE's granularity: E·H experts, top-(K·H), hidden for equal FLOPs
+    mhmoe_flops_softmax  `mhmoe_flops` with the softmax router (the router of its SMoE baseline)
+    mhmoe_h1             MH-MoE with H = 1: head and merge layers only, no split
+    mhmoe_nohm           MH-MoE with H = 4 and no head or merge layer: the split alone
+Both parts include `dense` and `smoe`, the references of the paired statistics (`paired_table`).
 """
 
 from __future__ import annotations
@@ -19,15 +28,17 @@ import copy
 import dataclasses
 import json
 import statistics
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
+from mhmoe.analysis.stats import paired_difference
 from mhmoe.io import write_json, write_text
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
-from mhmoe.models.cost import Cost, flops_matched_mhmoe, params_matched_mhmoe
+from mhmoe.models.cost import Cost, fine_grained_smoe, flops_matched_mhmoe, params_matched_mhmoe
 from mhmoe.models.ffn import FFNConfig, FFNKind
 
 MH_HEADS = 4
@@ -41,27 +52,49 @@ class Variant:
     ffn: FFNConfig
 
 
-def variants(d_model: int, ffn: FFNConfig) -> list[Variant]:
-    """The five models of the comparison (module doc), from a base model's width and FFN section."""
+Part = Literal["core", "controls", "all"]
+PARTS: tuple[str, ...] = get_args(Part)
+CORE = ("dense", "smoe", "xmoe", "mhmoe_params", "mhmoe_flops")
+CONTROLS = ("dense", "smoe", "smoe_fine", "mhmoe_flops_softmax", "mhmoe_h1", "mhmoe_nohm")
+BASELINES = ("smoe", "xmoe", "smoe_fine")  # the sparse baselines a model is compared with (the best one)
+
+
+def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]:
+    """The models of the comparison (module doc), from a base model's width and FFN section."""
     moe = ffn.moe
 
     def ffn_of(kind: FFNKind, config: MoEConfig) -> FFNConfig:
         return FFNConfig(kind=kind, hidden=ffn.hidden, activation=ffn.activation, moe_every=ffn.moe_every, moe=config)
 
+    def flops_matched(base: MoEConfig, heads: int) -> MoEConfig:
+        return flops_matched_mhmoe(d_model, base, num_heads=heads, top_k=K, hidden_multiple=32, experts_multiple=4)
+
+    K = moe.top_k
     base = dataclasses.replace(moe.routed_part(), num_shared_experts=0, shared_expert_hidden=None)
     smoe = dataclasses.replace(base, router=RouterConfig(kind="softmax"))
     xmoe = dataclasses.replace(base, router=RouterConfig(kind="xmoe"))
-    params = params_matched_mhmoe(d_model, xmoe, num_heads=MH_HEADS, hidden_multiple=32)
-    flops = flops_matched_mhmoe(
-        d_model, xmoe, num_heads=MH_HEADS, top_k=moe.top_k, hidden_multiple=32, experts_multiple=4
-    )
-    return [
-        Variant("dense", "baseline", ffn_of("dense", smoe)),
-        Variant("smoe", "baseline", ffn_of("smoe", smoe)),
-        Variant("xmoe", "baseline", ffn_of("smoe", xmoe)),
-        Variant("mhmoe_params", "params", ffn_of("mhmoe", params)),
-        Variant("mhmoe_flops", "flops", ffn_of("mhmoe", flops)),
-    ]
+    unprojected = dataclasses.replace(smoe, multi_head_layers=0, merge_layers=0)
+    models = {
+        "dense": Variant("dense", "baseline", ffn_of("dense", smoe)),
+        "smoe": Variant("smoe", "baseline", ffn_of("smoe", smoe)),
+        "xmoe": Variant("xmoe", "baseline", ffn_of("smoe", xmoe)),
+        "mhmoe_params": Variant(
+            "mhmoe_params",
+            "params",
+            ffn_of("mhmoe", params_matched_mhmoe(d_model, xmoe, num_heads=MH_HEADS, hidden_multiple=32)),
+        ),
+        "mhmoe_flops": Variant("mhmoe_flops", "flops", ffn_of("mhmoe", flops_matched(xmoe, MH_HEADS))),
+    }
+    if part != "core":
+        fine = fine_grained_smoe(d_model, smoe, granularity=MH_HEADS, hidden_multiple=32)
+        models.update(
+            smoe_fine=Variant("smoe_fine", "flops", ffn_of("smoe", fine)),
+            mhmoe_flops_softmax=Variant("mhmoe_flops_softmax", "flops", ffn_of("mhmoe", flops_matched(smoe, MH_HEADS))),
+            mhmoe_h1=Variant("mhmoe_h1", "flops", ffn_of("mhmoe", flops_matched(smoe, 1))),
+            mhmoe_nohm=Variant("mhmoe_nohm", "flops", ffn_of("mhmoe", flops_matched(unprojected, MH_HEADS))),
+        )
+    names = {"core": CORE, "controls": CONTROLS, "all": CORE + CONTROLS[2:]}[part]
+    return [models[name] for name in names]
 
 
 def variant_seeds(base: Any, variant: Variant, seeds: int, out: Path) -> Iterator[tuple[int, Any, Path]]:
@@ -99,11 +132,26 @@ def run_variants(
     return results, curves
 
 
+class Clock:
+    """Wall and CPU seconds of a run's phases, lap by lap: {"train": {"wall": s, "cpu": s}, ...}. CPU time is
+    this process's (all threads), so on a busy machine it stays meaningful where wall time does not."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, dict[str, float]] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.laps[name] = {"wall": wall - self._wall, "cpu": cpu - self._cpu}
+        self._wall, self._cpu = wall, cpu
+
+
 # ------------------------------------------------------------------------------------------------ aggregation
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; no spread (None) from one value."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def model_fields(variant: Variant, cost: Cost) -> dict:
@@ -142,6 +190,53 @@ def run_fields(runs: Sequence[dict]) -> dict:
         "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),
         "seeds": [{k: v for k, v in r.items() if k != "curves"} for r in runs],
     }
+
+
+def paired_table(models: dict[str, dict], key: str) -> dict[str, dict]:
+    """Per model, the paired per-seed difference of `key` (a log-scale value such as a mean loss, one per seed in
+    each model's "seeds") to `dense` and to the best sparse baseline (lowest mean among `BASELINES` present):
+    {model: {"vs_dense": PairedDifference dict, "vs_baseline": ..., "baseline": name}}. Seeds pair by number."""
+
+    def per_seed(name: str) -> dict[int, float]:
+        return {r["seed"]: r[key] for r in models[name]["seeds"] if r.get(key) is not None}
+
+    present = [b for b in BASELINES if b in models and per_seed(b)]
+    best = min(present, key=lambda b: statistics.fmean(per_seed(b).values())) if present else None
+    table: dict[str, dict] = {}
+    for name in models:
+        row: dict[str, Any] = {"baseline": best}
+        for label, other in (("vs_dense", "dense"), ("vs_baseline", best)):
+            if other is None or other == name or other not in models:
+                continue
+            a, b = per_seed(name), per_seed(other)
+            seeds = sorted(set(a) & set(b))
+            if seeds:
+                row[label] = paired_difference([a[s] for s in seeds], [b[s] for s in seeds]).to_dict()
+        table[name] = row
+    return table
+
+
+def paired_markdown(paired: dict[str, dict], what: str) -> str:
+    """The paired table: per model, the mean change of perplexity against dense and the best baseline with its
+    95% interval and the seeds in which its sign holds; "resolved" when the interval excludes 0."""
+
+    def cell(d: dict | None) -> str:
+        if not d:
+            return "-"
+        text = f"{d['mean_pct']:+.1f}%"
+        if d["low_pct"] is not None:
+            text += f" [{d['low_pct']:+.1f}, {d['high_pct']:+.1f}]"
+        text += f" ({d['sign_holds']}/{d['seeds']})"
+        return text + (" **resolved**" if d["resolved"] else "")
+
+    baseline = next((row["baseline"] for row in paired.values() if row.get("baseline")), None)
+    lines = [
+        f"| model | {what} vs dense | {what} vs {baseline or 'best sparse baseline'} |",
+        "|---|---:|---:|",
+    ]
+    for name, row in paired.items():
+        lines.append(f"| {name} | {cell(row.get('vs_dense'))} | {cell(row.get('vs_baseline'))} |")
+    return "\n".join(lines)
 
 
 def mean_curve(curves: Sequence[Curve]) -> tuple[Curve, list[tuple[float, float, float]]]:

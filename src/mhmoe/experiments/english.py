@@ -1,14 +1,17 @@
 """`mhmoe reproduce english`: Dense vs SMoE vs X-MoE vs MH-MoE under one budget (docs/paper-notes.md §5).
 
-The five models of `mhmoe.experiments.common`, trained on the same batches for the same tokens per seed; each run
-is then evaluated and its routing analysed on held-out text (and on an unseen corpus with `ood`: the papers
-measured activation on another distribution, docs/paper-notes.md §7). Writes results.json, results.md,
-val_curves.png and heatmaps/ in `out`.
+The models of `mhmoe.experiments.common` (the core comparison, and with `part` its attribution controls), trained
+on the same batches for the same tokens per seed, with one BPE tokenizer shared by every run; each run is then
+evaluated and its routing analysed on held-out text and on unseen corpora (`ood`: the papers measured activation
+on another distribution, docs/paper-notes.md §7). Writes results.json (with paired per-seed statistics and the
+seconds of every phase), results.md, val_curves.png and heatmaps/ in `out`.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +20,20 @@ import numpy as np
 from mhmoe.analysis.plots import plot_curves
 from mhmoe.analysis.routing import DEFAULT_ACTIVATION_THRESHOLD
 from mhmoe.analysis.runs import analyze_run, load_run
-from mhmoe.data import data_cache_dir, load_corpus, tokenize_corpus
+from mhmoe.data import BPETokenizer, data_cache_dir, load_corpus, tokenize_corpus
+from mhmoe.errors import DataError
 from mhmoe.experiments.common import (
+    Clock,
+    Part,
     Variant,
     copy_figure,
-    effective_cell,
     experts_cell,
     fmt,
     mean_of,
     metric_curve,
     model_fields,
+    paired_markdown,
+    paired_table,
     run_fields,
     run_variants,
     seed_stats,
@@ -36,9 +43,21 @@ from mhmoe.experiments.common import (
 )
 from mhmoe.models.gpt import gpt_cost
 from mhmoe.train.config import RunConfig, apply_overrides, preset
-from mhmoe.train.lm import train
+from mhmoe.train.lm import data_path, train
 
-ANALYSIS_KEYS = ("activation_ratio", "effective_experts", "effective_fraction")
+ANALYSIS_KEYS = (
+    "activation_ratio",
+    "activation_relative",
+    "activation_relative_token",
+    "effective_experts",
+    "effective_fraction",
+    "effective_experts_head",
+    "effective_fraction_head",
+    "divergence_mean",
+    "divergence_chance",
+    "divergence_top1",
+    "divergence_top1_chance",
+)
 
 
 def base(quick: bool, gpu: bool) -> RunConfig:
@@ -64,16 +83,46 @@ def base(quick: bool, gpu: bool) -> RunConfig:
     ])  # fmt: skip
 
 
-def models(cfg: RunConfig) -> list[Variant]:
-    return variants(cfg.model.d_model, cfg.model.ffn)
+def models(cfg: RunConfig, part: Part = "core") -> list[Variant]:
+    return variants(cfg.model.d_model, cfg.model.ffn, part)
 
 
-def ood_tokens(path: str, tokenizer: Any) -> dict[str, np.ndarray]:
-    """All text of another corpus (never trained on), tokenized with the run's tokenizer."""
-    if not path:
-        return {}
-    splits = tokenize_corpus(load_corpus(Path(path)), tokenizer, data_cache_dir(), progress=False)
-    return {"ood": np.concatenate([splits["valid"], splits["test"], splits["train"]])}
+def ood_corpora(specs: Sequence[str]) -> dict[str, Path]:
+    """{name: path} of out-of-distribution corpora given as "PATH" or "NAME=PATH" (several, or comma-separated);
+    a bare path is named by its file name's first part (de.test.txt.gz -> "de") or its folder's name."""
+    found: dict[str, Path] = {}
+    for spec in (item.strip() for entry in specs for item in entry.split(",")):
+        if not spec:
+            continue
+        name, sep, path = spec.partition("=")
+        path, name = (path, name) if sep else (spec, Path(spec).name.split(".")[0])
+        if name in found:
+            raise DataError(f"two out-of-distribution corpora are named {name!r}; name them: NAME=PATH")
+        found[name] = Path(path).expanduser()
+    return found
+
+
+def ood_tokens(corpora: dict[str, Path], tokenizer: Any) -> dict[str, np.ndarray]:
+    """All text of each other corpus (never trained on), tokenized with the run's tokenizer."""
+    out = {}
+    for name, path in corpora.items():
+        splits = tokenize_corpus(load_corpus(path), tokenizer, data_cache_dir(), progress=False)
+        out[name] = np.concatenate([splits["valid"], splits["test"], splits["train"]])
+    return out
+
+
+def shared_tokenizer(cfg: RunConfig, out: Path, text: Callable[[], Iterable[str]]) -> float:
+    """Train the comparison's BPE tokenizer once, on `text()`, into out/tokenizer.json and point every run at it
+    (the same tokens for every model, one training instead of one per run); returns the seconds it took."""
+    if cfg.data.tokenizer != "bpe":
+        return 0.0
+    started = time.perf_counter()
+    path = out / "tokenizer.json"
+    if not path.exists():
+        print(f"== training the shared BPE tokenizer ({cfg.data.vocab_size} tokens)", flush=True)
+        BPETokenizer.train(text(), cfg.data.vocab_size).save(path)
+    cfg.data.tokenizer = str(path.resolve())
+    return time.perf_counter() - started
 
 
 def run(
@@ -84,19 +133,33 @@ def run(
     data: str = "",
     overrides: list[str] | None = None,
     progress: bool = True,
-    ood: str = "",
+    ood: Sequence[str] = (),
+    part: Part = "core",
 ) -> dict:
-    """Train every model for every seed, analyse routing (also on the `ood` corpus, if given), write the results."""
+    """Train every model of `part` for every seed, analyse routing (also on each `ood` corpus), write the results
+    with paired statistics."""
     cfg = base(quick, gpu)
     cfg.data.path = data
     apply_overrides(cfg, overrides or [])
+    corpora = ood_corpora([ood] if isinstance(ood, str) else ood)
     started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    d = cfg.data
+    tokenizer_seconds = shared_tokenizer(
+        cfg,
+        out,
+        lambda: load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction).train,
+    )
 
     def run_seed(variant: Variant, seed: int, run_cfg: RunConfig, run_dir: Path) -> dict:
+        clock = Clock()
         result = train(run_cfg, run_dir, progress=progress)
+        clock.lap("train")
         loaded = load_run(run_dir)  # once: its model, tokenizer and data serve both analyses
-        other = ood_tokens(ood, loaded.tokenizer)
-        analysis = analyze_run(run_dir, other=other, max_batches=8 if quick else 20, run=loaded)
+        analysis = analyze_run(
+            run_dir, other=ood_tokens(corpora, loaded.tokenizer), max_batches=8 if quick else 20, run=loaded
+        )
+        clock.lap("analysis")
         if seed == 0:
             copy_figure(run_dir / "analysis" / "heatmap-valid.png", out / "heatmaps" / f"{variant.name}.png")
         return {
@@ -104,73 +167,118 @@ def run(
             "val_ppl": result.valid["ppl"],
             "test_ppl": result.test["ppl"],
             "val_loss": result.valid["loss"],
+            "test_loss": result.test["loss"],
             "tokens_seen": result.tokens_seen,
             "train_seconds": result.train_seconds,
+            "seconds": clock.laps,
             "analysis": analysis.get("valid"),
-            "analysis_ood": analysis.get("ood"),
+            "analysis_ood": {name: analysis.get(name) for name in corpora} or None,
             "curves": {"val_loss": metric_curve(run_dir)},
         }
 
-    results_by_model, curves = run_variants(cfg, models(cfg), seeds, out, run_seed, aggregate)
+    results_by_model, curves = run_variants(cfg, models(cfg, part), seeds, out, run_seed, aggregate)
     results = {
         "task": "english",
+        "part": part,
         "models": results_by_model,
+        "paired": {key: paired_table(results_by_model, key) for key in ("val_loss", "test_loss")},
         "budget": cfg.to_dict(),
-        "ood_data": ood or None,
+        "ood_data": {name: str(path) for name, path in corpora.items()} or None,
+        "phases": {"tokenizer_seconds": tokenizer_seconds},
         "wall_seconds": time.perf_counter() - started,
     }
     write_results(out, results, table)
     mean, bands = split_bands(curves["val_loss"])
-    plot_curves(mean, out / "val_curves.png", "validation loss (English)", bands=bands)
+    plot_curves(
+        mean, out / "val_curves.png", "validation loss (English)", ylabel="validation loss (nats/token)", bands=bands
+    )
     return results
 
 
 def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
-    """A model's results.json entry: size and cost, perplexities (mean and std over seeds), routing, the seeds."""
+    """A model's results.json entry: size and cost, perplexities (mean and std over seeds), routing in and out of
+    distribution (means over seeds; the *_ood values averaged over the other corpora), the seeds."""
     entry = {**model_fields(variant, gpt_cost(cfg.model)), **seed_stats(runs, ("val_ppl", "test_ppl"))}
-    entry["activation_ratio"] = mean_of(runs, "analysis", "activation_ratio")
     entry["activation_threshold"] = mean_of(runs, "analysis", "threshold")
-    entry["effective_experts"] = mean_of(runs, "analysis", "effective_experts")
-    entry["effective_fraction"] = mean_of(runs, "analysis", "effective_fraction")
     for key in ANALYSIS_KEYS:
-        entry[f"{key}_ood"] = mean_of(runs, "analysis_ood", key)
+        entry[key] = mean_of(runs, "analysis", key)
+    reports = [r.get("analysis_ood") or {} for r in runs]
+    names = sorted({name for report in reports for name, summary in report.items() if summary})
+    ood = {
+        name: {key: _mean([report[name].get(key) for report in reports if report.get(name)]) for key in ANALYSIS_KEYS}
+        for name in names
+    }
+    entry["ood"] = ood or None
+    for key in ANALYSIS_KEYS:
+        entry[f"{key}_ood"] = _mean([ood[name][key] for name in names])
     return {**entry, **run_fields(runs)}
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
+
+
 def table(results: dict) -> str:
-    """The results as a markdown table with a note on what each column measures."""
-    ood = any(m.get("activation_ratio_ood") is not None for m in results["models"].values())
-    header = (
-        "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
-        "| activation | eff. experts |"
-        + (" activation (ood) | eff. experts (ood) |" if ood else "")
-        + " tokens/model | train s |"
-    )
+    """The results as markdown: models and perplexities, paired differences, routing in and out of distribution."""
+    models = results["models"]
+    header = "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl | tokens/model | train s |"
     lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.1f}%"
-
-    for name, m in results["models"].items():
+    for name, m in models.items():
         n = len(m["seeds"])
-        extra = (
-            f" {pct(m['activation_ratio_ood'])} | {effective_cell(m['effective_experts_ood'], m['effective_fraction_ood'])} |"
-            if ood
-            else ""
-        )
         lines.append(
             f"| {name} | {m['matching']} | {experts_cell(m)} | {m['params_total'] / 1e6:.2f} M "
             f"| {m['params_active'] / 1e6:.2f} M | {m['flops_per_token'] / 1e6:.2f} "
             f"| {fmt(m['val_ppl'], m['val_ppl_std'], n)} | {fmt(m['test_ppl'], m['test_ppl_std'], n)} "
-            f"| {pct(m['activation_ratio'])} | {effective_cell(m['effective_experts'], m['effective_fraction'])} |{extra} "
-            f"{m['tokens_seen']:,} | {m['train_seconds']:.0f} |"
+            f"| {m['tokens_seen']:,} | {m['train_seconds']:.0f} |"
         )
-    seeds = len(next(iter(results["models"].values()))["seeds"])
-    note = (
-        f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; perplexity on held-out documents; activation = "
-        f"share of (layer, expert) cells chosen by more than {DEFAULT_ACTIVATION_THRESHOLD:.0%} of the layer's "
-        "(sub-)tokens; eff. experts = exp(entropy of the expert shares), mean over MoE layers (% of E)"
-    )
-    if ood:
-        note += f"; (ood) = measured on {results.get('ood_data')}, text the models never saw"
-    return "\n".join(lines + ["", note + "."])
+    seeds = len(next(iter(models.values()))["seeds"])
+    lines += ["", f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; perplexity on held-out documents.", ""]
+    lines += ["**Paired per-seed differences of validation perplexity**", ""]
+    lines += [paired_markdown(results["paired"]["val_loss"], "val ppl"), ""]
+    lines += [
+        "Mean change of perplexity over the seeds both models ran, [95% t-interval], (seeds whose difference has the "
+        "mean's sign / seeds); resolved = the interval excludes 0.",
+        "",
+    ]
+    lines += routing_tables(results)
+    return "\n".join(lines)
+
+
+def routing_tables(results: dict) -> list[str]:
+    """Routing on held-out text and on each out-of-distribution corpus: effective experts pooled and per head
+    (% of E), relative activation, and sub-token divergence beside its chance value."""
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.0f}%"
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    models = results["models"]
+    corpora = [("held-out", None)] + [(name, name) for name in (results.get("ood_data") or {})]
+    lines = [
+        "**Routing** (means over MoE layers and seeds)",
+        "",
+        "| model | text | eff. experts pooled | per head | active (relative) | divergence / chance | top-1 divergence / chance |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in models.items():
+        if not m["num_experts"]:
+            continue
+        for label, key in corpora:
+            r = m if key is None else (m.get("ood") or {}).get(key) or {}
+            lines.append(
+                f"| {name} | {label} | {pct(r.get('effective_fraction'))} | {pct(r.get('effective_fraction_head'))} "
+                f"| {pct(r.get('activation_relative'))} | {num(r.get('divergence_mean'))} / {num(r.get('divergence_chance'))} "
+                f"| {num(r.get('divergence_top1'))} / {num(r.get('divergence_top1_chance'))} |"
+            )
+    lines += [
+        "",
+        "eff. experts = exp(entropy of the expert shares) as % of E, pooled over the H sub-token streams and per head; "
+        "active (relative) = share of (layer, expert) cells chosen by more than a quarter of the uniform rate K/E "
+        f"of sub-tokens (the fixed {DEFAULT_ACTIVATION_THRESHOLD:.0%} threshold of earlier tables saturates at E = 8); "
+        "divergence = distinct experts reached by a token's sub-tokens (all K choices; top-1: first choices only), "
+        "beside its value if each head routed independently at its own measured rates.",
+    ]
+    return lines

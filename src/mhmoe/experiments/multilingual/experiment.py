@@ -22,15 +22,15 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mhmoe.analysis.plots import plot_curves, plot_divergence_histogram, plot_language_usage
-from mhmoe.analysis.routing import expert_shares, language_expert_information
+from mhmoe.analysis.routing import expert_shares, head_usage, language_expert_information
 from mhmoe.analysis.runs import LoadedRun, analyze_run, collect_routing, evaluate_languages, language_averages, load_run
-from mhmoe.data import BPETokenizer
 from mhmoe.data.multilingual import (
     MultilingualCorpus,
     language_probabilities,
@@ -42,11 +42,14 @@ from mhmoe.data.multilingual import (
 from mhmoe.errors import DataError
 from mhmoe.experiments import english
 from mhmoe.experiments.common import (
+    Clock,
+    Part,
     Variant,
     copy_figure,
     fmt,
     mean_std,
     metric_curve,
+    paired_table,
     run_variants,
     seed_stats,
     split_bands,
@@ -108,10 +111,11 @@ def run(
     data: str = "",
     overrides: list[str] | None = None,
     progress: bool = True,
-    ood: str = "",
+    ood: Sequence[str] = (),
+    part: Part = "core",
 ) -> dict:
-    """Train every model for every seed on the same batches, evaluate and analyse per language, write
-    results.json / results.md / val_curves.png / heatmaps/ / divergence/ in `out`."""
+    """Train every model of `part` for every seed on the same batches, evaluate and analyse per language, write
+    results.json (with paired statistics) / results.md / val_curves.png / heatmaps/ / divergence/ in `out`."""
     cfg = multilingual_base(quick, gpu)
     cfg.data.path = data_location(data)
     apply_overrides(cfg, overrides or [])
@@ -121,23 +125,28 @@ def run(
     corpus = run_corpus(cfg)
     if corpus.ignored:
         print(f"note: not part of the corpus: {', '.join(corpus.ignored)}", file=sys.stderr, flush=True)
-    shared_tokenizer(cfg, corpus, out)
-    shared = _Shared(out, corpus, budget, quick, ood, progress)
+    tokenizer_seconds = english.shared_tokenizer(cfg, out, lambda: tokenizer_text(corpus, cfg.data.language_alpha))
+    corpora = english.ood_corpora([ood] if isinstance(ood, str) else ood)
+    shared = _Shared(out, corpus, budget, quick, corpora, progress)
     run_seed = functools.partial(_run_seed, shared)
-    models, curves = run_variants(cfg, english.models(cfg), seeds, out, run_seed, aggregate)
+    models, curves = run_variants(cfg, english.models(cfg, part), seeds, out, run_seed, aggregate)
     results = {
         "task": "multilingual",
+        "part": part,
         "models": models,
+        "paired": {key: paired_table(models, key) for key in ("val_loss", "test_loss")},
         "budget": cfg.to_dict(),
         "analysis_budget": vars(budget),
         "languages": shared.languages,
         "language_alpha": cfg.data.language_alpha,
-        "ood_data": ood or None,
+        "ood_data": {name: str(path) for name, path in corpora.items()} or None,
+        "phases": {"tokenizer_seconds": tokenizer_seconds},
         "wall_seconds": time.perf_counter() - started,
     }
     write_results(out, results, table)
     mean, bands = split_bands(curves["val_loss"])
-    plot_curves(mean, out / "val_curves.png", "validation loss (all languages, interleaved)", bands=bands)
+    title, ylabel = "validation loss (all languages, interleaved)", "validation loss (nats/token)"
+    plot_curves(mean, out / "val_curves.png", title, ylabel=ylabel, bands=bands)
     return results
 
 
@@ -150,7 +159,7 @@ class _Shared:
     corpus: MultilingualCorpus
     budget: AnalysisBudget
     quick: bool
-    ood: str
+    ood: dict[str, Path]
     progress: bool
     languages: dict = field(default_factory=dict)
     windows: dict | None = None
@@ -158,18 +167,21 @@ class _Shared:
 
 def _run_seed(shared: _Shared, variant: Variant, seed: int, cfg: RunConfig, run_dir: Path) -> dict:
     """Train one model, evaluate it per language and analyse its routing: the seed's record."""
+    clock = Clock()
     result = train(cfg, run_dir, progress=shared.progress)
-    t0 = time.perf_counter()
+    clock.lap("train")
     loaded = load_run(run_dir)
     if shared.windows is None:
         shared.languages = language_table(loaded)
         seq_len, occurrences = loaded.cfg.model.seq_len, shared.budget.word_occurrences
         shared.windows = divergence_inputs(loaded.tokenizer, shared.corpus, seq_len, occurrences)
     per_language = evaluate_languages(loaded, shared.budget.eval_batches)
+    clock.lap("evaluation")
     other = english.ood_tokens(shared.ood, loaded.tokenizer)
     analysis = analyze_run(run_dir, other=other, max_batches=8 if shared.quick else 20, run=loaded)
     usage = language_usage(loaded, shared.budget.usage_batches)
     divergence = word_divergence(loaded, shared.windows)
+    clock.lap("analysis")
     if seed == 0:
         _plot_run(shared.out, variant.name, usage, divergence)
         copy_figure(run_dir / "analysis" / "heatmap-valid.png", shared.out / "heatmaps" / f"{variant.name}.png")
@@ -179,10 +191,12 @@ def _run_seed(shared: _Shared, variant: Variant, seed: int, cfg: RunConfig, run_
         "per_language": per_language,
         "tokens_seen": result.tokens_seen,
         "train_seconds": result.train_seconds,
-        "analysis_seconds": time.perf_counter() - t0,
+        "seconds": clock.laps,
+        "analysis_seconds": clock.laps["evaluation"]["wall"] + clock.laps["analysis"]["wall"],
         "analysis": analysis.get("valid"),
-        "analysis_ood": analysis.get("ood"),
+        "analysis_ood": {name: analysis.get(name) for name in shared.ood} or None,
         "language_mi_bits": usage["mi_bits_mean"],
+        "language_mi_bits_head": usage["mi_bits_head_mean"],
         "language_usage": {**usage, "shares": None if usage["shares"] is None else usage["shares"].tolist()},
         "divergence": divergence,
         "curves": {"val_loss": metric_curve(run_dir)},
@@ -196,21 +210,6 @@ def run_corpus(cfg: RunConfig) -> MultilingualCorpus:
     return load_multilingual(
         data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction, languages=languages
     )
-
-
-def shared_tokenizer(base: RunConfig, corpus: MultilingualCorpus, out: Path) -> None:
-    """Train the BPE tokenizer once, on temperature-sampled text, and point every run at it (`out/tokenizer.json`):
-    the same tokens for every model, so their perplexities compare, and one training instead of one per run."""
-    if base.data.tokenizer != "bpe":
-        return
-    path = out / "tokenizer.json"
-    if not path.exists():
-        print(
-            f"training the shared BPE tokenizer ({base.data.vocab_size} tokens, alpha {base.data.language_alpha})",
-            flush=True,
-        )
-        BPETokenizer.train(tokenizer_text(corpus, base.data.language_alpha), base.data.vocab_size).save(path)
-    base.data.tokenizer = str(path.resolve())
 
 
 # --------------------------------------------------------------------------------- per-language evaluation
@@ -240,19 +239,28 @@ def language_table(run: LoadedRun) -> dict[str, dict]:
 
 
 def language_usage(run: LoadedRun, max_batches: int) -> dict:
-    """(languages, MoE layers, E) expert shares on each language's validation text, and I(language; expert)."""
+    """(languages, MoE layers, E) expert shares on each language's validation text, and I(language; expert) per
+    layer: pooled over the H sub-token streams ("mi_bits") and per head ("mi_bits_head": each head's own expert
+    choice; pooled streams can look language-neutral while each head is not, or the reverse)."""
     langs = languages_of(run.splits)
     if not run.model.moe_layers():
-        return {"languages": langs, "layers": [], "shares": None, "mi_bits": [], "mi_bits_mean": None}
+        return {"languages": langs, "layers": [], "shares": None, "mi_bits": [], "mi_bits_mean": None,
+                "mi_bits_head": [], "mi_bits_head_mean": None}  # fmt: skip
     per_lang = [collect_routing(run, run.splits[split_key("valid", lang)], max_batches) for lang in langs]
     shares = np.stack([[expert_shares(layer) for layer in layers] for layers in per_lang])  # (n_lang, n_layers, E)
+    heads = np.stack([[head_usage(layer) for layer in layers] for layers in per_lang])  # (n_lang, n_layers, H, E)
     mi = [language_expert_information(shares[:, i]) for i in range(shares.shape[1])]
+    mi_head = [
+        [language_expert_information(heads[:, i, h]) for h in range(heads.shape[2])] for i in range(heads.shape[1])
+    ]
     return {
         "languages": langs,
         "layers": [layer.name for layer in per_lang[0]],
         "shares": shares,
         "mi_bits": mi,
         "mi_bits_mean": float(np.mean(mi)),
+        "mi_bits_head": mi_head,
+        "mi_bits_head_mean": float(np.mean(mi_head)),
     }
 
 
@@ -280,10 +288,11 @@ def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     """The English aggregate (val/test ppl = language averages) plus bits per byte, per-language numbers, the
     language-expert information and the divergence groups, each as mean (and std over seeds)."""
     model = english.aggregate(variant, cfg, runs)
-    model.update(seed_stats(runs, ("val_bpb", "test_bpb", "val_bpb_pooled", "test_bpb_pooled", "language_mi_bits")))
+    stats = ("val_bpb", "test_bpb", "val_bpb_pooled", "test_bpb_pooled", "language_mi_bits", "language_mi_bits_head")
+    model.update(seed_stats(runs, stats))
     model["per_language"] = {}
     for lang in runs[0]["per_language"]:
-        row = {}
+        row: dict[str, float | None] = {}
         for key in ("valid_ppl", "test_ppl", "valid_bpb", "test_bpb"):
             row[key], row[f"{key}_std"] = mean_std([r["per_language"][lang][key] for r in runs])
         model["per_language"][lang] = row
@@ -328,8 +337,9 @@ def table(results: dict) -> str:
     lines += [
         "**routing by language and word**",
         "",
-        "| model | I(language; expert) bits | divergence: false cognates | control words | other words |",
-        "|---|---:|---:|---:|---:|",
+        "| model | I(language; expert) bits, pooled | per head | divergence: false cognates | control words "
+        "| other words |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, m in models.items():
         div = m.get("divergence")
@@ -338,7 +348,9 @@ def table(results: dict) -> str:
             if div
             else "- | - | -"
         )
-        lines.append(f"| {name} | {fmt(m['language_mi_bits'], m['language_mi_bits_std'], seeds, 3)} | {cells} |")
+        mi = fmt(m["language_mi_bits"], m["language_mi_bits_std"], seeds, 3)
+        mi_head = fmt(m.get("language_mi_bits_head"), m.get("language_mi_bits_head_std"), seeds, 3)
+        lines.append(f"| {name} | {mi} | {mi_head} | {cells} |")
     b = results["analysis_budget"]
     lines += [
         "",
@@ -347,7 +359,8 @@ def table(results: dict) -> str:
         f"tokenizer text and batches (alpha {results['language_alpha']}), p = its share of the training tokens; epochs = "
         f"passes over the language's training tokens in one run. Per-language numbers on the first "
         f"{b['eval_batches'] or 'all'} batch(es) of each language's split. I(language; expert) = mutual information "
-        "between the language of a token and the expert chosen (languages weighted equally), mean over MoE layers. "
+        "between the language of a token and the expert chosen (languages weighted equally; at most min(log2 L, log2 E) "
+        "bits), mean over MoE layers, pooled over a token's sub-tokens or per head (each head's own choices). "
         "Divergence = distinct experts reached by a token's sub-tokens, mean over MoE layers (MH-MoE only), for the "
         f"tokens of up to {b['word_occurrences']} held-out occurrences per listed word and language "
         "(mhmoe/experiments/multilingual/wordlists.py) and of all other words in the same windows; n = tokens of seed 0.",

@@ -50,7 +50,7 @@ def collect_multiway_routing(
     for modality, kind in kinds.items():
         per_block: dict[int, list] = {}
         masks: dict[int, list] = {}
-        for batch in eval_batches_of(kind, data, cfg, "valid", max_batches, masked=False):
+        for batch, _ in eval_batches_of(kind, data, cfg, "valid", max_batches, masked=False):
             with autocast_for(cfg.train.precision, device):
                 out = model(**to_device(batch, device))
             for r in out.routing:

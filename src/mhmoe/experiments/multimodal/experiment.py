@@ -22,6 +22,8 @@ import torch
 
 from mhmoe.analysis.plots import plot_curves
 from mhmoe.experiments.common import (
+    Clock,
+    Part,
     Variant,
     copy_figure,
     effective_cell,
@@ -29,6 +31,8 @@ from mhmoe.experiments.common import (
     mean_of,
     metric_curve,
     model_fields,
+    paired_markdown,
+    paired_table,
     run_fields,
     run_variants,
     seed_stats,
@@ -63,12 +67,19 @@ def multimodal_base(quick: bool, gpu: bool) -> MaskedRunConfig:
     return base
 
 
-def _seed_record(seed: int, result: RunResult, analysis: dict, run_dir: Path) -> dict:
+def _seed_record(seed: int, result: RunResult, analysis: dict, run_dir: Path, clock: Clock) -> dict:
     def metric(split: dict, name: str, key: str) -> float | None:
         return split[name][key] if name in split else None
 
+    by_source = sorted(name.split("@", 1)[1] for name in result.valid if name.startswith("pair_text@"))
     return {
         "seed": seed,
+        "val_loss": metric(result.valid, "text", "loss"),
+        "test_loss": metric(result.test, "text", "loss"),
+        "val_pair_loss": metric(result.valid, "pair_text", "loss"),
+        "test_pair_loss": metric(result.test, "pair_text", "loss"),
+        "val_pair_ppl_by_source": {src: metric(result.valid, f"pair_text@{src}", "ppl") for src in by_source},
+        "test_pair_ppl_by_source": {src: metric(result.test, f"pair_text@{src}", "ppl") for src in by_source},
         "val_ppl": metric(result.valid, "text", "ppl"),
         "test_ppl": metric(result.test, "text", "ppl"),
         "val_pair_ppl": metric(result.valid, "pair_text", "ppl"),
@@ -82,6 +93,7 @@ def _seed_record(seed: int, result: RunResult, analysis: dict, run_dir: Path) ->
         "test": result.test,
         "tokens_seen": result.tokens_seen,
         "train_seconds": result.train_seconds,
+        "seconds": clock.laps,
         "analysis": analysis.get("all"),
         "analysis_vision": analysis.get("vision"),
         "analysis_language": analysis.get("language"),
@@ -98,9 +110,11 @@ def run(
     data: str = "",
     overrides: list[str] | None = None,
     progress: bool = True,
+    part: Part = "core",
 ) -> dict:
-    """Train every model for every seed on one prepared data set, analyse routing per modality, write
-    results.json / results.md / curves, heat maps per modality and the patch-divergence grids."""
+    """Train every model of `part` for every seed on one prepared data set, analyse routing per modality, write
+    results.json (with paired statistics) / results.md / curves, heat maps per modality and the patch-divergence
+    grids."""
     cfg = multimodal_base(quick, gpu)
     if data:
         cfg.data.path = data
@@ -113,20 +127,29 @@ def run(
     device = resolve_device(cfg.train.device)
 
     def run_seed(variant: Variant, seed: int, run_cfg: MaskedRunConfig, run_dir: Path) -> dict:
+        clock = Clock()
         result = train_masked(run_cfg, run_dir, progress=progress, data=prepared)
+        clock.lap("train")
         trained_cfg, model = load_masked_model(run_dir, device)
         analysis = analyze_masked_run(run_dir, prepared, trained_cfg, model, device)
+        clock.lap("analysis")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if seed == 0:
             _copy_figures(out, variant)
-        return _seed_record(seed, result, analysis, run_dir)
+        return _seed_record(seed, result, analysis, run_dir, clock)
 
-    models, curves = run_variants(cfg, variants(cfg.model.d_model, cfg.model.ffn), seeds, out, run_seed, aggregate)
+    models, curves = run_variants(
+        cfg, variants(cfg.model.d_model, cfg.model.ffn, part), seeds, out, run_seed, aggregate
+    )
     results = {
         "task": "multimodal",
+        "part": part,
         "models": models,
+        "paired": {
+            key: paired_table(models, key) for key in ("val_loss", "test_loss", "val_pair_loss", "test_pair_loss")
+        },
         "budget": cfg.to_dict(),
         "data": prepared.root,
         "sources": {s.name: {k: int(len(s.indices(k))) for k in ("train", "valid", "test")} for s in prepared.sources},
@@ -172,6 +195,12 @@ def aggregate(variant: Variant, cfg: MaskedRunConfig, runs: list[dict]) -> dict:
     entry["patch_divergence"] = (
         {step: statistics.fmean(d[step] for d in divergence) for step in divergence[0]} if divergence else None
     )
+    for split in ("val", "test"):
+        key = f"{split}_pair_ppl_by_source"
+        sources = sorted({src for r in runs for src in r.get(key, {})})
+        entry[key] = {
+            src: statistics.fmean(r[key][src] for r in runs if r[key].get(src) is not None) for src in sources
+        }
     return {**entry, **run_fields(runs)}
 
 
@@ -212,6 +241,19 @@ def table(results: dict) -> str:
         f"visual-token accuracy and cross-entropy on {100 * budget['data']['image_mask_ratio']:.0f}% block-masked "
         f"patches of held-out images ({budget['model']['codebook_size']} k-means codes); eff. experts = exp(entropy "
         "of the expert shares) of the vision / language FFNs on unmasked held-out images / text, mean over MoE layers "
-        "(% of E); positions = patches + text tokens trained on."
+        "(% of E); positions = patches + text tokens trained on. Pair perplexity pools two kinds of captions: "
+        'Fashion-MNIST\'s are class-name templates ("a photo of a shirt"), so on those it measures class recognition; '
+        "emoji captions are names in several languages (per-source values below)."
     )
-    return "\n".join(lines + ["", note])
+    lines += ["", note, ""]
+    sources = sorted({src for m in results["models"].values() for src in m.get("val_pair_ppl_by_source") or {}})
+    if sources:
+        lines += ["| model | " + " | ".join(f"pair ppl (val), {src}" for src in sources) + " |",
+                  "|---|" + "---:|" * len(sources)]  # fmt: skip
+        for name, m in results["models"].items():
+            cells = " | ".join(f"{m['val_pair_ppl_by_source'].get(src, float('nan')):.2f}" for src in sources)
+            lines.append(f"| {name} | {cells} |")
+        lines.append("")
+    for key, what in (("val_loss", "text ppl (val)"), ("val_pair_loss", "pair ppl (val)")):
+        lines += [f"**Paired per-seed differences of {what}**", "", paired_markdown(results["paired"][key], what), ""]
+    return "\n".join(lines)

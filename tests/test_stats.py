@@ -1,0 +1,59 @@
+"""Paired statistics over seeds: Student's t from its own CDF, intervals, resolution, and seeds to resolve."""
+
+import math
+
+import pytest
+
+from mhmoe.analysis.stats import paired_difference, seeds_to_resolve, t_cdf, t_quantile
+from mhmoe.experiments.common import paired_table
+
+# two-sided 95% critical values of Student's t (statistical tables)
+T975 = {1: 12.7062047, 2: 4.30265273, 4: 2.77644511, 9: 2.26215716, 30: 2.04227246, 1000: 1.96233908}
+
+
+@pytest.mark.parametrize("df", sorted(T975))
+def test_t_quantiles_match_the_tables(df):
+    assert t_quantile(0.975, df) == pytest.approx(T975[df], rel=1e-7)
+    assert t_quantile(0.025, df) == pytest.approx(-T975[df], rel=1e-7)
+    assert t_cdf(T975[df], df) == pytest.approx(0.975, abs=1e-9)
+
+
+def test_paired_difference_by_hand():
+    d = paired_difference([1.0, 2.0, 3.0], [0.5, 1.6, 2.4])  # differences 0.5, 0.4, 0.6
+    sd = math.sqrt(((0.0) ** 2 + 0.1**2 + 0.1**2) / 2)
+    half = T975[2] * sd / math.sqrt(3)
+    assert d.mean == pytest.approx(0.5) and d.low == pytest.approx(0.5 - half) and d.high == pytest.approx(0.5 + half)
+    assert d.seeds == 3 and d.sign_holds == 3 and d.resolved
+    assert d.to_dict()["mean_pct"] == pytest.approx(100 * (math.exp(0.5) - 1))
+
+
+def test_unresolved_and_single_seed():
+    mixed = paired_difference([1.0, 1.0, 1.0, 1.0], [0.9, 1.1, 0.95, 1.08])  # signs disagree
+    assert not mixed.resolved and mixed.low < 0 < mixed.high and mixed.sign_holds == 2
+    one = paired_difference([2.0], [1.0])
+    assert one.low is None and not one.resolved and one.sign_holds == 1
+    with pytest.raises(ValueError, match="same number of seeds"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def test_seeds_to_resolve():
+    assert seeds_to_resolve(0.0, 0.03) == 2
+    n = seeds_to_resolve(0.02, math.log(1.03))  # a 3% perplexity difference at a per-seed spread of 0.02 nats
+    assert (
+        t_quantile(0.975, n - 1) * 0.02 / math.sqrt(n)
+        < math.log(1.03)
+        <= t_quantile(0.975, n - 2) * 0.02 / math.sqrt(n - 1)
+    )
+
+
+def test_paired_table_compares_with_dense_and_the_best_baseline():
+    def model(losses):
+        return {"seeds": [{"seed": s, "val_loss": v} for s, v in enumerate(losses)]}
+
+    models = {"dense": model([5.0, 5.1, 5.2]), "smoe": model([4.9, 5.0, 5.1]), "xmoe": model([4.8, 4.95, 5.0]),
+              "mhmoe_flops": model([4.7, 4.85, 4.9])}  # fmt: skip
+    table = paired_table(models, "val_loss")
+    assert table["mhmoe_flops"]["baseline"] == "xmoe"  # the lower mean of the sparse baselines
+    assert table["mhmoe_flops"]["vs_baseline"]["mean"] == pytest.approx(-0.1)
+    assert table["mhmoe_flops"]["vs_dense"]["sign_holds"] == 3 and table["mhmoe_flops"]["vs_dense"]["resolved"]
+    assert "vs_dense" not in table["dense"] and "vs_baseline" not in table["xmoe"]
