@@ -740,3 +740,20 @@ def test_eval_batches_shapes_and_limit() -> None:
         eval_batches(ramp(1), 3, 4)
     with pytest.raises(ValueError, match=r"seq_len \(0\)"):
         eval_batches(ramp(10), 3, 0)
+
+
+def test_load_documents_reads_everything_unsplit(tmp_path):
+    from mhmoe.data import load_documents
+
+    one = tmp_path / "one.txt"
+    one.write_text("  a single short document  \n")
+    assert [d.strip() for d in load_documents(one)] == ["a single short document"]  # load_corpus cannot split it
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name in ("b.txt", "a.txt"):
+        (folder / name).write_text(f"text of {name}")
+    assert sorted(d.strip() for d in load_documents(folder)) == ["text of a.txt", "text of b.txt"]
+    assert load_documents(folder) == load_documents(folder)  # a stable order
+    (tmp_path / "empty.txt").write_text("   ")
+    with pytest.raises(DataError, match="is empty"):
+        load_documents(tmp_path / "empty.txt")

@@ -26,10 +26,11 @@ TOY = [
 def test_variants_are_matched():
     base = english_base(quick=True, gpu=False)
     costs = {}
-    for v in english_variants(base):
+    for v in english_variants(base, "all"):
         base.model.ffn = v.ffn
         costs[v.name] = gpt_cost(base.model)
-    assert [v.name for v in english_variants(base)] == ["dense", "smoe", "xmoe", "mhmoe_params", "mhmoe_flops"]
+    assert [v.name for v in english_variants(base)] == ["dense", "smoe", "xmoe", "mhmoe_flops"]
+    assert [v.name for v in english_variants(base, "params")] == ["dense", "xmoe", "mhmoe_params"]
     assert abs(costs["mhmoe_params"].params_total / costs["xmoe"].params_total - 1) < 0.01
     assert abs(costs["mhmoe_flops"].flops_per_token / costs["xmoe"].flops_per_token - 1) < 0.02
     assert abs(costs["mhmoe_flops"].params_total / costs["xmoe"].params_total - 1) < 0.05
@@ -48,6 +49,8 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     german = gzip.open(SHARED / "multilingual" / "de.valid.txt.gz", "rt").read()[:30_000]
     for i in range(3):
         (ood / f"de{i}.txt").write_text(german[i * 10_000 : (i + 1) * 10_000])
+    small = tmp_path / "fr.txt"  # one short document: used whole, never split
+    small.write_text(gzip.open(SHARED / "multilingual" / "fr.valid.txt.gz", "rt").read()[:3_000])
     args = [
         "reproduce",
         "english",
@@ -60,6 +63,8 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
         str(corpus),
         "--ood-data",
         str(ood),
+        "--ood-data",
+        str(small),
         "--no-progress",
     ]
     for item in TOY:
@@ -68,7 +73,8 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "english"
-    assert set(results["models"]) == {"dense", "smoe", "xmoe", "mhmoe_params", "mhmoe_flops"}
+    assert set(results["models"]) == {"dense", "smoe", "xmoe", "mhmoe_flops"}
+    assert set(results["ood_data"]) == {"ood", "fr"}
     keys = {
         "matching",
         "params_total",
@@ -99,8 +105,8 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
         for r in results["models"][name]["seeds"]:
             assert set(r["seconds"]) == {"train", "analysis"} and r["seconds"]["train"]["cpu"] > 0
     assert (out / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "heatmaps" / "mhmoe_params.png").exists()
-    assert "mhmoe_params" in capsys.readouterr().out
+    assert (out / "heatmaps" / "mhmoe_flops.png").exists()
+    assert "mhmoe_flops" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,message", [(["--seeds", "0"], "--seeds must be >= 1")])

@@ -456,7 +456,7 @@ def test_reproduce_multilingual_toy(toy_languages, tmp_path, monkeypatch, capsys
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "multilingual" and results["language_alpha"] == 0.3
-    assert set(results["models"]) == {"dense", "smoe", "xmoe", "mhmoe_params", "mhmoe_flops"}
+    assert set(results["models"]) == {"dense", "smoe", "xmoe", "mhmoe_flops"}
     languages = results["languages"]
     assert list(languages) == ["de", "en", "es"]
     assert sum(v["probability"] for v in languages.values()) == pytest.approx(1)

@@ -386,6 +386,23 @@ def test_patch_divergence_from_a_hand_made_snapshot(tmp_path):
     np.testing.assert_allclose(maps, np.array([[[1.5, 2.0], [2.0, 1.5]]] * 2))
 
 
+def test_routing_agreement_with_the_last_snapshot(tmp_path):
+    from mhmoe.experiments.multimodal.analysis import routing_agreement
+
+    def snapshot(step, first):  # 4 sub-tokens, top-2 (only the first choice counts), 1 layer
+        second = (np.array(first) + 1) % 4
+        top = np.stack([first, second], axis=1)
+        path = tmp_path / f"step-{step:08d}.npz"
+        np.savez(path, step=np.array(step), num_experts=np.array(4), block1=top)
+        return path
+
+    paths = [snapshot(0, [0, 0, 0, 0]), snapshot(5, [0, 1, 3, 3]), snapshot(9, [0, 1, 2, 3])]
+    report = routing_agreement(paths)
+    assert report["step 0"] == {"agreement": 0.25, "chance": 0.25}  # all on expert 0; final spreads 1/4 each
+    assert report["step 5"]["agreement"] == 0.75 and report["step 9"]["agreement"] == 1.0
+    assert report["step 9"]["chance"] == 0.25 and routing_agreement([]) == {}
+
+
 def test_divergence_grid_plot(tmp_path):
     from mhmoe.analysis.plots import plot_patch_divergence_grid
 
@@ -415,7 +432,7 @@ def test_variants_are_matched(quick, gpu):
 
     base = multimodal_base(quick=quick, gpu=gpu)
     costs = {}
-    for variant in variants(base.model.d_model, base.model.ffn):
+    for variant in variants(base.model.d_model, base.model.ffn, "all"):
         cfg = copy.deepcopy(base.model)
         cfg.ffn = variant.ffn
         costs[variant.name] = multiway_cost(cfg)
@@ -486,11 +503,12 @@ def test_reproduce_multimodal_end_to_end(tmp_path, monkeypatch, capsys, small_te
            "model.codebook_size=16", "model.ffn.hidden=64", "model.ffn.moe.expert_hidden=64", "model.ffn.moe.num_experts=4",
            "train.batch_size=4", "train.max_steps=4", "train.eval_every=4", "train.eval_batches=2", "train.threads=1",
            "train.final_eval_batches=2", "analysis.snapshots=3", "analysis.display_images=2", "analysis.max_batches=2"]  # fmt: skip
-    args = ["reproduce", "multimodal", "--quick", "--out", str(out), "--data", str(shared_file()), "--no-progress"]
+    args = ["reproduce", "multimodal", "--quick", "--part", "params", "--out", str(out), "--data", str(shared_file())]
+    args += ["--no-progress"]
     assert main(args + [item for kv in toy for item in ("--set", kv)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "multimodal"
-    assert set(results["models"]) == {"dense", "smoe", "xmoe", "mhmoe_params", "mhmoe_flops"}
+    assert set(results["models"]) == {"dense", "xmoe", "mhmoe_params"}
     assert set(results["sources"]) == {"emoji", "fashion-mnist"}
     costs = {name: m["flops_per_token"] for name, m in results["models"].items()}
     assert costs["mhmoe_params"] > costs["xmoe"]  # (matching at real sizes: test_variants_are_matched)
@@ -504,7 +522,9 @@ def test_reproduce_multimodal_end_to_end(tmp_path, monkeypatch, capsys, small_te
             assert 1 <= m["effective_experts_language"] <= m["num_experts"]
             assert (out / "heatmaps" / f"{name}-vision.png").exists()
     assert set(results["models"]["mhmoe_params"]["patch_divergence"]) == {"step 0", "step 2", "step 4"}
-    assert (out / "divergence" / "mhmoe_flops.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(results["models"]["xmoe"]["routing_agreement"]) == {"step 0", "step 2", "step 4"}
+    assert results["models"]["xmoe"]["routing_agreement"]["step 4"] == 1.0
+    assert (out / "divergence" / "mhmoe_params.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "val_curves.png").exists() and (out / "val_curves_patches.png").exists()
     assert "pair ppl" in (out / "results.md").read_text()
-    assert "mhmoe_flops" in capsys.readouterr().out
+    assert "mhmoe_params" in capsys.readouterr().out

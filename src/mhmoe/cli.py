@@ -3,9 +3,11 @@
     mhmoe train --preset NAME [--set key=value ...] [--data PATH] [--out DIR]
     mhmoe eval RUN_DIR
     mhmoe analyze RUN_DIR [--data PATH]
-    mhmoe reproduce english [--quick|--gpu] [--seeds N] [--out DIR] [--data PATH] [--set key=value ...]
-    mhmoe reproduce multilingual [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
-    mhmoe reproduce multimodal [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
+    mhmoe reproduce english [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data PATH] [--ood-data PATH]
+    mhmoe reproduce multilingual [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR] [--ood-data PATH]
+    mhmoe reproduce multimodal [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR]
+    mhmoe reproduce ablations [--quick|--gpu] [--sweeps heads,head_merge,depth,experts|all] [--seeds N] [--out DIR]
+                      each also takes [--set key=value ...]; --dry-run prints the plan and a time estimate
     mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--cuda-graph] [--json FILE]
     mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--compile] [--json FILE]
     mhmoe sizes       the papers' layer presets with their exact parameter counts and FLOPs
@@ -26,7 +28,9 @@ import sys
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-PARTS = ("core", "controls", "all")  # mhmoe.experiments.common.PARTS, without importing the experiments here
+PARTS = ("core", "params", "controls", "all")  # mhmoe.experiments.common.PARTS (the CLI imports no experiment)
+SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
+GPU_SEEDS = {"ablations": 3}  # default --seeds with --gpu (else 5: enough to resolve 3%, results/english/README.md)
 
 
 def _bench_layer(args: argparse.Namespace) -> int:
@@ -215,32 +219,52 @@ REPRODUCTION_FILES = {
     "english": "val_curves.png and heatmaps/",
     "multilingual": "val_curves.png, heatmaps/ and divergence/",
     "multimodal": "val_curves*.png, heatmaps/ and divergence/",
+    "ablations": "sweep-*.png and heatmaps/",
 }
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from mhmoe.experiments import english, multilingual, multimodal
+    from mhmoe.experiments import ablations, english, multilingual, multimodal
+    from mhmoe.experiments.common import Assumptions, plan_markdown
 
-    experiment = {"english": english, "multilingual": multilingual, "multimodal": multimodal}[args.task]
-    kwargs = dict(
-        quick=args.quick,
-        gpu=args.gpu,
-        seeds=args.seeds or (3 if args.gpu else 1),
-        data=args.data or "",
-        overrides=args.set,
-        progress=not args.no_progress,
-        part=args.part,
+    task = args.task
+    if args.ood_data and task not in ("english", "multilingual"):
+        raise SystemExit("mhmoe: --ood-data applies to `reproduce english` and `reproduce multilingual` only")
+    if args.sweeps and task != "ablations":
+        raise SystemExit("mhmoe: --sweeps applies to `reproduce ablations` only; the others take --part")
+    if args.part and task == "ablations":
+        raise SystemExit("mhmoe: `reproduce ablations` takes --sweeps, not --part")
+    seeds = args.seeds or (GPU_SEEDS.get(task, 5) if args.gpu else 1)
+    out = Path(args.out or f"runs/reproduce-{task}{'-gpu' if args.gpu else '-quick' if args.quick else ''}")
+    size = dict(quick=args.quick, gpu=args.gpu, overrides=args.set)
+    choice = dict(only=_sweeps(args.sweeps)) if task == "ablations" else dict(part=args.part or "core")
+    ood = dict(ood=args.ood_data) if task in ("english", "multilingual") else {}
+    if args.dry_run:
+        counted = dict(other_corpora=len(english.ood_corpora(args.ood_data))) if ood else {}
+        data = dict(data=args.data or "") if task == "multilingual" else {}
+        models = {"english": english, "multilingual": multilingual, "multimodal": multimodal, "ablations": ablations}
+        planned = models[task].plan(**size, **choice, **counted, **data)
+        print(plan_markdown(task, planned, seeds, out, Assumptions(tflops=args.assume_tflops)))
+        return 0
+    experiment = {"english": english, "multilingual": multilingual, "multimodal": multimodal, "ablations": ablations}
+    results = experiment[task].run(
+        out, **size, **choice, **ood, seeds=seeds, data=args.data or "", progress=not args.no_progress
     )
-    if args.task == "multimodal":
-        if args.ood_data:
-            raise SystemExit("mhmoe: --ood-data applies to `reproduce english` and `reproduce multilingual` only")
-    else:
-        kwargs["ood"] = args.ood_data
-    out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
-    results = experiment.run(out, **kwargs)
-    print(experiment.table(results))
-    print(f"results.json, results.md, {REPRODUCTION_FILES[args.task]} in {out} ({results['wall_seconds']:.0f} s)")
+    print(experiment[task].table(results))
+    print(f"results.json, results.md, {REPRODUCTION_FILES[task]} in {out} ({results['wall_seconds']:.0f} s)")
     return 0
+
+
+def _sweeps(text: str | None) -> list[str] | None:
+    if not text:
+        return ["heads"]
+    if text == "all":
+        return None
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in SWEEPS]
+    if unknown:
+        raise SystemExit(f"mhmoe: unknown sweep {unknown[0]!r}; choose from {', '.join(SWEEPS)} (comma-separated)")
+    return chosen
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,12 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--batches", type=int, default=20, help="held-out batches to route (default 20)")
     analyze.set_defaults(run=_analyze)
 
-    reproduce = verbs.add_parser("reproduce", help="the paper's comparisons")
-    reproduce.add_argument("task", choices=("english", "multilingual", "multimodal"))
+    reproduce = verbs.add_parser("reproduce", help="the paper's comparisons and ablations")
+    reproduce.add_argument("task", choices=("english", "multilingual", "multimodal", "ablations"))
     size = reproduce.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
-    size.add_argument("--gpu", action="store_true", help="the one-GPU budget (about 10 M tokens per model)")
-    reproduce.add_argument("--seeds", type=int, help="seeds per model (default: 3 with --gpu, else 1)")
+    size.add_argument("--gpu", action="store_true", help="one H200: each part in about six minutes (see --dry-run)")
+    reproduce.add_argument(
+        "--seeds",
+        type=int,
+        help="seeds per model (default with --gpu: 5, ablations 3; else 1); finished seeds are reused",
+    )
     reproduce.add_argument(
         "--ood-data",
         action="append",
@@ -283,10 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument(
         "--part",
         choices=PARTS,
-        default="core",
-        help="core: dense, smoe, xmoe, mhmoe_params, mhmoe_flops; controls: dense, smoe and the four attribution "
-        "controls (fine-grained SMoE, MH-MoE with the softmax router, with H = 1, without head and merge layers); "
-        "all: both. Runs already in --out are reused (default: core)",
+        help="core: dense, smoe, xmoe, mhmoe_flops (v2, equal FLOPs); params: dense, xmoe, mhmoe_params (v1, equal "
+        "parameters); controls: smoe and the four attribution controls (fine-grained SMoE, MH-MoE with the "
+        "softmax router, with H = 1, without head and merge layers); all: every model. Runs already in --out are "
+        "reused (default: core)",
+    )
+    reproduce.add_argument(
+        "--sweeps",
+        help=f"ablations: the sweeps to run, comma-separated from {', '.join(SWEEPS)}, or all (default: heads); "
+        "sweeps run into the same --out share their common models",
+    )
+    reproduce.add_argument(
+        "--dry-run", action="store_true", help="print the plan (models, steps, tokens, seeds) and a time estimate"
+    )
+    reproduce.add_argument(
+        "--assume-tflops",
+        type=float,
+        default=100.0,
+        help="--dry-run: the sustained training rate to estimate with, TFLOP/s (default 100)",
     )
     reproduce.add_argument("--out")
     reproduce.add_argument(

@@ -9,7 +9,7 @@
 Optional packages (`tokenizers` for BPE, `tqdm` for progress bars) are imported only when used.
 """
 
-from mhmoe.data.corpus import Corpus, data_cache_dir, default_corpus, load_corpus
+from mhmoe.data.corpus import Corpus, data_cache_dir, default_corpus, load_corpus, load_documents
 from mhmoe.data.dataset import BatchSampler, eval_batches, tokenize_corpus
 from mhmoe.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -23,6 +23,7 @@ __all__ = [
     "default_corpus",
     "eval_batches",
     "load_corpus",
+    "load_documents",
     "load_tokenizer",
     "tokenize_corpus",
 ]

@@ -318,6 +318,18 @@ def load_corpus(
     return Corpus(splits["train"], splits["valid"], splits["test"], source=str(path))
 
 
+def load_documents(path: str | Path) -> list[str]:
+    """Every document (chunk) of a folder or file, in a stable order and not split: text used only for
+    evaluation, such as an out-of-distribution corpus, however small (one chunk is enough)."""
+    path = Path(path).expanduser()
+    _check_readable(path)
+    scored = _load_scored(path, 0.0, 0.0, 0)
+    documents = [text for split in SPLITS for _, text in sorted(scored[split]) if text.strip()]
+    if not documents:
+        raise _empty_error(path)
+    return documents
+
+
 def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
     if path.is_file():
         return _from_single_file(path, valid_fraction, test_fraction, seed)

@@ -4,14 +4,15 @@ paired statistics, curves, and writing results.json / results.md.
 The models (NAME in results.json), sized from a base model configuration (its `ffn.moe` gives E, top-k and the
 expert hidden F); every one trains on the same batches for the same number of steps per seed.
 
-The core comparison (`part="core"`), as the papers run it:
-    dense                FFN hidden `ffn.hidden` in every block
-    smoe                 softmax top-k SMoE, E experts of hidden F, in every `moe_every`-th block
-    xmoe                 the same with the X-MoE router
-    mhmoe_params         MH-MoE (X-MoE router, H = 4), same E and top-k, hidden solved for equal total parameters
-                         (v1; about H× the expert FLOPs)
+The paper's models, in two parts: `part="core"` is v2's comparison at equal FLOPs per token, `part="params"` v1's
+at equal parameters (its MH-MoE costs about H× the expert FLOPs, so it is a part of its own):
+    dense                FFN hidden `ffn.hidden` in every block                                  (core, params)
+    smoe                 softmax top-k SMoE, E experts of hidden F, in every `moe_every`-th block (core)
+    xmoe                 the same with the X-MoE router                                          (core, params)
     mhmoe_flops          MH-MoE (X-MoE router, H = 4), hidden solved for equal FLOPs per token and E raised for
-                         about equal total parameters (v2)
+                         about equal total parameters (v2)                                      (core)
+    mhmoe_params         MH-MoE (X-MoE router, H = 4), same E and top-k, hidden solved for equal total parameters
+                         (v1)                                                                    (params)
 The controls (`part="controls"`): `mhmoe_flops` against `xmoe` changes three things at once (the head split, the
 granularity — H·K expert calls of smaller experts instead of K — and X-MoE's routing dimension 16/H); each control
 changes one, all at equal FLOPs per token and about equal parameters, all with the softmax router of `smoe`:
@@ -19,7 +20,8 @@ changes one, all at equal FLOPs per token and about equal parameters, all with t
     mhmoe_flops_softmax  `mhmoe_flops` with the softmax router (the router of its SMoE baseline)
     mhmoe_h1             MH-MoE with H = 1: head and merge layers only, no split
     mhmoe_nohm           MH-MoE with H = 4 and no head or merge layer: the split alone
-Both parts include `dense` and `smoe`, the references of the paired statistics (`paired_table`).
+The controls part includes `smoe`, their reference in the paired statistics (`paired_table`); `all` is every model
+once. Parts run into the same output folder share their common models (finished runs are reused).
 """
 
 from __future__ import annotations
@@ -52,10 +54,17 @@ class Variant:
     ffn: FFNConfig
 
 
-Part = Literal["core", "controls", "all"]
+Part = Literal["core", "params", "controls", "all"]
 PARTS: tuple[str, ...] = get_args(Part)
-CORE = ("dense", "smoe", "xmoe", "mhmoe_params", "mhmoe_flops")
-CONTROLS = ("dense", "smoe", "smoe_fine", "mhmoe_flops_softmax", "mhmoe_h1", "mhmoe_nohm")
+CORE = ("dense", "smoe", "xmoe", "mhmoe_flops")
+PARAMS = ("dense", "xmoe", "mhmoe_params")
+CONTROLS = ("smoe", "smoe_fine", "mhmoe_flops_softmax", "mhmoe_h1", "mhmoe_nohm")
+PART_MODELS = {
+    "core": CORE,
+    "params": PARAMS,
+    "controls": CONTROLS,
+    "all": tuple(dict.fromkeys(CORE + PARAMS + CONTROLS)),
+}
 BASELINES = ("smoe", "xmoe", "smoe_fine")  # the sparse baselines a model is compared with (the best one)
 
 
@@ -85,7 +94,7 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
         ),
         "mhmoe_flops": Variant("mhmoe_flops", "flops", ffn_of("mhmoe", flops_matched(xmoe, MH_HEADS))),
     }
-    if part != "core":
+    if part in ("controls", "all"):
         fine = fine_grained_smoe(d_model, smoe, granularity=MH_HEADS, hidden_multiple=32)
         models.update(
             smoe_fine=Variant("smoe_fine", "flops", ffn_of("smoe", fine)),
@@ -93,8 +102,7 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
             mhmoe_h1=Variant("mhmoe_h1", "flops", ffn_of("mhmoe", flops_matched(smoe, 1))),
             mhmoe_nohm=Variant("mhmoe_nohm", "flops", ffn_of("mhmoe", flops_matched(unprojected, MH_HEADS))),
         )
-    names = {"core": CORE, "controls": CONTROLS, "all": CORE + CONTROLS[2:]}[part]
-    return [models[name] for name in names]
+    return [models[name] for name in PART_MODELS[part]]
 
 
 def variant_seeds(base: Any, variant: Variant, seeds: int, out: Path) -> Iterator[tuple[int, Any, Path]]:
@@ -146,6 +154,67 @@ class Clock:
         self._wall, self._cpu = wall, cpu
 
 
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class PlannedModel:
+    """One model of a reproduction's plan, per seed: its size, forward FLOPs per token and the tokens it reads."""
+
+    name: str
+    params_total: int
+    flops_per_token: int  # forward; training counts 3× (forward and backward)
+    steps: int
+    train_tokens: int
+    eval_tokens: int  # forward only: periodic and final evaluations and the routing analysis
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """What a `--dry-run` time estimate assumes; none of it is measured on the machine that will run the plan."""
+
+    tflops: float = 100.0  # sustained model FLOP/s while training, in TFLOP/s
+    run_overhead_s: float = 6.0  # per run: building the model, checkpoints, figures, the routing analysis
+    fixed_s: float = 30.0  # per invocation: starting up, the shared tokenizer, tokenising the data once
+
+    def seconds(self, model: PlannedModel) -> float:
+        flops = 3 * model.flops_per_token * model.train_tokens + model.flops_per_token * model.eval_tokens
+        return flops / (self.tflops * 1e12) + self.run_overhead_s
+
+
+def finished_seeds(out: Path, name: str, seeds: int) -> int:
+    """How many of a model's seeds already finished in `out` (their runs are reused, not trained again)."""
+    return sum((out / "runs" / f"{name}-seed{seed}" / "summary.json").is_file() for seed in range(seeds))
+
+
+def plan_markdown(task: str, models: Sequence[PlannedModel], seeds: int, out: Path, assume: Assumptions) -> str:
+    """The plan of a reproduction (models, steps, tokens, seeds, runs already done in `out`) and its estimated
+    wall time from FLOPs at the stated assumptions."""
+    lines = [
+        f"plan: reproduce {task}, {len(models)} models × {seeds} seeds, output {out}",
+        "",
+        "| model | params total | MFLOPs/token | steps | tokens/seed | eval tokens/seed | seeds to run | est. s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    total = assume.fixed_s
+    for m in models:
+        todo = seeds - finished_seeds(out, m.name, seeds)
+        seconds = todo * assume.seconds(m)
+        total += seconds
+        lines.append(
+            f"| {m.name} | {m.params_total / 1e6:.1f} M | {m.flops_per_token / 1e6:.1f} | {m.steps} "
+            f"| {m.train_tokens / 1e6:.2f} M | {m.eval_tokens / 1e6:.2f} M | {todo} | {seconds:.0f} |"
+        )
+    lines += [
+        "",
+        f"estimated wall time: {total / 60:.1f} min ({total:.0f} s), assuming {assume.tflops:g} TFLOP/s sustained "
+        f"(training counts 3× the forward FLOPs), {assume.run_overhead_s:g} s per run beside the FLOPs and "
+        f"{assume.fixed_s:g} s per invocation; an assumption, not a measurement (`mhmoe bench train` measures "
+        "a machine's rate)",
+    ]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ aggregation
 
 
@@ -192,15 +261,15 @@ def run_fields(runs: Sequence[dict]) -> dict:
     }
 
 
-def paired_table(models: dict[str, dict], key: str) -> dict[str, dict]:
+def paired_table(models: dict[str, dict], key: str, baselines: Sequence[str] = BASELINES) -> dict[str, dict]:
     """Per model, the paired per-seed difference of `key` (a log-scale value such as a mean loss, one per seed in
-    each model's "seeds") to `dense` and to the best sparse baseline (lowest mean among `BASELINES` present):
+    each model's "seeds") to `dense` and to the best sparse baseline (lowest mean among `baselines` present):
     {model: {"vs_dense": PairedDifference dict, "vs_baseline": ..., "baseline": name}}. Seeds pair by number."""
 
     def per_seed(name: str) -> dict[int, float]:
         return {r["seed"]: r[key] for r in models[name]["seeds"] if r.get(key) is not None}
 
-    present = [b for b in BASELINES if b in models and per_seed(b)]
+    present = [b for b in baselines if b in models and per_seed(b)]
     best = min(present, key=lambda b: statistics.fmean(per_seed(b).values())) if present else None
     table: dict[str, dict] = {}
     for name in models:

@@ -9,6 +9,8 @@ seconds of every phase), results.md, val_curves.png and heatmaps/ in `out`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -20,11 +22,12 @@ import numpy as np
 from mhmoe.analysis.plots import plot_curves
 from mhmoe.analysis.routing import DEFAULT_ACTIVATION_THRESHOLD
 from mhmoe.analysis.runs import analyze_run, load_run
-from mhmoe.data import BPETokenizer, data_cache_dir, load_corpus, tokenize_corpus
+from mhmoe.data import BPETokenizer, Corpus, data_cache_dir, load_corpus, load_documents, tokenize_corpus
 from mhmoe.errors import DataError
 from mhmoe.experiments.common import (
     Clock,
     Part,
+    PlannedModel,
     Variant,
     copy_figure,
     experts_cell,
@@ -63,13 +66,15 @@ ANALYSIS_KEYS = (
 def base(quick: bool, gpu: bool) -> RunConfig:
     """The shared budget, from the `gpu` / `cpu` presets (their model sizes; the variants set the FFNs).
 
-    quick: minutes on 2 CPU cores (pipeline demo, docs/paper-notes.md §7); gpu: one H200, ~10 M tokens per model.
+    quick: minutes on 2 CPU cores (pipeline demo, docs/paper-notes.md §7); gpu: one H200, the `gpu` preset's model
+    (6 layers, D = 512) on 3.3 M tokens per model, so that one part (five models × five seeds) fits in six minutes
+    by `--dry-run`'s estimate; no compilation (it does not pay for itself in 200 steps).
     """
     if gpu:
         return apply_overrides(preset("gpu"), [
-            "model.ffn.moe.num_experts=8", "train.batch_size=64", "train.max_steps=320", "train.warmup_steps=30",
-            "train.lr=1.5e-3", "train.eval_every=80", "train.checkpoint_every=320", "train.log_every=20",
-            "train.compile=true",
+            "model.ffn.moe.num_experts=8", "train.batch_size=32", "train.max_steps=200", "train.warmup_steps=20",
+            "train.lr=1.5e-3", "train.eval_every=50", "train.eval_batches=4", "train.final_eval_batches=16",
+            "train.checkpoint_every=200", "train.log_every=20", "train.compile=false",
         ])  # fmt: skip
     if quick:
         return apply_overrides(preset("cpu"), [
@@ -85,6 +90,46 @@ def base(quick: bool, gpu: bool) -> RunConfig:
 
 def models(cfg: RunConfig, part: Part = "core") -> list[Variant]:
     return variants(cfg.model.d_model, cfg.model.ffn, part)
+
+
+def plan(
+    quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), part: Part = "core", other_corpora: int = 0
+) -> list[PlannedModel]:
+    """What `run` would train (for `--dry-run`): every model of `part` with its size, FLOPs and tokens per seed."""
+    cfg = apply_overrides(base(quick, gpu), list(overrides))
+    return lm_plan(cfg, models(cfg, part), analysis_batches(quick, gpu) * (1 + other_corpora))
+
+
+def analysis_batches(quick: bool, gpu: bool) -> int:
+    """Held-out batches the routing analysis reads per corpus (a `gpu` batch holds 16 K tokens)."""
+    return 8 if quick or gpu else 20
+
+
+def lm_plan(cfg: RunConfig, variants: Sequence[Variant], extra_eval_batches: int = 0) -> list[PlannedModel]:
+    """Each variant's size, forward FLOPs per token, and tokens per seed (training; evaluation, counting a whole
+    split as `eval_batches` where the budget says 0, plus `extra_eval_batches` of analysis)."""
+    t, per_batch = cfg.train, cfg.train.batch_size * cfg.model.seq_len
+    evaluations = t.max_steps // t.eval_every * t.eval_batches + 2 * (t.final_eval_batches or t.eval_batches)
+    planned = []
+    for variant in variants:
+        model = dataclasses.replace(cfg.model, ffn=variant.ffn, vocab_size=planned_vocab(cfg))
+        cost = gpt_cost(model)
+        planned.append(
+            PlannedModel(
+                name=variant.name,
+                params_total=cost.params_total,
+                flops_per_token=cost.flops_per_token,
+                steps=t.max_steps,
+                train_tokens=t.max_steps * t.grad_accum * per_batch,
+                eval_tokens=(evaluations + extra_eval_batches) * per_batch,
+            )
+        )
+    return planned
+
+
+def planned_vocab(cfg: RunConfig) -> int:
+    """The vocabulary a run will have: 257 for bytes (256 + end of text), else the BPE size asked for."""
+    return 257 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
 
 
 def ood_corpora(specs: Sequence[str]) -> dict[str, Path]:
@@ -106,8 +151,8 @@ def ood_tokens(corpora: dict[str, Path], tokenizer: Any) -> dict[str, np.ndarray
     """All text of each other corpus (never trained on), tokenized with the run's tokenizer."""
     out = {}
     for name, path in corpora.items():
-        splits = tokenize_corpus(load_corpus(path), tokenizer, data_cache_dir(), progress=False)
-        out[name] = np.concatenate([splits["valid"], splits["test"], splits["train"]])
+        corpus = Corpus(train=[], valid=[], test=load_documents(path), source=str(path))
+        out[name] = tokenize_corpus(corpus, tokenizer, data_cache_dir(), progress=False)["test"]
     return out
 
 
@@ -151,31 +196,7 @@ def run(
         lambda: load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction).train,
     )
 
-    def run_seed(variant: Variant, seed: int, run_cfg: RunConfig, run_dir: Path) -> dict:
-        clock = Clock()
-        result = train(run_cfg, run_dir, progress=progress)
-        clock.lap("train")
-        loaded = load_run(run_dir)  # once: its model, tokenizer and data serve both analyses
-        analysis = analyze_run(
-            run_dir, other=ood_tokens(corpora, loaded.tokenizer), max_batches=8 if quick else 20, run=loaded
-        )
-        clock.lap("analysis")
-        if seed == 0:
-            copy_figure(run_dir / "analysis" / "heatmap-valid.png", out / "heatmaps" / f"{variant.name}.png")
-        return {
-            "seed": seed,
-            "val_ppl": result.valid["ppl"],
-            "test_ppl": result.test["ppl"],
-            "val_loss": result.valid["loss"],
-            "test_loss": result.test["loss"],
-            "tokens_seen": result.tokens_seen,
-            "train_seconds": result.train_seconds,
-            "seconds": clock.laps,
-            "analysis": analysis.get("valid"),
-            "analysis_ood": {name: analysis.get(name) for name in corpora} or None,
-            "curves": {"val_loss": metric_curve(run_dir)},
-        }
-
+    run_seed = functools.partial(lm_run_seed, out, corpora, analysis_batches(quick, gpu), progress)
     results_by_model, curves = run_variants(cfg, models(cfg, part), seeds, out, run_seed, aggregate)
     results = {
         "task": "english",
@@ -193,6 +214,51 @@ def run(
         mean, out / "val_curves.png", "validation loss (English)", ylabel="validation loss (nats/token)", bands=bands
     )
     return results
+
+
+def prepare(cfg: RunConfig, out: Path) -> float:
+    """The comparison's shared tokenizer (trained once on the training split); returns its seconds."""
+    d = cfg.data
+    return shared_tokenizer(
+        cfg,
+        out,
+        lambda: load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction).train,
+    )
+
+
+def lm_run_seed(
+    out: Path,
+    corpora: dict[str, Path],
+    analysis_batches: int,
+    progress: bool,
+    variant: Variant,
+    seed: int,
+    cfg: RunConfig,
+    run_dir: Path,
+) -> dict:
+    """Train one language model, evaluate it and analyse its routing on held-out text and each other corpus."""
+    clock = Clock()
+    result = train(cfg, run_dir, progress=progress)
+    clock.lap("train")
+    loaded = load_run(run_dir)  # once: its model, tokenizer and data serve every analysis
+    other = ood_tokens(corpora, loaded.tokenizer)
+    analysis = analyze_run(run_dir, other=other, max_batches=analysis_batches, run=loaded)
+    clock.lap("analysis")
+    if seed == 0:
+        copy_figure(run_dir / "analysis" / "heatmap-valid.png", out / "heatmaps" / f"{variant.name}.png")
+    return {
+        "seed": seed,
+        "val_ppl": result.valid["ppl"],
+        "test_ppl": result.test["ppl"],
+        "val_loss": result.valid["loss"],
+        "test_loss": result.test["loss"],
+        "tokens_seen": result.tokens_seen,
+        "train_seconds": result.train_seconds,
+        "seconds": clock.laps,
+        "analysis": analysis.get("valid"),
+        "analysis_ood": {name: analysis.get(name) for name in corpora} or None,
+        "curves": {"val_loss": metric_curve(run_dir)},
+    }
 
 
 def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:

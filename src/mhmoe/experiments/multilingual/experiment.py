@@ -44,6 +44,7 @@ from mhmoe.experiments import english
 from mhmoe.experiments.common import (
     Clock,
     Part,
+    PlannedModel,
     Variant,
     copy_figure,
     fmt,
@@ -69,6 +70,7 @@ class AnalysisBudget:
     eval_batches: int  # per language and split, for perplexity and bits per byte (0 = the whole split)
     usage_batches: int  # per language, for the language × expert shares
     word_occurrences: int  # per (word, language), for the divergence analysis
+    routing_batches: int = 8  # held-out batches (all languages) and per other corpus, for the routing analysis
 
 
 def multilingual_base(quick: bool, gpu: bool) -> RunConfig:
@@ -86,7 +88,27 @@ def analysis_budget(quick: bool, gpu: bool) -> AnalysisBudget:
         return AnalysisBudget(eval_batches=0, usage_batches=8, word_occurrences=64)
     if quick:
         return AnalysisBudget(eval_batches=3, usage_batches=2, word_occurrences=8)
-    return AnalysisBudget(eval_batches=10, usage_batches=4, word_occurrences=32)
+    return AnalysisBudget(eval_batches=10, usage_batches=4, word_occurrences=32, routing_batches=20)
+
+
+def plan(
+    quick: bool = False,
+    gpu: bool = False,
+    overrides: Sequence[str] = (),
+    part: Part = "core",
+    other_corpora: int = 0,
+    data: str = "",
+) -> list[PlannedModel]:
+    """What `run` would train (for `--dry-run`); reads the corpus to count its languages, each evaluated and
+    analysed on its own (a whole split counted as 8 batches)."""
+    cfg = multilingual_base(quick, gpu)
+    cfg.data.path = data_location(data)
+    apply_overrides(cfg, list(overrides))
+    budget = analysis_budget(quick, gpu)
+    per_language = 2 * (budget.eval_batches or 8) + budget.usage_batches
+    languages = len(run_corpus(cfg).languages)
+    extra = budget.routing_batches * (1 + other_corpora) + languages * per_language
+    return english.lm_plan(cfg, english.models(cfg, part), extra)
 
 
 def data_location(data: str) -> str:
@@ -127,7 +149,7 @@ def run(
         print(f"note: not part of the corpus: {', '.join(corpus.ignored)}", file=sys.stderr, flush=True)
     tokenizer_seconds = english.shared_tokenizer(cfg, out, lambda: tokenizer_text(corpus, cfg.data.language_alpha))
     corpora = english.ood_corpora([ood] if isinstance(ood, str) else ood)
-    shared = _Shared(out, corpus, budget, quick, corpora, progress)
+    shared = _Shared(out, corpus, budget, corpora, progress)
     run_seed = functools.partial(_run_seed, shared)
     models, curves = run_variants(cfg, english.models(cfg, part), seeds, out, run_seed, aggregate)
     results = {
@@ -158,7 +180,6 @@ class _Shared:
     out: Path
     corpus: MultilingualCorpus
     budget: AnalysisBudget
-    quick: bool
     ood: dict[str, Path]
     progress: bool
     languages: dict = field(default_factory=dict)
@@ -178,7 +199,7 @@ def _run_seed(shared: _Shared, variant: Variant, seed: int, cfg: RunConfig, run_
     per_language = evaluate_languages(loaded, shared.budget.eval_batches)
     clock.lap("evaluation")
     other = english.ood_tokens(shared.ood, loaded.tokenizer)
-    analysis = analyze_run(run_dir, other=other, max_batches=8 if shared.quick else 20, run=loaded)
+    analysis = analyze_run(run_dir, other=other, max_batches=shared.budget.routing_batches, run=loaded)
     usage = language_usage(loaded, shared.budget.usage_batches)
     divergence = word_divergence(loaded, shared.windows)
     clock.lap("analysis")

@@ -38,6 +38,28 @@ def patch_divergence_maps(snapshot: Path) -> tuple[int, np.ndarray, np.ndarray]:
     return step, images, mean_divergence(layers).reshape(len(images), grid, grid)
 
 
+def routing_agreement(snapshots: list[Path]) -> dict[str, dict[str, float]]:
+    """How settled the vision routing is at each snapshot: the share of the display images' sub-tokens (every
+    vision MoE layer, patch and head) whose first-choice expert is the one they get at the last snapshot, beside
+    the agreement expected by chance from the two snapshots' first-choice shares (Σ_e p_e·q_e).
+    {"step N": {"agreement": a, "chance": c}}."""
+    firsts: list[tuple[int, np.ndarray, int]] = []
+    for snapshot in snapshots:
+        with np.load(snapshot) as archive:
+            blocks = sorted(k for k in archive.files if k.startswith("block"))
+            first = np.concatenate([archive[k][:, 0] for k in blocks]) if blocks else np.zeros(0, dtype=np.int64)
+            firsts.append((int(archive["step"]), first, int(archive["num_experts"])))
+    if not firsts or firsts[-1][1].size == 0:
+        return {}
+    final, experts = firsts[-1][1], firsts[-1][2]
+    q = np.bincount(final, minlength=experts) / final.size
+    report = {}
+    for step, first, _ in firsts:
+        p = np.bincount(first, minlength=experts) / first.size
+        report[f"step {step}"] = {"agreement": float(np.mean(first == final)), "chance": float(p @ q)}
+    return report
+
+
 @torch.no_grad()
 def collect_multiway_routing(
     model: MultiwayTransformer, data: MultimodalData, cfg: MaskedRunConfig, device: torch.device, max_batches: int
@@ -92,14 +114,16 @@ def analyze_masked_run(
         title = f"expert share per layer, {modality} FFNs (held-out {'images' if modality == 'vision' else 'text'})"
         plot_activation_heatmap(shares, out_dir / f"heatmap-{modality}.png", title, names)
     snapshots = sorted((run_dir / "routing").glob("step-*.npz"))
+    report["routing_agreement"] = routing_agreement(snapshots) or None
     if snapshots and isinstance(model.moe_layers("vision")[0], MHMoE):
         maps = [patch_divergence_maps(s) for s in snapshots]
+        report["patch_divergence"] = {f"step {m[0]}": float(m[2].mean()) for m in maps}
+        maps = [maps[i] for i in sorted({round(j * (len(maps) - 1) / 4) for j in range(5)})]  # ≤ 5 columns drawn
         images = maps[-1][1]
         grid = [[m[2][i] for m in maps] for i in range(len(images))]
         plot_patch_divergence_grid(
             list(images), grid, out_dir / "divergence-patches.png", [f"step {m[0]}" for m in maps]
         )
-        report["patch_divergence"] = {f"step {m[0]}": float(m[2].mean()) for m in maps}
     write_json(out_dir / "analysis.json", report)
     return report
 

@@ -113,7 +113,7 @@ def masked_preset(name: str) -> MaskedRunConfig:
             data=MaskedDataConfig(vocab_size=4096, fashion_limit=12_000),
             train=TrainConfig(batch_size=16, max_steps=250, warmup_steps=20, lr=3e-3, eval_every=50, eval_batches=3,
                               final_eval_batches=12, checkpoint_every=250, log_every=10),
-            analysis=AnalysisConfig(snapshots=4, display_images=6, max_batches=8),
+            analysis=AnalysisConfig(snapshots=11, display_images=6, max_batches=8),
         )  # fmt: skip
     if name == "gpu":
         return MaskedRunConfig(
@@ -122,9 +122,9 @@ def masked_preset(name: str) -> MaskedRunConfig:
                 ffn=FFNConfig(kind="mhmoe", hidden=2048, moe=_xmoe(num_experts=8, expert_hidden=2048)),
             ),
             data=MaskedDataConfig(vocab_size=8192),
-            train=TrainConfig(batch_size=192, max_steps=160, warmup_steps=16, lr=1.5e-3, eval_every=40,
-                              eval_batches=8, final_eval_batches=40, checkpoint_every=160, log_every=10),
-            analysis=AnalysisConfig(snapshots=4, display_images=8, max_batches=20),
+            train=TrainConfig(batch_size=40, max_steps=480, warmup_steps=40, lr=1.5e-3, eval_every=120,
+                              eval_batches=4, final_eval_batches=16, checkpoint_every=480, log_every=20),
+            analysis=AnalysisConfig(snapshots=9, display_images=8, max_batches=20),
         )  # fmt: skip
     raise ConfigError(f"unknown masked preset {name!r}; choose tiny, cpu or gpu")
 

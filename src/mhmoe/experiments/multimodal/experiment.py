@@ -12,9 +12,11 @@ divergence over training (docs/paper-notes.md §6). results.json has the English
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from mhmoe.analysis.plots import plot_curves
 from mhmoe.experiments.common import (
     Clock,
     Part,
+    PlannedModel,
     Variant,
     copy_figure,
     effective_cell,
@@ -56,7 +59,7 @@ CURVES = {  # file -> (metrics.jsonl key, title)
 
 def multimodal_base(quick: bool, gpu: bool) -> MaskedRunConfig:
     """The shared budget. quick: ~15 min for all five models on 2 CPU cores (shows the pipeline, docs/paper-notes.md
-    §7); gpu: one H200, every model and 3 seeds in under 6 minutes (sized by FLOPs, see README); neither: a longer
+    §7); gpu: one H200, one part × 5 seeds in about 5 minutes by `--dry-run`'s FLOPs estimate; neither: a longer
     CPU run."""
     if gpu:
         return masked_preset("gpu")
@@ -65,6 +68,36 @@ def multimodal_base(quick: bool, gpu: bool) -> MaskedRunConfig:
         apply_masked_overrides(base, ["train.max_steps=1000", "train.warmup_steps=50", "train.eval_every=200",
                                       "train.eval_batches=10", "train.checkpoint_every=500", "data.fashion_limit=0"])  # fmt: skip
     return base
+
+
+def plan(
+    quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), part: Part = "core"
+) -> list[PlannedModel]:
+    """What `run` would train (for `--dry-run`). A step trains on `batch_size` rows of each task (text windows of
+    max_text_len tokens, images of P patches, pairs of P patches and caption_len tokens); evaluations read the same
+    rows per batch, the routing analysis `analysis.max_batches` per modality."""
+    cfg = multimodal_base(quick, gpu)
+    apply_masked_overrides(cfg, list(overrides))
+    m, t = cfg.model, cfg.train
+    row = {"text": m.max_text_len, "image": m.num_patches, "pair": m.num_patches + cfg.data.caption_len}
+    per_batch = t.batch_size * sum(row[task] for task in cfg.data.task_list())
+    evaluations = t.max_steps // t.eval_every * t.eval_batches + 2 * (t.final_eval_batches or t.eval_batches)
+    eval_tokens = evaluations * per_batch + cfg.analysis.max_batches * t.batch_size * (row["text"] + row["image"])
+    planned = []
+    for variant in variants(m.d_model, m.ffn, part):
+        model = dataclasses.replace(m, ffn=variant.ffn, vocab_size=cfg.data.vocab_size + 1)
+        cost = multiway_cost(model)
+        planned.append(
+            PlannedModel(
+                name=variant.name,
+                params_total=cost.params_total,
+                flops_per_token=cost.flops_per_token,
+                steps=t.max_steps,
+                train_tokens=t.max_steps * t.grad_accum * per_batch,
+                eval_tokens=eval_tokens,
+            )
+        )
+    return planned
 
 
 def _seed_record(seed: int, result: RunResult, analysis: dict, run_dir: Path, clock: Clock) -> dict:
@@ -98,6 +131,7 @@ def _seed_record(seed: int, result: RunResult, analysis: dict, run_dir: Path, cl
         "analysis_vision": analysis.get("vision"),
         "analysis_language": analysis.get("language"),
         "patch_divergence": analysis.get("patch_divergence"),
+        "routing_agreement": analysis.get("routing_agreement"),
         "curves": {key: metric_curve(run_dir, key) for key, _ in CURVES.values()},
     }
 
@@ -190,10 +224,17 @@ def aggregate(variant: Variant, cfg: MaskedRunConfig, runs: list[dict]) -> dict:
     for suffix, which in (("", "analysis"), ("_vision", "analysis_vision"), ("_language", "analysis_language")):
         for key in ("activation_ratio", "effective_experts", "effective_fraction"):
             entry[f"{key}{suffix}"] = mean_of(runs, which, key)
+    for suffix in ("_vision", "_language"):  # the measures with a baseline (mhmoe.analysis.routing.summarize)
+        for key in ("activation_relative", "effective_fraction_head", "divergence_mean", "divergence_chance"):
+            entry[f"{key}{suffix}"] = mean_of(runs, f"analysis{suffix}", key)
     entry["activation_threshold"] = mean_of(runs, "analysis", "threshold")
-    divergence = [r["patch_divergence"] for r in runs if r.get("patch_divergence")]
-    entry["patch_divergence"] = (
-        {step: statistics.fmean(d[step] for d in divergence) for step in divergence[0]} if divergence else None
+    entry["patch_divergence"] = _mean_by_step([r.get("patch_divergence") for r in runs])
+    agreement = [r.get("routing_agreement") for r in runs]
+    entry["routing_agreement"] = _mean_by_step(
+        [{k: v["agreement"] for k, v in a.items()} if a else None for a in agreement]
+    )
+    entry["routing_agreement_chance"] = _mean_by_step(
+        [{k: v["chance"] for k, v in a.items()} if a else None for a in agreement]
     )
     for split in ("val", "test"):
         key = f"{split}_pair_ppl_by_source"
@@ -202,6 +243,12 @@ def aggregate(variant: Variant, cfg: MaskedRunConfig, runs: list[dict]) -> dict:
             src: statistics.fmean(r[key][src] for r in runs if r[key].get(src) is not None) for src in sources
         }
     return {**entry, **run_fields(runs)}
+
+
+def _mean_by_step(per_seed: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """{"step N": mean over the seeds that have it} of per-seed {"step N": value} records."""
+    present = [d for d in per_seed if d]
+    return {step: statistics.fmean(d[step] for d in present) for step in present[0]} if present else None
 
 
 def table(results: dict) -> str:

@@ -1,0 +1,119 @@
+"""`mhmoe reproduce ablations` (heads, head/merge layers, their depth, expert count) and the reproductions' plans
+(`--dry-run`): the models are what the sweeps say, at the FLOPs of their X-MoE, and the toy run writes every file."""
+
+import dataclasses
+import json
+
+import pytest
+from conftest import TOY_MODEL, shared_file
+
+from mhmoe import cli
+from mhmoe.cli import main
+from mhmoe.experiments import ablations, common, english
+from mhmoe.experiments import multimodal as multimodal_experiment
+from mhmoe.models.gpt import gpt_cost
+
+SHARED = shared_file()
+
+
+def _costs(only=None):
+    cfg = english.base(quick=True, gpu=False)
+    return {v.name: (v, gpt_cost(dataclasses.replace(cfg.model, ffn=v.ffn))) for v in ablations.models(cfg, only)}
+
+
+def test_every_sweep_model_is_what_its_name_says_at_the_flops_of_its_xmoe():
+    costs = _costs()
+    assert len(costs) == 16  # shared models (H = 4 with both layers, no layers = depth 0) trained once
+    for name, (variant, cost) in costs.items():
+        moe = variant.ffn.moe
+        assert moe.router.kind == "xmoe", name
+        experts = int(name.split("-")[1][1:])
+        reference = costs[f"xmoe-e{experts}"][1]
+        assert abs(cost.flops_per_token / reference.flops_per_token - 1) < 0.01, name
+        if name.startswith("mhmoe"):
+            heads, layers = name.split("-")[2:]
+            assert variant.ffn.kind == "mhmoe" and moe.num_heads == int(heads[1:])
+            assert (moe.multi_head_layers, moe.merge_layers) == (int(layers[2]), int(layers[3]))
+            assert moe.num_experts >= experts  # raised for about equal parameters
+        else:
+            assert variant.ffn.kind == "smoe" and moe.num_experts == experts
+    sweeps = ablations.sweeps()
+    assert [label for label, _ in sweeps["heads"]] == ["H = 1", "H = 2", "H = 4", "H = 8"]
+    assert sweeps["depth"][0][1] == sweeps["head_merge"][3][1]  # depth 0 is "neither"
+    assert set(_costs(["heads"])) == {"xmoe-e8"} | {name for _, name in sweeps["heads"]}
+
+
+def test_the_cli_lists_agree_with_the_experiments():
+    assert cli.PARTS == common.PARTS
+    assert cli.SWEEPS == tuple(ablations.sweeps())
+
+
+def test_reproduce_ablations_toy(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
+    toy = [*TOY_MODEL, "train.max_steps=2", "train.eval_every=2", "train.eval_batches=1", "train.batch_size=2"]
+    toy += ["train.final_eval_batches=1", "data.tokenizer=byte"]
+    out = tmp_path / "out"
+    args = ["reproduce", "ablations", "--quick", "--seeds", "2", "--sweeps", "heads", "--out", str(out)]
+    args += ["--data", str(SHARED / "english" / "valid.txt.gz"), "--no-progress"]
+    for item in toy:
+        args += ["--set", item]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["sweeps"]) == {"heads"}
+    assert set(results["models"]) == {"xmoe-e8"} | {name for _, name in results["sweeps"]["heads"]}
+    paired = results["paired"]["val_loss"]
+    assert paired["mhmoe-e8-h2-hm11"]["baseline"] == "xmoe-e8"
+    assert paired["mhmoe-e8-h2-hm11"]["vs_baseline"]["seeds"] == 2
+    assert (out / "sweep-heads.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "results.md").read_text()
+    assert "**heads**" in table and "| H = 8 | mhmoe-e8-h8-hm11 |" in table and "vs xmoe-e8" in table
+    assert "mhmoe-e8-h8-hm11" in capsys.readouterr().out
+
+
+def test_dry_run_prints_the_plan_and_counts_finished_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["reproduce", "english", "--gpu", "--dry-run", "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert "4 models × 5 seeds" in first and "| mhmoe_flops |" in first and "| 200 | 3.28 M |" in first
+    (out / "runs" / "dense-seed0").mkdir(parents=True)
+    (out / "runs" / "dense-seed0" / "summary.json").write_text("{}")
+    assert main(["reproduce", "english", "--gpu", "--dry-run", "--out", str(out), "--assume-tflops", "50"]) == 0
+    second = capsys.readouterr().out
+    assert "| dense | 23.1 M | 52.4 | 200 | 3.28 M |" in second and "| 4 |" in second  # 4 seeds left for dense
+    assert "assuming 50 TFLOP/s" in second
+    assert not out.joinpath("results.json").exists()  # nothing trained
+
+
+def test_plan_estimate_is_the_flops_at_the_stated_rate(tmp_path):
+    model = common.PlannedModel("m", 10, flops_per_token=10**6, steps=1, train_tokens=10**9, eval_tokens=10**9)
+    assume = common.Assumptions(tflops=1.0, run_overhead_s=2.0, fixed_s=5.0)
+    assert assume.seconds(model) == pytest.approx((3e15 + 1e15) / 1e12 + 2.0)
+    text = common.plan_markdown("x", [model], 3, tmp_path, assume)
+    assert f"({5 + 3 * assume.seconds(model):.0f} s)" in text
+
+
+@pytest.mark.parametrize(
+    "task,choices",
+    [
+        ("english", [dict(part=p) for p in ("core", "params", "controls")]),
+        ("multimodal", [dict(part=p) for p in ("core", "params", "controls")]),
+        ("ablations", [dict(only=[s]) for s in ("heads", "head_merge", "depth", "experts")]),
+    ],
+)
+def test_each_gpu_part_fits_six_minutes_at_the_stated_assumptions(task, choices, tmp_path):
+    experiment = {"english": english, "multimodal": multimodal_experiment, "ablations": ablations}[task]
+    seeds = cli.GPU_SEEDS.get(task, 5)
+    for choice in choices:
+        planned = experiment.plan(gpu=True, **choice)
+        total = common.Assumptions().fixed_s + seeds * sum(common.Assumptions().seconds(m) for m in planned)
+        assert total <= 360, (task, choice, total)
+        assert all(m.steps >= 200 for m in planned)
+
+
+def test_reproduce_refuses_options_of_other_tasks():
+    with pytest.raises(SystemExit, match="--sweeps applies to `reproduce ablations` only"):
+        main(["reproduce", "english", "--sweeps", "heads"])
+    with pytest.raises(SystemExit, match="takes --sweeps, not --part"):
+        main(["reproduce", "ablations", "--part", "core"])
+    with pytest.raises(SystemExit, match="unknown sweep 'width'"):
+        main(["reproduce", "ablations", "--sweeps", "heads,width", "--dry-run"])
