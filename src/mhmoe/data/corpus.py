@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from mhmoe.errors import DataError
+from mhmoe.io import fsync_dir, fsync_tree
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
@@ -402,13 +403,16 @@ def default_corpus(cache_dir: Path) -> Path:
 
 
 def _publish(staging: Path, target: Path) -> None:
-    """Rename the finished folder into place; if another process won the race, keep its copy."""
+    """Rename the finished folder into place (its files fsynced first, the rename made durable); if another
+    process won the race, keep its copy."""
+    fsync_tree(staging)
     try:
         os.rename(staging, target)
     except OSError:
         if not (target.is_dir() and any(target.glob("*.txt"))):
             shutil.rmtree(target, ignore_errors=True)
             os.rename(staging, target)
+    fsync_dir(target.parent)
 
 
 def _download_sdist(dest: Path) -> Path:
