@@ -202,11 +202,12 @@ def train(cfg: Any, run_dir: Path, make_task: Callable[[Session], Task], progres
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file, not a folder; pass a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with lock_run(run_dir) if is_main_process() else nullcontext():
-        if is_main_process():
+    main = is_main_process()  # rank 0 of a torchrun job checks and cleans for all (torchrun ends the others)
+    with lock_run(run_dir) if main else nullcontext():
+        if main:
             clean_up(run_dir)
         check_resumable(cfg, run_dir)
-        latest = latest_checkpoint(run_dir / "checkpoints")
+        latest = latest_checkpoint(run_dir / "checkpoints") if main else None
         if latest is not None:  # the run files must still mean what the checkpoint was trained with
             check_run_files(run_dir, latest, verify(latest))
         if cfg.train.threads:
