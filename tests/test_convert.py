@@ -220,6 +220,21 @@ def test_moeify_refuses_pickle_weights(tmp_path):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "vocab.json", "merges.txt"])
+def test_moeify_refuses_tokenizer_files_that_link_out_of_the_folder(tmp_path, capsys, name):
+    """The tokenizer files are copied into the output: a link to elsewhere would copy any readable file there."""
+    folder = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(folder)
+    secret = tmp_path / "secret"
+    secret.write_text("not for the output")
+    (folder / name).symlink_to(secret)
+    assert main(["moeify", str(folder), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mhmoe: error: {folder / name} is a symbolic link to {secret}, outside {folder}; copy the real file there"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_expert_extras_refuse_recompute():
     import torch.nn.functional as F
 

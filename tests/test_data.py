@@ -359,6 +359,16 @@ def test_unreadable_path_is_refused_before_reading(tmp_path: Path, monkeypatch: 
         load_corpus(tmp_path)
 
 
+def test_a_fifo_is_refused_not_read(tmp_path: Path) -> None:
+    """Reading a FIFO would block until someone writes to it; it is named for what it is instead."""
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(DataError, match=r"pipe\.txt is a FIFO, not a file of text; data must be regular files"):
+        load_corpus(tmp_path / "pipe.txt")
+    (tmp_path / "doc.txt").write_text("some text\n" * 10)
+    with pytest.raises(DataError, match=r"pipe\.txt is a FIFO, not a file of text"):
+        load_corpus(tmp_path)
+
+
 def test_not_utf8_names_file_and_offset(tmp_path: Path) -> None:
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1\.txt is not UTF-8 text \(invalid byte 0xe9 at byte offset 3\)"):
@@ -715,6 +725,8 @@ def test_batch_sampler_refuses_a_state_from_other_data() -> None:
 def test_batch_sampler_errors() -> None:
     with pytest.raises(DataError, match=r"the valid split has 10 tokens, fewer than seq_len \+ 1 = 17"):
         BatchSampler(ramp(10), 2, 16, seed=0, split="valid")
+    with pytest.raises(DataError, match=r"use more data or a smaller model.seq_len \(--set model.seq_len=N\)$"):
+        BatchSampler(ramp(10), 2, 16, seed=0)  # the key that exists (there is no --seq-len flag)
     with pytest.raises(ValueError, match=r"batch_size \(0\) and seq_len \(8\) must both be >= 1"):
         BatchSampler(ramp(100), 0, 8, seed=0)
     with pytest.raises(ValueError, match=r"batch_size \(2\) and seq_len \(0\)"):

@@ -9,7 +9,9 @@ so a hang fails the test instead of stalling the suite. The figures are printed 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -129,15 +131,19 @@ def test_training_and_resharding_checkpoints(corpus, tmp_path, monkeypatch):
     shutil.copytree(ep2, cut)
     shutil.rmtree(cut / "checkpoints" / "step-00000010")
     (cut / "checkpoints" / "latest").write_text("step-00000005\n")
+    # ... with DCP's own pickled metadata replaced by code to run and the manifest re-hashed (anyone can): never read
+    marker = tmp_path / "pwned"
+    plant_pickle(cut / "checkpoints" / "step-00000005", "dcp/.metadata", marker)
     resume = ["train.batch_size=1", "parallel.expert=4", "parallel.balance=global", "parallel.data=fsdp"]
     launch(train_job, 4, tmp_path, 180, str(corpus), str(cache), str(cut), resume)
     resumed = max(abs(a - b) for a, b in zip(_losses(cut), _losses(ep2)))
     print(f"resumed at EP 4 + FSDP2 from the EP 2 checkpoint of step 5: max |loss difference| {resumed:.2e}")
     assert len(_losses(cut)) == 10 and resumed <= FP32
+    assert not marker.exists(), "dcp/.metadata was unpickled"
 
     # the step-10 checkpoint (EP 2) loaded at EP 1 and EP 4, and the consolidated file without torch.distributed
     step10 = latest_checkpoint(ep2 / "checkpoints")
-    assert verify(step10)["format"] == "mhmoe-checkpoint-dcp/1"
+    assert verify(step10)["format"] == "mhmoe-checkpoint-dcp/2"
     logits = {}
     for world in (1, 4):
         results = launch(load_job, world, tmp_path, 120, str(step10), world)
@@ -153,6 +159,54 @@ def test_training_and_resharding_checkpoints(corpus, tmp_path, monkeypatch):
         f"EP 2 checkpoint loaded at EP 1 and EP 4 vs the consolidated safetensors: max |logit difference| {reshard:.2e}"
     )
     assert reshard <= 1e-6
+
+
+class _Exploit:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.marker), "w"))
+
+
+def plant_pickle(checkpoint: Path, name: str, marker: Path) -> None:
+    """Replace a checkpoint file by a pickle that runs code, and re-hash the manifest so that it verifies."""
+    with open(checkpoint / name, "wb") as f:
+        pickle.dump(_Exploit(marker), f)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    data = (checkpoint / name).read_bytes()
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_distributed_checkpoints_unpickle_nothing(tmp_path):
+    """Besides .metadata (above), DCP stores non-tensor values (the optimiser's lr, betas) as pickles and loads them
+    with weights_only=False; ours loads them with weights_only=True, and the JSON metadata must name shard files."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
+
+    from mhmoe.errors import CheckpointError
+    from mhmoe.train.dcp import SafePlanner, metadata_from_json
+
+    marker = tmp_path / "pwned"
+    value = io.BytesIO()
+    torch.save({"lr": _Exploit(marker)}, value)
+    value.seek(0)
+    index = MetadataIndex("optimizer.param_groups.0.lr")
+    item = ReadItem(LoadItemType.BYTE_IO, index, torch.Size([]), index, torch.Size([]), torch.Size([]))
+    with pytest.raises(CheckpointError, match="optimizer.param_groups.0.lr of a distributed checkpoint is refused"):
+        SafePlanner().load_bytes(item, value)
+    assert not marker.exists()
+    metadata = {"version": "1.0.0", "entries": {"x": "bytes"}, "planner": {}, "modules": [],
+                "storage": [["x", None, None, "../../../etc/passwd", 0, 10, []]]}  # fmt: skip
+    with pytest.raises(
+        CheckpointError, match=r"metadata.json is malformed \(piece of x stored in '../../../etc/passwd'"
+    ):
+        metadata_from_json(metadata, tmp_path)
 
 
 def test_masked_multimodal_training_on_two_processes_equals_one(tmp_path, monkeypatch):

@@ -188,6 +188,35 @@ def test_token_mask_of_wrong_shape_or_dtype(layer):
 
 
 @pytest.mark.parametrize("layer", [moe, mhmoe])
+def test_token_mask_that_is_not_a_tensor(layer):
+    x = torch.randn(2, 3, 8)
+    message = re.escape("token_mask must be a bool tensor of shape (2, 3), got list; pass torch.tensor(mask, dtype=")
+    with pytest.raises(TypeError, match=message):
+        layer()(x, [[True, True, False], [True, False, False]])
+
+
+@pytest.mark.parametrize("options", [{}, {"dispatch": "reference"}, {"num_shared_experts": 1}], ids=str)
+@pytest.mark.parametrize(("layer", "name"), [(moe, "SparseMoE"), (mhmoe, "MHMoE")])
+def test_input_dtype_must_be_the_weights_dtype(layer, name, options):
+    """Every path refuses the same way (the default path computed in the input's dtype, the shared-expert and
+    reference paths raised torch's own dtype error); autocast picks the dtype itself, so it is accepted there."""
+    message = re.escape(f"{name} got a torch.float64 input but its weights are torch.float32; cast one to the other")
+    with pytest.raises(TypeError, match=message):
+        layer(**options)(torch.randn(3, 8, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(**options)(torch.randn(3, 8).bfloat16()).y.shape == (3, 8)
+
+
+def test_non_finite_layer_options():
+    with pytest.raises(ValueError, match=r"capacity_factor must be finite \(None is dropless\), got inf"):
+        moe(capacity_factor=float("inf"))
+    with pytest.raises(ValueError, match=r"balance_loss_coef must be >= 0, got nan"):
+        mhmoe(balance_loss_coef=float("nan"))
+    with pytest.raises(ValueError, match=r"z_loss_coef must be finite, got inf"):
+        moe(z_loss_coef=float("inf"))
+
+
+@pytest.mark.parametrize("layer", [moe, mhmoe])
 def test_grouped_mm_for_float64(layer):
     with pytest.raises(ValueError, match=r"grouped_mm cannot run torch.float64 on cpu"):
         layer(dispatch="grouped_mm").double()(torch.randn(3, 8, dtype=torch.float64))

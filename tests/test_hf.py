@@ -1,6 +1,7 @@
 """Hugging Face integration: save/load round trip, KV-cache generation, losses, run conversion, no pickle."""
 
 import gzip
+import json
 import os
 import pickle
 import re
@@ -153,6 +154,84 @@ def test_crafted_pickle_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="safetensors"):
         MHMoEForCausalLM.from_gpt(gpt("dense")).save_pretrained(tmp_path / "out", safe_serialization=False)
+
+
+def test_an_index_naming_a_pickle_shard_is_refused_before_unpickling(tmp_path):
+    folder = pickle_only_folder(tmp_path / "evil", tmp_path / "pwned")
+    (folder / "pytorch_model.bin").rename(folder / "model-00001-of-00001.bin")
+    index = {"metadata": {}, "weight_map": {"model.embed.weight": "model-00001-of-00001.bin"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    message = (
+        f"{folder / 'model.safetensors.index.json'} names 'model-00001-of-00001.bin', which is not a safetensors "
+        f"file of {folder}: refused before anything is unpickled"
+    )
+    with pytest.raises(UserError, match=re.escape(message)):
+        MHMoEForCausalLM.from_pretrained(folder)
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_pretrained(MHMoEForCausalLM, folder)
+    assert main(["import-hf", str(folder), str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_pickle_named_model_safetensors_is_refused_before_unpickling(tmp_path, capsys):
+    folder = pickle_only_folder(tmp_path / "evil", tmp_path / "pwned")
+    (folder / "pytorch_model.bin").rename(folder / "model.safetensors")
+    message = f"{folder / 'model.safetensors'} is not a safetensors file (it may be a pickle renamed)"
+    with pytest.raises(UserError, match=re.escape(message)):
+        MHMoEForCausalLM.from_pretrained(folder)
+    assert main(["import-hf", str(folder), str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == f"mhmoe: error: {message}: refused before anything is unpickled"
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
+
+
+def exported(folder: Path) -> Path:
+    """A model folder as `mhmoe export-hf` writes it (weights, config, a BPE tokenizer.json)."""
+    from mhmoe.data import BPETokenizer
+    from mhmoe.hf.runs import hf_tokenizer
+
+    MHMoEForCausalLM.from_gpt(gpt("dense")).save_pretrained(folder)
+    hf_tokenizer(BPETokenizer.train(["a small text to learn from"] * 4, 300)).save_pretrained(folder)
+    return folder
+
+
+def test_import_refuses_a_tokenizer_that_links_out_of_the_folder(tmp_path, capsys):
+    folder = exported(tmp_path / "hf")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("any readable file of the machine")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").symlink_to(secret)
+    assert main(["import-hf", str(folder), str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"mhmoe: error: {folder / 'tokenizer.json'} is a symbolic link to {secret}, outside {folder}; "
+        "copy the real file there"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_import_refuses_a_tokenizer_json_that_is_not_a_tokenizer(tmp_path, capsys):
+    folder = exported(tmp_path / "hf")
+    (folder / "tokenizer.json").write_text('{"not": "a tokenizer"}')
+    assert main(["import-hf", str(folder), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"mhmoe: error: {folder / 'tokenizer.json'} is not a tokenizer (")
+    assert not (tmp_path / "run").exists()
+
+
+def test_links_inside_a_hub_cache_are_followed(tmp_path):
+    """A Hugging Face hub cache keeps files in blobs/ and links them from snapshots/REV/: that is allowed."""
+    from mhmoe.hf.files import folder_file
+
+    repo = tmp_path / "models--someone--model"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc123").write_text("{}")
+    snapshot = repo / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer.json").symlink_to(Path("..") / ".." / "blobs" / "abc123")
+    assert folder_file(snapshot / "tokenizer.json", snapshot) == snapshot / "tokenizer.json"
+    (snapshot / "vocab.json").symlink_to(tmp_path / "elsewhere.json")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    with pytest.raises(UserError, match="is a symbolic link to .*elsewhere.json, outside"):
+        folder_file(snapshot / "vocab.json", snapshot)
 
 
 def test_no_pickle_loading_in_the_package():

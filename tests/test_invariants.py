@@ -416,6 +416,33 @@ def test_nan_token_poisons_only_itself_and_the_aux_loss(cls, dispatch):
     assert not torch.isfinite(out.aux_loss)
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("dispatch", DISPATCHES)
+@pytest.mark.parametrize("router,top_k,router_kwargs", ROUTER_CASES)
+@pytest.mark.parametrize("cls", LAYERS)
+def test_non_finite_padding_reaches_no_loss_and_no_gradient(
+    cls, router, top_k, router_kwargs, dispatch, capacity_factor
+):
+    """A NaN or inf in a token masked out by token_mask changes nothing: outputs, aux_loss and every parameter
+    gradient are bit for bit those with zeros in its place (0 · NaN would have made aux_loss and the router and
+    expert gradients NaN); that token's input gradient is 0, the others' are unchanged."""
+    kwargs = layer_kwargs(cls, router=router, top_k=top_k, router_kwargs=router_kwargs, dispatch=dispatch,
+                          capacity_factor=capacity_factor, num_shared_experts=1, z_loss_coef=0.1)  # fmt: skip
+    layer = cls(**kwargs).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 3] = mask[1, 1] = False
+    clean = x.clone()
+    clean[0, 3] = clean[1, 1] = 0.0
+    x[0, 3, 2], x[1, 1] = float("nan"), float("inf")
+    bad, good = forward_backward(clone_layer(layer), x, mask), forward_backward(clone_layer(layer), clean, mask)
+    assert torch.isfinite(bad.out.aux_loss) and torch.isfinite(bad.x_grad).all()
+    assert torch.equal(bad.out.y, good.out.y) and torch.equal(bad.out.aux_loss, good.out.aux_loss)
+    assert torch.equal(bad.x_grad[mask], good.x_grad[mask]) and torch.equal(bad.x_grad[~mask], torch.zeros(2, 8))
+    for name, grad in bad.param_grads.items():
+        assert torch.equal(grad, good.param_grads[name]), name
+
+
 # ---------------------------------------------------------------- ablation knobs and initialisation
 
 

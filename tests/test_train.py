@@ -258,6 +258,19 @@ def test_user_errors_are_one_line(tmp_path, capsys, setup, args, message):
     assert code == 2 and message in err and err.startswith("mhmoe: error:") and "\n" not in err, err
 
 
+def test_a_held_out_split_shorter_than_a_window_is_said(corpus, tmp_path, capsys):
+    """A one-character validation file still gives a perplexity, over one target: the run says so."""
+    data = tmp_path / "split"
+    data.mkdir()
+    (data / "train.txt").write_text("".join((corpus / f"doc{i:02d}.txt").read_text() for i in range(3)))
+    (data / "valid.txt").write_text("x")
+    train(tiny(data, "train.max_steps=1"), tmp_path / "run", progress=False)
+    assert (
+        f"mhmoe: warning: the valid split of {data} has 2 tokens, less than one window of model.seq_len + 1 = 65: "
+        "its perplexity says little; hold out more text"
+    ) in capsys.readouterr().err
+
+
 def test_resuming_with_another_model_is_refused(corpus, tmp_path):
     train(tiny(corpus, "train.max_steps=2"), tmp_path / "run", progress=False)
     with pytest.raises(Exception, match="different model settings"):

@@ -16,7 +16,9 @@
     mhmoe moeify HF_DIR OUT_DIR [--kind smoe|mhmoe] [--experts N] [--top-k K] [--heads H] [--every N]
                       replace a saved transformers model's FFNs by upcycled SMoE / MH-MoE layers
 
-Errors a user can fix (bad data, config or checkpoint) print one line, not a traceback.
+Errors a user can fix (bad data, config or checkpoint) and those of their machine (a full disk, a read-only or
+missing folder, permissions, no memory left) print one line naming the path and the fix, and exit with status 2;
+anything else is a bug and shows its traceback (as every error does with MHMOE_TRACEBACK=1).
 """
 
 from __future__ import annotations
@@ -397,7 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mhmoe.errors import UserError
     from mhmoe.train.allocator import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
@@ -408,9 +409,28 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"mhmoe: --{name} must be >= 1, got {getattr(args, name)}")
     try:
         return args.run(args)
-    except UserError as e:
-        print(f"mhmoe: error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_message(e)
+        if message is None or os.environ.get("MHMOE_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"mhmoe: error: {message}", file=sys.stderr)
         return 2
+
+
+def user_message(e: Exception) -> str | None:
+    """The one line for an error the user can act on (`UserError`, a foreseeable `OSError`, memory exhausted), or
+    None for a bug."""
+    from mhmoe.errors import UserError, os_error_message
+
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError):
+        return os_error_message(e)
+    cpu_oom = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or cpu_oom:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        return f"out of memory ({first}); lower train.batch_size or the model's sizes"
+    return None
 
 
 if __name__ == "__main__":

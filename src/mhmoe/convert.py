@@ -430,8 +430,9 @@ def moeify_pretrained(hf_dir: str | Path, out_dir: str | Path, kind: Kind = "smo
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM
 
+    from mhmoe.hf.files import folder_file
     from mhmoe.hf.runs import load_pretrained
-    from mhmoe.io import publish_dir, staging_dir, write_json
+    from mhmoe.io import atomic_write, publish_dir, staging_dir, write_json
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     model = load_pretrained(AutoModelForCausalLM, hf_dir)
@@ -442,8 +443,9 @@ def moeify_pretrained(hf_dir: str | Path, out_dir: str | Path, kind: Kind = "smo
     try:
         model.config.save_pretrained(tmp)
         for file in sorted(hf_dir.iterdir()):
-            if file.is_file() and file.name not in ("config.json", RECIPE_FILE) and _is_tokenizer_file(file.name):
-                shutil.copyfile(file, tmp / file.name)
+            if file.name not in ("config.json", RECIPE_FILE) and _is_tokenizer_file(file.name) and not file.is_dir():
+                with atomic_write(tmp / file.name, "wb") as f:  # a link out of hf_dir is refused, never followed
+                    f.write(folder_file(file, hf_dir).read_bytes())
         save_model(model, str(tmp / WEIGHTS_FILE))
         write_json(tmp / RECIPE_FILE, {"recipe": recipe, "replaced": replaced})
     except BaseException:

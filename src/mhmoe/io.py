@@ -3,7 +3,8 @@
 Every file mhmoe writes (run configs, metrics snapshots, checkpoints, token caches, tokenizers, plots, results)
 goes through `atomic_write`: a temporary file in the same folder (named `.NAME.tmp-PID-RANDOM`), flushed and
 fsynced, renamed over the target, and the folder fsynced, so the target is either the old file or the new one.
-Folders are published the same way (`publish_dir`). `is_temporary` recognises what a killed writer leaves behind.
+Folders are published the same way (`publish_dir`). `is_temporary` recognises what a killed writer leaves behind,
+and `remove_temporaries` clears it away. `lock_run` keeps a second writer out of a run folder.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import contextlib
 import json
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +37,27 @@ def temporary_name(path: Path) -> Path:
 def is_temporary(path: Path) -> bool:
     """Whether `path` is a temporary file or folder of this module (or of a checkpoint being written)."""
     return path.name.startswith(".") and TEMP_MARK in path.name
+
+
+def notice(message: str) -> None:
+    """One line to stderr, for what the user should know but need not act on (e.g. what was cleaned up)."""
+    print(f"mhmoe: {message}", file=sys.stderr, flush=True)
+
+
+def remove_temporaries(folder: Path) -> list[str]:
+    """Delete the temporary files and folders a killed or failed writer left directly in `folder` (names with
+    TEMP_MARK, `is_temporary`); return their names. Call it only while no other process writes there."""
+    removed: list[str] = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        if is_temporary(path):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def fsync_dir(path: Path) -> None:
@@ -108,6 +132,58 @@ def fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
     for sub in {p.parent for p in folder.rglob("*")} | {folder}:
         fsync_dir(sub)
+
+
+class RunInUse(UserError):
+    """Another live process holds the folder's lock."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def lock_run(folder: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `folder` (its `.lock` file) while the body runs.
+
+    The lock is an `flock` on the file, so the operating system releases it when the holder exits, however it
+    exits (a kill included): a lock file left by a dead process is stale by construction and is simply taken
+    over. The file records the holder (pid, host, command, start time), which the error names. Where `fcntl` is
+    missing (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunInUse(
+                f"{folder} is in use by {_holder(path)}; wait for it to finish or pass another folder"
+            ) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": sys.argv,
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _holder(lock_file: Path) -> str:
+    """Who holds a lock, in words, from its file ("another process" if the file cannot be read)."""
+    try:
+        holder = json.loads(lock_file.read_text())
+        program = Path(holder["command"][0]).name
+        program = "python -m mhmoe" if program == "__main__.py" else program
+        command = " ".join([program, *holder["command"][1:]])[:100]
+        return f"process {holder['pid']} on {holder['host']} (`{command}`, since {holder['since']})"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return "another process"
 
 
 def git_commit() -> str:

@@ -3,7 +3,6 @@ and the routing analysis of a run directory."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -17,12 +16,12 @@ from mhmoe.analysis.plots import plot_activation_heatmap, plot_divergence_histog
 from mhmoe.analysis.routing import LayerRouting, expert_shares, head_usage, subtoken_divergence, summarize
 from mhmoe.data import eval_batches
 from mhmoe.data.multilingual import bits_per_byte, languages_of, split_key, target_bytes, token_byte_lengths
-from mhmoe.io import write_json
+from mhmoe.io import notice, write_json
 from mhmoe.layers.moe import MoELayer
 from mhmoe.models.gpt import GPT
-from mhmoe.train.checkpoint import load_model_weights, run_checkpoint
+from mhmoe.train.checkpoint import load_model_weights, read_json, run_checkpoint
 from mhmoe.train.config import RunConfig
-from mhmoe.train.lm import evaluate, prepare_data
+from mhmoe.train.lm import check_data, data_path, evaluate, prepare_data
 from mhmoe.train.loop import autocast_for, resolve_device
 
 
@@ -37,15 +36,20 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path, progress: bool = False) -> LoadedRun:
-    """The model of a run directory at its latest checkpoint, with its tokenizer and data."""
+    """The model of a run directory at its latest checkpoint, with its tokenizer and data. The held-out splits
+    must be the ones it was trained with (by sha256, `check_data`); a run whose checkpoint recorded no digests
+    (older mhmoe) gets a line saying they could not be checked."""
     config, checkpoint = run_checkpoint(run_dir)
     cfg = RunConfig.from_dict(config)
     device = resolve_device(cfg.train.device)
     tokenizer, splits = prepare_data(cfg, run_dir, progress)
+    state = read_json(checkpoint / "state.json", "trainer state")
+    held_out = sorted(name for name in splits if not name.startswith("train"))
+    if not check_data(state.get("data_sha256"), splits, held_out, data_path(cfg)):
+        notice(f"{checkpoint} records no digest of its data (older mhmoe): the held-out data was not checked")
     model = GPT(cfg.model)
     load_model_weights(checkpoint, model)
-    step = json.loads((checkpoint / "state.json").read_text())["step"]
-    return LoadedRun(cfg, model.to(device).eval(), tokenizer, splits, device, step)
+    return LoadedRun(cfg, model.to(device).eval(), tokenizer, splits, device, state["step"])
 
 
 def eval_run(run_dir: Path) -> dict:

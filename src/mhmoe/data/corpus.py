@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from mhmoe.errors import DataError
+from mhmoe.io import fsync_dir, fsync_tree
 
 Split = Literal["train", "valid", "test"]
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
@@ -277,6 +278,7 @@ def _usable_files(folder: Path) -> list[Path]:
         for name in files:
             file = Path(root) / name
             if not name.startswith(".") and _has_suffix(file, TEXT_SUFFIXES + JSONL_SUFFIXES):
+                _check_regular(file)
                 found.append(file)
     return sorted(found, key=lambda f: f.relative_to(folder).as_posix())
 
@@ -288,9 +290,19 @@ def _raise_unreadable(error: OSError) -> None:
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise DataError(f"data path {path} does not exist; pass an existing folder or file (--data or MHMOE_DATA)")
+    if not path.is_dir():
+        _check_regular(path)
     mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
     if not os.access(path, mode):
         raise DataError(f"data path {path} is not readable (permission denied); fix its permissions")
+
+
+def _check_regular(path: Path) -> None:
+    """A data file must be a regular file: reading a FIFO or a device could block forever or never end."""
+    if not path.is_file():
+        kind = "a FIFO" if path.is_fifo() else "a device" if path.is_char_device() or path.is_block_device() else (
+            "a socket" if path.is_socket() else "not a regular file")  # fmt: skip
+        raise DataError(f"{path} is {kind}, not a file of text; data must be regular files (or folders of them)")
 
 
 def _empty_error(path: Path) -> DataError:
@@ -403,13 +415,16 @@ def default_corpus(cache_dir: Path) -> Path:
 
 
 def _publish(staging: Path, target: Path) -> None:
-    """Rename the finished folder into place; if another process won the race, keep its copy."""
+    """Rename the finished folder into place (its files fsynced first, the rename made durable); if another
+    process won the race, keep its copy."""
+    fsync_tree(staging)
     try:
         os.rename(staging, target)
     except OSError:
         if not (target.is_dir() and any(target.glob("*.txt"))):
             shutil.rmtree(target, ignore_errors=True)
             os.rename(staging, target)
+    fsync_dir(target.parent)
 
 
 def _download_sdist(dest: Path) -> Path:

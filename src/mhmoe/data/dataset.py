@@ -99,7 +99,8 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="char", unit_scale=True, leave=False)
 
 
-def _sha256(array: np.ndarray) -> str:
+def token_digest(array: np.ndarray) -> str:
+    """sha256 of a token array's bytes: what identifies a split's content (tokenizer included)."""
     return hashlib.sha256(np.ascontiguousarray(array).data.cast("B")).hexdigest()
 
 
@@ -107,7 +108,7 @@ def _write_npy_atomically(path: Path, tokens: np.ndarray) -> dict[str, Any]:
     """Write the array atomically (`mhmoe.io.atomic_write`): readers never see a half-written file."""
     with atomic_write(path, "wb") as f:
         np.save(f, tokens, allow_pickle=False)
-    return {"length": int(tokens.shape[0]), "dtype": tokens.dtype.name, "sha256": _sha256(tokens)}
+    return {"length": int(tokens.shape[0]), "dtype": tokens.dtype.name, "sha256": token_digest(tokens)}
 
 
 def _load_verified(path: Path, expected: dict[str, Any] | None, dtype: np.dtype) -> np.ndarray | None:
@@ -122,7 +123,7 @@ def _load_verified(path: Path, expected: dict[str, Any] | None, dtype: np.dtype)
         tokens.ndim == 1
         and tokens.dtype == dtype
         and tokens.shape[0] == expected.get("length")
-        and _sha256(tokens) == expected.get("sha256")
+        and token_digest(tokens) == expected.get("sha256")
     )
     return tokens if ok else None
 
@@ -172,7 +173,7 @@ class BatchSampler:
         if len(tokens) < seq_len + 1:
             raise DataError(
                 f"the {split} split has {len(tokens):,} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
-                "use a smaller --seq-len or more data"
+                "use more data or a smaller model.seq_len (--set model.seq_len=N)"
             )
         self.tokens = tokens
         self.batch_size = batch_size

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from mhmoe.analysis.stats import paired_difference
-from mhmoe.io import write_json, write_text
+from mhmoe.io import atomic_write, write_json, write_text
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
 from mhmoe.models.cost import Cost, fine_grained_smoe, flops_matched_mhmoe, params_matched_mhmoe
@@ -331,8 +331,8 @@ def metric_curve(run_dir: Path, key: str = "val_loss") -> Curve:
 def copy_figure(source: Path, target: Path) -> None:
     """A figure a run wrote, copied into the results folder (if the run made it)."""
     if source.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(source.read_bytes())
+        with atomic_write(target, "wb") as f:
+            f.write(source.read_bytes())
 
 
 def write_results(out: Path, results: dict, table: Callable[[dict], str]) -> None:

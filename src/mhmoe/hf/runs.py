@@ -15,7 +15,11 @@ continues with fresh AdamW moments, from the exported step and data position whe
 `export_run` (else it has no data position, and training on it is refused by the sampler check).
 
 Both write into a temporary sibling folder and rename it into place, so a crash leaves no half-written output;
-both refuse an existing non-empty destination. Weights load from safetensors only.
+both refuse an existing non-empty destination. Weights load from safetensors only, and a folder is checked before
+transformers sees it (`check_model_folder`): a weights index naming anything but a safetensors shard of the
+folder, or a "safetensors" file that is not one (a renamed pickle), is refused before anything is read. Files
+copied out of a folder (tokenizers) must be regular files in it (`folder_file`): a symbolic link to elsewhere
+would copy any readable file of the machine into the output.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from mhmoe.errors import CheckpointError, UserError
-from mhmoe.io import publish_dir, staging_dir, write_json
+from mhmoe.hf.files import check_model_folder, folder_file
+from mhmoe.io import atomic_write, publish_dir, staging_dir, write_json
 from mhmoe.models.gpt import GPT
 
 BYTE_EOS = "<|endoftext|>"
@@ -115,18 +120,18 @@ def import_run(hf_dir: Path, run_dir: Path) -> Path:
     record = hf.config.mhmoe_run or {}
     cfg = RunConfig.from_dict(record["run_config"]) if "run_config" in record else RunConfig(model=model.cfg)
     cfg.model = model.cfg
-    tokenizer_file = Path(hf_dir) / "tokenizer.json"
     byte_run = cfg.data.tokenizer == "byte"
-    if not tokenizer_file.exists() and not byte_run:
-        raise UserError(f"{hf_dir} has no tokenizer.json; an mhmoe run needs its tokenizer")
+    tokenizer_bytes = b"" if byte_run else _tokenizer_file(Path(hf_dir))
     tmp = staging_dir(run_dir)
     try:
         write_json(tmp / "config.json", cfg.to_dict())
         if not byte_run:  # a byte run keeps no tokenizer file (data.tokenizer = "byte" says it all)
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+            with atomic_write(tmp / "tokenizer.json", "wb") as f:
+                f.write(tokenizer_bytes)
         state = {"imported_from": str(hf_dir), **record.get("trainer_state", {})}
         optimizer = make_optimizer(model.parameters(), cfg.train)
-        save_checkpoint(tmp / "checkpoints", int(record.get("step", 0)), model, optimizer, state)
+        step = int(record.get("step", 0))
+        save_checkpoint(tmp / "checkpoints", step, model, optimizer, state, run_files=("config.json", "tokenizer.json"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -134,11 +139,28 @@ def import_run(hf_dir: Path, run_dir: Path) -> Path:
     return run_dir
 
 
+def _tokenizer_file(hf_dir: Path) -> bytes:
+    """The bytes of hf_dir's tokenizer.json, checked to be a regular file of the folder that loads as a tokenizer."""
+    from mhmoe.data import load_tokenizer
+
+    file = hf_dir / "tokenizer.json"
+    if not file.exists() and not file.is_symlink():
+        raise UserError(f"{hf_dir} has no tokenizer.json; an mhmoe run needs its tokenizer")
+    file = folder_file(file, hf_dir)
+    try:
+        load_tokenizer(file)
+    except Exception as e:  # tokenizers raises its own exception types for a file that is not a tokenizer
+        raise UserError(f"{file} is not a tokenizer ({str(e).splitlines()[0][:100]}); export the model again") from None
+    return file.read_bytes()
+
+
 def load_pretrained(model_class: Any, path: Path | str, **kwargs: Any) -> Any:
-    """`model_class.from_pretrained(path, use_safetensors=True)` with a one-line error for a folder that is not one."""
+    """`model_class.from_pretrained(path, use_safetensors=True)` with a one-line error for a folder that is not one,
+    after `check_model_folder`."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
+    check_model_folder(path)
     try:
         return model_class.from_pretrained(str(path), use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:

@@ -1,7 +1,7 @@
 """Router losses, computed per layer and returned (never kept in globals).
 
-Shape legend: S routed (sub-)tokens, E experts. `valid_S` (bool) excludes padding; with no valid
-item a loss is 0, not NaN.
+Shape legend: S routed (sub-)tokens, E experts. `valid_S` (bool) excludes padding, selected out with
+`torch.where` (not multiplied by 0, which keeps a NaN); with no valid item a loss is 0, not NaN.
 
 `reduce` (optional) turns a loss over this call's items into one over a larger batch split across
 callers: it must return the sum of its argument over all of them, differentiably (data-parallel
@@ -46,7 +46,7 @@ def balance_loss(
     """
     num_experts = probs_SE.shape[-1]
     w_S = _weights(probs_SE, valid_S)
-    prob_sum_E = probs_SE.sum(0) if valid_S is None else (probs_SE * w_S.unsqueeze(-1)).sum(0)
+    prob_sum_E = probs_SE.sum(0) if valid_S is None else torch.where(valid_S.unsqueeze(-1), probs_SE, 0).sum(0)
     first_count_E = torch.zeros_like(prob_sum_E).scatter_add_(0, first_choice_S, w_S)  # no (S, E) one-hot
     mean_prob_E, frac_E = _means([prob_sum_E, first_count_E.detach()], w_S.sum(), reduce)
     return num_experts * (mean_prob_E * frac_E).sum()
@@ -56,5 +56,5 @@ def z_loss(logits_SE: Tensor, valid_S: Tensor | None = None, reduce: Reduce | No
     """Router z-loss (ST-MoE): mean of logsumexp(logits)² — keeps router logits small."""
     z_S = torch.logsumexp(logits_SE, dim=-1).square()
     w_S = _weights(z_S, valid_S)
-    (mean,) = _means([z_S.sum() if valid_S is None else (z_S * w_S).sum()], w_S.sum(), reduce)
+    (mean,) = _means([z_S.sum() if valid_S is None else torch.where(valid_S, z_S, 0).sum()], w_S.sum(), reduce)
     return mean

@@ -18,7 +18,11 @@ data-parallel batch, for a balance loss over the global batch). `mhmoe.parallel`
 NaN/Inf input: the router upcasts and routes what it gets; a non-finite item gets a non-finite
 output and makes `aux_loss` non-finite, which the trainer must catch. In dropless mode the other
 items' outputs are unaffected (each row is computed on its own); with a capacity the bad item
-still takes an expert slot.
+still takes an expert slot. A non-finite item masked out by `token_mask` (padding) is replaced by zeros
+first (`mask_padding`), so it reaches no loss and no gradient (0 · NaN would be NaN); finite inputs are
+computed exactly as without that step.
+
+Dtypes: the input must have the weights' dtype, except under torch.autocast (which picks the compute dtype).
 """
 
 from __future__ import annotations
@@ -53,24 +57,44 @@ class MoEOutput(NamedTuple):
     stats: MoEStats
 
 
-def check_input(x: Tensor, d_model: int, layer: str) -> None:
+def check_input(x: Tensor, d_model: int, layer: str, weights: Tensor | None = None) -> None:
+    """x is a floating-point (..., d_model) tensor of the dtype of `weights` (any dtype under autocast)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{layer} expects a tensor, got {type(x).__name__}")
     if not (x.is_floating_point()):
         raise TypeError(f"{layer} expects a floating-point input, got dtype {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != d_model:
         raise ValueError(f"{layer} expects input of shape (..., {d_model}), got {tuple(x.shape)}")
+    if weights is not None and x.dtype != weights.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{layer} got a {x.dtype} input but its weights are {weights.dtype}; cast one to the other "
+            f"(x.to({weights.dtype}) or layer.to({x.dtype})), or run under torch.autocast"
+        )
 
 
 def check_token_mask(token_mask: Tensor | None, x: Tensor) -> Tensor | None:
     """(...) bool, True for tokens to route, flattened to (S,)."""
     if token_mask is None:
         return None
+    if not isinstance(token_mask, Tensor):
+        raise TypeError(
+            f"token_mask must be a bool tensor of shape {tuple(x.shape[:-1])}, got {type(token_mask).__name__}; "
+            "pass torch.tensor(mask, dtype=torch.bool)"
+        )
+    if token_mask.device != x.device:
+        raise ValueError(f"token_mask is on {token_mask.device} but the input is on {x.device}; move it there")
     if token_mask.shape != x.shape[:-1]:
         raise ValueError(f"token_mask must have shape {tuple(x.shape[:-1])}, got {tuple(token_mask.shape)}")
     if token_mask.dtype != torch.bool:
         raise TypeError(f"token_mask must be bool (True = route this token), got {token_mask.dtype}")
     return token_mask.reshape(-1)
+
+
+def mask_padding(x_Sd: Tensor, valid_S: Tensor) -> Tensor:
+    """x with its non-finite padding rows (valid False) set to 0, so that padding never makes a loss or a gradient
+    NaN; every other row, and a finite input as a whole, is returned as is (the same values, bit for bit)."""
+    keep_S = valid_S | torch.isfinite(x_Sd).all(-1)
+    return torch.where(keep_S.unsqueeze(-1), x_Sd, 0)
 
 
 def layer_config(config: MoEConfig | None, options: dict[str, Any], layer: str) -> tuple[MoEConfig, Router | None]:
@@ -190,11 +214,13 @@ class SparseMoE(MoELayer):
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
         c = self.config
-        check_input(x, self.d_model, "SparseMoE")
+        check_input(x, self.d_model, "SparseMoE", self.experts.w_in)
         valid_S = check_token_mask(token_mask, x)
         x_Sd = x.reshape(-1, self.d_model)
+        if valid_S is not None:
+            x_Sd = mask_padding(x_Sd, valid_S)
         r = self.router(x_Sd, valid_S)
-        gates_SK = r.gates if valid_S is None else r.gates * valid_S.unsqueeze(-1)
+        gates_SK = r.gates if valid_S is None else torch.where(valid_S.unsqueeze(-1), r.gates, 0)
 
         dropped_fraction = gates_SK.new_zeros(())
         if c.capacity_factor is not None:

@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from mhmoe.layers.config import MoEConfig, Residual
 from mhmoe.layers.experts import check_positive
-from mhmoe.layers.moe import MoELayer, MoEOutput, SparseMoE, check_input, check_token_mask, layer_config
+from mhmoe.layers.moe import (
+    MoELayer,
+    MoEOutput,
+    SparseMoE,
+    check_input,
+    check_token_mask,
+    layer_config,
+    mask_padding,
+)
 
 
 def projection(d_model: int, num_layers: int, gain: float, zero_bias: bool) -> nn.Module:
@@ -90,9 +98,10 @@ class MHMoE(MoELayer):
         return self.config.merge_layers
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
-        check_input(x, self.d_model, "MHMoE")
+        check_input(x, self.d_model, "MHMoE", self.moe.experts.w_in)
         valid_T = check_token_mask(token_mask, x)
-        h_TD = self.multi_head_layer(x.reshape(-1, self.d_model))  # 1. multi-head layer
+        x_TD = x.reshape(-1, self.d_model) if valid_T is None else mask_padding(x.reshape(-1, self.d_model), valid_T)
+        h_TD = self.multi_head_layer(x_TD)  # 1. multi-head layer
         h_Sd = h_TD.reshape(-1, self.head_dim)  # 2. split: sub-token j of token i is row i·H + j
         valid_S = None if valid_T is None else valid_T.repeat_interleave(self.num_heads)
         routed = self.moe(h_Sd, valid_S)  # 3-4. route each sub-token, run its experts

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 
+from mhmoe.io import write_json
 from mhmoe.ops import triton_experts
 from mhmoe.ops.activations import glu_factor
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             arch=args.arch, dtype=args.dtype, d_model=args.d_model, hidden=args.hidden,
             triton=_triton_version(), builds=[dataclasses.asdict(b) for b in builds],
         )  # fmt: skip
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        write_json(Path(args.json), record)
     if not all(b.fits for b in builds):
         print("some tiles do not fit in shared memory: the autotuner will skip them", file=sys.stderr)
 

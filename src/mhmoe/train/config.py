@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterator
@@ -374,13 +375,18 @@ def validate(cfg: RunConfig) -> None:
     validate_model(cfg.model, "model")
     _check(cfg.model.seq_len >= 1, f"model.seq_len must be >= 1, got {cfg.model.seq_len}")
     d, t = cfg.data, cfg.train
+    _check(cfg.model.vocab_size >= 1, f"model.vocab_size must be >= 1, got {cfg.model.vocab_size}")
     _check(d.vocab_size >= 1, f"data.vocab_size must be >= 1, got {d.vocab_size}")
+    _check(
+        d.tokenizer != "bpe" or 257 <= d.vocab_size < 2**32,
+        f"data.vocab_size must be at least 257 for data.tokenizer=bpe (256 bytes + end of text), got {d.vocab_size}",
+    )
     _check(
         0 < d.valid_fraction < 0.5 and 0 < d.test_fraction < 0.5,
         f"data.valid_fraction and data.test_fraction must be in (0, 0.5), got {d.valid_fraction}, {d.test_fraction}",
     )
     _check(0 <= d.language_alpha <= 1, f"data.language_alpha must be in [0, 1], got {d.language_alpha}")
-    validate_train(t)
+    validate_train(t, cfg.model.seq_len)
     validate_parallel(cfg.parallel, cfg.model.ffn)
 
 
@@ -420,7 +426,24 @@ def validate_model(m: Any, section: str) -> None:
         raise ConfigError(f"{section}.ffn.moe: {e}") from None
 
 
-def validate_train(t: TrainConfig) -> None:
+MAX_BATCH_TOKENS = 2**24  # per micro-batch: 512× the paper preset's; beyond it a typo, not a plan
+
+
+def _check_device(name: str) -> None:
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    _check(
+        device is not None and device.type in ("cpu", "cuda", "mps", "xpu"),
+        f"train.device={name!r}: use auto, cpu, cuda or cuda:N",
+    )
+
+
+def validate_train(t: TrainConfig, seq_len: int = 1) -> None:
+    """Range checks of a train section; seq_len (the model's) bounds the tokens of a micro-batch."""
     for key, value in [
         ("batch_size", t.batch_size),
         ("grad_accum", t.grad_accum),
@@ -431,7 +454,21 @@ def validate_train(t: TrainConfig) -> None:
         ("keep_checkpoints", t.keep_checkpoints),
     ]:
         _check(value >= 1, f"train.{key} must be >= 1, got {value}")
+    for key in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
+        value = getattr(t, key)
+        _check(math.isfinite(value), f"train.{key} must be a finite number, got {value}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    for key in ("beta1", "beta2"):
+        _check(0 <= getattr(t, key) < 1, f"train.{key} must be in [0, 1), got {getattr(t, key)}")
+    _check(t.eps >= 0, f"train.eps must be >= 0, got {t.eps}")
+    _check(t.threads >= 0, f"train.threads must be >= 0 (0 = torch's default), got {t.threads}")
+    _check(0 <= t.seed < 2**63, f"train.seed must be in [0, 2**63), got {t.seed}")
+    _check(
+        t.batch_size * seq_len <= MAX_BATCH_TOKENS,
+        f"train.batch_size × model.seq_len = {t.batch_size * seq_len:,} tokens per micro-batch is more than "
+        f"{MAX_BATCH_TOKENS:,}; lower train.batch_size and raise train.grad_accum for a larger batch",
+    )
+    _check_device(t.device)
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(t.schedule in get_args(Schedule), f"train.schedule must be cosine or linear, got {t.schedule!r}")
@@ -453,4 +490,4 @@ def validate_parallel(p: ParallelConfig, ffn: FFNConfig) -> None:
     _check(p.data in get_args(DataParallel), f"parallel.data must be ddp or fsdp, got {p.data!r}")
     _check(p.balance in get_args(Balance), f"parallel.balance must be local or global, got {p.balance!r}")
     _check(p.backend in get_args(Backend), f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
-    _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")
+    _check(0 < p.timeout_s < math.inf, f"parallel.timeout_s must be a number of seconds > 0, got {p.timeout_s}")

@@ -4,6 +4,9 @@ Data: a text corpus (`mhmoe.data`), or language-tagged text (data.multilingual, 
 temperature sampling), tokenized with the run's tokenizer (a BPE trained once on the training split and kept in
 the run as tokenizer.json, the byte tokenizer, or a tokenizer.json of the user's) and cached on disk.
 Evaluation: mean cross-entropy and perplexity over consecutive windows of a held-out split.
+
+Every checkpoint records the sha256 of each tokenized split (`data_digests`): a run resumes, and `mhmoe eval`
+evaluates, only on the very data it was trained with (`check_data`), wherever that data now lives.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from mhmoe.data import (
     load_tokenizer,
     tokenize_corpus,
 )
+from mhmoe.data.dataset import token_digest
 from mhmoe.data.multilingual import (
     LanguageSampler,
     languages_of,
@@ -37,6 +41,8 @@ from mhmoe.data.multilingual import (
     tokenizer_text,
 )
 from mhmoe.data.tokenizer import Tokenizer
+from mhmoe.errors import DataError
+from mhmoe.io import notice
 from mhmoe.models.gpt import GPT, gpt_cost
 from mhmoe.train.config import RunConfig
 from mhmoe.train.loop import Part, RunResult, autocast_for
@@ -62,10 +68,39 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, di
             data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction, languages=languages
         )
         tokenizer = run_tokenizer(cfg, run_dir, lambda: tokenizer_text(corpus, d.language_alpha))
-        return tokenizer, tokenize_languages(corpus, tokenizer, data_cache_dir(), cfg.model.seq_len, progress)
-    text = load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
-    tokenizer = run_tokenizer(cfg, run_dir, lambda: text.train)
-    return tokenizer, tokenize_corpus(text, tokenizer, data_cache_dir(), progress=progress)
+        splits = tokenize_languages(corpus, tokenizer, data_cache_dir(), cfg.model.seq_len, progress)
+    else:
+        text = load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+        tokenizer = run_tokenizer(cfg, run_dir, lambda: text.train)
+        splits = tokenize_corpus(text, tokenizer, data_cache_dir(), progress=progress)
+    for name, tokens in splits.items():
+        if not name.startswith("train") and len(tokens) < cfg.model.seq_len + 1:
+            notice(
+                f"warning: the {name} split of {data_path(cfg)} has {len(tokens)} tokens, less than one window of "
+                f"model.seq_len + 1 = {cfg.model.seq_len + 1}: its perplexity says little; hold out more text"
+            )
+    return tokenizer, splits
+
+
+def data_digests(splits: dict[str, np.ndarray]) -> dict[str, str]:
+    """{split: sha256 of its tokens}: what a checkpoint records of the data it was trained with."""
+    return {name: token_digest(tokens) for name, tokens in splits.items()}
+
+
+def check_data(recorded: dict | None, splits: dict[str, np.ndarray], names: list[str], source: Path) -> bool:
+    """The splits `names` are the ones whose digests a checkpoint recorded (a DataError naming the first that is
+    not); False when the checkpoint recorded none (written by an older mhmoe), so nothing could be checked."""
+    if recorded is None:
+        return False
+    for name in names:
+        digest = token_digest(splits[name]) if name in splits else "missing"
+        if recorded.get(name) != digest:
+            raise DataError(
+                f"the {name} split of {source} is not the data this run was trained with (sha256 {digest[:12]}, "
+                f"recorded {str(recorded.get(name))[:12]}): the data changed; point data.path (--data) at the "
+                "original data, or start a new run"
+            )
+    return True
 
 
 def run_tokenizer(cfg: RunConfig, run_dir: Path, bpe_text: Callable[[], Iterable[str]]) -> Tokenizer:
@@ -116,12 +151,16 @@ class LMTask:
     """The causal LM as a `mhmoe.train.loop.Task`: GPT on (idx, targets) windows of the training split."""
 
     partial_forwards = False
+    run_files: tuple[str, ...] = (
+        "tokenizer.json",
+    )  # the BPE or user tokenizer the run keeps (a byte-tokenizer run has none)
 
     def __init__(self, cfg: RunConfig, run_dir: Path, session: Session, progress: bool):
         self.cfg, self.session = cfg, session
         self.tokenizer, self.splits = session.first_on_main(lambda: prepare_data(cfg, run_dir, progress))
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.cost = gpt_cost(cfg.model)
+        self.digests = data_digests(self.splits)
 
     def build_model(self) -> GPT:
         return GPT(self.cfg.model)
@@ -151,9 +190,10 @@ class LMTask:
                 "val_tokens": valid["tokens"], "test_tokens": test["tokens"]}  # fmt: skip
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
+        return {"sampler": self.sampler.state_dict(), "data_sha256": self.digests}
 
     def load_state_dict(self, state: dict) -> None:
+        check_data(state.get("data_sha256"), self.splits, sorted(self.splits), data_path(self.cfg))
         self.sampler.load_state_dict(state["sampler"])
 
     def on_step(self, model: torch.nn.Module, step: int) -> None:

@@ -8,12 +8,16 @@ A run directory holds everything needed to understand and resume a run:
 Calling `train` on a directory with a checkpoint resumes from it exactly (same batches, same RNG). The loop
 runs on one process or on W ranks under torchrun alike (`mhmoe.train.session`): torchrun, expert parallelism,
 FSDP2, exact resume, the non-finite guard, progress and metrics serve every task.
+
+A run directory has one writer: `train` holds its lock (`mhmoe.io.lock_run`) from start to end, removes what an
+interrupted writer left behind (temporary files and checkpoint folders, with a line saying so), and resumes
+only when the run files still mean what the latest checkpoint was trained with (`check_run_files`).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -25,12 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from mhmoe.errors import ConfigError, UserError
-from mhmoe.io import environment, write_json
+from mhmoe.io import environment, lock_run, notice, remove_temporaries, write_json
 from mhmoe.models.cost import Cost
-from mhmoe.train.checkpoint import latest_checkpoint
+from mhmoe.train.checkpoint import check_run_files, latest_checkpoint, read_json, verify
 from mhmoe.train.config import TrainConfig
 from mhmoe.train.metrics import MetricsLog, NoMetrics, progress_bar
-from mhmoe.train.session import Session, start_session
+from mhmoe.train.session import Session, is_main_process, start_session
 
 
 class TrainingError(UserError):
@@ -53,6 +57,7 @@ class Task(Protocol):
 
     cost: Cost  # of the model, for summary.json
     partial_forwards: bool  # whether one forward may use only part of the parameters (several parts per step)
+    run_files: tuple[str, ...]  # files of the run folder the weights' meaning depends on besides config.json
 
     def build_model(self) -> nn.Module:
         """The model, on the CPU (the loop seeds torch first and moves it)."""
@@ -164,13 +169,17 @@ def apply_step(
 
 
 def check_resumable(cfg: Any, run_dir: Path) -> None:
-    """A run directory is resumed only with the same model and data; train.* may change (e.g. max_steps)."""
+    """A run directory is resumed only with the same model and data; train.* may change (e.g. max_steps). The data
+    path may be spelled another way (relative or absolute, ~) if it names the same place."""
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         return
-    saved = type(cfg).from_dict(json.loads(saved_path.read_text())).to_dict()  # fields added since: defaults
+    saved = type(cfg).from_dict(read_json(saved_path, "the run's configuration")).to_dict()  # new fields: defaults
     now = cfg.to_dict()
     now["model"]["vocab_size"] = saved.get("model", {}).get("vocab_size")  # derived from the tokenizer
+    for config in (saved, now):
+        if config.get("data", {}).get("path"):
+            config["data"]["path"] = os.path.abspath(os.path.expanduser(config["data"]["path"]))
     for section in ("model", "data"):
         if saved.get(section) != now[section]:
             diffs = [k for k in now[section] if saved.get(section, {}).get(k) != now[section][k]]
@@ -190,16 +199,35 @@ def train(cfg: Any, run_dir: Path, make_task: Callable[[Session], Task], progres
     the task once the session exists (it prepares the data, and may fill in derived fields such as the vocabulary
     size, before config.json is written).
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file, not a folder; pass a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    check_resumable(cfg, run_dir)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    session = start_session(cfg.parallel, resolve_device(cfg.train.device))
-    task = make_task(session)
-    if session.is_main:
-        write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(run_dir / "env.json", environment(session.device))
-    return run(task, cfg.train, run_dir, session, progress and session.is_main)
+    main = is_main_process()  # rank 0 of a torchrun job checks and cleans for all (torchrun ends the others)
+    with lock_run(run_dir) if main else nullcontext():
+        if main:
+            clean_up(run_dir)
+        check_resumable(cfg, run_dir)
+        latest = latest_checkpoint(run_dir / "checkpoints") if main else None
+        if latest is not None:  # the run files must still mean what the checkpoint was trained with
+            check_run_files(run_dir, latest, verify(latest))
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        session = start_session(cfg.parallel, resolve_device(cfg.train.device))
+        task = make_task(session)
+        if session.is_main:
+            write_json(run_dir / "config.json", cfg.to_dict())
+            write_json(run_dir / "env.json", environment(session.device))
+        return run(task, cfg.train, run_dir, session, progress and session.is_main)
+
+
+def clean_up(run_dir: Path) -> None:
+    """Remove the temporary files and checkpoint folders an interrupted writer left in the run (under its lock,
+    so none of them is being written), with a line saying what."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        removed = remove_temporaries(folder)
+        if removed:
+            notice(f"removed {len(removed)} unfinished temporary file(s) an interrupted run left in {folder}: "
+                   f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")  # fmt: skip
 
 
 def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: bool) -> RunResult:
@@ -225,7 +253,8 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
 
     def save() -> None:
         state = {**task.state_dict(), "tokens_seen": tokens_seen, "train_seconds": train_seconds}
-        session.save(checkpoints, step, model, optimizer, state, keep=t.keep_checkpoints)
+        run_files = ("config.json", *task.run_files)
+        session.save(checkpoints, step, model, optimizer, state, t.keep_checkpoints, run_files)
 
     try:
         model.train()

@@ -42,7 +42,9 @@ class Session(Protocol):
     def finish_gradients(self, model: nn.Module, grad_clip: float) -> Tensor: ...
     def mean(self, values: list[float]) -> list[float]: ...
     def update_router_biases(self, model: nn.Module) -> None: ...
-    def save(self, directory: Path, step: int, model: nn.Module, optimizer: Any, state: dict, keep: int) -> None: ...
+    def save(
+        self, directory: Path, step: int, model: nn.Module, optimizer: Any, state: dict, keep: int, run_files: tuple
+    ) -> None: ...
     def load(self, path: Path, model: nn.Module, optimizer: Any) -> dict: ...
     def close(self) -> None: ...
 
@@ -80,14 +82,24 @@ class SingleProcess:
     def update_router_biases(self, model: nn.Module) -> None:
         update_router_biases(model)
 
-    def save(self, directory: Path, step: int, model: nn.Module, optimizer: Any, state: dict, keep: int) -> None:
-        save_checkpoint(directory, step, model, optimizer, state, keep=keep)
+    def save(
+        self, directory: Path, step: int, model: nn.Module, optimizer: Any, state: dict, keep: int, run_files: tuple
+    ) -> None:
+        save_checkpoint(directory, step, model, optimizer, state, keep=keep, run_files=run_files)
 
     def load(self, path: Path, model: nn.Module, optimizer: Any) -> dict:
         return load_checkpoint(path, model, optimizer)
 
     def close(self) -> None:
         pass
+
+
+def is_main_process() -> bool:
+    """Whether this process is (or will be) rank 0: the one that writes run files. Known before the session
+    starts, from an existing process group or torchrun's RANK."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def start_session(parallel: ParallelConfig, device: torch.device) -> Session:
@@ -141,8 +153,10 @@ class DistributedRun:
     def update_router_biases(self, model: nn.Module) -> None:
         runtime.update_router_biases(model)
 
-    def save(self, directory: Path, step: int, model: nn.Module, optimizer: Any, state: dict, keep: int) -> None:
-        dcp.save_distributed(directory, step, model, optimizer, state, keep)
+    def save(
+        self, directory: Path, step: int, model: nn.Module, optimizer: Any, state: dict, keep: int, run_files: tuple
+    ) -> None:
+        dcp.save_distributed(directory, step, model, optimizer, state, keep, run_files)
 
     def load(self, path: Path, model: nn.Module, optimizer: Any) -> dict:
         return dcp.load_distributed(path, model, optimizer)

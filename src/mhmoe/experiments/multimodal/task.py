@@ -377,6 +377,10 @@ class MaskedTask:
     every micro-batch, their losses added (BEiT-3)."""
 
     partial_forwards = True  # a text-only forward leaves the vision FFNs unused, an image-only one the language ones
+    run_files: tuple[str, ...] = (
+        "tokenizer.json",
+        "visual_tokens.npz",
+    )  # the text tokenizer and the visual-token codebook
 
     def __init__(
         self, cfg: MaskedRunConfig, run_dir: Path, session: Session, progress: bool, data: MultimodalData | None
