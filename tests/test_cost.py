@@ -51,6 +51,26 @@ LAYERS = [
     ("smoe", dict(d_model=24, num_experts=5, top_k=2, expert_hidden=16, router="xmoe", router_kwargs={"form": "code"})),
     ("smoe", dict(d_model=24, num_experts=5, top_k=1, expert_hidden=16, router="sigmoid", num_shared_experts=2)),
     ("mhmoe", dict(d_model=24, num_heads=3, num_experts=5, top_k=2, expert_hidden=16, activation="swiglu")),
+    # the peers' variants: GLU forms, expert biases, Qwen2-MoE's gated shared expert, DeepSeek-V3's groups
+    ("smoe", dict(d_model=24, num_experts=4, top_k=2, expert_hidden=16, activation="geglu", expert_bias=True)),
+    (
+        "smoe",
+        dict(d_model=24, num_experts=4, top_k=2, expert_hidden=16, num_shared_experts=1, shared_expert_gate=True),
+    ),
+    (
+        "mhmoe",
+        dict(
+            d_model=24,
+            num_heads=2,
+            num_experts=4,
+            top_k=2,
+            expert_hidden=16,
+            activation="reglu",
+            expert_bias=True,
+            router="sigmoid",
+            router_kwargs={"num_groups": 2, "top_groups": 1, "scale": 2.5},
+        ),
+    ),  # fmt: skip
     (
         "mhmoe",
         dict(
@@ -105,6 +125,7 @@ def _flops_from_weight_shapes(layer, kwargs) -> int:
     expert = (moe.experts.w_in.numel() + moe.experts.w_out.numel()) // moe.num_experts
     router_weights = sum(p.numel() for p in moe.router.parameters() if p.dim() == 2)
     shared = 0 if moe.shared_experts is None else numel(moe.shared_experts)
+    shared += 0 if moe.shared_expert_gate is None else moe.shared_expert_gate.weight.numel()
     per_item = 2 * (router_weights + moe.top_k * expert + shared)
     if isinstance(layer, SparseMoE):
         return per_item

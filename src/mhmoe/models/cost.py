@@ -42,6 +42,12 @@ def _ffn_params(d_model: int, hidden: int, activation: str) -> int:
     return d_model * glu_factor(activation) * hidden + hidden * d_model
 
 
+def _expert_params(c: MoEConfig, width: int) -> int:
+    """One expert of `c` over items of `width`, biases included (they are read, but cost no matmul FLOPs)."""
+    bias = glu_factor(c.activation) * c.expert_hidden + width if c.expert_bias else 0
+    return _ffn_params(width, c.expert_hidden, c.activation) + bias
+
+
 def _config(config: MoEConfig | None, options: dict[str, Any]) -> MoEConfig:
     if config is None:
         return MoEConfig.from_kwargs(**options)
@@ -79,12 +85,13 @@ def sparse_moe_cost(config: MoEConfig | None = None, *, d_model: int, router: An
         options["router"] = router
     c = _config(config, options)
     router_params, router_flops = _router_cost(router_object or c.router, d_model, c.num_experts)
-    expert = _ffn_params(d_model, c.expert_hidden, c.activation)
+    expert, expert_matmul = _expert_params(c, d_model), _ffn_params(d_model, c.expert_hidden, c.activation)
     shared = _ffn_params(d_model, c.num_shared_experts * (c.shared_expert_hidden or c.expert_hidden), c.activation)
+    shared += d_model if c.shared_expert_gate else 0  # Qwen2-MoE's d -> 1 gate
     return Cost(
         params_total=router_params + c.num_experts * expert + shared,
         params_active=router_params + c.top_k * expert + shared,
-        flops_per_token=router_flops + 2 * (c.top_k * expert + shared),
+        flops_per_token=router_flops + 2 * (c.top_k * expert_matmul + shared),
     )
 
 
@@ -96,7 +103,7 @@ def mhmoe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = N
     c = _config(config, options)
     head_dim = d_model // c.num_heads
     inner = sparse_moe_cost(c.subtoken(), d_model=head_dim, **({"router": router_object} if router_object else {}))
-    expert = _ffn_params(head_dim, c.expert_hidden, c.activation)
+    expert = _expert_params(c, head_dim)
     reached = min(c.num_experts, c.num_heads * c.top_k)
     depth = c.multi_head_layers + c.merge_layers
     projections = depth * (d_model * d_model + d_model)
