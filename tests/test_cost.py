@@ -9,12 +9,15 @@ from mhmoe import DenseFFN, MHMoE, MoEConfig, SparseMoE
 from mhmoe.models.cost import (
     V2_SMOE,
     Cost,
+    SizeMatchError,
     build_preset,
     cost_of,
     dense_cost,
+    fine_grained_smoe,
     flops_matched_mhmoe,
     layer_cost,
     mhmoe_cost,
+    params_matched_mhmoe,
     presets,
     sparse_moe_cost,
 )
@@ -177,6 +180,29 @@ def test_flops_matching_with_a_different_base():
     config = flops_matched_mhmoe(256, base, num_heads=4, top_k=2, hidden_multiple=8, experts_multiple=1)
     ratio = mhmoe_cost(config, d_model=256).flops_per_token / sparse_moe_cost(base, d_model=256).flops_per_token
     assert abs(ratio - 1) < 0.01
+
+
+def test_solvers_meet_their_target_or_say_what_cannot_be_met():
+    """The issue's case: a 64 × 256 SwiGLU SMoE at D = 512 leaves too few FLOPs for H = 4 (it returned 1000 × 64
+    at 1.505× the FLOPs, silently); a rounding that misses is named with the exact solution."""
+    smoe = MoEConfig(num_experts=64, top_k=2, expert_hidden=256, activation="swiglu")
+    with pytest.raises(SizeMatchError, match=r"no expert_hidden can match .* the head and merge layers cost 1,048,576"):
+        flops_matched_mhmoe(512, smoe, num_heads=4, top_k=2)
+    smoe = MoEConfig(num_experts=8, top_k=2, expert_hidden=1024, activation="swiglu")
+    with pytest.raises(
+        SizeMatchError, match=r"FLOPs per token is 1\.168× .* expert_hidden ≈ 852 \(rounded to a multiple of 512\)"
+    ):
+        flops_matched_mhmoe(512, smoe, num_heads=2, top_k=2, hidden_multiple=512)
+    with pytest.raises(SizeMatchError, match=r"params_total is 0\.854× .* the exact expert count is ≈ 18\.9"):
+        flops_matched_mhmoe(512, smoe, num_heads=2, top_k=2)
+    config = flops_matched_mhmoe(512, smoe, num_heads=2, top_k=2, experts_multiple=1)
+    base, got = sparse_moe_cost(smoe, d_model=512), mhmoe_cost(config, d_model=512)
+    assert abs(got.flops_per_token / base.flops_per_token - 1) <= 0.05
+    assert abs(got.params_total / base.params_total - 1) <= 0.05
+    with pytest.raises(SizeMatchError, match="params_matched_mhmoe: params_total is"):
+        params_matched_mhmoe(64, MoEConfig(num_experts=2, top_k=1, expert_hidden=16), num_heads=2, hidden_multiple=512)
+    with pytest.raises(SizeMatchError, match="fine_grained_smoe: FLOPs per token is"):
+        fine_grained_smoe(64, MoEConfig(num_experts=2, top_k=1, expert_hidden=96), granularity=2, hidden_multiple=64)
 
 
 def test_build_preset_and_errors():

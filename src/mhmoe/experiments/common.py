@@ -27,7 +27,7 @@ from typing import Any
 from mhmoe.io import write_json, write_text
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
-from mhmoe.models.cost import Cost, flops_matched_mhmoe, params_matched_mhmoe
+from mhmoe.models.cost import Cost, SizeMatchError, flops_matched_mhmoe, params_matched_mhmoe
 from mhmoe.models.ffn import FFNConfig, FFNKind
 
 MH_HEADS = 4
@@ -51,10 +51,8 @@ def variants(d_model: int, ffn: FFNConfig) -> list[Variant]:
     base = dataclasses.replace(moe.routed_part(), num_shared_experts=0, shared_expert_hidden=None)
     smoe = dataclasses.replace(base, router=RouterConfig(kind="softmax"))
     xmoe = dataclasses.replace(base, router=RouterConfig(kind="xmoe"))
-    params = params_matched_mhmoe(d_model, xmoe, num_heads=MH_HEADS, hidden_multiple=32)
-    flops = flops_matched_mhmoe(
-        d_model, xmoe, num_heads=MH_HEADS, top_k=moe.top_k, hidden_multiple=32, experts_multiple=4
-    )
+    params = _sized(params_matched_mhmoe, d_model, xmoe, num_heads=MH_HEADS)
+    flops = _sized(flops_matched_mhmoe, d_model, xmoe, num_heads=MH_HEADS, top_k=moe.top_k, experts_multiple=4)
     return [
         Variant("dense", "baseline", ffn_of("dense", smoe)),
         Variant("smoe", "baseline", ffn_of("smoe", smoe)),
@@ -62,6 +60,17 @@ def variants(d_model: int, ffn: FFNConfig) -> list[Variant]:
         Variant("mhmoe_params", "params", ffn_of("mhmoe", params)),
         Variant("mhmoe_flops", "flops", ffn_of("mhmoe", flops)),
     ]
+
+
+def _sized(solver: Callable[..., MoEConfig], d_model: int, base: MoEConfig, **options: Any) -> MoEConfig:
+    """The solver's sizes with expert_hidden a multiple of 32, or of 16 or 8 where 32 cannot meet the match
+    within its tolerance (toy widths); the last SizeMatchError when none can."""
+    for multiple in (32, 16, 8):
+        try:
+            return solver(d_model, base, hidden_multiple=multiple, **options)
+        except SizeMatchError as error:
+            last = error
+    raise last
 
 
 def variant_seeds(base: Any, variant: Variant, seeds: int, out: Path) -> Iterator[tuple[int, Any, Path]]:
