@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from conftest import TOLERANCES, assert_fast_matches_reference, forward_backward, make_pair
 
-from mhmoe import MHMoE, MoEConfig, SparseMoE
+from mhmoe import MHMoE, MoEConfig, RouterConfig, SparseMoE
 from mhmoe.layers.losses import balance_loss
 from mhmoe.ops.capacity import capacity_keep
 from mhmoe.ops.reference import capacity_keep_reference
@@ -166,10 +166,8 @@ def deepseek_v3_routing(x_Sd, weight_Ed, bias_E, top_k, n_group, topk_group, sca
 @pytest.mark.parametrize(("n_group", "topk_group"), [(1, 1), (4, 2), (4, 1), (8, 3)])
 def test_group_limited_sigmoid_routing_equals_deepseek_v3(n_group, topk_group):
     torch.manual_seed(0)
-    router = dict(kind="sigmoid", num_groups=n_group, top_groups=topk_group, scale=2.5)
-    moe = SparseMoE(d_model=8, num_experts=16, top_k=2, expert_hidden=4, router=MoEConfig.from_kwargs(
-        num_experts=16, top_k=2, expert_hidden=4, router="sigmoid", router_kwargs={k: v for k, v in router.items() if k != "kind"}
-    ).router).double()  # fmt: skip
+    router = RouterConfig(kind="sigmoid", num_groups=n_group, top_groups=topk_group, scale=2.5)
+    moe = SparseMoE(d_model=8, num_experts=16, top_k=2, expert_hidden=4, router=router).double()
     with torch.no_grad():
         moe.router.expert_bias.copy_(torch.randn(16) * 0.1)
     x = torch.randn(20, 8, dtype=torch.float64)
