@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", minversion="5.0")  # the fused-experts layout of transformers 5
 
 from transformers import (  # noqa: E402
     DeepseekV3Config,

@@ -3,7 +3,8 @@ weights and the same routing (for the fast path, expert parallelism and the rout
 
 Shape legend: D model dim, E experts, K top-k, F expert hidden, Fs shared-expert hidden.
 
-Blocks are recognised by their parts, not their class, so any model built the same way converts:
+Blocks are recognised by their parts, not their class, so any model built the same way converts (the layouts of
+transformers 5, whose experts are fused tensors; 4.x's per-expert modules are not recognised):
 
     fused experts   `gate`, a router with `weight` (E, D) and `top_k`, and `experts` with `gate_up_proj`
                     (E, 2F, D) holding [gate; up], `down_proj` (E, D, F) and `act_fn` (a GLU):
