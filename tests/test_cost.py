@@ -9,12 +9,15 @@ from mhmoe import DenseFFN, MHMoE, MoEConfig, SparseMoE
 from mhmoe.models.cost import (
     V2_SMOE,
     Cost,
+    SizeMatchError,
     build_preset,
     cost_of,
     dense_cost,
+    fine_grained_smoe,
     flops_matched_mhmoe,
     layer_cost,
     mhmoe_cost,
+    params_matched_mhmoe,
     presets,
     sparse_moe_cost,
 )
@@ -51,6 +54,26 @@ LAYERS = [
     ("smoe", dict(d_model=24, num_experts=5, top_k=2, expert_hidden=16, router="xmoe", router_kwargs={"form": "code"})),
     ("smoe", dict(d_model=24, num_experts=5, top_k=1, expert_hidden=16, router="sigmoid", num_shared_experts=2)),
     ("mhmoe", dict(d_model=24, num_heads=3, num_experts=5, top_k=2, expert_hidden=16, activation="swiglu")),
+    # the peers' variants: GLU forms, expert biases, Qwen2-MoE's gated shared expert, DeepSeek-V3's groups
+    ("smoe", dict(d_model=24, num_experts=4, top_k=2, expert_hidden=16, activation="geglu", expert_bias=True)),
+    (
+        "smoe",
+        dict(d_model=24, num_experts=4, top_k=2, expert_hidden=16, num_shared_experts=1, shared_expert_gate=True),
+    ),
+    (
+        "mhmoe",
+        dict(
+            d_model=24,
+            num_heads=2,
+            num_experts=4,
+            top_k=2,
+            expert_hidden=16,
+            activation="reglu",
+            expert_bias=True,
+            router="sigmoid",
+            router_kwargs={"num_groups": 2, "top_groups": 1, "scale": 2.5},
+        ),
+    ),  # fmt: skip
     (
         "mhmoe",
         dict(
@@ -105,6 +128,7 @@ def _flops_from_weight_shapes(layer, kwargs) -> int:
     expert = (moe.experts.w_in.numel() + moe.experts.w_out.numel()) // moe.num_experts
     router_weights = sum(p.numel() for p in moe.router.parameters() if p.dim() == 2)
     shared = 0 if moe.shared_experts is None else numel(moe.shared_experts)
+    shared += 0 if moe.shared_expert_gate is None else moe.shared_expert_gate.weight.numel()
     per_item = 2 * (router_weights + moe.top_k * expert + shared)
     if isinstance(layer, SparseMoE):
         return per_item
@@ -156,6 +180,29 @@ def test_flops_matching_with_a_different_base():
     config = flops_matched_mhmoe(256, base, num_heads=4, top_k=2, hidden_multiple=8, experts_multiple=1)
     ratio = mhmoe_cost(config, d_model=256).flops_per_token / sparse_moe_cost(base, d_model=256).flops_per_token
     assert abs(ratio - 1) < 0.01
+
+
+def test_solvers_meet_their_target_or_say_what_cannot_be_met():
+    """The issue's case: a 64 × 256 SwiGLU SMoE at D = 512 leaves too few FLOPs for H = 4 (it returned 1000 × 64
+    at 1.505× the FLOPs, silently); a rounding that misses is named with the exact solution."""
+    smoe = MoEConfig(num_experts=64, top_k=2, expert_hidden=256, activation="swiglu")
+    with pytest.raises(SizeMatchError, match=r"no expert_hidden can match .* the head and merge layers cost 1,048,576"):
+        flops_matched_mhmoe(512, smoe, num_heads=4, top_k=2)
+    smoe = MoEConfig(num_experts=8, top_k=2, expert_hidden=1024, activation="swiglu")
+    with pytest.raises(
+        SizeMatchError, match=r"FLOPs per token is 1\.168× .* expert_hidden ≈ 852 \(rounded to a multiple of 512\)"
+    ):
+        flops_matched_mhmoe(512, smoe, num_heads=2, top_k=2, hidden_multiple=512)
+    with pytest.raises(SizeMatchError, match=r"params_total is 0\.854× .* the exact expert count is ≈ 18\.9"):
+        flops_matched_mhmoe(512, smoe, num_heads=2, top_k=2)
+    config = flops_matched_mhmoe(512, smoe, num_heads=2, top_k=2, experts_multiple=1)
+    base, got = sparse_moe_cost(smoe, d_model=512), mhmoe_cost(config, d_model=512)
+    assert abs(got.flops_per_token / base.flops_per_token - 1) <= 0.05
+    assert abs(got.params_total / base.params_total - 1) <= 0.05
+    with pytest.raises(SizeMatchError, match="params_matched_mhmoe: params_total is"):
+        params_matched_mhmoe(64, MoEConfig(num_experts=2, top_k=1, expert_hidden=16), num_heads=2, hidden_multiple=512)
+    with pytest.raises(SizeMatchError, match="fine_grained_smoe: FLOPs per token is"):
+        fine_grained_smoe(64, MoEConfig(num_experts=2, top_k=1, expert_hidden=96), granularity=2, hidden_multiple=64)
 
 
 def test_build_preset_and_errors():

@@ -72,10 +72,11 @@ def test_switch_router_is_top1():
 
 
 def test_unknown_activation():
-    with pytest.raises(ValueError, match=r"unknown activation 'tanh'; choose one of \('gelu', 'relu', 'swiglu'\)"):
+    choices = r"\('gelu', 'relu', 'silu', 'swiglu', 'geglu', 'reglu'\)"
+    with pytest.raises(ValueError, match=rf"unknown activation 'tanh'; choose one of {choices}"):
         moe(activation="tanh")
-    with pytest.raises(ValueError, match=r"unknown activation 'silu'"):
-        DenseFFN(d_model=8, hidden=8, activation="silu")
+    with pytest.raises(ValueError, match=r"unknown activation 'elu'"):
+        DenseFFN(d_model=8, hidden=8, activation="elu")
 
 
 def test_unknown_dispatch():

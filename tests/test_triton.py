@@ -67,6 +67,8 @@ CASES = [
     (50, 2, 4, 32, 16, "swiglu", [0, 2]),  # experts 1 and 3 get no rows
     (20, 1, 3, 16, 48, "relu", [1]),  # every row to one expert
     (90, 3, 6, 24, 40, "gelu", None),  # widths not multiples of the blocks, R > BLOCK_M
+    (30, 2, 4, 16, 16, "reglu", None),  # the other GLU forms run the same kernels
+    (30, 2, 4, 16, 16, "geglu", [1, 3]),
 ]
 
 

@@ -14,7 +14,8 @@
     mhmoe export-hf RUN_DIR OUT_DIR    a train run as a Hugging Face model folder (MHMoEForCausalLM + tokenizer)
     mhmoe import-hf HF_DIR RUN_DIR     and back: a run directory that eval / analyze / export-hf read
     mhmoe moeify HF_DIR OUT_DIR [--kind smoe|mhmoe] [--experts N] [--top-k K] [--heads H] [--every N]
-                      replace a saved transformers model's FFNs by upcycled SMoE / MH-MoE layers
+                      replace a saved transformers model's FFNs by upcycled SMoE / MH-MoE layers, or a MoE
+                      model's blocks by this library's SMoE (an exact swap) / MH-MoE layers
 
 Errors a user can fix (bad data, config or checkpoint) and those of their machine (a full disk, a read-only or
 missing folder, permissions, no memory left) print one line naming the path and the fix, and exit with status 2;
@@ -131,14 +132,15 @@ def _moeify(args: argparse.Namespace) -> int:
     from mhmoe.convert import moeify_pretrained
     from mhmoe.errors import UserError
 
-    recipe = dict(num_experts=args.experts, top_k=args.top_k, every=args.every, router=args.router)
+    given = dict(num_experts=args.experts, top_k=args.top_k, every=args.every, router=args.router)
+    recipe = {k: v for k, v in given.items() if v is not None}  # the rest: moeify's defaults, or the MoE model's
     if args.kind == "mhmoe":
         recipe["num_heads"] = args.heads
     try:
         replaced = moeify_pretrained(Path(args.hf_dir), Path(args.out_dir), args.kind, **recipe)
     except ValueError as e:  # sizes that do not fit the model: one line, like any user error
         raise UserError(str(e)) from None
-    print(f"{args.out_dir}: {len(replaced)} FFNs replaced by {args.kind} ({', '.join(replaced)})")
+    print(f"{args.out_dir}: {len(replaced)} FFNs / MoE blocks replaced by {args.kind} ({', '.join(replaced)})")
     print("load it with mhmoe.convert.load_moeified(OUT_DIR)", file=sys.stderr)
     return 0
 
@@ -382,15 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     import_hf.add_argument("run_dir", help="a new (or empty) folder")
     import_hf.set_defaults(run=_import_hf)
 
-    moeify = verbs.add_parser("moeify", help="replace a saved transformers model's FFNs by SMoE / MH-MoE layers")
-    moeify.add_argument("hf_dir", help="a saved transformers causal LM (safetensors weights)")
+    moeify = verbs.add_parser(
+        "moeify",
+        help="replace a saved transformers model's FFNs, or its MoE blocks (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, "
+        "Switch), by SMoE / MH-MoE layers",
+    )
+    moeify.add_argument("hf_dir", help="a saved transformers model (safetensors weights): dense or MoE")
     moeify.add_argument("out_dir", help="a new (or empty) folder")
-    moeify.add_argument("--kind", choices=("smoe", "mhmoe"), default="smoe")
-    moeify.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
-    moeify.add_argument("--top-k", type=int, default=2, help="experts per (sub-)token (default 2)")
+    moeify.add_argument("--kind", choices=("smoe", "mhmoe"), default="smoe",
+                        help="smoe: dense FFNs upcycled, or MoE blocks swapped exactly; mhmoe: either made MH-MoE")  # fmt: skip
+    moeify.add_argument("--experts", type=int, help="experts per layer (dense: default 8; MoE -> MH-MoE: E·H)")
+    moeify.add_argument("--top-k", type=int, help="experts per (sub-)token (dense: default 2; MoE: the model's)")
     moeify.add_argument("--heads", type=int, default=4, help="MH-MoE heads (default 4; --kind mhmoe only)")
-    moeify.add_argument("--every", type=int, default=1, help="convert every N-th FFN (default 1: all)")
-    moeify.add_argument("--router", choices=("softmax", "xmoe", "sigmoid"), default="softmax")
+    moeify.add_argument("--every", type=int, help="convert every N-th dense FFN (default 1: all; dense only)")
+    moeify.add_argument("--router", choices=("softmax", "xmoe", "sigmoid"), help="dense only (default softmax)")
     moeify.set_defaults(run=_moeify)
 
     sizes = verbs.add_parser("sizes", help="parameter counts and FLOPs of the paper's presets")

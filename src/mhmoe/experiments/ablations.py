@@ -29,6 +29,7 @@ from mhmoe.experiments.common import (
     paired_markdown,
     paired_table,
     run_variants,
+    sized,
     write_results,
 )
 from mhmoe.layers.config import MoEConfig
@@ -80,7 +81,7 @@ def models(cfg: RunConfig, only: Sequence[str] | None = None) -> list[Variant]:
             return Variant(name, "baseline", ffn_of("smoe", smoe))
         heads, (head, merge) = int(parts[2][1:]), (int(parts[3][2]), int(parts[3][3]))
         shaped = dataclasses.replace(smoe, multi_head_layers=head, merge_layers=merge)
-        moe = flops_matched_mhmoe(D, shaped, num_heads=heads, top_k=smoe.top_k, hidden_multiple=32, experts_multiple=4)
+        moe = sized(flops_matched_mhmoe, D, shaped, num_heads=heads, top_k=smoe.top_k, experts_multiple=4)
         return Variant(name, "flops", ffn_of("mhmoe", moe))
 
     chosen = {k: v for k, v in sweeps().items() if only is None or k in only}

@@ -40,7 +40,7 @@ from mhmoe.analysis.stats import paired_difference
 from mhmoe.io import atomic_write, write_json, write_text
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
-from mhmoe.models.cost import Cost, fine_grained_smoe, flops_matched_mhmoe, params_matched_mhmoe
+from mhmoe.models.cost import Cost, SizeMatchError, fine_grained_smoe, flops_matched_mhmoe, params_matched_mhmoe
 from mhmoe.models.ffn import FFNConfig, FFNKind
 
 MH_HEADS = 4
@@ -76,7 +76,7 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
         return FFNConfig(kind=kind, hidden=ffn.hidden, activation=ffn.activation, moe_every=ffn.moe_every, moe=config)
 
     def flops_matched(base: MoEConfig, heads: int) -> MoEConfig:
-        return flops_matched_mhmoe(d_model, base, num_heads=heads, top_k=K, hidden_multiple=32, experts_multiple=4)
+        return sized(flops_matched_mhmoe, d_model, base, num_heads=heads, top_k=K, experts_multiple=4)
 
     K = moe.top_k
     base = dataclasses.replace(moe.routed_part(), num_shared_experts=0, shared_expert_hidden=None)
@@ -90,12 +90,12 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
         "mhmoe_params": Variant(
             "mhmoe_params",
             "params",
-            ffn_of("mhmoe", params_matched_mhmoe(d_model, xmoe, num_heads=MH_HEADS, hidden_multiple=32)),
+            ffn_of("mhmoe", sized(params_matched_mhmoe, d_model, xmoe, num_heads=MH_HEADS)),
         ),
         "mhmoe_flops": Variant("mhmoe_flops", "flops", ffn_of("mhmoe", flops_matched(xmoe, MH_HEADS))),
     }
     if part in ("controls", "all"):
-        fine = fine_grained_smoe(d_model, smoe, granularity=MH_HEADS, hidden_multiple=32)
+        fine = sized(fine_grained_smoe, d_model, smoe, granularity=MH_HEADS)
         models.update(
             smoe_fine=Variant("smoe_fine", "flops", ffn_of("smoe", fine)),
             mhmoe_flops_softmax=Variant("mhmoe_flops_softmax", "flops", ffn_of("mhmoe", flops_matched(smoe, MH_HEADS))),
@@ -103,6 +103,22 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
             mhmoe_nohm=Variant("mhmoe_nohm", "flops", ffn_of("mhmoe", flops_matched(unprojected, MH_HEADS))),
         )
     return [models[name] for name in PART_MODELS[part]]
+
+
+def sized(solver: Callable[..., MoEConfig], d_model: int, base: MoEConfig, **options: Any) -> MoEConfig:
+    """The solver's sizes with expert_hidden a multiple of 32, or of 16 or 8 where 32 cannot meet the match within
+    its tolerance (toy widths); where the solver also rounds the expert count (`experts_multiple`) and no hidden
+    multiple meets the match, any expert count is tried last (H = 1 at equal FLOPs raises 8 experts to 9). The
+    last SizeMatchError when none can."""
+    attempts = [dict(hidden_multiple=multiple) for multiple in (32, 16, 8)]
+    if options.get("experts_multiple", 1) != 1:
+        attempts += [dict(hidden_multiple=multiple, experts_multiple=1) for multiple in (32, 16, 8)]
+    for attempt in attempts:
+        try:
+            return solver(d_model, base, **{**options, **attempt})
+        except SizeMatchError as error:
+            last = error
+    raise last
 
 
 def variant_seeds(base: Any, variant: Variant, seeds: int, out: Path) -> Iterator[tuple[int, Any, Path]]:

@@ -36,20 +36,50 @@ def _weights(values_S: Tensor, valid_S: Tensor | None) -> Tensor:
 
 
 def balance_loss(
-    probs_SE: Tensor, first_choice_S: Tensor, valid_S: Tensor | None = None, reduce: Reduce | None = None
+    probs_SE: Tensor,
+    choices_SC: Tensor,
+    valid_S: Tensor | None = None,
+    reduce: Reduce | None = None,
+    group_size: int | None = None,
 ) -> Tensor:
     """Switch/GShard load-balancing loss: E · Σ_e mean_s(p_se) · frac_s(e) (docs/paper-notes.md §2.9).
 
-    frac_s(e) is the share of (sub-)tokens whose first choice is e. The loss is 1 when routing is
-    uniform (p = 1/E, whatever frac is) and when the load is even; its gradient flows through p only.
-    With `reduce`, both means run over the whole (global) batch.
+    choices_SC: (S,) or (S, C) chosen experts; frac_s(e) counts every column, so it sums to C: pass each
+    item's first choice (Switch, GShard, v1: the loss is 1 when routing is uniform or the load even) or all K
+    choices (transformers' Mixtral / Qwen-MoE / OLMoE `load_balancing_loss_func`: uniform routing gives K).
+    The gradient flows through p only. With `reduce`, both means run over the whole (global) batch.
+    group_size: None takes the means over all S items; L computes the loss on each run of L consecutive items
+    (a sequence: Switch Transformers, DeepSeek-V3's sequence-wise loss) and returns the mean over the
+    sequences that have a valid item.
     """
     num_experts = probs_SE.shape[-1]
+    choices_SC = choices_SC.unsqueeze(-1) if choices_SC.dim() == 1 else choices_SC
     w_S = _weights(probs_SE, valid_S)
+    if group_size is not None:
+        return _sequence_balance_loss(probs_SE, choices_SC, w_S, reduce, group_size)
     prob_sum_E = probs_SE.sum(0) if valid_S is None else torch.where(valid_S.unsqueeze(-1), probs_SE, 0).sum(0)
-    first_count_E = torch.zeros_like(prob_sum_E).scatter_add_(0, first_choice_S, w_S)  # no (S, E) one-hot
-    mean_prob_E, frac_E = _means([prob_sum_E, first_count_E.detach()], w_S.sum(), reduce)
+    w_R = w_S if choices_SC.shape[1] == 1 else w_S.repeat_interleave(choices_SC.shape[1])
+    count_E = torch.zeros_like(prob_sum_E).scatter_add_(0, choices_SC.reshape(-1), w_R)  # no (S, E) one-hot
+    mean_prob_E, frac_E = _means([prob_sum_E, count_E.detach()], w_S.sum(), reduce)
     return num_experts * (mean_prob_E * frac_E).sum()
+
+
+def _sequence_balance_loss(
+    probs_SE: Tensor, choices_SC: Tensor, w_S: Tensor, reduce: Reduce | None, group_size: int
+) -> Tensor:
+    """`balance_loss` on each group of `group_size` consecutive items (G groups), averaged over the groups
+    with a valid item: E · mean_g Σ_e mean_{s∈g}(p_se) · frac_{s∈g}(e)."""
+    (S, E), C = probs_SE.shape, choices_SC.shape[1]
+    G = S // group_size
+    group_S = torch.arange(S, device=probs_SE.device) // group_size
+    prob_sum_GE = torch.where(w_S.unsqueeze(-1) > 0, probs_SE, 0).view(G, group_size, E).sum(1)  # NaN-safe
+    slot_R = (group_S.unsqueeze(-1) * E + choices_SC).reshape(-1)
+    count_GE = probs_SE.new_zeros(G * E).scatter_add_(0, slot_R, w_S.repeat_interleave(C)).view(G, E)
+    items_G1 = w_S.view(G, group_size).sum(1, keepdim=True)
+    loss_G = E * ((prob_sum_GE / items_G1.clamp_min(1)) * (count_GE.detach() / items_G1.clamp_min(1))).sum(-1)
+    has_items_G = (items_G1.squeeze(-1) > 0).to(loss_G.dtype)
+    (mean,) = _means([(loss_G * has_items_G).sum()], has_items_G.sum(), reduce)
+    return mean
 
 
 def z_loss(logits_SE: Tensor, valid_S: Tensor | None = None, reduce: Reduce | None = None) -> Tensor:

@@ -4,9 +4,11 @@ Shape legend: S routed items (tokens here; sub-tokens inside MH-MoE), d their wi
 K top-k, F expert hidden.
 
     route     : router(x_Sd) -> top_experts_SK, gates_SK, probabilities, logits
-    capacity  : optional; assignments past ceil(c·K·S/E) per expert get gate 0 (GShard priority)
+    capacity  : optional; assignments past ceil(c·K·S/E) per expert get gate 0 (GShard priority), per call
+                or per sequence (`token_group`), or a fixed number, or fairseq's rules (`SparseMoE.capacity`)
     experts   : y_Sd = Σ_k gates_SK · expert_{top_experts_SK}(x_Sd)     (mhmoe.ops: reference, sorted)
-    shared    : optional always-on experts added for every item (DeepSeekMoE / Qwen-MoE)
+    shared    : optional always-on experts added for every item (DeepSeekMoE / Qwen-MoE), optionally
+                scaled by a sigmoid gate (Qwen2-MoE)
     losses    : aux_loss = balance_loss_coef · balance + z_loss_coef · z, returned, never stored
 
 Every option is a field of `MoEConfig` (layers/config.py). Parallelism plugs in from outside through two
@@ -28,6 +30,7 @@ Dtypes: the input must have the weights' dtype, except under torch.autocast (whi
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -152,7 +155,8 @@ class SparseMoE(MoELayer):
     in `router_kwargs`), a `RouterConfig` or a `Router` object. A config's multi-head fields are not read.
 
     Capacity (`capacity_factor` c) drops assignments past ceil(c·K·S/E) per expert, where S counts all
-    items, padding included, so the capacity is a static number.
+    items of the call (or of each sequence, with token_group="sequence"), padding included, so the
+    capacity is a static number.
 
     forward(x, token_mask=None) -> MoEOutput; x: (..., d_model); token_mask: (...) bool, False for
     padding, which is not routed, gets no routed output and counts in no loss or statistic.
@@ -167,14 +171,17 @@ class SparseMoE(MoELayer):
             router or config.router, d_model=d_model, num_experts=config.num_experts, top_k=config.top_k
         )
         self.experts = Experts(
-            num_experts=config.num_experts, d_model=d_model, hidden=config.expert_hidden, activation=config.activation
-        )
+            num_experts=config.num_experts, d_model=d_model, hidden=config.expert_hidden,
+            activation=config.activation, bias=config.expert_bias,
+        )  # fmt: skip
         self.shared_experts = (
             DenseFFN(d_model=d_model, hidden=config.num_shared_experts * self.shared_expert_hidden,
                      activation=config.activation)
             if config.num_shared_experts
             else None
         )  # fmt: skip
+        # Qwen2-MoE: the shared experts' output is scaled by sigmoid(x · w) per item
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if config.shared_expert_gate else None
         # Extension points for parallelism (module doc); plain attributes, not state.
         self.expert_runner: ExpertRunner | None = None
         self.loss_reduce: Reduce | None = None
@@ -216,19 +223,15 @@ class SparseMoE(MoELayer):
         c = self.config
         check_input(x, self.d_model, "SparseMoE", self.experts.w_in)
         valid_S = check_token_mask(token_mask, x)
+        if c.route_padding:  # the authors' code: padding is routed like any item
+            valid_S = None
         x_Sd = x.reshape(-1, self.d_model)
+        group_size = _sequence_length(x) if c.token_group == "sequence" else None
         if valid_S is not None:
             x_Sd = mask_padding(x_Sd, valid_S)
         r = self.router(x_Sd, valid_S)
         gates_SK = r.gates if valid_S is None else torch.where(valid_S.unsqueeze(-1), r.gates, 0)
-
-        dropped_fraction = gates_SK.new_zeros(())
-        if c.capacity_factor is not None:
-            capacity = expert_capacity(c.capacity_factor, x_Sd.shape[0], c.top_k, c.num_experts)
-            keep_SK = capacity_keep(r.top_experts, capacity, c.num_experts, valid_S)
-            routed = torch.as_tensor(keep_SK.numel() if valid_S is None else valid_S.sum() * c.top_k)
-            dropped_fraction = (routed - keep_SK.sum()) / routed.clamp_min(1)  # 0, not 1, when nothing is routed
-            gates_SK = gates_SK * keep_SK
+        gates_SK, dropped_fraction = self._apply_capacity(r.top_experts, gates_SK, valid_S, group_size)
 
         if c.dispatch == "reference":
             if self.expert_runner is not None:
@@ -241,9 +244,13 @@ class SparseMoE(MoELayer):
                 x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, c.recompute
             )
         if self.shared_experts is not None:
-            y_Sd = y_Sd + self.shared_experts(x_Sd)
+            shared_Sd = self.shared_experts(x_Sd)
+            if self.shared_expert_gate is not None:
+                shared_Sd = torch.sigmoid(self.shared_expert_gate(x_Sd)) * shared_Sd
+            y_Sd = y_Sd + shared_Sd
 
-        balance = balance_loss(r.balance_probs, r.top_experts[:, 0], valid_S, self.loss_reduce)
+        choices = r.top_experts if c.balance_loss == "all_choices" else r.top_experts[:, 0]
+        balance = balance_loss(r.balance_probs, choices, valid_S, self.loss_reduce, group_size)
         with torch.set_grad_enabled(torch.is_grad_enabled() and c.z_loss_coef != 0):  # a statistic only at 0
             z = z_loss(r.logits, valid_S, self.loss_reduce)
         aux_loss = c.balance_loss_coef * balance + c.z_loss_coef * z
@@ -256,12 +263,43 @@ class SparseMoE(MoELayer):
         )
         return MoEOutput(y_Sd.view(x.shape), aux_loss, stats)
 
+    def capacity(self, num_items: int) -> int | None:
+        """Assignments each expert may keep among `num_items` items (a call's, or a sequence's), or None
+        (dropless). In eval mode with `eval_capacity_fraction` f: ceil(f · num_items) (fairseq)."""
+        c = self.config
+        if not self.training and c.eval_capacity_fraction is not None:
+            return max(1, math.ceil(c.eval_capacity_fraction * num_items))
+        if c.expert_capacity is not None:
+            return c.expert_capacity
+        if c.capacity_factor is None:
+            return None
+        per_choice = c.capacity_rounding == "per_choice"
+        return expert_capacity(c.capacity_factor, num_items, c.top_k, c.num_experts, per_choice)
+
+    def _apply_capacity(
+        self, top_experts_SK: Tensor, gates_SK: Tensor, valid_S: Tensor | None, group_size: int | None
+    ) -> tuple[Tensor, Tensor]:
+        """(gates with the dropped assignments zeroed, share of routed assignments dropped)."""
+        S, K = top_experts_SK.shape
+        capacity = self.capacity(S if group_size is None else group_size)
+        if capacity is None:
+            return gates_SK, gates_SK.new_zeros(())
+        keep_SK = capacity_keep(top_experts_SK, capacity, self.num_experts, valid_S, group_size)
+        routed = torch.as_tensor(keep_SK.numel() if valid_S is None else valid_S.sum() * K)
+        dropped_fraction = (routed - keep_SK.sum()) / routed.clamp_min(1)  # 0, not 1, when nothing is routed
+        return gates_SK * keep_SK, dropped_fraction
+
     def extra_repr(self) -> str:
         c = self.config
         return (
             f"capacity_factor={c.capacity_factor}, balance_loss_coef={c.balance_loss_coef}, "
             f"z_loss_coef={c.z_loss_coef}, dispatch={c.dispatch!r}, recompute={c.recompute}"
         )
+
+
+def _sequence_length(x: Tensor) -> int:
+    """The items per sequence of an input (..., L, d): L (at least 1); a 1-D input is one item."""
+    return max(1, x.shape[-2]) if x.dim() >= 2 else 1
 
 
 def tokens_per_expert(top_experts_SK: Tensor, num_experts: int, valid_S: Tensor | None) -> Tensor:

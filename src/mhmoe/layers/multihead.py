@@ -49,6 +49,13 @@ def projection(d_model: int, num_layers: int, gain: float, zero_bias: bool) -> n
     return layers[0] if num_layers == 1 else nn.Sequential(*layers)
 
 
+def _per_sequence(x: Tensor, num_heads: int, h_Sd: Tensor, valid_S: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Sub-tokens (and mask) laid out (..., L·H, d) for an input (..., L, D), so that a sequence's sub-tokens
+    stay one sequence for the inner layer (its token_group="sequence")."""
+    shape = (*x.shape[:-2], (x.shape[-2] if x.dim() >= 2 else 1) * num_heads)
+    return h_Sd.view(*shape, h_Sd.shape[-1]), None if valid_S is None else valid_S.view(shape)
+
+
 class MHMoE(MoELayer):
     """Multi-head MoE over the last dimension of its input: MHMoE(config, d_model=D), or the keyword form
     MHMoE(d_model=D, num_heads=H, num_experts=E, top_k=K, expert_hidden=F, ...) (`MoEConfig`'s fields).
@@ -104,8 +111,11 @@ class MHMoE(MoELayer):
         h_TD = self.multi_head_layer(x_TD)  # 1. multi-head layer
         h_Sd = h_TD.reshape(-1, self.head_dim)  # 2. split: sub-token j of token i is row i·H + j
         valid_S = None if valid_T is None else valid_T.repeat_interleave(self.num_heads)
-        routed = self.moe(h_Sd, valid_S)  # 3-4. route each sub-token, run its experts
-        o_Sd = routed.y + h_Sd if self.residual == "subtoken" else routed.y
+        routed = self.moe(
+            *_per_sequence(x, self.num_heads, h_Sd, valid_S)
+        )  # 3-4. route each sub-token, run its experts
+        o_Sd = routed.y.reshape(h_Sd.shape)
+        o_Sd = o_Sd + h_Sd if self.residual == "subtoken" else o_Sd
         y_TD = self.merge_layer(o_Sd.reshape(-1, self.d_model))  # 5-6. merge, merge layer
         return MoEOutput(y_TD.view(x.shape), routed.aux_loss, routed.stats)
 

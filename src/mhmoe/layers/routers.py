@@ -89,13 +89,25 @@ def top_k_gates(probs_SE: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor
 
 
 class SoftmaxRouter(Router):
-    """g = softmax(x W_gᵀ), top-k; the k kept gates renormalised to sum 1 when k > 1 (v1 Eq. 5)."""
+    """g = softmax(x W_gᵀ), top-k; the k kept gates renormalised to sum 1 when k > 1 (v1 Eq. 5).
+
+    renormalize=True with k = 1 gives Mixtral's gate p/p = 1; scale multiplies the gates (DeepSeek's
+    routed_scaling_factor).
+    """
 
     def __init__(
-        self, d_model: int, num_experts: int, top_k: int = 2, *, renormalize: bool | None = None, jitter: float = 0.0
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int = 2,
+        *,
+        renormalize: bool | None = None,
+        scale: float = 1.0,
+        jitter: float = 0.0,
     ):
         super().__init__(d_model, num_experts, top_k, jitter)
         self.renormalize = top_k > 1 if renormalize is None else renormalize
+        self.scale = check_scale(scale)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
 
@@ -103,6 +115,7 @@ class SoftmaxRouter(Router):
         logits_SE = x_Sd @ self._weight(self.weight, x_Sd).t()
         probs_SE = logits_SE.softmax(-1)
         top_experts_SK, gates_SK = top_k_gates(probs_SE, self.top_k, self.renormalize)
+        gates_SK = gates_SK if self.scale == 1.0 else gates_SK * self.scale
         return RouterOutput(top_experts_SK, gates_SK, probs_SE, logits_SE)
 
 
@@ -189,10 +202,15 @@ class SigmoidRouter(Router):
     """DeepSeek-V3 style: sigmoid scores, top-k chosen on score + bias, auxiliary-loss-free balancing.
 
     The bias (a buffer, no gradient) only affects which experts are chosen; gates are the chosen
-    experts' sigmoid scores, normalised to sum 1 when k > 1. In training mode the router counts the
+    experts' sigmoid scores, normalised to sum 1 when k > 1, times `scale` (routed_scaling_factor).
+    In training mode the router counts the
     (sub-)tokens each expert received in `load`; the trainer calls `update_bias()` once per
     optimiser step (after all-reducing `load` when data-parallel): bias_e += rate · sign(mean load − load_e).
     The balance loss, if its coefficient is non-zero, uses the scores normalised per (sub-)token.
+
+    Group-limited routing (DeepSeek-V3's n_group / topk_group): the E experts form `num_groups` groups of
+    consecutive experts; each item keeps the `top_groups` groups whose two best biased scores sum highest
+    and chooses its top-k among their experts only. num_groups=1 (default) is plain top-k.
     """
 
     expert_bias: Tensor  # (E,) buffer, >= float32
@@ -206,6 +224,9 @@ class SigmoidRouter(Router):
         *,
         bias_update_rate: float = 1e-3,
         renormalize: bool | None = None,
+        scale: float = 1.0,
+        num_groups: int = 1,
+        top_groups: int | None = None,
         jitter: float = 0.0,
     ):
         super().__init__(d_model, num_experts, top_k, jitter)
@@ -213,6 +234,8 @@ class SigmoidRouter(Router):
             raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
         self.bias_update_rate = bias_update_rate
         self.renormalize = top_k > 1 if renormalize is None else renormalize
+        self.scale = check_scale(scale)
+        self.num_groups, self.top_groups = check_groups(num_groups, top_groups, num_experts, top_k)
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
@@ -221,10 +244,15 @@ class SigmoidRouter(Router):
     def route(self, x_Sd: Tensor, valid_S: Tensor | None) -> RouterOutput:
         logits_SE = x_Sd @ self._weight(self.weight, x_Sd).t()
         scores_SE = logits_SE.sigmoid()
-        _, top_experts_SK = largest_k(scores_SE.detach() + self.expert_bias.to(scores_SE.dtype), self.top_k)
+        choice_SE = scores_SE.detach() + self.expert_bias.to(scores_SE.dtype)
+        if self.top_groups < self.num_groups:
+            choice_SE = limit_groups(choice_SE, self.num_groups, self.top_groups)
+        _, top_experts_SK = largest_k(choice_SE, self.top_k)
         gates_SK = scores_SE.gather(-1, top_experts_SK)
         if self.renormalize:
             gates_SK = gates_SK / gates_SK.sum(-1, keepdim=True).clamp_min(torch.finfo(gates_SK.dtype).tiny)
+        if self.scale != 1.0:
+            gates_SK = gates_SK * self.scale
         if self.training:
             chosen_R = top_experts_SK.flatten()
             weight_R = torch.ones_like(chosen_R, dtype=self.load.dtype)
@@ -259,6 +287,39 @@ class SigmoidRouter(Router):
         self.load.zero_()
 
 
+def check_scale(scale: float) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    return float(scale)
+
+
+def check_groups(num_groups: int, top_groups: int | None, num_experts: int, top_k: int) -> tuple[int, int]:
+    """(num_groups, top_groups) checked: groups of equal size, enough kept experts for top-k."""
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or not 1 <= num_groups <= num_experts:
+        raise ValueError(f"num_groups must be an integer in 1..num_experts ({num_experts}), got {num_groups!r}")
+    if num_experts % num_groups:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by num_groups ({num_groups})")
+    top_groups = num_groups if top_groups is None else top_groups
+    if isinstance(top_groups, bool) or not isinstance(top_groups, int) or not 1 <= top_groups <= num_groups:
+        raise ValueError(f"top_groups must be an integer in 1..num_groups ({num_groups}), got {top_groups!r}")
+    if top_groups * (num_experts // num_groups) < top_k:
+        raise ValueError(
+            f"top_groups={top_groups} groups of {num_experts // num_groups} experts hold fewer than top_k={top_k}"
+        )
+    return num_groups, top_groups
+
+
+def limit_groups(choice_SE: Tensor, num_groups: int, top_groups: int) -> Tensor:
+    """DeepSeek-V3's group-limited routing: choice scores outside each item's `top_groups` best groups set to
+    −inf; a group's score is the sum of its two best choice scores (its one score for groups of one)."""
+    S, E = choice_SE.shape
+    grouped_SGn = choice_SE.view(S, num_groups, E // num_groups)
+    group_score_SG = grouped_SGn.topk(min(2, E // num_groups), dim=-1).values.sum(-1)
+    kept_SG = torch.zeros_like(group_score_SG, dtype=torch.bool)
+    kept_SG.scatter_(1, group_score_SG.topk(top_groups, dim=-1).indices, True)
+    return grouped_SGn.masked_fill(~kept_SG.unsqueeze(-1), -torch.inf).view(S, E)
+
+
 ROUTERS: dict[str, type[Router]] = {
     "softmax": SoftmaxRouter,
     "switch": SwitchRouter,
@@ -290,6 +351,9 @@ class RouterConfig:
     init_temperature: float = 0.3  # xmoe paper form: initial learnable temperature
     balance_temperature: float = 0.3  # xmoe paper form: fixed τ0 of the balance loss's softmax
     bias_update_rate: float = 1e-3  # sigmoid: auxiliary-loss-free balancing step (DeepSeek-V3)
+    scale: float = 1.0  # softmax, sigmoid: gates multiplied by it (DeepSeek's routed_scaling_factor)
+    num_groups: int = 1  # sigmoid: experts in num_groups groups (DeepSeek-V3's n_group); 1 = no groups
+    top_groups: int | None = None  # sigmoid: groups an item may use (topk_group); None = all
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str):

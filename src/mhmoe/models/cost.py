@@ -42,6 +42,12 @@ def _ffn_params(d_model: int, hidden: int, activation: str) -> int:
     return d_model * glu_factor(activation) * hidden + hidden * d_model
 
 
+def _expert_params(c: MoEConfig, width: int) -> int:
+    """One expert of `c` over items of `width`, biases included (they are read, but cost no matmul FLOPs)."""
+    bias = glu_factor(c.activation) * c.expert_hidden + width if c.expert_bias else 0
+    return _ffn_params(width, c.expert_hidden, c.activation) + bias
+
+
 def _config(config: MoEConfig | None, options: dict[str, Any]) -> MoEConfig:
     if config is None:
         return MoEConfig.from_kwargs(**options)
@@ -79,12 +85,13 @@ def sparse_moe_cost(config: MoEConfig | None = None, *, d_model: int, router: An
         options["router"] = router
     c = _config(config, options)
     router_params, router_flops = _router_cost(router_object or c.router, d_model, c.num_experts)
-    expert = _ffn_params(d_model, c.expert_hidden, c.activation)
+    expert, expert_matmul = _expert_params(c, d_model), _ffn_params(d_model, c.expert_hidden, c.activation)
     shared = _ffn_params(d_model, c.num_shared_experts * (c.shared_expert_hidden or c.expert_hidden), c.activation)
+    shared += d_model if c.shared_expert_gate else 0  # Qwen2-MoE's d -> 1 gate
     return Cost(
         params_total=router_params + c.num_experts * expert + shared,
         params_active=router_params + c.top_k * expert + shared,
-        flops_per_token=router_flops + 2 * (c.top_k * expert + shared),
+        flops_per_token=router_flops + 2 * (c.top_k * expert_matmul + shared),
     )
 
 
@@ -96,7 +103,7 @@ def mhmoe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = N
     c = _config(config, options)
     head_dim = d_model // c.num_heads
     inner = sparse_moe_cost(c.subtoken(), d_model=head_dim, **({"router": router_object} if router_object else {}))
-    expert = _ffn_params(head_dim, c.expert_hidden, c.activation)
+    expert = _expert_params(c, head_dim)
     reached = min(c.num_experts, c.num_heads * c.top_k)
     depth = c.multi_head_layers + c.merge_layers
     projections = depth * (d_model * d_model + d_model)
@@ -144,47 +151,108 @@ def _moe(config: MoEConfig, **changes: Any) -> MoEConfig:
     return dataclasses.replace(config, **changes)
 
 
+class SizeMatchError(ValueError):
+    """A sized preset cannot meet its target: the message names the constraint and what to relax."""
+
+
+def _check_match(solver: str, what: str, got: int, target: int, tolerance: float, relax: str) -> None:
+    ratio = got / target
+    if abs(ratio - 1) > tolerance:
+        raise SizeMatchError(
+            f"{solver}: {what} is {ratio:.3f}× the SMoE's ({got:,} vs {target:,}), outside the tolerance "
+            f"±{tolerance:.0%}; {relax}"
+        )
+
+
 def flops_matched_mhmoe(
-    d_model: int, smoe: MoEConfig, *, num_heads: int, top_k: int, hidden_multiple: int = 64, experts_multiple: int = 8
+    d_model: int,
+    smoe: MoEConfig,
+    *,
+    num_heads: int,
+    top_k: int,
+    hidden_multiple: int = 64,
+    experts_multiple: int = 8,
+    tolerance: float = 0.05,
 ) -> MoEConfig:
     """v2-style MH-MoE: expert hidden chosen for equal FLOPs per token with `smoe`, then the expert
     count raised for roughly equal total parameters (v2 Table 1: H=2 → 40 experts × 768,
-    H=3 → 96 × 512 against an 8 × 2048 SwiGLU SMoE at D = 768)."""
+    H=3 → 96 × 512 against an 8 × 2048 SwiGLU SMoE at D = 768, within 1.5% FLOPs and 3.2% parameters).
+
+    Both must hold within `tolerance` (relative); otherwise `SizeMatchError` says which cannot and what to relax
+    (a small SMoE's FLOPs may not even cover MH-MoE's head and merge layers).
+    """
     base = sparse_moe_cost(smoe, d_model=d_model)
     mh = _moe(smoe, num_heads=num_heads, top_k=top_k)
 
     def cost(**changes: Any) -> Any:
         return mhmoe_cost(_moe(mh, **changes), d_model=d_model)
 
+    relax = "fewer heads, a smaller top_k, multi_head_layers / merge_layers = 0, a smaller hidden_multiple, or a larger tolerance"
     for _ in range(3):  # expert count and hidden size depend on each other only through the router
         hidden = _solve_linear(lambda f: cost(expert_hidden=f).flops_per_token, base.flops_per_token)
+        if hidden < 1:  # f -> FLOPs is affine: its value at 0 is what the experts cannot go below
+            fixed = 2 * cost(expert_hidden=1).flops_per_token - cost(expert_hidden=2).flops_per_token
+            projections = 2 * (mh.multi_head_layers + mh.merge_layers) * d_model * d_model
+            raise SizeMatchError(
+                f"flops_matched_mhmoe: no expert_hidden can match the SMoE's {base.flops_per_token:,} FLOPs per token: "
+                f"the head and merge layers cost {projections:,} ({projections / base.flops_per_token:.2f}×) and "
+                f"the routers of {mh.num_experts} experts (the count parameter matching asks for) "
+                f"{fixed - projections:,} more; relax it: {relax}"
+            )
         mh = _moe(mh, expert_hidden=_round_to(hidden, hidden_multiple))
         experts = _solve_linear(lambda e: cost(num_experts=e).params_total, base.params_total, x0=top_k)
         mh = _moe(mh, num_experts=max(_round_to(experts, experts_multiple), top_k))
+    note = (
+        f"the exact solution is expert_hidden ≈ {hidden:.0f} (rounded to a multiple of {hidden_multiple}); relax it: "
+    )
+    flops = cost().flops_per_token
+    _check_match("flops_matched_mhmoe", "FLOPs per token", flops, base.flops_per_token, tolerance, note + relax)
+    relax = f"the exact expert count is ≈ {experts:.1f}; use a smaller experts_multiple or a larger tolerance"
+    _check_match("flops_matched_mhmoe", "params_total", cost().params_total, base.params_total, tolerance, relax)
     return mh
 
 
-def params_matched_mhmoe(d_model: int, smoe: MoEConfig, *, num_heads: int, hidden_multiple: int = 64) -> MoEConfig:
+def params_matched_mhmoe(
+    d_model: int, smoe: MoEConfig, *, num_heads: int, hidden_multiple: int = 64, tolerance: float = 0.05
+) -> MoEConfig:
     """v1-style MH-MoE: same experts and top-k as `smoe`, expert hidden chosen for equal total
     parameters — so expert FLOPs grow about H-fold (the authors' code hard-codes 11520 at D = 768,
-    H = 4; the exact match with head and merge layers counted is what this returns)."""
+    H = 4; the exact match with head and merge layers counted is what this returns). Within `tolerance`
+    (relative), or `SizeMatchError`."""
     base = sparse_moe_cost(smoe, d_model=d_model)
     mh = _moe(smoe, num_heads=num_heads)
     hidden = _solve_linear(
         lambda f: mhmoe_cost(_moe(mh, expert_hidden=f), d_model=d_model).params_total, base.params_total
     )
-    return _moe(mh, expert_hidden=_round_to(hidden, hidden_multiple))
+    mh = _moe(mh, expert_hidden=_round_to(hidden, hidden_multiple))
+    relax = (
+        f"the exact solution is expert_hidden ≈ {hidden:.0f} (rounded to a multiple of {hidden_multiple}); use a "
+        "smaller hidden_multiple, fewer heads or more experts, or a larger tolerance"
+    )
+    got = mhmoe_cost(mh, d_model=d_model).params_total
+    _check_match("params_matched_mhmoe", "params_total", got, base.params_total, tolerance, relax)
+    return mh
 
 
-def fine_grained_smoe(d_model: int, smoe: MoEConfig, *, granularity: int, hidden_multiple: int = 64) -> MoEConfig:
-    """E·g experts, top-(K·g), hidden solved for equal FLOPs (v2's 16 × 1024 top-2 at g = 2)."""
+def fine_grained_smoe(
+    d_model: int, smoe: MoEConfig, *, granularity: int, hidden_multiple: int = 64, tolerance: float = 0.05
+) -> MoEConfig:
+    """E·g experts, top-(K·g), hidden solved for equal FLOPs (v2's 16 × 1024 top-2 at g = 2), within
+    `tolerance` (relative), or `SizeMatchError`."""
     base = sparse_moe_cost(smoe, d_model=d_model)
     fine = _moe(smoe, num_experts=smoe.num_experts * granularity, top_k=smoe.top_k * granularity)
     hidden = _solve_linear(
         lambda f: sparse_moe_cost(_moe(fine, expert_hidden=f), d_model=d_model).flops_per_token,
         base.flops_per_token,
     )
-    return _moe(fine, expert_hidden=_round_to(hidden, hidden_multiple))
+    fine = _moe(fine, expert_hidden=_round_to(hidden, hidden_multiple))
+    relax = (
+        f"the exact solution is expert_hidden ≈ {hidden:.0f} (rounded to a multiple of {hidden_multiple}); use a "
+        "smaller hidden_multiple or granularity, or a larger tolerance"
+    )
+    got = sparse_moe_cost(fine, d_model=d_model).flops_per_token
+    _check_match("fine_grained_smoe", "FLOPs per token", got, base.flops_per_token, tolerance, relax)
+    return fine
 
 
 V1_XMOE = MoEConfig(num_experts=8, top_k=2, expert_hidden=3072, activation="gelu", router=RouterConfig(kind="xmoe"))

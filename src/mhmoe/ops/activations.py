@@ -1,7 +1,13 @@
 """Expert activations and their gradients, written once for every expert implementation.
 
-Shape legend: N rows, d row width, F hidden width. A GLU activation (SwiGLU) doubles the first projection:
-its output holds [gate | up] halves, so `glu_factor` says how many F-wide outputs the first projection has.
+Shape legend: N rows, d row width, F hidden width. A GLU activation (Shazeer 2020, "GLU variants") doubles the
+first projection: its output holds [gate | up] halves and the hidden is act(gate) · up, so `glu_factor` says how
+many F-wide outputs the first projection has. Every plain activation has its GLU form:
+
+    plain   GLU      hidden
+    gelu    geglu    gelu(gate) · up
+    relu    reglu    relu(gate) · up      (the authors' code's "relu" expert; docs/paper-notes.md §2.4)
+    silu    swiglu   silu(gate) · up      (Llama, Mixtral, Qwen-MoE, OLMoE, DeepSeek)
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Activation = Literal["gelu", "relu", "swiglu"]
+Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+GLU_GATES: dict[str, str] = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}  # GLU form -> its gate's activation
 
 
 def check_activation(activation: str) -> None:
@@ -22,30 +29,49 @@ def check_activation(activation: str) -> None:
 
 
 def glu_factor(activation: str) -> int:
-    """How many hidden-width outputs the first projection has: 2 for SwiGLU ([gate | up]), else 1."""
-    return 2 if activation == "swiglu" else 1
+    """How many hidden-width outputs the first projection has: 2 for a GLU ([gate | up]), else 1."""
+    return 2 if activation in GLU_GATES else 1
+
+
+def _plain(h: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "silu":
+        return F.silu(h)
+    return F.relu(h)
+
+
+def _plain_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, h)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, h)
+    return grad * (h > 0)
 
 
 def activate(h: Tensor, activation: str) -> Tensor:
     """(..., glu_factor·F) -> (..., F)."""
-    if activation == "swiglu":
+    gate_activation = GLU_GATES.get(activation)
+    if gate_activation is not None:
         gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    if activation == "gelu":
-        return F.gelu(h)
-    return F.relu(h)
+        return _plain(gate, gate_activation) * up
+    return _plain(h, activation)
 
 
 def activate_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
     """The gradient of `activate` at h: (..., F) grad of its output -> (..., glu_factor·F) grad of h."""
-    if activation == "swiglu":
+    gate_activation = GLU_GATES.get(activation)
+    if gate_activation is not None:
         gate, up = h.chunk(2, dim=-1)
-        return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
-    if activation == "gelu":
-        return torch.ops.aten.gelu_backward(grad, h)
-    return grad * (h > 0)
+        grad_gate = _plain_backward(grad * up, gate, gate_activation)
+        return torch.cat([grad_gate, grad * _plain(gate, gate_activation)], dim=-1)
+    return _plain_backward(grad, h, activation)
 
 
-def ffn(x_Nd: Tensor, w_in: Tensor, w_out: Tensor, activation: str) -> Tensor:
-    """act(x @ w_in) @ w_out for one expert's weights: (N, d) -> (N, d)."""
-    return activate(x_Nd @ w_in, activation) @ w_out
+def ffn(
+    x_Nd: Tensor, w_in: Tensor, w_out: Tensor, activation: str, b_in: Tensor | None = None, b_out: Tensor | None = None
+) -> Tensor:
+    """act(x @ w_in + b_in) @ w_out + b_out for one expert's weights (biases optional): (N, d) -> (N, d)."""
+    h = x_Nd @ w_in if b_in is None else x_Nd @ w_in + b_in
+    y = activate(h, activation) @ w_out
+    return y if b_out is None else y + b_out

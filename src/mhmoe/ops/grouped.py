@@ -68,3 +68,9 @@ def expert_weight_grad(x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend:
         return grouped_mm_weight_grad(x_Rk, grad_Rn.contiguous(), counts_E.cumsum(0).to(torch.int32))
     sizes = counts_E.tolist()
     return torch.stack([x.t() @ g for x, g in zip(torch.split(x_Rk, sizes), torch.split(grad_Rn, sizes))])
+
+
+def expert_bias_grad(grad_Rn: Tensor, counts_E: Tensor) -> Tensor:
+    """Per expert e, the sum of its rows of grad_Rn: the (E, n) gradient of a per-expert bias added to rows sorted
+    by expert. A segmented reduction (no atomics, deterministic); an expert with no rows gets zeros."""
+    return torch.segment_reduce(grad_Rn, "sum", lengths=counts_E, axis=0, unsafe=True)

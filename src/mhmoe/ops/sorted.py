@@ -36,8 +36,8 @@ from torch import Tensor
 from mhmoe.ops import triton_experts
 from mhmoe.ops.activations import activate, activate_backward
 from mhmoe.ops.backend import Backend, compute_dtype
-from mhmoe.ops.grouped import expert_matmul, expert_weight_grad
-from mhmoe.ops.reference import ExpertWeights
+from mhmoe.ops.grouped import expert_bias_grad, expert_matmul, expert_weight_grad
+from mhmoe.ops.reference import ExpertWeights, expert_biases
 
 
 class _GatherRepeated(torch.autograd.Function):
@@ -72,6 +72,16 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+def _biased(rows: Tensor | None, biases: tuple[Tensor, Tensor, Tensor] | None, which: int) -> Tensor:
+    """rows + the bias `which` (0: b_in, 1: b_out) of each sorted row's expert; with rows None, those biases alone.
+    biases: None (rows unchanged) or (b_in (E, n_in), b_out (E, n_out), expert_R (R,))."""
+    if biases is None:
+        assert rows is not None
+        return rows
+    per_row = biases[which].index_select(0, biases[2])
+    return per_row if rows is None else rows + per_row
+
+
 class _SortedExpertFFN(torch.autograd.Function):
     """y_s = Σ_k gate_{k,s} · expert(x_s) for rows sorted by expert: gather, both GEMMs, gating and the
     sum over K in one autograd node, so that the backward keeps only what it needs. gates_R None: no
@@ -84,18 +94,25 @@ class _SortedExpertFFN(torch.autograd.Function):
     whose first factor it computes anyway (SonicMoE's trick, Guo et al. 2025), so y_Rd needs no second
     GEMM. Taking the gates' gradient that way always would not keep y_Rd either, but costs two more
     F-wide passes, which measured slower (benchmarks/README.md, "Design measurements").
+    Expert biases (optional) are added after each GEMM (b_in to h_RF, b_out to y_Rd, gathered per row); their
+    gradients are segmented sums over each expert's rows (`expert_bias_grad`), and with `recompute` the gates'
+    gradient gains the term g_r · b_out[e].
     """
 
     @staticmethod
-    def forward(ctx, x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, activation, backend, recompute):
-        # source_R: the input row of each sorted row (order_R % S); inverse_R: where each copy r = k·S + s sits
+    def forward(ctx, x_Sd, w_in, w_out, gates_R, b_in, b_out, expert_R, source_R, inverse_R, counts_E, *options):
+        # source_R: the input row of each sorted row (order_R % S); inverse_R: where each copy r = k·S + s sits;
+        # b_in, b_out: the experts' biases or None; expert_R: each sorted row's expert (with biases only)
+        activation, backend, recompute = options
         S, d = x_Sd.shape
-        h_RF = expert_matmul(x_Sd.index_select(0, source_R), w_in, counts_E, backend)
+        biases = None if b_in is None or b_out is None else (b_in, b_out, expert_R)
+        h_RF = _biased(expert_matmul(x_Sd.index_select(0, source_R), w_in, counts_E, backend), biases, 0)
         a_RF = activate(h_RF, activation)
-        y_Rd = expert_matmul(a_RF, w_out, counts_E, backend)
+        y_Rd = _biased(expert_matmul(a_RF, w_out, counts_E, backend), biases, 1)
         kept = () if recompute else (h_RF, a_RF, y_Rd) if gates_R is not None else (h_RF, a_RF)
-        ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, *kept)
-        ctx.activation, ctx.backend = activation, backend
+        bias_tensors = () if biases is None else biases
+        ctx.save_for_backward(x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, *bias_tensors, *kept)
+        ctx.activation, ctx.backend, ctx.biased = activation, backend, biases is not None
         if gates_R is not None:
             y_Rd = y_Rd * gates_R.unsqueeze(-1)  # in the gates' dtype (≥ fp32), summed over K there
         y_KSd = y_Rd.index_select(0, inverse_R).view(-1, S, d)
@@ -104,6 +121,8 @@ class _SortedExpertFFN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_Sd):
         x_Sd, w_in, w_out, gates_R, source_R, inverse_R, counts_E, *kept = ctx.saved_tensors
+        biases = tuple(kept[:3]) if ctx.biased else None
+        kept = kept[3:] if ctx.biased else kept
         S, backend, dtype = x_Sd.shape[0], ctx.backend, x_Sd.dtype
         w_out_t = w_out.transpose(-1, -2)
         x_Rd = x_Sd.index_select(0, source_R)
@@ -117,11 +136,13 @@ class _SortedExpertFFN(torch.autograd.Function):
                 grad_gates_R = (grad_Rd * y_Rd[0].to(gates_R.dtype)).sum(-1)
             grad_a_RF = expert_matmul(grad_y_Rd, w_out_t, counts_E, backend)
         else:
-            h_RF = expert_matmul(x_Rd, w_in, counts_E, backend)
+            h_RF = _biased(expert_matmul(x_Rd, w_in, counts_E, backend), biases, 0)
             a_RF = activate(h_RF, ctx.activation)
             grad_a_RF = expert_matmul(grad_Rd.to(dtype), w_out_t, counts_E, backend)  # ungated for now
             if gated:
                 grad_gates_R = (grad_a_RF.to(gates_R.dtype) * a_RF.to(gates_R.dtype)).sum(-1)
+                if biases is not None:  # y_r = a_r @ w_out + b_out: the bias's share of g_r's gradient
+                    grad_gates_R = grad_gates_R + (grad_Rd * _biased(None, biases, 1).to(gates_R.dtype)).sum(-1)
                 grad_a_RF = grad_a_RF.mul_(gates_R.unsqueeze(-1))
         grad_w_out = expert_weight_grad(a_RF, grad_y_Rd, counts_E, backend)
         grad_h_RF = activate_backward(grad_a_RF, h_RF, ctx.activation)
@@ -130,7 +151,11 @@ class _SortedExpertFFN(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x_Rd = expert_matmul(grad_h_RF, w_in.transpose(-1, -2), counts_E, backend)
             grad_x_Sd = grad_x_Rd.index_select(0, inverse_R).view(-1, S, x_Sd.shape[1]).sum(0)
-        return grad_x_Sd, grad_w_in, grad_w_out, grad_gates_R, None, None, None, None, None, None
+        grad_biases = None
+        if biases is not None:
+            grad_biases = (expert_bias_grad(grad_h_RF, counts_E), expert_bias_grad(grad_y_Rd, counts_E))
+        grad_b_in, grad_b_out = grad_biases or (None, None)
+        return grad_x_Sd, grad_w_in, grad_w_out, grad_gates_R, grad_b_in, grad_b_out, *(None,) * 7
 
 
 class ExpertRunner(Protocol):
@@ -172,7 +197,9 @@ def permuted_expert_ffn(
         return x_Nd + 0 * (w_in.sum() + w_out.sum())
     if backend == "triton":  # the gather and the write-back fused into the GEMMs
         return triton_experts.expert_ffn(x_Nd, w_in, w_out, order_N, counts_E, activation, recompute=recompute)
-    return _SortedExpertFFN.apply(x_Nd, w_in, w_out, None, order_N, inverse_N, counts_E, activation, backend, recompute)
+    no_bias = (None, None, None)
+    args = (order_N, inverse_N, counts_E, activation, backend, recompute)
+    return _SortedExpertFFN.apply(x_Nd, w_in, w_out, None, *no_bias, *args)
 
 
 def dispatch_sorted(
@@ -194,8 +221,12 @@ def dispatch_sorted(
     """
     S, K = top_experts_SK.shape
     dtype = compute_dtype(x_Sd)
+    b_in, b_out = expert_biases(experts)
     if S == 0 and runner is None:  # grouped_mm cannot differentiate empty inputs; give the experts zero gradients
-        return x_Sd + 0 * (experts.w_in.sum() + experts.w_out.sum()).to(x_Sd.dtype)
+        total = experts.w_in.sum() + experts.w_out.sum()
+        for b in (b for b in (b_in, b_out) if b is not None):
+            total = total + b.sum()
+        return x_Sd + 0 * total.to(x_Sd.dtype)
     num_experts = experts.w_in.shape[0] if runner is None else runner.num_experts
     expert_R = top_experts_SK.t().reshape(-1)  # choice-major: r = k·S + s
     order_R = torch.argsort(expert_R, stable=True)
@@ -207,10 +238,19 @@ def dispatch_sorted(
         w_in, w_out = experts.w_in.to(dtype), experts.w_out.to(dtype)
         gates_R = gates_SK.t().reshape(-1).index_select(0, order_R)  # each sorted row's gate
         if backend == "triton":  # gather, gating and permute-back fused into the expert GEMMs
+            if b_in is not None or b_out is not None:
+                raise ValueError("the triton backend has no expert biases; use dispatch='auto' with expert_bias")
             fused = (order_R, counts_E, experts.activation, gates_R, recompute)
             return triton_experts.expert_ffn(x_Sd.to(dtype), w_in, w_out, *fused).to(x_Sd.dtype)
+        biases: tuple = (None, None, None)
+        if b_in is not None and b_out is not None:
+            biases = (b_in.to(dtype), b_out.to(dtype), expert_R.index_select(0, order_R))
         args = (order_R % S, inverse_R, counts_E, experts.activation, backend, recompute)
-        return _SortedExpertFFN.apply(x_Sd.to(dtype), w_in, w_out, gates_R, *args).to(x_Sd.dtype)
+        return _SortedExpertFFN.apply(x_Sd.to(dtype), w_in, w_out, gates_R, *biases, *args).to(x_Sd.dtype)
+    if b_in is not None or b_out is not None:
+        raise ValueError(
+            f"{type(runner).__name__} runs the experts without their biases; expert_bias needs runner None"
+        )
     x_Rd = _GatherRepeated.apply(x_Sd.to(dtype), order_R, inverse_R)  # rows sorted by expert
     y_Rd = runner(x_Rd, counts_E, experts, backend, recompute)
     y_KSd = _PermuteRows.apply(y_Rd, inverse_R, order_R).view(K, S, x_Sd.shape[-1])  # back to choice-major

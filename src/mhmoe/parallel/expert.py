@@ -146,6 +146,11 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     mesh: 2-D ("replicate", "expert"). Every rank must have built the same model (same seed): each keeps
     its slice of the full weights, no communication. In place; returns model.
     """
+    for moe in moe_layers(model):
+        if moe.experts.bias:  # the all-to-all runner runs bias-free GEMMs
+            raise ValueError(
+                "expert parallelism does not support expert biases yet (expert_bias=True); use parallel.expert=1"
+            )
     group, (rank, size) = mesh.get_group("expert"), (mesh.get_local_rank("expert"), mesh.size(1))
     for moe in moe_layers(model):
         if moe.dispatch == "reference":

@@ -1,4 +1,4 @@
-"""MoE-ify an existing model: replace its dense FFN/MLP modules by SparseMoE or MH-MoE layers (upcycling).
+"""MoE-ify a dense model: replace its dense FFN/MLP modules by SparseMoE or MH-MoE layers (upcycling).
 
 Shape legend: T tokens, D model dim, F dense hidden, E experts, H MH-MoE heads, d = D/H, R routed rows.
 
@@ -7,11 +7,12 @@ Dense FFNs are recognised by their parts, not their class, so any model built th
     GPT-2 style MLP          c_fc, c_proj (transformers Conv1D, weight (in, out)) with biases, act, dropout
     Llama / Qwen / Mistral   gate_proj, up_proj, down_proj (nn.Linear, biases optional), act_fn:
                              down(act(gate(x)) · up(x))
-Each becomes a `MoEFFN`: it returns a tensor like the module it replaces (so the host model's code is
-untouched) and keeps the `MoEOutput` of its last call; `moe_aux_loss(model)` sums their weighted auxiliary
-losses, to add to the task loss after each forward (`moe_outputs(model)` gives the routing statistics).
+Each becomes a `MoEFFN` (`mhmoe.convert.wrap`): it returns a tensor like the module it replaces (so the host
+model's code is untouched) and keeps the `MoEOutput` of its last call; `moe_aux_loss(model)` sums their weighted
+auxiliary losses, to add to the task loss after each forward (`moe_outputs(model)` gives the routing statistics).
+FFNs inside MoE layers (shared experts) are not dense FFNs here; MoE models convert with `mhmoe.convert.peers`.
 
-Experts have no biases and know GELU / ReLU / SwiGLU only. A dense FFN with biases (GPT-2) or another
+The converted experts are bias-free GELU / ReLU / SwiGLU experts. A dense FFN with biases (GPT-2) or another
 activation (GPT-2's tanh GELU) gets an `ExpertExtras` runner: per-expert biases and the original activation
 module, applied around the same grouped GEMMs (`SparseMoE.expert_runner`). Upcycled experts are then exact
 copies of the dense FFN, biases included.
@@ -31,19 +32,18 @@ Initialisation (`init`):
 from __future__ import annotations
 
 import copy
-import json
-import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mhmoe.convert.peers import find_moe_blocks
+from mhmoe.convert.wrap import MoEFFN, set_submodule
 from mhmoe.layers.experts import DenseFFN
-from mhmoe.layers.moe import MoELayer, MoEOutput, SparseMoE
+from mhmoe.layers.moe import MoELayer, SparseMoE
 from mhmoe.layers.multihead import MHMoE
 from mhmoe.ops.backend import Backend, compute_dtype
 from mhmoe.ops.grouped import expert_matmul
@@ -140,10 +140,13 @@ def _is_conv1d(module: Any) -> TypeGuard[Any]:
 
 
 def find_dense_ffns(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every supported dense FFN in `model`, outermost first, none nested in another."""
+    """(qualified name, module) of every supported dense FFN in `model`, outermost first, none nested in another
+    and none inside a MoE layer (the shared experts of SparseMoE, Qwen2-MoE or DeepSeek-V3 stay as they are)."""
+    moe = [n for n, m in model.named_modules() if isinstance(m, (MoELayer, MoEFFN))]
+    moe += [n for n, _ in find_moe_blocks(model)]
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if any(name.startswith(f"{outer}.") for outer, _ in found):
+        if any(name == outer or name.startswith(f"{outer}.") for outer in [*moe, *(n for n, _ in found)]):
             continue
         if name and dense_weights(module) is not None:
             found.append((name, module))
@@ -187,39 +190,6 @@ class ExpertExtras(nn.Module):
         if self.b_out is not None:
             y_Rd = y_Rd + self.b_out.to(dtype).index_select(0, expert_R)
         return y_Rd
-
-
-class MoEFFN(nn.Module):
-    """A SparseMoE / MHMoE standing in for a dense FFN: forward(x) -> a tensor of x's shape, like the FFN.
-
-    `last_output` holds the MoEOutput (aux_loss, stats) of the latest call, for `moe_aux_loss` / `moe_outputs`;
-    it is overwritten by every call, so read it after each forward. `dropout` is the original module's
-    output dropout (GPT-2), kept so training behaves as before.
-    """
-
-    def __init__(self, moe: MoELayer, dropout: nn.Module | None = None):
-        super().__init__()
-        self.moe = moe
-        self.dropout = dropout if dropout is not None else nn.Identity()
-        self.last_output: MoEOutput | None = None
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.moe(x)
-        self.last_output = out
-        return self.dropout(out.y)
-
-
-def moe_outputs(model: nn.Module) -> list[MoEOutput]:
-    """The latest MoEOutput of every MoEFFN in `model`, in module order (those that have run)."""
-    return [m.last_output for m in model.modules() if isinstance(m, MoEFFN) and m.last_output is not None]
-
-
-def moe_aux_loss(model: nn.Module) -> Tensor:
-    """Sum of the weighted auxiliary losses of the MoEFFN layers' latest calls: add it to the task loss."""
-    losses = [out.aux_loss for out in moe_outputs(model)]
-    if not losses:
-        return torch.zeros(())
-    return torch.stack([loss.float() for loss in losses]).sum()
 
 
 def _build_layer(kind: Kind, dense: DenseWeights, num_experts: int, top_k: int, **kwargs: Any) -> MoELayer:
@@ -332,150 +302,6 @@ def moeify(
         _add_extras(layer, dense)
         if init == "upcycle":
             _upcycle(layer, dense)
-        _set_submodule(model, name, MoEFFN(layer, copy.deepcopy(dense.dropout)))
+        set_submodule(model, name, MoEFFN(layer, copy.deepcopy(dense.dropout)))
         replaced.append(name)
     return replaced
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-# ------------------------------------------------------------------------------------------ calibration
-
-
-def capture_ffn_io(model: nn.Module, batches: Iterable[Any], names: list[str]) -> dict[str, tuple[Tensor, Tensor]]:
-    """Run `model(batch)` for each batch (no gradients) and record the (input, output) rows of the named FFN
-    modules: {name: ((N, D) inputs, (N, D) outputs)}. Call it on the dense model, before `moeify`."""
-    records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in names}
-    hooks = []
-    for name in names:
-
-        def hook(module: nn.Module, args: tuple, output: Tensor, name: str = name) -> None:
-            x = args[0]
-            records[name].append((x.detach().reshape(-1, x.shape[-1]), output.detach().reshape(-1, x.shape[-1])))
-
-        hooks.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: (torch.cat([x for x, _ in r]), torch.cat([y for _, y in r])) for n, r in records.items()}
-
-
-def relative_error(y: Tensor, reference: Tensor) -> float:
-    """‖y − reference‖ / ‖reference‖ over all rows (Frobenius)."""
-    return float((y.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30))
-
-
-def calibrate(
-    model: nn.Module,
-    io: dict[str, tuple[Tensor, Tensor]],
-    *,
-    steps: int = 200,
-    lr: float = 1e-3,
-    batch_rows: int = 1024,
-    seed: int = 0,
-    progress: bool = False,
-) -> dict[str, tuple[float, float]]:
-    """Fit each converted layer (MoEFFN at a name of `io`) to its dense FFN's recorded outputs (mean squared
-    error plus the layer's aux loss, Adam), layer by layer on the dense model's recorded inputs.
-
-    Returns {name: (relative error before, after)} on the recorded rows.
-    """
-    from tqdm import tqdm
-
-    generator = torch.Generator().manual_seed(seed)
-    report = {}
-    for name, (x_ND, y_ND) in tqdm(io.items(), desc="calibrate", disable=not progress):
-        layer = model.get_submodule(name)
-        if not isinstance(layer, MoEFFN):
-            raise ValueError(f"{name} is a {type(layer).__name__}, not a converted MoEFFN")
-        was_training = layer.training
-        layer.train()
-        before = _layer_error(layer, x_ND, y_ND)
-        opt = torch.optim.Adam(layer.moe.parameters(), lr=lr)
-        for _ in range(steps):
-            rows = torch.randint(0, x_ND.shape[0], (min(batch_rows, x_ND.shape[0]),), generator=generator)
-            out = layer.moe(x_ND[rows])
-            loss = F.mse_loss(out.y.float(), y_ND[rows].float()) / y_ND[rows].float().square().mean() + out.aux_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        report[name] = (before, _layer_error(layer, x_ND, y_ND))
-        layer.train(was_training)
-    return report
-
-
-@torch.no_grad()
-def _layer_error(layer: MoEFFN, x_ND: Tensor, y_ND: Tensor) -> float:
-    return relative_error(layer.moe(x_ND).y, y_ND)
-
-
-# ------------------------------------------------------------------------------------ saved HF folders
-
-RECIPE_FILE = "mhmoe_moeify.json"
-WEIGHTS_FILE = "moeified.safetensors"  # not model.safetensors: plain from_pretrained must not load it half-dense
-
-
-def moeify_pretrained(hf_dir: str | Path, out_dir: str | Path, kind: Kind = "smoe", **recipe: Any) -> list[str]:
-    """Convert a saved transformers causal LM folder (GPT-2, Llama, Qwen, … or MHMoEForCausalLM) into
-    out_dir: its config and tokenizer files, `moeified.safetensors` (all weights) and `mhmoe_moeify.json`
-    (the `moeify` arguments). Load it with `load_moeified(out_dir)`. Weights are read from safetensors only.
-    recipe: `moeify`'s keyword arguments (JSON-serialisable values). Returns the replaced module names."""
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM
-
-    from mhmoe.hf.files import folder_file
-    from mhmoe.hf.runs import load_pretrained
-    from mhmoe.io import atomic_write, publish_dir, staging_dir, write_json
-
-    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    model = load_pretrained(AutoModelForCausalLM, hf_dir)
-    recipe = {"kind": kind, **recipe}
-    json.dumps(recipe)  # fail before writing anything if the recipe cannot be recorded
-    replaced = moeify(model, **recipe)
-    tmp = staging_dir(out_dir)
-    try:
-        model.config.save_pretrained(tmp)
-        for file in sorted(hf_dir.iterdir()):
-            if file.name not in ("config.json", RECIPE_FILE) and _is_tokenizer_file(file.name) and not file.is_dir():
-                with atomic_write(tmp / file.name, "wb") as f:  # a link out of hf_dir is refused, never followed
-                    f.write(folder_file(file, hf_dir).read_bytes())
-        save_model(model, str(tmp / WEIGHTS_FILE))
-        write_json(tmp / RECIPE_FILE, {"recipe": recipe, "replaced": replaced})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, out_dir)
-    return replaced
-
-
-def _is_tokenizer_file(name: str) -> bool:
-    return name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "generation_config"))
-
-
-def load_moeified(path: str | Path) -> nn.Module:
-    """A model written by `moeify_pretrained`: the architecture from config.json, the recorded conversion,
-    then every weight from moeified.safetensors (strict: a missing or extra key is an error)."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from mhmoe.errors import CheckpointError
-
-    path = Path(path)
-    if not (path / RECIPE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"{path} is not a folder written by `mhmoe moeify` (no {RECIPE_FILE} / {WEIGHTS_FILE})")
-    recipe = json.loads((path / RECIPE_FILE).read_text())["recipe"]
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
-    moeify(model, **{**recipe, "init": "random"})
-    missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
-    return model.eval()
