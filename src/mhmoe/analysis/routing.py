@@ -13,8 +13,10 @@ answer is known):
   threshold (default DEFAULT_ACTIVATION_THRESHOLD). Not comparable across expert counts (notes §7).
 - relative activation ratio: the same with a threshold of a stated fraction of the uniform ratio (K/E per
   sub-token, 1 − (1 − K/E)^H per token), so it does not saturate or vanish as E changes.
-- effective experts: exp(entropy of the shares), between 1 and E; threshold-free. Pooled over the H sub-token
-  streams, or per head (a head's own shares): heads that each keep to a few experts look even when pooled.
+- effective experts: exp(entropy of the shares), between 1 and E; threshold-free. As a fraction of E
+  (`effective_fraction`) it measures evenness and is comparable across expert counts (unlike the activation
+  ratio). Pooled over the H sub-token streams, or per head (a head's own shares): heads that each keep to a few
+  experts look even when pooled, so read the per-head value for MH-MoE.
 - divergence of a token: distinct experts reached by its H sub-tokens over all K choices, 1..min(E, H·K), or
   over first choices, 1..H; read it against its chance value under independent heads (`chance_divergence`).
 
