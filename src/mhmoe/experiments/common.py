@@ -185,6 +185,22 @@ class PlannedModel:
     eval_tokens: int  # forward only: periodic and final evaluations and the routing analysis
 
 
+def planned_model(name: str, cost: Cost, train: Any, per_batch: int, extra_eval_tokens: int) -> PlannedModel:
+    """A model of a plan from its cost and the training budget `train` (a TrainConfig): `per_batch` tokens per
+    micro-batch, every periodic and final evaluation (a whole split counted as `eval_batches`) plus
+    `extra_eval_tokens` (the routing analyses)."""
+    evaluations = train.max_steps // train.eval_every * train.eval_batches
+    evaluations += 2 * (train.final_eval_batches or train.eval_batches)  # validation and test
+    return PlannedModel(
+        name=name,
+        params_total=cost.params_total,
+        flops_per_token=cost.flops_per_token,
+        steps=train.max_steps,
+        train_tokens=train.max_steps * train.grad_accum * per_batch,
+        eval_tokens=evaluations * per_batch + extra_eval_tokens,
+    )
+
+
 @dataclass(frozen=True)
 class Assumptions:
     """What a `--dry-run` time estimate assumes; none of it is measured on the machine that will run the plan."""

@@ -37,6 +37,7 @@ from mhmoe.experiments.common import (
     model_fields,
     paired_markdown,
     paired_table,
+    planned_model,
     run_fields,
     run_variants,
     seed_stats,
@@ -106,25 +107,19 @@ def analysis_batches(quick: bool, gpu: bool) -> int:
 
 
 def lm_plan(cfg: RunConfig, variants: Sequence[Variant], extra_eval_batches: int = 0) -> list[PlannedModel]:
-    """Each variant's size, forward FLOPs per token, and tokens per seed (training; evaluation, counting a whole
-    split as `eval_batches` where the budget says 0, plus `extra_eval_batches` of analysis)."""
-    t, per_batch = cfg.train, cfg.train.batch_size * cfg.model.seq_len
-    evaluations = t.max_steps // t.eval_every * t.eval_batches + 2 * (t.final_eval_batches or t.eval_batches)
-    planned = []
-    for variant in variants:
-        model = dataclasses.replace(cfg.model, ffn=variant.ffn, vocab_size=planned_vocab(cfg))
-        cost = gpt_cost(model)
-        planned.append(
-            PlannedModel(
-                name=variant.name,
-                params_total=cost.params_total,
-                flops_per_token=cost.flops_per_token,
-                steps=t.max_steps,
-                train_tokens=t.max_steps * t.grad_accum * per_batch,
-                eval_tokens=(evaluations + extra_eval_batches) * per_batch,
-            )
+    """Each variant's size, forward FLOPs per token, and tokens per seed (training, evaluation and
+    `extra_eval_batches` of analysis)."""
+    per_batch = cfg.train.batch_size * cfg.model.seq_len
+    return [
+        planned_model(
+            variant.name,
+            gpt_cost(dataclasses.replace(cfg.model, ffn=variant.ffn, vocab_size=planned_vocab(cfg))),
+            cfg.train,
+            per_batch,
+            extra_eval_batches * per_batch,
         )
-    return planned
+        for variant in variants
+    ]
 
 
 def planned_vocab(cfg: RunConfig) -> int:

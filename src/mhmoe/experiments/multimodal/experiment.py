@@ -36,6 +36,7 @@ from mhmoe.experiments.common import (
     model_fields,
     paired_markdown,
     paired_table,
+    planned_model,
     run_fields,
     run_variants,
     seed_stats,
@@ -81,23 +82,17 @@ def plan(
     m, t = cfg.model, cfg.train
     row = {"text": m.max_text_len, "image": m.num_patches, "pair": m.num_patches + cfg.data.caption_len}
     per_batch = t.batch_size * sum(row[task] for task in cfg.data.task_list())
-    evaluations = t.max_steps // t.eval_every * t.eval_batches + 2 * (t.final_eval_batches or t.eval_batches)
-    eval_tokens = evaluations * per_batch + cfg.analysis.max_batches * t.batch_size * (row["text"] + row["image"])
-    planned = []
-    for variant in variants(m.d_model, m.ffn, part):
-        model = dataclasses.replace(m, ffn=variant.ffn, vocab_size=cfg.data.vocab_size + 1)
-        cost = multiway_cost(model)
-        planned.append(
-            PlannedModel(
-                name=variant.name,
-                params_total=cost.params_total,
-                flops_per_token=cost.flops_per_token,
-                steps=t.max_steps,
-                train_tokens=t.max_steps * t.grad_accum * per_batch,
-                eval_tokens=eval_tokens,
-            )
+    analysis = cfg.analysis.max_batches * t.batch_size * (row["text"] + row["image"])
+    return [
+        planned_model(
+            variant.name,
+            multiway_cost(dataclasses.replace(m, ffn=variant.ffn, vocab_size=cfg.data.vocab_size + 1)),
+            t,
+            per_batch,
+            analysis,
         )
-    return planned
+        for variant in variants(m.d_model, m.ffn, part)
+    ]
 
 
 def _seed_record(seed: int, result: RunResult, analysis: dict, run_dir: Path, clock: Clock) -> dict:
