@@ -4,14 +4,14 @@ import gzip
 import json
 
 import pytest
-from conftest import TOY_MODEL, shared_file
+from conftest import TOY_MODEL, pack_sample
 
 from mhmoe.cli import main
 from mhmoe.experiments.english import base as english_base
 from mhmoe.experiments.english import models as english_variants
 from mhmoe.models.gpt import gpt_cost
 
-SHARED = shared_file()
+SHARED = pack_sample()
 TOY = [
     *TOY_MODEL,
     "train.max_steps=4",

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import ffn_config, shared_file  # noqa: E402
+from conftest import ffn_config, pack_sample  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mhmoe.analysis.runs import load_run  # noqa: E402
@@ -180,7 +180,7 @@ def run_dirs(tmp_path, monkeypatch):
     from mhmoe.train.lm import train
 
     monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
-    text = gzip.open(shared_file("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:40_000]
+    text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:40_000]
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(4):
