@@ -1,7 +1,9 @@
 """The `mhmoe` command line.
 
     mhmoe train --preset NAME [--set key=value ...] [--data PATH] [--out DIR]
-    mhmoe eval RUN_DIR
+    mhmoe eval RUN_DIR [--max-batches N]
+    mhmoe generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    mhmoe compare RUN_DIR... [--plot FILE]     finished runs side by side (and their validation curves)
     mhmoe analyze RUN_DIR [--data PATH]
     mhmoe reproduce english [--quick|--gpu] [--seeds N] [--out DIR] [--data PATH] [--set key=value ...]
     mhmoe reproduce multilingual [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
@@ -22,8 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -154,12 +159,12 @@ def _sizes(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mhmoe.train.config import apply_overrides, field_names, preset
+    from mhmoe.train.config import apply_overrides, preset
     from mhmoe.train.lm import train
 
     cfg = preset(args.preset)
     if args.list_keys:
-        print("\n".join(field_names(cfg)))
+        print(list_keys(cfg, f"--preset {args.preset}"))
         return 0
     if args.data:
         cfg.data.path = args.data
@@ -177,7 +182,11 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from mhmoe.analysis.runs import eval_run
 
-    results = eval_run(Path(args.run_dir))
+    if args.max_batches < 0:
+        raise SystemExit(f"mhmoe: --max-batches must be >= 0 (0 = all of each split), got {args.max_batches}")
+    results = eval_run(Path(args.run_dir), max_batches=args.max_batches, progress=not args.no_progress)
+    scope = f"the first {args.max_batches} batches of each split" if args.max_batches else "all of each split"
+    print(f"step {results['step']}, {scope}:")
     for split in ("valid", "test"):
         r = results[split]
         print(f"{split}: loss {r['loss']:.4f} nats/token, ppl {r['ppl']:.2f} over {r['tokens']:,} tokens")
@@ -202,7 +211,8 @@ def _analyze(args: argparse.Namespace) -> int:
     other = {}
     if args.data:
         corpus = load_corpus(Path(args.data))
-        other["other"] = tokenize_corpus(corpus, run.tokenizer, data_cache_dir(), progress=True)["valid"]
+        name = re.sub(r"[^\w.-]+", "_", Path(args.data).name.removesuffix(".gz")) or "other"  # labels files and plots
+        other[name] = tokenize_corpus(corpus, run.tokenizer, data_cache_dir(), progress=True)["valid"]
     report = analyze_run(run_dir, other=other, run=run, max_batches=args.batches)
     print(json.dumps(report, indent=1))
     print(f"plots and analysis.json in {run_dir / 'analysis'}", file=sys.stderr)
@@ -242,7 +252,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mhmoe.version import __version__
+
     parser = argparse.ArgumentParser(prog="mhmoe", description="Multi-Head Mixture-of-Experts for PyTorch")
+    parser.add_argument("--version", action="version", version=f"mhmoe {__version__}", help="print the version")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser("train", help="train a language model")
@@ -250,28 +263,42 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--data", help="text file, folder of .txt/.jsonl files, or a data pack folder")
     train.add_argument("--out", help="run directory (default: runs/PRESET); an existing run is resumed")
-    train.add_argument("--list-keys", action="store_true", help="print every config key and exit")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument(
+        "--list-keys", action="store_true", help="print every config key with the preset's value, its type and meaning"
+    )
+    train.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     train.set_defaults(run=_train)
 
     evaluate = verbs.add_parser("eval", help="validation and test perplexity of a run")
-    evaluate.add_argument("run_dir")
+    evaluate.add_argument("run_dir", help=RUN_DIR)
+    evaluate.add_argument(
+        "--max-batches",
+        type=int,
+        default=0,
+        help="evaluate the first N batches of each split (0, the default: all of it); the number train.final_eval_batches "
+        "gave in training reproduces its summary.json",
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     evaluate.set_defaults(run=_eval)
+    add_generate_parser(verbs)
+    add_compare_parser(verbs)
 
     analyze = verbs.add_parser("analyze", help="expert activation, per-head usage and sub-token divergence")
-    analyze.add_argument("run_dir")
+    analyze.add_argument("run_dir", help=RUN_DIR)
     analyze.add_argument("--data", help="also analyse held-out text from this corpus (another genre or language)")
     analyze.add_argument("--batches", type=int, default=20, help="held-out batches to route (default 20)")
     analyze.set_defaults(run=_analyze)
 
     reproduce = verbs.add_parser("reproduce", help="the paper's comparisons")
-    reproduce.add_argument("task", choices=("english", "multilingual", "multimodal"))
+    reproduce.add_argument(
+        "task", choices=("english", "multilingual", "multimodal"), help="which comparison (README, Results)"
+    )
     size = reproduce.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
     size.add_argument("--gpu", action="store_true", help="the one-GPU budget (about 10 M tokens per model)")
     reproduce.add_argument("--seeds", type=int, help="seeds per model (default: 3 with --gpu, else 1)")
     reproduce.add_argument("--ood-data", help="also measure expert activation on this corpus (another genre/language)")
-    reproduce.add_argument("--out")
+    reproduce.add_argument("--out", help="results folder (default: runs/reproduce-TASK[-quick])")
     reproduce.add_argument(
         "--data",
         help="english: default $MHMOE_DATA or the built-in Shakespeare corpus; multilingual: a folder of "
@@ -280,25 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(images/, english/) or an image folder with captions.jsonl, default $MHMOE_MULTIMODAL_DATA",
     )
     reproduce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the budget")
-    reproduce.add_argument("--no-progress", action="store_true")
+    reproduce.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     reproduce.set_defaults(run=_reproduce)
 
     bench = verbs.add_parser("bench", help="benchmarks")
     bench_verbs = bench.add_subparsers(dest="what", required=True)
     layer = bench_verbs.add_parser("layer", help="time MoE/MH-MoE layers against dense-eq and the loop")
-    layer.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    layer.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to time (default cpu)")
     layer.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
     layer.add_argument("--shapes", help="comma-separated shape names, or 'all' (default: the device's set)")
-    layer.add_argument("--repeats", type=int, default=5)
+    layer.add_argument("--repeats", type=int, default=5, help="timed repetitions per implementation (default 5)")
     layer.add_argument("--json", help="also write the results to this JSON file")
     layer.add_argument(
         "--cuda-graph", action="store_true", help="instead of timing: capture forward + backward in a CUDA graph"
     )
     layer.set_defaults(run=_bench_layer)
     step = bench_verbs.add_parser("train", help="time LM training steps: fast path vs loop vs dense-eq")
-    step.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    step.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to time (default cpu)")
     step.add_argument("--preset", help="model and batch of this training preset (default: cpu, or gpu on CUDA)")
-    step.add_argument("--repeats", type=int, default=5)
+    step.add_argument("--repeats", type=int, default=5, help="timed repetitions per implementation (default 5)")
     step.add_argument("--no-loop", action="store_true", help="skip the per-expert loop (and its correctness check)")
     step.add_argument(
         "--compile", action="store_true", help="time torch.compile'd models (fast and dense-eq; checked against eager)"
@@ -312,24 +339,26 @@ def build_parser() -> argparse.ArgumentParser:
     step.set_defaults(run=_bench_train)
 
     export_hf = verbs.add_parser("export-hf", help="a train run as a Hugging Face model folder")
-    export_hf.add_argument("run_dir")
+    export_hf.add_argument("run_dir", help=RUN_DIR)
     export_hf.add_argument("out_dir", help="a new (or empty) folder")
     export_hf.set_defaults(run=_export_hf)
 
     import_hf = verbs.add_parser("import-hf", help="a Hugging Face MHMoEForCausalLM folder as a run directory")
-    import_hf.add_argument("hf_dir")
+    import_hf.add_argument("hf_dir", help="a folder written by `mhmoe export-hf` (or MHMoEForCausalLM.save_pretrained)")
     import_hf.add_argument("run_dir", help="a new (or empty) folder")
     import_hf.set_defaults(run=_import_hf)
 
     moeify = verbs.add_parser("moeify", help="replace a saved transformers model's FFNs by SMoE / MH-MoE layers")
     moeify.add_argument("hf_dir", help="a saved transformers causal LM (safetensors weights)")
     moeify.add_argument("out_dir", help="a new (or empty) folder")
-    moeify.add_argument("--kind", choices=("smoe", "mhmoe"), default="smoe")
+    moeify.add_argument("--kind", choices=("smoe", "mhmoe"), default="smoe", help="the MoE layer (default smoe)")
     moeify.add_argument("--experts", type=int, default=8, help="experts per layer (default 8)")
     moeify.add_argument("--top-k", type=int, default=2, help="experts per (sub-)token (default 2)")
     moeify.add_argument("--heads", type=int, default=4, help="MH-MoE heads (default 4; --kind mhmoe only)")
     moeify.add_argument("--every", type=int, default=1, help="convert every N-th FFN (default 1: all)")
-    moeify.add_argument("--router", choices=("softmax", "xmoe", "sigmoid"), default="softmax")
+    moeify.add_argument(
+        "--router", choices=("softmax", "xmoe", "sigmoid"), default="softmax", help="the router (default softmax)"
+    )
     moeify.set_defaults(run=_moeify)
 
     sizes = verbs.add_parser("sizes", help="parameter counts and FLOPs of the paper's presets")
@@ -337,13 +366,112 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NO_PROGRESS = "no progress bars (for logs and scripts)"
+RUN_DIR = "a run folder written by `mhmoe train` (or `mhmoe import-hf`)"
+
+
+def list_keys(cfg: object, where: str) -> str:
+    """`--list-keys`: every key `--set` accepts, with its value in this preset, its type and its meaning."""
+    from mhmoe.train.config import describe_keys
+    from mhmoe.train.keyhelp import key_meanings
+
+    meanings = key_meanings(cfg)
+    rows = describe_keys(cfg)
+    width = max(len(key) for key, _, _ in rows)
+    lines = [f"# every key of `mhmoe train --set KEY=VALUE`, with its value under {where}, type and meaning"]
+    for key, value, kind in rows:
+        lines.append(f"{key:<{width}}  = {value}  ({kind})  {meanings[key]}")
+    return "\n".join(lines)
+
+
+def add_generate_parser(verbs: argparse._SubParsersAction) -> None:
+    generate = verbs.add_parser("generate", help="continue a prompt with a trained run's model")
+    generate.add_argument("run_dir", help=RUN_DIR)
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument(
+        "--max-new-tokens", type=int, help="tokens to add (default: as many as the context allows, at most 200)"
+    )
+    generate.add_argument(
+        "--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)"
+    )
+    generate.add_argument("--top-k", type=int, help="sample among the K most likely tokens only")
+    generate.add_argument("--top-p", type=float, help="sample among the most likely tokens that make up probability P")
+    generate.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
+    generate.set_defaults(run=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from mhmoe.analysis.runs import load_run
+    from mhmoe.errors import UserError
+
+    run = load_run(Path(args.run_dir), data=False)
+    ids = run.tokenizer.encode(args.prompt) or [run.tokenizer.eos_id]
+    context = run.cfg.model.seq_len
+    room = context + 1 - len(ids)
+    new = min(room, 200) if args.max_new_tokens is None else args.max_new_tokens
+    if new > room or new < 1:
+        raise UserError(
+            f"the prompt is {len(ids)} tokens and the model's context is {context} (model.seq_len): "
+            f"--max-new-tokens must be in 1..{max(room, 0)}; shorten the prompt or ask for fewer tokens"
+        )
+    prompt = torch.tensor([ids], device=run.device)
+    generator = torch.Generator(device=run.device).manual_seed(args.seed)
+    try:
+        out = run.model.generate(prompt, new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 eos_id=run.tokenizer.eos_id, generator=generator)  # fmt: skip
+    except ValueError as e:  # a sampling option out of range: one line, like any user error
+        raise UserError(str(e)) from None
+    print(args.prompt + run.tokenizer.decode(out[0, len(ids) :].tolist()))
+    return 0
+
+
+def add_compare_parser(verbs: argparse._SubParsersAction) -> None:
+    compare = verbs.add_parser("compare", help="finished runs side by side: a table and their validation curves")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `mhmoe train`")
+    compare.add_argument("--plot", metavar="FILE", help="also draw their validation curves into this PNG file")
+    compare.set_defaults(run=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from mhmoe.analysis.compare import compare_table, plot_validation_curves
+
+    runs = [Path(d) for d in args.run_dirs]
+    print(compare_table(runs))
+    if args.plot:
+        print(f"validation curves in {plot_validation_curves(runs, Path(args.plot))}", file=sys.stderr)
+    return 0
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """mhmoe's data warnings as one line on stderr ("mhmoe: warning: ..."), the others as Python shows them."""
+    from mhmoe.data.corpus import DataWarning
+
+    if issubclass(category, DataWarning):
+        print(f"mhmoe: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     from mhmoe.errors import UserError
     from mhmoe.train.allocator import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     tune_cpu_allocator()  # keep freed activations for reuse on the CPU (module doc); MHMOE_TUNE_MALLOC=0 opts out
-    for name in ("repeats", "seeds", "batches"):
+    for name in ("repeats", "seeds", "batches", "max_new_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SystemExit(f"mhmoe: --{name} must be >= 1, got {getattr(args, name)}")

@@ -10,7 +10,7 @@ Optional packages (`tokenizers` for BPE, `tqdm` for progress bars) are imported 
 """
 
 from mhmoe.data.corpus import Corpus, data_cache_dir, default_corpus, load_corpus
-from mhmoe.data.dataset import BatchSampler, eval_batches, tokenize_corpus
+from mhmoe.data.dataset import BatchSampler, eval_batch_count, eval_batches, tokenize_corpus
 from mhmoe.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "Tokenizer",
     "data_cache_dir",
     "default_corpus",
+    "eval_batch_count",
     "eval_batches",
     "load_corpus",
     "load_tokenizer",

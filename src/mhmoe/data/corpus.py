@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,22 +312,54 @@ def load_corpus(
         )
     path = Path(path).expanduser()
     _check_readable(path)
-    scored = _load_scored(path, valid_fraction, test_fraction, seed)
+    scored, drawn = _load_scored(path, valid_fraction, test_fraction, seed)
     if not any(text.strip() for split in SPLITS for _, text in scored[split]):
         raise _empty_error(path)
     splits = _fill_empty_splits(scored, path)
-    return Corpus(splits["train"], splits["valid"], splits["test"], source=str(path))
+    corpus = Corpus(splits["train"], splits["valid"], splits["test"], source=str(path))
+    configured = {"valid": valid_fraction, "test": test_fraction}
+    message = held_out_mismatch(corpus, {s: configured[s] for s in drawn})
+    if message:
+        warnings.warn(message, DataWarning, stacklevel=2)
+    return corpus
 
 
-def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+class DataWarning(UserWarning):
+    """The data can be used, but not as configured (e.g. far more or less text held out than asked for)."""
+
+
+def held_out_mismatch(corpus: Corpus, configured: dict[str, float]) -> str | None:
+    """A one-line warning when a split drawn by hash holds a share of the characters far from its configured
+    fraction (off by more than half of it and by more than one percentage point), else None.
+
+    Whole documents (or ~64 KB chunks) are held out, so a corpus of few units cannot match small fractions: a
+    400 KB file is ~7 chunks, and one chunk is already 15% of it.
+    """
+    sizes = {s: sum(map(len, docs)) for s, docs in corpus.splits().items()}
+    total = sum(sizes.values()) or 1
+    off = {s: sizes[s] / total for s, f in configured.items() if abs(sizes[s] / total - f) > max(f / 2, 0.01)}
+    if not off:
+        return None
+    units = sum(map(len, corpus.splits().values()))
+    got = ", ".join(f"{s} {100 * share:.0f}% (configured {100 * configured[s]:.0f}%)" for s, share in off.items())
+    return (
+        f"{corpus.source}: held out {got} of the characters: its {units} documents/chunks are too few to split "
+        "finely; give more documents, a folder with its own train/valid/test files, or other "
+        "data.valid_fraction / data.test_fraction"
+    )
+
+
+def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> tuple[Scored, list[str]]:
+    """The scored units of each split, and the held-out splits that were drawn by hash (not given by the data)."""
+    both = ["valid", "test"]
     if path.is_file():
         return _from_single_file(path, valid_fraction, test_fraction, seed)
     documents = _find_file(path, "documents.jsonl")
     if documents is not None:
-        return _from_documents_jsonl(documents, seed)
+        return _from_documents_jsonl(documents, seed), []
     split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
     if split_files["train"] is not None and split_files["valid"] is not None:
-        return _from_split_files(split_files, test_fraction, seed)
+        return _from_split_files(split_files, test_fraction, seed), [] if split_files["test"] else ["test"]
     files = _usable_files(path)
     if not files:
         raise DataError(
@@ -336,19 +369,19 @@ def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: 
     if len(files) == 1:
         return _from_single_file(files[0], valid_fraction, test_fraction, seed)
     units = [u for f in files for u in _file_units(f, f.relative_to(path).as_posix(), chunk=False)]
-    return _assign_by_hash(units, valid_fraction, test_fraction, seed)
+    return _assign_by_hash(units, valid_fraction, test_fraction, seed), both
 
 
-def _from_single_file(file: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+def _from_single_file(file: Path, valid_fraction: float, test_fraction: float, seed: int) -> tuple[Scored, list[str]]:
     """Layout (d). A JSONL file whose records all name a split is used like layout (a)."""
     if not _has_suffix(file, TEXT_SUFFIXES + JSONL_SUFFIXES):
         raise DataError(f"{file} is not a .txt, .txt.gz, .jsonl or .jsonl.gz file; convert it or pass a folder")
     if _has_suffix(file, JSONL_SUFFIXES):
         records = list(_jsonl_records(file))
         if records and all(r.get("split") in SPLITS for _, r in records):
-            return _from_documents_jsonl(file, seed)
+            return _from_documents_jsonl(file, seed), []
     units = _file_units(file, file.name, chunk=True)
-    return _assign_by_hash(units, valid_fraction, test_fraction, seed)
+    return _assign_by_hash(units, valid_fraction, test_fraction, seed), ["valid", "test"]
 
 
 # --- default data --------------------------------------------------------------------------------------------

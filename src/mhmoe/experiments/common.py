@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mhmoe.analysis.compare import metric_curve as metric_curve  # re-exported for the experiments
 from mhmoe.io import write_json, write_text
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
@@ -153,12 +153,6 @@ def mean_curve(curves: Sequence[Curve]) -> tuple[Curve, list[tuple[float, float,
         mean.append((xs, statistics.fmean(ys)))
         band.append((xs, min(ys), max(ys)))
     return mean, band
-
-
-def metric_curve(run_dir: Path, key: str = "val_loss") -> Curve:
-    """(tokens, value) of every metrics.jsonl record of a run that has `key`."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["tokens"], r[key]) for r in records if key in r]
 
 
 # ------------------------------------------------------------------------------------------------ output

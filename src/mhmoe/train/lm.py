@@ -8,6 +8,7 @@ Evaluation: mean cross-entropy and perplexity over consecutive windows of a held
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -21,8 +22,10 @@ import torch
 from mhmoe.data import (
     BatchSampler,
     BPETokenizer,
+    Corpus,
     data_cache_dir,
     default_corpus,
+    eval_batch_count,
     eval_batches,
     load_corpus,
     load_tokenizer,
@@ -41,6 +44,7 @@ from mhmoe.models.gpt import GPT, gpt_cost
 from mhmoe.train.config import RunConfig
 from mhmoe.train.loop import Part, RunResult, autocast_for
 from mhmoe.train.loop import train as train_loop
+from mhmoe.train.metrics import progress_bar
 from mhmoe.train.session import Session
 
 
@@ -50,8 +54,9 @@ def data_path(cfg: RunConfig) -> Path:
     return Path(given).expanduser() if given else default_corpus(data_cache_dir())
 
 
-def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, dict[str, np.ndarray]]:
-    """The run's tokenizer (trained once and kept in the run) and the tokenized splits (cached).
+def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, dict[str, np.ndarray], dict]:
+    """The run's tokenizer (trained once and kept in the run), the tokenized splits (cached), and a record of the
+    data actually used (`data_record`).
 
     Multilingual runs (data.multilingual) also hold "train:<lang>", "valid:<lang>", ... per language.
     """
@@ -62,10 +67,23 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, di
             data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction, languages=languages
         )
         tokenizer = run_tokenizer(cfg, run_dir, lambda: tokenizer_text(corpus, d.language_alpha))
-        return tokenizer, tokenize_languages(corpus, tokenizer, data_cache_dir(), cfg.model.seq_len, progress)
+        splits = tokenize_languages(corpus, tokenizer, data_cache_dir(), cfg.model.seq_len, progress)
+        record = data_record(corpus.source, list(corpus.languages.values()), splits)
+        return tokenizer, splits, record
     text = load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
     tokenizer = run_tokenizer(cfg, run_dir, lambda: text.train)
-    return tokenizer, tokenize_corpus(text, tokenizer, data_cache_dir(), progress=progress)
+    splits = tokenize_corpus(text, tokenizer, data_cache_dir(), progress=progress)
+    return tokenizer, splits, data_record(text.source, [text], splits)
+
+
+def data_record(source: str, corpora: list[Corpus], splits: dict[str, np.ndarray]) -> dict:
+    """What a run trained and was evaluated on: the source (the resolved path, also for the built-in corpus),
+    a content hash of the split texts (`Corpus.fingerprint`, over every language for multilingual data), and
+    the characters and tokens of each split."""
+    digest = hashlib.sha256("".join(c.fingerprint() for c in corpora).encode()).hexdigest()
+    chars = {s: sum(len(doc) for c in corpora for doc in c.splits()[s]) for s in ("train", "valid", "test")}
+    tokens = {s: int(len(splits[s])) for s in ("train", "valid", "test")}
+    return {"source": source, "sha256": digest, "chars": chars, "tokens": tokens}
 
 
 def run_tokenizer(cfg: RunConfig, run_dir: Path, bpe_text: Callable[[], Iterable[str]]) -> Tokenizer:
@@ -94,19 +112,32 @@ def make_sampler(cfg: RunConfig, splits: dict[str, np.ndarray]) -> Any:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, tokens: np.ndarray, cfg: RunConfig, device: torch.device, max_batches: int = 0
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    cfg: RunConfig,
+    device: torch.device,
+    max_batches: int = 0,
+    progress: bool = False,
+    desc: str = "eval",
 ) -> dict[str, float]:
-    """Mean cross-entropy (nats/token) and perplexity over consecutive windows of a held-out split."""
+    """Mean cross-entropy (nats/token) and perplexity over consecutive windows of a held-out split, from its start:
+    all of it, or its first `max_batches` batches of train.batch_size × model.seq_len tokens. The ONE definition
+    of held-out perplexity: `mhmoe train` (train.final_eval_batches), `mhmoe eval` (--max-batches) and the
+    reproductions call it, and report the token count it covered ("tokens")."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    batches = eval_batches(tokens, cfg.train.batch_size, cfg.model.seq_len, max_batches=max_batches or None)
+    B, L = cfg.train.batch_size, cfg.model.seq_len
+    batches = eval_batches(tokens, B, L, max_batches=max_batches or None)
+    bar = progress_bar(eval_batch_count(len(tokens), B, L, max_batches or None), 0, progress, "batch", desc)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast_for(cfg.train.precision, device):
             logits = model(x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         total, count = total + loss.item(), count + y.numel()
+        bar.update(1)
+    bar.close()
     model.train(was_training)
     mean = total / max(count, 1)
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
@@ -118,8 +149,9 @@ class LMTask:
     partial_forwards = False
 
     def __init__(self, cfg: RunConfig, run_dir: Path, session: Session, progress: bool):
-        self.cfg, self.session = cfg, session
-        self.tokenizer, self.splits = session.first_on_main(lambda: prepare_data(cfg, run_dir, progress))
+        self.cfg, self.session, self.progress = cfg, session, progress and session.is_main
+        prepared = session.first_on_main(lambda: prepare_data(cfg, run_dir, progress))
+        self.tokenizer, self.splits, self.data = prepared
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.cost = gpt_cost(cfg.model)
 
@@ -141,14 +173,19 @@ class LMTask:
         return out.loss
 
     def evaluate(self, model: torch.nn.Module, split: str, max_batches: int) -> dict:
-        return evaluate(model, self.splits[split], self.cfg, self.session.device, max_batches=max_batches)
+        return evaluate(model, self.splits[split], self.cfg, self.session.device, max_batches, self.progress, split)
 
     def metrics(self, report: dict) -> dict:
         return {"val_loss": report["loss"], "val_ppl": report["ppl"]}
 
     def summary(self, valid: dict, test: dict) -> dict:
         return {"val_loss": valid["loss"], "val_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],
-                "val_tokens": valid["tokens"], "test_tokens": test["tokens"]}  # fmt: skip
+                "val_tokens": valid["tokens"], "test_tokens": test["tokens"], "data": self.data}  # fmt: skip
+
+    def describe(self) -> list[str]:
+        chars, tokens = self.data["chars"], self.data["tokens"]
+        sizes = ", ".join(f"{s} {tokens[s]:,} tokens ({chars[s]:,} chars)" for s in ("train", "valid", "test"))
+        return [f"data: {self.data['source']} (sha256 {self.data['sha256'][:12]}): {sizes}"]
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}

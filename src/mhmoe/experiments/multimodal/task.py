@@ -425,6 +425,13 @@ class MaskedTask:
     def summary(self, valid: dict, test: dict) -> dict:
         return {"valid": valid, "test": test}
 
+    def describe(self) -> list[str]:
+        text = ", ".join(f"{s} {len(self.data.text[s]):,}" for s in ("train", "valid", "test"))
+        images = ", ".join(f"{source.name} {len(source.images):,}" for source in self.data.sources)
+        return [
+            f"data: {self.data.root}: images {images}; text tokens per split: {text}; tasks {', '.join(self.tasks)}"
+        ]
+
     def state_dict(self) -> dict:
         return {} if self.sampler is None else {"sampler": self.sampler.state_dict()}
 
