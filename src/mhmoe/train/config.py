@@ -34,7 +34,7 @@ Backend = Literal["auto", "gloo", "nccl"]
 
 @dataclass
 class DataConfig:
-    path: str = ""  # text file, folder of .txt/.jsonl, or the English pack; "" = $MHMOE_DATA or built-in Shakespeare
+    path: str = ""  # text file, folder of .txt/.jsonl, the English pack, hf:NAME or a saved dataset; "" = $MHMOE_DATA or built-in Shakespeare
     tokenizer: str = "bpe"  # "bpe" (trained locally on the training split), "byte", or a tokenizer.json path
     vocab_size: int = 8192  # BPE vocabulary when trained here
     valid_fraction: float = 0.05  # held-out share for corpora without their own splits
@@ -43,6 +43,12 @@ class DataConfig:
     multilingual: bool = False  # the data is language-tagged (mhmoe.data.multilingual)
     language_alpha: float = 0.3  # α: 1 = the natural mix, 0 = uniform over languages; 0.3 as in XLM-R
     languages: str = ""  # comma-separated language tags to keep ("" = every language in the data)
+    # Hugging Face datasets (data.path=hf:NAME or a save_to_disk folder; mhmoe.data.hf_datasets)
+    hf_config: str = ""  # the dataset's configuration name, e.g. wikitext-103-raw-v1
+    hf_files: str = ""  # data_files for a builder path (hf:parquet, hf:json, ...), e.g. data/*.parquet
+    text_field: str = "text"  # the column holding each row's text
+    streaming: bool = False  # read rows as they come instead of downloading the whole dataset
+    max_chars: int = 0  # read at most this many characters per split (0 = all)
 
 
 @dataclass
@@ -380,6 +386,7 @@ def validate(cfg: RunConfig) -> None:
         f"data.valid_fraction and data.test_fraction must be in (0, 0.5), got {d.valid_fraction}, {d.test_fraction}",
     )
     _check(0 <= d.language_alpha <= 1, f"data.language_alpha must be in [0, 1], got {d.language_alpha}")
+    _check(d.max_chars >= 0, f"data.max_chars must be >= 0 (0 = all), got {d.max_chars}")
     validate_train(t)
     validate_parallel(cfg.parallel, cfg.model.ffn)
 

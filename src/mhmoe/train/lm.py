@@ -31,6 +31,7 @@ from mhmoe.data import (
     load_tokenizer,
     tokenize_corpus,
 )
+from mhmoe.data.hf_datasets import HFSource, is_hf_source, load_hf_corpus
 from mhmoe.data.multilingual import (
     LanguageSampler,
     languages_of,
@@ -70,10 +71,20 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, di
         splits = tokenize_languages(corpus, tokenizer, data_cache_dir(), cfg.model.seq_len, progress)
         record = data_record(corpus.source, list(corpus.languages.values()), splits)
         return tokenizer, splits, record
-    text = load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+    text = load_text(cfg)
     tokenizer = run_tokenizer(cfg, run_dir, lambda: text.train)
     splits = tokenize_corpus(text, tokenizer, data_cache_dir(), progress=progress)
     return tokenizer, splits, data_record(text.source, [text], splits)
+
+
+def load_text(cfg: RunConfig) -> Corpus:
+    """The run's text corpus: files (`load_corpus`) or a Hugging Face dataset (`mhmoe.data.hf_datasets`)."""
+    d = cfg.data
+    given = d.path or os.environ.get("MHMOE_DATA", "")
+    if given and is_hf_source(given):
+        source = HFSource(given, d.hf_config, d.hf_files, d.text_field, d.streaming, d.max_chars)
+        return load_hf_corpus(source, valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+    return load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
 
 
 def data_record(source: str, corpora: list[Corpus], splits: dict[str, np.ndarray]) -> dict:
