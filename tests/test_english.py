@@ -43,11 +43,6 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     text = gzip.open(SHARED / "english" / "valid.txt.gz", "rt").read()[:40_000]
     for i in range(8):
         (corpus / f"{i}.txt").write_text(text[i * 5000 : (i + 1) * 5000])
-    ood = tmp_path / "ood"
-    ood.mkdir()
-    german = gzip.open(SHARED / "multilingual" / "de.valid.txt.gz", "rt").read()[:30_000]
-    for i in range(3):
-        (ood / f"de{i}.txt").write_text(german[i * 10_000 : (i + 1) * 10_000])
     args = [
         "reproduce",
         "english",
@@ -58,8 +53,6 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
         str(tmp_path / "out"),
         "--data",
         str(corpus),
-        "--ood-data",
-        str(ood),
         "--no-progress",
     ]
     for item in TOY:
@@ -91,6 +84,10 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
             assert model["activation_ratio_ood"] is not None
     table = (out / "results.md").read_text()
     assert "± " in table and "mhmoe_flops" in table and "(ood)" in table
+    assert results["ood_data"].endswith("udhr-de.txt")  # the built-in German text, without --ood-data
+    assert results["data"]["source"] == str(corpus) and len(results["data"]["sha256"]) == 64
+    assert "perplexity over the first 128 / 128 tokens of the held-out valid / test documents" in table
+    assert f"data: {corpus} (sha256 {results['data']['sha256'][:12]}" in table
     assert (out / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "heatmaps" / "mhmoe_params.png").exists()
     assert "mhmoe_params" in capsys.readouterr().out

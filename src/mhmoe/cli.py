@@ -229,6 +229,7 @@ REPRODUCTION_FILES = {
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from mhmoe.data import default_ood_text
     from mhmoe.experiments import english, multilingual, multimodal
 
     experiment = {"english": english, "multilingual": multilingual, "multimodal": multimodal}[args.task]
@@ -243,6 +244,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.task == "multimodal":
         if args.ood_data:
             raise SystemExit("mhmoe: --ood-data applies to `reproduce english` and `reproduce multilingual` only")
+    elif args.task == "english":  # the built-in German text (the UDHR) unless another is given
+        kwargs["ood"] = args.ood_data or str(default_ood_text())
     else:
         kwargs["ood"] = args.ood_data or ""
     out = Path(args.out or f"runs/reproduce-{args.task}{'-quick' if args.quick else ''}")
@@ -299,7 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
     size.add_argument("--gpu", action="store_true", help="the one-GPU budget (about 10 M tokens per model)")
     reproduce.add_argument("--seeds", type=int, help="seeds per model (default: 3 with --gpu, else 1)")
-    reproduce.add_argument("--ood-data", help="also measure expert activation on this corpus (another genre/language)")
+    reproduce.add_argument(
+        "--ood-data",
+        help="also measure expert activation on this corpus (another genre/language); english: default the "
+        "built-in German UDHR text",
+    )
     reproduce.add_argument("--out", help="results folder (default: runs/reproduce-TASK[-quick])")
     reproduce.add_argument(
         "--data",

@@ -312,16 +312,77 @@ def load_corpus(
         )
     path = Path(path).expanduser()
     _check_readable(path)
-    scored, drawn = _load_scored(path, valid_fraction, test_fraction, seed)
+    scored = _load_scored(path, valid_fraction, test_fraction, seed)
     if not any(text.strip() for split in SPLITS for _, text in scored[split]):
         raise _empty_error(path)
     splits = _fill_empty_splits(scored, path)
     corpus = Corpus(splits["train"], splits["valid"], splits["test"], source=str(path))
     configured = {"valid": valid_fraction, "test": test_fraction}
-    message = held_out_mismatch(corpus, {s: configured[s] for s in drawn})
+    message = held_out_mismatch(corpus, {s: configured[s] for s in _drawn_splits(path)})
     if message:
         warnings.warn(message, DataWarning, stacklevel=2)
     return corpus
+
+
+def load_documents(path: str | Path) -> list[str]:
+    """Every document (chunk) of a folder or file, in a stable order and not split: text used only for
+    evaluation, such as an out-of-distribution corpus, however small (one chunk is enough)."""
+    path = Path(path).expanduser()
+    _check_readable(path)
+    scored = _load_scored(path, 0.0, 0.0, 0)
+    documents = [text for split in SPLITS for _, text in sorted(scored[split]) if text.strip()]
+    if not documents:
+        raise _empty_error(path)
+    return documents
+
+
+def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    if path.is_file():
+        return _from_single_file(path, valid_fraction, test_fraction, seed)
+    documents = _find_file(path, "documents.jsonl")
+    if documents is not None:
+        return _from_documents_jsonl(documents, seed)
+    split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
+    if split_files["train"] is not None and split_files["valid"] is not None:
+        return _from_split_files(split_files, test_fraction, seed)
+    files = _usable_files(path)
+    if not files:
+        raise DataError(
+            f"no usable files in {path}: looked for documents.jsonl(.gz), train.txt(.gz) + valid.txt(.gz), "
+            "or any *.txt, *.txt.gz, *.jsonl, *.jsonl.gz files"
+        )
+    if len(files) == 1:
+        return _from_single_file(files[0], valid_fraction, test_fraction, seed)
+    units = [u for f in files for u in _file_units(f, f.relative_to(path).as_posix(), chunk=False)]
+    return _assign_by_hash(units, valid_fraction, test_fraction, seed)
+
+
+def _from_single_file(file: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    """Layout (d). A JSONL file whose records all name a split is used like layout (a)."""
+    if not _has_suffix(file, TEXT_SUFFIXES + JSONL_SUFFIXES):
+        raise DataError(f"{file} is not a .txt, .txt.gz, .jsonl or .jsonl.gz file; convert it or pass a folder")
+    if _has_suffix(file, JSONL_SUFFIXES) and _names_its_splits(file):
+        return _from_documents_jsonl(file, seed)
+    units = _file_units(file, file.name, chunk=True)
+    return _assign_by_hash(units, valid_fraction, test_fraction, seed)
+
+
+def _names_its_splits(file: Path) -> bool:
+    records = list(_jsonl_records(file))
+    return bool(records) and all(r.get("split") in SPLITS for _, r in records)
+
+
+def _drawn_splits(path: Path) -> list[str]:
+    """The held-out splits `load_corpus` draws by hash for this path (those the data does not give itself)."""
+    if path.is_file():
+        return [] if _has_suffix(path, JSONL_SUFFIXES) and _names_its_splits(path) else ["valid", "test"]
+    if _find_file(path, "documents.jsonl") is not None:
+        return []
+    split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
+    if split_files["train"] is not None and split_files["valid"] is not None:
+        return [] if split_files["test"] is not None else ["test"]
+    files = _usable_files(path)
+    return _drawn_splits(files[0]) if len(files) == 1 else ["valid", "test"]
 
 
 class DataWarning(UserWarning):
@@ -347,41 +408,6 @@ def held_out_mismatch(corpus: Corpus, configured: dict[str, float]) -> str | Non
         "finely; give more documents, a folder with its own train/valid/test files, or other "
         "data.valid_fraction / data.test_fraction"
     )
-
-
-def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> tuple[Scored, list[str]]:
-    """The scored units of each split, and the held-out splits that were drawn by hash (not given by the data)."""
-    both = ["valid", "test"]
-    if path.is_file():
-        return _from_single_file(path, valid_fraction, test_fraction, seed)
-    documents = _find_file(path, "documents.jsonl")
-    if documents is not None:
-        return _from_documents_jsonl(documents, seed), []
-    split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
-    if split_files["train"] is not None and split_files["valid"] is not None:
-        return _from_split_files(split_files, test_fraction, seed), [] if split_files["test"] else ["test"]
-    files = _usable_files(path)
-    if not files:
-        raise DataError(
-            f"no usable files in {path}: looked for documents.jsonl(.gz), train.txt(.gz) + valid.txt(.gz), "
-            "or any *.txt, *.txt.gz, *.jsonl, *.jsonl.gz files"
-        )
-    if len(files) == 1:
-        return _from_single_file(files[0], valid_fraction, test_fraction, seed)
-    units = [u for f in files for u in _file_units(f, f.relative_to(path).as_posix(), chunk=False)]
-    return _assign_by_hash(units, valid_fraction, test_fraction, seed), both
-
-
-def _from_single_file(file: Path, valid_fraction: float, test_fraction: float, seed: int) -> tuple[Scored, list[str]]:
-    """Layout (d). A JSONL file whose records all name a split is used like layout (a)."""
-    if not _has_suffix(file, TEXT_SUFFIXES + JSONL_SUFFIXES):
-        raise DataError(f"{file} is not a .txt, .txt.gz, .jsonl or .jsonl.gz file; convert it or pass a folder")
-    if _has_suffix(file, JSONL_SUFFIXES):
-        records = list(_jsonl_records(file))
-        if records and all(r.get("split") in SPLITS for _, r in records):
-            return _from_documents_jsonl(file, seed), []
-    units = _file_units(file, file.name, chunk=True)
-    return _assign_by_hash(units, valid_fraction, test_fraction, seed), ["valid", "test"]
 
 
 # --- default data --------------------------------------------------------------------------------------------
@@ -421,6 +447,12 @@ def default_corpus(cache_dir: Path) -> Path:
             (staging / f"{name}.txt").write_text(text, encoding="utf-8")
         _publish(staging, target)
     return target
+
+
+def default_ood_text() -> Path:
+    """The built-in out-of-distribution text: the UDHR in German (src/mhmoe/data/texts/README.md), shipped with
+    the package: text the English models never saw, for `mhmoe reproduce english`'s routing analysis."""
+    return Path(__file__).resolve().parent / "texts" / "udhr-de.txt"
 
 
 def _publish(staging: Path, target: Path) -> None:

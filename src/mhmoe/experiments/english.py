@@ -8,6 +8,8 @@ val_curves.png and heatmaps/ in `out`.
 
 from __future__ import annotations
 
+import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import numpy as np
 from mhmoe.analysis.plots import plot_curves
 from mhmoe.analysis.routing import DEFAULT_ACTIVATION_THRESHOLD
 from mhmoe.analysis.runs import analyze_run, load_run
-from mhmoe.data import data_cache_dir, load_corpus, tokenize_corpus
+from mhmoe.data import Corpus, data_cache_dir, load_documents, tokenize_corpus
 from mhmoe.experiments.common import (
     Variant,
     copy_figure,
@@ -69,11 +71,16 @@ def models(cfg: RunConfig) -> list[Variant]:
 
 
 def ood_tokens(path: str, tokenizer: Any) -> dict[str, np.ndarray]:
-    """All text of another corpus (never trained on), tokenized with the run's tokenizer."""
+    """All text of another corpus (never trained on), however small, tokenized with the run's tokenizer."""
     if not path:
         return {}
-    splits = tokenize_corpus(load_corpus(Path(path)), tokenizer, data_cache_dir(), progress=False)
-    return {"ood": np.concatenate([splits["valid"], splits["test"], splits["train"]])}
+    corpus = Corpus(train=[], valid=[], test=load_documents(path), source=str(path))
+    return {"ood": tokenize_corpus(corpus, tokenizer, data_cache_dir(), progress=False)["test"]}
+
+
+def loaded_data(run_dir: Path) -> dict | None:
+    """The record of the data a run used (source, content hash, sizes), from its summary.json."""
+    return json.loads((run_dir / "summary.json").read_text()).get("data")
 
 
 def run(
@@ -104,8 +111,12 @@ def run(
             "val_ppl": result.valid["ppl"],
             "test_ppl": result.test["ppl"],
             "val_loss": result.valid["loss"],
+            "val_tokens": result.valid["tokens"],
+            "test_tokens": result.test["tokens"],
             "tokens_seen": result.tokens_seen,
             "train_seconds": result.train_seconds,
+            "train_cpu_seconds": result.cpu_seconds,
+            "data": loaded_data(run_dir),
             "analysis": analysis.get("valid"),
             "analysis_ood": analysis.get("ood"),
             "curves": {"val_loss": metric_curve(run_dir)},
@@ -116,6 +127,7 @@ def run(
         "task": "english",
         "models": results_by_model,
         "budget": cfg.to_dict(),
+        "data": next(iter(results_by_model.values()))["seeds"][0]["data"],  # every model read the same data
         "ood_data": ood or None,
         "wall_seconds": time.perf_counter() - started,
     }
@@ -144,7 +156,7 @@ def table(results: dict) -> str:
         "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
         "| activation | eff. experts |"
         + (" activation (ood) | eff. experts (ood) |" if ood else "")
-        + " tokens/model | train s |"
+        + " tokens/model | train s (CPU s) |"
     )
     lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
 
@@ -163,14 +175,31 @@ def table(results: dict) -> str:
             f"| {m['params_active'] / 1e6:.2f} M | {m['flops_per_token'] / 1e6:.2f} "
             f"| {fmt(m['val_ppl'], m['val_ppl_std'], n)} | {fmt(m['test_ppl'], m['test_ppl_std'], n)} "
             f"| {pct(m['activation_ratio'])} | {effective_cell(m['effective_experts'], m['effective_fraction'])} |{extra} "
-            f"{m['tokens_seen']:,} | {m['train_seconds']:.0f} |"
+            f"{m['tokens_seen']:,} | {m['train_seconds']:.0f} ({_cpu_seconds(m)}) |"
         )
     seeds = len(next(iter(results["models"].values()))["seeds"])
+    first = next(iter(results["models"].values()))["seeds"][0]
+    scope = (
+        f"perplexity over the first {first['val_tokens']:,} / {first['test_tokens']:,} tokens of the held-out "
+        f"valid / test documents (train.final_eval_batches={results['budget']['train']['final_eval_batches']}; "
+        "`mhmoe eval RUN --max-batches` with that number gives the same values, without it all of each split)"
+        if first.get("test_tokens") and results["budget"]["train"]["final_eval_batches"]
+        else "perplexity over all of the held-out valid / test documents"
+    )
     note = (
-        f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; perplexity on held-out documents; activation = "
+        f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; {scope}; activation = "
         f"share of (layer, expert) cells chosen by more than {DEFAULT_ACTIVATION_THRESHOLD:.0%} of the layer's "
         "(sub-)tokens; eff. experts = exp(entropy of the expert shares), mean over MoE layers (% of E)"
     )
     if ood:
         note += f"; (ood) = measured on {results.get('ood_data')}, text the models never saw"
+    data = results.get("data")
+    if data:
+        note += f"; data: {data['source']} (sha256 {data['sha256'][:12]}…)"
+    note += "; train s: wall time, CPU s: process CPU time of the training steps (steadier on a busy machine)"
     return "\n".join(lines + ["", note + "."])
+
+
+def _cpu_seconds(model: dict) -> str:
+    values = [s["train_cpu_seconds"] for s in model["seeds"] if s.get("train_cpu_seconds") is not None]
+    return f"{statistics.fmean(values):.0f}" if values else "-"

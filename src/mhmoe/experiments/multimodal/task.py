@@ -83,7 +83,8 @@ def data_root(cfg: MaskedRunConfig) -> Path:
     given = cfg.data.path or os.environ.get(DATA_ENV, "")
     if not given:
         raise DataError(
-            f"no multimodal data: pass --data (the data pack root or an image folder with captions.jsonl) or set ${DATA_ENV}"
+            f"no multimodal data: pass --data (the data pack root, e.g. made by `mhmoe data prepare multimodal --out "
+            f"DIR`, or an image folder with captions.jsonl) or set ${DATA_ENV}"
         )
     return Path(given).expanduser()
 
