@@ -97,3 +97,10 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
 def test_reproduce_argument_errors(args, message):
     with pytest.raises(SystemExit, match=message):
         main(["reproduce", "english", *args])
+
+
+def test_one_seed_reports_no_spread():
+    from mhmoe.experiments.common import fmt, mean_std
+
+    assert mean_std([172.7]) == (172.7, None) and fmt(*mean_std([172.7]), seeds=1) == "172.70"
+    assert mean_std([1.0, 3.0]) == (2.0, 2**0.5)

@@ -102,8 +102,9 @@ def run_variants(
 # ------------------------------------------------------------------------------------------------ aggregation
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; no spread (None) from one value."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def model_fields(variant: Variant, cost: Cost) -> dict:

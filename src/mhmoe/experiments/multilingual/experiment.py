@@ -283,7 +283,7 @@ def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     model.update(seed_stats(runs, ("val_bpb", "test_bpb", "val_bpb_pooled", "test_bpb_pooled", "language_mi_bits")))
     model["per_language"] = {}
     for lang in runs[0]["per_language"]:
-        row = {}
+        row: dict[str, float | None] = {}
         for key in ("valid_ppl", "test_ppl", "valid_bpb", "test_bpb"):
             row[key], row[f"{key}_std"] = mean_std([r["per_language"][lang][key] for r in runs])
         model["per_language"][lang] = row
