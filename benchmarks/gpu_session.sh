@@ -6,7 +6,8 @@
 #
 #     bash benchmarks/gpu_session.sh [PARTS]
 #     PARTS: benchmarks: layer train compiled graph (the default: all four)
-#            reproductions: english english-params english-controls multilingual multimodal ablations
+#            reproductions: english english-params english-controls english-heads english-all multilingual
+#                           multimodal ablations
 #
 # One call per part fits a per-command time limit while the machine stays warm; `graph` goes last (a failed
 # CUDA-graph capture can leave the context unusable). Benchmarks: ${OUT:-benchmarks/results}/<gpu>-<date>.json,
@@ -22,7 +23,8 @@ data=${DATA:-.gpu-data}
 parts=${*:-layer train compiled graph}
 for part in $parts; do
     case $part in
-    layer | train | compiled | graph | english | english-params | english-controls | multilingual | multimodal | ablations) ;;
+    layer | train | compiled | graph | english | english-params | english-controls | english-heads | english-all) ;;
+    multilingual | multimodal | ablations) ;;
     *) echo "gpu_session: unknown part '$part'" >&2; exit 2 ;;
     esac
 done
@@ -31,6 +33,7 @@ step() {
     echo "+ $*" >&2
     "$@" || { echo "gpu_session: FAILED (exit $?): $*" >&2; status=1; }
 }
+ood="$data/multilingual/de.test.txt.gz,$data/multilingual/fr.test.txt.gz,$data/multilingual/ru.test.txt.gz"
 name=$(python -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower())")-$(date +%F)
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 for part in $parts; do
@@ -44,13 +47,17 @@ for part in $parts; do
     # the default path and the Triton kernels, the GPU shapes
     graph) step python -m mhmoe bench layer --device cuda --cuda-graph --json "$out/$name-cuda-graph.json" ;;
     # the reproductions: parts of a task share one folder; finished runs are reused, not trained again
-    english) step python -m mhmoe reproduce english --gpu --part core --data "$data/english" --ood-data \
-        "$data/multilingual/de.test.txt.gz,$data/multilingual/fr.test.txt.gz,$data/multilingual/ru.test.txt.gz" \
+    # english-all trains nothing new after the other parts: it tabulates every model with the attribution pairs
+    english) step python -m mhmoe reproduce english --gpu --part core --data "$data/english" --ood-data "$ood" \
         --no-progress --out "$out/reproduce-english-$name" ;;
     english-params) step python -m mhmoe reproduce english --gpu --part params --data "$data/english" \
-        --no-progress --out "$out/reproduce-english-$name" ;;
+        --ood-data "$ood" --no-progress --out "$out/reproduce-english-$name" ;;
     english-controls) step python -m mhmoe reproduce english --gpu --part controls --data "$data/english" \
-        --no-progress --out "$out/reproduce-english-$name" ;;
+        --ood-data "$ood" --no-progress --out "$out/reproduce-english-$name" ;;
+    english-heads) step python -m mhmoe reproduce english --gpu --part heads --data "$data/english" \
+        --ood-data "$ood" --no-progress --out "$out/reproduce-english-$name" ;;
+    english-all) step python -m mhmoe reproduce english --gpu --part all --data "$data/english" \
+        --ood-data "$ood" --no-progress --out "$out/reproduce-english-$name" ;;
     multilingual) step python -m mhmoe reproduce multilingual --gpu --part core --data "$data/multilingual" \
         --no-progress --out "$out/reproduce-multilingual-$name" ;;
     multimodal) step python -m mhmoe reproduce multimodal --gpu --part core --data "$data" \

@@ -5,15 +5,16 @@ import dataclasses
 import json
 
 import pytest
-from conftest import TOY_MODEL, shared_file
+from conftest import TOY_MODEL, data_pack, pack_sample
 
 from mhmoe import cli
 from mhmoe.cli import main
 from mhmoe.experiments import ablations, common, english
+from mhmoe.experiments import multilingual as multilingual_experiment
 from mhmoe.experiments import multimodal as multimodal_experiment
 from mhmoe.models.gpt import gpt_cost
 
-SHARED = shared_file()
+SHARED = pack_sample()
 
 
 def _costs(only=None):
@@ -84,6 +85,13 @@ def test_dry_run_prints_the_plan_and_counts_finished_runs(tmp_path, capsys):
     assert not out.joinpath("results.json").exists()  # nothing trained
 
 
+def test_dry_run_without_gpu_estimates_at_the_measured_cpu_rate(tmp_path, capsys):
+    assert main(["reproduce", "english", "--quick", "--dry-run", "--out", str(tmp_path / "q")]) == 0
+    assert "assuming 0.03 TFLOP/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--assume-tflops must be a positive rate.*got 0.0"):
+        main(["reproduce", "english", "--quick", "--dry-run", "--assume-tflops", "0"])
+
+
 def test_plan_estimate_is_the_flops_at_the_stated_rate(tmp_path):
     model = common.PlannedModel("m", 10, flops_per_token=10**6, steps=1, train_tokens=10**9, eval_tokens=10**9)
     assume = common.Assumptions(tflops=1.0, run_overhead_s=2.0, fixed_s=5.0)
@@ -95,8 +103,8 @@ def test_plan_estimate_is_the_flops_at_the_stated_rate(tmp_path):
 @pytest.mark.parametrize(
     "task,choices",
     [
-        ("english", [dict(part=p) for p in ("core", "params", "controls")]),
-        ("multimodal", [dict(part=p) for p in ("core", "params", "controls")]),
+        ("english", [dict(part=p) for p in ("core", "params", "controls", "heads")]),
+        ("multimodal", [dict(part=p) for p in ("core", "params", "controls", "heads")]),
         ("ablations", [dict(only=[s]) for s in ("heads", "head_merge", "depth", "experts")]),
     ],
 )
@@ -108,6 +116,16 @@ def test_each_gpu_part_fits_six_minutes_at_the_stated_assumptions(task, choices,
         total = common.Assumptions().fixed_s + seeds * sum(common.Assumptions().seconds(m) for m in planned)
         assert total <= 360, (task, choice, total)
         assert all(m.steps >= 200 for m in planned)
+
+
+@pytest.mark.data_pack
+def test_each_multilingual_gpu_part_fits_six_minutes_on_the_pack():
+    """Multilingual evaluates and analyses every language of the data on its own: its plan needs the corpus."""
+    data = str(data_pack("multilingual"))
+    for part in ("core", "params", "controls", "heads"):
+        planned = multilingual_experiment.plan(gpu=True, part=part, data=data)
+        total = common.Assumptions().fixed_s + 5 * sum(common.Assumptions().seconds(m) for m in planned)
+        assert total <= 360, (part, total)
 
 
 def test_reproduce_refuses_options_of_other_tasks():

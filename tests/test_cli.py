@@ -185,7 +185,7 @@ def test_the_prepared_gpu_session_runs_valid_commands():
     script = (Path(__file__).parents[1] / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", " ")
     lines = [line.split("step ", 1)[1].split(";;")[0] for line in script.splitlines() if "step python -m mhmoe" in line]
     commands = [shlex.split(line) for line in lines]
-    assert len(commands) == 10
+    assert len(commands) == 12
     for command in commands:
         args = build_parser().parse_args(command[3:])  # after "python -m mhmoe"
         if args.verb == "reproduce":

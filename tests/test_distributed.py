@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_file
+from conftest import pack_sample
 from distributed_workers import (
     crash_during_save_job,
     dying_job,
@@ -102,7 +102,7 @@ def test_layers_four_processes_and_balance_across_layouts(tmp_path):
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
-    text = gzip.open(shared_file("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:120_000]
+    text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:120_000]
     folder = tmp_path / "corpus"
     folder.mkdir()
     for i in range(12):
@@ -214,12 +214,12 @@ def test_masked_multimodal_training_on_two_processes_equals_one(tmp_path, monkey
     as one process on the same global batch, and resume from a distributed checkpoint exactly."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("MHMOE_CACHE", str(cache))
-    text = gzip.open(shared_file("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:60_000]
+    text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:60_000]
     corpus = tmp_path / "text"
     corpus.mkdir()
     for i in range(6):
         (corpus / f"{i}.txt").write_text(text[i * 10_000 : (i + 1) * 10_000])
-    data, ep2, single = str(shared_file()), tmp_path / "ep2", tmp_path / "single"
+    data, ep2, single = str(pack_sample()), tmp_path / "ep2", tmp_path / "single"
     parallel = ["parallel.expert=2", "parallel.balance=global"]
     launch(
         masked_train_job, 2, tmp_path, 240, data, str(corpus), str(cache), str(ep2), ["train.batch_size=2", *parallel]

@@ -4,14 +4,14 @@ import gzip
 import json
 
 import pytest
-from conftest import TOY_MODEL, shared_file
+from conftest import TOY_MODEL, pack_sample
 
 from mhmoe.cli import main
 from mhmoe.experiments.english import base as english_base
 from mhmoe.experiments.english import models as english_variants
 from mhmoe.models.gpt import gpt_cost
 
-SHARED = shared_file()
+SHARED = pack_sample()
 TOY = [
     *TOY_MODEL,
     "train.max_steps=4",
@@ -44,13 +44,6 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     text = gzip.open(SHARED / "english" / "valid.txt.gz", "rt").read()[:40_000]
     for i in range(8):
         (corpus / f"{i}.txt").write_text(text[i * 5000 : (i + 1) * 5000])
-    ood = tmp_path / "ood"
-    ood.mkdir()
-    german = gzip.open(SHARED / "multilingual" / "de.valid.txt.gz", "rt").read()[:30_000]
-    for i in range(3):
-        (ood / f"de{i}.txt").write_text(german[i * 10_000 : (i + 1) * 10_000])
-    small = tmp_path / "fr.txt"  # one short document: used whole, never split
-    small.write_text(gzip.open(SHARED / "multilingual" / "fr.valid.txt.gz", "rt").read()[:3_000])
     args = [
         "reproduce",
         "english",
@@ -61,10 +54,6 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
         str(tmp_path / "out"),
         "--data",
         str(corpus),
-        "--ood-data",
-        str(ood),
-        "--ood-data",
-        str(small),
         "--no-progress",
     ]
     for item in TOY:
@@ -74,7 +63,7 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["task"] == "english"
     assert set(results["models"]) == {"dense", "smoe", "xmoe", "mhmoe_flops"}
-    assert set(results["ood_data"]) == {"ood", "fr"}
+    assert set(results["ood_data"]) == {"udhr-de"}
     keys = {
         "matching",
         "params_total",
@@ -96,7 +85,11 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
             assert 0 < model["activation_ratio"] <= 1 and 1 <= model["effective_experts"] <= model["num_experts"]
             assert model["activation_ratio_ood"] is not None
     table = (out / "results.md").read_text()
-    assert "± " in table and "mhmoe_flops" in table and "| mhmoe_flops | ood |" in table  # a routing row per corpus
+    assert "± " in table and "mhmoe_flops" in table and "| mhmoe_flops | udhr-de |" in table  # a routing row per corpus
+    assert results["ood_data"]["udhr-de"].endswith("udhr-de.txt")  # the built-in German text, without --ood-data
+    assert results["data"]["source"] == str(corpus) and len(results["data"]["sha256"]) == 64
+    assert "perplexity over the first 128 / 128 tokens of the held-out valid / test documents" in table
+    assert f"data: {corpus} (sha256 {results['data']['sha256'][:12]}" in table
     assert "Paired per-seed differences" in table
     paired = results["paired"]["val_loss"]
     assert paired["mhmoe_flops"]["baseline"] in ("smoe", "xmoe") and paired["mhmoe_flops"]["vs_dense"]["seeds"] == 2
@@ -107,9 +100,52 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     assert (out / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "heatmaps" / "mhmoe_flops.png").exists()
     assert "mhmoe_flops" in capsys.readouterr().out
+    # --tables-only: the statistics and tables again from results.json, nothing trained
+    (out / "results.md").write_text("stale")
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    assert main(["reproduce", "english", "--tables-only", "--out", str(out)]) == 0
+    assert (out / "results.md").read_text() == table  # the same statistics from the same per-seed values
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamp
+    assert "nothing trained" in capsys.readouterr().out
+
+
+def test_tables_only_needs_a_finished_reproduction(tmp_path, capsys):
+    assert main(["reproduce", "english", "--tables-only", "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path} holds no results.json" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["reproduce", "english", "--tables-only", "--out", str(tmp_path)]) == 2
+    assert "is not a reproduction's results" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [(["--seeds", "0"], "--seeds must be >= 1")])
 def test_reproduce_argument_errors(args, message):
     with pytest.raises(SystemExit, match=message):
         main(["reproduce", "english", *args])
+
+
+def test_one_seed_reports_no_spread():
+    from mhmoe.experiments.common import fmt, mean_std
+
+    assert mean_std([172.7]) == (172.7, None) and fmt(*mean_std([172.7]), seeds=1) == "172.70"
+    assert mean_std([1.0, 3.0]) == (2.0, 2**0.5)
+
+
+def test_out_of_distribution_corpora_are_named_and_read_whole(tmp_path, monkeypatch):
+    from mhmoe.data import ByteTokenizer
+    from mhmoe.errors import DataError
+    from mhmoe.experiments.english import ood_corpora, ood_tokens
+
+    monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
+    small = tmp_path / "fr.test.txt"  # one short document: load_corpus could not split it, it is used whole
+    small.write_text("Déclaration universelle des droits de l'homme.")
+    folder = tmp_path / "de"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text(f"Dokument {i}.")
+    corpora = ood_corpora([f"{small},{folder}", f"other={small}"])
+    assert corpora == {"fr": small, "de": folder, "other": small}
+    tokens = ood_tokens(corpora, ByteTokenizer())
+    assert len(tokens["fr"]) == len(small.read_bytes()) + 1  # every byte and one end of text
+    assert len(tokens["de"]) == 3 * (len("Dokument 0.") + 1)
+    with pytest.raises(DataError, match="two out-of-distribution corpora are named 'fr'"):
+        ood_corpora([str(small), str(small)])

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import ffn_config, shared_file  # noqa: E402
+from conftest import ffn_config, pack_sample  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mhmoe.analysis.runs import load_run  # noqa: E402
@@ -259,7 +259,7 @@ def run_dirs(tmp_path, monkeypatch):
     from mhmoe.train.lm import train
 
     monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
-    text = gzip.open(shared_file("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:40_000]
+    text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:40_000]
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(4):
@@ -319,3 +319,51 @@ def test_encoder_attention_takes_no_cache():
     attn = Attention(16, 2, causal=False)
     with pytest.raises(ValueError, match="causal"):
         attn(torch.randn(1, 3, 16), cache=KVCache())
+
+
+STANDALONE = """
+import json, sys
+sys.modules["mhmoe"] = None  # as where mhmoe is not installed: `import mhmoe` fails
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, idx = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+assert not any(name == "mhmoe" or name.startswith("mhmoe.") for name in sys.modules if sys.modules[name])
+try:
+    AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, use_safetensors=False)
+    print("pickle allowed")
+except ValueError as e:
+    assert "safetensors weights only" in str(e)
+text = AutoTokenizer.from_pretrained(folder, trust_remote_code=True).decode(model.generate(idx[:1, :3], max_new_tokens=4, do_sample=False)[0])
+print(json.dumps({"logits": model(idx).logits.tolist(), "type": type(model).__module__, "text": text}))
+"""
+
+
+def test_exported_folder_loads_without_mhmoe(run_dirs, tmp_path):
+    """The exported folder carries its model code: plain transformers + torch load it with trust_remote_code."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    hf_dir = tmp_path / "hf"
+    assert main(["export-hf", str(run_dirs["bpe"]), str(hf_dir)]) == 0
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mhmoe.MHMoEForCausalLM"
+    imports_mhmoe = re.compile(r"^\s*(from|import)\s+mhmoe\b", re.M)
+    assert not [f for f in hf_dir.glob("*.py") if imports_mhmoe.search(f.read_text())]
+    _, model, _, _ = _read_run(run_dirs["bpe"])
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONNOUSERSITE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", STANDALONE, str(hf_dir), json.dumps(idx.tolist())],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), result.stdout[-2000:]
+    out = json.loads(lines[-1])
+    assert lines[:-1] == [] and out["type"].startswith("transformers_modules.")
+    torch.testing.assert_close(torch.tensor(out["logits"]), model(idx).logits, rtol=1e-5, atol=1e-5)

@@ -72,3 +72,31 @@ def test_overfits_one_batch(kind):
         opt.zero_grad()
         first = first if first is not None else out.loss.item()
     assert out.loss.item() < 0.1 * first, (first, out.loss.item())
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    from mhmoe.models.gpt import pick_token
+
+    # probabilities 0.2, 0.5, 0.3 (in a shuffled order): top_p=0.6 keeps {1, 2}; 0.5 keeps {1}; 1.0 keeps all
+    logits = torch.tensor([[0.2, 0.5, 0.3]]).log().repeat(2000, 1)
+    generator = torch.Generator().manual_seed(0)
+
+    def counts(top_p, top_k=None):
+        ids = pick_token(logits, 1.0, top_k, generator, top_p).flatten()
+        return torch.bincount(ids, minlength=3).tolist()
+
+    assert counts(top_p=0.5) == [0, 2000, 0]
+    kept = counts(top_p=0.6)
+    assert kept[0] == 0 and kept[1] > 1000 and kept[2] > 600  # renormalised: 5/8 and 3/8
+    assert all(c > 300 for c in counts(top_p=1.0))
+    assert counts(top_p=0.99, top_k=2)[0] == 0  # top-k first, then top-p over what is left
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="top_p must be in"):
+            pick_token(logits, 1.0, None, generator, top_p=bad)
+
+
+def test_generate_takes_top_p():
+    model = GPT(GPTConfig(vocab_size=32, seq_len=16, d_model=16, n_layers=1, n_heads=2)).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    tiny_p = model.generate(prompt, 5, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(tiny_p, model.generate(prompt, 5))  # a nucleus of one token is greedy decoding

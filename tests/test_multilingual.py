@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import TOY_MODEL, shared_file
+from conftest import TOY_MODEL, data_pack, pack_sample
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,7 +46,7 @@ from mhmoe.models.gpt import GPT
 from mhmoe.train.config import apply_overrides, preset
 from mhmoe.train.lm import train
 
-MULTILINGUAL = shared_file("multilingual")
+MULTILINGUAL = pack_sample("multilingual")
 
 
 @pytest.fixture(autouse=True)
@@ -165,8 +165,9 @@ def test_layout_errors_name_the_problem(tmp_path, files, message):
         load_multilingual(tmp_path / "data")
 
 
+@pytest.mark.data_pack
 def test_the_offline_pack_loads_with_every_language():
-    corpus = load_multilingual(MULTILINGUAL)
+    corpus = load_multilingual(data_pack("multilingual"))
     assert len(corpus.languages) >= 12 and "udhr.jsonl.gz" in corpus.ignored
     assert corpus.languages["de"].valid[0][:200] in pack_text("de")
 

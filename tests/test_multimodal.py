@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ffn_config, shared_file
+from conftest import data_pack, ffn_config, pack_sample
 
 from mhmoe.errors import ConfigError, DataError
 from mhmoe.experiments.multimodal.analysis import patch_divergence_maps
@@ -80,8 +80,9 @@ def test_mask_errors():
 # ------------------------------------------------------------------------------------------------ sources
 
 
+@pytest.mark.data_pack
 def test_emoji_images_get_their_own_captions():
-    folder = shared_file("images", "captions")
+    folder = data_pack("images", "captions")
     source = load_emoji(folder)
     records = [json.loads(line) for line in gzip.open(folder / "emoji_captions.jsonl.gz", "rt", encoding="utf-8")]
     images = np.load(folder / "emoji_32.npz")["images"]
@@ -101,8 +102,9 @@ def test_emoji_images_get_their_own_captions():
     np.testing.assert_array_equal(load_emoji(folder).splits, source.splits)  # by hash: the same every time
 
 
+@pytest.mark.data_pack
 def test_fashion_mnist_loader_on_the_real_files():
-    folder = shared_file("images", "fashion-mnist")
+    folder = data_pack("images", "fashion-mnist")
     source = load_fashion_mnist(folder, limit=300)
     classes = json.loads((folder / "classes.json").read_text())
     raw = read_idx(folder / "train-images-idx3-ubyte.gz")
@@ -469,7 +471,7 @@ def test_config_errors(monkeypatch):
 
 @pytest.fixture
 def small_text(tmp_path) -> Path:
-    text = gzip.open(shared_file("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:60_000]
+    text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:60_000]
     folder = tmp_path / "text"
     folder.mkdir()
     for i in range(6):
@@ -479,7 +481,7 @@ def small_text(tmp_path) -> Path:
 
 def test_training_resumes_exactly(tmp_path, monkeypatch, small_text):
     monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
-    overrides = [f"data.path={shared_file()}", f"data.text={small_text}", "data.fashion_limit=100"]
+    overrides = [f"data.path={pack_sample()}", f"data.text={small_text}", "data.fashion_limit=100"]
     straight = apply_masked_overrides(masked_preset("tiny"), overrides + ["train.max_steps=4"])
     first = train_masked(straight, tmp_path / "straight", progress=False)
     half = apply_masked_overrides(masked_preset("tiny"), overrides + ["train.max_steps=2", "train.checkpoint_every=2"])
@@ -503,7 +505,7 @@ def test_reproduce_multimodal_end_to_end(tmp_path, monkeypatch, capsys, small_te
            "model.codebook_size=16", "model.ffn.hidden=64", "model.ffn.moe.expert_hidden=64", "model.ffn.moe.num_experts=4",
            "train.batch_size=4", "train.max_steps=4", "train.eval_every=4", "train.eval_batches=2", "train.threads=1",
            "train.final_eval_batches=2", "analysis.snapshots=3", "analysis.display_images=2", "analysis.max_batches=2"]  # fmt: skip
-    args = ["reproduce", "multimodal", "--quick", "--part", "params", "--out", str(out), "--data", str(shared_file())]
+    args = ["reproduce", "multimodal", "--quick", "--part", "params", "--out", str(out), "--data", str(pack_sample())]
     args += ["--no-progress"]
     assert main(args + [item for kv in toy for item in ("--set", kv)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -526,5 +528,28 @@ def test_reproduce_multimodal_end_to_end(tmp_path, monkeypatch, capsys, small_te
     assert results["models"]["xmoe"]["routing_agreement"]["step 4"] == 1.0
     assert (out / "divergence" / "mhmoe_params.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "val_curves.png").exists() and (out / "val_curves_patches.png").exists()
-    assert "pair ppl" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "pair ppl" in table and "| model | step 0 | step 2 | step 4 |" in table
+    settling = table.split("Vision routing settling")[1]
+    row = next(line for line in settling.splitlines() if line.startswith("| xmoe |"))
+    assert row.split(" | ")[-1].startswith("1.00 (")  # the last snapshot agrees with itself
     assert "mhmoe_params" in capsys.readouterr().out
+
+
+def test_emoji_and_fashion_loaders_on_the_pack_sample():
+    """The loaders on the committed sample of the pack (the whole pack: the two data_pack tests above)."""
+    folder = pack_sample("images", "captions")
+    source = load_emoji(folder)
+    records = [json.loads(line) for line in gzip.open(folder / "emoji_captions.jsonl.gz", "rt", encoding="utf-8")]
+    assert source.images.shape == (len(records), 32, 32, 3) == (64, 32, 32, 3)
+    assert source.captions[0] == list(records[0]["captions"].values())
+    assert load_emoji(folder, languages=["en"]).captions[0] == ["1st place medal"]
+    fashion = pack_sample("images", "fashion-mnist")
+    classes = json.loads((fashion / "classes.json").read_text())
+    labels = read_idx(fashion / "train-labels-idx1-ubyte.gz")
+    loaded = load_fashion_mnist(fashion, limit=50)
+    assert loaded.images.shape == (100, 32, 32, 3)
+    np.testing.assert_array_equal(
+        loaded.images[:50, 2:30, 2:30, 1], read_idx(fashion / "train-images-idx3-ubyte.gz")[:50]
+    )
+    assert all(classes[labels[i]].lower() in loaded.captions[i][0] for i in range(50))

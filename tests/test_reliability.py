@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_file
+from conftest import pack_sample
 from safetensors.torch import load_file
 
 import mhmoe
@@ -65,7 +65,7 @@ def _keep_torch_threads():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    text = gzip.open(shared_file("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:120_000]
+    text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:120_000]
     folder = tmp_path_factory.mktemp("corpus")
     for i in range(12):
         (folder / f"doc{i:02d}.txt").write_text(text[i * 10_000 : (i + 1) * 10_000])

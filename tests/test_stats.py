@@ -5,7 +5,7 @@ import math
 import pytest
 
 from mhmoe.analysis.stats import paired_difference, seeds_to_resolve, t_cdf, t_quantile
-from mhmoe.experiments.common import paired_table
+from mhmoe.experiments.common import paired_markdown, paired_table
 
 # two-sided 95% critical values of Student's t (statistical tables)
 T975 = {1: 12.7062047, 2: 4.30265273, 4: 2.77644511, 9: 2.26215716, 30: 2.04227246, 1000: 1.96233908}
@@ -57,3 +57,42 @@ def test_paired_table_compares_with_dense_and_the_best_baseline():
     assert table["mhmoe_flops"]["vs_baseline"]["mean"] == pytest.approx(-0.1)
     assert table["mhmoe_flops"]["vs_dense"]["sign_holds"] == 3 and table["mhmoe_flops"]["vs_dense"]["resolved"]
     assert "vs_dense" not in table["dense"] and "vs_baseline" not in table["xmoe"]
+
+
+def test_seeds_for_plans_the_next_run_from_the_observed_spread():
+    d = paired_difference([5.00, 5.05, 4.98, 5.10], [5.02, 5.00, 5.01, 5.04])
+    sd = math.sqrt(sum((v - d.mean) ** 2 for v in (-0.02, 0.05, -0.03, 0.06)) / 3)
+    assert d.sd == pytest.approx(sd)
+    assert d.seeds_for(3.0) == seeds_to_resolve(sd, math.log(1.03)) == d.to_dict()["seeds_for_3pct"]
+    assert paired_difference([1.0], [2.0]).seeds_for(3.0) is None  # one seed: the spread is unknown
+
+
+def test_paired_markdown_states_the_interval_sign_count_and_seeds_needed():
+    def model(losses):
+        return {"seeds": [{"seed": s, "val_loss": v} for s, v in enumerate(losses)]}
+
+    table = paired_table({"dense": model([5.0, 5.1, 5.2]), "xmoe": model([4.8, 4.9, 5.05])}, "val_loss")
+    text = paired_markdown(table, "val ppl")
+    row = next(line for line in text.splitlines() if line.startswith("| xmoe |"))
+    expected = table["xmoe"]["vs_dense"]
+    assert f"{expected['mean_pct']:+.1f}%" in row and "(3/3)" in row and "**resolved**" in row
+    assert row.endswith(f"| {expected['seeds_for_3pct']}, - |")  # no baseline other than itself
+
+
+def test_attribution_pairs_each_control_with_the_model_it_differs_from_in_one_thing():
+    from mhmoe.experiments.common import attribution_markdown, attribution_table
+
+    def model(losses):
+        return {"seeds": [{"seed": s, "val_loss": v} for s, v in enumerate(losses)]}
+
+    models = {"smoe": model([5.0, 5.1, 5.0]), "mhmoe_flops_softmax": model([4.9, 5.0, 4.92]),
+              "mhmoe_h1": model([4.95, 5.02, 4.97]), "dense": model([5.2, 5.2, 5.2])}  # fmt: skip
+    rows = attribution_table(models, "val_loss")
+    assert [(r["model"], r["control"]) for r in rows] == [
+        ("mhmoe_flops_softmax", "smoe"),
+        ("mhmoe_flops_softmax", "mhmoe_h1"),
+    ]  # pairs with a model that did not run (smoe_fine, mhmoe_nohm, mhmoe_flops, xmoe) are left out
+    assert rows[1]["difference"]["mean"] == pytest.approx((-0.05 - 0.02 - 0.05) / 3)
+    text = attribution_markdown(rows, "val ppl")
+    assert "| mhmoe_flops_softmax − mhmoe_h1 | splitting into 4 heads, given the head and merge layers |" in text
+    assert attribution_markdown([], "val ppl") == ""

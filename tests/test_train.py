@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_file
+from conftest import pack_sample
 from safetensors.torch import load_file
 
 from mhmoe.cli import main
@@ -21,7 +21,7 @@ from mhmoe.train.config import apply_overrides, preset
 from mhmoe.train.lm import train
 from mhmoe.train.loop import TrainingError, lr_at
 
-ENGLISH = shared_file("english", "valid.txt.gz")
+ENGLISH = pack_sample("english", "valid.txt.gz")
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
-    """~100 KB of real English prose in 12 documents (from the offline data pack)."""
+    """~100 KB of real English prose in 12 documents (from the sample of the offline data pack)."""
     text = gzip.open(ENGLISH, "rt", encoding="utf-8").read()[:120_000]
     folder = tmp_path / "corpus"
     folder.mkdir()

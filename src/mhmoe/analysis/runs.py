@@ -14,8 +14,9 @@ import torch
 
 from mhmoe.analysis.plots import plot_activation_heatmap, plot_divergence_histogram, plot_head_usage
 from mhmoe.analysis.routing import LayerRouting, expert_shares, head_usage, subtoken_divergence, summarize
-from mhmoe.data import eval_batches
+from mhmoe.data import eval_batches, load_tokenizer
 from mhmoe.data.multilingual import bits_per_byte, languages_of, split_key, target_bytes, token_byte_lengths
+from mhmoe.errors import DataError
 from mhmoe.io import notice, write_json
 from mhmoe.layers.moe import MoELayer
 from mhmoe.models.gpt import GPT
@@ -27,6 +28,9 @@ from mhmoe.train.loop import autocast_for, resolve_device
 
 @dataclass
 class LoadedRun:
+    """A run read back: its configuration, the model at the latest checkpoint (in eval mode, on the run's
+    device), its tokenizer, the tokenized splits ({} when loaded with data=False) and the checkpoint's step."""
+
     cfg: RunConfig
     model: GPT
     tokenizer: Any
@@ -35,32 +39,52 @@ class LoadedRun:
     step: int
 
 
-def load_run(run_dir: Path, progress: bool = False) -> LoadedRun:
-    """The model of a run directory at its latest checkpoint, with its tokenizer and data. The held-out splits
-    must be the ones it was trained with (by sha256, `check_data`); a run whose checkpoint recorded no digests
-    (older mhmoe) gets a line saying they could not be checked."""
+def load_run(run_dir: str | Path, progress: bool = False, data: bool = True) -> LoadedRun:
+    """The model of a run directory at its latest checkpoint, with its tokenizer and (data=True) its tokenized
+    splits; `mhmoe.load_run`. The held-out splits must be the ones it was trained with (by sha256, `check_data`);
+    a run whose checkpoint recorded no digests (older mhmoe) gets a line saying they could not be checked.
+    data=False needs only the run folder (enough for `model.generate`):
+
+        run = mhmoe.load_run("runs/mine", data=False)
+        ids = torch.tensor([run.tokenizer.encode("To be")], device=run.device)
+        print(run.tokenizer.decode(run.model.generate(ids, 20, temperature=0.8, top_p=0.9)[0].tolist()))
+    """
+    run_dir = Path(run_dir)
     config, checkpoint = run_checkpoint(run_dir)
     cfg = RunConfig.from_dict(config)
     device = resolve_device(cfg.train.device)
-    tokenizer, splits = prepare_data(cfg, run_dir, progress)
     state = read_json(checkpoint / "state.json", "trainer state")
-    held_out = sorted(name for name in splits if not name.startswith("train"))
-    if not check_data(state.get("data_sha256"), splits, held_out, data_path(cfg)):
-        notice(f"{checkpoint} records no digest of its data (older mhmoe): the held-out data was not checked")
+    if data:
+        tokenizer, splits, _ = prepare_data(cfg, run_dir, progress)
+        held_out = sorted(name for name in splits if not name.startswith("train"))
+        if not check_data(state.get("data_sha256"), splits, held_out, data_path(cfg)):
+            notice(f"{checkpoint} records no digest of its data (older mhmoe): the held-out data was not checked")
+    else:
+        tokenizer, splits = saved_tokenizer(cfg, run_dir), {}
     model = GPT(cfg.model)
     load_model_weights(checkpoint, model)
     return LoadedRun(cfg, model.to(device).eval(), tokenizer, splits, device, state["step"])
 
 
-def eval_run(run_dir: Path) -> dict:
-    """Loss and perplexity on the valid and test splits; for a multilingual run also per language ("languages")
-    and averaged over languages ("language_average"), with bits per byte."""
-    run = load_run(run_dir)
-    results: dict[str, Any] = {"step": run.step}
+def saved_tokenizer(cfg: RunConfig, run_dir: Path) -> Any:
+    """The run's tokenizer without its data: tokenizer.json in the run, or the one data.tokenizer names."""
+    if (run_dir / "tokenizer.json").exists():
+        return load_tokenizer(run_dir / "tokenizer.json")
+    if cfg.data.tokenizer == "bpe":
+        raise DataError(f"{run_dir} has no tokenizer.json (its BPE tokenizer is made when it starts training)")
+    return load_tokenizer(cfg.data.tokenizer)
+
+
+def eval_run(run_dir: Path, max_batches: int = 0, progress: bool = False) -> dict:
+    """Loss and perplexity on the valid and test splits (`mhmoe.train.lm.evaluate`: all of each split, or its first
+    `max_batches` batches, as train.final_eval_batches does in training); for a multilingual run also per
+    language ("languages") and averaged over languages ("language_average"), with bits per byte."""
+    run = load_run(run_dir, progress=progress)
+    results: dict[str, Any] = {"step": run.step, "max_batches": max_batches}
     for split in ("valid", "test"):
-        results[split] = evaluate(run.model, run.splits[split], run.cfg, run.device)
+        results[split] = evaluate(run.model, run.splits[split], run.cfg, run.device, max_batches, progress, split)
     if run.cfg.data.multilingual:
-        results["languages"] = evaluate_languages(run)
+        results["languages"] = evaluate_languages(run, max_batches)
         results["language_average"] = language_averages(results["languages"])
     return results
 
@@ -107,6 +131,20 @@ def language_averages(per_language: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+RELATIVE_SHARE_MAX = 3.0  # the top of every routing heat map's colour scale (3 × the uniform share; more saturates)
+RELATIVE_SHARE_LABEL = "expert share × E (1 = uniform)"
+
+
+def model_label(run_dir: Path, cfg: RunConfig) -> str:
+    """The name of a run's model for figure titles: its folder and its MoE layer, e.g.
+    "mhmoe_flops-seed0 (mhmoe, 12 experts, top-2, H=4)"."""
+    ffn = cfg.model.ffn
+    if ffn.kind == "dense":
+        return f"{Path(run_dir).name} (dense)"
+    heads = f", H={ffn.moe.num_heads}" if ffn.kind == "mhmoe" else ""
+    return f"{Path(run_dir).name} ({ffn.kind}, {ffn.moe.num_experts} experts, top-{ffn.moe.top_k}{heads})"
+
+
 @torch.no_grad()
 def collect_routing(run: LoadedRun, tokens: np.ndarray, max_batches: int = 20) -> list:
     """Per MoE layer, the routing of every (sub-)token in the first `max_batches` held-out batches."""
@@ -131,27 +169,37 @@ def analyze_run(
     run: LoadedRun | None = None,
 ) -> dict:
     """Routing metrics and plots on held-out text: the run's validation split, plus `other` named
-    token arrays (e.g. another genre or language, tokenized with the run's tokenizer)."""
+    token arrays (e.g. another genre or language, tokenized with the run's tokenizer; the name labels its plots).
+
+    Heat maps show each expert's share × E (1 = the uniform share 1/E) on one fixed colour scale, 0 to
+    RELATIVE_SHARE_MAX, so that the heat maps of models with different expert counts compare by eye."""
     run = run or load_run(run_dir)
     out_dir = out_dir or run_dir / "analysis"
     if not run.model.moe_layers():
         return {"step": run.step, "note": "dense model: no routing to analyse"}
     report: dict = {"step": run.step}
+    model = model_label(run_dir, run.cfg)
     for name, tokens in {"valid": run.splits["valid"], **(other or {})}.items():
         layers = collect_routing(run, tokens, max_batches)
-        shares = np.stack([expert_shares(layer) for layer in layers])
+        relative = np.stack([expert_shares(layer) * layer.num_experts for layer in layers])
         names = [layer.name for layer in layers]
         report[name] = summarize(layers)
-        plot_activation_heatmap(shares, out_dir / f"heatmap-{name}.png", f"expert share per layer ({name})", names)
+        text = "validation split" if name == "valid" else name
+        plot_activation_heatmap(relative, out_dir / f"heatmap-{name}.png", f"{model}: expert share per layer, {text}",
+                                names, RELATIVE_SHARE_LABEL, vmax=RELATIVE_SHARE_MAX)  # fmt: skip
         if layers[0].num_heads > 1:
             plot_head_usage(
-                head_usage(layers[-1]),
+                head_usage(layers[-1]) * layers[-1].num_experts,
                 out_dir / f"head-usage-{name}.png",
-                f"expert share per MH-MoE head, {names[-1]} ({name})",
+                f"{model}: expert share per MH-MoE head, {names[-1]}, {text}",
+                RELATIVE_SHARE_LABEL,
+                vmax=RELATIVE_SHARE_MAX,
             )
             divergence = {n: subtoken_divergence(layer) for n, layer in zip(names, layers)}
             plot_divergence_histogram(
-                divergence, out_dir / f"divergence-{name}.png", f"distinct experts per token's sub-tokens ({name})"
+                divergence,
+                out_dir / f"divergence-{name}.png",
+                f"{model}: distinct experts per token's sub-tokens, {text}",
             )
     write_json(out_dir / "analysis.json", report)
     return report

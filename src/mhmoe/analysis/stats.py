@@ -22,6 +22,12 @@ class PairedDifference:
     high: float | None
     sign_holds: int  # seeds whose d_s has the sign of the mean
     resolved: bool  # the interval excludes 0
+    sd: float | None = None  # standard deviation of d_s over the seeds; None with one seed
+
+    def seeds_for(self, effect_pct: float) -> int | None:
+        """The seeds whose interval would resolve a difference of `effect_pct` percent at this spread (the
+        planning figure for the next run); None with one seed, where the spread is unknown."""
+        return None if self.sd is None else seeds_to_resolve(self.sd, math.log1p(effect_pct / 100))
 
     def percent(self, value: float | None) -> float | None:
         """A log ratio as a percentage change (100 · (exp(value) − 1))."""
@@ -30,6 +36,7 @@ class PairedDifference:
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(mean_pct=self.percent(self.mean), low_pct=self.percent(self.low), high_pct=self.percent(self.high))
+        out.update(seeds_for_3pct=self.seeds_for(3.0))
         return out
 
 
@@ -45,7 +52,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> PairedDifferenc
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in d) / (n - 1))
     half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
     low, high = mean - half, mean + half
-    return PairedDifference(n, mean, low, high, sign_holds, low > 0 or high < 0)
+    return PairedDifference(n, mean, low, high, sign_holds, low > 0 or high < 0, sd)
 
 
 def seeds_to_resolve(sd: float, effect: float, confidence: float = 0.975, at_least: int = 2) -> int:

@@ -9,8 +9,8 @@
 Optional packages (`tokenizers` for BPE, `tqdm` for progress bars) are imported only when used.
 """
 
-from mhmoe.data.corpus import Corpus, data_cache_dir, default_corpus, load_corpus, load_documents
-from mhmoe.data.dataset import BatchSampler, eval_batches, tokenize_corpus
+from mhmoe.data.corpus import Corpus, data_cache_dir, default_corpus, default_ood_text, load_corpus, load_documents
+from mhmoe.data.dataset import BatchSampler, eval_batch_count, eval_batches, tokenize_corpus
 from mhmoe.data.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "Tokenizer",
     "data_cache_dir",
     "default_corpus",
+    "default_ood_text",
+    "eval_batch_count",
     "eval_batches",
     "load_corpus",
     "load_documents",

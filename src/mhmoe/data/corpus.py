@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,7 +328,12 @@ def load_corpus(
     if not any(text.strip() for split in SPLITS for _, text in scored[split]):
         raise _empty_error(path)
     splits = _fill_empty_splits(scored, path)
-    return Corpus(splits["train"], splits["valid"], splits["test"], source=str(path))
+    corpus = Corpus(splits["train"], splits["valid"], splits["test"], source=str(path))
+    configured = {"valid": valid_fraction, "test": test_fraction}
+    message = held_out_mismatch(corpus, {s: configured[s] for s in _drawn_splits(path)})
+    if message:
+        warnings.warn(message, DataWarning, stacklevel=2)
+    return corpus
 
 
 def load_documents(path: str | Path) -> list[str]:
@@ -367,12 +373,53 @@ def _from_single_file(file: Path, valid_fraction: float, test_fraction: float, s
     """Layout (d). A JSONL file whose records all name a split is used like layout (a)."""
     if not _has_suffix(file, TEXT_SUFFIXES + JSONL_SUFFIXES):
         raise DataError(f"{file} is not a .txt, .txt.gz, .jsonl or .jsonl.gz file; convert it or pass a folder")
-    if _has_suffix(file, JSONL_SUFFIXES):
-        records = list(_jsonl_records(file))
-        if records and all(r.get("split") in SPLITS for _, r in records):
-            return _from_documents_jsonl(file, seed)
+    if _has_suffix(file, JSONL_SUFFIXES) and _names_its_splits(file):
+        return _from_documents_jsonl(file, seed)
     units = _file_units(file, file.name, chunk=True)
     return _assign_by_hash(units, valid_fraction, test_fraction, seed)
+
+
+def _names_its_splits(file: Path) -> bool:
+    records = list(_jsonl_records(file))
+    return bool(records) and all(r.get("split") in SPLITS for _, r in records)
+
+
+def _drawn_splits(path: Path) -> list[str]:
+    """The held-out splits `load_corpus` draws by hash for this path (those the data does not give itself)."""
+    if path.is_file():
+        return [] if _has_suffix(path, JSONL_SUFFIXES) and _names_its_splits(path) else ["valid", "test"]
+    if _find_file(path, "documents.jsonl") is not None:
+        return []
+    split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
+    if split_files["train"] is not None and split_files["valid"] is not None:
+        return [] if split_files["test"] is not None else ["test"]
+    files = _usable_files(path)
+    return _drawn_splits(files[0]) if len(files) == 1 else ["valid", "test"]
+
+
+class DataWarning(UserWarning):
+    """The data can be used, but not as configured (e.g. far more or less text held out than asked for)."""
+
+
+def held_out_mismatch(corpus: Corpus, configured: dict[str, float]) -> str | None:
+    """A one-line warning when a split drawn by hash holds a share of the characters far from its configured
+    fraction (off by more than half of it and by more than one percentage point), else None.
+
+    Whole documents (or ~64 KB chunks) are held out, so a corpus of few units cannot match small fractions: a
+    400 KB file is ~7 chunks, and one chunk is already 15% of it.
+    """
+    sizes = {s: sum(map(len, docs)) for s, docs in corpus.splits().items()}
+    total = sum(sizes.values()) or 1
+    off = {s: sizes[s] / total for s, f in configured.items() if abs(sizes[s] / total - f) > max(f / 2, 0.01)}
+    if not off:
+        return None
+    units = sum(map(len, corpus.splits().values()))
+    got = ", ".join(f"{s} {100 * share:.0f}% (configured {100 * configured[s]:.0f}%)" for s, share in off.items())
+    return (
+        f"{corpus.source}: held out {got} of the characters: its {units} documents/chunks are too few to split "
+        "finely; give more documents, a folder with its own train/valid/test files, or other "
+        "data.valid_fraction / data.test_fraction"
+    )
 
 
 # --- default data --------------------------------------------------------------------------------------------
@@ -412,6 +459,12 @@ def default_corpus(cache_dir: Path) -> Path:
             (staging / f"{name}.txt").write_text(text, encoding="utf-8")
         _publish(staging, target)
     return target
+
+
+def default_ood_text() -> Path:
+    """The built-in out-of-distribution text: the UDHR in German (src/mhmoe/data/texts/README.md), shipped with
+    the package: text the English models never saw, for `mhmoe reproduce english`'s routing analysis."""
+    return Path(__file__).resolve().parent / "texts" / "udhr-de.txt"
 
 
 def _publish(staging: Path, target: Path) -> None:

@@ -256,6 +256,13 @@ def eval_batches(
     return _eval_batches(tokens, batch_size, seq_len, max_batches)
 
 
+def eval_batch_count(num_tokens: int, batch_size: int, seq_len: int, max_batches: int | None = None) -> int:
+    """How many batches `eval_batches` gives for a split of `num_tokens` tokens (for progress bars)."""
+    windows = max(num_tokens - 1, 0) // seq_len
+    count = -(-windows // batch_size) + (1 if max(num_tokens - 1, 0) > windows * seq_len else 0)
+    return count if max_batches is None else min(count, max_batches)
+
+
 def _eval_batches(
     tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None
 ) -> Iterator[tuple[Tensor, Tensor]]:

@@ -32,6 +32,7 @@ from mhmoe.experiments.common import (
     sized,
     write_results,
 )
+from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
 from mhmoe.models.cost import flops_matched_mhmoe
@@ -167,3 +168,8 @@ def table(results: dict) -> str:
         "(expert hidden solved, experts raised for about equal parameters); perplexity on held-out documents."
     )
     return "\n".join(lines)
+
+
+def retabulate(out: Path) -> dict:
+    """results.json / results.md of a finished run into `out`, recomputed by this version (`common.retabulate`)."""
+    return common_retabulate(out, table, ("val_loss", "test_loss"), (REFERENCE,), attribution=False)

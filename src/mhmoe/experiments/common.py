@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from mhmoe.analysis.compare import metric_curve as metric_curve  # re-exported for the experiments
 from mhmoe.analysis.stats import paired_difference
+from mhmoe.errors import DataError
 from mhmoe.io import atomic_write, write_json, write_text
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
@@ -54,18 +56,29 @@ class Variant:
     ffn: FFNConfig
 
 
-Part = Literal["core", "params", "controls", "all"]
+Part = Literal["core", "params", "controls", "heads", "all"]
 PARTS: tuple[str, ...] = get_args(Part)
 CORE = ("dense", "smoe", "xmoe", "mhmoe_flops")
 PARAMS = ("dense", "xmoe", "mhmoe_params")
-CONTROLS = ("smoe", "smoe_fine", "mhmoe_flops_softmax", "mhmoe_h1", "mhmoe_nohm")
+CONTROLS = ("smoe", "smoe_fine", "mhmoe_flops_softmax")  # granularity, at one router (softmax)
+HEADS = ("smoe", "mhmoe_flops_softmax", "mhmoe_h1", "mhmoe_nohm")  # the head split and the head / merge layers
 PART_MODELS = {
     "core": CORE,
     "params": PARAMS,
     "controls": CONTROLS,
-    "all": tuple(dict.fromkeys(CORE + PARAMS + CONTROLS)),
+    "heads": HEADS,
+    "all": tuple(dict.fromkeys(CORE + PARAMS + CONTROLS + HEADS)),
 }
 BASELINES = ("smoe", "xmoe", "smoe_fine")  # the sparse baselines a model is compared with (the best one)
+# (model, its control, what the pair isolates): every model but one thing the same, FLOPs per token equal
+ATTRIBUTION = (
+    ("mhmoe_flops_softmax", "smoe", "MH-MoE against SMoE, both with the softmax router"),
+    ("mhmoe_flops_softmax", "smoe_fine", "what MH-MoE adds to SMoE of the same granularity (experts and sizes)"),
+    ("mhmoe_flops_softmax", "mhmoe_h1", "splitting into 4 heads, given the head and merge layers"),
+    ("mhmoe_flops_softmax", "mhmoe_nohm", "the head and merge layers, given the split into 4 heads"),
+    ("mhmoe_flops", "mhmoe_flops_softmax", "the X-MoE router against softmax, given MH-MoE"),
+    ("mhmoe_flops", "xmoe", "MH-MoE against X-MoE, both with the X-MoE router"),
+)
 
 
 def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]:
@@ -94,7 +107,7 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
         ),
         "mhmoe_flops": Variant("mhmoe_flops", "flops", ffn_of("mhmoe", flops_matched(xmoe, MH_HEADS))),
     }
-    if part in ("controls", "all"):
+    if part in ("controls", "heads", "all"):
         fine = sized(fine_grained_smoe, d_model, smoe, granularity=MH_HEADS)
         models.update(
             smoe_fine=Variant("smoe_fine", "flops", ffn_of("smoe", fine)),
@@ -203,11 +216,20 @@ def planned_model(name: str, cost: Cost, train: Any, per_batch: int, extra_eval_
 
 @dataclass(frozen=True)
 class Assumptions:
-    """What a `--dry-run` time estimate assumes; none of it is measured on the machine that will run the plan."""
+    """What a `--dry-run` time estimate assumes; none of it is measured on the machine that will run the plan.
+
+    The defaults are for one H200 (`--gpu`): 100 TFLOP/s is a guess that no run has checked yet. `cpu()` holds
+    the rates measured on the 2-core CI machine by the committed `--quick` evidence runs (results/*/README.md)."""
 
     tflops: float = 100.0  # sustained model FLOP/s while training, in TFLOP/s
     run_overhead_s: float = 6.0  # per run: building the model, checkpoints, figures, the routing analysis
     fixed_s: float = 30.0  # per invocation: starting up, the shared tokenizer, tokenising the data once
+
+    @classmethod
+    def cpu(cls, tflops: float | None = None) -> "Assumptions":
+        """2 CPU cores: English `--quick` runs sustained 0.026-0.042 TFLOP/s (MoE-dense) on one thread each with
+        a second run beside them; a run spends ~20 s outside training (evaluation, figures, routing analysis)."""
+        return cls(tflops=tflops or 0.03, run_overhead_s=20.0, fixed_s=60.0)
 
     def seconds(self, model: PlannedModel) -> float:
         flops = 3 * model.flops_per_token * model.train_tokens + model.flops_per_token * model.eval_tokens
@@ -317,26 +339,66 @@ def paired_table(models: dict[str, dict], key: str, baselines: Sequence[str] = B
     return table
 
 
+def attribution_table(models: dict[str, dict], key: str) -> list[dict]:
+    """The pairs of `ATTRIBUTION` whose two models both ran: [{"model", "control", "isolates", "difference":
+    PairedDifference dict of `key` (model − control, per seed)}]."""
+
+    def per_seed(name: str) -> dict[int, float]:
+        return {r["seed"]: r[key] for r in models[name]["seeds"] if r.get(key) is not None}
+
+    rows = []
+    for model, control, isolates in ATTRIBUTION:
+        if model not in models or control not in models:
+            continue
+        a, b = per_seed(model), per_seed(control)
+        seeds = sorted(set(a) & set(b))
+        if seeds:
+            difference = paired_difference([a[s] for s in seeds], [b[s] for s in seeds]).to_dict()
+            rows.append({"model": model, "control": control, "isolates": isolates, "difference": difference})
+    return rows
+
+
+def attribution_markdown(rows: list[dict], what: str) -> str:
+    """The attribution pairs as markdown (empty when no pair ran: run `--part all`, or the parts into one --out)."""
+    if not rows:
+        return ""
+    lines = [f"| model − control | isolates | {what} change | seeds to resolve 3% |", "|---|---|---:|---:|"]
+    for row in rows:
+        d = row["difference"]
+        needed = "-" if d.get("seeds_for_3pct") is None else str(d["seeds_for_3pct"])
+        lines.append(f"| {row['model']} − {row['control']} | {row['isolates']} | {_paired_cell(d)} | {needed} |")
+    return "\n".join(lines)
+
+
+def _paired_cell(d: dict | None) -> str:
+    if not d:
+        return "-"
+    text = f"{d['mean_pct']:+.1f}%"
+    if d["low_pct"] is not None:
+        text += f" [{d['low_pct']:+.1f}, {d['high_pct']:+.1f}]"
+    text += f" ({d['sign_holds']}/{d['seeds']})"
+    return text + (" **resolved**" if d["resolved"] else "")
+
+
 def paired_markdown(paired: dict[str, dict], what: str) -> str:
     """The paired table: per model, the mean change of perplexity against dense and the best baseline with its
-    95% interval and the seeds in which its sign holds; "resolved" when the interval excludes 0."""
+    95% interval and the seeds in which its sign holds; "resolved" when the interval excludes 0; and the seeds
+    that would resolve a 3% difference at the spread these seeds show (`PairedDifference.seeds_for`)."""
 
-    def cell(d: dict | None) -> str:
-        if not d:
-            return "-"
-        text = f"{d['mean_pct']:+.1f}%"
-        if d["low_pct"] is not None:
-            text += f" [{d['low_pct']:+.1f}, {d['high_pct']:+.1f}]"
-        text += f" ({d['sign_holds']}/{d['seeds']})"
-        return text + (" **resolved**" if d["resolved"] else "")
+    cell = _paired_cell
+
+    def seeds_for(d: dict | None) -> str:
+        return "-" if not d or d.get("seeds_for_3pct") is None else str(d["seeds_for_3pct"])
 
     baseline = next((row["baseline"] for row in paired.values() if row.get("baseline")), None)
+    versus = baseline or "best sparse baseline"
     lines = [
-        f"| model | {what} vs dense | {what} vs {baseline or 'best sparse baseline'} |",
-        "|---|---:|---:|",
+        f"| model | {what} vs dense | {what} vs {versus} | seeds to resolve 3% (vs dense, vs {versus}) |",
+        "|---|---:|---:|---:|",
     ]
     for name, row in paired.items():
-        lines.append(f"| {name} | {cell(row.get('vs_dense'))} | {cell(row.get('vs_baseline'))} |")
+        dense, base = row.get("vs_dense"), row.get("vs_baseline")
+        lines.append(f"| {name} | {cell(dense)} | {cell(base)} | {seeds_for(dense)}, {seeds_for(base)} |")
     return "\n".join(lines)
 
 
@@ -349,12 +411,6 @@ def mean_curve(curves: Sequence[Curve]) -> tuple[Curve, list[tuple[float, float,
         mean.append((xs, statistics.fmean(ys)))
         band.append((xs, min(ys), max(ys)))
     return mean, band
-
-
-def metric_curve(run_dir: Path, key: str = "val_loss") -> Curve:
-    """(tokens, value) of every metrics.jsonl record of a run that has `key`."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["tokens"], r[key]) for r in records if key in r]
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -371,6 +427,32 @@ def write_results(out: Path, results: dict, table: Callable[[dict], str]) -> Non
     """results.json and results.md (the table) in `out`."""
     write_json(out / "results.json", results)
     write_text(out / "results.md", table(results) + "\n")
+
+
+def retabulate(
+    out: Path,
+    table: Callable[[dict], str],
+    keys: Sequence[str],
+    baselines: Sequence[str] = BASELINES,
+    attribution: bool = True,
+) -> dict:
+    """The statistics and tables of a finished reproduction recomputed from its results.json (the per-seed values
+    it holds), by this version of mhmoe: results.json and results.md rewritten, nothing trained or evaluated."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise DataError(f"{out} holds no results.json: run the reproduction into it first, or pass the --out that does")
+    try:
+        results = json.loads(path.read_text())
+        models = results["models"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DataError(
+            f"{path} is not a reproduction's results ({error}): restore it or run the reproduction again"
+        ) from None
+    results["paired"] = {key: paired_table(models, key, baselines) for key in keys}
+    if attribution:
+        results["attribution"] = {key: attribution_table(models, key) for key in keys}
+    write_results(out, results, table)
+    return results
 
 
 def fmt(mean: float | None, std: float | None, seeds: int, digits: int = 2) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,8 @@ from mhmoe.experiments.common import (
     Part,
     PlannedModel,
     Variant,
+    attribution_markdown,
+    attribution_table,
     copy_figure,
     experts_cell,
     fmt,
@@ -45,6 +48,7 @@ from mhmoe.experiments.common import (
     variants,
     write_results,
 )
+from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.models.gpt import gpt_cost
 from mhmoe.train.config import RunConfig, apply_overrides, preset
 from mhmoe.train.lm import data_path, train
@@ -165,6 +169,11 @@ def shared_tokenizer(cfg: RunConfig, out: Path, text: Callable[[], Iterable[str]
     return time.perf_counter() - started
 
 
+def loaded_data(run_dir: Path) -> dict | None:
+    """The record of the data a run used (source, content hash, sizes), from its summary.json."""
+    return json.loads((run_dir / "summary.json").read_text()).get("data")
+
+
 def run(
     out: Path,
     quick: bool = False,
@@ -198,7 +207,9 @@ def run(
         "part": part,
         "models": results_by_model,
         "paired": {key: paired_table(results_by_model, key) for key in ("val_loss", "test_loss")},
+        "attribution": {key: attribution_table(results_by_model, key) for key in ("val_loss", "test_loss")},
         "budget": cfg.to_dict(),
+        "data": next(iter(results_by_model.values()))["seeds"][0]["data"],  # every model read the same data
         "ood_data": {name: str(path) for name, path in corpora.items()} or None,
         "phases": {"tokenizer_seconds": tokenizer_seconds},
         "wall_seconds": time.perf_counter() - started,
@@ -247,8 +258,12 @@ def lm_run_seed(
         "test_ppl": result.test["ppl"],
         "val_loss": result.valid["loss"],
         "test_loss": result.test["loss"],
+        "val_tokens": result.valid["tokens"],
+        "test_tokens": result.test["tokens"],
         "tokens_seen": result.tokens_seen,
         "train_seconds": result.train_seconds,
+        "train_cpu_seconds": result.cpu_seconds,
+        "data": loaded_data(run_dir),
         "seconds": clock.laps,
         "analysis": analysis.get("valid"),
         "analysis_ood": {name: analysis.get(name) for name in corpora} or None,
@@ -283,7 +298,10 @@ def _mean(values: Sequence[float | None]) -> float | None:
 def table(results: dict) -> str:
     """The results as markdown: models and perplexities, paired differences, routing in and out of distribution."""
     models = results["models"]
-    header = "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl | tokens/model | train s |"
+    header = (
+        "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
+        "| tokens/model | train s (CPU s) |"
+    )
     lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
     for name, m in models.items():
         n = len(m["seeds"])
@@ -291,17 +309,21 @@ def table(results: dict) -> str:
             f"| {name} | {m['matching']} | {experts_cell(m)} | {m['params_total'] / 1e6:.2f} M "
             f"| {m['params_active'] / 1e6:.2f} M | {m['flops_per_token'] / 1e6:.2f} "
             f"| {fmt(m['val_ppl'], m['val_ppl_std'], n)} | {fmt(m['test_ppl'], m['test_ppl_std'], n)} "
-            f"| {m['tokens_seen']:,} | {m['train_seconds']:.0f} |"
+            f"| {m['tokens_seen']:,} | {m['train_seconds']:.0f} ({_cpu_seconds(m)}) |"
         )
     seeds = len(next(iter(models.values()))["seeds"])
-    lines += ["", f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; perplexity on held-out documents.", ""]
+    lines += ["", f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; {_scope(results)}.", ""]
     lines += ["**Paired per-seed differences of validation perplexity**", ""]
     lines += [paired_markdown(results["paired"]["val_loss"], "val ppl"), ""]
     lines += [
         "Mean change of perplexity over the seeds both models ran, [95% t-interval], (seeds whose difference has the "
-        "mean's sign / seeds); resolved = the interval excludes 0.",
+        "mean's sign / seeds); resolved = the interval excludes 0; seeds to resolve 3% = the seeds whose interval "
+        "would exclude 0 for a 3% difference at the spread these seeds show.",
         "",
     ]
+    attribution = attribution_markdown((results.get("attribution") or {}).get("val_loss", []), "val ppl")
+    if attribution:
+        lines += ["**Attribution: each control against the model it differs from in one thing**", "", attribution, ""]
     lines += routing_tables(results)
     return "\n".join(lines)
 
@@ -343,3 +365,30 @@ def routing_tables(results: dict) -> list[str]:
         "beside its value if each head routed independently at its own measured rates.",
     ]
     return lines
+
+
+def _scope(results: dict) -> str:
+    """What the perplexities cover, the data they come from, and what the seconds are."""
+    first = next(iter(results["models"].values()))["seeds"][0]
+    batches = results["budget"]["train"]["final_eval_batches"]
+    scope = (
+        f"perplexity over the first {first['val_tokens']:,} / {first['test_tokens']:,} tokens of the held-out "
+        f"valid / test documents (train.final_eval_batches={batches}; `mhmoe eval RUN --max-batches {batches}` gives "
+        "the same values, without it all of each split)"
+        if first.get("test_tokens") and batches
+        else "perplexity over all of the held-out valid / test documents"
+    )
+    data = results.get("data")
+    if data:
+        scope += f"; data: {data['source']} (sha256 {data['sha256'][:12]}…)"
+    return scope + "; train s: wall time, CPU s: process CPU time of the training steps (steadier on a busy machine)"
+
+
+def _cpu_seconds(model: dict) -> str:
+    values = [s["train_cpu_seconds"] for s in model["seeds"] if s.get("train_cpu_seconds") is not None]
+    return f"{statistics.fmean(values):.0f}" if values else "-"
+
+
+def retabulate(out: Path) -> dict:
+    """results.json / results.md of a finished run into `out`, recomputed by this version (`common.retabulate`)."""
+    return common_retabulate(out, table, ("val_loss", "test_loss"))

@@ -4,6 +4,9 @@ Export (`export_run`, `mhmoe export-hf RUN_DIR OUT_DIR`): the run's latest check
     config.json             MHMoEConfig; `mhmoe_run` records the run config, step and data position
     model.safetensors       the GPT's weights under `model.` (tied embeddings stored once)
     generation_config.json  eos / pad = the tokenizer's end-of-text id
+    configuration_mhmoe.py, modeling_mhmoe.py, mhmoe_*.py   remote code (`mhmoe.hf.standalone`), named in
+                            config.json's auto_map: `AutoModelForCausalLM.from_pretrained(OUT_DIR,
+                            trust_remote_code=True)` loads the folder where mhmoe is not installed
     tokenizer.json, tokenizer_config.json, special_tokens_map.json   a `PreTrainedTokenizerFast`, so
                             `AutoTokenizer.from_pretrained(OUT_DIR)` works offline. A BPE run exports its own
                             tokenizer.json; a byte-tokenizer run exports an equivalent byte-level BPE without merges
@@ -31,6 +34,7 @@ from typing import Any
 
 from mhmoe.errors import CheckpointError, UserError
 from mhmoe.hf.files import check_model_folder, folder_file
+from mhmoe.hf.standalone import write_remote_code
 from mhmoe.io import atomic_write, publish_dir, staging_dir, write_json
 from mhmoe.models.gpt import GPT
 
@@ -100,6 +104,7 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     tmp = staging_dir(out_dir)
     try:
         hf.save_pretrained(tmp)
+        write_remote_code(tmp)  # loadable with trust_remote_code=True where mhmoe is not installed
         hf_tokenizer(tokenizer).save_pretrained(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,14 +30,14 @@ from mhmoe.models.ffn import FFNConfig, LayerSpec, block_ffns
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 8192
-    seq_len: int = 256
-    d_model: int = 256
-    n_layers: int = 4
+    vocab_size: int = 8192  # token ids 0..V-1 (a run sets it from its tokenizer)
+    seq_len: int = 256  # context length L of training windows and of generation
+    d_model: int = 256  # model width D
+    n_layers: int = 4  # decoder blocks
     n_heads: int = 4  # attention heads
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
+    dropout: float = 0.0  # on attention and block outputs in training
+    tie_embeddings: bool = True  # the output layer shares the token embedding matrix
+    rope_base: float = 10000.0  # base of the rotary position frequencies
     ffn: FFNConfig = field(default_factory=FFNConfig)
 
     def block_ffns(self) -> list[LayerSpec]:
@@ -262,6 +262,7 @@ class GPT(nn.Module):
         *,
         temperature: float = 0.0,
         top_k: int | None = None,
+        top_p: float | None = None,
         eos_id: int | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
@@ -269,7 +270,8 @@ class GPT(nn.Module):
         """Continue (B, L) prompts by max_new_tokens tokens -> (B, L + max_new_tokens).
 
         temperature 0 is greedy; otherwise sample from softmax(logits / temperature), over the top_k best if
-        given. After a row emits eos_id it is padded with eos_id. use_cache=False recomputes the whole prefix
+        given, and over the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling,
+        Holtzman et al. 2019) if given. After a row emits eos_id it is padded with eos_id. use_cache=False recomputes the whole prefix
         each step (same tokens, slower). Call `.eval()` first: dropout stays on in training mode.
         """
         if max_new_tokens < 0 or idx.shape[-1] + max_new_tokens - 1 > self.cfg.seq_len:
@@ -282,7 +284,7 @@ class GPT(nn.Module):
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             logits = self(fed, cache=cache).logits[:, -1].float()  # (B, V)
-            next_id = pick_token(logits, temperature, top_k, generator)  # (B, 1)
+            next_id = pick_token(logits, temperature, top_k, generator, top_p)  # (B, 1)
             if eos_id is not None:
                 next_id = next_id.masked_fill(finished.unsqueeze(-1), eos_id)
                 finished = finished | (next_id.squeeze(-1) == eos_id)
@@ -293,16 +295,32 @@ class GPT(nn.Module):
         return tokens
 
 
-def pick_token(logits_BV: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
-    """(B, V) logits -> (B, 1) next token ids: argmax when temperature is 0, else a sample."""
-    if temperature == 0:
-        return logits_BV.argmax(-1, keepdim=True)
+def pick_token(
+    logits_BV: Tensor,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | None,
+    top_p: float | None = None,
+) -> Tensor:
+    """(B, V) logits -> (B, 1) next token ids: argmax when temperature is 0, else a sample (top-k, then top-p)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return logits_BV.argmax(-1, keepdim=True)
     logits_BV = logits_BV / temperature
     if top_k is not None:
         kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+    if top_p is not None:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        probs_BV = sorted_BV.softmax(-1)
+        before_BV = probs_BV.cumsum(-1) - probs_BV  # probability of the tokens ranked above each one
+        drop_BV = before_BV >= top_p  # the best token always stays (before = 0 < top_p)
+        logits_BV = logits_BV.masked_fill(torch.zeros_like(drop_BV).scatter(-1, order_BV, drop_BV), float("-inf"))
     return torch.multinomial(logits_BV.softmax(-1), 1, generator=generator)
 
 

@@ -35,42 +35,48 @@ Backend = Literal["auto", "gloo", "nccl"]
 
 @dataclass
 class DataConfig:
-    path: str = ""  # text file, folder of .txt/.jsonl, or the English pack; "" = $MHMOE_DATA or built-in Shakespeare
+    path: str = ""  # text file, folder of .txt/.jsonl, the English pack, hf:NAME or a saved dataset; "" = $MHMOE_DATA or built-in Shakespeare
     tokenizer: str = "bpe"  # "bpe" (trained locally on the training split), "byte", or a tokenizer.json path
     vocab_size: int = 8192  # BPE vocabulary when trained here
     valid_fraction: float = 0.05  # held-out share for corpora without their own splits
-    test_fraction: float = 0.05
+    test_fraction: float = 0.05  # the same for the test split
     # language-tagged data (mhmoe.data.multilingual): tokenizer text and batches drawn per language, q_l ∝ p_l^α
-    multilingual: bool = False
+    multilingual: bool = False  # the data is language-tagged (mhmoe.data.multilingual)
     language_alpha: float = 0.3  # α: 1 = the natural mix, 0 = uniform over languages; 0.3 as in XLM-R
     languages: str = ""  # comma-separated language tags to keep ("" = every language in the data)
+    # Hugging Face datasets (data.path=hf:NAME or a save_to_disk folder; mhmoe.data.hf_datasets)
+    hf_config: str = ""  # the dataset's configuration name, e.g. wikitext-103-raw-v1
+    hf_files: str = ""  # data_files for a builder path (hf:parquet, hf:json, ...), e.g. data/*.parquet
+    text_field: str = "text"  # the column holding each row's text
+    streaming: bool = False  # read rows as they come instead of downloading the whole dataset
+    max_chars: int = 0  # read at most this many characters per split (0 = all)
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
-    max_steps: int = 1000
-    lr: float = 1e-3
+    max_steps: int = 1000  # optimiser steps of the run (raise it and train again to continue)
+    lr: float = 1e-3  # peak learning rate of AdamW
     min_lr_ratio: float = 0.1  # final lr = lr · min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr
     schedule: Schedule = "cosine"  # "cosine" or "linear" decay after warmup
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW decay of matrices and expert stacks (not norms, biases)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 200
+    eval_every: int = 200  # steps between periodic validations
     eval_batches: int = 20  # validation batches per periodic evaluation (0 = the whole split)
     final_eval_batches: int = 0  # batches of the final validation/test evaluation (0 = the whole splits)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
+    checkpoint_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = 10  # steps between training-loss records
+    seed: int = 0  # model initialisation and batch order
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     precision: Precision = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     on_nonfinite: OnNonFinite = "stop"  # "stop" or "skip" the step when the loss or gradient is not finite
-    compile: bool = False
+    compile: bool = False  # torch.compile the model's forward
     threads: int = 0  # CPU threads for torch; 0 = torch's default
 
 
@@ -386,6 +392,7 @@ def validate(cfg: RunConfig) -> None:
         f"data.valid_fraction and data.test_fraction must be in (0, 0.5), got {d.valid_fraction}, {d.test_fraction}",
     )
     _check(0 <= d.language_alpha <= 1, f"data.language_alpha must be in [0, 1], got {d.language_alpha}")
+    _check(d.max_chars >= 0, f"data.max_chars must be >= 0 (0 = all), got {d.max_chars}")
     validate_train(t, cfg.model.seq_len)
     validate_parallel(cfg.parallel, cfg.model.ffn)
 

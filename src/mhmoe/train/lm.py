@@ -11,6 +11,7 @@ evaluates, only on the very data it was trained with (`check_data`), wherever th
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -24,14 +25,17 @@ import torch
 from mhmoe.data import (
     BatchSampler,
     BPETokenizer,
+    Corpus,
     data_cache_dir,
     default_corpus,
+    eval_batch_count,
     eval_batches,
     load_corpus,
     load_tokenizer,
     tokenize_corpus,
 )
 from mhmoe.data.dataset import token_digest
+from mhmoe.data.hf_datasets import HFSource, is_hf_source, load_hf_corpus
 from mhmoe.data.multilingual import (
     LanguageSampler,
     languages_of,
@@ -47,6 +51,7 @@ from mhmoe.models.gpt import GPT, gpt_cost
 from mhmoe.train.config import RunConfig
 from mhmoe.train.loop import Part, RunResult, autocast_for
 from mhmoe.train.loop import train as train_loop
+from mhmoe.train.metrics import progress_bar
 from mhmoe.train.session import Session
 
 
@@ -56,8 +61,9 @@ def data_path(cfg: RunConfig) -> Path:
     return Path(given).expanduser() if given else default_corpus(data_cache_dir())
 
 
-def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, dict[str, np.ndarray]]:
-    """The run's tokenizer (trained once and kept in the run) and the tokenized splits (cached).
+def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, dict[str, np.ndarray], dict]:
+    """The run's tokenizer (trained once and kept in the run), the tokenized splits (cached), and a record of the
+    data actually used (`data_record`).
 
     Multilingual runs (data.multilingual) also hold "train:<lang>", "valid:<lang>", ... per language.
     """
@@ -69,17 +75,19 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool) -> tuple[Any, di
         )
         tokenizer = run_tokenizer(cfg, run_dir, lambda: tokenizer_text(corpus, d.language_alpha))
         splits = tokenize_languages(corpus, tokenizer, data_cache_dir(), cfg.model.seq_len, progress)
+        record = data_record(corpus.source, list(corpus.languages.values()), splits)
     else:
-        text = load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+        text = load_text(cfg)
         tokenizer = run_tokenizer(cfg, run_dir, lambda: text.train)
         splits = tokenize_corpus(text, tokenizer, data_cache_dir(), progress=progress)
+        record = data_record(text.source, [text], splits)
     for name, tokens in splits.items():
         if not name.startswith("train") and len(tokens) < cfg.model.seq_len + 1:
             notice(
                 f"warning: the {name} split of {data_path(cfg)} has {len(tokens)} tokens, less than one window of "
                 f"model.seq_len + 1 = {cfg.model.seq_len + 1}: its perplexity says little; hold out more text"
             )
-    return tokenizer, splits
+    return tokenizer, splits, record
 
 
 def data_digests(splits: dict[str, np.ndarray]) -> dict[str, str]:
@@ -101,6 +109,26 @@ def check_data(recorded: dict | None, splits: dict[str, np.ndarray], names: list
                 "original data, or start a new run"
             )
     return True
+
+
+def load_text(cfg: RunConfig) -> Corpus:
+    """The run's text corpus: files (`load_corpus`) or a Hugging Face dataset (`mhmoe.data.hf_datasets`)."""
+    d = cfg.data
+    given = d.path or os.environ.get("MHMOE_DATA", "")
+    if given and is_hf_source(given):
+        source = HFSource(given, d.hf_config, d.hf_files, d.text_field, d.streaming, d.max_chars)
+        return load_hf_corpus(source, valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+    return load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+
+
+def data_record(source: str, corpora: list[Corpus], splits: dict[str, np.ndarray]) -> dict:
+    """What a run trained and was evaluated on: the source (the resolved path, also for the built-in corpus),
+    a content hash of the split texts (`Corpus.fingerprint`, over every language for multilingual data), and
+    the characters and tokens of each split."""
+    digest = hashlib.sha256("".join(c.fingerprint() for c in corpora).encode()).hexdigest()
+    chars = {s: sum(len(doc) for c in corpora for doc in c.splits()[s]) for s in ("train", "valid", "test")}
+    tokens = {s: int(len(splits[s])) for s in ("train", "valid", "test")}
+    return {"source": source, "sha256": digest, "chars": chars, "tokens": tokens}
 
 
 def run_tokenizer(cfg: RunConfig, run_dir: Path, bpe_text: Callable[[], Iterable[str]]) -> Tokenizer:
@@ -129,19 +157,32 @@ def make_sampler(cfg: RunConfig, splits: dict[str, np.ndarray]) -> Any:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, tokens: np.ndarray, cfg: RunConfig, device: torch.device, max_batches: int = 0
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    cfg: RunConfig,
+    device: torch.device,
+    max_batches: int = 0,
+    progress: bool = False,
+    desc: str = "eval",
 ) -> dict[str, float]:
-    """Mean cross-entropy (nats/token) and perplexity over consecutive windows of a held-out split."""
+    """Mean cross-entropy (nats/token) and perplexity over consecutive windows of a held-out split, from its start:
+    all of it, or its first `max_batches` batches of train.batch_size × model.seq_len tokens. The ONE definition
+    of held-out perplexity: `mhmoe train` (train.final_eval_batches), `mhmoe eval` (--max-batches) and the
+    reproductions call it, and report the token count it covered ("tokens")."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    batches = eval_batches(tokens, cfg.train.batch_size, cfg.model.seq_len, max_batches=max_batches or None)
+    B, L = cfg.train.batch_size, cfg.model.seq_len
+    batches = eval_batches(tokens, B, L, max_batches=max_batches or None)
+    bar = progress_bar(eval_batch_count(len(tokens), B, L, max_batches or None), 0, progress, "batch", desc)
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast_for(cfg.train.precision, device):
             logits = model(x).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         total, count = total + loss.item(), count + y.numel()
+        bar.update(1)
+    bar.close()
     model.train(was_training)
     mean = total / max(count, 1)
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
@@ -156,8 +197,9 @@ class LMTask:
     )  # the BPE or user tokenizer the run keeps (a byte-tokenizer run has none)
 
     def __init__(self, cfg: RunConfig, run_dir: Path, session: Session, progress: bool):
-        self.cfg, self.session = cfg, session
-        self.tokenizer, self.splits = session.first_on_main(lambda: prepare_data(cfg, run_dir, progress))
+        self.cfg, self.session, self.progress = cfg, session, progress and session.is_main
+        prepared = session.first_on_main(lambda: prepare_data(cfg, run_dir, progress))
+        self.tokenizer, self.splits, self.data = prepared
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.cost = gpt_cost(cfg.model)
         self.digests = data_digests(self.splits)
@@ -180,14 +222,19 @@ class LMTask:
         return out.loss
 
     def evaluate(self, model: torch.nn.Module, split: str, max_batches: int) -> dict:
-        return evaluate(model, self.splits[split], self.cfg, self.session.device, max_batches=max_batches)
+        return evaluate(model, self.splits[split], self.cfg, self.session.device, max_batches, self.progress, split)
 
     def metrics(self, report: dict) -> dict:
         return {"val_loss": report["loss"], "val_ppl": report["ppl"]}
 
     def summary(self, valid: dict, test: dict) -> dict:
         return {"val_loss": valid["loss"], "val_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],
-                "val_tokens": valid["tokens"], "test_tokens": test["tokens"]}  # fmt: skip
+                "val_tokens": valid["tokens"], "test_tokens": test["tokens"], "data": self.data}  # fmt: skip
+
+    def describe(self) -> list[str]:
+        chars, tokens = self.data["chars"], self.data["tokens"]
+        sizes = ", ".join(f"{s} {tokens[s]:,} tokens ({chars[s]:,} chars)" for s in ("train", "valid", "test"))
+        return [f"data: {self.data['source']} (sha256 {self.data['sha256'][:12]}): {sizes}"]
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "data_sha256": self.digests}

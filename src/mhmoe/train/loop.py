@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -97,6 +98,10 @@ class Task(Protocol):
         """Called at step 0 (before training) and after every optimiser step, on every rank."""
         ...
 
+    def describe(self) -> list[str]:
+        """Lines for the start-up summary: the data and its split sizes."""
+        ...
+
 
 @dataclass
 class RunResult:
@@ -106,6 +111,7 @@ class RunResult:
     train_seconds: float
     valid: dict  # the task's final held-out reports
     test: dict
+    cpu_seconds: float = 0.0  # process CPU time of the training steps (all threads): steadier than wall time
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -239,20 +245,24 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
     forward: Callable[..., Any] = session.wrap(model, t.seed, task.partial_forwards)
     optimizer = make_optimizer(model.parameters(), t)
     task.start()
-    step, tokens_seen, train_seconds = 0, 0, 0.0
+    step, tokens_seen, train_seconds, cpu_seconds = 0, 0, 0.0, 0.0
     checkpoints = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoints)
     if latest is not None:
         state = session.load(latest, model, optimizer)
         task.load_state_dict(state)
         step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
+        cpu_seconds = state.get("cpu_seconds", 0.0)  # checkpoints before mhmoe 0.2 did not count it
+    if session.is_main:
+        announce(run_dir, task, t, session, step, tokens_seen)
     forward = torch.compile(forward) if t.compile else forward
     metrics = MetricsLog(run_dir, step) if session.is_main else NoMetrics()
     bar = progress_bar(t.max_steps, step, progress)
     autocast = autocast_for(t.precision, device)
 
     def save() -> None:
-        state = {**task.state_dict(), "tokens_seen": tokens_seen, "train_seconds": train_seconds}
+        state = {**task.state_dict(), "tokens_seen": tokens_seen, "train_seconds": train_seconds,
+                 "cpu_seconds": cpu_seconds}  # fmt: skip
         run_files = ("config.json", *task.run_files)
         session.save(checkpoints, step, model, optimizer, state, t.keep_checkpoints, run_files)
 
@@ -261,7 +271,7 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
         if step == 0:
             task.on_step(model, 0)
         while step < t.max_steps:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -289,6 +299,7 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
             tokens_seen += positions
             elapsed = time.perf_counter() - started
             train_seconds += elapsed
+            cpu_seconds += time.process_time() - cpu_started
             bar.update(1)
             if step % t.log_every == 0 or step == t.max_steps:
                 record = {"step": step, "tokens": tokens_seen, "loss": sum(losses.values()), "aux_loss": aux_sum,
@@ -311,13 +322,34 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
     valid = task.evaluate(model, "valid", t.final_eval_batches)
     test = task.evaluate(model, "test", t.final_eval_batches)
     cost = task.cost
-    summary = {"step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds, **task.summary(valid, test),
+    summary = {"step": step, "tokens_seen": tokens_seen, "train_seconds": train_seconds,
+               "train_cpu_seconds": cpu_seconds, **task.summary(valid, test),
                "params_total": cost.params_total, "params_active": cost.params_active,
                "flops_per_token": cost.flops_per_token}  # fmt: skip
     if session.is_main:
         write_json(run_dir / "summary.json", summary)
     session.close()
-    return RunResult(run_dir, step, tokens_seen, train_seconds, valid, test)
+    return RunResult(run_dir, step, tokens_seen, train_seconds, valid, test, cpu_seconds)
+
+
+def announce(run_dir: Path, task: Task, t: TrainConfig, session: Session, step: int, tokens_seen: int) -> None:
+    """The start-up summary on stderr: where the run is, what it trains, on what data, and from which step."""
+    cost = task.cost
+    threads = f", {torch.get_num_threads()} threads" if session.device.type == "cpu" else ""
+    lines = [
+        f"run folder {run_dir} (config.json, metrics.jsonl, checkpoints/, summary.json at the end)",
+        f"model: {cost.params_total:,} parameters ({cost.params_active:,} active per token), "
+        f"{cost.flops_per_token / 1e6:.2f} MFLOPs/token; device {session.device}{threads}, {session.world} process(es)",
+        *task.describe(),
+    ]
+    if step >= t.max_steps:
+        lines.append(f"already trained to step {step} (train.max_steps={t.max_steps}): evaluating only")
+    elif step:
+        lines.append(f"resuming from step {step} of {t.max_steps} ({tokens_seen:,} tokens seen)")
+    else:
+        lines.append(f"training {t.max_steps} steps of {t.batch_size * t.grad_accum * session.world} sequences")
+    for line in lines:
+        print(f"mhmoe: {line}", file=sys.stderr, flush=True)
 
 
 def _nonfinite(step: int, loss: float, grad_norm: Tensor) -> str:

@@ -46,6 +46,7 @@ from mhmoe.experiments.common import (
     Part,
     PlannedModel,
     Variant,
+    attribution_table,
     copy_figure,
     fmt,
     mean_std,
@@ -56,6 +57,7 @@ from mhmoe.experiments.common import (
     split_bands,
     write_results,
 )
+from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.multilingual.words import GROUPS, divergence_inputs, word_divergence
 from mhmoe.train.config import RunConfig, apply_overrides
 from mhmoe.train.lm import data_path, train
@@ -85,7 +87,7 @@ def multilingual_base(quick: bool, gpu: bool) -> RunConfig:
 
 def analysis_budget(quick: bool, gpu: bool) -> AnalysisBudget:
     if gpu:
-        return AnalysisBudget(eval_batches=0, usage_batches=8, word_occurrences=64)
+        return AnalysisBudget(eval_batches=0, usage_batches=6, word_occurrences=64)
     if quick:
         return AnalysisBudget(eval_batches=3, usage_batches=2, word_occurrences=8)
     return AnalysisBudget(eval_batches=10, usage_batches=4, word_occurrences=32, routing_batches=20)
@@ -157,6 +159,7 @@ def run(
         "part": part,
         "models": models,
         "paired": {key: paired_table(models, key) for key in ("val_loss", "test_loss")},
+        "attribution": {key: attribution_table(models, key) for key in ("val_loss", "test_loss")},
         "budget": cfg.to_dict(),
         "analysis_budget": vars(budget),
         "languages": shared.languages,
@@ -387,3 +390,8 @@ def table(results: dict) -> str:
         "(mhmoe/experiments/multilingual/wordlists.py) and of all other words in the same windows; n = tokens of seed 0.",
     ]
     return "\n".join(lines)
+
+
+def retabulate(out: Path) -> dict:
+    """results.json / results.md of a finished run into `out`, recomputed by this version (`common.retabulate`)."""
+    return common_retabulate(out, table, ("val_loss", "test_loss"))

