@@ -54,6 +54,7 @@ from mhmoe.io import environment
 from mhmoe.models.multiway import multiway_cost
 from mhmoe.train.loop import RunResult, resolve_device
 
+PAIRED_KEYS = ("val_loss", "test_loss", "val_pair_loss", "test_pair_loss")  # compared seed by seed
 CURVES = {  # file -> (metrics.jsonl key, title)
     "val_curves.png": ("val_text_loss", "masked-token loss, held-out text"),
     "val_curves_pairs.png": ("val_pair_text_loss", "masked-token loss, held-out caption tokens of pairs"),
@@ -179,12 +180,8 @@ def run(
         "task": "multimodal",
         "part": part,
         "models": models,
-        "paired": {
-            key: paired_table(models, key) for key in ("val_loss", "test_loss", "val_pair_loss", "test_pair_loss")
-        },
-        "attribution": {
-            key: attribution_table(models, key) for key in ("val_loss", "test_loss", "val_pair_loss", "test_pair_loss")
-        },
+        "paired": {key: paired_table(models, key) for key in PAIRED_KEYS},
+        "attribution": {key: attribution_table(models, key) for key in PAIRED_KEYS},
         "budget": cfg.to_dict(),
         "data": prepared.root,
         "sources": {s.name: {k: int(len(s.indices(k))) for k in ("train", "valid", "test")} for s in prepared.sources},
@@ -195,11 +192,16 @@ def run(
         "environment": environment(device),
     }
     write_results(out, results, table)
+    _plot(out, curves)
+    return results
+
+
+def _plot(out: Path, curves: dict) -> None:
+    """The mean validation curves over seeds, with their min-max bands (`CURVES`)."""
     for name, (key, title) in CURVES.items():
         if curves.get(key):
             mean, bands = split_bands(curves[key])
             plot_curves(mean, out / name, title, xlabel="input positions", bands=bands)
-    return results
 
 
 def _copy_figures(out: Path, variant: Variant) -> None:
@@ -339,4 +341,4 @@ def agreement_table(models: dict[str, dict]) -> list[str]:
 
 def retabulate(out: Path) -> dict:
     """results.json / results.md of a finished run into `out`, recomputed by this version (`common.retabulate`)."""
-    return common_retabulate(out, table, ("val_loss", "test_loss", "val_pair_loss", "test_pair_loss"))
+    return common_retabulate(out, table, PAIRED_KEYS)
