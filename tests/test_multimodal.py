@@ -530,6 +530,9 @@ def test_reproduce_multimodal_end_to_end(tmp_path, monkeypatch, capsys, small_te
     assert (out / "val_curves.png").exists() and (out / "val_curves_patches.png").exists()
     table = (out / "results.md").read_text()
     assert "pair ppl" in table and "| model | step 0 | step 2 | step 4 |" in table
+    routing = table.split("Routing per modality")[1].split("Per head:")[0]
+    assert "| mhmoe_params | vision |" in routing and "| mhmoe_params | language |" in routing
+    assert "| dense |" not in routing  # no experts, no routing
     settling = table.split("Vision routing settling")[1]
     row = next(line for line in settling.splitlines() if line.startswith("| xmoe |"))
     assert row.split(" | ")[-1].startswith("1.00 (")  # the last snapshot agrees with itself

@@ -10,7 +10,8 @@
     mhmoe reproduce multilingual [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR] [--ood-data PATH]
     mhmoe reproduce multimodal [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR]
     mhmoe reproduce ablations [--quick|--gpu] [--sweeps heads,head_merge,depth,experts|all] [--seeds N] [--out DIR]
-                      each also takes [--set key=value ...]; --dry-run prints the plan and a time estimate
+                      each also takes [--set key=value ...]; --dry-run prints the plan and a time estimate;
+                      --tables-only recomputes the statistics and tables of a finished --out
     mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--cuda-graph] [--json FILE]
     mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--compile] [--json FILE]
     mhmoe sizes       the papers' layer presets with their exact parameter counts and FLOPs
