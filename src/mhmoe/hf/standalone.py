@@ -116,11 +116,13 @@ def write_remote_code(folder: Path) -> list[str]:
     """Write the remote code into an exported folder and name it in config.json's auto_map; returns the files."""
     import json
 
+    from mhmoe.io import write_text
+
     files = remote_code()
     for name, text in files.items():
-        (folder / name).write_text(text, encoding="utf-8")
+        write_text(folder / name, text)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["auto_map"] = AUTO_MAP
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return sorted(files)
