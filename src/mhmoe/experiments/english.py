@@ -295,8 +295,9 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
-def table(results: dict) -> str:
-    """The results as markdown: models and perplexities, paired differences, routing in and out of distribution."""
+def table(results: dict, scope: str | None = None) -> str:
+    """The results as markdown: models and perplexities, paired differences, routing in and out of distribution.
+    `scope` says what the perplexities cover where it is not the English held-out text (`_scope`)."""
     models = results["models"]
     header = (
         "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
@@ -312,7 +313,7 @@ def table(results: dict) -> str:
             f"| {m['tokens_seen']:,} | {m['train_seconds']:.0f} ({_cpu_seconds(m)}) |"
         )
     seeds = len(next(iter(models.values()))["seeds"])
-    lines += ["", f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; {_scope(results)}.", ""]
+    lines += ["", f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; {scope or _scope(results)}.", ""]
     lines += ["**Paired per-seed differences of validation perplexity**", ""]
     lines += [paired_markdown(results["paired"]["val_loss"], "val ppl"), ""]
     lines += [

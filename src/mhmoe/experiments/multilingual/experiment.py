@@ -341,7 +341,14 @@ def table(results: dict) -> str:
     models = results["models"]
     seeds = len(next(iter(models.values()))["seeds"])
     langs = results["languages"]
-    lines = [english.table(results), ""]
+    b = results["analysis_budget"]
+    covered = f"the first {b['eval_batches']} batch(es)" if b.get("eval_batches") else "all"
+    scope = (
+        f"val / test ppl = exp of the mean per-language loss over {covered} of each language's held-out split "
+        "(languages weigh equally; per language below); train s: wall time, CPU s: process CPU time of the training "
+        "steps"
+    )
+    lines = [english.table(results, scope), ""]
     head = "| language | q (p) | train tokens | epochs |" + "".join(f" {n} |" for n in models)
     rule = "|---|---:|---:|---:|" + "---:|" * len(models)
     for title, key, digits in (("validation perplexity", "valid_ppl", 1), ("validation bits per byte", "valid_bpb", 3)):
