@@ -377,6 +377,8 @@ def _scope(results: dict) -> str:
         f"valid / test documents (train.final_eval_batches={batches}; `mhmoe eval RUN --max-batches {batches}` gives "
         "the same values, without it all of each split)"
         if first.get("test_tokens") and batches
+        else f"perplexity over the first {batches} batches of each held-out split (valid / test documents)"
+        if batches
         else "perplexity over all of the held-out valid / test documents"
     )
     data = results.get("data")
