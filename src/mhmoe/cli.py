@@ -40,7 +40,9 @@ from typing import Any
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 PARTS = ("core", "params", "controls", "heads", "all")  # mhmoe.experiments.common.PARTS (the CLI imports no experiment)
 SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
-GPU_SEEDS = {"ablations": 3}  # default --seeds with --gpu (else 5: enough to resolve 3%, results/english/README.md)
+# default --seeds with --gpu, else 5: the most that keeps a part within 6 minutes; the quick runs' spread asks 7-9
+# for a 3% difference (results/english/README.md), so a second slot adds seeds into the same --out
+GPU_SEEDS = {"ablations": 3}
 
 
 def _bench_layer(args: argparse.Namespace) -> int:
