@@ -382,7 +382,6 @@ def table(results: dict) -> str:
         mi = fmt(m["language_mi_bits"], m["language_mi_bits_std"], seeds, 3)
         mi_head = fmt(m.get("language_mi_bits_head"), m.get("language_mi_bits_head_std"), seeds, 3)
         lines.append(f"| {name} | {mi} | {mi_head} | {cells} |")
-    b = results["analysis_budget"]
     lines += [
         "",
         f"Languages weigh equally in the averages (ppl: exp of the mean per-language loss; bpb: mean of the "
