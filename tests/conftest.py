@@ -7,6 +7,7 @@ grouped_mm backend are multiples of 16 bytes (4 float32 / 8 bfloat16 values), wh
 from __future__ import annotations
 
 import copy
+import gzip
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +34,15 @@ def pack_sample(*parts: str) -> Path:
     path = PACK_SAMPLE.joinpath(*parts)
     assert path.exists(), f"{path} missing: run tests/fixtures/make_pack_sample.py"
     return path
+
+
+def english_documents(folder: Path, documents: int = 12, chars: int = 5_000) -> Path:
+    """`documents` text files of `chars` characters each of the pack sample's English text in `folder`: a small
+    corpus for training tests."""
+    text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[: documents * chars]
+    for i in range(documents):
+        (folder / f"doc{i:02d}.txt").write_text(text[i * chars : (i + 1) * chars])
+    return folder
 
 
 def data_pack(*parts: str) -> Path:

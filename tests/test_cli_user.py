@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import pack_sample
+from conftest import english_documents, pack_sample
 
 import mhmoe
 from mhmoe.cli import build_parser, main
@@ -33,11 +33,7 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """~60 KB of English in 12 documents (the pack sample)."""
-    text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:60_000]
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (folder / f"doc{i:02d}.txt").write_text(text[i * 5_000 : (i + 1) * 5_000])
-    return folder
+    return english_documents(tmp_path_factory.mktemp("corpus"), 12, 5_000)
 
 
 @pytest.fixture(scope="module")

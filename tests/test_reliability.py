@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import hashlib
 import json
 import os
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pack_sample
+from conftest import english_documents
 from safetensors.torch import load_file
 
 import mhmoe
@@ -65,11 +64,7 @@ def _keep_torch_threads():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:120_000]
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(12):
-        (folder / f"doc{i:02d}.txt").write_text(text[i * 10_000 : (i + 1) * 10_000])
-    return folder
+    return english_documents(tmp_path_factory.mktemp("corpus"), 12, 10_000)
 
 
 @pytest.fixture(scope="module")
