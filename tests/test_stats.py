@@ -94,5 +94,8 @@ def test_attribution_pairs_each_control_with_the_model_it_differs_from_in_one_th
     ]  # pairs with a model that did not run (smoe_fine, mhmoe_nohm, mhmoe_flops, xmoe) are left out
     assert rows[1]["difference"]["mean"] == pytest.approx((-0.05 - 0.02 - 0.05) / 3)
     text = attribution_markdown(rows, "val ppl")
-    assert "| mhmoe_flops_softmax − mhmoe_h1 | splitting into 4 heads, given the head and merge layers |" in text
+    assert (
+        "| mhmoe_flops_softmax − mhmoe_h1 | splitting into 4 heads (at equal FLOPs: 4× the expert calls), given the "
+        "layers |" in text
+    )
     assert attribution_markdown([], "val ppl") == ""

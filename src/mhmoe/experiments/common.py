@@ -74,7 +74,11 @@ BASELINES = ("smoe", "xmoe", "smoe_fine")  # the sparse baselines a model is com
 ATTRIBUTION = (
     ("mhmoe_flops_softmax", "smoe", "MH-MoE against SMoE, both with the softmax router"),
     ("mhmoe_flops_softmax", "smoe_fine", "what MH-MoE adds to SMoE of the same granularity (experts and sizes)"),
-    ("mhmoe_flops_softmax", "mhmoe_h1", "splitting into 4 heads, given the head and merge layers"),
+    (
+        "mhmoe_flops_softmax",
+        "mhmoe_h1",
+        "splitting into 4 heads (at equal FLOPs: 4× the expert calls), given the layers",
+    ),
     ("mhmoe_flops_softmax", "mhmoe_nohm", "the head and merge layers, given the split into 4 heads"),
     ("mhmoe_flops", "mhmoe_flops_softmax", "the X-MoE router against softmax, given MH-MoE"),
     ("mhmoe_flops", "xmoe", "MH-MoE against X-MoE, both with the X-MoE router"),
