@@ -87,7 +87,7 @@ def test_dry_run_prints_the_plan_and_counts_finished_runs(tmp_path, capsys):
 
 def test_dry_run_without_gpu_estimates_at_the_measured_cpu_rate(tmp_path, capsys):
     assert main(["reproduce", "english", "--quick", "--dry-run", "--out", str(tmp_path / "q")]) == 0
-    assert "assuming 0.03 TFLOP/s" in capsys.readouterr().out
+    assert "assuming 0.075 TFLOP/s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--assume-tflops must be a positive rate.*got 0.0"):
         main(["reproduce", "english", "--quick", "--dry-run", "--assume-tflops", "0"])
 

@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--assume-tflops",
         type=float,
         help="--dry-run: the sustained training rate to estimate with, TFLOP/s (default 100 with --gpu, an H200 "
-        "guess; else 0.03, measured on 2 CPU cores)",
+        "guess; else 0.075, measured on 2 idle CPU cores)",
     )
     reproduce.add_argument("--out", help="results folder (default: runs/reproduce-TASK-quick, -gpu)")
     reproduce.add_argument(

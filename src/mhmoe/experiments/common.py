@@ -231,9 +231,9 @@ class Assumptions:
 
     @classmethod
     def cpu(cls, tflops: float | None = None) -> "Assumptions":
-        """2 CPU cores: English `--quick` runs sustained 0.026-0.042 TFLOP/s (MoE-dense) on one thread each with
-        a second run beside them; a run spends ~20 s outside training (evaluation, figures, routing analysis)."""
-        return cls(tflops=tflops or 0.03, run_overhead_s=20.0, fixed_s=60.0)
+        """2 idle CPU cores, 2 threads: the default `reproduce english --quick` trained at 0.073 (dense) to 0.078
+        (MH-MoE) TFLOP/s and took 333 s in all (2026-12-03); one thread beside another job sustains 0.026-0.042."""
+        return cls(tflops=tflops or 0.075, run_overhead_s=10.0, fixed_s=30.0)
 
     def seconds(self, model: PlannedModel) -> float:
         flops = 3 * model.flops_per_token * model.train_tokens + model.flops_per_token * model.eval_tokens
