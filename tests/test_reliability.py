@@ -583,3 +583,16 @@ def test_every_writer_goes_through_the_atomic_helper():
         if name not in allowed and re.search(pattern, path.read_text()):
             found.append(name)
     assert found == [], f"write these through mhmoe.io.atomic_write: {found}"
+
+
+def test_a_staged_folder_is_published_whole_or_not_at_all(tmp_path):
+    from mhmoe.io import staged_dir
+
+    with staged_dir(tmp_path / "done") as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert [p.name for p in (tmp_path / "done").iterdir()] == ["a.txt"]
+    with pytest.raises(RuntimeError, match="half-way"):
+        with staged_dir(tmp_path / "failed") as tmp:
+            (tmp / "a.txt").write_text("a")
+            raise RuntimeError("half-way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]  # no folder, no temporary left

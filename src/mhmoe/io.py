@@ -124,6 +124,19 @@ def publish_dir(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+@contextlib.contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """Build the folder `path` aside: yields a new temporary sibling (`staging_dir`) that is renamed into place
+    (`publish_dir`) when the body succeeds and removed when it fails, so `path` is whole or absent."""
+    tmp = staging_dir(path)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, path)
+
+
 def fsync_tree(folder: Path) -> None:
     """fsync every file and folder under `folder` (before publishing it)."""
     for path in sorted(folder.rglob("*")):

@@ -11,7 +11,6 @@ conversion and loads the weights.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,7 @@ def moeify_pretrained(hf_dir: str | Path, out_dir: str | Path, kind: Kind = "smo
 
     from mhmoe.hf.files import folder_file
     from mhmoe.hf.runs import load_pretrained
-    from mhmoe.io import atomic_write, publish_dir, staging_dir, write_json
+    from mhmoe.io import atomic_write, staged_dir, write_json
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = AutoConfig.from_pretrained(str(hf_dir)) if (hf_dir / "config.json").is_file() else None
@@ -80,8 +79,7 @@ def moeify_pretrained(hf_dir: str | Path, out_dir: str | Path, kind: Kind = "smo
     recipe = {"kind": kind, "source": "moe" if has_moe_layers(model) else "dense", **recipe}
     json.dumps(recipe)  # fail before writing anything if the recipe cannot be recorded
     replaced = convert(model, recipe)
-    tmp = staging_dir(out_dir)
-    try:
+    with staged_dir(out_dir) as tmp:
         model.config.save_pretrained(tmp)
         for file in sorted(hf_dir.iterdir()):
             if file.name not in ("config.json", RECIPE_FILE) and _is_tokenizer_file(file.name) and not file.is_dir():
@@ -89,10 +87,6 @@ def moeify_pretrained(hf_dir: str | Path, out_dir: str | Path, kind: Kind = "smo
                     f.write(folder_file(file, hf_dir).read_bytes())
         save_model(model, str(tmp / WEIGHTS_FILE))
         write_json(tmp / RECIPE_FILE, {"recipe": recipe, "replaced": replaced})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, out_dir)
     return replaced
 
 

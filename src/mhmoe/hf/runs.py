@@ -28,14 +28,13 @@ would copy any readable file of the machine into the output.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from mhmoe.errors import CheckpointError, UserError
 from mhmoe.hf.files import check_model_folder, folder_file
 from mhmoe.hf.standalone import write_remote_code
-from mhmoe.io import atomic_write, publish_dir, staging_dir, write_json
+from mhmoe.io import atomic_write, staged_dir, write_json
 from mhmoe.models.gpt import GPT
 
 BYTE_EOS = "<|endoftext|>"
@@ -101,15 +100,10 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     }
     eos = tokenizer.eos_id
     hf = MHMoEForCausalLM.from_gpt(model, mhmoe_run=record, eos_token_id=eos, pad_token_id=eos)
-    tmp = staging_dir(out_dir)
-    try:
+    with staged_dir(out_dir) as tmp:
         hf.save_pretrained(tmp)
         write_remote_code(tmp)  # loadable with trust_remote_code=True where mhmoe is not installed
         hf_tokenizer(tokenizer).save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, out_dir)
     return out_dir
 
 
@@ -127,8 +121,7 @@ def import_run(hf_dir: Path, run_dir: Path) -> Path:
     cfg.model = model.cfg
     byte_run = cfg.data.tokenizer == "byte"
     tokenizer_bytes = b"" if byte_run else _tokenizer_file(Path(hf_dir))
-    tmp = staging_dir(run_dir)
-    try:
+    with staged_dir(run_dir) as tmp:
         write_json(tmp / "config.json", cfg.to_dict())
         if not byte_run:  # a byte run keeps no tokenizer file (data.tokenizer = "byte" says it all)
             with atomic_write(tmp / "tokenizer.json", "wb") as f:
@@ -137,10 +130,6 @@ def import_run(hf_dir: Path, run_dir: Path) -> Path:
         optimizer = make_optimizer(model.parameters(), cfg.train)
         step = int(record.get("step", 0))
         save_checkpoint(tmp / "checkpoints", step, model, optimizer, state, run_files=("config.json", "tokenizer.json"))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_dir(tmp, run_dir)
     return run_dir
 
 
