@@ -219,19 +219,16 @@ def params_matched_mhmoe(
     parameters — so expert FLOPs grow about H-fold (the authors' code hard-codes 11520 at D = 768,
     H = 4; the exact match with head and merge layers counted is what this returns). Within `tolerance`
     (relative), or `SizeMatchError`."""
-    base = sparse_moe_cost(smoe, d_model=d_model)
-    mh = _moe(smoe, num_heads=num_heads)
-    hidden = _solve_linear(
-        lambda f: mhmoe_cost(_moe(mh, expert_hidden=f), d_model=d_model).params_total, base.params_total
+    return _match_hidden(
+        "params_matched_mhmoe",
+        _moe(smoe, num_heads=num_heads),
+        lambda config: mhmoe_cost(config, d_model=d_model).params_total,
+        sparse_moe_cost(smoe, d_model=d_model).params_total,
+        "params_total",
+        hidden_multiple,
+        tolerance,
+        "smaller hidden_multiple, fewer heads or more experts",
     )
-    mh = _moe(mh, expert_hidden=_round_to(hidden, hidden_multiple))
-    relax = (
-        f"the exact solution is expert_hidden ≈ {hidden:.0f} (rounded to a multiple of {hidden_multiple}); use a "
-        "smaller hidden_multiple, fewer heads or more experts, or a larger tolerance"
-    )
-    got = mhmoe_cost(mh, d_model=d_model).params_total
-    _check_match("params_matched_mhmoe", "params_total", got, base.params_total, tolerance, relax)
-    return mh
 
 
 def fine_grained_smoe(
@@ -239,20 +236,38 @@ def fine_grained_smoe(
 ) -> MoEConfig:
     """E·g experts, top-(K·g), hidden solved for equal FLOPs (v2's 16 × 1024 top-2 at g = 2), within
     `tolerance` (relative), or `SizeMatchError`."""
-    base = sparse_moe_cost(smoe, d_model=d_model)
-    fine = _moe(smoe, num_experts=smoe.num_experts * granularity, top_k=smoe.top_k * granularity)
-    hidden = _solve_linear(
-        lambda f: sparse_moe_cost(_moe(fine, expert_hidden=f), d_model=d_model).flops_per_token,
-        base.flops_per_token,
+    return _match_hidden(
+        "fine_grained_smoe",
+        _moe(smoe, num_experts=smoe.num_experts * granularity, top_k=smoe.top_k * granularity),
+        lambda config: sparse_moe_cost(config, d_model=d_model).flops_per_token,
+        sparse_moe_cost(smoe, d_model=d_model).flops_per_token,
+        "FLOPs per token",
+        hidden_multiple,
+        tolerance,
+        "smaller hidden_multiple or granularity",
     )
-    fine = _moe(fine, expert_hidden=_round_to(hidden, hidden_multiple))
+
+
+def _match_hidden(
+    solver: str,
+    config: MoEConfig,
+    measure: Callable[[MoEConfig], int],
+    target: int,
+    what: str,
+    hidden_multiple: int,
+    tolerance: float,
+    smaller: str,
+) -> MoEConfig:
+    """`config` with the expert_hidden (a multiple of `hidden_multiple`) at which `measure` meets `target` within
+    `tolerance`, or `SizeMatchError` naming the exact solution and what to relax (`smaller`)."""
+    hidden = _solve_linear(lambda f: measure(_moe(config, expert_hidden=f)), target)
+    sized = _moe(config, expert_hidden=_round_to(hidden, hidden_multiple))
     relax = (
         f"the exact solution is expert_hidden ≈ {hidden:.0f} (rounded to a multiple of {hidden_multiple}); use a "
-        "smaller hidden_multiple or granularity, or a larger tolerance"
+        f"{smaller}, or a larger tolerance"
     )
-    got = sparse_moe_cost(fine, d_model=d_model).flops_per_token
-    _check_match("fine_grained_smoe", "FLOPs per token", got, base.flops_per_token, tolerance, relax)
-    return fine
+    _check_match(solver, what, measure(sized), target, tolerance, relax)
+    return sized
 
 
 V1_XMOE = MoEConfig(num_experts=8, top_k=2, expert_hidden=3072, activation="gelu", router=RouterConfig(kind="xmoe"))
