@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -349,7 +348,7 @@ def announce(run_dir: Path, task: Task, t: TrainConfig, session: Session, step: 
     else:
         lines.append(f"training {t.max_steps} steps of {t.batch_size * t.grad_accum * session.world} sequences")
     for line in lines:
-        print(f"mhmoe: {line}", file=sys.stderr, flush=True)
+        notice(line)
 
 
 def _nonfinite(step: int, loss: float, grad_norm: Tensor) -> str:
