@@ -474,6 +474,16 @@ def experts_cell(model: dict) -> str:
     )
 
 
+def pct_cell(value: float | None) -> str:
+    """A fraction as a whole percentage, "-" when missing."""
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def num_cell(value: float | None) -> str:
+    """A number with two decimals, "-" when missing."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def effective_cell(value: float | None, fraction: float | None) -> str:
     return "-" if value is None or fraction is None else f"{value:.2f} ({100 * fraction:.0f}%)"
 

@@ -38,8 +38,10 @@ from mhmoe.experiments.common import (
     mean_of,
     metric_curve,
     model_fields,
+    num_cell,
     paired_markdown,
     paired_table,
+    pct_cell,
     planned_model,
     run_fields,
     run_variants,
@@ -333,12 +335,6 @@ def routing_tables(results: dict) -> list[str]:
     """Routing on held-out text and on each out-of-distribution corpus: effective experts pooled and per head
     (% of E), relative activation, and sub-token divergence beside its chance value."""
 
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.0f}%"
-
-    def num(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
     models = results["models"]
     corpora = [("held-out", None)] + [(name, name) for name in (results.get("ood_data") or {})]
     lines = [
@@ -352,11 +348,10 @@ def routing_tables(results: dict) -> list[str]:
             continue
         for label, key in corpora:
             r = m if key is None else (m.get("ood") or {}).get(key) or {}
-            lines.append(
-                f"| {name} | {label} | {pct(r.get('effective_fraction'))} | {pct(r.get('effective_fraction_head'))} "
-                f"| {pct(r.get('activation_relative'))} | {num(r.get('divergence_mean'))} / {num(r.get('divergence_chance'))} "
-                f"| {num(r.get('divergence_top1'))} / {num(r.get('divergence_top1_chance'))} |"
-            )
+            pct = [pct_cell(r.get(k)) for k in ("effective_fraction", "effective_fraction_head", "activation_relative")]
+            divergence = ("divergence_mean", "divergence_chance", "divergence_top1", "divergence_top1_chance")
+            num = [num_cell(r.get(k)) for k in divergence]
+            lines.append(f"| {name} | {label} | {' | '.join(pct)} | {num[0]} / {num[1]} | {num[2]} / {num[3]} |")
     lines += [
         "",
         "eff. experts = exp(entropy of the expert shares) as % of E, pooled over the H sub-token streams and per head; "

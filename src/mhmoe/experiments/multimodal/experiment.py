@@ -36,8 +36,10 @@ from mhmoe.experiments.common import (
     mean_of,
     metric_curve,
     model_fields,
+    num_cell,
     paired_markdown,
     paired_table,
+    pct_cell,
     planned_model,
     run_fields,
     run_variants,
@@ -349,12 +351,6 @@ def routing_table(models: dict[str, dict]) -> list[str]:
     """Routing per modality with the measures that have a baseline: effective experts pooled over the heads and
     per head (% of E), the relative activation ratio, and the sub-token divergence beside its chance value."""
 
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.0f}%"
-
-    def num(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
     lines = [
         "**Routing per modality, with baselines** (held-out images / text)",
         "",
@@ -367,11 +363,11 @@ def routing_table(models: dict[str, dict]) -> list[str]:
         for modality in ("vision", "language"):
             divergence = m.get(f"divergence_mean_{modality}")
             chance = m.get(f"divergence_chance_{modality}")
-            cell = "-" if divergence is None else f"{divergence:.2f} ({num(chance)})"
+            cell = "-" if divergence is None else f"{divergence:.2f} ({num_cell(chance)})"
             lines.append(
-                f"| {name} | {modality} | {pct(m.get(f'effective_fraction_{modality}'))} "
-                f"| {pct(m.get(f'effective_fraction_head_{modality}'))} "
-                f"| {pct(m.get(f'activation_relative_{modality}'))} | {cell} |"
+                f"| {name} | {modality} | {pct_cell(m.get(f'effective_fraction_{modality}'))} "
+                f"| {pct_cell(m.get(f'effective_fraction_head_{modality}'))} "
+                f"| {pct_cell(m.get(f'activation_relative_{modality}'))} | {cell} |"
             )
     return lines + [
         "",
