@@ -1,4 +1,4 @@
-"""The README's code runs, and CI runs exactly the README's test command."""
+"""The README's and the docs' code runs, and CI runs exactly the README's test command."""
 
 import re
 from pathlib import Path
@@ -7,12 +7,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [
+    (f"{page.relative_to(ROOT)} block {index}", block)
+    for page in PAGES
+    for index, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
+]
 
 
-@pytest.mark.parametrize("index", range(len(re.findall(r"```python\n", README))))
-def test_readme_python_blocks_run(index):
-    block = re.findall(r"```python\n(.*?)```", README, flags=re.S)[index]
-    exec(compile(block, f"README.md block {index}", "exec"), {})
+@pytest.mark.parametrize("name, block", BLOCKS, ids=[name for name, _ in BLOCKS])
+def test_documented_python_blocks_run(name, block):
+    exec(compile(block, name, "exec"), {})
 
 
 def test_ci_runs_the_readme_test_command():
