@@ -29,6 +29,21 @@ DATA_PACK_HINT = (
 )
 
 
+# float32 bits depend on the CPU: oneDNN, MKL and ATen pick kernels by instruction set (AVX2, AVX-512, ...), and each
+# sums in its own order. A float32 result that sums n terms may move by about n·eps relative between two machines (the
+# n·u bound on a sum's rounding, u = eps / 2, for each of the two results). Exactness is claimed in float64; a float32
+# value, and above all a stored one, is compared within this tolerance, never with `==` (tests run a second time
+# with the kernels capped below the machine's, .ci/run, to catch the next test that depends on one CPU's bits).
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def float32_tolerance(reduction: int) -> dict[str, float]:
+    """rtol/atol for torch.testing.assert_close / pytest.approx on float32 results whose longest chain of sums adds
+    about `reduction` terms (the widest dot product or softmax, summed over the layers it passes through)."""
+    tol = reduction * FLOAT32_EPS
+    return {"rtol": tol, "atol": tol}
+
+
 def pack_sample(*parts: str) -> Path:
     """A file or folder of the committed sample of the pack (same layout as the pack)."""
     path = PACK_SAMPLE.joinpath(*parts)
