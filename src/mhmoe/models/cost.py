@@ -26,7 +26,7 @@ from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.experts import DenseFFN
 from mhmoe.layers.moe import MoELayer
 from mhmoe.layers.multihead import MHMoE
-from mhmoe.layers.routers import Router, RouterConfig, XMoERouter
+from mhmoe.layers.routers import HeadRouters, Router, RouterConfig, XMoERouter
 from mhmoe.models.ffn import LayerSpec
 from mhmoe.ops.activations import glu_factor
 
@@ -79,38 +79,57 @@ def dense_cost(*, d_model: int, hidden: int, activation: str = "gelu", bias: boo
 
 def sparse_moe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = None, **options: Any) -> Cost:
     """The cost of `SparseMoE(config, d_model=d_model)` (or its keyword form). A `Router` object as `router`
-    is counted as it is built."""
+    is counted as it is built. With `latent_dim` L (LatentMoE) the experts work at width L and every routed item
+    passes the D×L down and L×D up projections once."""
     router_object = router if isinstance(router, Router) else None
     if router is not None and router_object is None:
         options["router"] = router
     c = _config(config, options)
+    width = c.latent_dim or d_model
     router_params, router_flops = _router_cost(router_object or c.router, d_model, c.num_experts)
-    expert, expert_matmul = _expert_params(c, d_model), _ffn_params(d_model, c.expert_hidden, c.activation)
+    expert, expert_matmul = _expert_params(c, width), _ffn_params(width, c.expert_hidden, c.activation)
     shared = _ffn_params(d_model, c.num_shared_experts * (c.shared_expert_hidden or c.expert_hidden), c.activation)
     shared += d_model if c.shared_expert_gate else 0  # Qwen2-MoE's d -> 1 gate
+    latent = 2 * d_model * width if c.latent_dim else 0  # LatentMoE's down and up projections, no biases
     return Cost(
-        params_total=router_params + c.num_experts * expert + shared,
-        params_active=router_params + c.top_k * expert + shared,
-        flops_per_token=router_flops + 2 * (c.top_k * expert_matmul + shared),
+        params_total=router_params + c.num_experts * expert + shared + latent,
+        params_active=router_params + c.top_k * expert + shared + latent,
+        flops_per_token=router_flops + 2 * (c.top_k * expert_matmul + shared + latent),
     )
 
 
+def _projections(d_in: int, d_out: int, depth: int) -> tuple[int, int]:
+    """(params, flops per token) of MH-MoE's head or merge layer: `depth` linear layers with biases, the first
+    d_in -> d_out, the rest d_out -> d_out."""
+    weights = 0 if depth == 0 else d_in * d_out + (depth - 1) * d_out * d_out
+    return weights + depth * d_out, 2 * weights
+
+
 def mhmoe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = None, **options: Any) -> Cost:
-    """The cost of `MHMoE(config, d_model=d_model)` (or its keyword form)."""
+    """The cost of `MHMoE(config, d_model=d_model)` (or its keyword form), any member of its family: a latent width
+    L (head layer D×L, merge layer L×D, sub-tokens L/H wide) and a router and pool per head (`per_head_experts`:
+    H·E experts, and a token's H sub-tokens reach H·K of them; with one shared pool at most min(E, H·K))."""
     router_object = router if isinstance(router, Router) else None
     if router is not None and router_object is None:
         options["router"] = router
     c = _config(config, options)
-    head_dim = d_model // c.num_heads
-    inner = sparse_moe_cost(c.subtoken(), d_model=head_dim, **({"router": router_object} if router_object else {}))
+    latent = c.latent_dim or d_model
+    H, head_dim = c.num_heads, latent // c.num_heads
+    pools = H if c.per_head_experts else 1
+    head_router = router_object.heads[0] if isinstance(router_object, HeadRouters) else router_object
+    one_pool = dataclasses.replace(c.subtoken(), num_experts=c.num_experts)
+    inner = sparse_moe_cost(one_pool, d_model=head_dim, **({"router": head_router} if head_router else {}))
+    router_params, _ = _router_cost(head_router or one_pool.router, head_dim, c.num_experts)
     expert = _expert_params(c, head_dim)
-    reached = min(c.num_experts, c.num_heads * c.top_k)
-    depth = c.multi_head_layers + c.merge_layers
-    projections = depth * (d_model * d_model + d_model)
+    reached = H * c.top_k if pools > 1 else min(c.num_experts, H * c.top_k)
+    head_params, head_flops = _projections(d_model, latent, c.multi_head_layers)
+    merge_params, merge_flops = _projections(latent, d_model, c.merge_layers)
+    projections = head_params + merge_params
+    other_pools = (pools - 1) * (router_params + c.num_experts * expert)
     return Cost(
-        params_total=projections + inner.params_total,
-        params_active=projections + inner.params_active + (reached - c.top_k) * expert,
-        flops_per_token=2 * depth * d_model * d_model + c.num_heads * inner.flops_per_token,
+        params_total=projections + inner.params_total + other_pools,
+        params_active=projections + inner.params_active + (pools - 1) * router_params + (reached - c.top_k) * expert,
+        flops_per_token=head_flops + merge_flops + H * inner.flops_per_token,
     )
 
 
