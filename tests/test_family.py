@@ -119,7 +119,9 @@ def assert_same(fast, slow, x, g):
 def test_latent_moe_equals_its_per_token_loop(dispatch, shared):
     layer = latent_moe(dispatch=dispatch, num_shared_experts=shared)
     x, g = torch.randn(3, 5, D, dtype=torch.float64), torch.randn(3, 5, D, dtype=torch.float64)
-    grads, ref_grads = assert_same((layer, lambda t: layer(t).y), (layer, lambda t: latent_moe_reference(layer, t)), x, g)
+    grads, ref_grads = assert_same(
+        (layer, lambda t: layer(t).y), (layer, lambda t: latent_moe_reference(layer, t)), x, g
+    )
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], **EXACT, msg=name)
     assert layer.experts.w_in.shape == (E, L, FF) and layer.latent_down.weight.shape == (L, D)
@@ -131,7 +133,9 @@ def test_multi_head_latent_moe_equals_its_per_token_loop(dispatch, num_heads):
     layer = mh_latent_moe(num_heads=num_heads, dispatch=dispatch)
     assert isinstance(layer.moe.router, HeadRouters) and layer.moe.num_experts == num_heads * E
     x, g = torch.randn(2, 7, D, dtype=torch.float64), torch.randn(2, 7, D, dtype=torch.float64)
-    grads, ref_grads = assert_same((layer, lambda t: layer(t).y), (layer, lambda t: mh_latent_moe_reference(layer, t)), x, g)
+    grads, ref_grads = assert_same(
+        (layer, lambda t: layer(t).y), (layer, lambda t: mh_latent_moe_reference(layer, t)), x, g
+    )
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], **EXACT, msg=name)
 
@@ -335,3 +339,55 @@ def test_family_errors_are_one_line():
     router = copy.deepcopy(mh_latent_moe().moe.router.heads[0])
     with pytest.raises(ValueError, match="per_head_experts builds a router per head"):
         MHMoE(d_model=D, num_heads=2, num_experts=E, top_k=K, expert_hidden=FF, per_head_experts=True, router=router)
+
+
+# ----------------------------------------------------------------- the pipeline: train, analyze, export
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["model.ffn.kind=smoe", "model.ffn.moe.latent_dim=16"],
+     ["model.ffn.kind=mhmoe", "model.ffn.moe.num_heads=4", "model.ffn.moe.latent_dim=24",
+      "model.ffn.moe.per_head_experts=true"]],
+    ids=["latent", "mh-latent"],
+)  # fmt: skip
+def test_family_members_train_analyze_and_export(tmp_path, monkeypatch, capsys, options):
+    pytest.importorskip("transformers")
+    from conftest import english_documents
+    from transformers import AutoModelForCausalLM
+
+    from mhmoe.analysis.runs import load_run
+    from mhmoe.cli import main
+
+    monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus").mkdir()
+    corpus = english_documents(tmp_path / "corpus", 12, 5_000)
+    settings = ["train.max_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "train.final_eval_batches=1",
+                "model.d_model=32", "model.ffn.moe.expert_hidden=16", "train.threads=1", *options]  # fmt: skip
+    run = tmp_path / "run"
+    args = ["train", "--preset", "cpu-tiny", "--no-progress", "--data", str(corpus), "--out", str(run)]
+    assert main(args + [item for kv in settings for item in ("--set", kv)]) == 0, capsys.readouterr().err
+    assert main(["analyze", str(run)]) == 0, capsys.readouterr().err
+    assert main(["export-hf", str(run), str(tmp_path / "hf")]) == 0, capsys.readouterr().err
+    model = load_run(run, data=False).model.eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx).logits, model(idx).logits, rtol=0, atol=0)
+
+
+def test_per_head_sigmoid_routers_count_their_own_load():
+    """The authors balance with an auxiliary-loss-free bias: with the sigmoid router each head keeps its own load and
+    bias, and only the sub-tokens of its head count in them."""
+    from mhmoe import SigmoidRouter
+
+    layer = mh_latent_moe(num_heads=2, router=__import__("mhmoe").RouterConfig(kind="sigmoid", bias_update_rate=0.1))
+    layer.train()(torch.randn(3, 5, D, dtype=torch.float64))
+    routers = [m for m in layer.modules() if isinstance(m, SigmoidRouter)]
+    assert routers == list(layer.moe.router.heads)
+    assert [float(r.load.sum()) for r in routers] == [15 * K, 15 * K]  # 15 tokens, one sub-token per head, K each
+    loads = [r.load.clone() for r in routers]
+    assert not torch.equal(*loads)  # each head counted its own sub-tokens
+    for r, load in zip(routers, loads):
+        r.update_bias()
+        torch.testing.assert_close(r.expert_bias, 0.1 * torch.sign(load.mean() - load).double(), **EXACT)

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from mhmoe.layers.config import MoEConfig, Residual
 from mhmoe.layers.experts import check_positive
-from mhmoe.layers.routers import HeadRouters, make_router
 from mhmoe.layers.moe import (
     MoELayer,
     MoEOutput,
@@ -38,6 +37,7 @@ from mhmoe.layers.moe import (
     layer_config,
     mask_padding,
 )
+from mhmoe.layers.routers import HeadRouters, make_router
 
 
 def projection(d_in: int, d_out: int, num_layers: int, gain: float, zero_bias: bool) -> nn.Module:

@@ -437,7 +437,9 @@ class HeadRouters(Router):
         H, d = self.pools, x_Sd.shape[-1]
         x_THd = x_Sd.view(-1, H, d)
         valid_TH = None if valid_S is None else valid_S.view(-1, H)
-        outs = [router(x_THd[:, j], None if valid_TH is None else valid_TH[:, j]) for j, router in enumerate(self.heads)]
+        outs = [
+            router(x_THd[:, j], None if valid_TH is None else valid_TH[:, j]) for j, router in enumerate(self.heads)
+        ]
         offset_H1 = torch.arange(H, device=x_Sd.device).unsqueeze(-1) * self.pool_size
 
         def interleave(parts: list[Tensor]) -> Tensor:  # H × (T, ...) -> (T·H, ...), row i·H + j from head j
