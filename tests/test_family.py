@@ -391,3 +391,72 @@ def test_per_head_sigmoid_routers_count_their_own_load():
     for r, load in zip(routers, loads):
         r.update_bias()
         torch.testing.assert_close(r.expert_bias, 0.1 * torch.sign(load.mean() - load).double(), **EXACT)
+
+
+# ----------------------------------------------------------------- NemotronH: transformers' LatentMoE block
+
+
+def nemotron_h(latent: int | None = 12):
+    transformers = pytest.importorskip("transformers", minversion="5.0")
+    config = transformers.NemotronHConfig(
+        vocab_size=97, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        layers_block_type=["attention", "moe", "attention", "moe"], n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=24, moe_shared_expert_intermediate_size=16, moe_latent_size=latent, n_group=4,
+        topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.NemotronHForCausalLM(config).double().eval()
+    model.set_experts_implementation("eager")  # grouped_mm has no float64
+    for module in model.modules():
+        if hasattr(module, "e_score_correction_bias"):  # untrained: zeros; make the bias matter
+            module.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("latent", [12, None])
+def test_latent_moe_equals_nemotron_h_block_forward_and_backward(latent):
+    """NemotronH's MoE block (`NemotronHMoE`: sigmoid router with group-limited routing and a routed scale on the
+    full-width token, latent projections, squared-ReLU experts, a shared expert on the full-width token) read into a
+    SparseMoE with latent_dim: outputs and every gradient equal. transformers computes this router in float32 in a
+    float64 model (`hidden_states.type(torch.float32)`), so the gates carry float32 rounding (tests/test_peers.py)."""
+    from conftest import float32_tolerance
+
+    from mhmoe.convert import find_moe_blocks, layer_from_block
+
+    model = nemotron_h(latent)
+    _, block = find_moe_blocks(model)[-1]
+    layer = layer_from_block(block, model.config)
+    assert layer.config.latent_dim == latent and layer.config.activation == "relu2"
+    assert layer.config.router.kind == "sigmoid" and layer.config.router.num_groups == 4
+    tolerance = float32_tolerance(reduction=2 * 32)
+    x = torch.randn(3, 9, 32, dtype=torch.float64)
+    g = torch.randn(3, 9, 32, dtype=torch.float64)
+    expected, grad_x = forward_backward(block, x, g)
+    actual, actual_grad_x = forward_backward(lambda t: layer(t).y, x, g)
+    torch.testing.assert_close(actual, expected, **tolerance)
+    torch.testing.assert_close(actual_grad_x, grad_x, **tolerance)
+    pairs = [(layer.experts.w_in, block.experts.up_proj, True), (layer.experts.w_out, block.experts.down_proj, True),
+             (layer.shared_experts.fc_in.weight, block.shared_experts.up_proj.weight, False),
+             (layer.router.weight, block.gate.weight, False)]  # fmt: skip
+    if latent:
+        pairs += [(layer.latent_down.weight, block.fc1_latent_proj.weight, False),
+                  (layer.latent_up.weight, block.fc2_latent_proj.weight, False)]  # fmt: skip
+    for ours, theirs, transposed in pairs:
+        torch.testing.assert_close(ours.grad, theirs.grad.transpose(1, 2) if transposed else theirs.grad, **tolerance)
+
+
+def test_swapped_nemotron_h_equals_the_original():
+    from conftest import float32_tolerance
+
+    from mhmoe.convert import swap_moe_blocks
+
+    original = nemotron_h()
+    swapped = copy.deepcopy(original)
+    assert swap_moe_blocks(swapped) == ["model.layers.1.mixer", "model.layers.3.mixer"]
+    idx = torch.randint(1, 97, (2, 9))
+    expected, actual = original(idx, labels=idx), swapped(idx, labels=idx)
+    torch.testing.assert_close(actual.logits, expected.logits, **float32_tolerance(reduction=2 * 32 + 97))
+    with torch.no_grad():  # the swapped layers are the ones computing
+        swapped.get_submodule("model.layers.3.mixer").moe.latent_up.weight.zero_()
+    assert not torch.allclose(swapped(idx).logits, expected.logits)

@@ -44,7 +44,7 @@ class MoEConfig:
 
     num_experts, top_k: E experts, each routed item goes to K of them.
     expert_hidden: hidden width F of each expert.
-    activation: gelu, relu, silu or a GLU form (swiglu, geglu, reglu; `mhmoe.ops.activations`).
+    activation: gelu, relu, silu, relu2 (squared ReLU) or a GLU form (swiglu, geglu, reglu; `mhmoe.ops.activations`).
     expert_bias: experts with biases b_in, b_out (the authors' code by default; Mixtral and the rest have none).
     router: which router and its options (`RouterConfig`).
     capacity_factor: None is dropless; c keeps at most ceil(c·K·S/E) assignments per expert (GShard priority).
