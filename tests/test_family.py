@@ -15,6 +15,7 @@ one `MoEConfig` (`latent_dim`, `per_head_experts`), in float64, forward and all 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -460,3 +461,62 @@ def test_swapped_nemotron_h_equals_the_original():
     with torch.no_grad():  # the swapped layers are the ones computing
         swapped.get_submodule("model.layers.3.mixer").moe.latent_up.weight.zero_()
     assert not torch.allclose(swapped(idx).logits, expected.logits)
+
+
+# ----------------------------------------------------------------- head parallelism (gloo, 2 processes)
+
+
+def test_head_parallel_equals_one_process(tmp_path):
+    """Heads on 2 ranks: outputs, input gradients, every gradient (replicated head and merge layers averaged, the
+    sharded routers and experts finished by finish_head_gradients) and the mean auxiliary loss equal one process on
+    the global batch, float64; a second run of the same step is bitwise identical."""
+    from distributed_workers import head_job, launch
+
+    cases = [
+        dict(name="softmax-4-heads", heads=4, router="softmax"),
+        dict(name="sigmoid-2-heads-masked", heads=2, router="sigmoid", mask=True),
+        dict(name="per-sequence-capacity", heads=4, router="softmax", token_group="sequence", capacity=1.0),
+    ]
+    results = launch(head_job, 2, tmp_path, 240, cases)
+    for rank, result in enumerate(results):
+        for name, case in result.items():
+            bad = {k: v for k, v in case["diffs"].items() if v > 1e-12}
+            assert not bad, f"{name}, rank {rank}: {bad}"
+            assert case["repeatable"], f"{name}, rank {rank}: a rerun differs"
+    # each rank holds half of the routers and experts (and the replicated head and merge layers)
+    assert results[0]["softmax-4-heads"]["local_params"] == results[1]["softmax-4-heads"]["local_params"]
+
+
+def test_head_parallel_refuses_what_it_cannot_place():
+    from mhmoe.parallel.head import check_head_layout
+
+    shared = MHMoE(MoEConfig(num_experts=E, top_k=K, expert_hidden=FF, num_heads=2), d_model=D)
+    with pytest.raises(ValueError, match="needs a router and a pool of experts per head"):
+        check_head_layout(shared, 2)
+    with pytest.raises(ValueError, match="needs MHMoE layers"):
+        check_head_layout(latent_moe(), 2)
+    with pytest.raises(ValueError, match=r"num_heads \(2\) must be divisible by the head-parallel size \(4\)"):
+        check_head_layout(mh_latent_moe(num_heads=2), 4)
+    with pytest.raises(ValueError, match="does not place shared experts"):
+        check_head_layout(mh_latent_moe(num_heads=2, num_shared_experts=1), 2)
+    assert check_head_layout(mh_latent_moe(num_heads=4), 2)
+
+
+def test_all_to_all_values_per_token():
+    from mhmoe.models.cost import all_to_all_values_per_token as values
+
+    H = 4
+    per_head = MoEConfig(num_experts=E, top_k=K, expert_hidden=FF, num_heads=H, latent_dim=L, per_head_experts=True)
+    # head parallelism: the latent token's remote share, there and back; no K
+    assert values(per_head, d_model=D, layer="mhmoe", parallel="head", size=2) == 2 * L / 2
+    assert values(dataclasses.replace(per_head, top_k=1), d_model=D, layer="mhmoe", parallel="head", size=2) == L
+    # expert parallelism: K rows per sub-token of width L/H, H sub-tokens: K times head parallelism's volume
+    assert values(per_head, d_model=D, layer="mhmoe", parallel="expert", size=2) == K * L
+    smoe = MoEConfig(num_experts=E, top_k=K, expert_hidden=FF)
+    assert values(smoe, d_model=D, layer="smoe", parallel="expert", size=4) == 2 * K * D * 3 / 4
+    latent = MoEConfig(num_experts=E, top_k=K, expert_hidden=FF, latent_dim=L)
+    assert values(latent, d_model=D, layer="smoe", parallel="expert", size=2) == K * L
+    with pytest.raises(ValueError, match="per_head_experts=True only"):
+        values(smoe, d_model=D, layer="smoe", parallel="head", size=2)
+    with pytest.raises(ValueError, match=r"num_heads \(4\) must be divisible by the head-parallel size \(3\)"):
+        values(per_head, d_model=D, layer="mhmoe", parallel="head", size=3)

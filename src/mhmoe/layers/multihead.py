@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
@@ -53,6 +53,12 @@ def projection(d_in: int, d_out: int, num_layers: int, gain: float, zero_bias: b
             nn.init.zeros_(linear.bias)
         layers += [linear] if i == 0 else [nn.ReLU(), linear]
     return layers[0] if num_layers == 1 else nn.Sequential(*layers)
+
+
+class HeadRunner(Protocol):
+    """Runs the inner SparseMoE on sub-tokens h_Sd (row i·H + j), their mask and the tokens per sequence."""
+
+    def __call__(self, moe: SparseMoE, h_Sd: Tensor, valid_S: Tensor | None, sequence_length: int) -> MoEOutput: ...
 
 
 def _per_sequence(x: Tensor, num_heads: int, h_Sd: Tensor, valid_S: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -107,6 +113,9 @@ class MHMoE(MoELayer):
         )
         self.moe = SparseMoE(sub, d_model=self.head_dim, **options)
         self.merge_layer = projection(latent, d_model, config.merge_layers, gain=1.0, zero_bias=True)
+        # Extension point for head parallelism (mhmoe.parallel.head): runs the inner layer on the ranks holding
+        # the sub-tokens' heads. A plain attribute, not state.
+        self.head_runner: HeadRunner | None = None
 
     @property
     def routed(self) -> SparseMoE:
@@ -135,9 +144,10 @@ class MHMoE(MoELayer):
         h_TL = self.multi_head_layer(x_TD)  # 1. multi-head layer
         h_Sd = h_TL.reshape(-1, self.head_dim)  # 2. split: sub-token j of token i is row i·H + j
         valid_S = None if valid_T is None else valid_T.repeat_interleave(self.num_heads)
-        routed = self.moe(
-            *_per_sequence(x, self.num_heads, h_Sd, valid_S)
-        )  # 3-4. route each sub-token, run its experts
+        if self.head_runner is None:  # 3-4. route each sub-token, run its experts
+            routed = self.moe(*_per_sequence(x, self.num_heads, h_Sd, valid_S))
+        else:  # on the ranks holding their heads
+            routed = self.head_runner(self.moe, h_Sd, valid_S, x.shape[-2] if x.dim() >= 2 else 1)
         o_Sd = routed.y.reshape(h_Sd.shape)
         o_Sd = o_Sd + h_Sd if self.residual == "subtoken" else o_Sd
         y_TD = self.merge_layer(o_Sd.reshape(-1, self.latent_dim))  # 5-6. merge, merge layer

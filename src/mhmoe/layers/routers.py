@@ -433,6 +433,12 @@ class HeadRouters(Router):
         self.heads = nn.ModuleList(routers)
         self.pools, self.pool_size = len(routers), first.num_experts
 
+    def head(self, j: int) -> Router:
+        """Head j's router."""
+        router = self.heads[j]
+        assert isinstance(router, Router)
+        return router
+
     def forward(self, x_Sd: Tensor, valid_S: Tensor | None = None) -> RouterOutput:
         H, d = self.pools, x_Sd.shape[-1]
         x_THd = x_Sd.view(-1, H, d)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from torch import nn
 
@@ -116,7 +116,7 @@ def mhmoe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = N
     latent = c.latent_dim or d_model
     H, head_dim = c.num_heads, latent // c.num_heads
     pools = H if c.per_head_experts else 1
-    head_router = router_object.heads[0] if isinstance(router_object, HeadRouters) else router_object
+    head_router = router_object.head(0) if isinstance(router_object, HeadRouters) else router_object
     one_pool = dataclasses.replace(c.subtoken(), num_experts=c.num_experts)
     inner = sparse_moe_cost(one_pool, d_model=head_dim, **({"router": head_router} if head_router else {}))
     router_params, _ = _router_cost(head_router or one_pool.router, head_dim, c.num_experts)
@@ -131,6 +131,36 @@ def mhmoe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = N
         params_active=projections + inner.params_active + (pools - 1) * router_params + (reached - c.top_k) * expert,
         flops_per_token=head_flops + merge_flops + H * inner.flops_per_token,
     )
+
+
+def all_to_all_values_per_token(
+    config: MoEConfig, *, d_model: int, layer: Literal["smoe", "mhmoe"], parallel: Literal["expert", "head"], size: int
+) -> float:
+    """Values one token sends to other ranks through one layer's all-to-alls in the forward pass (dispatch and
+    combine; the backward sends as many again), under expert or head parallelism over `size` ranks. Multiply by the
+    bytes of the dtype for bytes.
+
+    expert: each of the token's routed rows (K per item; H items for MH-MoE, 1 for SMoE) of the experts' width (D,
+        LatentMoE's L, or a sub-token's L/H) goes to the rank of its expert and back: 2·items·K·width·(size-1)/size,
+        the expectation when routing spreads evenly over the ranks (the rows that stay on their rank are not sent;
+        uneven routing moves it), plus a size exchange of E counts per rank per call, not per token.
+    head: the token's sub-tokens of the heads other ranks hold go there and back: 2·L·(size-1)/size, exact, whatever
+        K and the routing (Multi-Head LatentMoE with per-head pools only; module `mhmoe.parallel.head`).
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    remote = (size - 1) / size
+    latent = config.latent_dim or d_model
+    if parallel == "head":
+        if layer != "mhmoe" or not config.per_head_experts:
+            raise ValueError("head parallelism places the heads of an MHMoE with per_head_experts=True only")
+        if config.num_heads % size:
+            raise ValueError(f"num_heads ({config.num_heads}) must be divisible by the head-parallel size ({size})")
+        return 2 * latent * remote
+    if parallel != "expert":
+        raise ValueError(f"unknown parallel {parallel!r}; choose 'expert' or 'head'")
+    items, width = (config.num_heads, latent // config.num_heads) if layer == "mhmoe" else (1, latent)
+    return 2 * items * config.top_k * width * remote
 
 
 def layer_cost(spec: LayerSpec) -> Cost:
