@@ -164,6 +164,66 @@ def layer_case(rank: int, world: int, case: dict) -> dict:
     }
 
 
+def head_case(rank: int, world: int, case: dict) -> dict:
+    """A Multi-Head LatentMoE layer with its heads on `world` ranks (head parallelism), forward + backward, against
+    one process on the global batch, float64; and a second identical step, to show the run is bitwise repeatable."""
+    from mhmoe import MHMoE, MoEConfig
+    from mhmoe.parallel.head import finish_head_gradients, shard_heads
+
+    torch.manual_seed(0)
+    config = MoEConfig.from_kwargs(num_experts=4, top_k=2, expert_hidden=8, num_heads=case["heads"], latent_dim=24,
+                       per_head_experts=True, z_loss_coef=1e-2, router=case["router"],
+                       token_group=case.get("token_group", "call"), capacity_factor=case.get("capacity"))  # fmt: skip
+    reference = MHMoE(config, d_model=16).double()
+    B, L = 2 * world, 5
+    x = torch.randn(B, L, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(B, L, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    mask = torch.rand(B, L, generator=torch.Generator().manual_seed(3)) > 0.2 if case.get("mask") else None
+    rows = slice(rank * 2, rank * 2 + 2)  # each rank's 2 sequences
+
+    x_ref = x.clone().requires_grad_()
+    out_ref = reference(x_ref, mask)
+    ((out_ref.y * g).sum() / (B * L) + out_ref.aux_loss).backward()
+
+    def step() -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
+        model = copy.deepcopy(reference)
+        model.zero_grad()
+        shard_heads(model, dist.group.WORLD)
+        x_local = x[rows].clone().requires_grad_()
+        out = model(x_local, None if mask is None else mask[rows])
+        ((out.y * g[rows]).sum() * world / (B * L) + out.aux_loss).backward()
+        for name in ("multi_head_layer", "merge_layer"):  # replicated: the data-parallel average
+            for p in getattr(model, name).parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(world)
+        finish_head_gradients(model, world)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        return grads, out.y.detach(), x_local.grad, {"aux": out.aux_loss.detach()}
+
+    grads, y, x_grad, losses = step()
+    aux_mean = losses["aux"].clone()
+    dist.all_reduce(aux_mean)
+    diffs = {"y": _max_diff(y, out_ref.y[rows]), "x_grad": _max_diff(x_grad / world, x_ref.grad[rows]),
+             "aux_loss (mean over ranks)": _max_diff(aux_mean / world, out_ref.aux_loss)}  # fmt: skip
+    ref = dict(reference.named_parameters())
+    heads_per_rank, E = case["heads"] // world, 4
+    for name, grad in grads.items():
+        expected = ref[name].grad
+        if name.startswith("moe.router.heads."):  # local head j is global head rank·Hl + j
+            j = int(name.split(".")[3])
+            expected = ref[name.replace(f"heads.{j}.", f"heads.{rank * heads_per_rank + j}.", 1)].grad
+        elif name.startswith("moe.experts."):
+            expected = expected[rank * heads_per_rank * E : (rank + 1) * heads_per_rank * E]
+        diffs[f"grad:{name}"] = _max_diff(grad, expected)
+    again = step()
+    repeatable = torch.equal(again[1], y) and all(torch.equal(again[0][n], grads[n]) for n in grads)
+    return {"diffs": diffs, "repeatable": repeatable, "local_params": sum(t.numel() for t in grads.values())}
+
+
+def head_job(rank: int, world: int, out: Path, cases: list[dict]) -> dict:
+    return {case["name"]: head_case(rank, world, case) for case in cases}
+
+
 def layer_job(rank: int, world: int, out: Path, cases: list[dict]) -> dict:
     return {case["name"]: layer_case(rank, world, case) for case in cases}
 

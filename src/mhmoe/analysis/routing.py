@@ -48,6 +48,8 @@ class LayerRouting:
 
     top_experts: (S, K) int, S = T·H sub-tokens token-major, each row K distinct experts in 0..E-1.
     num_heads: H (1 for SparseMoE). num_experts: E. name: a label for plots and summaries.
+    With a pool per head (`per_head_experts`) expert e of a row is expert e of that row's head's own pool: the
+    per-head metrics are each pool's; pooled over heads, "expert e" is the e-th expert of every pool.
     """
 
     top_experts: np.ndarray  # (T·H, K) int

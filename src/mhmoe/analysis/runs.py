@@ -157,6 +157,8 @@ def collect_routing(run: LoadedRun, tokens: np.ndarray, max_batches: int = 20) -
             stats_list.append(stats)
     layers = []
     for (block, layer), stats_list in zip(moe_blocks, per_layer, strict=True):
+        if layer.config.per_head_experts:  # each head's own pool, its experts numbered 0..E-1 as in a shared pool
+            stats_list = [s._replace(top_experts=s.top_experts % layer.num_experts) for s in stats_list]
         layers.append(LayerRouting.from_stats(stats_list, layer.num_heads, layer.num_experts, f"block {block}"))
     return layers
 

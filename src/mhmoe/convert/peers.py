@@ -15,6 +15,10 @@ transformers 5, whose experts are fused tensors; 4.x's per-expert modules are no
                     renormalised (Mixtral, whose top-1 gate is p/p = 1)
         shared      `shared_expert` + `shared_expert_gate` (Qwen2-MoE: a sigmoid-gated shared expert) or
                     `shared_experts` (DeepSeek-V3): a gate_proj / up_proj / down_proj MLP of width Fs
+    latent          `gate` (the sigmoid router above), `experts` with `up_proj` (E, F, L) and `down_proj` (E, L, F)
+                    and a plain `act_fn`, `fc1_latent_proj` / `fc2_latent_proj` (D -> L, L -> D; Identity when L
+                    = D) and `shared_experts` (an up_proj / down_proj MLP on the full-width token): NemotronH,
+                    LatentMoE (arXiv 2601.18089) -> `SparseMoE` with `latent_dim`
     Switch          `router` with `classifier` (E, D, no bias), `expert_capacity`, `jitter_noise`, and
                     `experts` of `expert_i` (wi, wo, act): top-1, the gate is the probability, a fixed capacity
                     per sequence (Switch Transformers)
@@ -44,7 +48,13 @@ from mhmoe.layers.moe import SparseMoE
 from mhmoe.layers.routers import RouterConfig, SigmoidRouter
 from mhmoe.ops.activations import Activation
 
-PLAIN = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu", "ReLU": "relu"}  # exact matches only
+PLAIN = {
+    "SiLUActivation": "silu",
+    "SiLU": "silu",
+    "GELUActivation": "gelu",
+    "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
+}  # exact matches only
 GLU = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
 
 
@@ -60,6 +70,8 @@ class PeerBlock:
     shared_in: Tensor | None = None  # (D, 2·Fs) [gate | up]
     shared_out: Tensor | None = None  # (Fs, D)
     shared_gate: Tensor | None = None  # (1, D)
+    latent_down: Tensor | None = None  # (L, D) LatentMoE's down projection
+    latent_up: Tensor | None = None  # (D, L) and its up projection
 
 
 def _activation(act: Any, glu: bool, where: str) -> Activation:
@@ -130,6 +142,39 @@ def _read_fused(block: Any, model_config: Any, where: str) -> PeerBlock:
     return peer
 
 
+def _latent_projections(block: Any, where: str) -> tuple[Tensor, Tensor] | None:
+    down, up = block.fc1_latent_proj, block.fc2_latent_proj
+    if isinstance(down, nn.Identity) and isinstance(up, nn.Identity):
+        return None
+    if not all(isinstance(p, nn.Linear) and p.bias is None for p in (down, up)):
+        raise ValueError(f"{where}: the latent projections are not bias-free Linear layers (mlp_bias=True)")
+    return down.weight, up.weight
+
+
+def _read_latent(block: Any, model_config: Any, where: str) -> PeerBlock:
+    gate, experts, shared = block.gate, block.experts, block.shared_experts
+    activation = _activation(experts.act_fn, False, where)
+    if any(not isinstance(getattr(shared, n, None), nn.Linear) or getattr(shared, n).bias is not None
+           for n in ("up_proj", "down_proj")):  # fmt: skip
+        raise ValueError(f"{where}: the shared expert is not a bias-free up_proj / down_proj MLP")
+    if _activation(shared.act_fn, False, where) != activation:
+        raise ValueError(f"{where}: the shared expert's activation differs from the experts'")
+    projections = _latent_projections(block, where)
+    E, F, L = experts.up_proj.shape
+    config = MoEConfig(
+        num_experts=E, top_k=int(gate.top_k), expert_hidden=F, activation=activation, router=_fused_router(gate),
+        balance_loss="all_choices", token_group="sequence", balance_loss_coef=0.0, num_shared_experts=1,
+        shared_expert_hidden=shared.up_proj.out_features, latent_dim=None if projections is None else L,
+    )  # fmt: skip
+    peer = PeerBlock(
+        config, gate.weight, gate.e_score_correction_bias, experts.up_proj.transpose(1, 2),
+        experts.down_proj.transpose(1, 2), shared.up_proj.weight.t(), shared.down_proj.weight.t(),
+    )  # fmt: skip
+    if projections is not None:
+        peer.latent_down, peer.latent_up = projections
+    return peer
+
+
 def _read_switch(block: Any, model_config: Any, where: str) -> PeerBlock:
     router, experts = block.router, block.experts
     if router.classifier.bias is not None:
@@ -163,6 +208,17 @@ def _is_fused(module: nn.Module) -> bool:
     )
 
 
+def _is_latent(module: nn.Module) -> bool:
+    gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+    return (
+        isinstance(getattr(gate, "weight", None), Tensor)
+        and hasattr(gate, "e_score_correction_bias")
+        and all(isinstance(getattr(experts, n, None), Tensor) for n in ("up_proj", "down_proj"))
+        and hasattr(module, "fc1_latent_proj")
+        and hasattr(module, "shared_experts")
+    )
+
+
 def _is_switch(module: nn.Module) -> bool:
     router, experts = getattr(module, "router", None), getattr(module, "experts", None)
     return (
@@ -175,6 +231,7 @@ def _is_switch(module: nn.Module) -> bool:
 
 READERS: dict[str, tuple[Callable[[nn.Module], bool], Callable[[Any, Any, str], PeerBlock]]] = {
     "fused experts": (_is_fused, _read_fused),
+    "latent": (_is_latent, _read_latent),
     "switch": (_is_switch, _read_switch),
 }
 
@@ -227,6 +284,9 @@ def load_block(layer: SparseMoE, peer: PeerBlock) -> None:
         layer.shared_experts.fc_out.weight.copy_(peer.shared_out.t())  # type: ignore[union-attr]
     if layer.shared_expert_gate is not None:
         layer.shared_expert_gate.weight.copy_(peer.shared_gate)  # type: ignore[arg-type]
+    if layer.latent_down is not None and layer.latent_up is not None:
+        layer.latent_down.weight.copy_(peer.latent_down)  # type: ignore[arg-type]
+        layer.latent_up.weight.copy_(peer.latent_up)  # type: ignore[arg-type]
 
 
 def swap_moe_blocks(model: nn.Module, *, only: Callable[[str], bool] | None = None, **changes: Any) -> list[str]:
@@ -236,8 +296,9 @@ def swap_moe_blocks(model: nn.Module, *, only: Callable[[str], bool] | None = No
     if not blocks:
         raise ValueError(
             f"no MoE block found in {type(model).__name__}: recognised are Mixtral / Qwen-MoE / OLMoE / DeepSeek-V3 "
-            "style blocks (gate + experts.gate_up_proj / down_proj) and Switch Transformers' (router.classifier + "
-            "experts.expert_i)"
+            "style blocks (gate + experts.gate_up_proj / down_proj), NemotronH's LatentMoE blocks (gate + "
+            "experts.up_proj / down_proj + fc1_latent_proj / fc2_latent_proj) and Switch Transformers' "
+            "(router.classifier + experts.expert_i)"
         )
     model_config: Any = getattr(model, "config", None)
     for name, block in blocks:

@@ -5,8 +5,10 @@ The layers (`SparseMoE`, `MHMoE`), the cost counter (`mhmoe.models.cost`) and th
 or nowhere. The width of the routed items is not part of it: a layer's `d_model` is the width of the
 model it sits in (`SparseMoE(config, d_model=512)`).
 
-The MH-MoE fields (num_heads, multi_head_layers, merge_layers, residual) are read by `MHMoE` only; a
-`SparseMoE` keeps them at their defaults. Values are checked when the config is made, with one-line
+The MH-MoE fields (num_heads, multi_head_layers, merge_layers, residual, per_head_experts) are read by `MHMoE`
+only; a `SparseMoE` keeps them at their defaults. `latent_dim` is read by both: the family of the multi-head layer
+(LatentMoE, Multi-Head LatentMoE) is these two layers with a latent width and, for the latter, a router and a pool
+of experts per head (docs/family.md). Values are checked when the config is made, with one-line
 messages naming the field and the value.
 """
 
@@ -42,7 +44,7 @@ class MoEConfig:
 
     num_experts, top_k: E experts, each routed item goes to K of them.
     expert_hidden: hidden width F of each expert.
-    activation: gelu, relu, silu or a GLU form (swiglu, geglu, reglu; `mhmoe.ops.activations`).
+    activation: gelu, relu, silu, relu2 (squared ReLU) or a GLU form (swiglu, geglu, reglu; `mhmoe.ops.activations`).
     expert_bias: experts with biases b_in, b_out (the authors' code by default; Mixtral and the rest have none).
     router: which router and its options (`RouterConfig`).
     capacity_factor: None is dropless; c keeps at most ceil(c·K·S/E) assignments per expert (GShard priority).
@@ -64,6 +66,13 @@ class MoEConfig:
     num_heads: H sub-tokens per token (MHMoE; independent of attention heads).
     multi_head_layers, merge_layers: depth of MH-MoE's D×D head and merge layers (0 removes one).
     residual: "outer" (the authors' code: the block adds x) or "subtoken" (v1 Eq. 6).
+    latent_dim: the width L the experts work at, None for the model's. SparseMoE: LatentMoE (arXiv 2601.18089;
+        NemotronH's `moe_latent_size`): the router and the shared experts read the full-width item, the routed
+        item is projected down D -> L before its experts and their weighted sum back up L -> D. MHMoE: the
+        multi-head layer maps D -> L and the merge layer L -> D, so sub-tokens are L/H wide (Multi-Head
+        LatentMoE, arXiv 2602.04870).
+    per_head_experts: MHMoE only: each head has its own router and its own pool of num_experts experts
+        (Multi-Head LatentMoE; H·E experts in all), instead of one router and pool that every head shares.
     """
 
     num_experts: int
@@ -90,6 +99,8 @@ class MoEConfig:
     multi_head_layers: int = 1
     merge_layers: int = 1
     residual: Residual = "outer"
+    latent_dim: int | None = None
+    per_head_experts: bool = False
 
     def __post_init__(self) -> None:
         check_positive(num_experts=self.num_experts, expert_hidden=self.expert_hidden, num_heads=self.num_heads)
@@ -98,7 +109,14 @@ class MoEConfig:
         if not isinstance(self.router, RouterConfig):
             raise TypeError(f"router must be a RouterConfig, got {type(self.router).__name__}")
         check_groups(self.router.num_groups, self.router.top_groups, self.num_experts, self.top_k)
-        for name in ("recompute", "expert_bias", "shared_expert_gate", "route_padding"):
+        if self.latent_dim is not None:
+            check_positive(latent_dim=self.latent_dim)
+            if self.latent_dim % self.num_heads:
+                raise ValueError(
+                    f"latent_dim ({self.latent_dim}) must be divisible by num_heads ({self.num_heads}): "
+                    "each head takes latent_dim // num_heads of it"
+                )
+        for name in ("recompute", "expert_bias", "shared_expert_gate", "route_padding", "per_head_experts"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name, choices in CHOICES.items():
@@ -218,16 +236,22 @@ class MoEConfig:
         return cls(**{**options, **changes})
 
     def subtoken(self) -> MoEConfig:
-        """The config of MH-MoE's inner SparseMoE: the multi-head fields at their defaults and, for X-MoE in its
-        paper form, the routing dim 16 // H (at least 1) unless set (v1; the authors' code keeps 16)."""
+        """The config of MH-MoE's inner SparseMoE: the multi-head fields at their defaults, no latent width (the
+        sub-tokens are already latent), H·E experts when every head has its own pool and, for X-MoE in its paper
+        form, the routing dim 16 // H (at least 1) unless set (v1; the authors' code keeps 16)."""
         router = self.router
         if router.kind == "xmoe" and router.form == "paper" and router.dim is None:
             router = dataclasses.replace(router, dim=max(1, XMOE_DIM // self.num_heads))
-        return dataclasses.replace(self.routed_part(), router=router)
+        pools = self.num_heads if self.per_head_experts else 1
+        return dataclasses.replace(
+            self.routed_part(), router=router, latent_dim=None, num_experts=pools * self.num_experts
+        )
 
     def routed_part(self) -> MoEConfig:
         """This config with the multi-head fields at their defaults: what a SparseMoE reads."""
-        return dataclasses.replace(self, num_heads=1, multi_head_layers=1, merge_layers=1, residual="outer")
+        return dataclasses.replace(
+            self, num_heads=1, multi_head_layers=1, merge_layers=1, residual="outer", per_head_experts=False
+        )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

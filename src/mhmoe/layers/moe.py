@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.experts import DenseFFN, Experts, check_positive
 from mhmoe.layers.losses import Reduce, balance_loss, z_loss
-from mhmoe.layers.routers import Router, make_router
+from mhmoe.layers.routers import Router, RouterOutput, make_router
 from mhmoe.ops.backend import DispatchName, compute_dtype, resolve_backend
 from mhmoe.ops.capacity import capacity_keep, expert_capacity
 from mhmoe.ops.reference import dispatch_reference
@@ -170,8 +170,13 @@ class SparseMoE(MoELayer):
         self.router = make_router(
             router or config.router, d_model=d_model, num_experts=config.num_experts, top_k=config.top_k
         )
+        # LatentMoE (arXiv 2601.18089): the routed item is projected down to the experts' width L and their
+        # weighted sum back up to D; the router and the shared experts read the full-width item.
+        self.expert_dim = config.latent_dim or d_model
+        self.latent_down = nn.Linear(d_model, self.expert_dim, bias=False) if config.latent_dim else None
+        self.latent_up = nn.Linear(self.expert_dim, d_model, bias=False) if config.latent_dim else None
         self.experts = Experts(
-            num_experts=config.num_experts, d_model=d_model, hidden=config.expert_hidden,
+            num_experts=config.num_experts, d_model=self.expert_dim, hidden=config.expert_hidden,
             activation=config.activation, bias=config.expert_bias,
         )  # fmt: skip
         self.shared_experts = (
@@ -233,24 +238,25 @@ class SparseMoE(MoELayer):
         gates_SK = r.gates if valid_S is None else torch.where(valid_S.unsqueeze(-1), r.gates, 0)
         gates_SK, dropped_fraction = self._apply_capacity(r.top_experts, gates_SK, valid_S, group_size)
 
+        h_SL = x_Sd if self.latent_down is None else self.latent_down(x_Sd)  # LatentMoE: down to L
         if c.dispatch == "reference":
             if self.expert_runner is not None:
                 raise ValueError("dispatch='reference' runs every expert here; it cannot use an expert_runner")
-            y_Sd = dispatch_reference(x_Sd, self.experts, r.top_experts, gates_SK)
+            y_SL = dispatch_reference(h_SL, self.experts, r.top_experts, gates_SK)
         else:
-            dims = (self.d_model, c.expert_hidden)
-            backend = resolve_backend(c.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
-            y_Sd = dispatch_sorted(
-                x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, c.recompute
+            dims = (self.expert_dim, c.expert_hidden)
+            backend = resolve_backend(c.dispatch, compute_dtype(h_SL), h_SL.device, dims)
+            y_SL = dispatch_sorted(
+                h_SL, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, c.recompute
             )
+        y_Sd = y_SL if self.latent_up is None else self.latent_up(y_SL)  # and back up to D
         if self.shared_experts is not None:
             shared_Sd = self.shared_experts(x_Sd)
             if self.shared_expert_gate is not None:
                 shared_Sd = torch.sigmoid(self.shared_expert_gate(x_Sd)) * shared_Sd
             y_Sd = y_Sd + shared_Sd
 
-        choices = r.top_experts if c.balance_loss == "all_choices" else r.top_experts[:, 0]
-        balance = balance_loss(r.balance_probs, choices, valid_S, self.loss_reduce, group_size)
+        balance = self._balance_loss(r, valid_S, group_size)
         with torch.set_grad_enabled(torch.is_grad_enabled() and c.z_loss_coef != 0):  # a statistic only at 0
             z = z_loss(r.logits, valid_S, self.loss_reduce)
         aux_loss = c.balance_loss_coef * balance + c.z_loss_coef * z
@@ -262,6 +268,18 @@ class SparseMoE(MoELayer):
             top_experts=r.top_experts,
         )
         return MoEOutput(y_Sd.view(x.shape), aux_loss, stats)
+
+    def _balance_loss(self, r: RouterOutput, valid_S: Tensor | None, group_size: int | None) -> Tensor:
+        """The balance loss over the call (or each sequence); with a router per pool (`HeadRouters`) each pool's
+        items on their own, and the mean over pools (and sequences): the heads' own losses, averaged."""
+        choices = r.top_experts if self.config.balance_loss == "all_choices" else r.top_experts[:, 0]
+        P = self.router.pools
+        if P == 1:
+            return balance_loss(r.balance_probs, choices, valid_S, self.loss_reduce, group_size)
+        group_size = (choices.shape[0] if group_size is None else group_size) // P
+        probs, local = _pool_major(r.balance_probs, P), _pool_major(choices % (self.num_experts // P), P)
+        valid = None if valid_S is None else _pool_major(valid_S, P)
+        return balance_loss(probs, local, valid, self.loss_reduce, group_size)
 
     def capacity(self, num_items: int) -> int | None:
         """Assignments each expert may keep among `num_items` items (a call's, or a sequence's), or None
@@ -295,6 +313,11 @@ class SparseMoE(MoELayer):
             f"capacity_factor={c.capacity_factor}, balance_loss_coef={c.balance_loss_coef}, "
             f"z_loss_coef={c.z_loss_coef}, dispatch={c.dispatch!r}, recompute={c.recompute}"
         )
+
+
+def _pool_major(t_S: Tensor, pools: int) -> Tensor:
+    """Rows i·P + j (item i of pool j) reordered to j·(S/P) + i: each pool's items together, in their order."""
+    return t_S.view(-1, pools, *t_S.shape[1:]).transpose(0, 1).reshape(t_S.shape)
 
 
 def _sequence_length(x: Tensor) -> int:

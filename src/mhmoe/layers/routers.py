@@ -41,7 +41,11 @@ class Router(nn.Module):
 
     jitter: multiplicative input noise U(1 - jitter, 1 + jitter) in training mode (Switch
     Transformer); 0 disables it.
+    pools: 1 for one pool of experts; P for a router that routes item i·P + j within pool j only
+        (`HeadRouters`): its balance probabilities and logits are then each item's over its own pool.
     """
+
+    pools: int = 1
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, jitter: float = 0.0):
         super().__init__()
@@ -411,3 +415,48 @@ def make_router(router: RouterConfig | Router, *, d_model: int, num_experts: int
     if not isinstance(router, RouterConfig):
         raise TypeError(f"router must be a name or a Router, got {type(router).__name__}")
     return ROUTERS[router.kind](d_model, num_experts, top_k, **router.options())
+
+
+class HeadRouters(Router):
+    """A router per head, each over a pool of its own experts (Multi-Head LatentMoE, arXiv 2602.04870), seen from
+    the layer as one router over the H·E experts of all pools: sub-token j of token i (row i·H + j) is routed by
+    router j among experts j·E … (j+1)·E − 1. `top_experts` are global expert indices; `balance_probs` and `logits`
+    are (S, E), each row's over its own pool, so the z-loss is each head's own and the layer's balance loss the mean
+    of the heads' own (SparseMoE). Each head's router keeps its own state (a sigmoid router's load and bias).
+    """
+
+    def __init__(self, routers: list[Router]):
+        first = routers[0]
+        if any((r.d_model, r.num_experts, r.top_k) != (first.d_model, first.num_experts, first.top_k) for r in routers):
+            raise ValueError("every head's router must have the same (d_model, num_experts, top_k)")
+        super().__init__(first.d_model, len(routers) * first.num_experts, first.top_k)
+        self.heads = nn.ModuleList(routers)
+        self.pools, self.pool_size = len(routers), first.num_experts
+
+    def head(self, j: int) -> Router:
+        """Head j's router."""
+        router = self.heads[j]
+        assert isinstance(router, Router)
+        return router
+
+    def forward(self, x_Sd: Tensor, valid_S: Tensor | None = None) -> RouterOutput:
+        H, d = self.pools, x_Sd.shape[-1]
+        x_THd = x_Sd.view(-1, H, d)
+        valid_TH = None if valid_S is None else valid_S.view(-1, H)
+        outs = [
+            router(x_THd[:, j], None if valid_TH is None else valid_TH[:, j]) for j, router in enumerate(self.heads)
+        ]
+        offset_H1 = torch.arange(H, device=x_Sd.device).unsqueeze(-1) * self.pool_size
+
+        def interleave(parts: list[Tensor]) -> Tensor:  # H × (T, ...) -> (T·H, ...), row i·H + j from head j
+            return torch.stack(parts, dim=1).flatten(0, 1)
+
+        return RouterOutput(
+            top_experts=interleave([o.top_experts + offset_H1[j] for j, o in enumerate(outs)]),
+            gates=interleave([o.gates for o in outs]),
+            balance_probs=interleave([o.balance_probs for o in outs]),
+            logits=interleave([o.logits for o in outs]),
+        )
+
+    def extra_repr(self) -> str:
+        return f"heads={self.pools}, experts_per_head={self.pool_size}, top_k={self.top_k}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from torch import nn
 
@@ -26,7 +26,7 @@ from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.experts import DenseFFN
 from mhmoe.layers.moe import MoELayer
 from mhmoe.layers.multihead import MHMoE
-from mhmoe.layers.routers import Router, RouterConfig, XMoERouter
+from mhmoe.layers.routers import HeadRouters, Router, RouterConfig, XMoERouter
 from mhmoe.models.ffn import LayerSpec
 from mhmoe.ops.activations import glu_factor
 
@@ -79,39 +79,88 @@ def dense_cost(*, d_model: int, hidden: int, activation: str = "gelu", bias: boo
 
 def sparse_moe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = None, **options: Any) -> Cost:
     """The cost of `SparseMoE(config, d_model=d_model)` (or its keyword form). A `Router` object as `router`
-    is counted as it is built."""
+    is counted as it is built. With `latent_dim` L (LatentMoE) the experts work at width L and every routed item
+    passes the D×L down and L×D up projections once."""
     router_object = router if isinstance(router, Router) else None
     if router is not None and router_object is None:
         options["router"] = router
     c = _config(config, options)
+    width = c.latent_dim or d_model
     router_params, router_flops = _router_cost(router_object or c.router, d_model, c.num_experts)
-    expert, expert_matmul = _expert_params(c, d_model), _ffn_params(d_model, c.expert_hidden, c.activation)
+    expert, expert_matmul = _expert_params(c, width), _ffn_params(width, c.expert_hidden, c.activation)
     shared = _ffn_params(d_model, c.num_shared_experts * (c.shared_expert_hidden or c.expert_hidden), c.activation)
     shared += d_model if c.shared_expert_gate else 0  # Qwen2-MoE's d -> 1 gate
+    latent = 2 * d_model * width if c.latent_dim else 0  # LatentMoE's down and up projections, no biases
     return Cost(
-        params_total=router_params + c.num_experts * expert + shared,
-        params_active=router_params + c.top_k * expert + shared,
-        flops_per_token=router_flops + 2 * (c.top_k * expert_matmul + shared),
+        params_total=router_params + c.num_experts * expert + shared + latent,
+        params_active=router_params + c.top_k * expert + shared + latent,
+        flops_per_token=router_flops + 2 * (c.top_k * expert_matmul + shared + latent),
     )
+
+
+def _projections(d_in: int, d_out: int, depth: int) -> tuple[int, int]:
+    """(params, flops per token) of MH-MoE's head or merge layer: `depth` linear layers with biases, the first
+    d_in -> d_out, the rest d_out -> d_out."""
+    weights = 0 if depth == 0 else d_in * d_out + (depth - 1) * d_out * d_out
+    return weights + depth * d_out, 2 * weights
 
 
 def mhmoe_cost(config: MoEConfig | None = None, *, d_model: int, router: Any = None, **options: Any) -> Cost:
-    """The cost of `MHMoE(config, d_model=d_model)` (or its keyword form)."""
+    """The cost of `MHMoE(config, d_model=d_model)` (or its keyword form), any member of its family: a latent width
+    L (head layer D×L, merge layer L×D, sub-tokens L/H wide) and a router and pool per head (`per_head_experts`:
+    H·E experts, and a token's H sub-tokens reach H·K of them; with one shared pool at most min(E, H·K))."""
     router_object = router if isinstance(router, Router) else None
     if router is not None and router_object is None:
         options["router"] = router
     c = _config(config, options)
-    head_dim = d_model // c.num_heads
-    inner = sparse_moe_cost(c.subtoken(), d_model=head_dim, **({"router": router_object} if router_object else {}))
+    latent = c.latent_dim or d_model
+    H, head_dim = c.num_heads, latent // c.num_heads
+    pools = H if c.per_head_experts else 1
+    head_router = router_object.head(0) if isinstance(router_object, HeadRouters) else router_object
+    one_pool = dataclasses.replace(c.subtoken(), num_experts=c.num_experts)
+    inner = sparse_moe_cost(one_pool, d_model=head_dim, **({"router": head_router} if head_router else {}))
+    router_params, _ = _router_cost(head_router or one_pool.router, head_dim, c.num_experts)
     expert = _expert_params(c, head_dim)
-    reached = min(c.num_experts, c.num_heads * c.top_k)
-    depth = c.multi_head_layers + c.merge_layers
-    projections = depth * (d_model * d_model + d_model)
+    reached = H * c.top_k if pools > 1 else min(c.num_experts, H * c.top_k)
+    head_params, head_flops = _projections(d_model, latent, c.multi_head_layers)
+    merge_params, merge_flops = _projections(latent, d_model, c.merge_layers)
+    projections = head_params + merge_params
+    other_pools = (pools - 1) * (router_params + c.num_experts * expert)
     return Cost(
-        params_total=projections + inner.params_total,
-        params_active=projections + inner.params_active + (reached - c.top_k) * expert,
-        flops_per_token=2 * depth * d_model * d_model + c.num_heads * inner.flops_per_token,
+        params_total=projections + inner.params_total + other_pools,
+        params_active=projections + inner.params_active + (pools - 1) * router_params + (reached - c.top_k) * expert,
+        flops_per_token=head_flops + merge_flops + H * inner.flops_per_token,
     )
+
+
+def all_to_all_values_per_token(
+    config: MoEConfig, *, d_model: int, layer: Literal["smoe", "mhmoe"], parallel: Literal["expert", "head"], size: int
+) -> float:
+    """Values one token sends to other ranks through one layer's all-to-alls in the forward pass (dispatch and
+    combine; the backward sends as many again), under expert or head parallelism over `size` ranks. Multiply by the
+    bytes of the dtype for bytes.
+
+    expert: each of the token's routed rows (K per item; H items for MH-MoE, 1 for SMoE) of the experts' width (D,
+        LatentMoE's L, or a sub-token's L/H) goes to the rank of its expert and back: 2·items·K·width·(size-1)/size,
+        the expectation when routing spreads evenly over the ranks (the rows that stay on their rank are not sent;
+        uneven routing moves it), plus a size exchange of E counts per rank per call, not per token.
+    head: the token's sub-tokens of the heads other ranks hold go there and back: 2·L·(size-1)/size, exact, whatever
+        K and the routing (Multi-Head LatentMoE with per-head pools only; module `mhmoe.parallel.head`).
+    """
+    if size < 1:
+        raise ValueError(f"size must be >= 1, got {size}")
+    remote = (size - 1) / size
+    latent = config.latent_dim or d_model
+    if parallel == "head":
+        if layer != "mhmoe" or not config.per_head_experts:
+            raise ValueError("head parallelism places the heads of an MHMoE with per_head_experts=True only")
+        if config.num_heads % size:
+            raise ValueError(f"num_heads ({config.num_heads}) must be divisible by the head-parallel size ({size})")
+        return 2 * latent * remote
+    if parallel != "expert":
+        raise ValueError(f"unknown parallel {parallel!r}; choose 'expert' or 'head'")
+    items, width = (config.num_heads, latent // config.num_heads) if layer == "mhmoe" else (1, latent)
+    return 2 * items * config.top_k * width * remote
 
 
 def layer_cost(spec: LayerSpec) -> Cost:

@@ -2,12 +2,13 @@
 
 Shape legend: N rows, d row width, F hidden width. A GLU activation (Shazeer 2020, "GLU variants") doubles the
 first projection: its output holds [gate | up] halves and the hidden is act(gate) · up, so `glu_factor` says how
-many F-wide outputs the first projection has. Every plain activation has its GLU form:
+many F-wide outputs the first projection has. The plain activations and their GLU forms:
 
     plain   GLU      hidden
     gelu    geglu    gelu(gate) · up
     relu    reglu    relu(gate) · up      (the authors' code's "relu" expert; docs/paper-notes.md §2.4)
     silu    swiglu   silu(gate) · up      (Llama, Mixtral, Qwen-MoE, OLMoE, DeepSeek)
+    relu2   -        relu(h)²             (squared ReLU, So et al. 2021: NemotronH's experts; plain only)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"]
+Activation = Literal["gelu", "relu", "silu", "relu2", "swiglu", "geglu", "reglu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 GLU_GATES: dict[str, str] = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}  # GLU form -> its gate's activation
 
@@ -38,6 +39,8 @@ def _plain(h: Tensor, activation: str) -> Tensor:
         return F.gelu(h)
     if activation == "silu":
         return F.silu(h)
+    if activation == "relu2":
+        return F.relu(h).square()
     return F.relu(h)
 
 
@@ -46,6 +49,8 @@ def _plain_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
         return torch.ops.aten.gelu_backward(grad, h)
     if activation == "silu":
         return torch.ops.aten.silu_backward(grad, h)
+    if activation == "relu2":
+        return grad * 2 * F.relu(h)
     return grad * (h > 0)
 
 

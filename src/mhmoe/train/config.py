@@ -422,8 +422,9 @@ def validate_model(m: Any, section: str) -> None:
         f"no block would get an MoE layer; lower {section}.ffn.moe_every or use {section}.ffn.kind=dense",
     )
     _check(
-        f.kind != "mhmoe" or m.d_model % f.moe.num_heads == 0,
-        f"{section}.d_model ({m.d_model}) must be divisible by {section}.ffn.moe.num_heads ({f.moe.num_heads})",
+        f.kind != "mhmoe" or f.moe.latent_dim is not None or m.d_model % f.moe.num_heads == 0,
+        f"{section}.d_model ({m.d_model}) must be divisible by {section}.ffn.moe.num_heads ({f.moe.num_heads}) "
+        f"(or set {section}.ffn.moe.latent_dim to a multiple of it)",
     )
     try:
         with torch.device("meta"):  # every check the layer makes, without allocating its weights
