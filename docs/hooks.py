@@ -61,7 +61,9 @@ def _repository_path(page: Page, config: MkDocsConfig) -> str:
     return f"{_docs_prefix(config)}/{page.file.src_uri}"
 
 
-def _rewrite(match: re.Match[str], source: str, page_uri: str, pages: dict[str, str]) -> str:
+def _rewrite(match: re.Match[str], source: str, page_uri: str, pages: dict[str, str], root: Path) -> str:
+    """One link of the page `page_uri`, whose markdown is the repository file `source`; `pages` maps repository
+    paths to the site's pages."""
     text, target = match["text"], match["target"]
     if EXTERNAL.match(target):
         return match[0]
@@ -70,6 +72,8 @@ def _rewrite(match: re.Match[str], source: str, page_uri: str, pages: dict[str, 
     if resolved in pages:
         link = posixpath.relpath(pages[resolved], posixpath.dirname(page_uri) or ".")
         return f"[{text}]({link}{'#' + anchor if anchor else ''})"
+    if resolved.startswith("../") or not (root / resolved).exists():
+        return match[0]  # a broken link stays, for mkdocs to report (an error under --strict)
     shown = resolved + ("/" if path.endswith("/") else "")
     if text.strip("`").rstrip("/") and shown.rstrip("/").endswith(text.strip("`").rstrip("/")):
         return f"`{shown}`"  # the text was the path (or its end): show the whole repository path
@@ -111,7 +115,7 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
 
     def rewrite_outside_code(chunk: str) -> str:
         chunk = _github_lists(chunk)
-        return LINK.sub(lambda match: _rewrite(match, source, page.file.src_uri, pages), chunk)
+        return LINK.sub(lambda match: _rewrite(match, source, page.file.src_uri, pages, _root(config)), chunk)
 
     parts: list[Any] = []
     last = 0

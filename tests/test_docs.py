@@ -87,12 +87,15 @@ def test_site_path_names_a_readme_by_its_folder(hooks):
     assert hooks.site_path("results/english/README.md") == "results/english.md"
 
 
-def test_links_are_rewritten_to_the_site_page_of_the_file_they_name(hooks):
+def test_links_are_rewritten_to_the_site_page_of_the_file_they_name(hooks, tmp_path):
+    (tmp_path / "results" / "english" / "run1").mkdir(parents=True)
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "x.json").write_text("{}")
     pages = {"docs/layers.md": "layers.md", "docs/paper-notes.md": "paper-notes.md", "README.md": "index.md"}
     pages["results/english/README.md"] = "results/english.md"
 
     def rewrite(markdown: str, source: str, page: str) -> str:
-        return hooks.LINK.sub(lambda match: hooks._rewrite(match, source, page, pages), markdown)
+        return hooks.LINK.sub(lambda match: hooks._rewrite(match, source, page, pages, tmp_path), markdown)
 
     assert rewrite("[a](docs/layers.md#top)", "README.md", "index.md") == "[a](layers.md#top)"
     assert rewrite("see [n](../../docs/paper-notes.md) §6", "results/multilingual/README.md", "results/x.md") == (
@@ -106,7 +109,8 @@ def test_links_are_rewritten_to_the_site_page_of_the_file_they_name(hooks):
     assert rewrite("[the table](../benchmarks/x.json)", "docs/development.md", "development.md") == (
         "the table (`benchmarks/x.json` in the repository)"
     )
-    for kept in ("[w](https://example.com/a.md)", "[a](#anchor)", "![img](x.png)"):
+    # kept: other sites, anchors, images, and broken links (for mkdocs to report; an error under --strict)
+    for kept in ("[w](https://example.com/a.md)", "[a](#anchor)", "![img](x.png)", "[b](nope.md)", "[c](../../up.md)"):
         assert rewrite(kept, "docs/layers.md", "layers.md") == kept
 
 
