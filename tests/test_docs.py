@@ -126,3 +126,15 @@ def test_docstrings_keep_their_lines_and_comments_document_fields(hooks):
     assert hooks._line_comment("    y: Tensor  # same shape as the input") == "same shape as the input"
     assert hooks._line_comment("    x = f()  # noqa: E501") is None
     assert hooks._line_comment("    # a comment line") is None
+
+
+def test_every_public_class_and_function_has_a_docstring_for_the_api_page():
+    griffe = pytest.importorskip("griffe", reason="the docs extra (mkdocstrings) is not installed")
+    package = griffe.load("mhmoe", search_paths=[ROOT / "src"], resolve_aliases=True, resolve_external=False)
+    documented = set(re.findall(r"^::: (\S+)$", (ROOT / "docs" / "api.md").read_text(), flags=re.M))
+    missing = [
+        path
+        for path in sorted(documented)
+        if (obj := package[path.removeprefix("mhmoe.")]).kind.value in ("class", "function") and not obj.docstring
+    ]
+    assert missing == [], "public classes or functions without a docstring (the API page shows them empty)"
