@@ -389,3 +389,40 @@ def test_plot_patch_divergence(tmp_path):
     assert_png(path, tmp_path)
     with pytest.raises(ValueError, match="1 titles"):
         plot_patch_divergence(image, maps, tmp_path / "bad.png", ["step 0"])
+
+
+LONG = "mhmoe_flops-seed0 (mhmoe, 12 experts, top-2, H=4): distinct experts per token's sub-tokens, validation split"
+COLUMN = "step 1000 of 3000 (the last checkpoint)"
+RNG = np.random.default_rng(0)
+PLOTS = {  # name: (draw it with a long title, the title to find drawn whole)
+    "heatmap 4 experts": (lambda p, path: p.plot_activation_heatmap(RNG.random((4, 4)), path, LONG), LONG),
+    "heatmap 64 experts": (lambda p, path: p.plot_activation_heatmap(RNG.random((6, 64)), path, LONG), LONG),
+    "head usage": (lambda p, path: p.plot_head_usage(RNG.random((4, 12)), path, LONG), LONG),
+    "language usage": (lambda p, path: p.plot_language_usage(RNG.random((2, 2)), path, LONG, ["en", "de"]), LONG),
+    "divergence": (lambda p, path: p.plot_divergence_histogram({"a": np.array([1, 2])}, path, LONG), LONG),
+    "curves": (lambda p, path: p.plot_curves({"dense": [(0, 5.0), (1e5, 4.0)]}, path, LONG), LONG),
+    "patches": (lambda p, path: p.plot_patch_divergence(RNG.random((8, 8)), [np.ones((2, 2))], path, [LONG]), LONG),
+    "patch grid": (
+        lambda p, path: p.plot_patch_divergence_grid([RNG.random((8, 8))], [[np.ones((2, 2))] * 2], path, [COLUMN] * 2),
+        COLUMN,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PLOTS)
+def test_no_plot_cuts_off_its_title_or_any_text(name, tmp_path, monkeypatch):
+    """Everything a figure draws (the long titles runs give them, labels, ticks, legends) lies inside it."""
+    from mhmoe.analysis import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure))
+    draw, title = PLOTS[name]
+    draw(plots, tmp_path / "figure.png")
+    (figure,) = figures
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    texts = [t.get_text() for t in figure.findobj(lambda a: hasattr(a, "get_text")) if t.get_visible()]
+    assert any(title in " ".join(text.split()) for text in texts), "the title is drawn, whole"
+    drawn = figure.get_tightbbox(renderer)  # inches, over every artist drawn
+    assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01, drawn
+    assert drawn.x1 <= figure.get_figwidth() + 0.01 and drawn.y1 <= figure.get_figheight() + 0.01, drawn

@@ -167,7 +167,7 @@ def test_compare_prints_a_table_and_plots_curves(trained, tmp_path, capsys):
     assert main(["compare", str(tmp_path)]) == 2 and "has no summary.json" in capsys.readouterr().err
 
 
-def test_analyze_labels_another_corpus_by_its_name(trained, tmp_path):
+def test_analyze_labels_another_corpus_by_its_name(trained, tmp_path, capsys):
     out, _ = trained
     other = tmp_path / "german"
     other.mkdir()
@@ -176,9 +176,35 @@ def test_analyze_labels_another_corpus_by_its_name(trained, tmp_path):
         (other / f"{i}.txt").write_text(german[i * 5000 : (i + 1) * 5000])
     assert main(["analyze", str(out / "mh"), "--data", str(other), "--batches", "2"]) == 0
     analysis = out / "mh" / "analysis"
-    assert (analysis / "heatmap-german.png").exists() and "german" in json.loads(
-        (analysis / "analysis.json").read_text()
-    )
+    report = json.loads((analysis / "analysis.json").read_text())
+    assert (analysis / "heatmap-german.png").exists() and "german" in report
+    # a readable summary: a column per text, each figure as the report has it, labelled
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("mh (mhmoe, 4 experts, top-2, H=2), step ") and "first 2 held-out batches" in lines[0]
+    assert lines[1].split() == ["validation", "split", "german"]
+    valid, other_text = report["valid"], report["german"]
+
+    def row(label: str, *cells: str) -> None:
+        pattern = r"\s+".join([re.escape(label), *(re.escape(cell) for cell in cells)])
+        assert any(re.fullmatch(pattern, line) for line in lines), (label, cells, lines)
+
+    both = (valid, other_text)
+    row("tokens routed", *(f"{r['tokens']:,}" for r in both))
+    row("  pooled over the 2 heads", *(f"{r['effective_experts']:.2f} ({r['effective_fraction']:.0%})" for r in both))
+    row("  over all choices", *(f"{r['divergence_mean']:.2f} ({r['divergence_chance']:.2f})" for r in both))
+    for i, layer in enumerate(valid["per_layer"]):
+        row(f"  {layer['name']}", *(f"{r['per_layer'][i]['effective_experts']:.2f}" for r in both))
+    assert not any(line.lstrip().startswith("{") for line in lines)
+    # --json: the report itself
+    assert main(["analyze", str(out / "mh"), "--batches", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((analysis / "analysis.json").read_text()) and set(printed) == {"step", "valid"}
+
+
+def test_analyze_says_a_dense_run_has_no_routing(trained, capsys):
+    out, _ = trained
+    assert main(["analyze", str(out / "dense"), "--batches", "1"]) == 0
+    assert capsys.readouterr().out.strip().startswith("dense (dense), step ")
 
 
 def test_a_badly_held_out_corpus_is_warned_about(tmp_path, capsys):

@@ -216,7 +216,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from mhmoe.analysis.runs import analyze_run, load_run
+    from mhmoe.analysis.runs import analyze_run, format_analysis, load_run
     from mhmoe.data import data_cache_dir, load_corpus, tokenize_corpus
 
     run_dir = Path(args.run_dir)
@@ -227,7 +227,7 @@ def _analyze(args: argparse.Namespace) -> int:
         name = re.sub(r"[^\w.-]+", "_", Path(args.data).name.removesuffix(".gz")) or "other"  # labels files and plots
         other[name] = tokenize_corpus(corpus, run.tokenizer, data_cache_dir(), progress=True)["valid"]
     report = analyze_run(run_dir, other=other, run=run, max_batches=args.batches)
-    print(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1) if args.json else format_analysis(report, run_dir, run.cfg, args.batches))
     print(f"plots and analysis.json in {run_dir / 'analysis'}", file=sys.stderr)
     return 0
 
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("run_dir", help=RUN_DIR)
     analyze.add_argument("--data", help="also analyse held-out text from this corpus (another genre or language)")
     analyze.add_argument("--batches", type=int, default=20, help="held-out batches to route (default 20)")
+    analyze.add_argument("--json", action="store_true", help="print the report as JSON (as analysis.json holds it)")
     analyze.set_defaults(run=_analyze)
 
     reproduce = verbs.add_parser("reproduce", help="the paper's comparisons and ablations")

@@ -41,6 +41,30 @@ def _save(figure: Any, path: PathLike) -> Path:
     return Path(path)
 
 
+def _title(target: Any, title: str, share: float = 1.0, fontsize: float = 10) -> None:
+    """Title a figure (`target` a Figure: its suptitle, centred on the figure) or one axes of several (an Axes),
+    wrapped at word boundaries to lines that fit `share` of the figure's width, measured with the figure's renderer
+    rather than guessed from a character count, so that no title is cut off. (An axes title is centred over the
+    axes, which the y label pushes right: a single plot's title goes on the figure, where the whole width is its.)"""
+    figure = target if hasattr(target, "suptitle") else target.get_figure()
+    room = share * figure.get_figwidth() * figure.dpi - 12  # pixels, less a margin at the figure's edges
+    renderer = figure.canvas.get_renderer()
+
+    def width(columns: int) -> float:
+        text = "\n".join(textwrap.wrap(title, columns))
+        artist = (
+            target.suptitle(text, fontsize=fontsize) if target is figure else target.set_title(text, fontsize=fontsize)
+        )
+        return artist.get_window_extent(renderer).width
+
+    low, high = 8, max(len(title), 8)  # the longest wrap that fits: the width grows with the columns allowed
+    if width(high) > room:
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if width(middle) <= room else (low, middle)
+        width(low)
+
+
 def _matrix(values: Any, what: str) -> np.ndarray:
     matrix = np.asarray(values, dtype=float)
     if matrix.ndim != 2 or 0 in matrix.shape:
@@ -70,7 +94,7 @@ def _heatmap(
     ax.set_yticks(range(n_rows), labels=rows)
     ax.set_xlabel("expert (index)")
     ax.set_ylabel(ylabel)
-    ax.set_title("\n".join(textwrap.wrap(title, int(width * 11))), fontsize=10)
+    _title(figure, title)
     # the colour-bar label runs along the figure's height: wrapped to fit it, so that nothing is cut off
     figure.colorbar(image, ax=ax, label="\n".join(textwrap.wrap(cbar, int(height * 9))))
     return _save(figure, path)
@@ -142,7 +166,7 @@ def plot_divergence_histogram(
     top = max_value or int(max(np.floor(np.max(np.asarray(v, dtype=float)) + 0.5) for v in groups.values()))
     xs = np.arange(1, top + 1)
     width = 0.8 / len(groups)
-    figure = _new_figure(min(3 + 0.45 * top, 12), 3.2)
+    figure = _new_figure(min(max(4.8, 3 + 0.45 * top), 12), 3.2)  # at least the x label's width
     ax = figure.add_subplot()
     highest = 0.0
     for g, (name, values) in enumerate(groups.items()):
@@ -154,7 +178,7 @@ def plot_divergence_histogram(
     ax.set_xticks(xs)
     ax.set_xlabel("distinct experts per token (sub-token divergence)")
     ax.set_ylabel("fraction of tokens")
-    ax.set_title(title)
+    _title(figure, title)
     ax.legend()
     return _save(figure, path)
 
@@ -183,7 +207,7 @@ def plot_curves(
             ax.fill_between(bx, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    _title(figure, title)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(figure, path)
@@ -215,10 +239,10 @@ def plot_patch_divergence(
         extent = (0, picture.shape[1], picture.shape[0], 0)  # patches stretched over the whole image
         cmap = "gray" if picture.ndim == 2 else None
         left.imshow(picture, cmap=cmap)
-        left.set_title(f"{title}: image")
+        _title(left, f"{title}: image", share=0.45)
         right.imshow(picture, cmap=cmap)
         overlay = right.imshow(div, extent=extent, cmap="magma", alpha=0.6, vmin=vmin, vmax=vmax, interpolation="none")
-        right.set_title(f"{title}: divergence")
+        _title(right, f"{title}: divergence", share=0.4)
         for ax in (left, right):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -250,7 +274,7 @@ def plot_patch_divergence_grid(
     if any(m.ndim != 2 for row in maps for m in row):
         raise ValueError("divergence maps must be 2-D (patch rows, patch columns)")
     vmin, vmax = min(m.min() for row in maps for m in row), max(m.max() for row in maps for m in row)
-    figure = _new_figure(1.6 * (steps + 1) + 1, 1.6 * len(pictures) + 0.6)
+    figure = _new_figure(1.6 * (steps + 1) + 1, max(2.8, 1.6 * len(pictures) + 0.6))  # room for the colour bar's label
     axes = figure.subplots(len(pictures), steps + 1, squeeze=False)
     overlay = None
     for r, (picture, row) in enumerate(zip(pictures, maps)):
@@ -264,7 +288,7 @@ def plot_patch_divergence_grid(
                 div, extent=extent, cmap="magma", alpha=0.65, vmin=vmin, vmax=top, interpolation="none"
             )
     for c, title in enumerate(["image", *column_titles]):
-        axes[0, c].set_title(title, fontsize=9)
+        _title(axes[0, c], title, share=0.85 / (steps + 1), fontsize=9)
     for ax in axes.reshape(-1):
         ax.set_xticks([])
         ax.set_yticks([])

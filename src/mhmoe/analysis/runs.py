@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,7 @@ def analyze_run(
 ) -> dict:
     """Routing metrics and plots on held-out text: the run's validation split, plus `other` named
     token arrays (e.g. another genre or language, tokenized with the run's tokenizer; the name labels its plots).
+    Returns {"step": ..., name: {"tokens": tokens routed, **`summarize`}} (`format_analysis` prints it).
 
     Heat maps show each expert's share × E (1 = the uniform share 1/E) on one fixed colour scale, 0 to
     RELATIVE_SHARE_MAX, so that the heat maps of models with different expert counts compare by eye."""
@@ -185,7 +187,7 @@ def analyze_run(
         layers = collect_routing(run, tokens, max_batches)
         relative = np.stack([expert_shares(layer) * layer.num_experts for layer in layers])
         names = [layer.name for layer in layers]
-        report[name] = summarize(layers)
+        report[name] = {"tokens": layers[0].num_tokens, **summarize(layers)}
         text = "validation split" if name == "valid" else name
         plot_activation_heatmap(relative, out_dir / f"heatmap-{name}.png", f"{model}: expert share per layer, {text}",
                                 names, RELATIVE_SHARE_LABEL, vmax=RELATIVE_SHARE_MAX)  # fmt: skip
@@ -205,3 +207,66 @@ def analyze_run(
             )
     write_json(out_dir / "analysis.json", report)
     return report
+
+
+def format_analysis(report: dict, run_dir: Path, cfg: RunConfig, max_batches: int) -> str:
+    """`analyze_run`'s report on the run in `run_dir` (configuration `cfg`) as a table a person reads (`mhmoe
+    analyze`; `--json` prints the report itself): a column per text, each figure labelled with what it counts."""
+    texts = [name for name in report if name not in ("step", "note")]
+    head = f"{model_label(run_dir, cfg)}, step {report['step']}"
+    if not texts:
+        return f"{head}: {report.get('note', 'nothing analysed')}"
+    ffn, first = cfg.model.ffn, report[texts[0]]
+    heads = ffn.moe.num_heads if ffn.kind == "mhmoe" else 1
+    item = "sub-token" if heads > 1 else "token"
+    rows: list[tuple[str, Callable[[dict], str] | None]] = [  # (label, its cell from a text's summary; None: heading)
+        ("tokens routed", lambda r: f"{r['tokens']:,}"),
+        (f"effective experts (exp entropy of the expert shares), of {ffn.moe.num_experts}", None),
+        (f"  pooled over the {heads} heads" if heads > 1 else "  all routed assignments", _effective("")),
+    ]
+    if heads > 1:
+        rows.append(("  each head's own, mean over heads", _effective("_head")))
+    rows += [
+        (
+            f"layers' experts chosen by > {first['threshold']:.0%} of {item}s (activation ratio)",
+            _share("activation_ratio"),
+        ),
+        (f"experts chosen above {first['relative_fraction']:.0%} of the uniform rate", None),
+        (f"  per {item}", _share("activation_relative")),
+    ]
+    if heads > 1:
+        rows += [
+            ("  per token (any of its sub-tokens)", _share("activation_relative_token")),
+            (f"distinct experts per token (divergence; in brackets: {heads} independent heads)", None),
+            ("  over all choices", _pair("divergence_mean", "divergence_chance")),
+            ("  over first choices", _pair("divergence_top1", "divergence_top1_chance")),
+        ]
+    rows.append(("effective experts per MoE layer" + (", pooled over heads" if heads > 1 else ""), None))
+    rows += [(f"  {layer['name']}", _layer(i)) for i, layer in enumerate(first["per_layer"])]
+    cells = [[label, *("" if cell is None else cell(report[t]) for t in texts)] for label, cell in rows]
+    header = ["", *("validation split" if t == "valid" else t for t in texts)]
+    widths = [
+        max(len(line[c]) for line in [header, *cells] if line[1:] != [""] * len(texts)) for c in range(len(header))
+    ]
+    lines = [f"{head}: routing of the first {max_batches} held-out batches of each text"]
+    for line in [header, *cells]:
+        lines.append(
+            "  ".join([line[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(line[1:], widths[1:]))]).rstrip()
+        )
+    return "\n".join(lines)
+
+
+def _effective(suffix: str) -> Callable[[dict], str]:
+    return lambda r: f"{r['effective_experts' + suffix]:.2f} ({r['effective_fraction' + suffix]:.0%})"
+
+
+def _pair(key: str, chance: str) -> Callable[[dict], str]:
+    return lambda r: f"{r[key]:.2f} ({r[chance]:.2f})"
+
+
+def _share(key: str) -> Callable[[dict], str]:
+    return lambda r: f"{r[key]:.0%}"
+
+
+def _layer(i: int) -> Callable[[dict], str]:
+    return lambda r: f"{r['per_layer'][i]['effective_experts']:.2f}"

@@ -47,6 +47,8 @@ class MHMoECausalLMOutput(CausalLMOutputWithPast):
 
 
 class MHMoEPreTrainedModel(PreTrainedModel):
+    """transformers' base of the MH-MoE models: the config class, weight loading and what generation supports."""
+
     config_class = MHMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"

@@ -47,6 +47,8 @@ from mhmoe.ops.sorted import ExpertRunner, dispatch_sorted
 
 
 class MoEStats(NamedTuple):
+    """What one call routed, for logging and analysis: returned, never kept by the layer."""
+
     tokens_per_expert: Tensor  # (E,) int64: routed assignments per expert in this call (before capacity)
     dropped_fraction: Tensor  # () share of routed assignments dropped by capacity; 0 when dropless
     balance_loss: Tensor  # () unweighted balance loss
@@ -55,6 +57,8 @@ class MoEStats(NamedTuple):
 
 
 class MoEOutput(NamedTuple):
+    """What a SparseMoE or MHMoE call returns: the output, the auxiliary loss to add to the task loss, the stats."""
+
     y: Tensor  # same shape as the input
     aux_loss: Tensor  # () weighted auxiliary loss, ready to add to the task loss
     stats: MoEStats

@@ -25,6 +25,8 @@ XMoEForm = Literal["paper", "code"]
 
 
 class RouterOutput(NamedTuple):
+    """A router's decision for S items: the experts and gates, and what the balance loss and z-loss read."""
+
     top_experts: Tensor  # (S, K) int64: chosen experts, best first
     gates: Tensor  # (S, K) router dtype: weights of the chosen experts' outputs
     balance_probs: Tensor  # (S, E) probabilities entering the balance loss
@@ -330,6 +332,7 @@ ROUTERS: dict[str, type[Router]] = {
     "xmoe": XMoERouter,
     "sigmoid": SigmoidRouter,
 }
+"""The router classes by the names `RouterConfig.kind` takes (and a layer's `router="xmoe"` keyword form)."""
 
 
 def check_top_k(top_k: int, num_experts: int) -> None:

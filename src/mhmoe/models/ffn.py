@@ -29,6 +29,9 @@ def default_moe() -> MoEConfig:
 
 @dataclass
 class FFNConfig:
+    """The FFNs of a `GPT`: dense in every block, or an SMoE / MH-MoE layer (`moe`) in every `moe_every`-th block
+    and dense FFNs of width `hidden` in the others."""
+
     kind: FFNKind = "dense"  # what replaces the FFN of the MoE blocks: "dense", "smoe" or "mhmoe"
     hidden: int = 1024  # hidden width of dense FFNs (the dense model, and the non-MoE blocks)
     activation: Activation = "gelu"  # of dense FFNs; the experts' is moe.activation

@@ -30,6 +30,8 @@ from mhmoe.models.ffn import FFNConfig, LayerSpec, block_ffns
 
 @dataclass
 class GPTConfig:
+    """The decoder's sizes and its FFNs (`ffn`, an `FFNConfig`); `mhmoe train` writes it as `model` in config.json."""
+
     vocab_size: int = 8192  # token ids 0..V-1 (a run sets it from its tokenizer)
     seq_len: int = 256  # context length L of training windows and of generation
     d_model: int = 256  # model width D
@@ -53,6 +55,8 @@ class GPTConfig:
 
 
 class GPTOutput(NamedTuple):
+    """What `GPT.forward` returns."""
+
     logits: Tensor  # (B, L, V)
     loss: Tensor | None  # () mean cross-entropy over target tokens, when targets are given
     aux_loss: Tensor  # () summed weighted auxiliary losses of the MoE layers
@@ -184,6 +188,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The decoder: GPT(GPTConfig(...)); `cfg.ffn` says which blocks get a Dense FFN, a SparseMoE or an MHMoE.
+
+    forward(idx, targets=None, *, cache=None, attention_mask=None, position_ids=None) -> GPTOutput (logits, the
+    task loss, the summed auxiliary loss of the MoE layers, each layer's routing); `generate` samples tokens;
+    `moe_layers()` lists the MoE layers.
+    """
+
     rope_cos: Tensor  # (seq_len, hs/2) rotary tables, buffers
     rope_sin: Tensor
 
