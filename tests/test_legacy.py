@@ -33,7 +33,8 @@ def legacy_run(tmp_path, monkeypatch) -> Path:
 
 
 def test_a_0_1_config_becomes_todays(legacy_run):
-    config, _ = run_checkpoint(legacy_run)
+    with run_checkpoint(legacy_run) as (config, _):
+        pass
     assert "num_experts" in config["model"]["ffn"] and "moe" not in config["model"]["ffn"]  # the old layout
     cfg = RunConfig.from_dict(config)
     moe = cfg.model.ffn.moe
@@ -43,9 +44,9 @@ def test_a_0_1_config_becomes_todays(legacy_run):
 
 
 def test_a_0_1_checkpoint_gives_the_same_outputs(legacy_run):
-    config, checkpoint = run_checkpoint(legacy_run)
-    model = GPT(RunConfig.from_dict(config).model)
-    load_model_weights(checkpoint, model)  # strict: every weight has its place
+    with run_checkpoint(legacy_run) as (config, checkpoint):
+        model = GPT(RunConfig.from_dict(config).model)
+        load_model_weights(checkpoint, model)  # strict: every weight has its place
     ids = torch.tensor(EXPECTED["input_ids"])
     with torch.no_grad():
         out = model.eval()(ids, ids)

@@ -596,3 +596,75 @@ def test_a_staged_folder_is_published_whole_or_not_at_all(tmp_path):
             (tmp / "a.txt").write_text("a")
             raise RuntimeError("half-way")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]  # no folder, no temporary left
+
+
+# ---------------------------------------------------------------------- readers while the run trains (issue 25.1)
+
+
+def test_readers_never_see_a_checkpoint_vanish_while_the_run_trains_and_prunes(corpus, tmp_path, capsys):
+    """eval, generate and export-hf in a loop against a trainer (a real process) that checkpoints and prunes every
+    step (train.keep_checkpoints=1): every call succeeds, on the `latest` of its moment, and pruning goes on."""
+    run = tmp_path / "run"
+    every_step = ["train.checkpoint_every=1", "train.keep_checkpoints=1", "train.eval_every=100000"]
+    trainer = subprocess.Popen([sys.executable, "-m", "mhmoe", *train_args(corpus, run, 100_000, *every_step)],
+                               env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        wait_for_lock(run, trainer.pid)
+        while not (run / "checkpoints" / "latest").exists():
+            assert trainer.poll() is None, trainer.stderr.read().decode()[-2000:] if trainer.stderr else ""
+            time.sleep(0.1)
+        steps = []
+        for i in range(4):
+            code, err = cli(capsys, ["eval", str(run), "--max-batches", "1", "--no-progress"])
+            assert code == 0, err
+            code, err = cli(capsys, ["generate", str(run), "--prompt", "The", "--max-new-tokens", "3"])
+            assert code == 0, err
+            code, err = cli(capsys, ["export-hf", str(run), str(tmp_path / f"hf{i}")])
+            assert code == 0, err
+            steps.append(json.loads((tmp_path / f"hf{i}" / "config.json").read_text())["mhmoe_run"]["step"])
+        assert trainer.poll() is None
+        assert steps == sorted(steps) and steps[-1] > steps[0], steps  # the readers followed a training run
+        time.sleep(1.0)  # a few saves with no reader: the trainer prunes what readers held
+        assert len([p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")]) <= 2
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_a_held_checkpoint_outlives_pruning_and_one_pruned_before_it_is_held_is_passed_over(tmp_path, monkeypatch):
+    import mhmoe.train.checkpoint as checkpoint
+    from mhmoe.train.checkpoint import reading, save_checkpoint, verify
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = tmp_path / "checkpoints"
+
+    def save(step: int) -> None:
+        save_checkpoint(folder, step, model, optimizer, {}, keep=1)
+
+    def steps() -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.name != "latest")
+
+    save(1)
+    with reading(folder) as held:
+        assert held is not None and held.name == "step-00000001"
+        save(2)
+        save(3)
+        assert steps() == ["step-00000001", "step-00000003"]  # held: left to a later save; step 2 pruned
+        verify(held)
+    save(4)
+    assert steps() == ["step-00000004"]
+
+    lock = checkpoint._lock_folder
+    raced = []
+
+    def pruned_first(path, shared, wait):  # type: ignore[no-untyped-def]
+        if shared and not raced:  # a save lands between reading `latest` and holding what it named
+            raced.append(path.name)
+            save(5)
+        return lock(path, shared, wait)
+
+    monkeypatch.setattr(checkpoint, "_lock_folder", pruned_first)
+    with reading(folder) as held:
+        assert raced == ["step-00000004"] and held is not None and held.name == "step-00000005"
+        verify(held)
