@@ -668,3 +668,31 @@ def test_a_held_checkpoint_outlives_pruning_and_one_pruned_before_it_is_held_is_
     with reading(folder) as held:
         assert raced == ["step-00000004"] and held is not None and held.name == "step-00000005"
         verify(held)
+
+
+# ------------------------------------------------------------------ a run whose checkpoints are gone (issue 25.4)
+
+
+def test_a_run_whose_checkpoints_are_gone_is_not_started_again_over_its_record(corpus, reference, tmp_path, capsys):
+    """summary.json, or metrics past the first scheduled checkpoint, with no checkpoint: refused, nothing changed.
+    Metrics up to the first checkpoint are what a run killed before it leaves: that run starts (and ends) as ever."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    code, err = cli(capsys, train_args(corpus, run))
+    assert code == 2 and err.splitlines()[-1] == (
+        f"mhmoe: error: {run} holds the record of an earlier run (summary.json, metrics.jsonl up to step 6) but no "
+        f"checkpoint to resume from in {run / 'checkpoints'}; training would start at step 0 and replace it: pass "
+        "another --out, or move those files away to start afresh in this folder"
+    )
+    (run / "summary.json").unlink()
+    code, err = cli(capsys, train_args(corpus, run))
+    assert code == 2 and "(metrics.jsonl up to step 6) but no checkpoint" in err
+    kept = {k: v for k, v in before.items() if k not in ("summary.json", ".lock")}
+    assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == kept
+
+    metrics = (run / "metrics.jsonl").read_text().splitlines(keepends=True)  # killed before its step-2 checkpoint
+    (run / "metrics.jsonl").write_text("".join(line for line in metrics if json.loads(line)["step"] <= 2))
+    assert main(train_args(corpus, run)) == 0
+    assert_same_run(run, reference)

@@ -33,7 +33,7 @@ from mhmoe.io import environment, lock_run, notice, remove_temporaries, write_js
 from mhmoe.models.cost import Cost
 from mhmoe.train.checkpoint import check_run_files, latest_checkpoint, read_json, verify
 from mhmoe.train.config import TrainConfig
-from mhmoe.train.metrics import MetricsLog, NoMetrics, progress_bar
+from mhmoe.train.metrics import MetricsLog, NoMetrics, last_logged_step, progress_bar
 from mhmoe.train.session import Session, is_main_process, start_session
 
 
@@ -215,6 +215,8 @@ def train(cfg: Any, run_dir: Path, make_task: Callable[[Session], Task], progres
         latest = latest_checkpoint(run_dir / "checkpoints") if main else None
         if latest is not None:  # the run files must still mean what the checkpoint was trained with
             check_run_files(run_dir, latest, verify(latest))
+        elif main:
+            check_fresh_start(run_dir)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         session = start_session(cfg.parallel, resolve_device(cfg.train.device))
@@ -223,6 +225,32 @@ def train(cfg: Any, run_dir: Path, make_task: Callable[[Session], Task], progres
             write_json(run_dir / "config.json", cfg.to_dict())
             write_json(run_dir / "env.json", environment(session.device))
         return run(task, cfg.train, run_dir, session, progress and session.is_main)
+
+
+def check_fresh_start(run_dir: Path) -> None:
+    """Refuse to start at step 0 over the record of an earlier run whose checkpoints are gone (deleted, or never
+    written): its summary.json, or metrics of steps after its first scheduled checkpoint (which was written, then).
+    Metrics up to that checkpoint are what a run killed before it leaves; they are recomputed, as on any resume."""
+    config = run_dir / "config.json"
+    saved = read_json(config, "the run's configuration") if config.is_file() else {}
+    t = saved.get("train", {}) if isinstance(saved, dict) else {}
+    try:
+        first_checkpoint = min(int(t["checkpoint_every"]), int(t["max_steps"]))
+    except (KeyError, TypeError, ValueError):
+        first_checkpoint = 0  # no record of its schedule: any metrics count
+    found = []
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        found.append(summary.name)
+    last = last_logged_step(run_dir / "metrics.jsonl")
+    if last > first_checkpoint:
+        found.append(f"metrics.jsonl up to step {last}")
+    if found:
+        raise UserError(
+            f"{run_dir} holds the record of an earlier run ({', '.join(found)}) but no checkpoint to resume from in "
+            f"{run_dir / 'checkpoints'}; training would start at step 0 and replace it: pass another --out, or "
+            "move those files away to start afresh in this folder"
+        )
 
 
 def clean_up(run_dir: Path) -> None:
