@@ -696,3 +696,72 @@ def test_a_run_whose_checkpoints_are_gone_is_not_started_again_over_its_record(c
     (run / "metrics.jsonl").write_text("".join(line for line in metrics if json.loads(line)["step"] <= 2))
     assert main(train_args(corpus, run)) == 0
     assert_same_run(run, reference)
+
+
+# ------------------------------------------------------------------------------ a stop that saves (issue 25.2)
+
+
+def last_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_finishes_the_step_saves_it_and_the_rerun_ends_bit_for_bit(corpus, reference, tmp_path, name):
+    """SIGTERM (a cluster's stop) or SIGINT (Ctrl-C) from outside, while the run trains: the current step is
+    finished and saved (whatever train.checkpoint_every says), one line says which and how to resume, and the
+    rerun ends where an uninterrupted run ends, bit for bit."""
+    run, signum = tmp_path / "run", getattr(signal, name)
+    child = subprocess.Popen([sys.executable, str(DRIVER), "0", "--slow", "0.4", "--", *train_args(corpus, run)],
+                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    while not (run / "metrics.jsonl").exists() or '"step": 1,' not in (run / "metrics.jsonl").read_text():
+        assert child.poll() is None and time.sleep(0.05) is None, child.communicate()[1][-2000:]
+    child.send_signal(signum)
+    err = child.communicate(timeout=300)[1]
+    assert child.returncode == 128 + signum, err[-2000:]
+    step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert 2 <= step < STEPS, err[-2000:]
+    assert f"mhmoe: {name}: finishing the current step and saving it" in err
+    assert last_line(err) == (
+        f"mhmoe: stopped by {name} after step {step}, saved in {run / 'checkpoints' / f'step-{step:08d}'}: "
+        "run the same command to resume"
+    )
+    assert temporaries(run) == [] and not (run / "summary.json").exists()
+    assert main(train_args(corpus, run)) == 0
+    assert_same_run(run, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_the_last_complete_checkpoint(corpus, reference, tmp_path):
+    """The first Ctrl-C (during step 3) asks for a stop; the second, while step 3 is being saved, stops at once:
+    the half-written checkpoint is removed, step 2 stays `latest`, and the rerun ends bit for bit."""
+    run = tmp_path / "run"
+    child = subprocess.run([sys.executable, str(DRIVER), "0", "--signal", "SIGINT@3", "--again", "--",
+                            *train_args(corpus, run)], env=child_env(), capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert child.returncode == 128 + signal.SIGINT, child.stderr[-2000:]
+    assert "mhmoe: SIGINT: finishing the current step and saving it; Ctrl-C again to stop at once" in child.stderr
+    assert last_line(child.stderr) == (
+        f"mhmoe: stopped by SIGINT; the last complete checkpoint is {run / 'checkpoints' / 'step-00000002'}: "
+        "run the same command to resume from it"
+    )
+    assert temporaries(run) == [] and not (run / "checkpoints" / "step-00000003").exists()
+    assert main(train_args(corpus, run)) == 0
+    assert_same_run(run, reference)
+
+
+def test_under_torchrun_every_rank_stops_after_the_same_step_and_saves_it(corpus, tmp_path):
+    """Two gloo processes as torchrun runs them; only rank 1 (which writes no file) gets SIGTERM, in its step 3.
+    Both stop after the same step, the distributed checkpoint of that step is published, rank 0 alone prints
+    the line, and the resumed run ends bit for bit where an uninterrupted run on two processes ends."""
+    from distributed_workers import launch, stop_job
+
+    cache, run, ref = tmp_path / "cache", tmp_path / "run", tmp_path / "reference"
+    results = launch(stop_job, 2, tmp_path, 240, str(corpus), str(cache), str(run), str(ref))
+    assert [r["stopped"]["signum"] for r in results] == [signal.SIGTERM] * 2, results
+    assert results[0]["latest"] == results[1]["latest"] == "step-00000003", results
+    assert results[0]["stopped"]["message"] == (
+        f"stopped by SIGTERM after step 3, saved in {run / 'checkpoints' / 'step-00000003'}: run the same command "
+        "to resume"
+    )
+    assert results[1]["stopped"]["message"] == ""
+    assert results[0]["losses"] == results[0]["reference_losses"] and len(results[0]["losses"]) == 11
