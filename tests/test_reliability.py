@@ -765,3 +765,49 @@ def test_under_torchrun_every_rank_stops_after_the_same_step_and_saves_it(corpus
     )
     assert results[1]["stopped"]["message"] == ""
     assert results[0]["losses"] == results[0]["reference_losses"] and len(results[0]["losses"]) == 11
+
+
+# ------------------------------------------------------------------- temporaries of `data prepare` (issue 25.6)
+
+
+def test_data_prepare_cleans_up_on_sigterm_and_after_a_kill(tmp_path, capsys, monkeypatch):
+    """`mhmoe data prepare` (with the stand-in packages of tests/test_prepare.py) killed in a child process while it
+    writes its first file. SIGTERM: the temporary file and the working folder are removed before it exits, with
+    one line. SIGKILL: the next run into the same --out removes both, with a line, and finishes."""
+    from test_prepare import make_fake_clients
+
+    from mhmoe.data import prepare
+
+    def killed(out: Path, how: str) -> subprocess.CompletedProcess:
+        tmpdir = tmp_path / f"tmpdir-{how}"  # the child's $TMPDIR: nothing may be left there either
+        tmpdir.mkdir()
+        command = [sys.executable, str(DRIVER), "1", "--kill-with", how, "--fake-clients", "--", "data", "prepare",
+                   "english", "--out", str(out)]  # fmt: skip
+        child = subprocess.run(command, env={**child_env(), "TMPDIR": str(tmpdir)}, capture_output=True, text=True,
+                               timeout=300)  # fmt: skip
+        assert list(tmpdir.iterdir()) == []
+        return child
+
+    out = tmp_path / "terminated"
+    child = killed(out, "SIGTERM")
+    assert child.returncode == 128 + signal.SIGTERM, child.stderr[-2000:]
+    assert child.stderr.strip().splitlines()[-1] == "mhmoe: stopped by SIGTERM"
+    assert sorted(p.name for p in out.rglob("*")) == [".lock", "english"]  # no temporary, no working folder
+
+    out = tmp_path / "killed"
+    child = killed(out, "SIGKILL")
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".tmp-" in p.name)
+    assert [name.split(".tmp-")[0] for name in left] == [".work", "english/.documents.jsonl.gz"], left
+    packages, run, _ = make_fake_clients()
+    monkeypatch.setattr(prepare, "PACKAGES", packages)
+    monkeypatch.setattr(prepare, "run_client", run)
+    monkeypatch.setattr(prepare.shutil, "which", lambda tool: tool)
+    capsys.readouterr()
+    assert main(["data", "prepare", "english", "--out", str(out)]) == 1  # (the stand-ins differ from the pack)
+    err = capsys.readouterr().err
+    for name in left:
+        where = f"{(out / name).parent}: {Path(name).name}"
+        assert f"removed 1 unfinished temporary file(s) an interrupted `mhmoe data prepare` left in {where}" in err
+    assert [p for p in out.rglob("*") if ".tmp-" in p.name] == []
+    assert (out / "english" / "train.txt.gz").is_file()

@@ -48,9 +48,10 @@ def notice(message: str) -> None:
     print(f"mhmoe: {message}", file=sys.stderr, flush=True)
 
 
-def remove_temporaries(folder: Path) -> list[str]:
+def remove_temporaries(folder: Path, who: str) -> list[str]:
     """Delete the temporary files and folders a killed or failed writer left directly in `folder` (names with
-    TEMP_MARK, `is_temporary`); return their names. Call it only while no other process writes there."""
+    TEMP_MARK, `is_temporary`), with a line naming them and `who` left them; return their names. Call it only while
+    no other process writes there (under `lock_run`)."""
     removed: list[str] = []
     if not folder.is_dir():
         return removed
@@ -61,6 +62,9 @@ def remove_temporaries(folder: Path) -> list[str]:
             else:
                 path.unlink(missing_ok=True)
             removed.append(path.name)
+    if removed:
+        notice(f"removed {len(removed)} unfinished temporary file(s) {who} left in {folder}: "
+               f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")  # fmt: skip
     return removed
 
 

@@ -279,10 +279,7 @@ def clean_up(run_dir: Path) -> None:
     """Remove the temporary files and checkpoint folders an interrupted writer left in the run (under its lock,
     so none of them is being written), with a line saying what."""
     for folder in (run_dir, run_dir / "checkpoints"):
-        removed = remove_temporaries(folder)
-        if removed:
-            notice(f"removed {len(removed)} unfinished temporary file(s) an interrupted run left in {folder}: "
-                   f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")  # fmt: skip
+        remove_temporaries(folder, "an interrupted run")
 
 
 def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: bool) -> RunResult:
