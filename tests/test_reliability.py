@@ -606,15 +606,16 @@ def test_readers_never_see_a_checkpoint_vanish_while_the_run_trains_and_prunes(c
     step (train.keep_checkpoints=1): every call succeeds, on the `latest` of its moment, and pruning goes on."""
     run = tmp_path / "run"
     every_step = ["train.checkpoint_every=1", "train.keep_checkpoints=1", "train.eval_every=100000"]
-    trainer = subprocess.Popen([sys.executable, "-m", "mhmoe", *train_args(corpus, run, 100_000, *every_step)],
-                               env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    log = tmp_path / "trainer.err"
+    with open(log, "w") as err:
+        trainer = subprocess.Popen([sys.executable, "-m", "mhmoe", *train_args(corpus, run, 100_000, *every_step)],
+                                   env=child_env(), stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
     try:
-        wait_for_lock(run, trainer.pid)
         while not (run / "checkpoints" / "latest").exists():
-            assert trainer.poll() is None, trainer.stderr.read().decode()[-2000:] if trainer.stderr else ""
+            assert trainer.poll() is None, log.read_text()[-2000:]
             time.sleep(0.1)
         steps = []
-        for i in range(4):
+        for i in range(3):
             code, err = cli(capsys, ["eval", str(run), "--max-batches", "1", "--no-progress"])
             assert code == 0, err
             code, err = cli(capsys, ["generate", str(run), "--prompt", "The", "--max-new-tokens", "3"])
@@ -624,8 +625,10 @@ def test_readers_never_see_a_checkpoint_vanish_while_the_run_trains_and_prunes(c
             steps.append(json.loads((tmp_path / f"hf{i}" / "config.json").read_text())["mhmoe_run"]["step"])
         assert trainer.poll() is None
         assert steps == sorted(steps) and steps[-1] > steps[0], steps  # the readers followed a training run
-        time.sleep(1.0)  # a few saves with no reader: the trainer prunes what readers held
-        assert len([p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")]) <= 2
+        end = time.monotonic() + 120  # saves with no reader: the trainer prunes what the readers held
+        while len([p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")]) > 2:
+            assert time.monotonic() < end and trainer.poll() is None
+            time.sleep(0.1)
     finally:
         trainer.kill()
         trainer.wait()
@@ -706,7 +709,7 @@ def last_line(err: str) -> str:
     return err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("name", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
 def test_a_signal_finishes_the_step_saves_it_and_the_rerun_ends_bit_for_bit(corpus, reference, tmp_path, name):
     """SIGTERM (a cluster's stop) or SIGINT (Ctrl-C) from outside, while the run trains: the current step is
     finished and saved (whatever train.checkpoint_every says), one line says which and how to resume, and the

@@ -225,7 +225,7 @@ def _install(handler: Any) -> dict[int, Any]:
 
 def _restore(previous: dict[int, Any]) -> None:
     for signum, handler in previous.items():
-        signal.signal(signum, handler)
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: one not set from Python
 
 
 @contextlib.contextmanager

@@ -10,8 +10,8 @@ sha256 of the same file in the offline data pack (`PACK_SHA256`, from its MANIFE
 pack's bytes, or the command says which file differs. A source whose client is not installed is skipped, and
 the command says so (and which files it could not make). The files are written under DIR in the pack's layout, so
 `--data DIR/english` (or `DIR` for multimodal) points the commands at them. DIR is held like a run folder (one
-writer, `mhmoe.io.lock_run`), and the downloads go to a hidden working folder in it (`working_folder`). The conversions are in
-`mhmoe.data.builders`.
+writer, `mhmoe.io.lock_run`), and the downloads go to a hidden working folder in it (`working_folder`). The
+conversions are in `mhmoe.data.builders`.
 
 What can be rebuilt today: english/ (the English table, and the text of the multimodal one) and
 images/fashion-mnist/. Not yet: multilingual/ (Debian handbook and fortunes) and images/captions/ (emoji pictures

@@ -367,6 +367,7 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
                 if not scheduled:
                     save()
                 signum = stop.signum or signal.SIGTERM  # (a rank that got no signal stops with the others)
+                session.close()
                 raise Interrupted(signum, stopped_after(signum, step, checkpoints) if session.is_main else "")
 
     valid = task.evaluate(model, "valid", t.final_eval_batches)
