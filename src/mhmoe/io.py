@@ -249,8 +249,9 @@ class StopRequest:
     saying so) and the holder stops at its next safe point (the training loop: after the current step, saved).
     A second SIGINT (REPEAT_S or more later) raises `Interrupted` at once; a repeated SIGTERM changes nothing."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, announce: bool = True):
         self.what = what  # what happens now, for the line: "finishing the current step and saving it"
+        self.announce = announce  # whether to print that line (one rank of several does)
         self.signum: int | None = None
         self._at = 0.0
         self._previous: dict[int, Any] = {}
@@ -266,8 +267,8 @@ class StopRequest:
         if self.signum is None:
             self.signum, self._at = signum, time.monotonic()
             again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
-            # os.write, not print: a handler may run in the middle of another write to stderr
-            os.write(2, f"mhmoe: {signal.Signals(signum).name}: {self.what}{again}\n".encode())
+            if self.announce:  # os.write, not print: a handler may run in the middle of another write to stderr
+                os.write(2, f"mhmoe: {signal.Signals(signum).name}: {self.what}{again}\n".encode())
         elif signum == signal.SIGINT and time.monotonic() - self._at >= REPEAT_S:
             raise Interrupted(signum)
 

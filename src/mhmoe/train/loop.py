@@ -312,7 +312,7 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
         run_files = ("config.json", *task.run_files)
         session.save(checkpoints, step, model, optimizer, state, t.keep_checkpoints, run_files)
 
-    stop = StopRequest("finishing the current step and saving it")
+    stop = StopRequest("finishing the current step and saving it", announce=session.is_main)
     with stop, closing(bar), closing(metrics):
         model.train()
         if step == 0:
