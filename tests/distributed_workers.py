@@ -362,3 +362,37 @@ def crash_during_save_job(rank: int, world: int, out: Path, run_dir: str) -> dic
     except RuntimeError as e:
         return {"error": str(e).splitlines()[0][:200], NO_BARRIER: True}
     return {"error": None, NO_BARRIER: True}
+
+
+def stop_job(rank: int, world: int, out: Path, corpus: str, cache: str, run_dir: str, reference: str) -> dict:
+    """Rank 1 alone gets SIGTERM (a real signal, sent to itself) during its third optimiser step: every rank must
+    stop after the same step and save it together; then the run is resumed to its end, as is an uninterrupted
+    run in `reference`. Returns each rank's stop line and the losses of both runs."""
+    import signal
+
+    from mhmoe.errors import Interrupted
+    from mhmoe.train.lm import train
+
+    os.environ["MHMOE_CACHE"] = cache
+    train(tiny_config(Path(corpus)), Path(reference), progress=False)
+    original, steps = torch.optim.AdamW.step, [0]
+
+    def step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        steps[0] += 1
+        if rank == 1 and steps[0] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+    try:
+        train(tiny_config(Path(corpus)), Path(run_dir), progress=False)
+        stopped = None
+    except Interrupted as e:
+        stopped = {"signum": e.signum, "message": e.message}
+    finally:
+        torch.optim.AdamW.step = original
+    latest = (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
+    train(tiny_config(Path(corpus)), Path(run_dir), progress=False)
+    losses = {name: [json.loads(line).get("loss") for line in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+              for name, d in (("losses", run_dir), ("reference_losses", reference))}  # fmt: skip
+    return {"stopped": stopped, "latest": latest, **losses}

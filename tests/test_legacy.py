@@ -34,7 +34,8 @@ def legacy_run(tmp_path, monkeypatch) -> Path:
 
 
 def test_a_0_1_config_becomes_todays(legacy_run):
-    config, _ = run_checkpoint(legacy_run)
+    with run_checkpoint(legacy_run) as (config, _):
+        pass
     assert "num_experts" in config["model"]["ffn"] and "moe" not in config["model"]["ffn"]  # the old layout
     cfg = RunConfig.from_dict(config)
     moe = cfg.model.ffn.moe
@@ -43,10 +44,10 @@ def test_a_0_1_config_becomes_todays(legacy_run):
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def _legacy_model() -> GPT:
-    config, checkpoint = run_checkpoint(LEGACY / "run")
-    model = GPT(RunConfig.from_dict(config).model)
-    load_model_weights(checkpoint, model)  # strict: every weight has its place
+def _legacy_model(run: Path) -> GPT:
+    with run_checkpoint(run) as (config, checkpoint):
+        model = GPT(RunConfig.from_dict(config).model)
+        load_model_weights(checkpoint, model)  # strict: every weight has its place
     return model.eval()
 
 
@@ -55,8 +56,8 @@ def _legacy_model() -> GPT:
 STORED = float32_tolerance(reduction=2 * 8 + 257)
 
 
-def test_a_0_1_checkpoint_gives_the_same_outputs():
-    model = _legacy_model()
+def test_a_0_1_checkpoint_gives_the_same_outputs(legacy_run):
+    model = _legacy_model(legacy_run)
     ids = torch.tensor(EXPECTED["input_ids"])
     with torch.no_grad():
         out = model(ids, ids)
@@ -68,11 +69,11 @@ def test_a_0_1_checkpoint_gives_the_same_outputs():
     assert out.routing[0].top_experts[:8].tolist() == EXPECTED["top_experts_block0"]  # margins: the next test
 
 
-def test_the_stored_routing_is_no_near_tie():
+def test_the_stored_routing_is_no_near_tie(legacy_run):
     """The routing choices are compared exactly above; they are discrete, so that holds on any CPU only if no choice
     is a near tie that float32 rounding could flip: in float64 every chosen expert beats the first one left out by far
     more than float32's rounding of the scores."""
-    model = _legacy_model().double()
+    model = _legacy_model(legacy_run).double()
     captured = []
     router = model.blocks[0].ffn.moe.router
     handle = router.register_forward_hook(lambda module, args, out: captured.append(out.logits))

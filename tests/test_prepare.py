@@ -61,6 +61,14 @@ def _tgz(files: dict[str, bytes]) -> bytes:
 @pytest.fixture
 def fake_clients(monkeypatch):
     """Stand-ins for npm / apt-get / dpkg-deb: small packages with their own sha256 in PACKAGES; returns the log."""
+    packages, run, calls = make_fake_clients()
+    monkeypatch.setattr(prepare, "PACKAGES", packages)
+    return run, calls
+
+
+def make_fake_clients():  # type: ignore[no-untyped-def]
+    """(PACKAGES of the stand-in packages, a client runner that makes them, the log of its calls); also used by
+    tests/fault_driver.py --fake-clients, to kill a `data prepare` in a child process."""
     gutenberg = _tgz({"package/gutenberg/austen-emma.txt": b"Emma\r\n\r\n\r\nChapter I  \n", "package/gutenberg/README": b"x",
                       "package/gutenberg/chesterton-ball.txt": "Caf\xe9 ball\n".encode("latin-1")})  # fmt: skip
     brown = _tgz(
@@ -74,7 +82,6 @@ def fake_clients(monkeypatch):
         name: prepare.Package(p.registry, p.name, p.version, hashlib.sha256(artefacts[name][1]).hexdigest())
         for name, p in prepare.PACKAGES.items()
     }
-    monkeypatch.setattr(prepare, "PACKAGES", packages)
     calls: list[list[str]] = []
 
     def run(command: list[str], cwd: Path) -> None:
@@ -89,7 +96,7 @@ def fake_clients(monkeypatch):
             for name in builders.FASHION_FILES:
                 (folder / name).write_bytes(gzip.compress(name.encode(), mtime=0))
 
-    return run, calls
+    return packages, run, calls
 
 
 def test_prepare_with_fake_clients_writes_the_pack_layout(tmp_path, fake_clients):

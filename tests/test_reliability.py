@@ -596,3 +596,221 @@ def test_a_staged_folder_is_published_whole_or_not_at_all(tmp_path):
             (tmp / "a.txt").write_text("a")
             raise RuntimeError("half-way")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done"]  # no folder, no temporary left
+
+
+# ---------------------------------------------------------------------- readers while the run trains (issue 25.1)
+
+
+def test_readers_never_see_a_checkpoint_vanish_while_the_run_trains_and_prunes(corpus, tmp_path, capsys):
+    """eval, generate and export-hf in a loop against a trainer (a real process) that checkpoints and prunes every
+    step (train.keep_checkpoints=1): every call succeeds, on the `latest` of its moment, and pruning goes on."""
+    run = tmp_path / "run"
+    every_step = ["train.checkpoint_every=1", "train.keep_checkpoints=1", "train.eval_every=100000"]
+    log = tmp_path / "trainer.err"
+    with open(log, "w") as err:
+        trainer = subprocess.Popen([sys.executable, "-m", "mhmoe", *train_args(corpus, run, 100_000, *every_step)],
+                                   env=child_env(), stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+    try:
+        while not (run / "checkpoints" / "latest").exists():
+            assert trainer.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.1)
+        steps = []
+        for i in range(3):
+            code, err = cli(capsys, ["eval", str(run), "--max-batches", "1", "--no-progress"])
+            assert code == 0, err
+            code, err = cli(capsys, ["generate", str(run), "--prompt", "The", "--max-new-tokens", "3"])
+            assert code == 0, err
+            code, err = cli(capsys, ["export-hf", str(run), str(tmp_path / f"hf{i}")])
+            assert code == 0, err
+            steps.append(json.loads((tmp_path / f"hf{i}" / "config.json").read_text())["mhmoe_run"]["step"])
+        assert trainer.poll() is None
+        assert steps == sorted(steps) and steps[-1] > steps[0], steps  # the readers followed a training run
+        end = time.monotonic() + 120  # saves with no reader: the trainer prunes what the readers held
+        while len([p for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")]) > 2:
+            assert time.monotonic() < end and trainer.poll() is None
+            time.sleep(0.1)
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def test_a_held_checkpoint_outlives_pruning_and_one_pruned_before_it_is_held_is_passed_over(tmp_path, monkeypatch):
+    import mhmoe.train.checkpoint as checkpoint
+    from mhmoe.train.checkpoint import reading, save_checkpoint, verify
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = tmp_path / "checkpoints"
+
+    def save(step: int) -> None:
+        save_checkpoint(folder, step, model, optimizer, {}, keep=1)
+
+    def steps() -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.name != "latest")
+
+    save(1)
+    with reading(folder) as held:
+        assert held is not None and held.name == "step-00000001"
+        save(2)
+        save(3)
+        assert steps() == ["step-00000001", "step-00000003"]  # held: left to a later save; step 2 pruned
+        verify(held)
+    save(4)
+    assert steps() == ["step-00000004"]
+
+    lock = checkpoint._lock_folder
+    raced = []
+
+    def pruned_first(path, shared, wait):  # type: ignore[no-untyped-def]
+        if shared and not raced:  # a save lands between reading `latest` and holding what it named
+            raced.append(path.name)
+            save(5)
+        return lock(path, shared, wait)
+
+    monkeypatch.setattr(checkpoint, "_lock_folder", pruned_first)
+    with reading(folder) as held:
+        assert raced == ["step-00000004"] and held is not None and held.name == "step-00000005"
+        verify(held)
+
+
+# ------------------------------------------------------------------ a run whose checkpoints are gone (issue 25.4)
+
+
+def test_a_run_whose_checkpoints_are_gone_is_not_started_again_over_its_record(corpus, reference, tmp_path, capsys):
+    """summary.json, or metrics past the first scheduled checkpoint, with no checkpoint: refused, nothing changed.
+    Metrics up to the first checkpoint are what a run killed before it leaves: that run starts (and ends) as ever."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    code, err = cli(capsys, train_args(corpus, run))
+    assert code == 2 and err.splitlines()[-1] == (
+        f"mhmoe: error: {run} holds the record of an earlier run (summary.json, metrics.jsonl up to step 6) but no "
+        f"checkpoint to resume from in {run / 'checkpoints'}; training would start at step 0 and replace it: pass "
+        "another --out, or move those files away to start afresh in this folder"
+    )
+    (run / "summary.json").unlink()
+    code, err = cli(capsys, train_args(corpus, run))
+    assert code == 2 and "(metrics.jsonl up to step 6) but no checkpoint" in err
+    kept = {k: v for k, v in before.items() if k not in ("summary.json", ".lock")}
+    assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == kept
+
+    metrics = (run / "metrics.jsonl").read_text().splitlines(keepends=True)  # killed before its step-2 checkpoint
+    (run / "metrics.jsonl").write_text("".join(line for line in metrics if json.loads(line)["step"] <= 2))
+    assert main(train_args(corpus, run)) == 0
+    assert_same_run(run, reference)
+
+
+# ------------------------------------------------------------------------------ a stop that saves (issue 25.2)
+
+
+def last_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
+def test_a_signal_finishes_the_step_saves_it_and_the_rerun_ends_bit_for_bit(corpus, reference, tmp_path, name):
+    """SIGTERM (a cluster's stop) or SIGINT (Ctrl-C) from outside, while the run trains: the current step is
+    finished and saved (whatever train.checkpoint_every says), one line says which and how to resume, and the
+    rerun ends where an uninterrupted run ends, bit for bit."""
+    run, signum = tmp_path / "run", getattr(signal, name)
+    child = subprocess.Popen([sys.executable, str(DRIVER), "0", "--slow", "0.4", "--", *train_args(corpus, run)],
+                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    while not (run / "metrics.jsonl").exists() or '"step": 1,' not in (run / "metrics.jsonl").read_text():
+        assert child.poll() is None and time.sleep(0.05) is None, child.communicate()[1][-2000:]
+    child.send_signal(signum)
+    err = child.communicate(timeout=300)[1]
+    assert child.returncode == 128 + signum, err[-2000:]
+    step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    assert 2 <= step < STEPS, err[-2000:]
+    assert f"mhmoe: {name}: finishing the current step and saving it" in err
+    assert last_line(err) == (
+        f"mhmoe: stopped by {name} after step {step}, saved in {run / 'checkpoints' / f'step-{step:08d}'}: "
+        "run the same command to resume"
+    )
+    assert temporaries(run) == [] and not (run / "summary.json").exists()
+    assert main(train_args(corpus, run)) == 0
+    assert_same_run(run, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_the_last_complete_checkpoint(corpus, reference, tmp_path):
+    """The first Ctrl-C (during step 3) asks for a stop; the second, while step 3 is being saved, stops at once:
+    the half-written checkpoint is removed, step 2 stays `latest`, and the rerun ends bit for bit."""
+    run = tmp_path / "run"
+    child = subprocess.run([sys.executable, str(DRIVER), "0", "--signal", "SIGINT@3", "--again", "--",
+                            *train_args(corpus, run)], env=child_env(), capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert child.returncode == 128 + signal.SIGINT, child.stderr[-2000:]
+    assert "mhmoe: SIGINT: finishing the current step and saving it; Ctrl-C again to stop at once" in child.stderr
+    assert last_line(child.stderr) == (
+        f"mhmoe: stopped by SIGINT; the last complete checkpoint is {run / 'checkpoints' / 'step-00000002'}: "
+        "run the same command to resume from it"
+    )
+    assert temporaries(run) == [] and not (run / "checkpoints" / "step-00000003").exists()
+    assert main(train_args(corpus, run)) == 0
+    assert_same_run(run, reference)
+
+
+def test_under_torchrun_every_rank_stops_after_the_same_step_and_saves_it(corpus, tmp_path):
+    """Two gloo processes as torchrun runs them; only rank 1 (which writes no file) gets SIGTERM, in its step 3.
+    Both stop after the same step, the distributed checkpoint of that step is published, rank 0 alone prints
+    the line, and the resumed run ends bit for bit where an uninterrupted run on two processes ends."""
+    from distributed_workers import launch, stop_job
+
+    cache, run, ref = tmp_path / "cache", tmp_path / "run", tmp_path / "reference"
+    results = launch(stop_job, 2, tmp_path, 240, str(corpus), str(cache), str(run), str(ref))
+    assert [r["stopped"]["signum"] for r in results] == [signal.SIGTERM] * 2, results
+    assert results[0]["latest"] == results[1]["latest"] == "step-00000003", results
+    assert results[0]["stopped"]["message"] == (
+        f"stopped by SIGTERM after step 3, saved in {run / 'checkpoints' / 'step-00000003'}: run the same command "
+        "to resume"
+    )
+    assert results[1]["stopped"]["message"] == ""
+    assert results[0]["losses"] == results[0]["reference_losses"] and len(results[0]["losses"]) == 11
+
+
+# ------------------------------------------------------------------- temporaries of `data prepare` (issue 25.6)
+
+
+def test_data_prepare_cleans_up_on_sigterm_and_after_a_kill(tmp_path, capsys, monkeypatch):
+    """`mhmoe data prepare` (with the stand-in packages of tests/test_prepare.py) killed in a child process while it
+    writes its first file. SIGTERM: the temporary file and the working folder are removed before it exits, with
+    one line. SIGKILL: the next run into the same --out removes both, with a line, and finishes."""
+    from test_prepare import make_fake_clients
+
+    from mhmoe.data import prepare
+
+    def killed(out: Path, how: str) -> subprocess.CompletedProcess:
+        tmpdir = tmp_path / f"tmpdir-{how}"  # the child's $TMPDIR: nothing may be left there either
+        tmpdir.mkdir()
+        command = [sys.executable, str(DRIVER), "1", "--kill-with", how, "--fake-clients", "--", "data", "prepare",
+                   "english", "--out", str(out)]  # fmt: skip
+        child = subprocess.run(command, env={**child_env(), "TMPDIR": str(tmpdir)}, capture_output=True, text=True,
+                               timeout=300)  # fmt: skip
+        assert list(tmpdir.iterdir()) == []
+        return child
+
+    out = tmp_path / "terminated"
+    child = killed(out, "SIGTERM")
+    assert child.returncode == 128 + signal.SIGTERM, child.stderr[-2000:]
+    assert child.stderr.strip().splitlines()[-1] == "mhmoe: stopped by SIGTERM"
+    assert sorted(p.name for p in out.rglob("*")) == [".lock", "english"]  # no temporary, no working folder
+
+    out = tmp_path / "killed"
+    child = killed(out, "SIGKILL")
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if ".tmp-" in p.name)
+    assert [name.split(".tmp-")[0] for name in left] == [".work", "english/.documents.jsonl.gz"], left
+    packages, run, _ = make_fake_clients()
+    monkeypatch.setattr(prepare, "PACKAGES", packages)
+    monkeypatch.setattr(prepare, "run_client", run)
+    monkeypatch.setattr(prepare.shutil, "which", lambda tool: tool)
+    capsys.readouterr()
+    assert main(["data", "prepare", "english", "--out", str(out)]) == 1  # (the stand-ins differ from the pack)
+    err = capsys.readouterr().err
+    for name in left:
+        where = f"{(out / name).parent}: {Path(name).name}"
+        assert f"removed 1 unfinished temporary file(s) an interrupted `mhmoe data prepare` left in {where}" in err
+    assert [p for p in out.rglob("*") if ".tmp-" in p.name] == []
+    assert (out / "english" / "train.txt.gz").is_file()

@@ -23,7 +23,9 @@
 
 Errors a user can fix (bad data, config or checkpoint) and those of their machine (a full disk, a read-only or
 missing folder, permissions, no memory left) print one line naming the path and the fix, and exit with status 2;
-anything else is a bug and shows its traceback (as every error does with MHMOE_TRACEBACK=1).
+anything else is a bug and shows its traceback (as every error does with MHMOE_TRACEBACK=1). Ctrl-C (SIGINT) and
+SIGTERM stop any command with one line, after its cleanups ran, and exit with 128 + the signal's number; `train`
+first finishes the current step and saves it (a second Ctrl-C stops it at once).
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
+
+from mhmoe.errors import Interrupted
+from mhmoe.io import signals_raise
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 PARTS = ("core", "params", "controls", "heads", "all")  # mhmoe.experiments.common.PARTS (the CLI imports no experiment)
@@ -599,7 +605,16 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             raise SystemExit(f"mhmoe: --{name} must be >= 1, got {getattr(args, name)}")
     try:
-        return args.run(args)
+        with signals_raise():  # SIGTERM, like Ctrl-C, runs every cleanup (temporaries, working folders, locks)
+            return args.run(args)
+    except KeyboardInterrupt as e:  # a stop asked for, not an error: one line (what is saved), 128 + the signal
+        if os.environ.get("MHMOE_TRACEBACK", "") not in ("", "0"):
+            raise
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        line = e.message if isinstance(e, Interrupted) else ""
+        if line or os.environ.get("RANK", "0") == "0":
+            print(f"mhmoe: {line or f'stopped by {signal.Signals(signum).name}'}", file=sys.stderr)
+        return 128 + signum
     except Exception as e:
         message = user_message(e)
         if message is None or os.environ.get("MHMOE_TRACEBACK", "") not in ("", "0"):

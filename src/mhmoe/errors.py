@@ -23,6 +23,17 @@ class CheckpointError(UserError):
     """A missing, truncated or foreign checkpoint."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """A stop a user or a cluster asked for with SIGINT (Ctrl-C) or SIGTERM: not an error. The command line prints
+    `message` (what was saved, how to go on) as its one line and exits with 128 + the signal's number, as a shell
+    does for a process the signal ended."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message)
+        self.signum = signum
+        self.message = message
+
+
 # errno -> (what happened, what to do); the path, when the error names one, goes between them
 _OS_ERRORS = {
     errno.ENOSPC: ("no space left on device", "free some space and run the command again (a run resumes from its "

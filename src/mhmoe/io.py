@@ -4,7 +4,9 @@ Every file mhmoe writes (run configs, metrics snapshots, checkpoints, token cach
 goes through `atomic_write`: a temporary file in the same folder (named `.NAME.tmp-PID-RANDOM`), flushed and
 fsynced, renamed over the target, and the folder fsynced, so the target is either the old file or the new one.
 Folders are published the same way (`publish_dir`). `is_temporary` recognises what a killed writer leaves behind,
-and `remove_temporaries` clears it away. `lock_run` keeps a second writer out of a run folder.
+and `remove_temporaries` clears it away. `lock_run` keeps a second writer out of a run folder. `signals_raise` and
+`StopRequest` turn SIGINT and SIGTERM into an exception (so every cleanup runs) or into a request to stop at a
+safe point.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from mhmoe.errors import UserError
+from mhmoe.errors import Interrupted, UserError
 from mhmoe.version import __version__
 
 TEMP_MARK = ".tmp-"  # in every temporary name this module makes, and in no final name
@@ -44,9 +48,10 @@ def notice(message: str) -> None:
     print(f"mhmoe: {message}", file=sys.stderr, flush=True)
 
 
-def remove_temporaries(folder: Path) -> list[str]:
+def remove_temporaries(folder: Path, who: str) -> list[str]:
     """Delete the temporary files and folders a killed or failed writer left directly in `folder` (names with
-    TEMP_MARK, `is_temporary`); return their names. Call it only while no other process writes there."""
+    TEMP_MARK, `is_temporary`), with a line naming them and `who` left them; return their names. Call it only while
+    no other process writes there (under `lock_run`)."""
     removed: list[str] = []
     if not folder.is_dir():
         return removed
@@ -57,6 +62,9 @@ def remove_temporaries(folder: Path) -> list[str]:
             else:
                 path.unlink(missing_ok=True)
             removed.append(path.name)
+    if removed:
+        notice(f"removed {len(removed)} unfinished temporary file(s) {who} left in {folder}: "
+               f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")  # fmt: skip
     return removed
 
 
@@ -197,6 +205,72 @@ def _holder(lock_file: Path) -> str:
         return f"process {holder['pid']} on {holder['host']} (`{command}`, since {holder['since']})"
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return "another process"
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REPEAT_S = 1.0  # a second SIGINT sooner than this is the same stop (torchrun passes the terminal's Ctrl-C on again)
+
+
+def _install(handler: Any) -> dict[int, Any]:
+    """`handler` for SIGINT and SIGTERM, except one the parent set to be ignored (`nohup`, `cmd &`); the previous
+    handlers, to restore. Nothing outside the main thread (where Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+def _restore(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: one not set from Python
+
+
+@contextlib.contextmanager
+def signals_raise() -> Iterator[None]:
+    """While the body runs, SIGTERM raises `Interrupted` as SIGINT does (a KeyboardInterrupt), so the cleanups of
+    every `finally` and `except BaseException` run on the stop a cluster sends as on Ctrl-C: temporary files and
+    working folders are removed, locks released."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = _install(stop)
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+class StopRequest:
+    """While in its `with` block, SIGINT and SIGTERM ask to stop instead of raising: `signum` is set (with a line
+    saying so) and the holder stops at its next safe point (the training loop: after the current step, saved).
+    A second SIGINT (REPEAT_S or more later) raises `Interrupted` at once; a repeated SIGTERM changes nothing."""
+
+    def __init__(self, what: str, announce: bool = True):
+        self.what = what  # what happens now, for the line: "finishing the current step and saving it"
+        self.announce = announce  # whether to print that line (one rank of several does)
+        self.signum: int | None = None
+        self._at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        self._previous = _install(self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _restore(self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum, self._at = signum, time.monotonic()
+            again = "; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""
+            if self.announce:  # os.write, not print: a handler may run in the middle of another write to stderr
+                os.write(2, f"mhmoe: {signal.Signals(signum).name}: {self.what}{again}\n".encode())
+        elif signum == signal.SIGINT and time.monotonic() - self._at >= REPEAT_S:
+            raise Interrupted(signum)
 
 
 def git_commit() -> str:

@@ -51,10 +51,12 @@ def load_run(run_dir: str | Path, progress: bool = False, data: bool = True) -> 
         print(run.tokenizer.decode(run.model.generate(ids, 20, temperature=0.8, top_p=0.9)[0].tolist()))
     """
     run_dir = Path(run_dir)
-    config, checkpoint = run_checkpoint(run_dir)
-    cfg = RunConfig.from_dict(config)
+    with run_checkpoint(run_dir) as (config, checkpoint):  # held while read: a training run does not prune it
+        cfg = RunConfig.from_dict(config)
+        state = read_json(checkpoint / "state.json", "trainer state")
+        model = GPT(cfg.model)
+        load_model_weights(checkpoint, model)
     device = resolve_device(cfg.train.device)
-    state = read_json(checkpoint / "state.json", "trainer state")
     if data:
         tokenizer, splits, _ = prepare_data(cfg, run_dir, progress)
         held_out = sorted(name for name in splits if not name.startswith("train"))
@@ -62,8 +64,6 @@ def load_run(run_dir: str | Path, progress: bool = False, data: bool = True) -> 
             notice(f"{checkpoint} records no digest of its data (older mhmoe): the held-out data was not checked")
     else:
         tokenizer, splits = saved_tokenizer(cfg, run_dir), {}
-    model = GPT(cfg.model)
-    load_model_weights(checkpoint, model)
     return LoadedRun(cfg, model.to(device).eval(), tokenizer, splits, device, state["step"])
 
 

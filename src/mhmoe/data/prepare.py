@@ -9,8 +9,9 @@ Every downloaded artefact is checked against its sha256 below before it is used,
 sha256 of the same file in the offline data pack (`PACK_SHA256`, from its MANIFEST.sha256): a rebuild gives the
 pack's bytes, or the command says which file differs. A source whose client is not installed is skipped, and
 the command says so (and which files it could not make). The files are written under DIR in the pack's layout, so
-`--data DIR/english` (or `DIR` for multimodal) points the commands at them. The conversions are in
-`mhmoe.data.builders`.
+`--data DIR/english` (or `DIR` for multimodal) points the commands at them. DIR is held like a run folder (one
+writer, `mhmoe.io.lock_run`), and the downloads go to a hidden working folder in it (`working_folder`). The
+conversions are in `mhmoe.data.builders`.
 
 What can be rebuilt today: english/ (the English table, and the text of the multimodal one) and
 images/fashion-mnist/. Not yet: multilingual/ (Debian handbook and fortunes) and images/captions/ (emoji pictures
@@ -19,18 +20,19 @@ rendered with the Noto font): for those the command names what is missing and po
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mhmoe.data.builders import english_documents, english_files, fashion_files
 from mhmoe.errors import DataError
-from mhmoe.io import atomic_write
+from mhmoe.io import TEMP_MARK, atomic_write, lock_run, remove_temporaries
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ def prepare(
         raise DataError(f"unknown task {task!r}; choose english, multilingual or multimodal")
     expected = PACK_SHA256 if expected is None else expected
     report = Report([], [], [])
-    with tempfile.TemporaryDirectory(prefix="mhmoe-prepare-") as tmp:
+    with lock_run(out), working_folder(out) as tmp:
         for part in TASK_PARTS[task]:
             if part in NOT_YET:
                 report.skipped.append(f"{NOT_YET[part]}: not rebuilt by this version of mhmoe; {PACK_HINT}")
@@ -194,6 +196,18 @@ def prepare(
                 if hashlib.sha256(data).hexdigest() != expected.get(relative):
                     report.differ.append(relative)
     return report
+
+
+@contextlib.contextmanager
+def working_folder(out: Path) -> Iterator[str]:
+    """A hidden temporary folder in `out` for the downloads and unpacked packages (~7 MB), removed when the command
+    ends however it ends (an error, Ctrl-C, SIGTERM: `mhmoe.io.signals_raise`); what a SIGKILL leaves there, and
+    the temporary files of writes it cut short, are removed (with a line) when the next `prepare` into `out`
+    starts, under the folder's lock."""
+    for folder in sorted({out, *((out / relative).parent for relative in PACK_SHA256)}):
+        remove_temporaries(folder, "an interrupted `mhmoe data prepare`")
+    with tempfile.TemporaryDirectory(prefix=f".work{TEMP_MARK}", dir=out) as tmp:
+        yield tmp
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -73,11 +73,11 @@ def _read_run(run_dir: Path) -> tuple[Any, GPT, Any, dict]:
     from mhmoe.train.checkpoint import load_model_weights, run_checkpoint
     from mhmoe.train.config import RunConfig
 
-    config, checkpoint = run_checkpoint(run_dir)
-    cfg = RunConfig.from_dict(config)
-    model = GPT(cfg.model)
-    load_model_weights(checkpoint, model)
-    state = json.loads((checkpoint / "state.json").read_text())
+    with run_checkpoint(run_dir) as (config, checkpoint):
+        cfg = RunConfig.from_dict(config)
+        model = GPT(cfg.model)
+        load_model_weights(checkpoint, model)
+        state = json.loads((checkpoint / "state.json").read_text())
     saved = run_dir / "tokenizer.json"
     if saved.exists():
         tokenizer = load_tokenizer(saved)

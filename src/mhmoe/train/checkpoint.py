@@ -20,6 +20,11 @@ that is not a regular file (a symbolic link, a FIFO, a device): nothing outside 
 checkpoint was written. `latest` must name a `step-NNNNNNNN` folder of `checkpoints/` itself; when it is missing
 the newest such folder is used (with a line saying so), never a fresh start over a trained run.
 
+Readers (`eval`, `generate`, `export-hf`, `analyze`) may run while the run trains and prunes: `reading` holds the
+checkpoint `latest` names with a shared `flock` on its folder, and pruning removes only folders it can lock
+exclusively (a held one is removed by a later save). A checkpoint pruned between reading `latest` and taking hold
+of it is passed over for the new `latest`, so a reader never sees a checkpoint vanish under it.
+
 Distributed runs (`mhmoe.train.dcp`, format "mhmoe-checkpoint-dcp/1") keep the same
 folder, manifest and `latest` rules; their optimiser and sharded weights are in dcp/ (resharded on
 load), and model.safetensors holds the consolidated weights, so `load_model_weights` reads both.
@@ -27,6 +32,7 @@ load), and model.safetensors holds the consolidated weights, so `load_model_weig
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,7 +40,7 @@ import random
 import re
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +203,8 @@ def publish_checkpoint(
     files = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in paths}
     write_json(tmp / "manifest.json", {"format": fmt, "step": step, "files": files, "run_files": declared})
     fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # left by an abandoned later attempt (`_prune`)
+        _remove_checkpoint(final, wait=True)
     publish_dir(tmp, final)
     write_text(directory / LATEST, final.name + "\n")
     _prune(directory, final, keep)
@@ -215,10 +221,103 @@ def _step_folders(directory: Path) -> list[Path]:
 
 def _prune(directory: Path, newest: Path, keep: int) -> None:
     """Keep the `keep` newest checkpoints up to `newest`; folders after it (left by an abandoned later attempt)
-    stay until a save reaches their step and replaces them."""
+    stay until a save reaches their step and replaces them, and a folder a reader holds stays until a later save
+    finds it free (`reading`)."""
     steps = [p for p in _step_folders(directory) if p.name <= newest.name]
     for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_checkpoint(old, wait=False)
+
+
+def _remove_checkpoint(path: Path, wait: bool) -> None:
+    """Remove a checkpoint folder unless a reader holds it (wait=False: leave it; wait=True: wait for the reader).
+    It is first renamed to a temporary name (removed by the next `mhmoe train` if this process dies half-way),
+    under the exclusive lock, so a reader either holds the whole folder or finds its name gone."""
+    held = _lock_folder(path, shared=False, wait=wait)
+    if held is None:
+        return
+    doomed = path.with_name(f".{path.name}{TEMP_MARK}pruned-{os.getpid()}")
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    finally:
+        held.close()
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+class _Held:
+    """An open folder and the `flock` on it (none where `fcntl` is missing); `close` releases both."""
+
+    def __init__(self, fd: int | None):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_folder(path: Path, shared: bool, wait: bool) -> _Held | None:
+    """Hold a shared (readers) or exclusive (pruning) `flock` on a checkpoint folder itself: no lock file, released
+    by the operating system however the holder ends. None when the folder is gone, or (wait=False) when another
+    process holds a conflicting lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: nothing is locked
+        return _Held(None) if path.is_dir() else None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Held(fd)
+
+
+@contextlib.contextmanager
+def reading(directory: Path) -> Iterator[Path | None]:
+    """The checkpoint `latest` names (`latest_checkpoint`), held against pruning while the body reads it (None when
+    there is none yet). A checkpoint pruned after `latest` was read and before it is held is passed over for the
+    new `latest`: each try follows a newer save, so this ends as soon as a reader wins one race."""
+    for _ in range(_TRIES):
+        path = latest_checkpoint(directory)
+        if path is None:
+            yield None
+            return
+        held = _lock_folder(path, shared=True, wait=True)
+        if held is None:
+            continue  # pruned between reading `latest` and opening the folder
+        if not _still_at(held, path):
+            held.close()
+            continue  # pruned while this waited for the lock
+        try:
+            yield path
+        finally:
+            held.close()
+        return
+    raise CheckpointError(
+        f"{directory}: the latest checkpoint was replaced {_TRIES} times while this opened it; run the command again"
+    )
+
+
+_TRIES = 100  # attempts to hold the latest checkpoint, each lost to a newer save (a few steps of a tiny model)
+
+
+def _still_at(held: _Held, path: Path) -> bool:
+    """Whether the folder `held` is open on is still the one at `path` (not pruned, not replaced)."""
+    if held.fd is None:
+        return path.is_dir()
+    try:
+        now, then = os.stat(path), os.fstat(held.fd)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (then.st_dev, then.st_ino)
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -226,23 +325,28 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
     `latest` must name a step-NNNNNNNN folder of `directory` itself (no path, no link); anything else is a
     CheckpointError. When `latest` is missing but checkpoints exist (a kill between publishing a checkpoint and
-    pointing `latest` at it, or a deleted pointer), the newest one is used, with a line saying so.
+    pointing `latest` at it, or a deleted pointer), the newest one is used, with a line saying so. The folders
+    are listed before `latest` is read, so a name absent from the list was published (or pruned) meanwhile by a
+    training run: it is looked up again, and only a name absent twice is refused.
     """
-    pointer = directory / LATEST
-    steps = _step_folders(directory)
-    if not pointer.exists() and not pointer.is_symlink():
-        if steps:
-            notice(f"{pointer} is missing; using the newest checkpoint, {steps[-1].name}")
-            return steps[-1]
-        return None
-    name = _read_pointer(pointer)
-    path = directory / name
-    if path not in steps:
-        newest = f"resume from the newest one ({steps[-1].name})" if steps else "start over"
-        raise CheckpointError(
-            f"{pointer} names {name}, which is not a checkpoint folder of {directory}; delete {pointer} to {newest}"
-        )
-    return path
+    pointer, seen = directory / LATEST, None
+    while True:
+        steps = _step_folders(directory)
+        if not pointer.exists() and not pointer.is_symlink():
+            if steps:
+                notice(f"{pointer} is missing; using the newest checkpoint, {steps[-1].name}")
+                return steps[-1]
+            return None
+        name = _read_pointer(pointer)
+        path = directory / name
+        if path in steps:
+            return path
+        if name == seen:
+            newest = f"resume from the newest one ({steps[-1].name})" if steps else "start over"
+            raise CheckpointError(
+                f"{pointer} names {name}, which is not a checkpoint folder of {directory}; delete {pointer} to {newest}"
+            )
+        seen = name
 
 
 def _read_pointer(pointer: Path) -> str:
@@ -261,17 +365,19 @@ def _read_pointer(pointer: Path) -> str:
     return name
 
 
-def run_checkpoint(run_dir: Path, kind: str = "an mhmoe run directory") -> tuple[dict, Path]:
+@contextlib.contextmanager
+def run_checkpoint(run_dir: Path, kind: str = "an mhmoe run directory") -> Iterator[tuple[dict, Path]]:
     """(the run's config.json, its latest checkpoint) of a trained run directory, verified, its run files checked
-    against the checkpoint's copies (`check_run_files`); or a CheckpointError saying what is wrong."""
+    against the checkpoint's copies (`check_run_files`); or a CheckpointError saying what is wrong. The checkpoint
+    is held while the body reads it (`reading`): a run training meanwhile does not prune it."""
     config = run_dir / "config.json"
     if not config.exists():
         raise CheckpointError(f"{run_dir} is not {kind} (no config.json); pass the --out of a train run")
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first")
-    check_run_files(run_dir, checkpoint, verify(checkpoint))
-    return read_json(config, "the run's configuration"), checkpoint
+    with reading(run_dir / "checkpoints") as checkpoint:
+        if checkpoint is None:
+            raise CheckpointError(f"{run_dir} has no checkpoint yet; train it first")
+        check_run_files(run_dir, checkpoint, verify(checkpoint))
+        yield read_json(config, "the run's configuration"), checkpoint
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -11,16 +11,19 @@ FSDP2, exact resume, the non-finite guard, progress and metrics serve every task
 
 A run directory has one writer: `train` holds its lock (`mhmoe.io.lock_run`) from start to end, removes what an
 interrupted writer left behind (temporary files and checkpoint folders, with a line saying so), and resumes
-only when the run files still mean what the latest checkpoint was trained with (`check_run_files`).
+only when the run files still mean what the latest checkpoint was trained with (`check_run_files`). It refuses to
+start over the record of a run whose checkpoints are gone (`check_fresh_start`). SIGINT and SIGTERM stop it after
+the current step, saved, on every rank alike (`mhmoe.io.StopRequest`); it raises `Interrupted` with the line to print.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -28,12 +31,12 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from mhmoe.errors import ConfigError, UserError
-from mhmoe.io import environment, lock_run, notice, remove_temporaries, write_json
+from mhmoe.errors import ConfigError, Interrupted, UserError
+from mhmoe.io import StopRequest, environment, lock_run, notice, remove_temporaries, write_json
 from mhmoe.models.cost import Cost
 from mhmoe.train.checkpoint import check_run_files, latest_checkpoint, read_json, verify
 from mhmoe.train.config import TrainConfig
-from mhmoe.train.metrics import MetricsLog, NoMetrics, progress_bar
+from mhmoe.train.metrics import MetricsLog, NoMetrics, last_logged_step, progress_bar
 from mhmoe.train.session import Session, is_main_process, start_session
 
 
@@ -208,31 +211,75 @@ def train(cfg: Any, run_dir: Path, make_task: Callable[[Session], Task], progres
         raise UserError(f"--out {run_dir} is a file, not a folder; pass a folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     main = is_main_process()  # rank 0 of a torchrun job checks and cleans for all (torchrun ends the others)
-    with lock_run(run_dir) if main else nullcontext():
-        if main:
-            clean_up(run_dir)
-        check_resumable(cfg, run_dir)
-        latest = latest_checkpoint(run_dir / "checkpoints") if main else None
-        if latest is not None:  # the run files must still mean what the checkpoint was trained with
-            check_run_files(run_dir, latest, verify(latest))
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
-        session = start_session(cfg.parallel, resolve_device(cfg.train.device))
-        task = make_task(session)
-        if session.is_main:
-            write_json(run_dir / "config.json", cfg.to_dict())
-            write_json(run_dir / "env.json", environment(session.device))
-        return run(task, cfg.train, run_dir, session, progress and session.is_main)
+    try:
+        with lock_run(run_dir) if main else nullcontext():
+            if main:
+                clean_up(run_dir)
+            check_resumable(cfg, run_dir)
+            latest = latest_checkpoint(run_dir / "checkpoints") if main else None
+            if latest is not None:  # the run files must still mean what the checkpoint was trained with
+                check_run_files(run_dir, latest, verify(latest))
+            elif main:
+                check_fresh_start(run_dir)
+            if cfg.train.threads:
+                torch.set_num_threads(cfg.train.threads)
+            session = start_session(cfg.parallel, resolve_device(cfg.train.device))
+            task = make_task(session)
+            if session.is_main:
+                write_json(run_dir / "config.json", cfg.to_dict())
+                write_json(run_dir / "env.json", environment(session.device))
+            return run(task, cfg.train, run_dir, session, progress and session.is_main)
+    except KeyboardInterrupt as e:  # a stop outside the loop's safe points, or a second Ctrl-C: say what is saved
+        if isinstance(e, Interrupted) and e.message:
+            raise
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, stopped_at_once(signum, run_dir) if main else "") from None
+
+
+def check_fresh_start(run_dir: Path) -> None:
+    """Refuse to start at step 0 over the record of an earlier run whose checkpoints are gone (deleted, or never
+    written): its summary.json, or metrics of steps after its first scheduled checkpoint (which was written, then).
+    Metrics up to that checkpoint are what a run killed before it leaves; they are recomputed, as on any resume."""
+    config = run_dir / "config.json"
+    saved = read_json(config, "the run's configuration") if config.is_file() else {}
+    t = saved.get("train", {}) if isinstance(saved, dict) else {}
+    try:
+        first_checkpoint = min(int(t["checkpoint_every"]), int(t["max_steps"]))
+    except (KeyError, TypeError, ValueError):
+        first_checkpoint = 0  # no record of its schedule: any metrics count
+    found = []
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        found.append(summary.name)
+    last = last_logged_step(run_dir / "metrics.jsonl")
+    if last > first_checkpoint:
+        found.append(f"metrics.jsonl up to step {last}")
+    if found:
+        raise UserError(
+            f"{run_dir} holds the record of an earlier run ({', '.join(found)}) but no checkpoint to resume from in "
+            f"{run_dir / 'checkpoints'}; training would start at step 0 and replace it: pass another --out, or "
+            "move those files away to start afresh in this folder"
+        )
+
+
+def stopped_at_once(signum: int, run_dir: Path) -> str:
+    """The line for a run stopped by a signal wherever it was (start-up, evaluation, a second Ctrl-C): the last
+    complete checkpoint, which is all a rerun needs."""
+    how = f"stopped by {signal.Signals(signum).name}"
+    try:
+        latest = latest_checkpoint(run_dir / "checkpoints")
+    except UserError:
+        latest = None
+    if latest is None:
+        return f"{how} before its first checkpoint; run the same command to start again"
+    return f"{how}; the last complete checkpoint is {latest}: run the same command to resume from it"
 
 
 def clean_up(run_dir: Path) -> None:
     """Remove the temporary files and checkpoint folders an interrupted writer left in the run (under its lock,
     so none of them is being written), with a line saying what."""
     for folder in (run_dir, run_dir / "checkpoints"):
-        removed = remove_temporaries(folder)
-        if removed:
-            notice(f"removed {len(removed)} unfinished temporary file(s) an interrupted run left in {folder}: "
-                   f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")  # fmt: skip
+        remove_temporaries(folder, "an interrupted run")
 
 
 def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: bool) -> RunResult:
@@ -265,7 +312,8 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
         run_files = ("config.json", *task.run_files)
         session.save(checkpoints, step, model, optimizer, state, t.keep_checkpoints, run_files)
 
-    try:
+    stop = StopRequest("finishing the current step and saving it", announce=session.is_main)
+    with stop, closing(bar), closing(metrics):
         model.train()
         if step == 0:
             task.on_step(model, 0)
@@ -312,11 +360,15 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
                 metrics.write({"step": step, "tokens": tokens_seen, **val})
                 bar.set_postfix(loss=f"{sum(losses.values()):.3f}", val_ppl=f"{val['val_ppl']:.1f}")
             task.on_step(model, step)
-            if step % t.checkpoint_every == 0 or step == t.max_steps:
+            scheduled = step % t.checkpoint_every == 0 or step == t.max_steps
+            if scheduled:
                 save()
-    finally:
-        bar.close()
-        metrics.close()
+            if session.mean([float(stop.signum is not None)])[0] > 0:  # every rank stops after the same step
+                if not scheduled:
+                    save()
+                signum = stop.signum or signal.SIGTERM  # (a rank that got no signal stops with the others)
+                session.close()
+                raise Interrupted(signum, stopped_after(signum, step, checkpoints) if session.is_main else "")
 
     valid = task.evaluate(model, "valid", t.final_eval_batches)
     test = task.evaluate(model, "test", t.final_eval_batches)
@@ -329,6 +381,13 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
         write_json(run_dir / "summary.json", summary)
     session.close()
     return RunResult(run_dir, step, tokens_seen, train_seconds, valid, test, cpu_seconds)
+
+
+def stopped_after(signum: int, step: int, checkpoints: Path) -> str:
+    return (
+        f"stopped by {signal.Signals(signum).name} after step {step}, saved in {checkpoints / f'step-{step:08d}'}: "
+        "run the same command to resume"
+    )
 
 
 def announce(run_dir: Path, task: Task, t: TrainConfig, session: Session, step: int, tokens_seen: int) -> None:

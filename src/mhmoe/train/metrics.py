@@ -33,6 +33,14 @@ def _record_step(line: str, suffix: str) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+def last_logged_step(jsonl: Path) -> int:
+    """The largest step recorded in a metrics.jsonl (0 when there is none; lines a kill cut off are skipped)."""
+    if not jsonl.is_file():
+        return 0
+    lines = jsonl.read_bytes().decode("utf-8", errors="replace").splitlines(keepends=True)
+    return max((step for line in lines if (step := _record_step(line, ".jsonl")) is not None), default=0)
+
+
 class MetricsLog:
     """metrics.jsonl (every record), metrics.csv (fixed columns), TensorBoard when installed."""
 

@@ -130,8 +130,8 @@ def analyze_masked_run(
 
 def load_masked_model(run_dir: Path, device: torch.device | None = None) -> tuple[MaskedRunConfig, MultiwayTransformer]:
     """The config and model of a run directory at its latest checkpoint."""
-    config, checkpoint = run_checkpoint(run_dir, "a masked multimodal run directory")
-    cfg = MaskedRunConfig.from_dict(config)
-    model = MultiwayTransformer(cfg.model)
-    load_model_weights(checkpoint, model)
+    with run_checkpoint(run_dir, "a masked multimodal run directory") as (config, checkpoint):
+        cfg = MaskedRunConfig.from_dict(config)
+        model = MultiwayTransformer(cfg.model)
+        load_model_weights(checkpoint, model)
     return cfg, model.to(device or resolve_device(cfg.train.device)).eval()
