@@ -96,6 +96,7 @@ def _read_run(run_dir: Path) -> tuple[Any, GPT, Any, dict]:
 def export_run(run_dir: Path, out_dir: Path) -> Path:
     """Write the run's latest checkpoint as a Hugging Face model folder (see the module doc); return out_dir."""
     from mhmoe.hf.modeling_mhmoe import MHMoEForCausalLM
+    from mhmoe.train.checkpoint import write_safetensors
 
     cfg, model, tokenizer, state = _read_run(run_dir)
     record = {
@@ -105,8 +106,8 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     }
     eos = tokenizer.eos_id
     hf = MHMoEForCausalLM.from_gpt(model, mhmoe_run=record, eos_token_id=eos, pad_token_id=eos)
-    with staged_dir(out_dir) as tmp:
-        hf.save_pretrained(tmp)
+    with staged_dir(out_dir) as tmp:  # a full disk: one line naming the file (`write_safetensors`), nothing left
+        write_safetensors(lambda _: hf.save_pretrained(tmp), tmp / "model.safetensors")
         write_remote_code(tmp)  # loadable with trust_remote_code=True where mhmoe is not installed
         hf_tokenizer(tokenizer).save_pretrained(tmp)
         write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "files": _file_hashes(tmp, sorted(tmp.iterdir()))})

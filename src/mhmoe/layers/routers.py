@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mhmoe.layers.experts import integer
+
 RouterName = Literal["softmax", "switch", "xmoe", "sigmoid"]
 XMoEForm = Literal["paper", "code"]
 
@@ -356,6 +358,8 @@ class RouterConfig:
     top_groups: int | None = None  # sigmoid: groups an item may use (topk_group); None = all
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy integers where ints go: stored as ints
+            object.__setattr__(self, f.name, integer(getattr(self, f.name)))
         if not isinstance(self.kind, str):
             raise TypeError(f"router must be a name or a Router, got {type(self.kind).__name__}")
         if self.kind not in ROUTERS:
