@@ -923,3 +923,19 @@ def test_a_meta_tensor_is_refused_naming_the_device(kind):
     name = type(layer).__name__
     with pytest.raises(ValueError, match=rf"{name} cannot run on the meta device \(input on meta, weights on meta\)"):
         layer.to("meta")(torch.randn(2, 3, 8, device="meta"))
+
+
+def test_the_standalone_loader_refuses_a_missing_tensor_too(export, tmp_path):
+    """Where mhmoe is not installed, the model code the folder carries runs the same weights check."""
+    folder = unsealed(export, tmp_path / "hf")
+    _drop_a_tensor(folder)
+    code = "import sys; from transformers import AutoModelForCausalLM; " \
+        "AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)"  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONNOUSERSITE="1")
+    child = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)  # fmt: skip
+    assert child.returncode != 0 and "No module named 'mhmoe'" not in child.stderr
+    assert f"{folder}: the weights do not build the model its config.json describes (missing model.norm.weight)" in (
+        child.stderr
+    )
