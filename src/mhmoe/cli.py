@@ -21,8 +21,9 @@
                       replace a saved transformers model's FFNs by upcycled SMoE / MH-MoE layers, or a MoE
                       model's blocks by this library's SMoE (an exact swap) / MH-MoE layers
 
-Errors a user can fix (bad data, config or checkpoint) and those of their machine (a full disk, a read-only or
-missing folder, permissions, no memory left) print one line naming the path and the fix, and exit with status 2;
+Errors a user can fix (bad data, config or checkpoint), those of their machine (a full disk, a read-only or
+missing folder, permissions, no memory left) and what a command's input foreseeably raises (`FORESEEABLE`, one
+table) print one line naming the path and the fix, and exit with status 2;
 anything else is a bug and shows its traceback (as every error does with MHMOE_TRACEBACK=1).
 """
 
