@@ -43,6 +43,7 @@ from mhmoe.data.multilingual import (
     load_multilingual,
     split_key,
     target_bytes,
+    token_byte_lengths,
     tokenize_languages,
     tokenizer_text,
 )
@@ -190,11 +191,14 @@ def evaluate(
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
 
 
-def with_bits_per_byte(result: dict, tokens: np.ndarray, tokenizer: Tokenizer) -> dict:
+def with_bits_per_byte(
+    result: dict, tokens: np.ndarray, tokenizer: Tokenizer, byte_lengths: np.ndarray | None = None
+) -> dict:
     """`evaluate`'s result on `tokens` plus "bytes", the UTF-8 bytes of exactly the tokens it predicted (its windows
     are consecutive from the split's start: the targets are tokens[1 : 1 + count]), and "bpb", bits per byte:
-    unlike perplexity (per token), comparable between runs of different tokenizers. bpb is None for no bytes."""
-    nbytes = target_bytes(tokenizer, tokens[1 : 1 + result["tokens"]])
+    unlike perplexity (per token), comparable between runs of different tokenizers. bpb is None for no bytes.
+    byte_lengths: the tokenizer's `token_byte_lengths`, if already computed."""
+    nbytes = target_bytes(tokenizer, tokens[1 : 1 + result["tokens"]], byte_lengths)
     bpb = bits_per_byte(result["loss"] * result["tokens"], nbytes) if nbytes > 0 else None
     return {**result, "bytes": nbytes, "bpb": bpb}
 
@@ -214,6 +218,7 @@ class LMTask:
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.cost = gpt_cost(cfg.model)
         self.digests = data_digests(self.splits)
+        self.byte_lengths = token_byte_lengths(self.tokenizer)  # for bits per byte at every evaluation
 
     def build_model(self) -> GPT:
         return GPT(self.cfg.model)
@@ -235,7 +240,7 @@ class LMTask:
     def evaluate(self, model: torch.nn.Module, split: str, max_batches: int) -> dict:
         tokens = self.splits[split]
         result = evaluate(model, tokens, self.cfg, self.session.device, max_batches, self.progress, split)
-        return with_bits_per_byte(result, tokens, self.tokenizer)
+        return with_bits_per_byte(result, tokens, self.tokenizer, self.byte_lengths)
 
     def metrics(self, report: dict) -> dict:
         return {"val_loss": report["loss"], "val_ppl": report["ppl"]}
