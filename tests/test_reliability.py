@@ -769,7 +769,27 @@ def test_compare_with_a_damaged_summary(pristine, tmp_path, capsys, summary, say
     assert code == 2 and err.startswith(f"mhmoe: error: {run / 'summary.json'} {says}"), err
 
 
-def test_export_onto_a_full_disk_leaves_nothing(pristine, tmp_path):
+def test_export_onto_a_full_disk_leaves_nothing(pristine, tmp_path, capsys, monkeypatch):
+    """The safetensors writer inside transformers' save_pretrained reports a full disk as its own error (as it
+    does for real, see the next test): one line naming the file, and neither the folder nor a temporary left."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):  # type: ignore[no-untyped-def]
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    out = tmp_path / "hf"
+    code, err = cli(capsys, ["export-hf", str(pristine), str(out)])
+    line = err.splitlines()[-1]
+    assert code == 2 and line.startswith("mhmoe: error: no space left on device: ") and "/model.safetensors; " in line
+    assert line.endswith("free some space and run the command again (a run resumes from its last complete checkpoint)")
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_export_under_a_real_file_size_limit_leaves_nothing(pristine, tmp_path):
     """A real failure of the safetensors writer inside transformers' save_pretrained (RLIMIT_FSIZE below the
     weights' size): one line naming the file, and neither the folder nor a temporary left."""
     pytest.importorskip("transformers")
@@ -925,6 +945,7 @@ def test_a_meta_tensor_is_refused_naming_the_device(kind):
         layer.to("meta")(torch.randn(2, 3, 8, device="meta"))
 
 
+@pytest.mark.slow
 def test_the_standalone_loader_refuses_a_missing_tensor_too(export, tmp_path):
     """Where mhmoe is not installed, the model code the folder carries runs the same weights check."""
     folder = unsealed(export, tmp_path / "hf")
