@@ -918,6 +918,10 @@ def test_layers_take_numpy_integers_as_ints(kind):
                not isinstance(v, bool))  # fmt: skip
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     assert torch.equal(plain.double()(x).y, numpy.double()(x).y)
+    from mhmoe.layers.routers import SigmoidRouter, SoftmaxRouter, XMoERouter
+
+    for router in (SoftmaxRouter, SigmoidRouter, XMoERouter):  # built directly, too
+        assert type(router(np.int64(16), np.int64(4), np.int64(2)).top_k) is int
 
 
 def test_a_capacity_factor_that_overflows_is_refused():

@@ -47,6 +47,7 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, jitter: float = 0.0):
         super().__init__()
+        d_model, num_experts, top_k = integer(d_model), integer(num_experts), integer(top_k)
         check_top_k(top_k, num_experts)
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
