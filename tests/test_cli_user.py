@@ -123,9 +123,10 @@ def test_eval_max_batches_reproduces_the_training_summary(trained, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert main(["eval", str(run), "--max-batches", "2"]) == 0
     captured = capsys.readouterr()
-    assert f"test: loss {summary['test_loss']:.4f} nats/token, ppl {summary['test_ppl']:.2f} over 512 tokens" in (
-        captured.out
-    )
+    assert (
+        f"test: loss {summary['test_loss']:.4f} nats/token, ppl {summary['test_ppl']:.2f}, "
+        f"{summary['test_bpb']:.4f} bits/byte over 512 tokens ({summary['test_bytes']:,} bytes)"
+    ) in captured.out
     assert "the first 2 batches of each split" in captured.out and "test: 100%|" in captured.err
     assert main(["eval", str(run), "--no-progress"]) == 0
     full = capsys.readouterr()

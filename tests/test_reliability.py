@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -814,3 +815,370 @@ def test_data_prepare_cleans_up_on_sigterm_and_after_a_kill(tmp_path, capsys, mo
         assert f"removed 1 unfinished temporary file(s) an interrupted `mhmoe data prepare` left in {where}" in err
     assert [p for p in out.rglob("*") if ".tmp-" in p.name] == []
     assert (out / "english" / "train.txt.gz").is_file()
+
+
+# ------------------------------------------------------------- imports that build a different model (issue 25, 3)
+
+
+@pytest.fixture(scope="module")
+def export(pristine, tmp_path_factory) -> Path:
+    """`mhmoe export-hf` of the pristine run: a folder with a manifest, to be copied and altered."""
+    pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("export") / "hf"
+    assert main(["export-hf", str(pristine), str(folder)]) == 0
+    return folder
+
+
+def unsealed(export: Path, folder: Path) -> Path:
+    """A copy of the export without its manifest (as `save_pretrained` writes a folder), to alter the weights."""
+    shutil.copytree(export, folder)
+    (folder / "mhmoe_manifest.json").unlink()
+    return folder
+
+
+def alter_weights(folder: Path, change) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def edit_json(path: Path, **values: object) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+def _drop_a_tensor(folder: Path) -> str:
+    alter_weights(folder, lambda t: t.pop("model.norm.weight"))
+    return "missing model.norm.weight"
+
+
+def _add_a_tensor(folder: Path) -> str:
+    alter_weights(folder, lambda t: t.__setitem__("model.extra.weight", torch.zeros(2)))
+    return "unexpected model.extra.weight"
+
+
+def _reshape_a_tensor(folder: Path) -> str:
+    d = load_file(str(folder / "model.safetensors"))["model.norm.weight"].shape[0]
+    alter_weights(folder, lambda t: t.__setitem__("model.norm.weight", torch.ones(d + 1)))
+    return f"model.norm.weight of shape ({d + 1},) where the model has ({d},)"
+
+
+def _absurd_vocab_size(folder: Path) -> str:
+    v, d = load_file(str(folder / "model.safetensors"))["model.embed.weight"].shape
+    edit_json(folder / "config.json", vocab_size=10**12)
+    return f"model.embed.weight of shape ({v}, {d}) where the model has ({10**12}, {d})"
+
+
+@pytest.mark.parametrize("damage", [_drop_a_tensor, _add_a_tensor, _reshape_a_tensor, _absurd_vocab_size])
+def test_weights_that_build_another_model_are_refused_by_every_load_path(export, tmp_path, capsys, damage):
+    """import-hf and the transformers classes (ours, and the Auto class that dispatches to it) refuse, naming the
+    tensor, where transformers alone initialises a missing tensor at random and ignores an unexpected one; an
+    absurd vocab_size is compared on the meta device, before any memory is taken for it."""
+    from transformers import AutoModelForCausalLM
+
+    from mhmoe.errors import UserError
+    from mhmoe.hf import MHMoEForCausalLM
+
+    folder = unsealed(export, tmp_path / "hf")
+    named = damage(folder)
+    message = f"{folder}: the weights do not build the model its config.json describes ({named}); the folder was "
+    code, err = cli(capsys, ["import-hf", str(folder), str(tmp_path / "run")])
+    assert code == 2 and err.splitlines()[-1].startswith(f"mhmoe: error: {message}"), err
+    assert not (tmp_path / "run").exists()
+    for loader in (MHMoEForCausalLM, AutoModelForCausalLM):
+        with pytest.raises(UserError, match=re.escape(message)):
+            loader.from_pretrained(folder)
+
+
+def test_an_export_without_a_manifest_imports_with_a_line(export, tmp_path, capsys):
+    folder = unsealed(export, tmp_path / "hf")
+    code, err = cli(capsys, ["import-hf", str(folder), str(tmp_path / "run")])
+    assert code == 0 and f"mhmoe: {folder} has no mhmoe_manifest.json (it was not written by `mhmoe export-hf`)" in err
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda f: edit_json(f / "generation_config.json", temperature=9.0), "generation_config.json missing or changed"),
+    (lambda f: alter_weights(f, lambda t: t["model.norm.weight"].mul_(2)), "model.safetensors missing or changed"),
+    (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json missing or changed"),
+    (lambda f: (f / "extra_config.json").write_text("{}"), "extra_config.json added"),
+])  # fmt: skip
+def test_an_edited_export_is_refused_naming_the_files(export, tmp_path, capsys, edit, named):
+    folder = tmp_path / "hf"
+    shutil.copytree(export, folder)
+    manifest = json.loads((folder / "mhmoe_manifest.json").read_text())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "modeling_mhmoe.py"} <= set(manifest["files"])
+    edit(folder)
+    code, err = cli(capsys, ["import-hf", str(folder), str(tmp_path / "run")])
+    assert code == 2 and err == (
+        f"mhmoe: error: {folder} differs from what `mhmoe export-hf` wrote ({named}; mhmoe_manifest.json has the "
+        "sha256 of each file): export it again, or delete mhmoe_manifest.json to import the edited folder unchecked"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_load_moeified_refuses_weights_of_another_shape(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    from mhmoe.convert import load_moeified, moeify_pretrained
+    from mhmoe.errors import UserError
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    moeify_pretrained(tmp_path / "gpt2", tmp_path / "out", "smoe", num_experts=2, top_k=1)
+    weights = tmp_path / "out" / "moeified.safetensors"
+    tensors = load_file(str(weights))
+    tensors["transformer.ln_f.weight"] = torch.ones(17)
+    save_file(tensors, str(weights))
+    with pytest.raises(UserError, match=re.escape("transformer.ln_f.weight of shape (17,) where the model has (16,)")):
+        load_moeified(tmp_path / "out")
+
+
+# ---------------------------------------------------------------- comparisons that compare (issue 25, 5)
+
+
+def test_compare_reports_bits_per_byte_and_says_when_tokenizers_differ(pristine, corpus, tmp_path, capsys):
+    """Bits per byte divide the summed loss by the UTF-8 bytes of exactly the tokens predicted: counted here by
+    decoding those tokens, not through the per-token byte table mhmoe uses."""
+    from mhmoe.analysis.runs import load_run
+
+    bpe = tmp_path / "bpe"
+    assert main(train_args(corpus, bpe, 2, "data.tokenizer=bpe", "data.vocab_size=300")) == 0
+    for run in (pristine, bpe):
+        s = json.loads((run / "summary.json").read_text())
+        loaded = load_run(run)
+        targets = loaded.splits["valid"][1 : 1 + s["val_tokens"]].tolist()
+        nbytes = len(loaded.tokenizer.decode(targets).encode("utf-8"))
+        assert s["val_bytes"] == nbytes and nbytes > s["val_tokens"] * (run == bpe)
+        assert s["val_bpb"] == pytest.approx(s["val_loss"] * s["val_tokens"] / (nbytes * math.log(2)), rel=1e-12)
+    capsys.readouterr()
+    assert main(["compare", str(pristine), str(bpe)]) == 0
+    out = capsys.readouterr().out
+    assert "| val bits/byte | test bits/byte |" in out
+    assert f"| {json.loads((bpe / 'summary.json').read_text())['val_bpb']:.4f} |" in out
+    assert "The runs use different tokenizers (" in out and "compare bits per byte." in out
+    assert main(["compare", str(pristine), str(pristine)]) == 0
+    assert "different tokenizers" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ every foreseeable error is one line (issue 25, 7)
+
+
+def test_generate_with_a_nan_temperature_or_a_prompt_that_is_not_text(pristine, capsys):
+    code, err = cli(capsys, ["generate", str(pristine), "--prompt", "To be", "--temperature", "nan"])
+    assert code == 2 and err == "mhmoe: error: temperature must be a finite number >= 0, got nan"
+    code, err = cli(capsys, ["generate", str(pristine), "--prompt", "a\udcffb"])  # a non-UTF-8 byte in argv
+    assert code == 2 and err.startswith("mhmoe: error: --prompt is not valid text (give UTF-8 text) (")
+
+
+@pytest.mark.parametrize("summary,says", [
+    ('{"step": 4,', "is not valid JSON ("),
+    ("[1, 2]", "is not a JSON object: it is damaged"),
+    ('{"step": 4}', "is damaged (tokens_seen, train_seconds, params_total, params_active: not a number)"),
+    ('{"step": 4, "tokens_seen": 1, "train_seconds": 1, "params_total": 1, "params_active": "x"}',
+     "is damaged (params_active: not a number)"),
+])  # fmt: skip
+def test_compare_with_a_damaged_summary(pristine, tmp_path, capsys, summary, says):
+    run = tmp_path / "run"
+    shutil.copytree(pristine, run)
+    (run / "summary.json").write_text(summary)
+    code, err = cli(capsys, ["compare", str(pristine), str(run)])
+    assert code == 2 and err.startswith(f"mhmoe: error: {run / 'summary.json'} {says}"), err
+
+
+def test_export_onto_a_full_disk_leaves_nothing(pristine, tmp_path, capsys, monkeypatch):
+    """The safetensors writer inside transformers' save_pretrained reports a full disk as its own error (as it
+    does for real, see the next test): one line naming the file, and neither the folder nor a temporary left."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):  # type: ignore[no-untyped-def]
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    out = tmp_path / "hf"
+    code, err = cli(capsys, ["export-hf", str(pristine), str(out)])
+    line = err.splitlines()[-1]
+    assert code == 2 and line.startswith("mhmoe: error: no space left on device: ") and "/model.safetensors; " in line
+    assert line.endswith("free some space and run the command again (a run resumes from its last complete checkpoint)")
+    assert not out.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_export_under_a_real_file_size_limit_leaves_nothing(pristine, tmp_path):
+    """A real failure of the safetensors writer inside transformers' save_pretrained (RLIMIT_FSIZE below the
+    weights' size): one line naming the file, and neither the folder nor a temporary left."""
+    pytest.importorskip("transformers")
+    size = (pristine / "checkpoints" / "step-00000004" / "model.safetensors").stat().st_size
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    out = tmp_path / "hf"
+    child = subprocess.run([sys.executable, "-m", "mhmoe", "export-hf", str(pristine), str(out)], env=child_env(),
+                           capture_output=True, text=True, timeout=300, preexec_fn=limit)  # fmt: skip
+    assert child.returncode == 2, child.stderr[-2000:]
+    last = child.stderr.strip().splitlines()[-1]
+    assert last.startswith("mhmoe: error: file too large for this process's file-size limit (ulimit -f): ")
+    assert last.endswith("/model.safetensors; raise the limit") and not out.exists() and os.listdir(tmp_path) == []
+
+
+def _safetensors_header(folder: Path, change) -> None:  # type: ignore[no-untyped-def]
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = change(json.loads(data[8 : 8 + n]))
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
+def _past_the_end(header: dict) -> dict:
+    header["model.norm.weight"]["data_offsets"][1] += 10**9
+    return header
+
+
+def _linked_config(folder: Path) -> None:
+    outside = folder.parent / "elsewhere.json"
+    outside.write_text((folder / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").symlink_to(outside)
+
+
+HOSTILE_IMPORTS = [  # (alteration, the refusal's start after the folder's path)
+    (lambda f: _safetensors_header(f, lambda h: b'{"a": 1,'), "/model.safetensors has a damaged safetensors header ("),
+    (lambda f: _safetensors_header(f, _past_the_end), "/model.safetensors has a damaged safetensors header (tensor "
+     "'model.norm.weight' lies at bytes"),
+    (lambda f: (f / "config.json").write_text('{"a": ' * 5000 + "1" + "}" * 5000), "/config.json is not a JSON file "
+     "of a model folder ("),
+    (lambda f: (f / "config.json").write_text('{"a": ' * 100 + "1" + "}" * 100), "/config.json is not a JSON file "
+     "of a model folder (nested more than 64 levels deep); replace it"),
+    (_linked_config, "/config.json is a symbolic link to "),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("alter,says", HOSTILE_IMPORTS)
+def test_import_of_a_hostile_or_damaged_folder_is_one_line(export, tmp_path, capsys, alter, says):
+    folder = unsealed(export, tmp_path / "hf")
+    alter(folder)
+    code, err = cli(capsys, ["import-hf", str(folder), str(tmp_path / "run")])
+    assert code == 2 and err.splitlines()[-1].startswith(f"mhmoe: error: {folder}{says}"), err
+    assert not (tmp_path / "run").exists()
+
+
+def saved_dataset(folder: Path, texts: list) -> Path:  # type: ignore[type-arg]
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(str(folder))
+    return folder
+
+
+def test_damaged_empty_or_unnamed_datasets_are_one_line(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    texts = [f"document {i} " * 40 for i in range(30)]
+    damaged = saved_dataset(tmp_path / "damaged", texts)
+    arrow = next(damaged.rglob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    code, err = cli(capsys, train_args(damaged, tmp_path / "run"))
+    assert code == 2 and err.startswith(f"mhmoe: error: cannot load the dataset {damaged}: "), err
+    empty = saved_dataset(tmp_path / "empty", [])
+    code, err = cli(capsys, train_args(empty, tmp_path / "run"))
+    assert code == 2 and err == f"mhmoe: error: {empty} is a saved dataset with no rows (no .arrow file); give a " \
+        "dataset with text"  # fmt: skip
+    code, err = cli(capsys, ["train", "--preset", "cpu-tiny", "--data", "hf:", "--out", str(tmp_path / "run")])
+    assert code == 2 and err.startswith("mhmoe: error: data.path 'hf:' names no dataset; write hf:NAME")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_each_command_maps_its_foreseeable_errors_in_one_place():
+    """The rule is structural: one table of each command's foreseeable exception types; any other error is a
+    bug and keeps its traceback."""
+    from mhmoe.cli import FORESEEABLE, user_message
+
+    assert user_message(ValueError("top_k must be >= 1, got 0"), "generate") == "top_k must be >= 1, got 0"
+    assert user_message(UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed"), "generate") == (
+        "--prompt is not valid text (give UTF-8 text) ('utf-8' codec can't encode character '\\udcff' in position "
+        "0: surrogates not allowed)"
+    )
+    assert user_message(ValueError("a bug"), "train") is None and user_message(KeyError("x"), "generate") is None
+    assert set(FORESEEABLE) <= {"generate", "compare", "import-hf", "export-hf", "moeify", "train", "eval", "data"}
+
+
+# -------------------------------------------------------------------------- inputs users really have (issue 25, 8)
+
+
+def test_null_text_rows_are_skipped_like_empty_ones(tmp_path):
+    from mhmoe.data.hf_datasets import HFSource, load_hf_corpus
+
+    texts = [f"document {i} " * 40 for i in range(30)]
+    with_nulls = saved_dataset(tmp_path / "nulls", texts[:10] + [None, ""] + texts[10:] + [None])
+    plain = saved_dataset(tmp_path / "plain", texts)
+    a, b = (load_hf_corpus(HFSource(str(p))) for p in (with_nulls, plain))
+    assert (a.train, a.valid, a.test) != ([], [], []) and len(a.train) + len(a.valid) + len(a.test) == 30
+    assert sorted(a.train + a.valid + a.test) == sorted(b.train + b.valid + b.test)
+
+
+@pytest.mark.parametrize("kind", ["smoe", "mhmoe"])
+def test_layers_take_numpy_integers_as_ints(kind):
+    import numpy as np
+
+    from mhmoe.layers.moe import SparseMoE
+    from mhmoe.layers.multihead import MHMoE
+
+    def make(n):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        sizes = dict(d_model=n(16), num_experts=n(4), top_k=n(2), expert_hidden=n(8))
+        return SparseMoE(**sizes) if kind == "smoe" else MHMoE(num_heads=n(2), **sizes)
+
+    plain, numpy = make(int), make(np.int64)
+    assert all(type(v) is int for v in vars(numpy.config).values() if isinstance(v, (int, np.integer)) and
+               not isinstance(v, bool))  # fmt: skip
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    assert torch.equal(plain.double()(x).y, numpy.double()(x).y)
+    from mhmoe.layers.routers import SigmoidRouter, SoftmaxRouter, XMoERouter
+
+    for router in (SoftmaxRouter, SigmoidRouter, XMoERouter):  # built directly, too
+        assert type(router(np.int64(16), np.int64(4), np.int64(2)).top_k) is int
+
+
+def test_a_capacity_factor_that_overflows_is_refused():
+    from mhmoe.layers.moe import SparseMoE
+
+    sizes = dict(d_model=8, num_experts=4, top_k=2, expert_hidden=8)
+    with pytest.raises(ValueError, match=r"capacity_factor=1e\+308 overflows the capacity c·K·S/E; c = E/K = 2 "):
+        SparseMoE(capacity_factor=1e308, **sizes)
+    layer = SparseMoE(capacity_factor=1e300, **sizes)  # finite times K, but ceil(c·K·S/E) no int64 holds
+    with pytest.raises(ValueError, match=r"capacity_factor=1e\+300 overflows the capacity \(K=2, S=6, E=4\)"):
+        layer(torch.randn(2, 3, 8))
+    big = SparseMoE(capacity_factor=1e9, **sizes)  # huge but computable: nothing dropped
+    assert big(torch.randn(2, 3, 8)).stats.dropped_fraction == 0
+
+
+@pytest.mark.parametrize("kind", ["smoe", "mhmoe"])
+def test_a_meta_tensor_is_refused_naming_the_device(kind):
+    from mhmoe.layers.moe import SparseMoE
+    from mhmoe.layers.multihead import MHMoE
+
+    sizes = dict(d_model=8, num_experts=4, top_k=2, expert_hidden=8)
+    layer = SparseMoE(**sizes) if kind == "smoe" else MHMoE(num_heads=2, **sizes)
+    name = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"{name} cannot run on the meta device \(input on meta, weights on meta\)"):
+        layer.to("meta")(torch.randn(2, 3, 8, device="meta"))
+
+
+@pytest.mark.slow
+def test_the_standalone_loader_refuses_a_missing_tensor_too(export, tmp_path):
+    """Where mhmoe is not installed, the model code the folder carries runs the same weights check."""
+    folder = unsealed(export, tmp_path / "hf")
+    _drop_a_tensor(folder)
+    code = "import sys; from transformers import AutoModelForCausalLM; " \
+        "AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)"  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONNOUSERSITE="1")
+    child = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, env=env,
+                           cwd=tmp_path, timeout=300)  # fmt: skip
+    assert child.returncode != 0 and "No module named 'mhmoe'" not in child.stderr
+    assert f"{folder}: the weights do not build the model its config.json describes (missing model.norm.weight)" in (
+        child.stderr
+    )

@@ -21,11 +21,12 @@
                       replace a saved transformers model's FFNs by upcycled SMoE / MH-MoE layers, or a MoE
                       model's blocks by this library's SMoE (an exact swap) / MH-MoE layers
 
-Errors a user can fix (bad data, config or checkpoint) and those of their machine (a full disk, a read-only or
-missing folder, permissions, no memory left) print one line naming the path and the fix, and exit with status 2;
-anything else is a bug and shows its traceback (as every error does with MHMOE_TRACEBACK=1). Ctrl-C (SIGINT) and
-SIGTERM stop any command with one line, after its cleanups ran, and exit with 128 + the signal's number; `train`
-first finishes the current step and saves it (a second Ctrl-C stops it at once).
+Errors a user can fix (bad data, config or checkpoint), those of their machine (a full disk, a read-only or
+missing folder, permissions, no memory left) and what a command's input foreseeably raises (`FORESEEABLE`, one
+table) print one line naming the path and the fix, and exit with status 2; anything else is a bug and shows its
+traceback (as every error does with MHMOE_TRACEBACK=1). Ctrl-C (SIGINT) and SIGTERM stop any command with one line,
+after its cleanups ran, and exit with 128 + the signal's number; `train` first finishes the current step and saves it
+(a second Ctrl-C stops it at once).
 """
 
 from __future__ import annotations
@@ -145,16 +146,12 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 def _moeify(args: argparse.Namespace) -> int:
     from mhmoe.convert import moeify_pretrained
-    from mhmoe.errors import UserError
 
     given = dict(num_experts=args.experts, top_k=args.top_k, every=args.every, router=args.router)
     recipe = {k: v for k, v in given.items() if v is not None}  # the rest: moeify's defaults, or the MoE model's
     if args.kind == "mhmoe":
         recipe["num_heads"] = args.heads
-    try:
-        replaced = moeify_pretrained(Path(args.hf_dir), Path(args.out_dir), args.kind, **recipe)
-    except ValueError as e:  # sizes that do not fit the model: one line, like any user error
-        raise UserError(str(e)) from None
+    replaced = moeify_pretrained(Path(args.hf_dir), Path(args.out_dir), args.kind, **recipe)
     print(f"{args.out_dir}: {len(replaced)} FFNs / MoE blocks replaced by {args.kind} ({', '.join(replaced)})")
     print("load it with mhmoe.convert.load_moeified(OUT_DIR)", file=sys.stderr)
     return 0
@@ -208,7 +205,9 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"step {results['step']}, {scope}:")
     for split in ("valid", "test"):
         r = results[split]
-        print(f"{split}: loss {r['loss']:.4f} nats/token, ppl {r['ppl']:.2f} over {r['tokens']:,} tokens")
+        bpb = "-" if r["bpb"] is None else f"{r['bpb']:.4f}"
+        print(f"{split}: loss {r['loss']:.4f} nats/token, ppl {r['ppl']:.2f}, {bpb} bits/byte over {r['tokens']:,} "
+              f"tokens ({r['bytes']:,} bytes)")  # fmt: skip
     for lang, row in results.get("languages", {}).items():
         for split in ("valid", "test"):
             print(
@@ -515,11 +514,8 @@ def _generate(args: argparse.Namespace) -> int:
         )
     prompt = torch.tensor([ids], device=run.device)
     generator = torch.Generator(device=run.device).manual_seed(args.seed)
-    try:
-        out = run.model.generate(prompt, new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 eos_id=run.tokenizer.eos_id, generator=generator)  # fmt: skip
-    except ValueError as e:  # a sampling option out of range: one line, like any user error
-        raise UserError(str(e)) from None
+    out = run.model.generate(prompt, new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             eos_id=run.tokenizer.eos_id, generator=generator)  # fmt: skip
     print(args.prompt + run.tokenizer.decode(out[0, len(ids) :].tolist()))
     return 0
 
@@ -616,22 +612,46 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mhmoe: {line or f'stopped by {signal.Signals(signum).name}'}", file=sys.stderr)
         return 128 + signum
     except Exception as e:
-        message = user_message(e)
+        message = user_message(e, args.verb)
         if message is None or os.environ.get("MHMOE_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"mhmoe: error: {message}", file=sys.stderr)
         return 2
 
 
-def user_message(e: Exception) -> str | None:
-    """The one line for an error the user can act on (`UserError`, a foreseeable `OSError`, memory exhausted), or
-    None for a bug."""
+# What a command's input foreseeably raises besides a UserError or an OSError (which every command maps to a line):
+# {verb: {error type name: what the line says before the error's own first line ("" = that line alone)}}. Types
+# match along the error's class hierarchy, nearest first, by name (no optional package is imported to name its
+# errors). Anything else a command raises is a bug and keeps its traceback.
+FORESEEABLE: dict[str, dict[str, str]] = {
+    "generate": {  # sampling options out of range (mhmoe.models.gpt.pick_token); a prompt with lone surrogates
+        "UnicodeError": "--prompt is not valid text (give UTF-8 text)",
+        "ValueError": "",
+    },
+    "moeify": {"ValueError": ""},  # sizes that do not fit the model (mhmoe.convert)
+    "import-hf": {"SafetensorError": "the model folder's weights are damaged", "ValueError": "", "RecursionError": ""},
+    "compare": {  # a run's summary.json or config.json damaged (run_row names the file for the cases it checks)
+        "ValueError": "a run file is not valid JSON",
+        "KeyError": "a run file lacks the field",
+        "TypeError": "a run file holds a value of the wrong type",
+    },
+}
+
+
+def user_message(e: Exception, verb: str | None = None) -> str | None:
+    """The one line for an error the user can act on (`UserError`, a foreseeable `OSError`, memory exhausted, what
+    FORESEEABLE lists for `verb`), or None for a bug."""
     from mhmoe.errors import UserError, os_error_message
 
     if isinstance(e, UserError):
         return str(e)
     if isinstance(e, OSError):
         return os_error_message(e)
+    expected = FORESEEABLE.get(verb or "", {})
+    context = next((expected[c.__name__] for c in type(e).__mro__ if c.__name__ in expected), None)
+    if context is not None:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return f"{context} ({first})" if context else first
     cpu_oom = isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or cpu_oom:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__

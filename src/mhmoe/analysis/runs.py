@@ -23,7 +23,7 @@ from mhmoe.layers.moe import MoELayer
 from mhmoe.models.gpt import GPT
 from mhmoe.train.checkpoint import load_model_weights, read_json, run_checkpoint
 from mhmoe.train.config import RunConfig
-from mhmoe.train.lm import check_data, data_path, evaluate, prepare_data
+from mhmoe.train.lm import check_data, data_path, evaluate, prepare_data, with_bits_per_byte
 from mhmoe.train.loop import autocast_for, resolve_device
 
 
@@ -77,13 +77,16 @@ def saved_tokenizer(cfg: RunConfig, run_dir: Path) -> Any:
 
 
 def eval_run(run_dir: Path, max_batches: int = 0, progress: bool = False) -> dict:
-    """Loss and perplexity on the valid and test splits (`mhmoe.train.lm.evaluate`: all of each split, or its first
-    `max_batches` batches, as train.final_eval_batches does in training); for a multilingual run also per
+    """Loss, perplexity and bits per byte on the valid and test splits (`mhmoe.train.lm.evaluate`: all of each
+    split, or its first `max_batches` batches, as train.final_eval_batches does in training; `with_bits_per_byte`);
+    for a multilingual run also per
     language ("languages") and averaged over languages ("language_average"), with bits per byte."""
     run = load_run(run_dir, progress=progress)
     results: dict[str, Any] = {"step": run.step, "max_batches": max_batches}
     for split in ("valid", "test"):
-        results[split] = evaluate(run.model, run.splits[split], run.cfg, run.device, max_batches, progress, split)
+        tokens = run.splits[split]
+        result = evaluate(run.model, tokens, run.cfg, run.device, max_batches, progress, split)
+        results[split] = with_bits_per_byte(result, tokens, run.tokenizer)
     if run.cfg.data.multilingual:
         results["languages"] = evaluate_languages(run, max_batches)
         results["language_average"] = language_averages(results["languages"])

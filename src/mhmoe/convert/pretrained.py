@@ -102,17 +102,22 @@ def load_moeified(path: str | Path) -> nn.Module:
 
     import mhmoe.hf  # noqa: F401  (registers model_type "mhmoe" with AutoConfig)
     from mhmoe.errors import CheckpointError
+    from mhmoe.hf.files import check_model_folder, check_weights_fit, read_json_file
 
     path = Path(path)
     if not (path / RECIPE_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{path} is not a folder written by `mhmoe moeify` (no {RECIPE_FILE} / {WEIGHTS_FILE})")
-    recipe = json.loads((path / RECIPE_FILE).read_text())["recipe"]
+    shapes = check_model_folder(path)  # links, JSON files and safetensors headers, before anything is read
+    try:
+        recipe = read_json_file(path / RECIPE_FILE, path)["recipe"]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{path / RECIPE_FILE} records no conversion recipe; run `mhmoe moeify` again") from None
     config = AutoConfig.from_pretrained(str(path))
     model = _auto_class(config).from_config(config)
     convert(model, recipe, init="random")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    mismatched = {n: (shapes[n], expected[n]) for n in set(shapes) & set(expected) if shapes[n] != expected[n]}
+    check_weights_fit(str(path), (), (), mismatched)
     missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
+    check_weights_fit(str(path), missing, unexpected, {})
     return model.eval()

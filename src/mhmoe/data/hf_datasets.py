@@ -7,7 +7,7 @@ or files `datasets` reads, turned into a `Corpus` like any other data.
     data.path = FOLDER               a DatasetDict / Dataset saved with `save_to_disk` (found by its
                                      dataset_dict.json or state.json)
 
-The documents are the rows' `data.text_field` ("text"; empty rows skipped). Splits named train / validation
+The documents are the rows' `data.text_field` ("text"; empty and null rows skipped). Splits named train / validation
 (or valid, dev) / test are used as given; a missing held-out split is drawn from the training rows by a hash of
 their index (`data.valid_fraction`, `data.test_fraction`), as for plain files. `data.streaming=true` reads rows as
 they come (for datasets too large to download whole), up to `data.max_chars` characters per split (0 = all).
@@ -66,11 +66,17 @@ def _datasets() -> Any:
 def _open(source: HFSource) -> dict[str, Any]:
     """{split name: rows} of the source, as `datasets` gives them."""
     datasets = _datasets()
+    if source.path.startswith(PREFIX) and not source.path.removeprefix(PREFIX).strip():
+        raise DataError(f"data.path {source.path!r} names no dataset; write hf:NAME (e.g. hf:wikitext, or hf:parquet "
+                        "with data.hf_files)")  # fmt: skip
+    saved = Path(source.path).expanduser()
+    if not source.path.startswith(PREFIX) and not any(saved.rglob("*.arrow")):
+        raise DataError(f"{source.path} is a saved dataset with no rows (no .arrow file); give a dataset with text")
     try:
         if not source.path.startswith(PREFIX):
             if source.streaming:
                 raise DataError(f"{source.path} is a saved dataset: data.streaming applies to hf:NAME sources only")
-            loaded = datasets.load_from_disk(str(Path(source.path).expanduser()))
+            loaded = datasets.load_from_disk(str(saved))
         else:
             files = source.files or None
             loaded = datasets.load_dataset(source.path.removeprefix(PREFIX), source.config or None, data_files=files,
@@ -84,10 +90,21 @@ def _open(source: HFSource) -> dict[str, Any]:
 
 
 def _texts(rows: Iterable[dict], source: HFSource, split: str) -> Iterator[str]:
-    """The non-empty texts of a split's rows, until max_chars characters (0 = all)."""
+    """The texts of a split's rows, until max_chars characters (0 = all); empty and null texts are skipped. A
+    file of the dataset found damaged while reading (pyarrow's errors are ValueError or OSError) is a DataError."""
+    try:
+        yield from _row_texts(rows, source, split)
+    except (ValueError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DataError(f"cannot read the dataset {source.name} (split {split!r}): {first}; it is damaged") from e
+
+
+def _row_texts(rows: Iterable[dict], source: HFSource, split: str) -> Iterator[str]:
     total = 0
     for number, row in enumerate(rows):
         text = row.get(source.text_field)
+        if text is None and source.text_field in row:  # a null text: skipped like an empty one
+            continue
         if not isinstance(text, str):
             fields = ", ".join(sorted(row))
             raise DataError(

@@ -151,14 +151,15 @@ def table(results: dict) -> str:
     lines = []
     for sweep, values in results["sweeps"].items():
         lines += [f"**{sweep}**", "", "| value | model | experts × hidden | params total | MFLOPs/token | val ppl "
-                  f"| vs {REFERENCE} |", "|---|---|---|---:|---:|---:|---:|"]  # fmt: skip
+                  f"| val bits/byte | vs {REFERENCE} |", "|---|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
         for label, name in values:
             m, n = models[name], len(models[name]["seeds"])
             diff = paired.get(name, {}).get("vs_baseline")
             delta = "-" if not diff else f"{diff['mean_pct']:+.1f}%"
             lines.append(
                 f"| {label} | {name} | {experts_cell(m)} | {m['params_total'] / 1e6:.2f} M "
-                f"| {m['flops_per_token'] / 1e6:.2f} | {fmt(m['val_ppl'], m['val_ppl_std'], n)} | {delta} |"
+                f"| {m['flops_per_token'] / 1e6:.2f} | {fmt(m['val_ppl'], m['val_ppl_std'], n)} "
+                f"| {fmt(m.get('val_bpb'), m.get('val_bpb_std'), n, 4)} | {delta} |"
             )
         lines.append("")
     seeds = len(next(iter(models.values()))["seeds"])

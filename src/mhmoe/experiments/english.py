@@ -258,6 +258,8 @@ def lm_run_seed(
         "seed": seed,
         "val_ppl": result.valid["ppl"],
         "test_ppl": result.test["ppl"],
+        "val_bpb": result.valid.get("bpb"),
+        "test_bpb": result.test.get("bpb"),
         "val_loss": result.valid["loss"],
         "test_loss": result.test["loss"],
         "val_tokens": result.valid["tokens"],
@@ -276,7 +278,10 @@ def lm_run_seed(
 def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     """A model's results.json entry: size and cost, perplexities (mean and std over seeds), routing in and out of
     distribution (means over seeds; the *_ood values averaged over the other corpora), the seeds."""
-    entry = {**model_fields(variant, gpt_cost(cfg.model)), **seed_stats(runs, ("val_ppl", "test_ppl"))}
+    entry = {
+        **model_fields(variant, gpt_cost(cfg.model)),
+        **seed_stats(runs, ("val_ppl", "test_ppl", "val_bpb", "test_bpb")),
+    }
     entry["activation_threshold"] = mean_of(runs, "analysis", "threshold")
     for key in ANALYSIS_KEYS:
         entry[key] = mean_of(runs, "analysis", key)
@@ -303,7 +308,7 @@ def table(results: dict, scope: str | None = None) -> str:
     models = results["models"]
     header = (
         "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
-        "| tokens/model | train s (CPU s) |"
+        "| val bits/byte | tokens/model | train s (CPU s) |"
     )
     lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
     for name, m in models.items():
@@ -312,6 +317,7 @@ def table(results: dict, scope: str | None = None) -> str:
             f"| {name} | {m['matching']} | {experts_cell(m)} | {m['params_total'] / 1e6:.2f} M "
             f"| {m['params_active'] / 1e6:.2f} M | {m['flops_per_token'] / 1e6:.2f} "
             f"| {fmt(m['val_ppl'], m['val_ppl_std'], n)} | {fmt(m['test_ppl'], m['test_ppl_std'], n)} "
+            f"| {fmt(m.get('val_bpb'), m.get('val_bpb_std'), n, 4)} "
             f"| {m['tokens_seen']:,} | {m['train_seconds']:.0f} ({_cpu_seconds(m)}) |"
         )
     seeds = len(next(iter(models.values()))["seeds"])

@@ -16,9 +16,7 @@ Works with transformers 4.56+ and 5.x: the cache argument is accepted as `cache`
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +27,7 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mhmoe.hf.configuration_mhmoe import MHMoEConfig
-from mhmoe.hf.files import check_model_folder
+from mhmoe.hf.files import load_checked
 from mhmoe.models.gpt import GPT, rotary_tables
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -84,13 +82,11 @@ class MHMoEForCausalLM(MHMoEPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """transformers' from_pretrained, safetensors only: a folder holding only pickle weights (*.bin) is refused
         before anything is unpickled, and so is a local folder whose index or *.safetensors files are not
-        safetensors (`mhmoe.hf.files.check_model_folder`)."""
+        safetensors; weights missing, unexpected or of another shape are refused (`mhmoe.hf.files.load_checked`)."""
         if kwargs.get("use_safetensors") is False:
             raise ValueError("MHMoEForCausalLM loads safetensors weights only; use_safetensors=False is not supported")
         kwargs["use_safetensors"] = True
-        if args and isinstance(args[0], (str, os.PathLike)) and Path(args[0]).is_dir():
-            check_model_folder(Path(args[0]))
-        return super().from_pretrained(*args, **kwargs)
+        return load_checked(super().from_pretrained, cls, *args, **kwargs)
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' save_pretrained, safetensors only."""

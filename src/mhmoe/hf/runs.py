@@ -11,6 +11,7 @@ Export (`export_run`, `mhmoe export-hf RUN_DIR OUT_DIR`): the run's latest check
                             `AutoTokenizer.from_pretrained(OUT_DIR)` works offline. A BPE run exports its own
                             tokenizer.json; a byte-tokenizer run exports an equivalent byte-level BPE without merges
                             (ids 0..255 = bytes, 256 = <|endoftext|>), which encodes every text to the same ids.
+    mhmoe_manifest.json     the sha256 and size of every other file, written last; `import_run` verifies it
 Import (`import_run`, `mhmoe import-hf HF_DIR RUN_DIR`): a folder saved by `MHMoEForCausalLM.save_pretrained`
 becomes a run directory with config.json, tokenizer.json and one checkpoint that `mhmoe eval / analyze /
 export-hf` read. The optimiser state is not part of the Hugging Face format: `mhmoe train` on an imported run
@@ -20,7 +21,9 @@ continues with fresh AdamW moments, from the exported step and data position whe
 Both write into a temporary sibling folder and rename it into place, so a crash leaves no half-written output;
 both refuse an existing non-empty destination. Weights load from safetensors only, and a folder is checked before
 transformers sees it (`check_model_folder`): a weights index naming anything but a safetensors shard of the
-folder, or a "safetensors" file that is not one (a renamed pickle), is refused before anything is read. Files
+folder, or a "safetensors" file that is not one (a renamed pickle), is refused before anything is read, and
+weights that do not build the model the config describes (a tensor missing, unexpected or of another shape) are
+refused after (`load_checked`). An exported folder whose files differ from its manifest is refused. Files
 copied out of a folder (tokenizers) must be regular files in it (`folder_file`): a symbolic link to elsewhere
 would copy any readable file of the machine into the output.
 """
@@ -32,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from mhmoe.errors import CheckpointError, UserError
-from mhmoe.hf.files import check_model_folder, folder_file
+from mhmoe.hf.files import folder_file, load_checked, read_json_file
 from mhmoe.hf.standalone import write_remote_code
-from mhmoe.io import atomic_write, staged_dir, write_json
+from mhmoe.io import atomic_write, notice, staged_dir, write_json
 from mhmoe.models.gpt import GPT
 
 BYTE_EOS = "<|endoftext|>"
+MANIFEST = "mhmoe_manifest.json"  # the sha256 and size of every other file of an exported folder
+MANIFEST_FORMAT = "mhmoe-hf-export/1"
 
 
 def byte_tokenizer_as_bpe() -> Any:
@@ -91,6 +96,7 @@ def _read_run(run_dir: Path) -> tuple[Any, GPT, Any, dict]:
 def export_run(run_dir: Path, out_dir: Path) -> Path:
     """Write the run's latest checkpoint as a Hugging Face model folder (see the module doc); return out_dir."""
     from mhmoe.hf.modeling_mhmoe import MHMoEForCausalLM
+    from mhmoe.train.checkpoint import write_safetensors
 
     cfg, model, tokenizer, state = _read_run(run_dir)
     record = {
@@ -100,11 +106,46 @@ def export_run(run_dir: Path, out_dir: Path) -> Path:
     }
     eos = tokenizer.eos_id
     hf = MHMoEForCausalLM.from_gpt(model, mhmoe_run=record, eos_token_id=eos, pad_token_id=eos)
-    with staged_dir(out_dir) as tmp:
-        hf.save_pretrained(tmp)
+    with staged_dir(out_dir) as tmp:  # a full disk: one line naming the file (`write_safetensors`), nothing left
+        write_safetensors(lambda _: hf.save_pretrained(tmp), tmp / "model.safetensors")
         write_remote_code(tmp)  # loadable with trust_remote_code=True where mhmoe is not installed
         hf_tokenizer(tokenizer).save_pretrained(tmp)
+        write_json(tmp / MANIFEST, {"format": MANIFEST_FORMAT, "files": _file_hashes(tmp, sorted(tmp.iterdir()))})
     return out_dir
+
+
+def _file_hashes(folder: Path, files: list[Path]) -> dict[str, dict]:
+    """{name: {sha256, bytes}} of regular files of `folder` (links inside it, as in a hub cache, followed)."""
+    from mhmoe.train.checkpoint import _sha256
+
+    return {f.name: {"sha256": _sha256(folder_file(f, folder).resolve()), "bytes": f.stat().st_size} for f in files}
+
+
+def verify_export(hf_dir: Path) -> bool:
+    """Check an exported folder against its manifest (`MANIFEST`, written by `export_run`): every file it lists
+    present and unchanged, and no file it does not list that a loader reads (weights, JSON, code, vocabularies).
+    False for a folder without one (saved by `save_pretrained`, or exported by an older mhmoe); a UserError naming
+    the files otherwise."""
+    manifest_path = hf_dir / MANIFEST
+    if not manifest_path.exists() and not manifest_path.is_symlink():
+        return False
+    manifest = read_json_file(manifest_path, hf_dir)
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{manifest_path} is malformed: the folder was altered; export it again")
+    present = [f for f in sorted(hf_dir.iterdir()) if f.name in listed]
+    found = _file_hashes(hf_dir, present)
+    changed = [name for name in sorted(listed) if found.get(name) != listed[name]]
+    planted = [f.name for f in sorted(hf_dir.iterdir()) if f.name not in listed and f.name != MANIFEST
+               and f.suffix in (".json", ".safetensors", ".py", ".txt", ".model")]  # fmt: skip
+    if changed or planted:
+        what = [f"{', '.join(changed[:3])} missing or changed"] if changed else []
+        what += [f"{', '.join(planted[:3])} added"] if planted else []
+        raise UserError(
+            f"{hf_dir} differs from what `mhmoe export-hf` wrote ({'; '.join(what)}; {MANIFEST} has the sha256 of "
+            f"each file): export it again, or delete {MANIFEST} to import the edited folder unchecked"
+        )
+    return True
 
 
 def import_run(hf_dir: Path, run_dir: Path) -> Path:
@@ -114,7 +155,11 @@ def import_run(hf_dir: Path, run_dir: Path) -> Path:
     from mhmoe.train.config import RunConfig
     from mhmoe.train.loop import make_optimizer
 
+    verified = verify_export(Path(hf_dir))
     hf = load_pretrained(MHMoEForCausalLM, hf_dir)
+    if not verified:
+        notice(f"{hf_dir} has no {MANIFEST} (it was not written by `mhmoe export-hf`): its files were checked for "
+               "weights that fit its config, not against the sha256 of an export")  # fmt: skip
     model: GPT = hf.model
     record = hf.config.mhmoe_run or {}
     cfg = RunConfig.from_dict(record["run_config"]) if "run_config" in record else RunConfig(model=model.cfg)
@@ -149,13 +194,13 @@ def _tokenizer_file(hf_dir: Path) -> bytes:
 
 
 def load_pretrained(model_class: Any, path: Path | str, **kwargs: Any) -> Any:
-    """`model_class.from_pretrained(path, use_safetensors=True)` with a one-line error for a folder that is not one,
-    after `check_model_folder`."""
+    """`model_class.from_pretrained(path, use_safetensors=True)` through `load_checked` (a hostile folder, or
+    weights that do not build the model, refused with one line), and a one-line error for a folder that is not
+    one."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"{path} is not a Hugging Face model folder (no config.json)")
-    check_model_folder(path)
     try:
-        return model_class.from_pretrained(str(path), use_safetensors=True, **kwargs)
+        return load_checked(model_class.from_pretrained, model_class, str(path), use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {path} (safetensors weights only): {str(e).splitlines()[0]}") from e

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
-from mhmoe.layers.experts import check_positive
+from mhmoe.layers.experts import check_positive, integer
 from mhmoe.layers.routers import RouterConfig, check_groups, check_top_k
 from mhmoe.ops.activations import Activation, check_activation
 from mhmoe.ops.backend import DISPATCHES, DispatchName
@@ -103,6 +103,8 @@ class MoEConfig:
     per_head_experts: bool = False
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # numpy integers where ints go: stored as ints (configs are saved as JSON)
+            object.__setattr__(self, f.name, integer(getattr(self, f.name)))
         check_positive(num_experts=self.num_experts, expert_hidden=self.expert_hidden, num_heads=self.num_heads)
         check_top_k(self.top_k, self.num_experts)
         check_activation(self.activation)
@@ -155,6 +157,11 @@ class MoEConfig:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {c}")
         if c is not None and math.isinf(c):
             raise ValueError(f"capacity_factor must be finite (None is dropless), got {c}")
+        if c is not None and not math.isfinite(c * self.top_k):
+            raise ValueError(
+                f"capacity_factor={c} overflows the capacity c·K·S/E; c = E/K = {self.num_experts / self.top_k:g} "
+                "already keeps every assignment: use it, or None (dropless)"
+            )
         if self.expert_capacity is not None:
             check_positive(expert_capacity=self.expert_capacity)
             if c is not None:

@@ -12,11 +12,19 @@ after each grouped GEMM: one (R, F) and one (R, d) gather per call.
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mhmoe.ops.activations import Activation, activate, check_activation, ffn, glu_factor
+
+
+def integer(value: Any) -> Any:
+    """A numpy (or any `numbers.Integral`) integer as a Python int, so sizes and saved configs hold plain ints;
+    anything else unchanged, for the checks to refuse."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
 def check_positive(**values: int) -> None:
@@ -33,6 +41,7 @@ class DenseFFN(nn.Module):
 
     def __init__(self, *, d_model: int, hidden: int, activation: Activation = "gelu", bias: bool = False):
         super().__init__()
+        d_model, hidden = integer(d_model), integer(hidden)
         check_positive(d_model=d_model, hidden=hidden)
         check_activation(activation)
         self.d_model, self.hidden, self.activation, self.bias = d_model, hidden, activation, bias
@@ -59,6 +68,7 @@ class Experts(nn.Module):
         self, *, num_experts: int, d_model: int, hidden: int, activation: Activation = "gelu", bias: bool = False
     ):
         super().__init__()
+        num_experts, d_model, hidden = integer(num_experts), integer(d_model), integer(hidden)
         check_positive(num_experts=num_experts, d_model=d_model, hidden=hidden)
         check_activation(activation)
         self.num_experts, self.d_model, self.hidden, self.activation = num_experts, d_model, hidden, activation

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mhmoe.layers.config import MoEConfig
-from mhmoe.layers.experts import DenseFFN, Experts, check_positive
+from mhmoe.layers.experts import DenseFFN, Experts, check_positive, integer
 from mhmoe.layers.losses import Reduce, balance_loss, z_loss
 from mhmoe.layers.routers import Router, RouterOutput, make_router
 from mhmoe.ops.backend import DispatchName, compute_dtype, resolve_backend
@@ -68,6 +68,13 @@ def check_input(x: Tensor, d_model: int, layer: str, weights: Tensor | None = No
     """x is a floating-point (..., d_model) tensor of the dtype of `weights` (any dtype under autocast)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{layer} expects a tensor, got {type(x).__name__}")
+    devices = {x.device, *([weights.device] if weights is not None else [])}
+    if any(d.type == "meta" for d in devices):  # shapes without values: routing needs the values
+        raise ValueError(
+            f"{layer} cannot run on the meta device (input on {x.device}, weights on "
+            f"{weights.device if weights is not None else '-'}): routing needs values; move the layer and its input "
+            "to a real device (layer.to_empty(device='cpu') then load or initialise its weights)"
+        )
     if not (x.is_floating_point()):
         raise TypeError(f"{layer} expects a floating-point input, got dtype {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != d_model:
@@ -168,6 +175,7 @@ class SparseMoE(MoELayer):
 
     def __init__(self, config: MoEConfig | None = None, *, d_model: int, **options: Any):
         super().__init__()
+        d_model = integer(d_model)
         check_positive(d_model=d_model)
         config, router = layer_config(config, options, "SparseMoE")
         self.d_model, self.config = d_model, config.routed_part()

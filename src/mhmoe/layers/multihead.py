@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 
 from mhmoe.layers.config import MoEConfig, Residual
-from mhmoe.layers.experts import check_positive
+from mhmoe.layers.experts import check_positive, integer
 from mhmoe.layers.moe import (
     MoELayer,
     MoEOutput,
@@ -87,6 +87,7 @@ class MHMoE(MoELayer):
             raise TypeError("MHMoE needs num_heads (the sub-tokens per token)")
         config, router = layer_config(config, options, "MHMoE")
         options = {"router": router} if router is not None else {}
+        d_model = integer(d_model)
         check_positive(d_model=d_model)
         latent = config.latent_dim or d_model
         if latent % config.num_heads:

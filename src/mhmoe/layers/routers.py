@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mhmoe.layers.experts import integer
+
 RouterName = Literal["softmax", "switch", "xmoe", "sigmoid"]
 XMoEForm = Literal["paper", "code"]
 
@@ -51,6 +53,7 @@ class Router(nn.Module):
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, jitter: float = 0.0):
         super().__init__()
+        d_model, num_experts, top_k = integer(d_model), integer(num_experts), integer(top_k)
         check_top_k(top_k, num_experts)
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"jitter must be in [0, 1), got {jitter}")
@@ -363,6 +366,8 @@ class RouterConfig:
     top_groups: int | None = None  # sigmoid: groups an item may use (topk_group); None = all
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy integers where ints go: stored as ints
+            object.__setattr__(self, f.name, integer(getattr(self, f.name)))
         if not isinstance(self.kind, str):
             raise TypeError(f"router must be a name or a Router, got {type(self.kind).__name__}")
         if self.kind not in ROUTERS:

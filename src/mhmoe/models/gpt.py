@@ -16,6 +16,7 @@ as the MoE layers are dropless (a capacity makes routing depend on the other tok
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -314,8 +315,8 @@ def pick_token(
     top_p: float | None = None,
 ) -> Tensor:
     """(B, V) logits -> (B, 1) next token ids: argmax when temperature is 0, else a sample (top-k, then top-p)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails every comparison
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:

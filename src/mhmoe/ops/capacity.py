@@ -17,6 +17,12 @@ def expert_capacity(
 ) -> int:
     """Rows each expert may take, at least 1: ceil(capacity_factor · K · S / E), or with `per_choice`
     K · ceil(capacity_factor · S / E) (fairseq's top-k gate, the MH-MoE authors' code)."""
+    rows = capacity_factor * (num_items / num_experts if per_choice else top_k * num_items / num_experts)
+    if not rows < 2**62:  # inf, or past what an int64 tensor compares with
+        raise ValueError(
+            f"capacity_factor={capacity_factor} overflows the capacity (K={top_k}, S={num_items}, E={num_experts}); "
+            f"c = E/K = {num_experts / top_k:g} already keeps every assignment: use it, or None (dropless)"
+        )
     if per_choice:
         return max(1, top_k * math.ceil(capacity_factor * num_items / num_experts))
     return max(1, math.ceil(capacity_factor * top_k * num_items / num_experts))

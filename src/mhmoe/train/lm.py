@@ -38,9 +38,12 @@ from mhmoe.data.dataset import token_digest
 from mhmoe.data.hf_datasets import HFSource, is_hf_source, load_hf_corpus
 from mhmoe.data.multilingual import (
     LanguageSampler,
+    bits_per_byte,
     languages_of,
     load_multilingual,
     split_key,
+    target_bytes,
+    token_byte_lengths,
     tokenize_languages,
     tokenizer_text,
 )
@@ -188,6 +191,18 @@ def evaluate(
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
 
 
+def with_bits_per_byte(
+    result: dict, tokens: np.ndarray, tokenizer: Tokenizer, byte_lengths: np.ndarray | None = None
+) -> dict:
+    """`evaluate`'s result on `tokens` plus "bytes", the UTF-8 bytes of exactly the tokens it predicted (its windows
+    are consecutive from the split's start: the targets are tokens[1 : 1 + count]), and "bpb", bits per byte:
+    unlike perplexity (per token), comparable between runs of different tokenizers. bpb is None for no bytes.
+    byte_lengths: the tokenizer's `token_byte_lengths`, if already computed."""
+    nbytes = target_bytes(tokenizer, tokens[1 : 1 + result["tokens"]], byte_lengths)
+    bpb = bits_per_byte(result["loss"] * result["tokens"], nbytes) if nbytes > 0 else None
+    return {**result, "bytes": nbytes, "bpb": bpb}
+
+
 class LMTask:
     """The causal LM as a `mhmoe.train.loop.Task`: GPT on (idx, targets) windows of the training split."""
 
@@ -203,6 +218,7 @@ class LMTask:
         cfg.model.vocab_size = self.tokenizer.vocab_size
         self.cost = gpt_cost(cfg.model)
         self.digests = data_digests(self.splits)
+        self.byte_lengths = token_byte_lengths(self.tokenizer)  # for bits per byte at every evaluation
 
     def build_model(self) -> GPT:
         return GPT(self.cfg.model)
@@ -222,14 +238,18 @@ class LMTask:
         return out.loss
 
     def evaluate(self, model: torch.nn.Module, split: str, max_batches: int) -> dict:
-        return evaluate(model, self.splits[split], self.cfg, self.session.device, max_batches, self.progress, split)
+        tokens = self.splits[split]
+        result = evaluate(model, tokens, self.cfg, self.session.device, max_batches, self.progress, split)
+        return with_bits_per_byte(result, tokens, self.tokenizer, self.byte_lengths)
 
     def metrics(self, report: dict) -> dict:
         return {"val_loss": report["loss"], "val_ppl": report["ppl"]}
 
     def summary(self, valid: dict, test: dict) -> dict:
         return {"val_loss": valid["loss"], "val_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],
-                "val_tokens": valid["tokens"], "test_tokens": test["tokens"], "data": self.data}  # fmt: skip
+                "val_bpb": valid["bpb"], "test_bpb": test["bpb"], "val_tokens": valid["tokens"],
+                "test_tokens": test["tokens"], "val_bytes": valid["bytes"], "test_bytes": test["bytes"],
+                "data": self.data}  # fmt: skip
 
     def describe(self) -> list[str]:
         chars, tokens = self.data["chars"], self.data["tokens"]
