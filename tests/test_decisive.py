@@ -166,3 +166,43 @@ def test_a_stopped_decisive_part_resumes_to_the_uninterrupted_results(tmp_path, 
     assert all(p.stat().st_size <= 16 * 2**20 and len(p.relative_to(sent).parts) <= 3 for p in files)
     table = (cut / "results.md").read_text()
     assert table.startswith("**Primary contrasts**") and "Exploratory" in table
+
+
+@pytest.mark.slow  # two toy rounds through the shell script, stopped once: about 60 CPU seconds
+def test_the_gpu_script_on_the_cpu_stops_resumes_and_sends_back_little(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _corpus(tmp_path).rename(data / "english")
+    root = Path(__file__).resolve().parents[1]
+    extra = " ".join(["--seeds 2 --min-tokens 0", *(f"--set {item}" for item in TINY)])
+    env = {**os.environ, "OUT": str(tmp_path / "OUT"), "SCRATCH": str(tmp_path / "scratch"), "DATA": str(data),
+           "DEVICE": "cpu", "EXTRA": extra, "MHMOE_CACHE": str(tmp_path / "cache"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+    script = ["bash", str(root / "benchmarks" / "gpu_session.sh"), "decisive"]
+    first = subprocess.Popen(script, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)  # fmt: skip
+    for line in first.stdout:  # stopped as a command limit would stop it: after round 1, during round 2
+        if line.startswith("== round 1/2"):
+            os.killpg(first.pid, signal.SIGINT)
+            break
+    first.wait(timeout=120)
+    sent = tmp_path / "OUT" / "english-decisive"
+    assert json.loads((sent / "results.json").read_text())["seeds_finished"] == 1  # round 1 came back
+    done = subprocess.run(script, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "finished before" in done.stdout  # the rerun continued from the finished runs
+    results = json.loads((sent / "results.json").read_text())
+    assert results["seeds_finished"] == 2 and len(results["primary"]["val_loss"]) == 2
+    files = [p for p in (tmp_path / "OUT").rglob("*") if p.is_file()]
+    assert sorted(p.name for p in files) == ["results.json", "results.md", "runs.tar.gz", "val_curves.png"]
+    assert all(p.stat().st_size <= 16 * 2**20 and len(p.relative_to(tmp_path / "OUT").parts) <= 3 for p in files)
+    with tarfile.open(sent / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert len([n for n in names if n.endswith("/record.json")]) == 6 and not [n for n in names if "checkpoint" in n]
+    assert not list((tmp_path / "scratch").rglob("checkpoints/*"))

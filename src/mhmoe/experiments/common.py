@@ -232,15 +232,38 @@ def seed_record(
     the JSON text's (a reused run and a fresh one give the same results.json)."""
     run_dir = out / "runs" / f"{variant.name}-seed{seed}"
     path = run_dir / RECORD
+    cfg = seed_config(base, variant, seed)
     if path.is_file():
+        check_same_budget(run_dir, cfg)
         print(f"== {variant.name} (seed {seed}) finished before: {path} reused", flush=True)
         return json.loads(path.read_text())
     print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
-    record = run_seed(variant, seed, seed_config(base, variant, seed), run_dir)
+    record = run_seed(variant, seed, cfg, run_dir)
     write_json(path, record)
     if not keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return json.loads(path.read_text())
+
+
+SAME_BUDGET = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "seed")  # what a reused run must share
+
+
+def check_same_budget(run_dir: Path, cfg: Any) -> None:
+    """DataError unless the finished run in `run_dir` was trained with `cfg`'s model (all but its vocabulary,
+    which the data fills in) and training budget (`SAME_BUDGET`): a part must not reuse another budget's run."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        return  # a record without its config: nothing to compare (written by hand, or a copied archive)
+    stored, wanted = json.loads(config_path.read_text()), json.loads(json.dumps(cfg.to_dict()))
+    differ = [
+        f"model.{k}" for k in wanted["model"] if k != "vocab_size" and stored["model"].get(k) != wanted["model"][k]
+    ]
+    differ += [f"train.{k}" for k in SAME_BUDGET if stored["train"].get(k) != wanted["train"][k]]
+    if differ:
+        raise DataError(
+            f"{run_dir} finished with another budget ({', '.join(differ[:3])} differ): a part reuses only runs of "
+            "its own budget; pass another --out"
+        )
 
 
 def aggregate_rounds(
