@@ -81,13 +81,13 @@ def test_dry_run_prints_the_plan_and_counts_finished_runs(tmp_path, capsys):
     assert main(["reproduce", "english", "--gpu", "--dry-run", "--out", str(out), "--assume-tflops", "50"]) == 0
     second = capsys.readouterr().out
     assert "| dense | 23.1 M | 52.4 | 200 | 3.28 M |" in second and "| 4 |" in second  # 4 seeds left for dense
-    assert "assuming 50 TFLOP/s" in second
+    assert "rates ASSUMED: 50 TFLOP/s sustained" in second
     assert not out.joinpath("results.json").exists()  # nothing trained
 
 
 def test_dry_run_without_gpu_estimates_at_the_measured_cpu_rate(tmp_path, capsys):
     assert main(["reproduce", "english", "--quick", "--dry-run", "--out", str(tmp_path / "q")]) == 0
-    assert "assuming 0.075 TFLOP/s" in capsys.readouterr().out
+    assert "rates ASSUMED: 0.075 TFLOP/s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--assume-tflops must be a positive rate.*got 0.0"):
         main(["reproduce", "english", "--quick", "--dry-run", "--assume-tflops", "0"])
 

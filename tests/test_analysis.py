@@ -389,3 +389,14 @@ def test_plot_patch_divergence(tmp_path):
     assert_png(path, tmp_path)
     with pytest.raises(ValueError, match="1 titles"):
         plot_patch_divergence(image, maps, tmp_path / "bad.png", ["step 0"])
+
+
+def test_relative_activation_per_head_sees_what_pooling_hides():
+    from mhmoe.analysis.routing import relative_activation_ratio, relative_activation_ratio_per_head
+
+    # 2 heads, 4 experts, top-1: head 0 always expert 0 or 1, head 1 always 2 or 3 (token-major sub-tokens)
+    layer = LayerRouting(np.array([[0], [2], [1], [3], [0], [3], [1], [2]]), num_heads=2, num_experts=4)
+    assert relative_activation_ratio([layer]) == 1.0  # pooled: every expert well used
+    assert relative_activation_ratio_per_head([layer]) == 0.5  # per head: half of each head's experts
+    single = LayerRouting(np.array([[0], [1], [1], [1], [0], [0], [1], [2]]), num_heads=1, num_experts=4)
+    assert relative_activation_ratio_per_head([single]) == relative_activation_ratio([single]) == 0.75  # H = 1

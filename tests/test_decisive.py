@@ -54,8 +54,8 @@ def _args(out, corpus, *extra):
 def test_the_decisive_dry_run_declares_its_primary_contrasts_and_fits_a_command(capsys):
     assert main(["reproduce", "english", "--gpu", "--part", "decisive", "--dry-run", "--out", "/nonexistent/x"]) == 0
     text = capsys.readouterr().out
-    assert "dense, smoe_fine, mhmoe_flops_softmax; 5 seeds, seed-major" in text
-    assert "mhmoe_flops_softmax − dense" in text and "mhmoe_flops_softmax − smoe_fine" in text
+    assert "dense, smoe_fine, mhmoe_flops; 5 seeds, seed-major" in text
+    assert "mhmoe_flops − dense" in text and "mhmoe_flops − smoe_fine" in text
     assert "rates ASSUMED" in text and "not measured" in text
     minutes = float(text.split("estimated time: ")[1].split(" min")[0])
     assert minutes <= 8.0  # --budget-min's default, inside one 10-minute command
@@ -66,8 +66,8 @@ def test_the_decisive_dry_run_declares_its_primary_contrasts_and_fits_a_command(
 def test_primary_contrasts_are_declared_in_code():
     spec = PART_SPECS["decisive"]
     assert spec.primary == PRIMARY and [(c.model, c.reference) for c in PRIMARY] == [
-        ("mhmoe_flops_softmax", "dense"),
-        ("mhmoe_flops_softmax", "smoe_fine"),
+        ("mhmoe_flops", "dense"),
+        ("mhmoe_flops", "smoe_fine"),
     ]
     assert all(c.model in spec.models and c.reference in spec.models for c in spec.primary)
 
@@ -132,8 +132,8 @@ def test_a_stopped_decisive_part_resumes_to_the_uninterrupted_results(tmp_path, 
     assert main(_args(whole, corpus)) == 0
     order = [line.split()[1] + line.split()[3] for line in capsys.readouterr().out.splitlines() if line.startswith("== ")
              and "(seed" in line]  # fmt: skip
-    assert order == ["dense0)", "smoe_fine0)", "mhmoe_flops_softmax0)", "dense1)", "smoe_fine1)",
-                     "mhmoe_flops_softmax1)"]  # seed-major  # fmt: skip
+    assert order == ["dense0)", "smoe_fine0)", "mhmoe_flops0)", "dense1)", "smoe_fine1)",
+                     "mhmoe_flops1)"]  # seed-major  # fmt: skip
 
     real, calls = english.lm_run_seed, []
 

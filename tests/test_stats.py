@@ -75,11 +75,11 @@ def test_paired_markdown_states_the_interval_sign_count_and_seeds_needed():
     text = paired_markdown(table, "val ppl")
     row = next(line for line in text.splitlines() if line.startswith("| xmoe |"))
     expected = table["xmoe"]["vs_dense"]
-    assert f"{expected['mean_pct']:+.1f}%" in row and "(3/3)" in row and "**resolved**" in row
-    assert row.endswith(f"| {expected['seeds_for_3pct']}, - |")  # no baseline other than itself
+    assert f"{expected['mean_pct']:+.1f}%" in row and "signs 3/3 (p = 0.25)" in row and "**resolved**" in row
+    assert row.endswith(f"| {expected['seeds_80']}, - |")  # no baseline other than itself
 
 
-def test_attribution_pairs_each_control_with_the_model_it_differs_from_in_one_thing():
+def test_attribution_pairs_list_what_they_change():
     from mhmoe.experiments.common import attribution_markdown, attribution_table
 
     def model(losses):
@@ -94,10 +94,10 @@ def test_attribution_pairs_each_control_with_the_model_it_differs_from_in_one_th
     ]  # pairs with a model that did not run (smoe_fine, mhmoe_nohm, mhmoe_flops, xmoe) are left out
     assert rows[1]["difference"]["mean"] == pytest.approx((-0.05 - 0.02 - 0.05) / 3)
     text = attribution_markdown(rows, "val ppl")
-    assert (
-        "| mhmoe_flops_softmax − mhmoe_h1 | splitting into 4 heads (at equal FLOPs: 4× the expert calls), given the "
-        "layers |" in text
-    )
+    assert "| mhmoe_flops_softmax − mhmoe_h1 | 4 heads against 1, given the head and merge layers | the split" in text
+    sized = {name: {**m, "num_experts": e, "expert_hidden": 448} for (name, m), e in zip(models.items(), (8, 36, 9, 0))}
+    changes = attribution_table(sized, "val_loss")[1]["changes"]
+    assert changes.startswith("36 × 448 against 9 × 448; the split (expert input D/4 against D")
     assert attribution_markdown([], "val ppl") == ""
 
 

@@ -288,8 +288,8 @@ def _reproduce(args: argparse.Namespace) -> int:
             print(english.dry_run(out, args.quick, args.gpu, seeds, args.set, args.part or "core",
                                   len(english.ood_corpora(ood["ood"])), options, args.measure))  # fmt: skip
             return 0
-        results = english.run(out, **size, **choice, **ood, seeds=seeds, data=args.data or "",
-                              progress=not args.no_progress, options=options)  # fmt: skip
+        results = english.run(out, args.quick, args.gpu, seeds, args.data or "", args.set, not args.no_progress,
+                              ood["ood"], args.part or "core", options)  # fmt: skip
         print(english.table(results))
         print(f"results.json, results.md, {REPRODUCTION_FILES[task]} in {out} ({results['wall_seconds']:.0f} s)")
         return 0

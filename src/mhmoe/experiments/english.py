@@ -79,6 +79,7 @@ ANALYSIS_KEYS = (
     "activation_ratio",
     "activation_relative",
     "activation_relative_token",
+    "activation_relative_head",
     "effective_experts",
     "effective_fraction",
     "effective_experts_head",
@@ -90,19 +91,26 @@ ANALYSIS_KEYS = (
 )
 
 
+# The decisive part's model: D = 384 (divisible by 2, 3, 4, 6, 8 and 12, the papers' head counts) costs 0.6× the
+# FLOPs per token of the `gpu` preset's D = 512, so 15 runs of 10 M tokens fit 8 minutes down to about 53 TFLOP/s
+# sustained (D = 512: 88) and 8 M tokens down to about 43 (D = 512: 72), by `size_steps` at the assumed overheads.
+DECISIVE_SHAPE = Shape(seq_len=512, d_model=384, n_layers=6, ffn_hidden=1536, vocab_size=8192)
+
+
 def budget(quick: bool, gpu: bool, part: Part = "core") -> Budget:
     """The shared budget, on the `gpu` / `cpu` presets (their model sizes; the variants set the FFNs).
 
     quick: minutes on 2 CPU cores (pipeline demo, docs/paper-notes.md §7). gpu: one H100 / H200, the `gpu`
     preset's model (6 layers, D = 512, E = 8), no compilation (it does not pay for itself in a few hundred
-    steps); each part on 3.3 M tokens per model, but `decisive` on up to 10 M (610 steps) and at least 8 M (the
-    floor below which `size_steps` refuses the part: docs/paper-notes.md §7 asks for >= 10 M, and the routers
-    were still moving at 3 M), its steps sized on the device to end within --budget-min.
+    steps); each part on 3.3 M tokens per model, but `decisive` at D = 384 (`DECISIVE_SHAPE`) on up to 10 M
+    tokens (610 steps) and at least 8 M (the floor below which `size_steps` refuses the part: docs/paper-notes.md
+    §7 asks for >= 10 M, and the routers were still moving at 3 M), its steps sized on the device to end within
+    --budget-min.
     """
     if gpu and part == "decisive":
         return Budget("gpu", steps=610, warmup_steps=40, lr=1.5e-3, eval_every=61, eval_batches=4,
                       final_eval_batches=16, batch_size=32, num_experts=8, log_every=61, compile=False,
-                      min_tokens=8_000_000)  # fmt: skip
+                      min_tokens=8_000_000, shape=DECISIVE_SHAPE)  # fmt: skip
     if gpu:
         return Budget("gpu", steps=200, warmup_steps=20, lr=1.5e-3, eval_every=50, eval_batches=4,
                       final_eval_batches=16, batch_size=32, num_experts=8, log_every=20, compile=False)  # fmt: skip
@@ -442,7 +450,7 @@ def table(results: dict, scope: str | None = None) -> str:
     lines += [paired_markdown(results["paired"]["val_loss"], "val ppl"), "", POWER_NOTE, ""]
     attribution = attribution_markdown((results.get("attribution") or {}).get("val_loss", []), "val ppl")
     if attribution:
-        lines += ["**Attribution: each control against the model it differs from in one thing**", "", attribution, ""]
+        lines += ["**Attribution: each pair, with everything it changes**", "", attribution, ""]
     lines += routing_tables(results)
     return "\n".join(lines)
 
@@ -456,15 +464,17 @@ def routing_tables(results: dict) -> list[str]:
     lines = [
         "**Routing** (means over MoE layers and seeds)",
         "",
-        "| model | text | eff. experts pooled | per head | active (relative) | divergence / chance | top-1 divergence / chance |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | text | eff. experts pooled | per head | active (relative) pooled | per head | divergence / chance "
+        "| top-1 divergence / chance |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in models.items():
         if not m["num_experts"]:
             continue
         for label, key in corpora:
             r = m if key is None else (m.get("ood") or {}).get(key) or {}
-            pct = [pct_cell(r.get(k)) for k in ("effective_fraction", "effective_fraction_head", "activation_relative")]
+            keys = ("effective_fraction", "effective_fraction_head", "activation_relative", "activation_relative_head")
+            pct = [pct_cell(r.get(k)) for k in keys]
             divergence = ("divergence_mean", "divergence_chance", "divergence_top1", "divergence_top1_chance")
             num = [num_cell(r.get(k)) for k in divergence]
             lines.append(f"| {name} | {label} | {' | '.join(pct)} | {num[0]} / {num[1]} | {num[2]} / {num[3]} |")
@@ -472,7 +482,7 @@ def routing_tables(results: dict) -> list[str]:
         "",
         "eff. experts = exp(entropy of the expert shares) as % of E, pooled over the H sub-token streams and per head; "
         "active (relative) = share of (layer, expert) cells chosen by more than a quarter of the uniform rate K/E "
-        f"of sub-tokens (the fixed {DEFAULT_ACTIVATION_THRESHOLD:.0%} threshold of earlier tables saturates at E = 8); "
+        f"of sub-tokens, pooled and per head (each head's own sub-tokens: (layer, head, expert) cells) (the fixed {DEFAULT_ACTIVATION_THRESHOLD:.0%} threshold of earlier tables saturates at E = 8); "
         "divergence = distinct experts reached by a token's sub-tokens (all K choices; top-1: first choices only), "
         "beside its value if each head routed independently at its own measured rates.",
     ]

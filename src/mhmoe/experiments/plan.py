@@ -321,7 +321,7 @@ def export(out: Path, root: Path, folder: str, limits: ExportLimits = ExportLimi
     payload["runs.tar.gz"] = runs_archive(out)
     order = ("results.json", "results.md", "runs.tar.gz", "val_curves.png")  # the most needed first
     others = [p for p in root.rglob("*") if p.is_file() and p.parent != target] if root.exists() else []
-    chosen = []
+    chosen: list[str] = []
     for name in (n for n in order if n in payload):
         size = len(payload[name])
         if size > limits.file_bytes:

@@ -24,6 +24,7 @@ import torch
 
 from mhmoe.analysis.plots import plot_curves
 from mhmoe.experiments.common import (
+    POWER_NOTE,
     Clock,
     Part,
     PlannedModel,
@@ -310,8 +311,10 @@ def table(results: dict) -> str:
         lines += [f"**Paired per-seed differences of {what}**", "", paired_markdown(results["paired"][key], what), ""]
         attribution = attribution_markdown((results.get("attribution") or {}).get(key, []), what)
         if attribution:
-            lines += [f"**Attribution of {what}: each control against the model it differs from in one thing**"]
+            lines += [f"**Attribution of {what}: each pair, with everything it changes**"]
             lines += ["", attribution, ""]
+    family = sum((results.get("holm_family") or {}).values())
+    lines += [POWER_NOTE + (f" Holm here over {family} exploratory contrasts (per measure)." if family else "")]
     return "\n".join(lines)
 
 
