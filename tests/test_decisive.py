@@ -206,3 +206,15 @@ def test_the_gpu_script_on_the_cpu_stops_resumes_and_sends_back_little(tmp_path)
         names = tar.getnames()
     assert len([n for n in names if n.endswith("/record.json")]) == 6 and not [n for n in names if "checkpoint" in n]
     assert not list((tmp_path / "scratch").rglob("checkpoints/*"))
+
+
+def test_a_seed_record_is_typed_and_checked():
+    from mhmoe.errors import DataError
+    from mhmoe.experiments.english import LMSeed
+
+    record = LMSeed(seed=0, val_ppl=2.0, test_ppl=2.1, val_loss=0.69, test_loss=0.74, val_tokens=10, test_tokens=10,
+                    tokens_seen=100, train_seconds=1.0, train_cpu_seconds=1.0, data=None, seconds={}, analysis=None,
+                    analysis_ood=None, curves={"val_loss": [[1, 0.7]]})  # fmt: skip
+    assert LMSeed.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    with pytest.raises(DataError, match="lacks val_loss"):
+        LMSeed.from_dict({k: v for k, v in record.to_dict().items() if k != "val_loss"})

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 from mhmoe.analysis.compare import metric_curve as metric_curve  # re-exported for the experiments
 from mhmoe.analysis.stats import holm, paired_difference
@@ -205,7 +205,13 @@ def seed_config(base: Any, variant: Variant, seed: int) -> Any:
     return cfg
 
 
-RunSeed = Callable[[Variant, int, Any, Path], dict]  # (variant, seed, config, run dir) -> the seed's record
+class Record(Protocol):
+    """A typed per-seed record (e.g. `english.LMSeed`): JSON-ready through to_dict."""
+
+    def to_dict(self) -> dict: ...
+
+
+RunSeed = Callable[[Variant, int, Any, Path], "dict | Record"]  # (variant, seed, config, run dir) -> its record
 Aggregate = Callable[[Variant, Any, list[dict]], dict]  # (variant, config, seed records) -> results.json entry
 Curves = dict[str, dict[str, tuple[Curve, list]]]  # {curve key: {model: (mean curve, min-max band)}}
 OnRound = Callable[[dict[str, dict], Curves, int], None]  # (aggregates, curves, seeds finished so far)
@@ -254,7 +260,7 @@ def seed_record(
         return json.loads(path.read_text())
     print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
     record = run_seed(variant, seed, cfg, run_dir)
-    write_json(path, record)
+    write_json(path, record if isinstance(record, dict) else record.to_dict())
     if not keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return json.loads(path.read_text())

@@ -366,7 +366,7 @@ def lm_run_seed(
     seed: int,
     cfg: RunConfig,
     run_dir: Path,
-) -> dict:
+) -> "LMSeed":
     """Train one language model, evaluate it and analyse its routing on held-out text and each other corpus."""
     clock = Clock()
     result = train(cfg, run_dir, progress=progress)
@@ -377,28 +377,63 @@ def lm_run_seed(
     clock.lap("analysis")
     if seed == 0:
         copy_figure(run_dir / "analysis" / "heatmap-valid.png", out / "heatmaps" / f"{variant.name}.png")
-    return {
-        "seed": seed,
-        "val_ppl": result.valid["ppl"],
-        "test_ppl": result.test["ppl"],
-        "val_loss": result.valid["loss"],
-        "test_loss": result.test["loss"],
-        "val_tokens": result.valid["tokens"],
-        "test_tokens": result.test["tokens"],
-        "tokens_seen": result.tokens_seen,
-        "train_seconds": result.train_seconds,
-        "train_cpu_seconds": result.cpu_seconds,
-        "data": loaded_data(run_dir),
-        "seconds": clock.laps,
-        "analysis": analysis.get("valid"),
-        "analysis_ood": {name: analysis.get(name) for name in corpora} or None,
-        "curves": {"val_loss": metric_curve(run_dir)},
-    }
+    return LMSeed(
+        seed=seed,
+        val_ppl=result.valid["ppl"],
+        test_ppl=result.test["ppl"],
+        val_loss=result.valid["loss"],
+        test_loss=result.test["loss"],
+        val_tokens=result.valid["tokens"],
+        test_tokens=result.test["tokens"],
+        tokens_seen=result.tokens_seen,
+        train_seconds=result.train_seconds,
+        train_cpu_seconds=result.cpu_seconds,
+        data=loaded_data(run_dir),
+        seconds=clock.laps,
+        analysis=analysis.get("valid"),
+        analysis_ood={name: analysis.get(name) for name in corpora} or None,
+        curves={"val_loss": metric_curve(run_dir)},
+    )
+
+
+@dataclass(frozen=True)
+class LMSeed:
+    """One language-model run's record: its record.json, and an entry of its model's "seeds" in results.json
+    (without the curves)."""
+
+    seed: int
+    val_ppl: float
+    test_ppl: float
+    val_loss: float  # mean loss over the held-out tokens evaluated (nats/token): the paired statistics' value
+    test_loss: float
+    val_tokens: int
+    test_tokens: int
+    tokens_seen: int  # training tokens
+    train_seconds: float  # wall time of the training steps
+    train_cpu_seconds: float  # process CPU time of the training steps
+    data: dict | None  # the data's source, sha256 and sizes (summary.json's "data")
+    seconds: dict[str, dict[str, float]]  # per phase (train, analysis): {"wall": s, "cpu": s}
+    analysis: dict | None  # `mhmoe.analysis.routing.summarize` on held-out text (None: dense)
+    analysis_ood: dict[str, dict | None] | None  # the same per out-of-distribution corpus
+    curves: dict[str, list]  # {"val_loss": [(tokens, loss), ...]}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "LMSeed":
+        """A record read back (record.json); DataError naming what it lacks."""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in record]
+        if missing:
+            raise DataError(f"a run record lacks {', '.join(missing)}: not a record of `reproduce english`")
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
 
 
 def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     """A model's results.json entry: size and cost, perplexities (mean and std over seeds), routing in and out of
     distribution (means over seeds; the *_ood values averaged over the other corpora), the seeds."""
+    for record in runs:
+        LMSeed.from_dict(record)  # every seed a whole record (a reused record.json included)
     entry = {**model_fields(variant, gpt_cost(cfg.model)), **seed_stats(runs, ("val_ppl", "test_ppl"))}
     entry["activation_threshold"] = mean_of(runs, "analysis", "threshold")
     for key in ANALYSIS_KEYS:
