@@ -38,8 +38,14 @@ def test_every_sweep_model_is_what_its_name_says_at_the_flops_of_its_xmoe():
             assert moe.num_experts >= experts  # raised for about equal parameters
         else:
             assert variant.ffn.kind == "smoe" and moe.num_experts == experts
-    sweeps = ablations.sweeps()
+    sweeps = ablations.sweeps()  # the quick D = 128: the head counts that divide it
     assert [label for label, _ in sweeps["heads"]] == ["H = 1", "H = 2", "H = 4", "H = 8"]
+    gpu = ablations.base(quick=False, gpu=True)
+    assert gpu.model.d_model == 384 and ablations.heads_for(384) == (1, 2, 3, 4, 6, 8, 12)  # v1's and v2's counts
+    for variant in ablations.models(gpu, ["heads"]):
+        cost = gpt_cost(dataclasses.replace(gpu.model, ffn=variant.ffn))
+        xmoe = gpt_cost(dataclasses.replace(gpu.model, ffn=ablations.models(gpu, ["heads"])[0].ffn))
+        assert abs(cost.flops_per_token / xmoe.flops_per_token - 1) < 0.01, variant.name  # each at X-MoE's FLOPs
     assert sweeps["depth"][0][1] == sweeps["head_merge"][3][1]  # depth 0 is "neither"
     assert set(_costs(["heads"])) == {"xmoe-e8"} | {name for _, name in sweeps["heads"]}
 
