@@ -5,8 +5,9 @@
 # PYTHONPATH=src, python3):
 #
 #     bash benchmarks/gpu_session.sh [PARTS]            (default: decisive)
-#     PARTS: decisive english english-params english-controls english-heads english-all multilingual multimodal
-#            ablations, and the benchmarks layer train compiled graph
+#     PARTS: decisive english english-params english-controls english-heads english-all english-v2 (v2's Table 1)
+#            multilingual multimodal ablations (the heads sweep, H = 1..12 at D = 384), and the benchmarks layer
+#            train compiled graph
 #
 # One call per part fits the 10-minute command limit while the machine stays warm; `graph` goes last (a failed
 # CUDA-graph capture can leave the context unusable). Runs train in local scratch, ${SCRATCH:-/tmp/mhmoe-scratch}
@@ -28,7 +29,7 @@ parts=${*:-decisive}
 max_files=8
 for part in $parts; do
     case $part in
-    decisive | english | english-params | english-controls | english-heads | english-all) ;;
+    decisive | english | english-params | english-controls | english-heads | english-all | english-v2) ;;
     multilingual | multimodal | ablations | layer | train | compiled | graph) ;;
     *) echo "gpu_session: unknown part '$part'" >&2; exit 2 ;;
     esac
@@ -73,7 +74,7 @@ for part in $parts; do
     case $part in
     decisive) english decisive ;;
     english) english core ;;
-    english-params | english-controls | english-heads | english-all) english "${part#english-}" ;;
+    english-params | english-controls | english-heads | english-all | english-v2) english "${part#english-}" ;;
     # shellcheck disable=SC2086
     multilingual) free_gib 8 && step python3 -m mhmoe reproduce multilingual --gpu --part core --no-progress \
         --data "$data/multilingual" --out "$scratch/reproduce-multilingual-$name" $extra

@@ -218,3 +218,25 @@ def test_a_seed_record_is_typed_and_checked():
     assert LMSeed.from_dict(json.loads(json.dumps(record.to_dict()))) == record
     with pytest.raises(DataError, match="lacks val_loss"):
         LMSeed.from_dict({k: v for k, v in record.to_dict().items() if k != "val_loss"})
+
+
+def test_the_v2_part_is_v2_table_1_at_its_width():
+    from mhmoe.errors import ConfigError
+    from mhmoe.experiments.common import v2_variants
+    from mhmoe.models.cost import presets
+    from mhmoe.models.ffn import FFNConfig
+
+    def ffn_of(kind, moe):
+        return FFNConfig(kind=kind, hidden=3072, moe=moe)
+
+    at_768 = {name: v.ffn.moe for name, v in v2_variants(768, ffn_of).items()}
+    table = presets()
+    for name, preset in (("v2_smoe", "v2-smoe"), ("v2_fine", "v2-fine-grained"), ("v2_mhmoe_h2", "v2-mhmoe-h2"),
+                         ("v2_mhmoe_h3", "v2-mhmoe-h3")):  # fmt: skip
+        want = table[preset].moe
+        got = at_768[name]
+        assert (got.num_experts, got.expert_hidden, got.top_k) == (want.num_experts, want.expert_hidden, want.top_k)
+    gpu = english.base(quick=False, gpu=True, part="v2")
+    assert gpu.model.d_model == 384 and [v.name for v in english.models(gpu, "v2")] == list(PART_SPECS["v2"].models)
+    with pytest.raises(ConfigError, match="divisible by 3"):
+        v2_variants(512, ffn_of)

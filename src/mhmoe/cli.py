@@ -39,7 +39,15 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-PARTS = ("core", "params", "controls", "heads", "all", "decisive")  # mhmoe.experiments.common.PARTS (imports none)
+PARTS = (
+    "core",
+    "params",
+    "controls",
+    "heads",
+    "all",
+    "decisive",
+    "v2",
+)  # mhmoe.experiments.common.PARTS (imports none)
 SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
 # default --seeds with --gpu, else 5: the most that keeps a part within 6 minutes; the quick runs' spread asks 7-9
 # for a 3% difference (results/english/README.md), so a second slot adds seeds into the same --out
@@ -394,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="core: dense, smoe, xmoe, mhmoe_flops (v2, equal FLOPs); params: dense, xmoe, mhmoe_params (v1, equal "
         "parameters); controls: smoe, smoe_fine (SMoE of MH-MoE's granularity), mhmoe_flops_softmax (MH-MoE with "
         "smoe's router); heads: smoe, mhmoe_flops_softmax, mhmoe_h1 (H = 1), mhmoe_nohm (no head and merge "
-        "layers); all: every model, with the attribution table. Parts run into one --out share their models "
+        "layers); all: every model, with the attribution table; decisive (english): dense, smoe_fine, mhmoe_flops "
+        "with two primary contrasts, >= 8 M tokens with --gpu; v2: v2's Table 1 (SwiGLU top-1 SMoE, fine-grained, "
+        "MH-MoE H = 2 and 3; D = 384 with --gpu). Parts of one budget run into one --out share their models "
         "(default: core)",
     )
     reproduce.add_argument(

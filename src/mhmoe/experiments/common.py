@@ -39,7 +39,7 @@ from typing import Any, Literal, Protocol, get_args
 
 from mhmoe.analysis.compare import metric_curve as metric_curve  # re-exported for the experiments
 from mhmoe.analysis.stats import holm, paired_difference
-from mhmoe.errors import DataError
+from mhmoe.errors import ConfigError, DataError
 from mhmoe.io import atomic_write, write_json, write_text
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
@@ -57,7 +57,7 @@ class Variant:
     ffn: FFNConfig
 
 
-Part = Literal["core", "params", "controls", "heads", "all", "decisive"]
+Part = Literal["core", "params", "controls", "heads", "all", "decisive", "v2"]
 PARTS: tuple[str, ...] = get_args(Part)
 CORE = ("dense", "smoe", "xmoe", "mhmoe_flops")
 PARAMS = ("dense", "xmoe", "mhmoe_params")
@@ -71,6 +71,10 @@ HEADS = ("smoe", "mhmoe_flops_softmax", "mhmoe_h1", "mhmoe_nohm")  # the head sp
 # softmax), whose own effect given MH-MoE was +1.3% [−7.7, +11.2] on the quick runs (none resolved).
 DECISIVE_MHMOE = "mhmoe_flops"
 DECISIVE = ("dense", "smoe_fine", DECISIVE_MHMOE)
+# v2's Table 1 protocol (PAPER.md; `mhmoe.models.cost.presets` at D = 768): a SwiGLU top-1 SMoE of 8 experts of
+# hidden 8/3·D, fine-grained SMoE (16 × half width, top-2), MH-MoE H = 2 (40 × 768 at D = 768, top-2) and H = 3
+# (96 × 512, top-3), all with the softmax router at equal FLOPs per token and about equal parameters
+V2 = ("v2_smoe", "v2_fine", "v2_mhmoe_h2", "v2_mhmoe_h3")
 
 
 @dataclass(frozen=True)
@@ -115,9 +119,16 @@ PART_SPECS = {
     "heads": PartSpec("heads", HEADS),
     "all": PartSpec("all", tuple(dict.fromkeys(CORE + PARAMS + CONTROLS + HEADS))),
     "decisive": PartSpec("decisive", DECISIVE, PRIMARY),
+    "v2": PartSpec("v2", V2),
 }
 PART_MODELS = {name: spec.models for name, spec in PART_SPECS.items()}
-BASELINES = ("smoe", "xmoe", "smoe_fine")  # the sparse baselines a model is compared with (the best one)
+BASELINES = (
+    "smoe",
+    "xmoe",
+    "smoe_fine",
+    "v2_smoe",
+    "v2_fine",
+)  # the sparse baselines a model is compared with (the best one)
 # (model, its control, the question, everything the pair changes besides the sizes that its rows show): every pair
 # at equal FLOPs per token and about equal parameters, so the experts' count and width move with what it tests
 ATTRIBUTION = (
@@ -174,7 +185,31 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
             mhmoe_h1=Variant("mhmoe_h1", "flops", ffn_of("mhmoe", flops_matched(smoe, 1))),
             mhmoe_nohm=Variant("mhmoe_nohm", "flops", ffn_of("mhmoe", flops_matched(unprojected, MH_HEADS))),
         )
+    if part == "v2":
+        models.update(v2_variants(d_model, ffn_of))
     return [models[name] for name in PART_MODELS[part]]
+
+
+def v2_variants(d_model: int, ffn_of: Callable[[FFNKind, MoEConfig], FFNConfig]) -> dict[str, Variant]:
+    """v2 Table 1's four models (`V2`) at width `d_model` (divisible by 3, for H = 3), the SwiGLU experts' hidden
+    8/3·D rounded to 64 (2048 at D = 768)."""
+    if d_model % 3:
+        raise ConfigError(
+            f"the v2 part needs a model width divisible by 3 for its H = 3 MH-MoE, got model.d_model={d_model}: "
+            "use --gpu (D = 384) or the quick v2 budget (D = 192)"
+        )
+    hidden = max(64, round(8 * d_model / 3 / 64) * 64)
+    smoe = MoEConfig(num_experts=8, top_k=1, expert_hidden=hidden, activation="swiglu")
+    return {
+        "v2_smoe": Variant("v2_smoe", "baseline", ffn_of("smoe", smoe)),
+        "v2_fine": Variant("v2_fine", "flops", ffn_of("smoe", sized(fine_grained_smoe, d_model, smoe, granularity=2))),
+        "v2_mhmoe_h2": Variant(
+            "v2_mhmoe_h2", "flops", ffn_of("mhmoe", sized(flops_matched_mhmoe, d_model, smoe, num_heads=2, top_k=2))
+        ),
+        "v2_mhmoe_h3": Variant(
+            "v2_mhmoe_h3", "flops", ffn_of("mhmoe", sized(flops_matched_mhmoe, d_model, smoe, num_heads=3, top_k=3))
+        ),
+    }
 
 
 def sized(solver: Callable[..., MoEConfig], d_model: int, base: MoEConfig, **options: Any) -> MoEConfig:

@@ -111,6 +111,10 @@ def budget(quick: bool, gpu: bool, part: Part = "core") -> Budget:
         return Budget("gpu", steps=610, warmup_steps=40, lr=1.5e-3, eval_every=61, eval_batches=4,
                       final_eval_batches=16, batch_size=32, num_experts=8, log_every=61, compile=False,
                       min_tokens=8_000_000, shape=DECISIVE_SHAPE)  # fmt: skip
+    if gpu and part == "v2":  # v2 Table 1's models need D divisible by 3
+        return dataclasses.replace(budget(quick, gpu), shape=DECISIVE_SHAPE)
+    if quick and part == "v2":
+        return dataclasses.replace(budget(quick, gpu), shape=Shape(128, 192, 4, 768, 4096))
     if gpu:
         return Budget("gpu", steps=200, warmup_steps=20, lr=1.5e-3, eval_every=50, eval_batches=4,
                       final_eval_batches=16, batch_size=32, num_experts=8, log_every=20, compile=False)  # fmt: skip
