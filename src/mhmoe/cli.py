@@ -49,7 +49,7 @@ PARTS = (
     "v2",
 )  # mhmoe.experiments.common.PARTS (imports none)
 SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
-# default --seeds with --gpu, else 5: the most that keeps a part within 6 minutes; the quick runs' spread asks 7-9
+# default --seeds with --gpu, else 5: the most that keeps a part within one command; the quick runs' spread asks 11-14
 # for a 3% difference (results/english/README.md), so a second slot adds seeds into the same --out
 GPU_SEEDS = {"ablations": 3}
 
