@@ -240,3 +240,32 @@ def test_the_v2_part_is_v2_table_1_at_its_width():
     assert gpu.model.d_model == 384 and [v.name for v in english.models(gpu, "v2")] == list(PART_SPECS["v2"].models)
     with pytest.raises(ConfigError, match="divisible by 3"):
         v2_variants(512, ffn_of)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["english", "--quick", "--budget-min", "5"], "--budget-min sizes a --gpu part"),
+        (["multilingual", "--gpu", "--export", "x"], "--export applies to `reproduce english` only"),
+        (["english", "--gpu", "--measure"], "--measure makes --dry-run's estimate"),
+    ],
+)
+def test_settings_that_cannot_take_effect_are_errors(args, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["reproduce", *args])
+
+
+def test_a_reused_run_must_share_the_budget(tmp_path):
+    from mhmoe.errors import DataError
+    from mhmoe.experiments.common import check_same_budget, seed_config
+
+    cfg = english.base(quick=True, gpu=False)
+    variant = english.models(cfg)[0]
+    run = tmp_path / "dense-seed0"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(seed_config(cfg, variant, 0).to_dict()))
+    check_same_budget(run, seed_config(cfg, variant, 0))  # the same budget: reused
+    longer = seed_config(cfg, variant, 0)
+    longer.train.max_steps += 1
+    with pytest.raises(DataError, match="another budget \\(train.max_steps differ"):
+        check_same_budget(run, longer)
