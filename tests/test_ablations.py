@@ -38,8 +38,14 @@ def test_every_sweep_model_is_what_its_name_says_at_the_flops_of_its_xmoe():
             assert moe.num_experts >= experts  # raised for about equal parameters
         else:
             assert variant.ffn.kind == "smoe" and moe.num_experts == experts
-    sweeps = ablations.sweeps()
+    sweeps = ablations.sweeps()  # the quick D = 128: the head counts that divide it
     assert [label for label, _ in sweeps["heads"]] == ["H = 1", "H = 2", "H = 4", "H = 8"]
+    gpu = ablations.base(quick=False, gpu=True)
+    assert gpu.model.d_model == 384 and ablations.heads_for(384) == (1, 2, 3, 4, 6, 8, 12)  # v1's and v2's counts
+    for variant in ablations.models(gpu, ["heads"]):
+        cost = gpt_cost(dataclasses.replace(gpu.model, ffn=variant.ffn))
+        xmoe = gpt_cost(dataclasses.replace(gpu.model, ffn=ablations.models(gpu, ["heads"])[0].ffn))
+        assert abs(cost.flops_per_token / xmoe.flops_per_token - 1) < 0.01, variant.name  # each at X-MoE's FLOPs
     assert sweeps["depth"][0][1] == sweeps["head_merge"][3][1]  # depth 0 is "neither"
     assert set(_costs(["heads"])) == {"xmoe-e8"} | {name for _, name in sweeps["heads"]}
 
@@ -81,13 +87,13 @@ def test_dry_run_prints_the_plan_and_counts_finished_runs(tmp_path, capsys):
     assert main(["reproduce", "english", "--gpu", "--dry-run", "--out", str(out), "--assume-tflops", "50"]) == 0
     second = capsys.readouterr().out
     assert "| dense | 23.1 M | 52.4 | 200 | 3.28 M |" in second and "| 4 |" in second  # 4 seeds left for dense
-    assert "assuming 50 TFLOP/s" in second
+    assert "rates ASSUMED: 50 TFLOP/s sustained" in second
     assert not out.joinpath("results.json").exists()  # nothing trained
 
 
 def test_dry_run_without_gpu_estimates_at_the_measured_cpu_rate(tmp_path, capsys):
     assert main(["reproduce", "english", "--quick", "--dry-run", "--out", str(tmp_path / "q")]) == 0
-    assert "assuming 0.075 TFLOP/s" in capsys.readouterr().out
+    assert "rates ASSUMED: 0.075 TFLOP/s" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--assume-tflops must be a positive rate.*got 0.0"):
         main(["reproduce", "english", "--quick", "--dry-run", "--assume-tflops", "0"])
 

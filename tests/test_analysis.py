@@ -426,3 +426,14 @@ def test_no_plot_cuts_off_its_title_or_any_text(name, tmp_path, monkeypatch):
     drawn = figure.get_tightbbox(renderer)  # inches, over every artist drawn
     assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01, drawn
     assert drawn.x1 <= figure.get_figwidth() + 0.01 and drawn.y1 <= figure.get_figheight() + 0.01, drawn
+
+
+def test_relative_activation_per_head_sees_what_pooling_hides():
+    from mhmoe.analysis.routing import relative_activation_ratio, relative_activation_ratio_per_head
+
+    # 2 heads, 4 experts, top-1: head 0 always expert 0 or 1, head 1 always 2 or 3 (token-major sub-tokens)
+    layer = LayerRouting(np.array([[0], [2], [1], [3], [0], [3], [1], [2]]), num_heads=2, num_experts=4)
+    assert relative_activation_ratio([layer]) == 1.0  # pooled: every expert well used
+    assert relative_activation_ratio_per_head([layer]) == 0.5  # per head: half of each head's experts
+    single = LayerRouting(np.array([[0], [1], [1], [1], [0], [0], [1], [2]]), num_heads=1, num_experts=4)
+    assert relative_activation_ratio_per_head([single]) == relative_activation_ratio([single]) == 0.75  # H = 1

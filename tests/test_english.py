@@ -90,7 +90,7 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     assert results["data"]["source"] == str(corpus) and len(results["data"]["sha256"]) == 64
     assert "perplexity over the first 128 / 128 tokens of the held-out valid / test documents" in table
     assert f"data: {corpus} (sha256 {results['data']['sha256'][:12]}" in table
-    assert "Paired per-seed differences" in table
+    assert "Exploratory: paired per-seed differences" in table and "Holm p = " in table
     paired = results["paired"]["val_loss"]
     assert paired["mhmoe_flops"]["baseline"] in ("smoe", "xmoe") and paired["mhmoe_flops"]["vs_dense"]["seeds"] == 2
     assert "vs_dense" not in paired["dense"]

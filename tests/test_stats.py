@@ -75,11 +75,11 @@ def test_paired_markdown_states_the_interval_sign_count_and_seeds_needed():
     text = paired_markdown(table, "val ppl")
     row = next(line for line in text.splitlines() if line.startswith("| xmoe |"))
     expected = table["xmoe"]["vs_dense"]
-    assert f"{expected['mean_pct']:+.1f}%" in row and "(3/3)" in row and "**resolved**" in row
-    assert row.endswith(f"| {expected['seeds_for_3pct']}, - |")  # no baseline other than itself
+    assert f"{expected['mean_pct']:+.1f}%" in row and "signs 3/3 (p = 0.25)" in row and "**resolved**" in row
+    assert row.endswith(f"| {expected['seeds_80']}, - |")  # no baseline other than itself
 
 
-def test_attribution_pairs_each_control_with_the_model_it_differs_from_in_one_thing():
+def test_attribution_pairs_list_what_they_change():
     from mhmoe.experiments.common import attribution_markdown, attribution_table
 
     def model(losses):
@@ -94,8 +94,46 @@ def test_attribution_pairs_each_control_with_the_model_it_differs_from_in_one_th
     ]  # pairs with a model that did not run (smoe_fine, mhmoe_nohm, mhmoe_flops, xmoe) are left out
     assert rows[1]["difference"]["mean"] == pytest.approx((-0.05 - 0.02 - 0.05) / 3)
     text = attribution_markdown(rows, "val ppl")
-    assert (
-        "| mhmoe_flops_softmax − mhmoe_h1 | splitting into 4 heads (at equal FLOPs: 4× the expert calls), given the "
-        "layers |" in text
-    )
+    assert "| mhmoe_flops_softmax − mhmoe_h1 | 4 heads against 1, given the head and merge layers | the split" in text
+    sized = {name: {**m, "num_experts": e, "expert_hidden": 448} for (name, m), e in zip(models.items(), (8, 36, 9, 0))}
+    changes = attribution_table(sized, "val_loss")[1]["changes"]
+    assert changes.startswith("36 × 448 against 9 × 448; the split (expert input D/4 against D")
     assert attribution_markdown([], "val ppl") == ""
+
+
+def test_t_test_power_matches_published_values():
+    from mhmoe.analysis.stats import t_test_power
+
+    # two-sided 5% paired t-test, effect size d = effect / sd (G*Power's exact noncentral-t values)
+    assert t_test_power(10, 1.0, 1.0) == pytest.approx(0.8031, abs=2e-4)
+    assert t_test_power(34, 1.0, 0.5) == pytest.approx(0.8078, abs=2e-4)
+    assert t_test_power(5, 1.0, 0.0) == pytest.approx(0.05, abs=1e-4)  # no effect: the test's level
+
+
+def test_seeds_for_power_is_the_first_n_reaching_it():
+    from mhmoe.analysis.stats import seeds_for_power, t_test_power
+
+    sd, effect = 0.0354, math.log(1.03)  # the quick English spread of mhmoe_flops − dense
+    n = seeds_for_power(sd, effect)
+    assert t_test_power(n, sd, effect) >= 0.8 > t_test_power(n - 1, sd, effect)
+    assert n > seeds_to_resolve(sd, effect)  # the interval-width figure is a ~50%-power figure
+    assert seeds_for_power(1.0, 0.5) == 34
+
+
+def test_sign_test_and_holm():
+    from mhmoe.analysis.stats import holm, sign_test
+
+    assert sign_test(5, 0) == sign_test(0, 5) == pytest.approx(0.0625)  # 5 of 5 seeds alone is not p < 0.05
+    assert sign_test(4, 1) == pytest.approx(0.375) and sign_test(0, 0) == 1.0
+    assert sign_test(3, 3) == 1.0
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # ×3, ×1 made monotone, ×2
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
+
+
+def test_paired_difference_has_its_p_values():
+    d = paired_difference([1.0, 2.0, 3.0], [0.5, 1.6, 2.4])  # differences 0.5, 0.4, 0.6
+    t = 0.5 / (0.1 / math.sqrt(3))
+    assert d.p == pytest.approx(2 * (1 - t_cdf(t, 2))) and d.p < 0.05
+    assert d.sign_p == pytest.approx(0.25)  # 3 of 3
+    assert d.to_dict()["seeds_80"] == d.seeds_for_power(3.0)

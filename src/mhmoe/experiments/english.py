@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +27,27 @@ from mhmoe.analysis.runs import analyze_run, load_run
 from mhmoe.data import BPETokenizer, Corpus, data_cache_dir, load_corpus, load_documents, tokenize_corpus
 from mhmoe.errors import DataError
 from mhmoe.experiments.common import (
+    PART_SPECS,
+    POWER_NOTE,
     Clock,
+    Curves,
     Part,
     PlannedModel,
     Variant,
     attribution_markdown,
-    attribution_table,
+    contrast_tables,
     copy_figure,
     experts_cell,
+    finished_seeds,
     fmt,
     mean_of,
     metric_curve,
     model_fields,
     num_cell,
     paired_markdown,
-    paired_table,
     pct_cell,
     planned_model,
+    primary_markdown,
     run_fields,
     run_variants,
     seed_stats,
@@ -51,14 +56,30 @@ from mhmoe.experiments.common import (
     write_results,
 )
 from mhmoe.experiments.common import retabulate as common_retabulate
+from mhmoe.experiments.plan import (
+    Budget,
+    Overheads,
+    Plan,
+    Rate,
+    Shape,
+    assumed_rates,
+    check_disk,
+    export,
+    measure_rates,
+    plan_markdown,
+    save_plan,
+    size_steps,
+    stored_steps,
+)
 from mhmoe.models.gpt import gpt_cost
-from mhmoe.train.config import RunConfig, apply_overrides, preset
+from mhmoe.train.config import RunConfig, apply_overrides
 from mhmoe.train.lm import data_path, train
 
 ANALYSIS_KEYS = (
     "activation_ratio",
     "activation_relative",
     "activation_relative_token",
+    "activation_relative_head",
     "effective_experts",
     "effective_fraction",
     "effective_experts_head",
@@ -70,29 +91,42 @@ ANALYSIS_KEYS = (
 )
 
 
-def base(quick: bool, gpu: bool) -> RunConfig:
-    """The shared budget, from the `gpu` / `cpu` presets (their model sizes; the variants set the FFNs).
+# The decisive part's model: D = 384 (divisible by 2, 3, 4, 6, 8 and 12, the papers' head counts) costs 0.6× the
+# FLOPs per token of the `gpu` preset's D = 512, so 15 runs of 10 M tokens fit 8 minutes down to about 53 TFLOP/s
+# sustained (D = 512: 88) and 8 M tokens down to about 43 (D = 512: 72), by `size_steps` at the assumed overheads.
+DECISIVE_SHAPE = Shape(seq_len=512, d_model=384, n_layers=6, ffn_hidden=1536, vocab_size=8192)
 
-    quick: minutes on 2 CPU cores (pipeline demo, docs/paper-notes.md §7); gpu: one H200, the `gpu` preset's model
-    (6 layers, D = 512) on 3.3 M tokens per model, so that one part (five models × five seeds) fits in six minutes
-    by `--dry-run`'s estimate; no compilation (it does not pay for itself in 200 steps).
+
+def budget(quick: bool, gpu: bool, part: Part = "core") -> Budget:
+    """The shared budget, on the `gpu` / `cpu` presets (their model sizes; the variants set the FFNs).
+
+    quick: minutes on 2 CPU cores (pipeline demo, docs/paper-notes.md §7). gpu: one H100 / H200, the `gpu`
+    preset's model (6 layers, D = 512, E = 8), no compilation (it does not pay for itself in a few hundred
+    steps); each part on 3.3 M tokens per model, but `decisive` at D = 384 (`DECISIVE_SHAPE`) on up to 10 M
+    tokens (610 steps) and at least 8 M (the floor below which `size_steps` refuses the part: docs/paper-notes.md
+    §7 asks for >= 10 M, and the routers were still moving at 3 M), its steps sized on the device to end within
+    --budget-min.
     """
+    if gpu and part == "decisive":
+        return Budget("gpu", steps=610, warmup_steps=40, lr=1.5e-3, eval_every=61, eval_batches=4,
+                      final_eval_batches=16, batch_size=32, num_experts=8, log_every=61, compile=False,
+                      min_tokens=8_000_000, shape=DECISIVE_SHAPE)  # fmt: skip
+    if gpu and part == "v2":  # v2 Table 1's models need D divisible by 3
+        return dataclasses.replace(budget(quick, gpu), shape=DECISIVE_SHAPE)
+    if quick and part == "v2":
+        return dataclasses.replace(budget(quick, gpu), shape=Shape(128, 192, 4, 768, 4096))
     if gpu:
-        return apply_overrides(preset("gpu"), [
-            "model.ffn.moe.num_experts=8", "train.batch_size=32", "train.max_steps=200", "train.warmup_steps=20",
-            "train.lr=1.5e-3", "train.eval_every=50", "train.eval_batches=4", "train.final_eval_batches=16",
-            "train.checkpoint_every=200", "train.log_every=20", "train.compile=false",
-        ])  # fmt: skip
+        return Budget("gpu", steps=200, warmup_steps=20, lr=1.5e-3, eval_every=50, eval_batches=4,
+                      final_eval_batches=16, batch_size=32, num_experts=8, log_every=20, compile=False)  # fmt: skip
     if quick:
-        return apply_overrides(preset("cpu"), [
-            "train.max_steps=300", "train.warmup_steps=20", "train.lr=3e-3", "train.eval_every=75",
-            "train.eval_batches=8", "train.final_eval_batches=40", "train.checkpoint_every=300",
-        ])  # fmt: skip
-    return apply_overrides(preset("cpu"), [
-        "model.seq_len=256", "model.d_model=256", "model.n_layers=6", "model.ffn.hidden=1024",
-        "model.ffn.moe.expert_hidden=1024", "data.vocab_size=8192", "train.max_steps=2000", "train.warmup_steps=100",
-        "train.lr=1.5e-3", "train.eval_every=200", "train.eval_batches=20", "train.checkpoint_every=500",
-    ])  # fmt: skip
+        return Budget("cpu", steps=300, warmup_steps=20, lr=3e-3, eval_every=75, eval_batches=8, final_eval_batches=40)
+    return Budget("cpu", steps=2000, warmup_steps=100, lr=1.5e-3, eval_every=200, eval_batches=20,
+                  shape=Shape(seq_len=256, d_model=256, n_layers=6, ffn_hidden=1024, vocab_size=8192))  # fmt: skip
+
+
+def base(quick: bool, gpu: bool, part: Part = "core") -> RunConfig:
+    """The run configuration of `budget(quick, gpu, part)`."""
+    return budget(quick, gpu, part).config()
 
 
 def models(cfg: RunConfig, part: Part = "core") -> list[Variant]:
@@ -103,7 +137,7 @@ def plan(
     quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), part: Part = "core", other_corpora: int = 0
 ) -> list[PlannedModel]:
     """What `run` would train (for `--dry-run`): every model of `part` with its size, FLOPs and tokens per seed."""
-    cfg = apply_overrides(base(quick, gpu), list(overrides))
+    cfg = apply_overrides(base(quick, gpu, part), list(overrides))
     return lm_plan(cfg, models(cfg, part), analysis_batches(quick, gpu) * (1 + other_corpora))
 
 
@@ -176,6 +210,79 @@ def loaded_data(run_dir: Path) -> dict | None:
     return json.loads((run_dir / "summary.json").read_text()).get("data")
 
 
+@dataclass(frozen=True)
+class Options:
+    """How a part runs beside its plan: where, within what time, and what it keeps and sends back."""
+
+    device: str | None = None  # train.device (None: the budget's, "auto")
+    budget_min: float = 8.0  # --gpu: the part's steps are sized to end within this many minutes
+    min_tokens: int | None = None  # None: the budget's floor (8 M for the --gpu decisive part)
+    keep_checkpoints: bool = False  # else deleted once a run's analysis is written
+    export: Path | None = None  # copy the results into this folder after every seed round (`plan.export`)
+    assume_tflops: float = 100.0  # --dry-run without a measurement: the assumed rate
+
+
+OVERHEADS = {"gpu": Overheads(per_run_s=8.0, fixed_s=30.0), "cpu": Overheads(per_run_s=10.0, fixed_s=30.0)}
+
+
+def make_plan(
+    quick: bool, gpu: bool, part: Part, seeds: int, overrides: Sequence[str], options: Options
+) -> tuple[Plan, RunConfig]:
+    """The part's plan and run configuration: the budget, with the overrides (train.max_steps among them caps
+    the steps), the device and the token floor of `options`."""
+    chosen = budget(quick, gpu, part)
+    cfg = apply_overrides(chosen.config(), list(overrides))
+    if options.device:
+        cfg.train.device = options.device
+    floor = chosen.min_tokens if options.min_tokens is None else options.min_tokens
+    chosen = dataclasses.replace(chosen, steps=cfg.train.max_steps, min_tokens=floor)
+    return Plan("english", PART_SPECS[part], chosen, seeds, options.budget_min if gpu else 0.0), cfg
+
+
+def sized_plan(
+    plan: Plan, cfg: RunConfig, out: Path, extra: int, rates: Sequence[Rate], overheads: Overheads
+) -> tuple[Plan, list[PlannedModel]]:
+    """The plan with its steps sized at `rates` to end within its budget_min (or the steps a previous
+    invocation into `out` sized), and its planned models (`extra`: the analysis batches per run)."""
+    variants = models(cfg, plan.part.name)  # type: ignore[arg-type]
+    planned = lm_plan(cfg, variants, extra)
+    steps = stored_steps(out, plan.part.name)
+    if steps is None:
+        todo = {m.name: plan.seeds - finished_seeds(out, m.name, plan.seeds) for m in planned}
+        steps = size_steps(plan, planned, rates, todo, overheads)
+    plan = dataclasses.replace(plan, budget=dataclasses.replace(plan.budget, steps=steps))
+    cfg.train.max_steps = cfg.train.checkpoint_every = steps
+    return plan, lm_plan(cfg, variants, extra)
+
+
+def dry_run(
+    out: Path,
+    quick: bool = False,
+    gpu: bool = False,
+    seeds: int = 1,
+    overrides: Sequence[str] = (),
+    part: Part = "core",
+    other_corpora: int = 0,
+    options: Options = Options(),
+    measure: bool = False,
+) -> str:
+    """The plan as `run` would size it, with its estimated time: from rates measured on the device by the smoke
+    step (`measure`), else assumed (--gpu: `options.assume_tflops`; CPU: 0.075 TFLOP/s, measured on 2 idle cores
+    by the quick evidence runs)."""
+    plan, cfg = make_plan(quick, gpu, part, seeds, overrides, options)
+    extra = analysis_batches(quick, gpu) * (1 + other_corpora)
+    planned = lm_plan(cfg, models(cfg, part), extra)
+    if measure:
+        rates, source = measure_rates(cfg, models(cfg, part)), f"the smoke step on {cfg.train.device}"
+    else:
+        tflops = options.assume_tflops if gpu else 0.075
+        rates = assumed_rates(planned, tflops)
+        source = f"{tflops:g} TFLOP/s sustained from FLOPs (training 3× the forward), not measured on this machine"
+    overheads = OVERHEADS["gpu" if gpu else "cpu"]
+    plan, planned = sized_plan(plan, cfg, out, extra, rates, overheads)
+    return plan_markdown(plan, planned, rates, out, overheads, source)
+
+
 def run(
     out: Path,
     quick: bool = False,
@@ -186,41 +293,61 @@ def run(
     progress: bool = True,
     ood: Sequence[str] = (),
     part: Part = "core",
+    options: Options = Options(keep_checkpoints=True),
 ) -> dict:
-    """Train every model of `part` for every seed, analyse routing (also on each `ood` corpus), write the results
-    with paired statistics."""
-    cfg = base(quick, gpu)
+    """Train every model of `part` for every seed, seed-major, analyse routing (also on each `ood` corpus),
+    and rewrite the results with paired statistics after every seed round (a rerun into `out` continues).
+    With --gpu the part starts with the smoke and rate step and its steps are sized to `options.budget_min`."""
+    plan, cfg = make_plan(quick, gpu, part, seeds, overrides or [], options)
     cfg.data.path = data
-    apply_overrides(cfg, overrides or [])
     corpora = ood_corpora([ood] if isinstance(ood, str) else ood)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    variants = models(cfg, part)
+    extra, overheads = analysis_batches(quick, gpu) * (1 + len(corpora)), OVERHEADS["gpu" if gpu else "cpu"]
+    if gpu:
+        rates, source = measure_rates(cfg, variants), f"the smoke step on {cfg.train.device}"
+    else:
+        rates = assumed_rates(lm_plan(cfg, variants, extra), 0.075)
+        source = "0.075 TFLOP/s from FLOPs (2 idle CPU cores), not measured here"
+    plan, planned = sized_plan(plan, cfg, out, extra, rates, overheads)
+    print(plan_markdown(plan, planned, rates, out, overheads, source), flush=True)
+    check_disk(out, planned, options.keep_checkpoints, plan.seeds * len(planned))
+    plan = save_plan(out, plan)
     d = cfg.data
     tokenizer_seconds = shared_tokenizer(
         cfg,
         out,
         lambda: load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction).train,
     )
+    results: dict = {}
+
+    def on_round(by_model: dict[str, dict], curves: Curves, finished: int) -> None:
+        results.clear()
+        results.update({
+            "task": "english",
+            "part": part,
+            "plan": plan.to_dict(),
+            "rates": [dataclasses.asdict(r) for r in rates],
+            "seeds_finished": finished,
+            "models": by_model,
+            **contrast_tables(by_model, ("val_loss", "test_loss"), primary=plan.part.primary),
+            "budget": cfg.to_dict(),
+            "data": next(iter(by_model.values()))["seeds"][0]["data"],  # every model read the same data
+            "ood_data": {name: str(path) for name, path in corpora.items()} or None,
+            "phases": {"tokenizer_seconds": tokenizer_seconds},
+            "wall_seconds": time.perf_counter() - started,
+        })  # fmt: skip
+        write_results(out, results, table)
+        mean, bands = split_bands(curves["val_loss"])
+        plot_curves(mean, out / "val_curves.png", "validation loss (English)",
+                    ylabel="validation loss (nats/token)", bands=bands)  # fmt: skip
+        if options.export is not None:
+            export(out, options.export, f"english-{part}")
+        print(f"== round {finished}/{plan.seeds}: results.json, results.md rewritten in {out}", flush=True)
 
     run_seed = functools.partial(lm_run_seed, out, corpora, analysis_batches(quick, gpu), progress)
-    results_by_model, curves = run_variants(cfg, models(cfg, part), seeds, out, run_seed, aggregate)
-    results = {
-        "task": "english",
-        "part": part,
-        "models": results_by_model,
-        "paired": {key: paired_table(results_by_model, key) for key in ("val_loss", "test_loss")},
-        "attribution": {key: attribution_table(results_by_model, key) for key in ("val_loss", "test_loss")},
-        "budget": cfg.to_dict(),
-        "data": next(iter(results_by_model.values()))["seeds"][0]["data"],  # every model read the same data
-        "ood_data": {name: str(path) for name, path in corpora.items()} or None,
-        "phases": {"tokenizer_seconds": tokenizer_seconds},
-        "wall_seconds": time.perf_counter() - started,
-    }
-    write_results(out, results, table)
-    mean, bands = split_bands(curves["val_loss"])
-    plot_curves(
-        mean, out / "val_curves.png", "validation loss (English)", ylabel="validation loss (nats/token)", bands=bands
-    )
+    run_variants(cfg, variants, plan.seeds, out, run_seed, aggregate, on_round, options.keep_checkpoints)
     return results
 
 
@@ -243,7 +370,7 @@ def lm_run_seed(
     seed: int,
     cfg: RunConfig,
     run_dir: Path,
-) -> dict:
+) -> "LMSeed":
     """Train one language model, evaluate it and analyse its routing on held-out text and each other corpus."""
     clock = Clock()
     result = train(cfg, run_dir, progress=progress)
@@ -254,30 +381,68 @@ def lm_run_seed(
     clock.lap("analysis")
     if seed == 0:
         copy_figure(run_dir / "analysis" / "heatmap-valid.png", out / "heatmaps" / f"{variant.name}.png")
-    return {
-        "seed": seed,
-        "val_ppl": result.valid["ppl"],
-        "test_ppl": result.test["ppl"],
-        "val_bpb": result.valid.get("bpb"),
-        "test_bpb": result.test.get("bpb"),
-        "val_loss": result.valid["loss"],
-        "test_loss": result.test["loss"],
-        "val_tokens": result.valid["tokens"],
-        "test_tokens": result.test["tokens"],
-        "tokens_seen": result.tokens_seen,
-        "train_seconds": result.train_seconds,
-        "train_cpu_seconds": result.cpu_seconds,
-        "data": loaded_data(run_dir),
-        "seconds": clock.laps,
-        "analysis": analysis.get("valid"),
-        "analysis_ood": {name: analysis.get(name) for name in corpora} or None,
-        "curves": {"val_loss": metric_curve(run_dir)},
-    }
+    return LMSeed(
+        seed=seed,
+        val_ppl=result.valid["ppl"],
+        test_ppl=result.test["ppl"],
+        val_bpb=result.valid.get("bpb"),
+        test_bpb=result.test.get("bpb"),
+        val_loss=result.valid["loss"],
+        test_loss=result.test["loss"],
+        val_tokens=result.valid["tokens"],
+        test_tokens=result.test["tokens"],
+        tokens_seen=result.tokens_seen,
+        train_seconds=result.train_seconds,
+        train_cpu_seconds=result.cpu_seconds,
+        data=loaded_data(run_dir),
+        seconds=clock.laps,
+        analysis=analysis.get("valid"),
+        analysis_ood={name: analysis.get(name) for name in corpora} or None,
+        curves={"val_loss": metric_curve(run_dir)},
+    )
+
+
+@dataclass(frozen=True)
+class LMSeed:
+    """One language-model run's record: its record.json, and an entry of its model's "seeds" in results.json
+    (without the curves)."""
+
+    seed: int
+    val_ppl: float
+    test_ppl: float
+    val_loss: float  # mean loss over the held-out tokens evaluated (nats/token): the paired statistics' value
+    test_loss: float
+    val_tokens: int
+    test_tokens: int
+    tokens_seen: int  # training tokens
+    train_seconds: float  # wall time of the training steps
+    train_cpu_seconds: float  # process CPU time of the training steps
+    data: dict | None  # the data's source, sha256 and sizes (summary.json's "data")
+    seconds: dict[str, dict[str, float]]  # per phase (train, analysis): {"wall": s, "cpu": s}
+    analysis: dict | None  # `mhmoe.analysis.routing.summarize` on held-out text (None: dense)
+    analysis_ood: dict[str, dict | None] | None  # the same per out-of-distribution corpus
+    curves: dict[str, list]  # {"val_loss": [(tokens, loss), ...]}
+    val_bpb: float | None = None  # bits per byte of the held-out text (None: a record from before they were kept)
+    test_bpb: float | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "LMSeed":
+        """A record read back (record.json); DataError naming what it lacks."""
+        required = [f for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [f.name for f in required if f.name not in record]
+        if missing:
+            raise DataError(f"a run record lacks {', '.join(missing)}: not a record of `reproduce english`")
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record})
 
 
 def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     """A model's results.json entry: size and cost, perplexities (mean and std over seeds), routing in and out of
     distribution (means over seeds; the *_ood values averaged over the other corpora), the seeds."""
+    for record in runs:
+        LMSeed.from_dict(record)  # every seed a whole record (a reused record.json included)
     entry = {
         **model_fields(variant, gpt_cost(cfg.model)),
         **seed_stats(runs, ("val_ppl", "test_ppl", "val_bpb", "test_bpb")),
@@ -306,11 +471,16 @@ def table(results: dict, scope: str | None = None) -> str:
     """The results as markdown: models and perplexities, paired differences, routing in and out of distribution.
     `scope` says what the perplexities cover where it is not the English held-out text (`_scope`)."""
     models = results["models"]
+    lines = []
+    primary = primary_markdown((results.get("primary") or {}).get("val_loss", []), "val ppl")
+    if primary:
+        lines += ["**Primary contrasts** (declared in the code before any run; each read at 5%, not adjusted)", ""]
+        lines += [primary, "", f"{len(next(iter(models.values()))['seeds'])} seed(s) per model.", ""]
     header = (
         "| model | matching | experts × hidden | params total | params active | MFLOPs/token | val ppl | test ppl "
         "| val bits/byte | tokens/model | train s (CPU s) |"
     )
-    lines = [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
+    lines += [header, "|---|---|---|" + "---:|" * (header.count("|") - 4)]
     for name, m in models.items():
         n = len(m["seeds"])
         lines.append(
@@ -322,17 +492,13 @@ def table(results: dict, scope: str | None = None) -> str:
         )
     seeds = len(next(iter(models.values()))["seeds"])
     lines += ["", f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; {scope or _scope(results)}.", ""]
-    lines += ["**Paired per-seed differences of validation perplexity**", ""]
-    lines += [paired_markdown(results["paired"]["val_loss"], "val ppl"), ""]
-    lines += [
-        "Mean change of perplexity over the seeds both models ran, [95% t-interval], (seeds whose difference has the "
-        "mean's sign / seeds); resolved = the interval excludes 0; seeds to resolve 3% = the seeds whose interval "
-        "would exclude 0 for a 3% difference at the spread these seeds show.",
-        "",
-    ]
+    family = (results.get("holm_family") or {}).get("val_loss")
+    label = "Exploratory: paired per-seed differences of validation perplexity"
+    lines += [f"**{label}**" + (f" (Holm over {family} exploratory contrasts)" if family else ""), ""]
+    lines += [paired_markdown(results["paired"]["val_loss"], "val ppl"), "", POWER_NOTE, ""]
     attribution = attribution_markdown((results.get("attribution") or {}).get("val_loss", []), "val ppl")
     if attribution:
-        lines += ["**Attribution: each control against the model it differs from in one thing**", "", attribution, ""]
+        lines += ["**Attribution: each pair, with everything it changes**", "", attribution, ""]
     lines += routing_tables(results)
     return "\n".join(lines)
 
@@ -346,15 +512,17 @@ def routing_tables(results: dict) -> list[str]:
     lines = [
         "**Routing** (means over MoE layers and seeds)",
         "",
-        "| model | text | eff. experts pooled | per head | active (relative) | divergence / chance | top-1 divergence / chance |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | text | eff. experts pooled | per head | active (relative) pooled | per head | divergence / chance "
+        "| top-1 divergence / chance |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in models.items():
         if not m["num_experts"]:
             continue
         for label, key in corpora:
             r = m if key is None else (m.get("ood") or {}).get(key) or {}
-            pct = [pct_cell(r.get(k)) for k in ("effective_fraction", "effective_fraction_head", "activation_relative")]
+            keys = ("effective_fraction", "effective_fraction_head", "activation_relative", "activation_relative_head")
+            pct = [pct_cell(r.get(k)) for k in keys]
             divergence = ("divergence_mean", "divergence_chance", "divergence_top1", "divergence_top1_chance")
             num = [num_cell(r.get(k)) for k in divergence]
             lines.append(f"| {name} | {label} | {' | '.join(pct)} | {num[0]} / {num[1]} | {num[2]} / {num[3]} |")
@@ -362,7 +530,7 @@ def routing_tables(results: dict) -> list[str]:
         "",
         "eff. experts = exp(entropy of the expert shares) as % of E, pooled over the H sub-token streams and per head; "
         "active (relative) = share of (layer, expert) cells chosen by more than a quarter of the uniform rate K/E "
-        f"of sub-tokens (the fixed {DEFAULT_ACTIVATION_THRESHOLD:.0%} threshold of earlier tables saturates at E = 8); "
+        f"of sub-tokens, pooled and per head (each head's own sub-tokens: (layer, head, expert) cells) (the fixed {DEFAULT_ACTIVATION_THRESHOLD:.0%} threshold of earlier tables saturates at E = 8); "
         "divergence = distinct experts reached by a token's sub-tokens (all K choices; top-1: first choices only), "
         "beside its value if each head routed independently at its own measured rates.",
     ]

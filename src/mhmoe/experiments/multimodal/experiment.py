@@ -13,6 +13,8 @@ divergence over training (docs/paper-notes.md §6). results.json has the English
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import statistics
 import time
@@ -24,12 +26,13 @@ import torch
 
 from mhmoe.analysis.plots import plot_curves
 from mhmoe.experiments.common import (
+    POWER_NOTE,
     Clock,
     Part,
     PlannedModel,
     Variant,
     attribution_markdown,
-    attribution_table,
+    contrast_tables,
     copy_figure,
     effective_cell,
     experts_cell,
@@ -38,7 +41,6 @@ from mhmoe.experiments.common import (
     model_fields,
     num_cell,
     paired_markdown,
-    paired_table,
     pct_cell,
     planned_model,
     run_fields,
@@ -52,7 +54,7 @@ from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.multimodal.analysis import analyze_masked_run, load_masked_model
 from mhmoe.experiments.multimodal.config import MaskedRunConfig, apply_masked_overrides, masked_preset
 from mhmoe.experiments.multimodal.task import data_root, prepare_multimodal, train_masked
-from mhmoe.io import environment
+from mhmoe.io import environment, write_json
 from mhmoe.models.multiway import multiway_cost
 from mhmoe.train.loop import RunResult, resolve_device
 
@@ -182,8 +184,7 @@ def run(
         "task": "multimodal",
         "part": part,
         "models": models,
-        "paired": {key: paired_table(models, key) for key in PAIRED_KEYS},
-        "attribution": {key: attribution_table(models, key) for key in PAIRED_KEYS},
+        **contrast_tables(models, PAIRED_KEYS + source_losses(models)),
         "budget": cfg.to_dict(),
         "data": prepared.root,
         "sources": {s.name: {k: int(len(s.indices(k))) for k in ("train", "valid", "test")} for s in prepared.sources},
@@ -308,12 +309,16 @@ def table(results: dict) -> str:
         lines.append("")
     lines += routing_table(results["models"])
     lines += agreement_table(results["models"])
-    for key, what in (("val_loss", "text ppl (val)"), ("val_pair_loss", "pair ppl (val)")):
+    by_source = [(key, f"pair ppl (val), {key.split('@', 1)[1]}") for key in results["paired"] if "@" in key]
+    for key, what in (("val_loss", "text ppl (val)"), ("val_pair_loss", "pair ppl (val)"), *by_source):
         lines += [f"**Paired per-seed differences of {what}**", "", paired_markdown(results["paired"][key], what), ""]
         attribution = attribution_markdown((results.get("attribution") or {}).get(key, []), what)
         if attribution:
-            lines += [f"**Attribution of {what}: each control against the model it differs from in one thing**"]
+            lines += [f"**Attribution of {what}: each pair, with everything it changes**"]
             lines += ["", attribution, ""]
+    family = sum((results.get("holm_family") or {}).values())
+    note = f" Here Holm runs within each measure (the text, the pairs, each caption source; {family} contrasts in all)."
+    lines += [POWER_NOTE + (note if family else "")]
     return "\n".join(lines)
 
 
@@ -342,9 +347,34 @@ def agreement_table(models: dict[str, dict]) -> list[str]:
     return lines + [""]
 
 
+def source_losses(models: dict[str, dict]) -> tuple[str, ...]:
+    """Per seed, the validation pair loss of each caption source, `val_pair_loss@SOURCE` = log of its pair
+    perplexity (added to the seeds' records), so that the paired statistics see where a pair difference comes
+    from; returns those keys."""
+    keys: set[str] = set()
+    for model in models.values():
+        for record in model["seeds"]:
+            for source, ppl in (record.get("val_pair_ppl_by_source") or {}).items():
+                if ppl is not None:
+                    record[f"val_pair_loss@{source}"] = math.log(ppl)
+                    keys.add(f"val_pair_loss@{source}")
+    return tuple(sorted(keys))
+
+
 def retabulate(out: Path) -> dict:
-    """results.json / results.md of a finished run into `out`, recomputed by this version (`common.retabulate`)."""
-    return common_retabulate(out, table, PAIRED_KEYS)
+    """results.json / results.md of a finished run into `out`, recomputed by this version (`common.retabulate`),
+    with the per-source pair statistics (`source_losses`)."""
+    path = out / "results.json"
+    keys: tuple[str, ...] = ()
+    if path.is_file():
+        try:
+            results = json.loads(path.read_text())
+            keys = source_losses(results["models"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            keys = ()  # common.retabulate names what is wrong with the file
+        else:
+            write_json(path, results)
+    return common_retabulate(out, table, PAIRED_KEYS + keys)
 
 
 def routing_table(models: dict[str, dict]) -> list[str]:
