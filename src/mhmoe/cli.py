@@ -589,7 +589,9 @@ _default_showwarning = warnings.showwarning
 
 def main(argv: list[str] | None = None) -> int:
     from mhmoe.train.allocator import tune_cpu_allocator
+    from mhmoe.train.threads import set_openmp_defaults
 
+    set_openmp_defaults()  # idle OpenMP threads sleep (module doc); read once, as torch loads, so before it loads
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     tune_cpu_allocator()  # keep freed activations for reuse on the CPU (module doc); MHMOE_TUNE_MALLOC=0 opts out

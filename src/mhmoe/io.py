@@ -225,6 +225,10 @@ def environment(device: Any = None, **extra: Any) -> dict:
         "processor": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
+        # how idle OpenMP threads wait (mhmoe.train.threads; the command line sets OMP_WAIT_POLICY=PASSIVE)
+        "openmp_wait": {
+            k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if k in os.environ
+        },
         "command": sys.argv,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
