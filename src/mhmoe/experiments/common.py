@@ -138,16 +138,62 @@ def sized(solver: Callable[..., MoEConfig], d_model: int, base: MoEConfig, **opt
     raise last
 
 
-def variant_seeds(base: Any, variant: Variant, seeds: int, out: Path) -> Iterator[tuple[int, Any, Path]]:
+def variant_seeds(
+    base: Any, variant: Variant, seeds: int, out: Path, progress: JobProgress | None = None
+) -> Iterator[tuple[int, Any, Path]]:
     """(seed, config, run directory) of each seed of a variant: the shared budget `base` (any run configuration
-    with model.ffn and train.seed) with the variant's FFN and the seed; each run is announced on stdout."""
+    with model.ffn and train.seed) with the variant's FFN and the seed; each run is announced on stdout, with the
+    job's progress when given."""
     for seed in range(seeds):
         cfg = copy.deepcopy(base)
         cfg.model.ffn = copy.deepcopy(variant.ffn)
         cfg.train.seed = seed
         run_dir = out / "runs" / f"{variant.name}-seed{seed}"
-        print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
+        where = f"{variant.name} (seed {seed}) -> {run_dir}"
+        print(f"== {progress.start(run_dir) if progress else ''}{where}", flush=True)
         yield seed, cfg, run_dir
+
+
+class JobProgress:
+    """The overall line of a job of several runs: "run i of N", the time elapsed, and the time left, estimated as
+    the mean wall time of the runs trained so far times the runs still to train (a run already finished in the
+    output folder is reused in a moment, so it counts as neither)."""
+
+    def __init__(self, run_dirs: Sequence[Path], clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = len(run_dirs)
+        self.to_train = {d for d in run_dirs if not (d / "summary.json").is_file()}
+        self.clock = clock
+        self.begun = clock()
+        self.index = 0
+        self.trained_seconds: list[float] = []
+        self._current: tuple[Path, float] | None = None
+
+    def start(self, run_dir: Path) -> str:
+        """Close the previous run and open `run_dir`'s; returns the progress text to print before it."""
+        self._close()
+        self.index += 1
+        self._current = (run_dir, self.clock())
+        elapsed = self._current[1] - self.begun
+        left = len(self.to_train)
+        if not left:
+            estimate = "nothing left to train"
+        elif self.trained_seconds:
+            estimate = f"about {clock_time(statistics.mean(self.trained_seconds) * left)} left"
+        else:
+            estimate = "time left known after the first run"
+        return f"run {self.index} of {self.total} ({clock_time(elapsed)} elapsed, {estimate}): "
+
+    def _close(self) -> None:
+        if self._current is not None and self._current[0] in self.to_train:
+            self.to_train.discard(self._current[0])
+            self.trained_seconds.append(self.clock() - self._current[1])
+
+
+def clock_time(seconds: float) -> str:
+    """Seconds as h:mm:ss or m:ss."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 RunSeed = Callable[[Variant, int, Any, Path], dict]  # (variant, seed, config, run dir) -> the seed's record
@@ -161,9 +207,10 @@ def run_variants(
     band)}}). A seed's record holds "curves": {key: points} (left out of the aggregate's "seeds")."""
     results: dict[str, dict] = {}
     curves: dict[str, dict[str, tuple[Curve, list]]] = {}
+    progress = JobProgress([out / "runs" / f"{v.name}-seed{seed}" for v in models for seed in range(seeds)])
     for variant in models:
         runs, cfg = [], base
-        for seed, cfg, run_dir in variant_seeds(base, variant, seeds, out):
+        for seed, cfg, run_dir in variant_seeds(base, variant, seeds, out, progress):
             runs.append(run_seed(variant, seed, cfg, run_dir))
         results[variant.name] = aggregate(variant, cfg, runs)
         for key in runs[0]["curves"]:
