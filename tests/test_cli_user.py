@@ -141,8 +141,9 @@ def test_generate_continues_the_prompt_reproducibly(trained, capsys):
     first = capsys.readouterr().out
     assert first.startswith("The ") and len(first) > 5
     assert main(args + ["--seed", "1"]) == 0 and capsys.readouterr().out == first
-    assert main(["generate", str(out / "dense"), "--prompt", "x" * 60, "--max-new-tokens", "10"]) == 2
-    assert "--max-new-tokens must be in 1..5" in capsys.readouterr().err
+    # past the context (64 tokens) the window slides: all 10 tokens come (the model: tests/test_model.py)
+    assert main(["generate", str(out / "dense"), "--prompt", "x" * 60, "--max-new-tokens", "10"]) == 0
+    assert capsys.readouterr().out.startswith("x" * 60)
     assert main(args + ["--top-p", "1.5"]) == 2 and "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
