@@ -570,9 +570,13 @@ def _show_warning(
     file: Any = None,
     line: str | None = None,
 ) -> None:
-    """mhmoe's data warnings as one line on stderr ("mhmoe: warning: ..."), the others as Python shows them."""
+    """mhmoe's data warnings as one line on stderr ("mhmoe: warning: ..."), the others as Python shows them. Under
+    torchrun only rank 0 shows them: every rank reads the same data and configuration and would repeat each one."""
     from mhmoe.data.corpus import DataWarning
+    from mhmoe.train.session import is_main_process
 
+    if not is_main_process():
+        return
     if issubclass(category, DataWarning):
         print(f"mhmoe: warning: {message}", file=sys.stderr, flush=True)
     else:
