@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+NEIGHBOUR_CAP_S = 3 * 3600  # a neighbour ends by itself at the latest after this (if this script is killed)
 SPIN_BURNER = "import sys, time\nend = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < end: pass\n"
 
 
@@ -206,7 +207,7 @@ def main() -> None:
         for name in ("idle", "busy"):
             print(f"{name} ...", file=sys.stderr, flush=True)
             load_before = os.getloadavg()
-            spinning = burners(neighbours, seconds=600) if name == "busy" else []
+            spinning = burners(neighbours, seconds=NEIGHBOUR_CAP_S) if name == "busy" else []
             try:
                 time.sleep(1.0 if spinning else 0.0)
                 steps = phase(workers, args.rounds)
