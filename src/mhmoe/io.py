@@ -164,13 +164,13 @@ def lock_run(folder: Path) -> Iterator[None]:
     leaves nothing else in the folder (a start that failed) leaves no lock file either, nor the folder if this
     call made it. Where `fcntl` is missing (Windows) nothing is locked.
     """
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    made = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     fd = _locked(path, fcntl)
     try:
