@@ -6,6 +6,12 @@ grouped_mm backend are multiples of 16 bytes (4 float32 / 8 bfloat16 values), wh
 
 from __future__ import annotations
 
+from mhmoe.train.threads import set_openmp_defaults
+
+# Before torch loads (below), as the command line does: idle OpenMP threads sleep instead of spinning. On a busy
+# machine spinning threads made a test 15x slower (tests/test_model.py's generation tests: 145 s, 9 s passive).
+set_openmp_defaults()
+
 import copy
 import gzip
 import os

@@ -7,6 +7,7 @@ import pytest
 from conftest import TOY_MODEL, pack_sample
 
 from mhmoe.cli import main
+from mhmoe.experiments.common import JobProgress, clock_time
 from mhmoe.experiments.english import base as english_base
 from mhmoe.experiments.english import models as english_variants
 from mhmoe.models.gpt import gpt_cost
@@ -99,7 +100,10 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
             assert set(r["seconds"]) == {"train", "analysis"} and r["seconds"]["train"]["cpu"] > 0
     assert (out / "val_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "heatmaps" / "mhmoe_flops.png").exists()
-    assert "mhmoe_flops" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mhmoe_flops" in printed
+    assert "== run 1 of 8 (0:00 elapsed, time left known after the first run): dense (seed 0)" in printed
+    assert "== run 8 of 8 (" in printed and " left): mhmoe_flops (seed 1)" in printed
     # --tables-only: the statistics and tables again from results.json, nothing trained
     (out / "results.md").write_text("stale")
     stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
@@ -107,6 +111,22 @@ def test_reproduce_english_toy(tmp_path, monkeypatch, capsys):
     assert (out / "results.md").read_text() == table  # the same statistics from the same per-seed values
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == stamp
     assert "nothing trained" in capsys.readouterr().out
+
+
+def test_job_progress_counts_runs_and_estimates_from_trained_ones(tmp_path):
+    dirs = [tmp_path / f"run{i}" for i in range(4)]
+    dirs[1].mkdir()
+    (dirs[1] / "record.json").write_text("{}")  # finished before: reused, not trained again
+    now = [100.0]
+    progress = JobProgress(dirs, clock=lambda: now[0])
+    assert progress.start(dirs[0]) == "run 1 of 4 (0:00 elapsed, time left known after the first run): "
+    now[0] += 30  # run 0 trained in 30 s; 3 runs to train were left, 2 now
+    assert progress.start(dirs[1]) == "run 2 of 4 (0:30 elapsed, about 1:00 left): "
+    now[0] += 1  # run 1 reused: no time, and no change to the estimate
+    assert progress.start(dirs[2]) == "run 3 of 4 (0:31 elapsed, about 1:00 left): "
+    now[0] += 3580  # run 2 took 3,580 s: the mean of 30 and 3,580 s for the last one
+    assert progress.start(dirs[3]) == "run 4 of 4 (1:00:11 elapsed, about 30:05 left): "
+    assert clock_time(59.6) == "1:00" and clock_time(7322) == "2:02:02"
 
 
 def test_tables_only_needs_a_finished_reproduction(tmp_path, capsys):

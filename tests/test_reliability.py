@@ -486,6 +486,52 @@ def test_a_second_process_is_refused_and_a_dead_holders_lock_is_taken_over(corpu
     assert_same_run(run, reference)
 
 
+def test_a_failed_start_leaves_no_lock_nor_new_folder(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    new, given = tmp_path / "new" / "run", tmp_path / "given"
+    given.mkdir()  # a folder the user made: kept, and left empty
+    for out in (new, given):
+        code, err = cli(capsys, ["train", "--preset", "cpu-tiny", "--data", str(empty), "--out", str(out)])
+        assert code == 2 and "no usable files" in err
+    assert not new.exists() and list(given.iterdir()) == []
+
+
+def test_the_lock_file_goes_only_with_nothing_beside_it(tmp_path):
+    import fcntl
+
+    from mhmoe.io import _locked, lock_run
+
+    run = tmp_path / "run"
+    with lock_run(run):
+        (run / "config.json").write_text("{}")
+    assert (run / ".lock").is_file()  # a run folder keeps its (released) lock file, as it always did
+    path = tmp_path / "other" / ".lock"
+    with lock_run(path.parent):
+        assert path.is_file()
+    assert not path.parent.exists()
+
+    class LeavesBetween:
+        """A holder that removes the file on leaving does so between our open and our flock (once)."""
+
+        LOCK_EX, LOCK_NB, calls = fcntl.LOCK_EX, fcntl.LOCK_NB, 0
+
+        def flock(self, fd, operation):
+            self.calls += 1
+            if self.calls == 1:
+                path.unlink()
+            fcntl.flock(fd, operation)
+
+    path.parent.mkdir()
+    path.write_text("")
+    fake = LeavesBetween()
+    fd = _locked(path, fake)
+    try:  # the second try locks the file that is there, not the removed one
+        assert fake.calls == 2 and os.path.samestat(os.fstat(fd), os.stat(path))
+    finally:
+        os.close(fd)
+
+
 # -------------------------------------------------------------------------------- the operating system's errors
 
 

@@ -559,7 +559,9 @@ def add_generate_parser(verbs: argparse._SubParsersAction) -> None:
     generate.add_argument("run_dir", help=RUN_DIR)
     generate.add_argument("--prompt", required=True, help="the text to continue")
     generate.add_argument(
-        "--max-new-tokens", type=int, help="tokens to add (default: as many as the context allows, at most 200)"
+        "--max-new-tokens",
+        type=int,
+        help="tokens to add (default 200); past the model's context each is predicted from the last model.seq_len",
     )
     generate.add_argument(
         "--temperature", type=float, default=0.8, help="0 = greedy; higher = more random (default 0.8)"
@@ -574,18 +576,10 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from mhmoe.analysis.runs import load_run
-    from mhmoe.errors import UserError
 
     run = load_run(Path(args.run_dir), data=False)
     ids = run.tokenizer.encode(args.prompt) or [run.tokenizer.eos_id]
-    context = run.cfg.model.seq_len
-    room = context + 1 - len(ids)
-    new = min(room, 200) if args.max_new_tokens is None else args.max_new_tokens
-    if new > room or new < 1:
-        raise UserError(
-            f"the prompt is {len(ids)} tokens and the model's context is {context} (model.seq_len): "
-            f"--max-new-tokens must be in 1..{max(room, 0)}; shorten the prompt or ask for fewer tokens"
-        )
+    new = 200 if args.max_new_tokens is None else args.max_new_tokens  # past the context, the window slides
     prompt = torch.tensor([ids], device=run.device)
     generator = torch.Generator(device=run.device).manual_seed(args.seed)
     out = run.model.generate(prompt, new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -652,9 +646,13 @@ def _show_warning(
     file: Any = None,
     line: str | None = None,
 ) -> None:
-    """mhmoe's data warnings as one line on stderr ("mhmoe: warning: ..."), the others as Python shows them."""
+    """mhmoe's data warnings as one line on stderr ("mhmoe: warning: ..."), the others as Python shows them. Under
+    torchrun only rank 0 shows them: every rank reads the same data and configuration and would repeat each one."""
     from mhmoe.data.corpus import DataWarning
+    from mhmoe.train.session import is_main_process
 
+    if not is_main_process():
+        return
     if issubclass(category, DataWarning):
         print(f"mhmoe: warning: {message}", file=sys.stderr, flush=True)
     else:
@@ -666,7 +664,9 @@ _default_showwarning = warnings.showwarning
 
 def main(argv: list[str] | None = None) -> int:
     from mhmoe.train.allocator import tune_cpu_allocator
+    from mhmoe.train.threads import set_openmp_defaults
 
+    set_openmp_defaults()  # idle OpenMP threads sleep (module doc); read once, as torch loads, so before it loads
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
     tune_cpu_allocator()  # keep freed activations for reuse on the CPU (module doc); MHMOE_TUNE_MALLOC=0 opts out

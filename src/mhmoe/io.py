@@ -168,31 +168,51 @@ def lock_run(folder: Path) -> Iterator[None]:
 
     The lock is an `flock` on the file, so the operating system releases it when the holder exits, however it
     exits (a kill included): a lock file left by a dead process is stale by construction and is simply taken
-    over. The file records the holder (pid, host, command, start time), which the error names. Where `fcntl` is
-    missing (Windows) nothing is locked.
+    over. The file records the holder (pid, host, command, start time), which the error names. A body that
+    leaves nothing else in the folder (a start that failed) leaves no lock file either, nor the folder if this
+    call made it. Where `fcntl` is missing (Windows) nothing is locked.
     """
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _locked(path, fcntl)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunInUse(
-                f"{folder} is in use by {_holder(path)}; wait for it to finish or pass another folder"
-            ) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": sys.argv,
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         yield
     finally:
+        if [p.name for p in folder.iterdir()] == [LOCK_FILE]:  # removed while still held (`_locked` checks)
+            path.unlink()
+            if made:
+                folder.rmdir()
         os.close(fd)  # releases the flock
+
+
+def _locked(path: Path, fcntl: Any) -> int:
+    """An open descriptor of `path`, flocked. A holder that removes the file on leaving (`lock_run`) may do so
+    between our open and our flock: then the lock is on a file no longer there, and we open the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUse(
+                f"{path.parent} is in use by {_holder(path)}; wait for it to finish or pass another folder"
+            ) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _holder(lock_file: Path) -> str:
@@ -299,6 +319,10 @@ def environment(device: Any = None, **extra: Any) -> dict:
         "processor": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
+        # how idle OpenMP threads wait (mhmoe.train.threads; the command line sets OMP_WAIT_POLICY=PASSIVE)
+        "openmp_wait": {
+            k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if k in os.environ
+        },
         "command": sys.argv,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mhmoe.train import allocator
+from mhmoe.train import allocator, threads
 
 
 def sync(device: torch.device) -> None:
@@ -121,6 +121,7 @@ def environment(device: torch.device) -> dict:
         threads=torch.get_num_threads(),
         date=time.strftime("%Y-%m-%d"),
         allocator=allocator.state or dict(tuned=False, reason="not tuned by this process"),
+        openmp_wait=threads.state or dict(set=False, reason="not set by this process", environment=threads.chosen()),
     )
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

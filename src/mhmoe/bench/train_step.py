@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from mhmoe.bench.layer import dense_equivalent
 from mhmoe.bench.timing import failure, max_rel_difference, time_calls, time_interleaved
-from mhmoe.experiments.english import models
+from mhmoe.experiments.english import base, models
 from mhmoe.layers.moe import MoELayer, SparseMoE
 from mhmoe.models.gpt import GPT, gpt_cost
 from mhmoe.ops.backend import DispatchName
@@ -72,6 +72,25 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, idx: Tensor,
     (out.loss + out.aux_loss).backward()
     optimizer.step()
     return out.loss
+
+
+def lm_step(
+    variant: str, quick: bool = True, seed: int = 0
+) -> tuple[Callable[[], Tensor], Callable[[], list[nn.Parameter]]]:
+    """One full training step (forward, backward, AdamW) of a model of `mhmoe reproduce english` on the CPU (`variant`
+    a name of its `models`, `quick` its `--quick` budget), on a fixed batch of random token ids: (the step, which
+    returns the loss; the model's parameters)."""
+    cfg = base(quick, gpu=False)
+    found = {v.name: v for v in models(cfg, "all")}
+    if variant not in found:
+        raise ValueError(f"unknown model {variant!r}; choose one of {sorted(found)}")
+    model_cfg = dataclasses.replace(cfg.model, ffn=found[variant].ffn)
+    torch.manual_seed(seed)
+    model = GPT(model_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, model_cfg.vocab_size, (cfg.train.batch_size, model_cfg.seq_len + 1), generator=generator)
+    return functools.partial(_train_step, model, optimizer, idx, nullcontext()), lambda: list(model.parameters())
 
 
 def _grads_error(a: nn.Module, b: nn.Module, idx: Tensor, autocast: Any) -> float:

@@ -246,6 +246,48 @@ class Record(Protocol):
     def to_dict(self) -> dict: ...
 
 
+class JobProgress:
+    """The overall line of a job of several runs: "run i of N", the time elapsed, and the time left, estimated as
+    the mean wall time of the runs trained so far times the runs still to train (a run already finished in the
+    output folder is reused in a moment, so it counts as neither)."""
+
+    def __init__(self, run_dirs: Sequence[Path], clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = len(run_dirs)
+        self.to_train = {d for d in run_dirs if not (d / RECORD).is_file()}
+        self.clock = clock
+        self.begun = clock()
+        self.index = 0
+        self.trained_seconds: list[float] = []
+        self._current: tuple[Path, float] | None = None
+
+    def start(self, run_dir: Path) -> str:
+        """Close the previous run and open `run_dir`'s; returns the progress text to print before it."""
+        self._close()
+        self.index += 1
+        self._current = (run_dir, self.clock())
+        elapsed = self._current[1] - self.begun
+        left = len(self.to_train)
+        if not left:
+            estimate = "nothing left to train"
+        elif self.trained_seconds:
+            estimate = f"about {clock_time(statistics.mean(self.trained_seconds) * left)} left"
+        else:
+            estimate = "time left known after the first run"
+        return f"run {self.index} of {self.total} ({clock_time(elapsed)} elapsed, {estimate}): "
+
+    def _close(self) -> None:
+        if self._current is not None and self._current[0] in self.to_train:
+            self.to_train.discard(self._current[0])
+            self.trained_seconds.append(self.clock() - self._current[1])
+
+
+def clock_time(seconds: float) -> str:
+    """Seconds as h:mm:ss or m:ss."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 RunSeed = Callable[[Variant, int, Any, Path], "dict | Record"]  # (variant, seed, config, run dir) -> its record
 Aggregate = Callable[[Variant, Any, list[dict]], dict]  # (variant, config, seed records) -> results.json entry
 Curves = dict[str, dict[str, tuple[Curve, list]]]  # {curve key: {model: (mean curve, min-max band)}}
@@ -271,9 +313,10 @@ def run_variants(
     runs: dict[str, list[dict]] = {variant.name: [] for variant in models}
     results: dict[str, dict] = {}
     curves: Curves = {}
+    progress = JobProgress([out / "runs" / f"{v.name}-seed{seed}" for seed in range(seeds) for v in models])
     for seed in range(seeds):
         for variant in models:
-            runs[variant.name].append(seed_record(base, variant, seed, out, run_seed, keep_checkpoints))
+            runs[variant.name].append(seed_record(base, variant, seed, out, run_seed, keep_checkpoints, progress))
         results, curves = aggregate_rounds(base, models, runs, aggregate)
         if on_round is not None:
             on_round(results, curves, seed + 1)
@@ -281,7 +324,13 @@ def run_variants(
 
 
 def seed_record(
-    base: Any, variant: Variant, seed: int, out: Path, run_seed: RunSeed, keep_checkpoints: bool = True
+    base: Any,
+    variant: Variant,
+    seed: int,
+    out: Path,
+    run_seed: RunSeed,
+    keep_checkpoints: bool = True,
+    progress: JobProgress | None = None,
 ) -> dict:
     """One run's record: read back from its record.json when it finished before, else trained and analysed
     (announced on stdout), written, and its checkpoints deleted unless `keep_checkpoints`. The record is always
@@ -289,11 +338,12 @@ def seed_record(
     run_dir = out / "runs" / f"{variant.name}-seed{seed}"
     path = run_dir / RECORD
     cfg = seed_config(base, variant, seed)
+    step = progress.start(run_dir) if progress else ""
     if path.is_file():
         check_same_budget(run_dir, cfg)
-        print(f"== {variant.name} (seed {seed}) finished before: {path} reused", flush=True)
+        print(f"== {step}{variant.name} (seed {seed}) finished before: {path} reused", flush=True)
         return json.loads(path.read_text())
-    print(f"== {variant.name} (seed {seed}) -> {run_dir}", flush=True)
+    print(f"== {step}{variant.name} (seed {seed}) -> {run_dir}", flush=True)
     record = run_seed(variant, seed, cfg, run_dir)
     write_json(path, record if isinstance(record, dict) else record.to_dict())
     if not keep_checkpoints:

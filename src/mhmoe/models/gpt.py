@@ -283,25 +283,33 @@ class GPT(nn.Module):
 
         temperature 0 is greedy; otherwise sample from softmax(logits / temperature), over the top_k best if
         given, and over the smallest set of most likely tokens whose probability reaches top_p (nucleus sampling,
-        Holtzman et al. 2019) if given. After a row emits eos_id it is padded with eos_id. use_cache=False recomputes the whole prefix
-        each step (same tokens, slower). Call `.eval()` first: dropout stays on in training mode.
+        Holtzman et al. 2019) if given. After a row emits eos_id it is padded with eos_id. use_cache=False
+        recomputes the whole prefix each step (same tokens, slower). Call `.eval()` first: dropout stays on in
+        training mode.
+
+        Past the context (seq_len tokens, prompt included) the window slides, as nanoGPT's sampler does: each next
+        token is computed from the last seq_len tokens alone, the window recomputed every step. Dropping the
+        oldest entries of the KV cache instead would not give that: from the second block on, the cached keys
+        and values of the tokens still in the window were computed while attending to the tokens that left it.
         """
-        if max_new_tokens < 0 or idx.shape[-1] + max_new_tokens - 1 > self.cfg.seq_len:
-            raise ValueError(
-                f"prompt length ({idx.shape[-1]}) + max_new_tokens ({max_new_tokens}) - 1 must be within "
-                f"seq_len ({self.cfg.seq_len}) and max_new_tokens >= 0"
-            )
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        window = self.cfg.seq_len
         cache = KVCache() if use_cache else None
         tokens, fed = idx, idx
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            logits = self(fed, cache=cache).logits[:, -1].float()  # (B, V)
+            if cache is not None and tokens.shape[1] <= window:  # the tokens so far fit: only the new ones are fed
+                logits = self(fed, cache=cache).logits[:, -1].float()  # (B, V)
+            else:  # the last `window` tokens, recomputed
+                cache = None
+                logits = self(tokens[:, -window:]).logits[:, -1].float()  # (B, V)
             next_id = pick_token(logits, temperature, top_k, generator, top_p)  # (B, 1)
             if eos_id is not None:
                 next_id = next_id.masked_fill(finished.unsqueeze(-1), eos_id)
                 finished = finished | (next_id.squeeze(-1) == eos_id)
             tokens = torch.cat([tokens, next_id], dim=1)
-            fed = next_id if use_cache else tokens
+            fed = next_id
             if eos_id is not None and bool(finished.all()):
                 break
         return tokens

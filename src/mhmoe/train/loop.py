@@ -209,8 +209,9 @@ def train(cfg: Any, run_dir: Path, make_task: Callable[[Session], Task], progres
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file, not a folder; pass a folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
     main = is_main_process()  # rank 0 of a torchrun job checks and cleans for all (torchrun ends the others)
+    if not main:  # rank 0's lock makes the folder, and removes it again if the start fails
+        run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with lock_run(run_dir) if main else nullcontext():
             if main:
