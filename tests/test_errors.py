@@ -72,7 +72,7 @@ def test_switch_router_is_top1():
 
 
 def test_unknown_activation():
-    choices = r"\('gelu', 'relu', 'silu', 'swiglu', 'geglu', 'reglu'\)"
+    choices = r"\('gelu', 'relu', 'silu', 'relu2', 'swiglu', 'geglu', 'reglu'\)"
     with pytest.raises(ValueError, match=rf"unknown activation 'tanh'; choose one of {choices}"):
         moe(activation="tanh")
     with pytest.raises(ValueError, match=r"unknown activation 'elu'"):
