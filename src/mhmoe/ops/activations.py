@@ -12,7 +12,7 @@ many F-wide outputs the first projection has. Every plain activation has its GLU
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,21 @@ from torch import Tensor
 Activation = Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 GLU_GATES: dict[str, str] = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}  # GLU form -> its gate's activation
+
+
+# The activation modules of torch and transformers with an exact counterpart here, by class name (a
+# tanh-approximated GELU, `nn.GELU(approximate="tanh")` or transformers' "gelu_new", has none).
+_MODULE_NAMES = {"SiLUActivation": "silu", "SiLU": "silu", "GELUActivation": "gelu", "ReLU": "relu"}
+
+
+def activation_of_module(module: object, glu: bool) -> Activation | None:
+    """The name here of a torch / transformers activation module (its GLU form with glu), or None when it has no
+    exact counterpart. Matched by class name, exactly: a subclass may compute something else."""
+    name = _MODULE_NAMES.get(type(module).__name__)
+    if name is None or getattr(module, "approximate", "none") != "none":
+        return None
+    glu_name = {gate: glu_form for glu_form, gate in GLU_GATES.items()}[name]
+    return cast(Activation, glu_name if glu else name)
 
 
 def check_activation(activation: str) -> None:
