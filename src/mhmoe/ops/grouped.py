@@ -62,8 +62,16 @@ def expert_matmul(x_Rk: Tensor, w_Ekn: Tensor, counts_E: Tensor, backend: Backen
     return torch.cat([rows @ w for rows, w in zip(torch.split(x_Rk, sizes), w_Ekn.unbind(0))])
 
 
-def expert_weight_grad(x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend: Backend) -> Tensor:
-    """Per expert e, x_eᵀ @ grad_e over its rows: the (E, k, n) gradient of `expert_matmul`'s weights."""
+def expert_weight_grad(
+    x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend: Backend, like: Tensor | None = None
+) -> Tensor:
+    """Per expert e, x_eᵀ @ grad_e over its rows: the (E, k, n) gradient of `expert_matmul`'s weights.
+
+    like: those weights. When they are a transposed view (stored (E, n, k), as transformers stores its experts),
+    the gradient is computed as (grad_eᵀ @ x_e)ᵀ, in their own memory layout, as torch's mm backward does: the
+    parameter's gradient then accumulates without a strided copy, and the GEMM writes rows of k."""
+    if like is not None and like.dim() == 3 and like.stride(-2) == 1 and like.stride(-1) != 1:
+        return expert_weight_grad(grad_Rn, x_Rk, counts_E, backend).transpose(-1, -2)
     if backend == "grouped_mm":
         return grouped_mm_weight_grad(x_Rk, grad_Rn.contiguous(), counts_E.cumsum(0).to(torch.int32))
     sizes = counts_E.tolist()
