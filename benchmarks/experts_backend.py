@@ -1,14 +1,14 @@
 """transformers' own experts implementations against `experts_implementation="mhmoe"` (`mhmoe.hf.experts`), in
 whole transformers models on the CPU: training (forward + backward of the loss) and `generate` tokens/s.
 
-    python benchmarks/experts_backend.py --out benchmarks/results/NAME.json [--repeats 7] [--shapes mixtral,...]
+    python benchmarks/experts_backend.py --out benchmarks/results/NAME.json [--repeats 8] [--shapes mixtral,...]
 
 Scaled-down one-layer models of each class (D = 256; coarse: a few wide experts, Mixtral-style; fine-grained:
 many narrow ones, OLMoE-, Qwen3-MoE- and DeepSeek-V3-style), float32, random weights. For each model, each
 implementation ("eager", the per-expert loop; "grouped_mm"; "batched_mm", which gathers every routed row's
 expert weights; "mhmoe") runs on a copy with the same weights. Before timing, each copy's logits, loss and every
 parameter gradient are compared with eager's (max relative error, which must be < 1e-4), and its greedy
-`generate` tokens must equal eager's. Then all are timed round-robin (`time_interleaved`):
+`generate` tokens must equal eager's. Then all are timed round-robin, the order rotated every round (`time_rotated`):
     train     forward + backward of the LM loss on B × L tokens
     generate  `generate(prompt, max_new_tokens=N, do_sample=False)` with the KV cache, B prompts
 and each round's time is divided by mhmoe's of the same round; the tables quote the medians of those ratios
@@ -86,6 +86,20 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> t
         return model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
 
+def time_rotated(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """`time_interleaved` with the order rotated every round: batched_mm's gigabytes of gathered weights, freed,
+    slow whichever implementation runs next (measured: 3-4× in a fixed order), so each takes that place in turn."""
+    names = list(fns)
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name, t in time_interleaved({n: fns[n] for n in order}, torch.device("cpu"), 1, warmup=0).items():
+            times[name].extend(t)
+    return times
+
+
 def median_ratios(times: dict[str, list[float]]) -> dict[str, float]:
     """Per implementation, the median over rounds of its time / mhmoe's time in the same round."""
     return {impl: statistics.median(t / m for t, m in zip(ts, times["mhmoe"])) for impl, ts in times.items()}
@@ -108,7 +122,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
         ("generate", {i: lambda m=m: generate(m, prompt, args.new_tokens) for i, m in impls.items()},
          args.gen_batch * args.new_tokens),
     ):  # fmt: skip
-        times = time_interleaved(fns, torch.device("cpu"), args.repeats, warmup=1)
+        times = time_rotated(fns, args.repeats)
         ratios = median_ratios(times)
         for impl in impls:
             rows.append(dict(what=what, impl=impl, tokens_per_s=count / statistics.median(times[impl]),
@@ -124,7 +138,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=8, help="rounds (a multiple of 4 rotates evenly)")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--batch", type=int, default=2, help="training sequences")

@@ -140,6 +140,21 @@ def test_mhmoe_experts_in_float32_use_grouped_mm_and_agree():
     assert_same_model_outputs(eager, ours, torch.randint(1, 97, (2, 9)), *[dict(rtol=1e-4, atol=1e-5)] * 2)
 
 
+def test_decoding_fewer_rows_than_experts_runs_only_the_experts_hit():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", torch.float32, cpu, (32, 24), rows_per_expert=0.5) == "slices"
+    assert resolve_backend("auto", torch.float32, cpu, (32, 24), rows_per_expert=2.0) == "grouped_mm"
+    eager = build("qwen3-moe", "eager", torch.float32)
+    ours = copy.deepcopy(eager)
+    ours.set_experts_implementation("mhmoe")
+    prompt = torch.randint(1, 97, (1, 3))  # decoding: 1 token × top-2 of 4 experts per step
+    with torch.no_grad():
+        assert torch.equal(ours.generate(prompt, max_new_tokens=6, do_sample=False),
+                           eager.generate(prompt, max_new_tokens=6, do_sample=False))  # fmt: skip
+        one = torch.randint(1, 97, (1, 1))
+        torch.testing.assert_close(ours(one).logits, eager(one).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_mhmoe_triton_runs_the_triton_kernels(triton_interpreter):
     eager = build("mixtral", "eager", torch.float32)
     ours = copy.deepcopy(eager)

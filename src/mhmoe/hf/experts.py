@@ -105,7 +105,8 @@ def mhmoe_experts_forward(
             f"experts_implementation='mhmoe'"
         )
     dims = (experts.w_in.shape[1], experts.w_out.shape[1])  # (D, F): grouped_mm's rows must be 16-byte multiples
-    backend = resolve_backend(dispatch, compute_dtype(hidden_states_TD), hidden_states_TD.device, dims)
+    rows_per_expert = top_k_index_TK.numel() / experts.w_in.shape[0]  # < 1 when decoding: see resolve_backend
+    backend = resolve_backend(dispatch, compute_dtype(hidden_states_TD), hidden_states_TD.device, dims, rows_per_expert)
     return dispatch_sorted(hidden_states_TD, experts, top_k_index_TK, top_k_weights_TK, backend)
 
 
