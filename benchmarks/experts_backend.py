@@ -1,14 +1,15 @@
 """transformers' own experts implementations against `experts_implementation="mhmoe"` (`mhmoe.hf.experts`), in
 whole transformers models on the CPU: training (forward + backward of the loss) and `generate` tokens/s.
 
-    python benchmarks/experts_backend.py --out benchmarks/results/NAME.json [--repeats 8] [--shapes mixtral,...]
+    python benchmarks/experts_backend.py --out benchmarks/results/NAME.json [--repeats 6] [--shapes mixtral,...]
 
 Scaled-down one-layer models of each class (D = 256; coarse: a few wide experts, Mixtral-style; fine-grained:
 many narrow ones, OLMoE-, Qwen3-MoE- and DeepSeek-V3-style), float32, random weights. For each model, each
 implementation ("eager", the per-expert loop; "grouped_mm"; "batched_mm", which gathers every routed row's
 expert weights; "mhmoe") runs on a copy with the same weights. Before timing, each copy's logits, loss and every
 parameter gradient are compared with eager's (max relative error, which must be < 1e-4), and its greedy
-`generate` tokens must equal eager's. Then all are timed round-robin, the order rotated every round (`time_rotated`):
+`generate` tokens must equal eager's. Then all are timed round-robin, the order rotated every round, each timed call after an untimed one of the same
+implementation (`time_rotated`):
     train     forward + backward of the LM loss on B × L tokens
     generate  `generate(prompt, max_new_tokens=N, do_sample=False)` with the KV cache, B prompts
 and each round's time is divided by mhmoe's of the same round; the tables quote the medians of those ratios
@@ -87,16 +88,16 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> t
 
 
 def time_rotated(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """`time_interleaved` with the order rotated every round: batched_mm's gigabytes of gathered weights, freed,
-    slow whichever implementation runs next (measured: 3-4× in a fixed order), so each takes that place in turn."""
+    """Round-robin timing (`time_interleaved`, one call each per round), the order rotated every round, and each
+    timed call preceded by an untimed call of the same function: batched_mm allocates and frees gigabytes (its
+    gathered weights), and whatever ran right after it was measured 3-6× slower, so no timed call follows
+    another implementation directly."""
     names = list(fns)
-    for fn in fns.values():  # warm-up
-        fn()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name, t in time_interleaved({n: fns[n] for n in order}, torch.device("cpu"), 1, warmup=0).items():
-            times[name].extend(t)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fns[name]()  # untimed: absorbs what the previous implementation left behind
+            times[name].extend(time_interleaved({name: fns[name]}, torch.device("cpu"), 1, warmup=0)[name])
     return times
 
 
@@ -138,7 +139,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--repeats", type=int, default=8, help="rounds (a multiple of 4 rotates evenly)")
+    parser.add_argument("--repeats", type=int, default=6, help="rounds")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     parser.add_argument("--batch", type=int, default=2, help="training sequences")
