@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import gzip
 import math
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 
-from conftest import pack_sample  # noqa: E402
+from conftest import english_documents  # noqa: E402
 
 from mhmoe.cli import main  # noqa: E402
 from mhmoe.errors import UserError  # noqa: E402
@@ -48,10 +47,8 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("harness")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MHMOE_CACHE", str(tmp / "cache"))
-        text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:20_000]
         (tmp / "corpus").mkdir()
-        for i in range(4):
-            (tmp / "corpus" / f"doc{i}.txt").write_text(text[i * 5_000 : (i + 1) * 5_000])
+        english_documents(tmp / "corpus", documents=4)
         cfg = preset("cpu-tiny")
         cfg.data.path = str(tmp / "corpus")
         apply_overrides(cfg, ["train.max_steps=2", "train.eval_batches=1", "train.final_eval_batches=1",
