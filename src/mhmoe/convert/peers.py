@@ -37,7 +37,7 @@ import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,16 +46,7 @@ from mhmoe.convert.wrap import MoEFFN, outermost, set_submodule
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.moe import SparseMoE
 from mhmoe.layers.routers import RouterConfig, SigmoidRouter
-from mhmoe.ops.activations import Activation
-
-PLAIN = {
-    "SiLUActivation": "silu",
-    "SiLU": "silu",
-    "GELUActivation": "gelu",
-    "ReLU": "relu",
-    "ReLUSquaredActivation": "relu2",
-}  # exact matches only
-GLU = {"silu": "swiglu", "gelu": "geglu", "relu": "reglu"}
+from mhmoe.ops.activations import Activation, activation_of_module
 
 
 @dataclass
@@ -75,13 +66,13 @@ class PeerBlock:
 
 
 def _activation(act: Any, glu: bool, where: str) -> Activation:
-    name = PLAIN.get(type(act).__name__)
-    if name is None or (isinstance(act, nn.GELU) and act.approximate != "none"):
+    name = activation_of_module(act, glu)
+    if name is None:
         raise ValueError(
-            f"{where}: activation {type(act).__name__} has no exact counterpart here (silu, gelu, relu"
-            f"{' and their GLU forms' if glu else ''}); it cannot be converted"
+            f"{where}: activation {type(act).__name__} has no exact counterpart here (silu, gelu, relu, relu2"
+            f"{' and the GLU forms of the first three' if glu else ''}); it cannot be converted"
         )
-    return cast(Activation, GLU[name] if glu else name)
+    return name
 
 
 def _coefficient(model_config: Any, name: str) -> float:

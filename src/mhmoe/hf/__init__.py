@@ -1,15 +1,19 @@
 """Hugging Face transformers integration (extra `hf`): `MHMoEConfig`, `MHMoEForCausalLM`, run conversion.
 
 Importing this package registers model_type "mhmoe" with `AutoConfig` and `AutoModelForCausalLM`, so
-`AutoModelForCausalLM.from_pretrained(path)` loads a saved model after `import mhmoe.hf`.
+`AutoModelForCausalLM.from_pretrained(path)` loads a saved model after `import mhmoe.hf`; it also registers
+"mhmoe" and "mhmoe_triton" in transformers' experts registry (`mhmoe.hf.experts`), so
+`from_pretrained(..., experts_implementation="mhmoe")` runs transformers' own MoE models' experts through mhmoe.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from mhmoe.hf import experts
 from mhmoe.hf.configuration_mhmoe import MHMoEConfig
 from mhmoe.hf.modeling_mhmoe import MHMoECausalLMOutput, MHMoEForCausalLM, MHMoEPreTrainedModel
 
 AutoConfig.register(MHMoEConfig.model_type, MHMoEConfig, exist_ok=True)
 AutoModelForCausalLM.register(MHMoEConfig, MHMoEForCausalLM, exist_ok=True)
+experts.register()
 
 __all__ = ["MHMoECausalLMOutput", "MHMoEConfig", "MHMoEForCausalLM", "MHMoEPreTrainedModel"]

@@ -13,7 +13,7 @@ many F-wide outputs the first projection has. The plain activations and their GL
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,29 @@ from torch import Tensor
 Activation = Literal["gelu", "relu", "silu", "relu2", "swiglu", "geglu", "reglu"]
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 GLU_GATES: dict[str, str] = {"swiglu": "silu", "geglu": "gelu", "reglu": "relu"}  # GLU form -> its gate's activation
+
+
+# The activation modules of torch and transformers with an exact counterpart here, by class name (a
+# tanh-approximated GELU, `nn.GELU(approximate="tanh")` or transformers' "gelu_new", has none).
+_MODULE_NAMES = {
+    "SiLUActivation": "silu",
+    "SiLU": "silu",
+    "GELUActivation": "gelu",
+    "ReLU": "relu",
+    "ReLUSquaredActivation": "relu2",
+}
+
+
+def activation_of_module(module: object, glu: bool) -> Activation | None:
+    """The name here of a torch / transformers activation module (its GLU form with glu), or None when it has no
+    exact counterpart. Matched by class name, exactly: a subclass may compute something else."""
+    name = _MODULE_NAMES.get(type(module).__name__)
+    if name is None or getattr(module, "approximate", "none") != "none":
+        return None
+    if not glu:
+        return cast(Activation, name)
+    glu_name = {gate: glu_form for glu_form, gate in GLU_GATES.items()}.get(name)  # relu2 has no GLU form
+    return None if glu_name is None else cast(Activation, glu_name)
 
 
 def check_activation(activation: str) -> None:

@@ -17,12 +17,22 @@ _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def resolve_backend(requested: str, dtype: torch.dtype, device: torch.device, dims: tuple[int, ...] = ()) -> Backend:
+def resolve_backend(
+    requested: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    dims: tuple[int, ...] = (),
+    rows_per_expert: float | None = None,
+) -> Backend:
     """The one place that picks the expert-GEMM backend.
 
     "auto": grouped_mm when torch has it and supports the case (CPU: fp32/bf16/fp16; CUDA: bf16/fp16
     on compute capability ≥ 8.0), else "slices". Asking for grouped_mm where it cannot run is an error.
     dims: the GEMM widths (d, F); grouped_mm needs every row stride to be a multiple of 16 bytes.
+    rows_per_expert: routed rows / experts of the call, if the caller knows it. On the CPU, "auto" picks "slices"
+    below 1: torch's CPU grouped_mm runs one GEMM per expert, rows or not, while "slices" runs only the experts
+    that have rows, so at fewer rows than experts (decoding a few tokens) it does less (benchmarks/README.md,
+    "transformers' experts implementations").
     "triton" (`mhmoe.ops.triton_experts`: the gather and the scatter fused into the GEMMs) must be
     asked for: it needs Triton and CUDA, or the CPU under TRITON_INTERPRET=1 (tests). "auto" does not
     pick it until it has been measured against grouped_mm on a GPU (benchmarks/README.md).
@@ -41,7 +51,8 @@ def resolve_backend(requested: str, dtype: torch.dtype, device: torch.device, di
     elif device.type != "cpu":
         supported = False
     if requested == "auto":
-        return "grouped_mm" if supported else "slices"
+        sparse = device.type == "cpu" and rows_per_expert is not None and rows_per_expert < 1
+        return "grouped_mm" if supported and not sparse else "slices"
     if requested == "grouped_mm" and not supported:
         raise ValueError(
             f"grouped_mm cannot run {dtype} on {device} with widths {dims} (rows must be multiples of 16 bytes) "

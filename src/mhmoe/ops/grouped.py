@@ -54,20 +54,37 @@ def _grouped_mm_backward(ctx, grad_Rn: Tensor) -> tuple[Tensor, Tensor, None]:
 grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
+def _expert_rows(counts_E: Tensor) -> list[tuple[int, int, int]]:
+    """(expert, first row, end row) of each expert that has rows, for the slices loops: only those experts run
+    (decoding routes fewer rows than there are experts). A host sync: the price of the fallback."""
+    sizes, ends = counts_E.tolist(), counts_E.cumsum(0).tolist()
+    return [(e, end - n, end) for e, (n, end) in enumerate(zip(sizes, ends)) if n]
+
+
 def expert_matmul(x_Rk: Tensor, w_Ekn: Tensor, counts_E: Tensor, backend: Backend) -> Tensor:
     """Rows sorted by expert (counts_E rows each) times their expert's matrix: (R, k) -> (R, n)."""
     if backend == "grouped_mm":
         return grouped_mm(x_Rk.contiguous(), w_Ekn, counts_E.cumsum(0).to(torch.int32))
-    sizes = counts_E.tolist()  # host sync: the price of the fallback
-    return torch.cat([rows @ w for rows, w in zip(torch.split(x_Rk, sizes), w_Ekn.unbind(0))])
+    parts = [x_Rk[start:end] @ w_Ekn[e] for e, start, end in _expert_rows(counts_E)]
+    return torch.cat(parts) if parts else x_Rk.new_zeros(0, w_Ekn.shape[-1])
 
 
-def expert_weight_grad(x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend: Backend) -> Tensor:
-    """Per expert e, x_eᵀ @ grad_e over its rows: the (E, k, n) gradient of `expert_matmul`'s weights."""
+def expert_weight_grad(
+    x_Rk: Tensor, grad_Rn: Tensor, counts_E: Tensor, backend: Backend, like: Tensor | None = None
+) -> Tensor:
+    """Per expert e, x_eᵀ @ grad_e over its rows: the (E, k, n) gradient of `expert_matmul`'s weights.
+
+    like: those weights. When they are a transposed view (stored (E, n, k), as transformers stores its experts),
+    the gradient is computed as (grad_eᵀ @ x_e)ᵀ, in their own memory layout, as torch's mm backward does: the
+    parameter's gradient then accumulates without a strided copy, and the GEMM writes rows of k."""
+    if like is not None and like.dim() == 3 and like.stride(-2) == 1 and like.stride(-1) != 1:
+        return expert_weight_grad(grad_Rn, x_Rk, counts_E, backend).transpose(-1, -2)
     if backend == "grouped_mm":
         return grouped_mm_weight_grad(x_Rk, grad_Rn.contiguous(), counts_E.cumsum(0).to(torch.int32))
-    sizes = counts_E.tolist()
-    return torch.stack([x.t() @ g for x, g in zip(torch.split(x_Rk, sizes), torch.split(grad_Rn, sizes))])
+    grad_Ekn = x_Rk.new_zeros(counts_E.shape[0], x_Rk.shape[1], grad_Rn.shape[1])
+    for e, start, end in _expert_rows(counts_E):
+        torch.mm(x_Rk[start:end].t(), grad_Rn[start:end], out=grad_Ekn[e])
+    return grad_Ekn
 
 
 def expert_bias_grad(grad_Rn: Tensor, counts_E: Tensor) -> Tensor:

@@ -144,9 +144,9 @@ class _SortedExpertFFN(torch.autograd.Function):
                 if biases is not None:  # y_r = a_r @ w_out + b_out: the bias's share of g_r's gradient
                     grad_gates_R = grad_gates_R + (grad_Rd * _biased(None, biases, 1).to(gates_R.dtype)).sum(-1)
                 grad_a_RF = grad_a_RF.mul_(gates_R.unsqueeze(-1))
-        grad_w_out = expert_weight_grad(a_RF, grad_y_Rd, counts_E, backend)
+        grad_w_out = expert_weight_grad(a_RF, grad_y_Rd, counts_E, backend, like=w_out)
         grad_h_RF = activate_backward(grad_a_RF, h_RF, ctx.activation)
-        grad_w_in = expert_weight_grad(x_Rd, grad_h_RF, counts_E, backend)
+        grad_w_in = expert_weight_grad(x_Rd, grad_h_RF, counts_E, backend, like=w_in)
         grad_x_Sd = None
         if ctx.needs_input_grad[0]:
             grad_x_Rd = expert_matmul(grad_h_RF, w_in.transpose(-1, -2), counts_E, backend)
