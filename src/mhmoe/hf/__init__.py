@@ -1,15 +1,30 @@
-"""Hugging Face transformers integration (extra `hf`): `MHMoEConfig`, `MHMoEForCausalLM`, run conversion.
+"""Hugging Face transformers integration (extra `hf`): `MHMoEConfig`, `MHMoEModel`, `MHMoEForCausalLM`, run
+conversion.
 
-Importing this package registers model_type "mhmoe" with `AutoConfig` and `AutoModelForCausalLM`, so
+Importing this package registers model_type "mhmoe" with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, so
 `AutoModelForCausalLM.from_pretrained(path)` loads a saved model after `import mhmoe.hf`.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from mhmoe.hf.configuration_mhmoe import MHMoEConfig
-from mhmoe.hf.modeling_mhmoe import MHMoECausalLMOutput, MHMoEForCausalLM, MHMoEPreTrainedModel
+from mhmoe.hf.modeling_mhmoe import (
+    MHMoECausalLMOutput,
+    MHMoEForCausalLM,
+    MHMoEModel,
+    MHMoEModelOutput,
+    MHMoEPreTrainedModel,
+)
 
 AutoConfig.register(MHMoEConfig.model_type, MHMoEConfig, exist_ok=True)
+AutoModel.register(MHMoEConfig, MHMoEModel, exist_ok=True)
 AutoModelForCausalLM.register(MHMoEConfig, MHMoEForCausalLM, exist_ok=True)
 
-__all__ = ["MHMoECausalLMOutput", "MHMoEConfig", "MHMoEForCausalLM", "MHMoEPreTrainedModel"]
+__all__ = [
+    "MHMoECausalLMOutput",
+    "MHMoEConfig",
+    "MHMoEForCausalLM",
+    "MHMoEModel",
+    "MHMoEModelOutput",
+    "MHMoEPreTrainedModel",
+]

@@ -2,7 +2,8 @@
 
 Export (`export_run`, `mhmoe export-hf RUN_DIR OUT_DIR`): the run's latest checkpoint (sha256-verified) becomes
     config.json             MHMoEConfig; `mhmoe_run` records the run config, step and data position
-    model.safetensors       the GPT's weights under `model.` (tied embeddings stored once)
+    model.safetensors       the weights: the decoder under `model.`, the output layer as `lm_head.weight`
+                            (tied embeddings stored once)
     generation_config.json  eos / pad = the tokenizer's end-of-text id
     configuration_mhmoe.py, modeling_mhmoe.py, mhmoe_*.py   remote code (`mhmoe.hf.standalone`), named in
                             config.json's auto_map: `AutoModelForCausalLM.from_pretrained(OUT_DIR,
@@ -115,7 +116,7 @@ def import_run(hf_dir: Path, run_dir: Path) -> Path:
     from mhmoe.train.loop import make_optimizer
 
     hf = load_pretrained(MHMoEForCausalLM, hf_dir)
-    model: GPT = hf.model
+    model = hf.to_gpt()
     record = hf.config.mhmoe_run or {}
     cfg = RunConfig.from_dict(record["run_config"]) if "run_config" in record else RunConfig(model=model.cfg)
     cfg.model = model.cfg
