@@ -12,6 +12,7 @@ after each grouped GEMM: one (R, F) and one (R, d) gather per call.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +72,13 @@ class Experts(nn.Module):
     @property
     def bias(self) -> bool:
         return self.b_in is not None
+
+    def forward(self, compute: Callable[[Experts], Tensor]) -> Tensor:
+        """compute(self): the owning layer's dispatch of its routed rows through these experts. The layer calls the
+        module rather than reading its weights from outside so that module wrappers act on the call: PEFT's LoRA on
+        the stacked weights (`LoraConfig(target_parameters=["experts.w_in", "experts.w_out"])`) adds its low-rank
+        update to w_in / w_out for the duration of the call."""
+        return compute(self)
 
     def reset_parameters(self) -> None:
         for w, fan_in in ((self.w_in, self.d_model), (self.w_out, self.hidden)):

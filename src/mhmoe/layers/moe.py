@@ -221,7 +221,7 @@ class SparseMoE(MoELayer):
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
         c = self.config
-        check_input(x, self.d_model, "SparseMoE", self.experts.w_in)
+        check_input(x, self.d_model, "SparseMoE", next(self.experts.parameters()))  # w_in (a wrapper: its own)
         valid_S = check_token_mask(token_mask, x)
         if c.route_padding:  # the authors' code: padding is routed like any item
             valid_S = None
@@ -233,16 +233,7 @@ class SparseMoE(MoELayer):
         gates_SK = r.gates if valid_S is None else torch.where(valid_S.unsqueeze(-1), r.gates, 0)
         gates_SK, dropped_fraction = self._apply_capacity(r.top_experts, gates_SK, valid_S, group_size)
 
-        if c.dispatch == "reference":
-            if self.expert_runner is not None:
-                raise ValueError("dispatch='reference' runs every expert here; it cannot use an expert_runner")
-            y_Sd = dispatch_reference(x_Sd, self.experts, r.top_experts, gates_SK)
-        else:
-            dims = (self.d_model, c.expert_hidden)
-            backend = resolve_backend(c.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
-            y_Sd = dispatch_sorted(
-                x_Sd, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, c.recompute
-            )
+        y_Sd = self.experts(lambda experts: self._dispatch(x_Sd, experts, r.top_experts, gates_SK))
         if self.shared_experts is not None:
             shared_Sd = self.shared_experts(x_Sd)
             if self.shared_expert_gate is not None:
@@ -262,6 +253,17 @@ class SparseMoE(MoELayer):
             top_experts=r.top_experts,
         )
         return MoEOutput(y_Sd.view(x.shape), aux_loss, stats)
+
+    def _dispatch(self, x_Sd: Tensor, experts: Experts, top_experts_SK: Tensor, gates_SK: Tensor) -> Tensor:
+        """y_Sd = Σ_k gates_SK · expert_{top_experts_SK}(x_Sd), by the configured dispatch."""
+        c = self.config
+        if c.dispatch == "reference":
+            if self.expert_runner is not None:
+                raise ValueError("dispatch='reference' runs every expert here; it cannot use an expert_runner")
+            return dispatch_reference(x_Sd, experts, top_experts_SK, gates_SK)
+        dims = (self.d_model, c.expert_hidden)
+        backend = resolve_backend(c.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
+        return dispatch_sorted(x_Sd, experts, top_experts_SK, gates_SK, backend, self.expert_runner, c.recompute)
 
     def capacity(self, num_items: int) -> int | None:
         """Assignments each expert may keep among `num_items` items (a call's, or a sequence's), or None
