@@ -36,6 +36,15 @@ def test_an_earlier_export_loads_with_identical_outputs():
     assert torch.equal(generated, EXPECTED["generated"])
 
 
+def test_an_earlier_export_saves_again_in_todays_layout(tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(FIXTURE / "hf").eval()
+    model.save_pretrained(tmp_path)
+    assert "lm_head.weight" in load_file(tmp_path / "model.safetensors")  # was model.lm_head.weight
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(EXPECTED["input_ids"]).logits, EXPECTED["logits"])
+
+
 OWN_CODE = """
 import json, sys
 sys.modules["mhmoe"] = None  # as where mhmoe is not installed

@@ -105,11 +105,16 @@ class MHMoEPreTrainedModel(PreTrainedModel):
         if kwargs.get("use_safetensors") is False:
             raise ValueError(f"{cls.__name__} loads safetensors weights only; use_safetensors=False is not supported")
         kwargs["use_safetensors"] = True
+        legacy = False
         if args and isinstance(args[0], (str, os.PathLike)) and Path(args[0]).is_dir():
             check_model_folder(Path(args[0]))
-            if "key_mapping" not in kwargs and LEGACY_LM_HEAD in _safetensors_keys(Path(args[0])):
-                kwargs["key_mapping"] = {r"^model\.lm_head\.": "lm_head."}
-        return super().from_pretrained(*args, **kwargs)
+            legacy = "key_mapping" not in kwargs and LEGACY_LM_HEAD in _safetensors_keys(Path(args[0]))
+        if legacy:
+            kwargs["key_mapping"] = {r"^model\.lm_head\.": "lm_head."}
+        model = super().from_pretrained(*args, **kwargs)
+        if legacy:  # transformers 5 would save with the loading renames reversed: save in today's layout instead
+            model._weight_conversions = None
+        return model
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' save_pretrained, safetensors only."""
@@ -189,6 +194,8 @@ class MHMoEModel(MHMoEPreTrainedModel):
                 f"MHMoEModel takes at most {cfg.seq_len} positions (max_position_embeddings) including {P} cached, "
                 f"got {L} new tokens"
             )
+        if attention_mask is not None and attention_mask.dim() == 2 and bool(attention_mask.all()):
+            attention_mask = None  # no padding: SDPA's own causal path, and nothing to mask in the MoE layers
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         token_mask = padding_mask[:, P:].bool() if padding_mask is not None else None
         cos, sin, position_ids = rotary_inputs(self.rope_cos, self.rope_sin, P, L, padding_mask, position_ids)
