@@ -113,7 +113,7 @@ class MHMoEPreTrainedModel(PreTrainedModel):
             kwargs["key_mapping"] = {r"^model\.lm_head\.": "lm_head."}
         model = super().from_pretrained(*args, **kwargs)
         if legacy:  # transformers 5 would save with the loading renames reversed: save in today's layout instead
-            model._weight_conversions = None
+            model._weight_conversions = None  # type: ignore[assignment]  # a plain attribute transformers sets
         return model
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
