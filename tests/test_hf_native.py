@@ -168,7 +168,7 @@ def test_output_attentions_with_eager():
     assert (weights[1, :, 3:, :3] == 0).all()  # padding is not attended to
 
 
-def test_router_logits_and_router_aux_loss_coef():
+def test_router_logits_and_router_aux_loss_coef(tmp_path):
     hf = model(output_router_logits=True)
     idx = torch.randint(0, V, (2, 8))
     out = hf(idx, labels=idx)
@@ -187,6 +187,9 @@ def test_router_logits_and_router_aux_loss_coef():
     assert stronger.config.ffn["moe"]["balance_loss_coef"] == 0.5
     torch.testing.assert_close(out.aux_loss, 0.5 * sum(s.balance_loss for s in out.router_stats))
     torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+    stronger.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, router_aux_loss_coef=0.25)  # as transformers users set it
+    assert all(layer.routed.config.balance_loss_coef == 0.25 for layer in loaded.model.moe_layers())
     with pytest.raises(ValueError, match="router_aux_loss_coef=0.1 cannot take effect: this model has no MoE layers"):
         config("dense", router_aux_loss_coef=0.1)
 
