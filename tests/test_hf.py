@@ -41,10 +41,10 @@ def test_save_pretrained_round_trip_gives_identical_logits(tmp_path, kind, tie):
     assert (tmp_path / "model.safetensors").is_file()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(loaded) is MHMoEForCausalLM and isinstance(loaded.config, MHMoEConfig)
-    assert (loaded.model.lm_head.weight is loaded.model.embed.weight) == tie
+    assert (loaded.lm_head.weight is loaded.model.embed.weight) == tie
     idx = torch.randint(0, 61, (2, 12))
     assert torch.equal(model(idx).logits, loaded.eval()(idx).logits)
-    assert loaded.model.cfg == model.model.cfg
+    assert loaded.config.to_gpt_config() == model.config.to_gpt_config() == loaded.to_gpt().cfg
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -89,8 +89,8 @@ def test_greedy_generate_with_and_without_cache_gives_the_same_tokens(kind):
     assert lengths == list(range(5, 17))
     hook.remove()
     assert cached.shape == (2, 17) and torch.equal(cached, recomputed)
-    assert torch.equal(cached, hf.model.generate(prompt, 12))  # plain PyTorch generate, cached
-    assert torch.equal(cached, hf.model.generate(prompt, 12, use_cache=False))
+    assert torch.equal(cached, hf.to_gpt().generate(prompt, 12))  # plain PyTorch generate, cached
+    assert torch.equal(cached, hf.to_gpt().generate(prompt, 12, use_cache=False))
 
 
 def test_batched_generate_with_left_padding_equals_one_by_one():

@@ -4,6 +4,9 @@ It holds `GPTConfig`'s fields under their own names (`d_model`, `n_layers`, …;
 `ffn` dict of `FFNConfig`, mhmoe 0.1's flat form included), and answers the standard names transformers utilities read (`hidden_size`,
 `num_hidden_layers`, `num_attention_heads`, `max_position_embeddings`) through `attribute_map`.
 Weight tying is `tie_word_embeddings`, the standard key, which `GPTConfig.tie_embeddings` maps to.
+The MoE names transformers' Mixtral and Qwen-MoE configurations use: `output_router_logits` (return each MoE layer's
+router logits) and `router_aux_loss_coef`, the balance-loss coefficient of every MoE layer (it reads and writes
+`ffn["moe"]["balance_loss_coef"]`: one value, stored once).
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from mhmoe.models.gpt import GPTConfig
 
 class MHMoEConfig(PretrainedConfig):
     """Args: the fields of `GPTConfig` (vocab_size, seq_len, d_model, n_layers, n_heads, dropout, rope_base,
-    ffn: a dict of `FFNConfig` fields), tie_word_embeddings, use_cache (default of `forward`), and
-    PretrainedConfig's (eos_token_id, …).
+    ffn: a dict of `FFNConfig` fields), tie_word_embeddings, use_cache and output_router_logits (defaults of
+    `forward`), router_aux_loss_coef (None: the ffn's balance_loss_coef), and PretrainedConfig's (eos_token_id, …).
     `mhmoe_run` (optional) records the mhmoe train run this model was exported from (`mhmoe.hf.runs`)."""
 
     model_type = "mhmoe"
@@ -43,6 +46,8 @@ class MHMoEConfig(PretrainedConfig):
         ffn: dict | None = None,
         tie_word_embeddings: bool = True,
         use_cache: bool = True,
+        output_router_logits: bool = False,
+        router_aux_loss_coef: float | None = None,
         mhmoe_run: dict | None = None,
         **kwargs: Any,
     ):
@@ -54,9 +59,24 @@ class MHMoEConfig(PretrainedConfig):
         if unknown:
             raise ValueError(f"unknown ffn key(s) {unknown}; FFNConfig has {sorted(known)}")
         self.ffn = FFNConfig.from_dict(ffn).to_dict()
-        self.use_cache, self.mhmoe_run = use_cache, mhmoe_run
+        self.use_cache, self.output_router_logits, self.mhmoe_run = use_cache, output_router_logits, mhmoe_run
         super().__init__(**kwargs)
         self.tie_word_embeddings = tie_word_embeddings  # a constructor argument in transformers 4, a field in 5
+        if router_aux_loss_coef is not None:
+            self.router_aux_loss_coef = router_aux_loss_coef
+
+    @property
+    def router_aux_loss_coef(self) -> float | None:
+        """transformers' name for the MoE layers' balance-loss coefficient (None for a dense model)."""
+        return None if self.ffn["kind"] == "dense" else float(self.ffn["moe"]["balance_loss_coef"])
+
+    @router_aux_loss_coef.setter
+    def router_aux_loss_coef(self, value: float) -> None:
+        if self.ffn["kind"] == "dense":
+            raise ValueError(f"router_aux_loss_coef={value} cannot take effect: this model has no MoE layers")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"router_aux_loss_coef must be a number >= 0, got {value!r}")
+        self.ffn = {**self.ffn, "moe": {**self.ffn["moe"], "balance_loss_coef": float(value)}}
 
     def to_gpt_config(self) -> GPTConfig:
         return GPTConfig(

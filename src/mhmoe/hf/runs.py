@@ -2,7 +2,8 @@
 
 Export (`export_run`, `mhmoe export-hf RUN_DIR OUT_DIR`): the run's latest checkpoint (sha256-verified) becomes
     config.json             MHMoEConfig; `mhmoe_run` records the run config, step and data position
-    model.safetensors       the GPT's weights under `model.` (tied embeddings stored once)
+    model.safetensors       the weights: the decoder under `model.`, the output layer as `lm_head.weight`
+                            (tied embeddings stored once)
     generation_config.json  eos / pad = the tokenizer's end-of-text id
     configuration_mhmoe.py, modeling_mhmoe.py, mhmoe_*.py   remote code (`mhmoe.hf.standalone`), named in
                             config.json's auto_map: `AutoModelForCausalLM.from_pretrained(OUT_DIR,
@@ -160,7 +161,7 @@ def import_run(hf_dir: Path, run_dir: Path) -> Path:
     if not verified:
         notice(f"{hf_dir} has no {MANIFEST} (it was not written by `mhmoe export-hf`): its files were checked for "
                "weights that fit its config, not against the sha256 of an export")  # fmt: skip
-    model: GPT = hf.model
+    model = hf.to_gpt()
     record = hf.config.mhmoe_run or {}
     cfg = RunConfig.from_dict(record["run_config"]) if "run_config" in record else RunConfig(model=model.cfg)
     cfg.model = model.cfg

@@ -6,7 +6,7 @@ the mhmoe modules they need (the GPT, the layers, the ops), found by following t
 unchanged except for those imports: `from mhmoe.layers.moe import X` becomes `from .mhmoe_layers_moe import X`.
 It is the same code, not a second implementation. The one module left out is the Triton kernel module (it needs
 Triton, and `dispatch="auto"` never picks it): a stub in its place says it cannot run. config.json's
-`auto_map` names the two classes (`AUTO_MAP`), as transformers expects of remote code.
+`auto_map` names the classes (`AUTO_MAP`), as transformers expects of remote code.
 
 transformers copies a remote module's relative imports (`from .name import ...`, the only form it follows) into its
 module cache, so every vendored import is written in that form.
@@ -20,10 +20,14 @@ from pathlib import Path
 
 ENTRY = {"mhmoe.hf.configuration_mhmoe": "configuration_mhmoe", "mhmoe.hf.modeling_mhmoe": "modeling_mhmoe"}
 STUBBED = "mhmoe.ops.triton_experts"
-# Both classes through the modeling module (which imports the config class): transformers 5 loads each auto_map
+# All classes through the modeling module (which imports the config class): transformers 5 loads each auto_map
 # entry into a module folder named by a hash of the entry file and its relative imports, so two entry files would
 # give two copies of the layers, and the model's `isinstance` checks would fail between them.
-AUTO_MAP = {"AutoConfig": "modeling_mhmoe.MHMoEConfig", "AutoModelForCausalLM": "modeling_mhmoe.MHMoEForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "modeling_mhmoe.MHMoEConfig",
+    "AutoModel": "modeling_mhmoe.MHMoEModel",
+    "AutoModelForCausalLM": "modeling_mhmoe.MHMoEForCausalLM",
+}
 _TRITON_STUB = '''"""Stand-in for mhmoe.ops.triton_experts in an exported model folder: the Triton kernels are not shipped with
 the model (dispatch="auto" never uses them); install mhmoe[triton] and load the folder with mhmoe for them."""
 

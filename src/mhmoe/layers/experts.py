@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,6 +82,13 @@ class Experts(nn.Module):
     @property
     def bias(self) -> bool:
         return self.b_in is not None
+
+    def forward(self, compute: Callable[[Experts], Tensor]) -> Tensor:
+        """compute(self): the owning layer's dispatch of its routed rows through these experts. The layer calls the
+        module rather than reading its weights from outside so that module wrappers act on the call: PEFT's LoRA on
+        the stacked weights (`LoraConfig(target_parameters=["experts.w_in", "experts.w_out"])`) adds its low-rank
+        update to w_in / w_out for the duration of the call."""
+        return compute(self)
 
     def reset_parameters(self) -> None:
         for w, fan_in in ((self.w_in, self.d_model), (self.w_out, self.hidden)):

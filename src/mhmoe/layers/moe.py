@@ -238,7 +238,7 @@ class SparseMoE(MoELayer):
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
         c = self.config
-        check_input(x, self.d_model, "SparseMoE", self.experts.w_in)
+        check_input(x, self.d_model, "SparseMoE", next(self.experts.parameters()))  # w_in (a wrapper: its own)
         valid_S = check_token_mask(token_mask, x)
         if c.route_padding:  # the authors' code: padding is routed like any item
             valid_S = None
@@ -251,16 +251,7 @@ class SparseMoE(MoELayer):
         gates_SK, dropped_fraction = self._apply_capacity(r.top_experts, gates_SK, valid_S, group_size)
 
         h_SL = x_Sd if self.latent_down is None else self.latent_down(x_Sd)  # LatentMoE: down to L
-        if c.dispatch == "reference":
-            if self.expert_runner is not None:
-                raise ValueError("dispatch='reference' runs every expert here; it cannot use an expert_runner")
-            y_SL = dispatch_reference(h_SL, self.experts, r.top_experts, gates_SK)
-        else:
-            dims = (self.expert_dim, c.expert_hidden)
-            backend = resolve_backend(c.dispatch, compute_dtype(h_SL), h_SL.device, dims)
-            y_SL = dispatch_sorted(
-                h_SL, self.experts, r.top_experts, gates_SK, backend, self.expert_runner, c.recompute
-            )
+        y_SL = self.experts(lambda experts: self._dispatch(h_SL, experts, r.top_experts, gates_SK))
         y_Sd = y_SL if self.latent_up is None else self.latent_up(y_SL)  # and back up to D
         if self.shared_experts is not None:
             shared_Sd = self.shared_experts(x_Sd)
@@ -292,6 +283,17 @@ class SparseMoE(MoELayer):
         probs, local = _pool_major(r.balance_probs, P), _pool_major(choices % (self.num_experts // P), P)
         valid = None if valid_S is None else _pool_major(valid_S, P)
         return balance_loss(probs, local, valid, self.loss_reduce, group_size)
+
+    def _dispatch(self, x_Sd: Tensor, experts: Experts, top_experts_SK: Tensor, gates_SK: Tensor) -> Tensor:
+        """y_Sd = Σ_k gates_SK · expert_{top_experts_SK}(x_Sd), by the configured dispatch (x at the experts' width)."""
+        c = self.config
+        if c.dispatch == "reference":
+            if self.expert_runner is not None:
+                raise ValueError("dispatch='reference' runs every expert here; it cannot use an expert_runner")
+            return dispatch_reference(x_Sd, experts, top_experts_SK, gates_SK)
+        dims = (self.expert_dim, c.expert_hidden)
+        backend = resolve_backend(c.dispatch, compute_dtype(x_Sd), x_Sd.device, dims)
+        return dispatch_sorted(x_Sd, experts, top_experts_SK, gates_SK, backend, self.expert_runner, c.recompute)
 
     def capacity(self, num_items: int) -> int | None:
         """Assignments each expert may keep among `num_items` items (a call's, or a sequence's), or None

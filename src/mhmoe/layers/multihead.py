@@ -139,7 +139,7 @@ class MHMoE(MoELayer):
         return self.config.merge_layers
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
-        check_input(x, self.d_model, "MHMoE", self.moe.experts.w_in)
+        check_input(x, self.d_model, "MHMoE", next(self.moe.experts.parameters()))
         valid_T = check_token_mask(token_mask, x)
         x_TD = x.reshape(-1, self.d_model) if valid_T is None else mask_padding(x.reshape(-1, self.d_model), valid_T)
         h_TL = self.multi_head_layer(x_TD)  # 1. multi-head layer

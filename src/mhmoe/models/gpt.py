@@ -17,8 +17,9 @@ as the MoE layers are dropless (a capacity makes routing depend on the other tok
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,7 @@ def rotary_tables(seq_len: int, head_size: int, base: float) -> tuple[Tensor, Te
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: (B, nh, L, hs); cos, sin: (L, hs/2) or per-sequence (B, 1, L, hs/2).
     Rotate pairs (x1, x2) of the two halves by position-dependent angles."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # float32 or wider
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return rotated.type_as(x)
 
@@ -113,14 +114,85 @@ class KVCache:
         return self.keys[layer_idx].shape[-2] if layer_idx < len(self.keys) else 0
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with optional rotary positions; causal (decoder) or bidirectional (encoder)."""
+AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]
+"""What `Attention` calls to mix values, with the signature of transformers' attention interface (so any of its
+functions plugs in: `mhmoe.hf` passes `ALL_ATTENTION_FUNCTIONS[attn_implementation]`):
+fn(module, query, key, value, attention_mask, *, dropout, scaling, **kwargs) -> (output (B, L, nh, hs),
+weights (B, nh, L, S) or None); query (B, nh, L, hs), key and value (B, nh, S, hs); the module's `is_causal`,
+`layer_idx`, `num_key_value_groups` and `scaling` are the attributes such functions read."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = True):
+
+def sdpa_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """PyTorch's scaled-dot-product attention. attention_mask: bool (True = attend) or additive float, broadcastable
+    to (B, nh, L, S); None with a causal module means SDPA's own causal mask (queries and keys at the same
+    positions). The default `AttentionFunction` of `GPT`."""
+    is_causal = bool(getattr(module, "is_causal", False)) and attention_mask is None and query.shape[-2] > 1
+    y = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling
+    )
+    return y.transpose(1, 2), None  # (B, L, nh, hs)
+
+
+def eager_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor]:
+    """softmax(q·kᵀ·scaling + mask)·v written out, returning the attention weights (B, nh, L, S) too; the masks
+    of `sdpa_attention`. transformers' "eager" implementation for `mhmoe.hf` (output_attentions)."""
+    L, S = query.shape[-2], key.shape[-2]
+    scores = (query @ key.transpose(-2, -1)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if attention_mask is None and getattr(module, "is_causal", False) and L > 1:
+        attention_mask = torch.arange(S, device=query.device) <= torch.arange(S - L, S, device=query.device)[:, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2), weights
+
+
+def causal_mask(L: int, P: int, key_mask: Tensor | None, device: torch.device) -> Tensor | None:
+    """The bool mask (True = attend) of L new queries at positions P .. P+L-1 over S = P + L keys, combined with
+    key_mask (B, 1, 1, S) (False = padding): (1 or B, 1, L, S); None when SDPA's own causal mask is exact (no
+    padding, no cached keys). The diagonal stays open so that a padding query (all of whose keys are hidden) gets
+    a finite output."""
+    if key_mask is None and P == 0:
+        return None
+    query_L1 = torch.arange(P, P + L, device=device).unsqueeze(-1)
+    key_S = torch.arange(P + L, device=device)
+    mask_LS = key_S <= query_L1
+    return mask_LS if key_mask is None else (mask_LS & key_mask) | (key_S == query_L1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional rotary positions; causal (decoder) or bidirectional (encoder).
+    The mixing of values is an `AttentionFunction` (default `sdpa_attention`), given per call."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = True, layer_idx: int = 0):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise ValueError(f"d_model ({d_model}) / n_heads ({n_heads}) must be an even integer for RoPE")
-        self.n_heads, self.dropout, self.causal = n_heads, dropout, causal
+        self.n_heads, self.dropout, self.is_causal = n_heads, dropout, causal
+        self.head_dim = d_model // n_heads
+        self.scaling = 1.0 / math.sqrt(self.head_dim)  # SDPA's own default, to the bit
+        self.layer_idx = layer_idx  # this block's entry in a KV cache
+        self.num_key_value_groups = 1  # no grouped-query attention (read by transformers' attention functions)
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
@@ -131,41 +203,35 @@ class Attention(nn.Module):
         sin: Tensor | None = None,
         attn_mask: Tensor | None = None,
         cache: Cache | None = None,
-        layer_idx: int = 0,
+        attention_fn: AttentionFunction | None = None,
+        **attn_kwargs: Any,
     ) -> Tensor:
         """x: (B, L, D); cos, sin: rotary tables ((>= L, hs/2): rows 0.. are the new tokens' positions; or
-        (B, 1, L, hs/2) per sequence) or None for no rotary; attn_mask: bool SDPA mask over keys (True = attend,
-        broadcastable to (B, nh, L, S)), e.g. to hide padding; causal attention combines it with the causal mask.
-        cache: keys/values of earlier positions (decoder only), updated in place at block `layer_idx`."""
+        (B, 1, L, hs/2) per sequence) or None for no rotary; attn_mask: the mask `attention_fn` takes (for
+        `sdpa_attention`: bool, True = attend, broadcastable to (B, nh, L, S); `causal_mask` makes it), None =
+        causal without padding (or all keys, for an encoder). cache: keys/values of earlier positions (decoder
+        only), updated in place at block `layer_idx`. attn_kwargs go to attention_fn."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, nh, L, hs)
+        q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, nh, L, hs)
         if cos is not None and sin is not None:
             if cos.dim() == 2:
                 cos, sin = cos[:L], sin[:L]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            if not self.causal:
+            if not self.is_causal:
                 raise ValueError("a KV cache is only supported for causal attention")
-            k, v = cache.update(k, v, layer_idx)  # (B, nh, S, hs)
-        S = k.shape[-2]
-        is_causal = self.causal and attn_mask is None and S == L  # no cache, or prefill: SDPA's own causal mask
-        if self.causal and not is_causal:  # the L new queries sit at positions S-L .. S-1
-            query_L1 = torch.arange(S - L, S, device=x.device).unsqueeze(-1)
-            key_S = torch.arange(S, device=x.device)
-            mask_LS = key_S <= query_L1
-            # The diagonal stays open so a padding query (all of whose keys are hidden) gets a finite output.
-            attn_mask = mask_LS if attn_mask is None else (mask_LS & attn_mask) | (key_S == query_L1)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, S, hs)
+        mix = attention_fn or sdpa_attention
+        dropout = self.dropout if self.training else 0.0
+        y, _ = mix(self, q, k, v, attn_mask, dropout=dropout, scaling=self.scaling, **attn_kwargs)  # (B, L, nh, hs)
+        return self.proj(y.reshape(B, L, D))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig, ffn: LayerSpec):
+    def __init__(self, cfg: GPTConfig, ffn: LayerSpec, layer_idx: int = 0):
         super().__init__()
         self.norm_attn, self.norm_ffn = nn.RMSNorm(cfg.d_model), nn.RMSNorm(cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.dropout, layer_idx=layer_idx)
         self.ffn = ffn.build()
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -176,16 +242,31 @@ class Block(nn.Module):
         sin: Tensor,
         attn_mask: Tensor | None = None,
         cache: Cache | None = None,
-        layer_idx: int = 0,
         token_mask: Tensor | None = None,
+        attention_fn: AttentionFunction | None = None,
+        **attn_kwargs: Any,
     ) -> tuple[Tensor, Tensor | None, MoEStats | None]:
-        """x: (B, L, D); token_mask: (B, L) bool, False = padding, which MoE layers do not route."""
-        x = x + self.drop(self.attn(self.norm_attn(x), cos, sin, attn_mask, cache, layer_idx))
+        """x: (B, L, D); token_mask: (B, L) bool, False = padding, which MoE layers do not route.
+        Returns (x, the MoE layer's aux loss, its MoEStats), the last two None for a dense FFN."""
+        x = x + self.drop(self.attn(self.norm_attn(x), cos, sin, attn_mask, cache, attention_fn, **attn_kwargs))
         h = self.norm_ffn(x)
         if not isinstance(self.ffn, MoELayer):
             return x + self.drop(self.ffn(h)), None, None
         out = self.ffn(h, token_mask)
         return x + self.drop(out.y), out.aux_loss, out.stats
+
+
+def rotary_inputs(
+    rope_cos: Tensor, rope_sin: Tensor, P: int, L: int, attention_mask: Tensor | None, position_ids: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(cos, sin, position_ids) for L new tokens after P cached ones: the table rows P .. P+L-1 without padding
+    or position_ids; per-sequence rows (B, 1, L, hs/2) at position_ids, which default, with a 2D attention_mask
+    (B, P + L), to the count of real tokens before each one (left padding then does not shift positions)."""
+    if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, P:]
+    if position_ids is None:
+        return rope_cos[P : P + L], rope_sin[P : P + L], None
+    return rope_cos[position_ids].unsqueeze(1), rope_sin[position_ids].unsqueeze(1), position_ids
 
 
 class GPT(nn.Module):
@@ -203,7 +284,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, ffn) for ffn in cfg.block_ffns())
+        self.blocks = nn.ModuleList(Block(cfg, ffn, i) for i, ffn in enumerate(cfg.block_ffns()))
         self.norm = nn.RMSNorm(cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -237,7 +318,7 @@ class GPT(nn.Module):
                 f"GPT expects (batch, length <= {self.cfg.seq_len}) token ids including {P} cached positions, "
                 f"got {tuple(idx.shape)}"
             )
-        cos, sin, key_mask, token_mask = self.rope_cos[P : P + L], self.rope_sin[P : P + L], None, None
+        key_mask = token_mask = None
         if attention_mask is not None:
             if attention_mask.shape != (idx.shape[0], P + L):
                 raise ValueError(
@@ -245,15 +326,13 @@ class GPT(nn.Module):
                 )
             key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): broadcast over heads and queries
             token_mask = attention_mask[:, P:].bool()
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, P:]
-        if position_ids is not None:
-            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+        cos, sin, _ = rotary_inputs(self.rope_cos, self.rope_sin, P, L, attention_mask, position_ids)
+        mask = causal_mask(L, P, key_mask, idx.device)
         x = self.embed(idx)  # (B, L, D)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         routing: list[MoEStats] = []
-        for i, block in enumerate(self.blocks):
-            x, aux, stats = block(x, cos, sin, key_mask, cache, i, token_mask)
+        for block in self.blocks:
+            x, aux, stats = block(x, cos, sin, mask, cache, token_mask)
             if stats is not None:
                 aux_loss = aux_loss + aux
                 routing.append(stats)
