@@ -47,7 +47,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mhmoe.hf.configuration_mhmoe import MHMoEConfig
-from mhmoe.hf.files import load_checked
+from mhmoe.hf.files import check_model_folder, load_checked
 from mhmoe.layers.moe import MoELayer, MoEStats
 from mhmoe.models.gpt import GPT, AttentionFunction, eager_attention, rotary_inputs, rotary_tables
 
@@ -109,6 +109,7 @@ class MHMoEPreTrainedModel(PreTrainedModel):
         kwargs["use_safetensors"] = True
         legacy = False
         if args and isinstance(args[0], (str, os.PathLike)) and Path(args[0]).is_dir():
+            check_model_folder(Path(args[0]))  # before reading any header (load_checked checks it again, cheaply)
             legacy = "key_mapping" not in kwargs and LEGACY_LM_HEAD in _safetensors_keys(Path(args[0]))
         if legacy:
             kwargs["key_mapping"] = {r"^model\.lm_head\.": "lm_head."}
