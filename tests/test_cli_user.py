@@ -43,9 +43,10 @@ def trained(tmp_path_factory, corpus):
     mp = pytest.MonkeyPatch()
     mp.setenv("MHMOE_CACHE", str(out / "cache"))
     logs = {}
-    for name, extra in (("mh", []), ("dense", ["--set", "model.ffn.kind=dense"])):
+    dense = [*TINY[: TINY.index("model.ffn.moe.expert_hidden=32") - 1], *TINY[TINY.index("train.threads=1") - 1 :]]
+    for name, flags in (("mh", TINY), ("dense", [*dense, "--set", "model.ffn.kind=dense"])):
         result = subprocess.run(
-            [sys.executable, "-m", "mhmoe", "train", *TINY, *extra, "--data", str(corpus), "--out", str(out / name)],
+            [sys.executable, "-m", "mhmoe", "train", *flags, "--data", str(corpus), "--out", str(out / name)],
             capture_output=True, text=True, env={**_env(), "MHMOE_CACHE": str(out / "cache")},
         )  # fmt: skip
         assert result.returncode == 0, result.stderr

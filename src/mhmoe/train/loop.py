@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from mhmoe.errors import ConfigError, UserError
 from mhmoe.io import environment, lock_run, notice, remove_temporaries, write_json
 from mhmoe.models.cost import Cost
-from mhmoe.train.checkpoint import check_run_files, latest_checkpoint, read_json, verify
+from mhmoe.train.checkpoint import (
+    check_run_files,
+    latest_checkpoint,
+    load_model_weights,
+    read_json,
+    run_checkpoint,
+    verify,
+)
 from mhmoe.train.config import TrainConfig
 from mhmoe.train.metrics import MetricsLog, NoMetrics, progress_bar
 from mhmoe.train.session import Session, is_main_process, start_session
@@ -252,6 +259,8 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
         task.load_state_dict(state)
         step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
         cpu_seconds = state.get("cpu_seconds", 0.0)  # checkpoints before mhmoe 0.2 did not count it
+    elif t.init_from:
+        start_from_weights(model, Path(t.init_from), session.is_main)
     if session.is_main:
         announce(run_dir, task, t, session, step, tokens_seen)
     forward = torch.compile(forward) if t.compile else forward
@@ -329,6 +338,16 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
         write_json(run_dir / "summary.json", summary)
     session.close()
     return RunResult(run_dir, step, tokens_seen, train_seconds, valid, test, cpu_seconds)
+
+
+def start_from_weights(model: nn.Module, source: Path, say: bool) -> None:
+    """train.init_from: a new run's model starts from the latest weights of the run in `source` (fine-tuning);
+    the optimiser, the step count and the data position start afresh. Weights that do not fit the model (another
+    model.*) are a CheckpointError naming the checkpoint."""
+    _, checkpoint = run_checkpoint(source)
+    load_model_weights(checkpoint, model)
+    if say:
+        notice(f"starting from the weights of {checkpoint} (train.init_from)")
 
 
 def announce(run_dir: Path, task: Task, t: TrainConfig, session: Session, step: int, tokens_seen: int) -> None:
