@@ -183,10 +183,14 @@ def test_analyze_labels_another_corpus_by_its_name(trained, tmp_path):
 
 
 def test_a_badly_held_out_corpus_is_warned_about(tmp_path, capsys):
-    paragraphs = [f"paragraph {i} " + "word " * 200 for i in range(450)]  # ~7 chunks of 64 KB
-    (tmp_path / "one.txt").write_text("\n\n".join(paragraphs))
-    with pytest.warns(DataWarning, match=r"one\.txt: held out .* of the characters: its \d+ documents/chunks"):
+    paragraphs = [f"paragraph {i} " + "word " * 200 for i in range(450)]  # ~1 KB each
+    (tmp_path / "one.txt").write_text("\n\n".join(paragraphs[:8]))  # ~9 pieces of the smallest size: too few
+    with pytest.warns(DataWarning, match=r"one\.txt: held out .* of the characters: its \d+ documents/pieces"):
         load_corpus(tmp_path / "one.txt")
+    (tmp_path / "big.txt").write_text("\n\n".join(paragraphs))  # 450 KB, once 7 chunks of 64 KB: now fine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_corpus(tmp_path / "big.txt")
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(400):
