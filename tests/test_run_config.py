@@ -202,3 +202,33 @@ def test_init_from_starts_a_new_run_from_the_weights(corpus, tmp_path, capsys):
     assert "weights do not fit this model (size mismatch for " in err
     err = one_line_error(capsys, ["train", "--init-from", str(source)])
     assert "starts a new run: name its folder with --out" in err
+
+
+# ------------------------------------------------------------------------------------ one number per question
+
+
+def test_every_validation_figure_says_what_it_covers_and_the_same_question_gives_the_same_number(
+    corpus, tmp_path, capsys
+):
+    """The progress bar's figure (the first train.eval_batches batches of valid at a step), metrics.jsonl's, and
+    `mhmoe eval --max-batches train.eval_batches` at that step are one number; the end-of-run line and `eval`
+    without a limit cover the whole splits, and each printed figure names the tokens it covers."""
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "cpu-tiny", "--data", str(corpus), *SMALL, "--set", "train.max_steps=2",
+            "--set", "train.eval_every=2", "--set", "train.final_eval_batches=0", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert ("mhmoe: validation every 2 steps on the first 2 batches of the valid split (progress bar, "
+            "metrics.jsonl); at the end on all of valid and test (summary.json)") in err  # fmt: skip
+    last = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_ppl" in r][-1]
+    assert last["step"] == 2 and last["val_tokens"] == 2 * 4 * 64
+    assert f"val_ppl={last['val_ppl']:.1f} (step 2, first 512 tokens)" in err  # the bar
+    summary = json.loads((run / "summary.json").read_text())
+    assert (f"valid ppl {summary['val_ppl']:.2f} over {summary['val_tokens']:,} tokens, test ppl "
+            f"{summary['test_ppl']:.2f} over {summary['test_tokens']:,} tokens (all of each split)") in out  # fmt: skip
+    assert main(["eval", str(run), "--max-batches", "2", "--no-progress"]) == 0
+    assert f"valid: loss {last['val_loss']:.4f} nats/token, ppl {last['val_ppl']:.2f} over 512 tokens" in (
+        capsys.readouterr().out
+    )
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    assert f"ppl {summary['val_ppl']:.2f} over {summary['val_tokens']:,} tokens" in capsys.readouterr().out

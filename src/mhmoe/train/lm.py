@@ -225,7 +225,7 @@ class LMTask:
         return evaluate(model, self.splits[split], self.cfg, self.session.device, max_batches, self.progress, split)
 
     def metrics(self, report: dict) -> dict:
-        return {"val_loss": report["loss"], "val_ppl": report["ppl"]}
+        return {"val_loss": report["loss"], "val_ppl": report["ppl"], "val_tokens": report["tokens"]}
 
     def summary(self, valid: dict, test: dict) -> dict:
         return {"val_loss": valid["loss"], "val_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],
