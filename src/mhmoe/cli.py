@@ -632,6 +632,11 @@ def _data_prepare(args: argparse.Namespace) -> int:
     if not report.written:
         print("mhmoe: error: nothing was made (see the lines above)", file=sys.stderr)
         return 1
+    if report.skipped:  # partial data: never "use it"
+        print(f"mhmoe: error: partial: {len(report.written)} file(s) as in the data pack, but not all the data of "
+              f"`reproduce {args.task}` (the 'not made' lines above); the rest comes with the offline data pack "
+              "only (docs/training.md, Data)", file=sys.stderr)  # fmt: skip
+        return 1
     use = {"english": f"--data {out / 'english'}", "multimodal": f"--data {out}", "multilingual": f"--data {out}"}
     print(f"use it: mhmoe reproduce {args.task} --quick {use[args.task]}", file=sys.stderr)
     return 0
