@@ -172,7 +172,9 @@ class _UDHRPage(HTMLParser):
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.attributes: dict[str, str | None] = {}
-        self.title, self.lines, self._open, self._in_title = "", [], [], False
+        self.title, self._in_title = "", False
+        self.lines: list[str] = []  # the finished lines
+        self._open: list[list[str]] = []  # the text of each open heading, paragraph or list item
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag == "html":
