@@ -172,6 +172,9 @@ def test_resume_refuses_what_is_not_train_with_one_line(corpus, tmp_path, capsys
     assert "data.valid_fraction cannot change when" in err
     err = one_line_error(capsys, ["train", "--resume", str(run), "--preset", "cpu"])
     assert "takes the run's stored configuration: drop --preset" in err
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=3", "--print-config"]) == 0
+    assert ("mhmoe: train.max_steps 1 -> 3: the learning rate decays to step 3 from here on; the steps so far "
+            "followed the schedule to 1") in capsys.readouterr().err  # fmt: skip
     err = one_line_error(capsys, ["train", "--resume", str(tmp_path / "nothing")])
     assert "not a run folder (no config.json)" in err
 

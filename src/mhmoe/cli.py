@@ -202,6 +202,7 @@ def train_config(args: argparse.Namespace) -> tuple[Any, Path, str]:
     preset (default cpu) and --config FILE, a run folder's stored configuration (--resume RUN, or --out RUN
     alone), or another run's (--init-from RUN, a new run from its weights); then --data and --set."""
     from mhmoe.errors import ConfigError
+    from mhmoe.io import notice
     from mhmoe.train.checkpoint import config_differences, read_json, run_checkpoint
     from mhmoe.train.config import RunConfig, apply_overrides, load_config_file, preset
 
@@ -244,6 +245,10 @@ def train_config(args: argparse.Namespace) -> tuple[Any, Path, str]:
                 f"{changed[0]} cannot change when {resume} resumes (train.*, parallel.* and data.path can); "
                 f"start a new run from its weights instead: --init-from {resume} --out NEW_FOLDER"
             )
+    if resume and cfg.train.max_steps != stored.train.max_steps and cfg.train.min_lr_ratio < 1:
+        notice(f"train.max_steps {stored.train.max_steps} -> {cfg.train.max_steps}: the learning rate decays to step "
+               f"{cfg.train.max_steps} from here on; the steps so far followed the schedule to "
+               f"{stored.train.max_steps} (train.min_lr_ratio=1 holds it after warmup)")  # fmt: skip
     out = Path(resume or args.out or f"runs/{args.preset or (Path(args.config).stem if args.config else 'cpu')}")
     return cfg, out, where
 
