@@ -850,3 +850,20 @@ def test_cut_pieces_prefers_paragraphs_then_lines_then_sentences_then_spaces() -
     assert cut_pieces("short\n", 10) == ["short"] and cut_pieces(" \n\n ", 10) == []
     text = "\n\n".join(paragraphs(300))
     assert all(len(piece) <= 1_000 for piece in cut_pieces(text, 1_000))
+
+
+def test_runs_made_before_pieces_keep_their_chunked_splits(tmp_path: Path) -> None:
+    """A config.json without data.held_out (a run trained before pieces) reads data.held_out=chunks: its corpus is
+    split as it was trained (64 KB chunks by hash), so it evaluates and resumes on the same splits."""
+    from mhmoe.train.config import RunConfig, preset
+
+    stored = preset("cpu-tiny").to_dict()
+    del stored["data"]["held_out"]
+    assert RunConfig.from_dict(stored).data.held_out == "chunks"
+    assert preset("cpu-tiny").data.held_out == "pieces"
+    (tmp_path / "book.txt").write_text("\n\n".join(paragraphs(1_570)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        chunked = load_corpus(tmp_path / "book.txt", held_out="chunks")
+    assert len(all_docs(chunked)) == 4  # the 251 KB file as 4 chunks of 64 KB
+    assert len(all_docs(load_corpus(tmp_path / "book.txt"))) > 100

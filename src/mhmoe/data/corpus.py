@@ -39,6 +39,7 @@ from mhmoe.errors import DataError
 from mhmoe.io import fsync_dir, fsync_tree, notice
 
 Split = Literal["train", "valid", "test"]
+HeldOut = Literal["pieces", "chunks"]  # how held-out splits are drawn (`load_corpus`); chunks: runs before pieces
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -342,12 +343,18 @@ def _empty_error(path: Path) -> DataError:
 
 
 def load_corpus(
-    path: str | Path, *, valid_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0
+    path: str | Path,
+    *,
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    seed: int = 0,
+    held_out: HeldOut = "pieces",
 ) -> Corpus:
     """Documents of a folder or file (layouts a-d in the module docstring) split into train/valid/test.
 
-    `valid_fraction`/`test_fraction` are the expected shares of documents (chunks) held out where the data
-    does not name its splits; `seed` changes which ones. Every split comes back non-empty.
+    `valid_fraction`/`test_fraction` are the shares of the characters held out where the data does not name its
+    splits; `seed` changes which ones. Every split comes back non-empty. held_out="chunks" draws them as runs
+    trained before data.held_out did (64 KB chunks by hash), so those runs keep their splits.
     """
     if not (0 <= valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
         raise ValueError(
@@ -355,7 +362,8 @@ def load_corpus(
         )
     path = Path(path).expanduser()
     _check_readable(path)
-    scored = _load_scored(path, valid_fraction, test_fraction, seed)
+    load = _load_scored if held_out == "pieces" else _load_scored_v02
+    scored = load(path, valid_fraction, test_fraction, seed)
     if not any(text.strip() for split in SPLITS for _, text in scored[split]):
         raise _empty_error(path)
     splits = _fill_empty_splits(scored, path)
@@ -364,7 +372,7 @@ def load_corpus(
     message = held_out_mismatch(corpus, {s: configured[s] for s in _drawn_splits(path)})
     if message:
         warnings.warn(message, DataWarning, stacklevel=2)
-    if _drawn_splits(path) == ["test"]:
+    if _drawn_splits(path) == ["test"] and held_out == "pieces":
         drawn, kept = sum(map(len, corpus.test)), sum(map(len, corpus.train))
         notice(f"{path} has no test.txt: the test split is drawn from train.txt, {len(corpus.test)} pieces "
                f"({100 * drawn / max(1, drawn + kept):.1f}% of its text; data.test_fraction={test_fraction}), "
@@ -459,6 +467,127 @@ def held_out_mismatch(corpus: Corpus, configured: dict[str, float]) -> str | Non
         "finely; give more documents, a folder with its own train/valid/test files, or other "
         "data.valid_fraction / data.test_fraction"
     )
+
+
+# --- held-out splits as runs before data.held_out drew them (data.held_out=chunks) -------------------------
+# Frozen: runs trained before mhmoe drew pieces (a config.json without data.held_out) evaluate and resume on the
+# very splits they were trained with. New runs use the functions above.
+
+CHUNK_BYTES = 64 * 1024
+
+
+def _chunks_v02(text: str, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
+    """Consecutive paragraphs grouped into pieces of about `chunk_bytes` UTF-8 bytes, in order.
+
+    A paragraph longer than a chunk (a file without blank lines) is cut at line ends instead, so a big file
+    always gives several chunks.
+    """
+    pieces: list[str] = []
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        if paragraph.strip():
+            pieces.extend(_line_pieces_v02(paragraph.strip("\n"), chunk_bytes))
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for piece in pieces:
+        current.append(piece)
+        size += len(piece.encode("utf-8")) + 2
+        if size >= chunk_bytes:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+def _line_pieces_v02(paragraph: str, chunk_bytes: int) -> list[str]:
+    if len(paragraph.encode("utf-8")) <= chunk_bytes:
+        return [paragraph]
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in paragraph.split("\n"):
+        current.append(line)
+        size += len(line.encode("utf-8")) + 1
+        if size >= chunk_bytes:
+            pieces.append("\n".join(current))
+            current, size = [], 0
+    if current:
+        pieces.append("\n".join(current))
+    return pieces
+
+
+def _assign_by_hash_v02(units: list[tuple[str, str]], valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    """Split (stable id, text) units into {split: [(score, text)]} keeping the given order within each split.
+
+    A held-out unit whose exact text is also a train unit (the same file copied into two folders) is dropped
+    from the held-out split: its copy is trained on, so evaluating on it would flatter the model.
+    """
+    out: Scored = {s: [] for s in SPLITS}
+    for stable_id, text in units:
+        u = hash_score(stable_id, seed)
+        split = "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
+        out[split].append((u, text))
+    in_train = {text for _, text in out["train"]}
+    for split in ("valid", "test"):
+        out[split] = [(u, text) for u, text in out[split] if text not in in_train]
+    return out
+
+
+def _from_split_files_v02(files: dict[Split, Path | None], test_fraction: float, seed: int) -> Scored:
+    """Layout (b): train/valid(/test) text files; without a test file, test chunks are held out of train."""
+    scored: Scored = {s: [] for s in SPLITS}
+    for split, file in files.items():
+        if file is None:
+            continue
+        for i, chunk in enumerate(_chunks_v02(_read_text(file))):
+            scored[split].append((hash_score(f"{file.name}#{i}", seed), chunk))
+    if files["test"] is None:
+        keep = [(u, text) for u, text in scored["train"] if u >= test_fraction]
+        scored["test"] = [(u, text) for u, text in scored["train"] if u < test_fraction]
+        scored["train"] = keep
+    return scored
+
+
+def _file_units_v02(file: Path, stable_prefix: str, chunk: bool) -> list[tuple[str, str]]:
+    """(stable id, text) units of one file: its records (JSONL), its chunks, or the whole text."""
+    if _has_suffix(file, JSONL_SUFFIXES):
+        return [(f"{stable_prefix}#{n}", r["text"]) for n, r in _jsonl_records(file) if r["text"].strip()]
+    text = _read_text(file)
+    if chunk:
+        return [(f"{stable_prefix}#{i}", c) for i, c in enumerate(_chunks_v02(text))]
+    return [(stable_prefix, text)] if text.strip() else []
+
+
+def _load_scored_v02(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    if path.is_file():
+        return _from_single_file_v02(path, valid_fraction, test_fraction, seed)
+    documents = _find_file(path, "documents.jsonl")
+    if documents is not None:
+        return _from_documents_jsonl(documents, seed)
+    split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
+    if split_files["train"] is not None and split_files["valid"] is not None:
+        return _from_split_files_v02(split_files, test_fraction, seed)
+    files = _usable_files(path)
+    if not files:
+        raise DataError(
+            f"no usable files in {path}: looked for documents.jsonl(.gz), train.txt(.gz) + valid.txt(.gz), "
+            "or any *.txt, *.txt.gz, *.jsonl, *.jsonl.gz files"
+        )
+    if len(files) == 1:
+        return _from_single_file_v02(files[0], valid_fraction, test_fraction, seed)
+    units = [u for f in files for u in _file_units_v02(f, f.relative_to(path).as_posix(), chunk=False)]
+    return _assign_by_hash_v02(units, valid_fraction, test_fraction, seed)
+
+
+def _from_single_file_v02(file: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    """Layout (d). A JSONL file whose records all name a split is used like layout (a)."""
+    if not _has_suffix(file, TEXT_SUFFIXES + JSONL_SUFFIXES):
+        raise DataError(f"{file} is not a .txt, .txt.gz, .jsonl or .jsonl.gz file; convert it or pass a folder")
+    if _has_suffix(file, JSONL_SUFFIXES) and _names_its_splits(file):
+        return _from_documents_jsonl(file, seed)
+    units = _file_units_v02(file, file.name, chunk=True)
+    return _assign_by_hash_v02(units, valid_fraction, test_fraction, seed)
 
 
 # --- default data --------------------------------------------------------------------------------------------

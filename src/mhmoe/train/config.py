@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, get_args
 
 import torch
 
+from mhmoe.data.corpus import HeldOut
 from mhmoe.errors import ConfigError
 from mhmoe.layers.config import MULTI_HEAD_FIELDS, MoEConfig
 from mhmoe.layers.routers import RouterConfig
@@ -41,6 +42,7 @@ class DataConfig:
     vocab_size: int = 8192  # BPE vocabulary when trained here
     valid_fraction: float = 0.05  # held-out share for corpora without their own splits
     test_fraction: float = 0.05  # the same for the test split
+    held_out: HeldOut = "pieces"  # how they are drawn: "pieces" (near the fractions); "chunks": runs made before
     # language-tagged data (mhmoe.data.multilingual): tokenizer text and batches drawn per language, q_l ∝ p_l^α
     multilingual: bool = False  # the data is language-tagged (mhmoe.data.multilingual)
     language_alpha: float = 0.3  # α: 1 = the natural mix, 0 = uniform over languages; 0.3 as in XLM-R
@@ -110,7 +112,7 @@ class RunConfig:
             try:
                 return cls(
                     model=GPTConfig.from_dict(data["model"]),
-                    data=DataConfig(**data["data"]),
+                    data=DataConfig(**{"held_out": "chunks", **data["data"]}),  # older runs drew chunks
                     train=TrainConfig(**data["train"]),
                     parallel=ParallelConfig(**data.get("parallel", {})),
                 )
@@ -356,6 +358,8 @@ def inert_keys(cfg: RunConfig) -> dict[str, str]:
     if not d.multilingual:
         why = "it is for language-tagged data (data.multilingual=true)"
         out.update({"data.language_alpha": why, "data.languages": why})
+    else:
+        out["data.held_out"] = "language-tagged data is always cut into pieces"
     return out
 
 
