@@ -43,9 +43,10 @@ def trained(tmp_path_factory, corpus):
     mp = pytest.MonkeyPatch()
     mp.setenv("MHMOE_CACHE", str(out / "cache"))
     logs = {}
-    for name, extra in (("mh", []), ("dense", ["--set", "model.ffn.kind=dense"])):
+    dense = [*TINY[: TINY.index("model.ffn.moe.expert_hidden=32") - 1], *TINY[TINY.index("train.threads=1") - 1 :]]
+    for name, flags in (("mh", TINY), ("dense", [*dense, "--set", "model.ffn.kind=dense"])):
         result = subprocess.run(
-            [sys.executable, "-m", "mhmoe", "train", *TINY, *extra, "--data", str(corpus), "--out", str(out / name)],
+            [sys.executable, "-m", "mhmoe", "train", *flags, "--data", str(corpus), "--out", str(out / name)],
             capture_output=True, text=True, env={**_env(), "MHMOE_CACHE": str(out / "cache")},
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
@@ -210,10 +211,14 @@ def test_analyze_says_a_dense_run_has_no_routing(trained, capsys):
 
 
 def test_a_badly_held_out_corpus_is_warned_about(tmp_path, capsys):
-    paragraphs = [f"paragraph {i} " + "word " * 200 for i in range(450)]  # ~7 chunks of 64 KB
-    (tmp_path / "one.txt").write_text("\n\n".join(paragraphs))
-    with pytest.warns(DataWarning, match=r"one\.txt: held out .* of the characters: its \d+ documents/chunks"):
+    paragraphs = [f"paragraph {i} " + "word " * 200 for i in range(450)]  # ~1 KB each
+    (tmp_path / "one.txt").write_text("\n\n".join(paragraphs[:8]))  # ~9 pieces of the smallest size: too few
+    with pytest.warns(DataWarning, match=r"one\.txt: held out .* of the characters: its \d+ documents/pieces"):
         load_corpus(tmp_path / "one.txt")
+    (tmp_path / "big.txt").write_text("\n\n".join(paragraphs))  # 450 KB, once 7 chunks of 64 KB: now fine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_corpus(tmp_path / "big.txt")
     folder = tmp_path / "many"
     folder.mkdir()
     for i in range(400):

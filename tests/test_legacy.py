@@ -102,10 +102,22 @@ def test_a_0_1_run_evaluates_to_its_summary_and_resumes(legacy_run, capsys):
         "--data",
         config["data"]["path"],
     ]
-    settings = ["model.d_model=8", "model.n_heads=2", "model.seq_len=16", "model.ffn.hidden=16",
-                "model.ffn.moe.expert_hidden=8", "model.ffn.moe.num_experts=4", "model.ffn.moe.router.kind=xmoe",
-                "model.ffn.moe.router.form=code", "model.ffn.moe_every=1", "train.max_steps=4", "train.batch_size=2",
-                "train.checkpoint_every=4", "train.eval_every=4"]  # fmt: skip
+    settings = [
+        "model.d_model=8",
+        "model.n_heads=2",
+        "model.seq_len=16",
+        "model.ffn.hidden=16",
+        "model.ffn.moe.expert_hidden=8",
+        "model.ffn.moe.num_experts=4",
+        "model.ffn.moe.router.kind=xmoe",
+        "model.ffn.moe.router.form=code",
+        "model.ffn.moe_every=1",
+        "train.max_steps=4",
+        "train.batch_size=2",
+        "train.checkpoint_every=4",
+        "train.eval_every=4",
+        "data.held_out=chunks",
+    ]  # fmt: skip  (its splits, as runs before pieces drew them)
     assert main(args + [item for kv in settings for item in ("--set", kv)]) == 0  # the 0.1 run accepts today's keys
     assert json.loads((legacy_run / "summary.json").read_text())["step"] == 4
 

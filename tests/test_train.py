@@ -196,7 +196,7 @@ def test_cli_train_eval_analyze_end_to_end(corpus, tmp_path, capsys):
         )
         == 0
     )
-    assert "val ppl" in capsys.readouterr().out
+    assert "valid ppl" in capsys.readouterr().out
     for name in ("config.json", "env.json", "metrics.csv", "metrics.jsonl", "summary.json"):
         assert (out / name).exists(), name
     env = json.loads((out / "env.json").read_text())

@@ -1,6 +1,8 @@
 """The `mhmoe` command line.
 
-    mhmoe train --preset NAME [--set key=value ...] [--data PATH] [--out DIR]
+    mhmoe train [--preset NAME] [--config FILE] [--set key=value ...] [--data PATH] [--out DIR] [--print-config]
+    mhmoe train --resume RUN [--set train.key=value ...]      continue a run with its stored configuration
+    mhmoe train --init-from RUN --out DIR [--data PATH] [--set ...]   a new run from another run's weights
     mhmoe eval RUN_DIR [--max-batches N] [--lm-eval TASKS]   TASKS: lm-evaluation-harness on mhmoe's local tasks
     mhmoe generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
     mhmoe compare RUN_DIR... [--plot FILE]     finished runs side by side (and their validation curves)
@@ -184,23 +186,26 @@ def _sizes(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mhmoe.train.config import apply_overrides, preset
     from mhmoe.train.lm import train
 
-    cfg = preset(args.preset)
+    cfg, out, where = train_config(args)
     if args.list_keys:
-        print(list_keys(cfg, f"--preset {args.preset}"))
+        print(list_keys(cfg, where))
         return 0
-    if args.data:
-        cfg.data.path = args.data
-    apply_overrides(cfg, args.set)
-    out = Path(args.out or f"runs/{args.preset}")
+    if args.print_config:
+        from mhmoe.train.config import config_yaml
+
+        print(config_yaml(cfg, f"mhmoe train configuration ({where}); run it with: mhmoe train --config FILE"), end="")
+        return 0
     result = train(cfg, out, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
-        print(
-            f"{out}: step {result.step}, {result.tokens_seen:,} tokens, val ppl {result.valid['ppl']:.2f}, "
-            f"test ppl {result.test['ppl']:.2f}, {result.train_seconds:.0f} s"
+        held_out = ", ".join(
+            f"{name} ppl {report['ppl']:.2f} over {report['tokens']:,} tokens"
+            for name, report in (("valid", result.valid), ("test", result.test))
         )
+        scope = batches_scope(cfg.train.final_eval_batches)
+        print(f"{out}: step {result.step}, {result.tokens_seen:,} tokens trained, {held_out} ({scope}), "
+              f"{result.train_seconds:.0f} s")  # fmt: skip
     return 0
 
 
@@ -223,6 +228,65 @@ def _eval_with_harness(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_config(args: argparse.Namespace) -> tuple[Any, Path, str]:
+    """(the resolved run configuration, the run folder, where the configuration came from) of `mhmoe train`: a
+    preset (default cpu) and --config FILE, a run folder's stored configuration (--resume RUN, or --out RUN
+    alone), or another run's (--init-from RUN, a new run from its weights); then --data and --set."""
+    from mhmoe.errors import ConfigError
+    from mhmoe.io import notice
+    from mhmoe.train.checkpoint import config_differences, read_json, run_checkpoint
+    from mhmoe.train.config import RunConfig, apply_overrides, load_config_file, preset
+
+    chosen = [flag for flag, value in (("--preset", args.preset), ("--config", args.config)) if value]
+    resume = args.resume or (args.out if args.out and not chosen and not args.init_from else None)
+    if resume and not (Path(resume) / "config.json").exists():
+        if args.resume:
+            raise ConfigError(f"--resume {resume}: not a run folder (no config.json); pass the --out of a train run")
+        resume = None  # --out of a new run
+    source = resume or args.init_from
+    if source and (chosen or (args.resume and args.init_from)):
+        flags = ", ".join(chosen or ["--init-from"])
+        raise ConfigError(f"{'--resume' if resume else '--init-from'} {source} takes the run's stored configuration: "
+                          f"drop {flags} (change train.* with --set)")  # fmt: skip
+    given: dict[str, str] = {}
+    if source:
+        config = None
+        if args.init_from:  # its latest checkpoint's configuration, held while read
+            with run_checkpoint(Path(source)) as (config, _):
+                pass
+        cfg = RunConfig.from_dict(config or read_json(Path(source) / "config.json", "the run's configuration"))
+        stored = RunConfig.from_dict(cfg.to_dict())
+        where = f"the configuration stored in {source}"
+    else:
+        cfg = preset(args.preset or "cpu")
+        where = f"--preset {args.preset or 'cpu'}"
+        if args.config:
+            given = load_config_file(cfg, Path(args.config))
+            where += f" and --config {args.config}"
+    if args.init_from:
+        if not args.out:
+            raise ConfigError(f"--init-from {args.init_from} starts a new run: name its folder with --out")
+        cfg.train.init_from = str(Path(args.init_from))
+        if (Path(args.init_from) / "tokenizer.json").exists():  # the weights' vocabulary
+            cfg.data.tokenizer = str((Path(args.init_from) / "tokenizer.json").resolve())
+    if args.data:
+        cfg.data.path = args.data
+    apply_overrides(cfg, args.set, given)
+    if resume:
+        changed = config_differences(stored.to_dict(), cfg.to_dict())
+        if changed:
+            raise ConfigError(
+                f"{changed[0]} cannot change when {resume} resumes (train.*, parallel.* and data.path can); "
+                f"start a new run from its weights instead: --init-from {resume} --out NEW_FOLDER"
+            )
+    if resume and cfg.train.max_steps != stored.train.max_steps and cfg.train.min_lr_ratio < 1:
+        notice(f"train.max_steps {stored.train.max_steps} -> {cfg.train.max_steps}: the learning rate decays to step "
+               f"{cfg.train.max_steps} from here on; the steps so far followed the schedule to "
+               f"{stored.train.max_steps} (train.min_lr_ratio=1 holds it after warmup)")  # fmt: skip
+    out = Path(resume or args.out or f"runs/{args.preset or (Path(args.config).stem if args.config else 'cpu')}")
+    return cfg, out, where
+
+
 def _eval(args: argparse.Namespace) -> int:
     from mhmoe.analysis.runs import eval_run
 
@@ -231,8 +295,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.max_batches < 0:
         raise SystemExit(f"mhmoe: --max-batches must be >= 0 (0 = all of each split), got {args.max_batches}")
     results = eval_run(Path(args.run_dir), max_batches=args.max_batches, progress=not args.no_progress)
-    scope = f"the first {args.max_batches} batches of each split" if args.max_batches else "all of each split"
-    print(f"step {results['step']}, {scope}:")
+    print(f"step {results['step']}, {batches_scope(args.max_batches)}:")
     for split in ("valid", "test"):
         r = results[split]
         bpb = "-" if r["bpb"] is None else f"{r['bpb']:.4f}"
@@ -248,6 +311,11 @@ def _eval(args: argparse.Namespace) -> int:
         avg = results["language_average"]
         print(f"average over languages: val ppl {avg['val_ppl']:.2f}, val {avg['val_bpb']:.4f} bits/byte")
     return 0
+
+
+def batches_scope(max_batches: int) -> str:
+    """What a held-out figure covers: train.final_eval_batches / eval_batches / --max-batches (0 = all)."""
+    return f"the first {max_batches} batches of each split" if max_batches else "all of each split"
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -366,10 +434,37 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser("train", help="train a language model")
-    train.add_argument("--preset", default="cpu", help="cpu-tiny, cpu, gpu or paper (default: cpu)")
+    train.add_argument("--preset", help="cpu-tiny, cpu, gpu or paper (default: cpu); the base of --config")
+    train.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a YAML (or JSON) run configuration, all or some of its keys, over the preset; write a whole one to "
+        "copy with --print-config",
+    )
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--data", help="text file, folder of .txt/.jsonl files, or a data pack folder")
-    train.add_argument("--out", help="run directory (default: runs/PRESET); an existing run is resumed")
+    train.add_argument(
+        "--out",
+        help="run directory (default: runs/PRESET); an existing run is resumed (alone, with its stored "
+        "configuration, as --resume does)",
+    )
+    train.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the run in this folder with its stored configuration; --set may change train.* (more "
+        "steps), parallel.* and data.path",
+    )
+    train.add_argument(
+        "--init-from",
+        metavar="RUN",
+        help="start a new run (--out) from this run's latest weights, its configuration and tokenizer "
+        "(fine-tuning: change the data with --data and train.* with --set)",
+    )
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the full resolved configuration as YAML (a file for --config) and exit",
+    )
     train.add_argument(
         "--list-keys", action="store_true", help="print every config key with the preset's value, its type and meaning"
     )
@@ -642,6 +737,11 @@ def _data_prepare(args: argparse.Namespace) -> int:
         return 1
     if not report.written:
         print("mhmoe: error: nothing was made (see the lines above)", file=sys.stderr)
+        return 1
+    if report.skipped:  # partial data: never "use it"
+        print(f"mhmoe: error: partial: {len(report.written)} file(s) as in the data pack, but not all the data of "
+              f"`reproduce {args.task}` (the 'not made' lines above); the rest comes with the offline data pack "
+              "only (docs/training.md, Data)", file=sys.stderr)  # fmt: skip
         return 1
     use = {"english": f"--data {out / 'english'}", "multimodal": f"--data {out}", "multilingual": f"--data {out}"}
     print(f"use it: mhmoe reproduce {args.task} --quick {use[args.task]}", file=sys.stderr)

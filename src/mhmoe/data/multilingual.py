@@ -45,8 +45,9 @@ from mhmoe.data.corpus import (
     _fill_empty_splits,
     _from_split_files,
     _jsonl_records,
-    _paragraph_chunks,
     _read_text,
+    cut_pieces,
+    cut_units,
     hash_score,
     load_corpus,
 )
@@ -122,10 +123,11 @@ def _from_language_files(
     if files["valid"] is not None:
         return _from_split_files(files, test_fraction, seed)
     # No valid file: hold valid (and test, if missing) chunks out of train by hash.
-    units = [(f"{files['train'].name}#{i}", c) for i, c in enumerate(_paragraph_chunks(_read_text(files["train"])))]
-    scored = _assign_by_hash(units, valid_fraction, 0.0 if files["test"] else test_fraction, seed)
+    test_fraction = 0.0 if files["test"] else test_fraction
+    units = cut_units([(files["train"].name, _read_text(files["train"]))], [valid_fraction, test_fraction])
+    scored = _assign_by_hash(units, valid_fraction, test_fraction, seed)
     if files["test"] is not None:
-        chunks = _paragraph_chunks(_read_text(files["test"]))
+        chunks = cut_pieces(_read_text(files["test"]))
         scored["test"] = [(hash_score(f"{files['test'].name}#{i}", seed), c) for i, c in enumerate(chunks)]
     return scored
 

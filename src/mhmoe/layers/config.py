@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "residual": RESIDUALS,
 }
 XMOE_DIM = 16  # X-MoE's routing dim (Chi et al. 2022); v1 divides it by H inside MH-MoE (docs/paper-notes.md §3)
+MULTI_HEAD_FIELDS = ("num_heads", "multi_head_layers", "merge_layers", "residual", "per_head_experts")  # MH-MoE only
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -255,7 +256,7 @@ class MoEConfig:
         )
 
     def routed_part(self) -> MoEConfig:
-        """This config with the multi-head fields at their defaults: what a SparseMoE reads."""
+        """This config with the multi-head fields (`MULTI_HEAD_FIELDS`) at their defaults: what a SparseMoE reads."""
         return dataclasses.replace(
             self, num_heads=1, multi_head_layers=1, merge_layers=1, residual="outer", per_head_experts=False
         )

@@ -38,6 +38,12 @@ class FFNConfig:
     moe_every: int = 2  # MoE in blocks moe_every, 2·moe_every, … (1-based); 1 = every block
     moe: MoEConfig = field(default_factory=default_moe)  # the MoE layer (smoe and mhmoe kinds)
 
+    def __post_init__(self) -> None:
+        # an SMoE reads no multi-head field (`MoEConfig.routed_part`): keep them at their defaults, so that the
+        # recorded configuration says what was trained (an explicit --set of one is refused by the run config)
+        if self.kind == "smoe" and isinstance(self.moe, MoEConfig):
+            self.moe = self.moe.routed_part()
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -549,8 +549,9 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except SafetensorError as e:
         raise CheckpointError(f"{path / 'model.safetensors'} is not a safetensors file ({e}): it is damaged") from None
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit this model ({str(e).splitlines()[0]})") from None
+    except RuntimeError as e:  # "Error(s) in loading state_dict for GPT:" then one line per mismatch
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise CheckpointError(f"{path}: weights do not fit this model ({lines[min(1, len(lines) - 1)]})") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]})"

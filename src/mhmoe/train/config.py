@@ -13,14 +13,16 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, get_args
 
 import torch
 
+from mhmoe.data.corpus import HeldOut
 from mhmoe.errors import ConfigError
-from mhmoe.layers.config import MoEConfig
+from mhmoe.layers.config import MULTI_HEAD_FIELDS, MoEConfig
 from mhmoe.layers.routers import RouterConfig
 from mhmoe.models.ffn import FFN_KINDS, V01_RENAMED, FFNConfig
 from mhmoe.models.gpt import GPTConfig
@@ -40,6 +42,7 @@ class DataConfig:
     vocab_size: int = 8192  # BPE vocabulary when trained here
     valid_fraction: float = 0.05  # held-out share for corpora without their own splits
     test_fraction: float = 0.05  # the same for the test split
+    held_out: HeldOut = "pieces"  # how they are drawn: "pieces" (near the fractions); "chunks": runs made before
     # language-tagged data (mhmoe.data.multilingual): tokenizer text and batches drawn per language, q_l ∝ p_l^α
     multilingual: bool = False  # the data is language-tagged (mhmoe.data.multilingual)
     language_alpha: float = 0.3  # α: 1 = the natural mix, 0 = uniform over languages; 0.3 as in XLM-R
@@ -78,6 +81,7 @@ class TrainConfig:
     on_nonfinite: OnNonFinite = "stop"  # "stop" or "skip" the step when the loss or gradient is not finite
     compile: bool = False  # torch.compile the model's forward
     threads: int = 0  # CPU threads for torch; 0 = torch's default
+    init_from: str = ""  # a run folder whose latest weights a new run starts from (fine-tuning; `--init-from`)
 
 
 @dataclass
@@ -108,7 +112,7 @@ class RunConfig:
             try:
                 return cls(
                     model=GPTConfig.from_dict(data["model"]),
-                    data=DataConfig(**data["data"]),
+                    data=DataConfig(**{"held_out": "chunks", **data["data"]}),  # older runs drew chunks
                     train=TrainConfig(**data["train"]),
                     parallel=ParallelConfig(**data.get("parallel", {})),
                 )
@@ -328,12 +332,105 @@ def _parse(key: str, text: str, kind: Any) -> Any:
         raise ConfigError(f"{key}={text!r}: expected a {_type_name(kind)}") from None
 
 
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+def apply_overrides(cfg: RunConfig, overrides: list[str], given: Mapping[str, str] | None = None) -> RunConfig:
     """Apply 'a.b.c=value' strings in order (parsed by the field's type), then validate; `cfg` is changed in place
-    and returned."""
+    and returned. A key set here (or named in `given`, e.g. by a config file) that cannot take effect under the
+    resulting configuration (`inert_keys`) is an error."""
     set_fields(cfg, overrides)
+    pairs = (item.partition("=") for item in overrides)
+    check_effective(cfg, {**(given or {}), **{key.strip(): text.strip() for key, _, text in pairs}})
     validate(cfg)
     return cfg
+
+
+def inert_keys(cfg: RunConfig) -> dict[str, str]:
+    """{key: why it cannot take effect} for the keys this configuration does not read."""
+    f, d = cfg.model.ffn, cfg.data
+    out: dict[str, str] = {}
+    if f.kind == "dense":
+        moe_keys = [*field_names(MoEConfig, "model.ffn.moe."), "model.ffn.moe_every"]
+        out.update(dict.fromkeys(moe_keys, "model.ffn.kind=dense has no MoE layer"))
+    elif f.kind == "smoe":
+        why = "only model.ffn.kind=mhmoe splits tokens into heads"
+        out.update({f"model.ffn.moe.{name}": why for name in MULTI_HEAD_FIELDS})
+    if d.tokenizer != "bpe":
+        out["data.vocab_size"] = f"data.tokenizer={d.tokenizer} brings its own vocabulary (it is for bpe)"
+    if not d.multilingual:
+        why = "it is for language-tagged data (data.multilingual=true)"
+        out.update({"data.language_alpha": why, "data.languages": why})
+    else:
+        out["data.held_out"] = "language-tagged data is always cut into pieces"
+    return out
+
+
+def check_effective(cfg: RunConfig, given: Mapping[str, str]) -> None:
+    """A ConfigError naming the first key the user gave ({key: its text}) that cannot take effect."""
+    inert = inert_keys(cfg)
+    for key, text in given.items():
+        if key in inert:
+            raise ConfigError(f"{key}={text} cannot take effect: {inert[key]}; drop it")
+
+
+def load_config_file(cfg: RunConfig, path: Path) -> dict[str, str]:
+    """`--config FILE`: the values of a YAML (or JSON) run configuration, nested as `--print-config` writes it
+    and all or some of its keys, into `cfg` in place; returns {key: text} of the values that differ from those
+    `cfg` had (checked with the `--set` ones by `apply_overrides`: a copied preset file with another ffn.kind
+    is fine, a file that sets a multi-head field for an SMoE is not). Unknown keys and wrong types are errors naming the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path} is not YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold sections (model:, data:, train:, parallel:), not a value")
+    before = _flatten(dataclasses.asdict(cfg))
+    given = _flatten(data)
+    texts = {key: _yaml_text(value) for key, value in given.items()}
+    with _naming(f"--config {path}: "):
+        set_fields(cfg, [f"{key}={text}" for key, text in texts.items()],
+                   hint="see `mhmoe train --print-config` for the whole configuration")  # fmt: skip
+    return {key: texts[key] for key, value in given.items() if value != before.get(key)}
+
+
+def _yaml_text(value: Any) -> str:
+    """A YAML scalar as the text `--set` would give (None: "none"; a list or mapping stays unparseable)."""
+    return "none" if value is None else str(value)
+
+
+@contextlib.contextmanager
+def _naming(prefix: str) -> Iterator[None]:
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(prefix + str(e)) from None
+
+
+def config_yaml(cfg: RunConfig, header: str = "") -> str:
+    """The configuration as YAML (`--print-config`), in the sections and field order of the dataclasses, without
+    the keys it does not read (`inert_keys`: a dense model's moe section, a byte tokenizer's vocab_size): a file
+    to copy and edit, which `--config` reads back to the same run."""
+    import yaml
+
+    data = cfg.to_dict()
+    for key in inert_keys(cfg):
+        *path, name = key.split(".")
+        section = data
+        for part in path:
+            section = section[part]
+        section.pop(name)
+    lines = [f"# {line}" for line in header.splitlines()]
+    body = yaml.safe_dump(_without_empty(data), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return "\n".join([*lines, body.rstrip("\n")]) + "\n"
+
+
+def _without_empty(data: dict) -> dict:
+    kept = {key: _without_empty(value) if isinstance(value, dict) else value for key, value in data.items()}
+    return {key: value for key, value in kept.items() if value != {}}
 
 
 def set_fields(cfg: Any, overrides: list[str], hint: str = "see `mhmoe train --list-keys`") -> Any:

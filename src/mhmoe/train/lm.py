@@ -121,7 +121,9 @@ def load_text(cfg: RunConfig) -> Corpus:
     if given and is_hf_source(given):
         source = HFSource(given, d.hf_config, d.hf_files, d.text_field, d.streaming, d.max_chars)
         return load_hf_corpus(source, valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
-    return load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction)
+    return load_corpus(
+        data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction, held_out=d.held_out
+    )
 
 
 def data_record(source: str, corpora: list[Corpus], splits: dict[str, np.ndarray]) -> dict:
@@ -243,7 +245,7 @@ class LMTask:
         return with_bits_per_byte(result, tokens, self.tokenizer, self.byte_lengths)
 
     def metrics(self, report: dict) -> dict:
-        return {"val_loss": report["loss"], "val_ppl": report["ppl"]}
+        return {"val_loss": report["loss"], "val_ppl": report["ppl"], "val_tokens": report["tokens"]}
 
     def summary(self, valid: dict, test: dict) -> dict:
         return {"val_loss": valid["loss"], "val_ppl": valid["ppl"], "test_loss": test["loss"], "test_ppl": test["ppl"],

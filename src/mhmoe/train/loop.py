@@ -34,7 +34,14 @@ from torch import Tensor, nn
 from mhmoe.errors import ConfigError, Interrupted, UserError
 from mhmoe.io import StopRequest, environment, lock_run, notice, remove_temporaries, write_json
 from mhmoe.models.cost import Cost
-from mhmoe.train.checkpoint import check_run_files, latest_checkpoint, read_json, verify
+from mhmoe.train.checkpoint import (
+    check_run_files,
+    latest_checkpoint,
+    load_model_weights,
+    read_json,
+    run_checkpoint,
+    verify,
+)
 from mhmoe.train.config import TrainConfig
 from mhmoe.train.metrics import MetricsLog, NoMetrics, last_logged_step, progress_bar
 from mhmoe.train.session import Session, is_main_process, start_session
@@ -300,12 +307,15 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
         task.load_state_dict(state)
         step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["train_seconds"]
         cpu_seconds = state.get("cpu_seconds", 0.0)  # checkpoints before mhmoe 0.2 did not count it
+    elif t.init_from:
+        start_from_weights(model, Path(t.init_from), session.is_main)
     if session.is_main:
         announce(run_dir, task, t, session, step, tokens_seen)
     forward = torch.compile(forward) if t.compile else forward
     metrics = MetricsLog(run_dir, step) if session.is_main else NoMetrics()
     bar = progress_bar(t.max_steps, step, progress)
     autocast = autocast_for(t.precision, device)
+    shown: dict[str, str] = {}  # the latest periodic validation, labelled (`periodic_label`)
 
     def save() -> None:
         state = {**task.state_dict(), "tokens_seen": tokens_seen, "train_seconds": train_seconds,
@@ -355,11 +365,13 @@ def run(task: Task, t: TrainConfig, run_dir: Path, session: Session, progress: b
                 if len(losses) > 1:
                     record.update({f"loss_{name}": value for name, value in losses.items()})
                 metrics.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", **shown)
             if step % t.eval_every == 0 or step == t.max_steps:
-                val = task.metrics(task.evaluate(model, "valid", t.eval_batches))
+                report = task.evaluate(model, "valid", t.eval_batches)
+                val = task.metrics(report)
                 metrics.write({"step": step, "tokens": tokens_seen, **val})
-                bar.set_postfix(loss=f"{sum(losses.values()):.3f}", val_ppl=f"{val['val_ppl']:.1f}")
+                shown = {"val_ppl": periodic_label(val["val_ppl"], step, report)}
+                bar.set_postfix(loss=f"{sum(losses.values()):.3f}", **shown)
             task.on_step(model, step)
             scheduled = step % t.checkpoint_every == 0 or step == t.max_steps
             if scheduled:
@@ -391,6 +403,31 @@ def stopped_after(signum: int, step: int, checkpoints: Path) -> str:
     )
 
 
+def start_from_weights(model: nn.Module, source: Path, say: bool) -> None:
+    """train.init_from: a new run's model starts from the latest weights of the run in `source` (fine-tuning);
+    the optimiser, the step count and the data position start afresh. Weights that do not fit the model (another
+    model.*) are a CheckpointError naming the checkpoint."""
+    with run_checkpoint(source) as (_, checkpoint):
+        load_model_weights(checkpoint, model)
+    if say:
+        notice(f"starting from the weights of {checkpoint} (train.init_from)")
+
+
+def periodic_label(ppl: float, step: int, report: dict) -> str:
+    """The progress bar's validation figure with what it covers: "62.4 (step 10, first 768 tokens)"; the same
+    number as `mhmoe eval RUN --max-batches train.eval_batches` at that step."""
+    covered = f", first {report['tokens']:,} tokens" if "tokens" in report else ""
+    return f"{ppl:.1f} (step {step}{covered})"
+
+
+def evaluation_plan(t: TrainConfig) -> str:
+    """The start-up line saying what each validation figure covers."""
+    periodic = f"the first {t.eval_batches} batches" if t.eval_batches else "all"
+    final = f"the first {t.final_eval_batches} batches" if t.final_eval_batches else "all"
+    return (f"validation every {t.eval_every} steps on {periodic} of the valid split (progress bar, metrics.jsonl); "
+            f"at the end on {final} of valid and test (summary.json)")  # fmt: skip
+
+
 def announce(run_dir: Path, task: Task, t: TrainConfig, session: Session, step: int, tokens_seen: int) -> None:
     """The start-up summary on stderr: where the run is, what it trains, on what data, and from which step."""
     cost = task.cost
@@ -400,6 +437,7 @@ def announce(run_dir: Path, task: Task, t: TrainConfig, session: Session, step: 
         f"model: {cost.params_total:,} parameters ({cost.params_active:,} active per token), "
         f"{cost.flops_per_token / 1e6:.2f} MFLOPs/token; device {session.device}{threads}, {session.world} process(es)",
         *task.describe(),
+        evaluation_plan(t),
     ]
     if step >= t.max_steps:
         lines.append(f"already trained to step {step} (train.max_steps={t.max_steps}): evaluating only")
