@@ -89,8 +89,9 @@ def test_a_0_1_run_evaluates_to_its_summary_and_resumes(legacy_run, capsys):
     summary = json.loads((legacy_run / "summary.json").read_text())
     assert main(["eval", str(legacy_run)]) == 0
     printed = capsys.readouterr().out
-    assert f"ppl {summary['val_ppl']:.2f} over {summary['val_tokens']:,} tokens" in printed
-    assert f"ppl {summary['test_ppl']:.2f} over {summary['test_tokens']:,} tokens" in printed
+    valid, test = (line for line in printed.splitlines() if line.startswith(("valid:", "test:")))
+    assert f"ppl {summary['val_ppl']:.2f}," in valid and f"over {summary['val_tokens']:,} tokens" in valid
+    assert f"ppl {summary['test_ppl']:.2f}," in test and f"over {summary['test_tokens']:,} tokens" in test
     config = json.loads((legacy_run / "config.json").read_text())
     args = [
         "train",

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,7 +161,9 @@ def load_checked(load: Callable[..., Any], model_class: Any, path: Any, *args: A
     with _quiet(*(() if accept_shapes else LOAD_REPORTERS)):
         model, info = load(path, *args, output_loading_info=True, **kwargs)
     mismatched = {} if accept_shapes else {str(k[0]): (k[1], k[2]) for k in info.get("mismatched_keys", ())}
-    check_weights_fit(str(path), info.get("missing_keys", ()), info.get("unexpected_keys", ()), mismatched)
+    ignored = [re.compile(p) for p in getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not any(p.search(k) for p in ignored)]
+    check_weights_fit(str(path), info.get("missing_keys", ()), unexpected, mismatched)
     return (model, info) if wants_info else model
 
 

@@ -141,6 +141,9 @@ def _safetensors_keys(folder: Path) -> set[str]:
 class MHMoEModel(MHMoEPreTrainedModel):
     """The decoder: token embeddings, the blocks and the final norm of a `GPT`; returns hidden states (B, L, D)."""
 
+    # a causal LM's folder holds the output layer too: the decoder leaves it (load_checked reads this as well)
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^model\.lm_head\."]
+
     rope_cos: Tensor  # (seq_len, hs/2) rotary tables, buffers
     rope_sin: Tensor
 
