@@ -439,10 +439,17 @@ class LMSeed:
 
 
 def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
-    """A model's results.json entry: size and cost, perplexities (mean and std over seeds), routing in and out of
-    distribution (means over seeds; the *_ood values averaged over the other corpora), the seeds."""
+    """A model's results.json entry (`aggregate_seeds`) from whole English run records (`LMSeed`, a reused
+    record.json included: DataError naming what one lacks)."""
     for record in runs:
-        LMSeed.from_dict(record)  # every seed a whole record (a reused record.json included)
+        LMSeed.from_dict(record)
+    return aggregate_seeds(variant, cfg, runs)
+
+
+def aggregate_seeds(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
+    """A model's results.json entry: size and cost, perplexities (mean and std over seeds), routing in and out of
+    distribution (means over seeds; the *_ood values averaged over the other corpora), the seeds. The records may
+    be another task's that extend these keys (multilingual's)."""
     entry = {
         **model_fields(variant, gpt_cost(cfg.model)),
         **seed_stats(runs, ("val_ppl", "test_ppl", "val_bpb", "test_bpb")),

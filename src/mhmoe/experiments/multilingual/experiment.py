@@ -309,7 +309,7 @@ def _plot_run(out: Path, name: str, usage: dict, divergence: dict | None) -> Non
 def aggregate(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     """The English aggregate (val/test ppl = language averages) plus bits per byte, per-language numbers, the
     language-expert information and the divergence groups, each as mean (and std over seeds)."""
-    model = english.aggregate(variant, cfg, runs)
+    model = english.aggregate_seeds(variant, cfg, runs)
     stats = ("val_bpb", "test_bpb", "val_bpb_pooled", "test_bpb_pooled", "language_mi_bits", "language_mi_bits_head")
     model.update(seed_stats(runs, stats))
     model["per_language"] = {}
