@@ -9,13 +9,14 @@ backward sends the same again. Head parallelism's count must equal the counter e
 on how the routing falls over the ranks, so it is shown beside the counter's even-spread expectation and beside the
 exact count from the routing itself.
 
-    python benchmarks/family_bytes.py            # writes benchmarks/results/family_bytes-cpu-<date>.json, prints a table
+    python benchmarks/family_bytes.py            # writes benchmarks/results/cpu-<N>core-<date>-family-bytes.json, a table
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -128,7 +129,7 @@ def main() -> int:
         "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
     }
-    path = Path(__file__).parent / "results" / f"family_bytes-cpu-{report['date']}.json"
+    path = Path(__file__).parent / "results" / f"cpu-{os.cpu_count()}core-{report['date']}-family-bytes.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print("| case | counted values / token | counter | from the routing | size exchange / rank / call |")
     print("|---|---|---|---|---|")
