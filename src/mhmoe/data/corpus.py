@@ -30,10 +30,10 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from mhmoe.errors import DataError
 from mhmoe.io import fsync_dir, fsync_tree, notice
@@ -392,15 +392,28 @@ def load_documents(path: str | Path) -> list[str]:
     return documents
 
 
-def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
+class _Scheme(NamedTuple):
+    """How a folder layout's text becomes held-out splits: today's pieces, or the chunks of mhmoe 0.2 (kept for
+    runs made before pieces, `data.held_out="chunks"`)."""
+
+    single_file: Callable[[Path, float, float, int], Scored]
+    split_files: Callable[[dict[Split, Path | None], float, int], Scored]
+    units: Callable[[Path, str], list[tuple[str, str]]]
+    drawn: Callable[[list[tuple[str, str]], float, float, int], Scored]
+
+
+def _load_scored(
+    path: Path, valid_fraction: float, test_fraction: float, seed: int, scheme: _Scheme | None = None
+) -> Scored:
+    s = scheme or PIECES
     if path.is_file():
-        return _from_single_file(path, valid_fraction, test_fraction, seed)
+        return s.single_file(path, valid_fraction, test_fraction, seed)
     documents = _find_file(path, "documents.jsonl")
     if documents is not None:
         return _from_documents_jsonl(documents, seed)
-    split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
+    split_files: dict[Split, Path | None] = {name: _find_file(path, f"{name}.txt") for name in SPLITS}
     if split_files["train"] is not None and split_files["valid"] is not None:
-        return _from_split_files(split_files, test_fraction, seed)
+        return s.split_files(split_files, test_fraction, seed)
     files = _usable_files(path)
     if not files:
         raise DataError(
@@ -408,9 +421,9 @@ def _load_scored(path: Path, valid_fraction: float, test_fraction: float, seed: 
             "or any *.txt, *.txt.gz, *.jsonl, *.jsonl.gz files"
         )
     if len(files) == 1:
-        return _from_single_file(files[0], valid_fraction, test_fraction, seed)
-    units = [u for f in files for u in _file_units(f, f.relative_to(path).as_posix())]
-    return _drawn(units, valid_fraction, test_fraction, seed)
+        return s.single_file(files[0], valid_fraction, test_fraction, seed)
+    units = [u for f in files for u in s.units(f, f.relative_to(path).as_posix())]
+    return s.drawn(units, valid_fraction, test_fraction, seed)
 
 
 def _drawn(units: list[tuple[str, str]], valid_fraction: float, test_fraction: float, seed: int) -> Scored:
@@ -560,24 +573,7 @@ def _file_units_v02(file: Path, stable_prefix: str, chunk: bool) -> list[tuple[s
 
 
 def _load_scored_v02(path: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
-    if path.is_file():
-        return _from_single_file_v02(path, valid_fraction, test_fraction, seed)
-    documents = _find_file(path, "documents.jsonl")
-    if documents is not None:
-        return _from_documents_jsonl(documents, seed)
-    split_files = {s: _find_file(path, f"{s}.txt") for s in SPLITS}
-    if split_files["train"] is not None and split_files["valid"] is not None:
-        return _from_split_files_v02(split_files, test_fraction, seed)
-    files = _usable_files(path)
-    if not files:
-        raise DataError(
-            f"no usable files in {path}: looked for documents.jsonl(.gz), train.txt(.gz) + valid.txt(.gz), "
-            "or any *.txt, *.txt.gz, *.jsonl, *.jsonl.gz files"
-        )
-    if len(files) == 1:
-        return _from_single_file_v02(files[0], valid_fraction, test_fraction, seed)
-    units = [u for f in files for u in _file_units_v02(f, f.relative_to(path).as_posix(), chunk=False)]
-    return _assign_by_hash_v02(units, valid_fraction, test_fraction, seed)
+    return _load_scored(path, valid_fraction, test_fraction, seed, CHUNKS_V02)
 
 
 def _from_single_file_v02(file: Path, valid_fraction: float, test_fraction: float, seed: int) -> Scored:
@@ -668,3 +664,10 @@ def _download_sdist(dest: Path) -> Path:
             f"not using it; {hint}"
         )
     return sdists[0]
+
+
+PIECES = _Scheme(_from_single_file, _from_split_files, _file_units, _drawn)
+CHUNKS_V02 = _Scheme(
+    _from_single_file_v02, _from_split_files_v02, lambda f, prefix: _file_units_v02(f, prefix, chunk=False),
+    _assign_by_hash_v02,
+)  # fmt: skip
