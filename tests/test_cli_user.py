@@ -17,6 +17,7 @@ from conftest import english_documents, pack_sample
 import mhmoe
 from mhmoe.cli import build_parser, main
 from mhmoe.data.corpus import DataWarning, load_corpus
+from mhmoe.errors import ConfigError, DataError
 from mhmoe.train.config import PRESETS, field_names, preset
 from mhmoe.train.keyhelp import key_meanings
 
@@ -277,3 +278,32 @@ def test_heat_maps_cut_nothing_off(tmp_path, monkeypatch, rows, experts):
         extent = text.get_window_extent(renderer)
         assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, text.get_text()
         assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1, text.get_text()
+
+
+@pytest.mark.parametrize(
+    "env, error, line",
+    [
+        ({}, ConfigError("bad key"), "mhmoe: error: bad key"),
+        ({"WORLD_SIZE": "2", "RANK": "0"}, ConfigError("bad key"), "mhmoe: error: bad key"),
+        ({"WORLD_SIZE": "2", "RANK": "1"}, ConfigError("bad key"), None),  # rank 0 says it for every rank
+        ({"WORLD_SIZE": "2", "RANK": "1"}, DataError("no data"), "mhmoe: error (rank 1 of 2): no data"),
+        ({"WORLD_SIZE": "1", "RANK": "0"}, DataError("no data"), "mhmoe: error: no data"),
+    ],
+)
+def test_under_torchrun_a_config_error_prints_once_and_others_name_their_rank(monkeypatch, env, error, line):
+    from mhmoe import cli
+
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli._error_line(str(error), error) == line
+
+
+@pytest.mark.slow
+def test_torchrun_prints_a_config_error_once(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mhmoe", "train",
+           "--preset", "cpu-tiny", "--out", str(tmp_path / "run"), "--set", "train.max_steps=0", "--no-progress"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode != 0
+    assert done.stderr.count("mhmoe: error: ") == 1 and "train.max_steps" in done.stderr, done.stderr[-2000:]

@@ -44,7 +44,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mhmoe.errors import Interrupted
+from mhmoe.errors import ConfigError, Interrupted
 from mhmoe.io import signals_raise
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -816,8 +816,23 @@ def main(argv: list[str] | None = None) -> int:
         message = user_message(e, args.verb)
         if message is None or os.environ.get("MHMOE_TRACEBACK", "") not in ("", "0"):
             raise
-        print(f"mhmoe: error: {message}", file=sys.stderr)
+        line = _error_line(message, e)
+        if line:
+            print(line, file=sys.stderr)
         return 2
+
+
+def _error_line(message: str, error: BaseException) -> str | None:
+    """The line an error prints. Under torchrun every rank reads the same command and configuration, so a
+    configuration error is printed by rank 0 alone (the others exit 2 silently, as torchrun reports); any other
+    error (a file, a peer, a device) may be one rank's own and names the rank it happened on."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world in ("", "1"):
+        return f"mhmoe: error: {message}"
+    rank = os.environ.get("RANK", "0")
+    if isinstance(error, ConfigError):
+        return f"mhmoe: error: {message}" if rank == "0" else None
+    return f"mhmoe: error (rank {rank} of {world}): {message}"
 
 
 # What a command's input foreseeably raises besides a UserError or an OSError (which every command maps to a line):
