@@ -466,25 +466,34 @@ def test_swapped_nemotron_h_equals_the_original():
 # ----------------------------------------------------------------- head parallelism (gloo, 2 processes)
 
 
+def _check_head_cases(results: list[dict]) -> None:
+    for rank, result in enumerate(results):
+        for name, case in result.items():
+            bad = {k: v for k, v in case["diffs"].items() if v > 1e-12}
+            assert not bad, f"{name}, rank {rank}: {bad}"
+            assert case["repeatable"], f"{name}, rank {rank}: a rerun differs"
+
+
 def test_head_parallel_equals_one_process(tmp_path):
-    """Heads on 2 ranks: outputs, input gradients, every gradient (replicated head and merge layers averaged, the
-    sharded routers and experts finished by finish_head_gradients) and the mean auxiliary loss equal one process on
-    the global batch, float64; a second run of the same step is bitwise identical."""
+    """Heads on 2 ranks (`mhmoe.parallel.parallelize` with make_layout(head=2)): outputs, input gradients, every
+    gradient (replicated head and merge layers averaged by DDP or FSDP2, the sharded experts and the routers, each
+    run on its head's rank, finished by finish_gradients) and the mean auxiliary loss equal one process on the global
+    batch, float64; a second run of the same step is bitwise identical."""
     from distributed_workers import head_job, launch
 
     cases = [
         dict(name="softmax-4-heads", heads=4, router="softmax"),
         dict(name="sigmoid-2-heads-masked", heads=2, router="sigmoid", mask=True),
         dict(name="per-sequence-capacity", heads=4, router="softmax", token_group="sequence", capacity=1.0),
+        dict(name="call-capacity-local-balance", heads=2, router="softmax", capacity=1.0, balance="local"),
+        dict(name="xmoe-reference-dispatch-fsdp", heads=4, router="xmoe", dispatch="reference", data="fsdp"),
     ]
     results = launch(head_job, 2, tmp_path, 240, cases)
-    for rank, result in enumerate(results):
-        for name, case in result.items():
-            bad = {k: v for k, v in case["diffs"].items() if v > 1e-12}
-            assert not bad, f"{name}, rank {rank}: {bad}"
-            assert case["repeatable"], f"{name}, rank {rank}: a rerun differs"
-    # each rank holds half of the routers and experts (and the replicated head and merge layers)
-    assert results[0]["softmax-4-heads"]["local_params"] == results[1]["softmax-4-heads"]["local_params"]
+    _check_head_cases(results)
+    # each rank holds half of the experts (routers, head and merge layers replicated)
+    for result in results:
+        case = result["softmax-4-heads"]
+        assert case["local_params"] == case["params"] - case["expert_params"] // 2
 
 
 def test_head_parallel_refuses_what_it_cannot_place():

@@ -156,15 +156,21 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         if moe.dispatch == "reference":
             raise ValueError("expert parallelism needs the sorted dispatch; got a SparseMoE with dispatch='reference'")
         runner = AllToAllExperts(group, moe.num_experts)
-        for name in EXPERT_WEIGHTS:
-            full = getattr(moe.experts, name)
-            if isinstance(full, DTensor):
-                raise ValueError("shard_experts was already applied to this model")
-            part = full.detach().chunk(size, dim=0)[rank].clone()
-            sharded = DTensor.from_local(part, mesh, [Replicate(), Shard(0)], run_check=False)
-            setattr(moe.experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+        shard_expert_weights(moe, mesh, rank, size)
         moe.expert_runner = runner
     return model
+
+
+def shard_expert_weights(moe: SparseMoE, mesh: DeviceMesh, rank: int, size: int) -> None:
+    """Replace moe's expert weights by DTensors, Shard(0) over the mesh's second dim (`size` ranks, this one
+    `rank`) and Replicate over "replicate": this rank keeps its slice of the full weights. In place."""
+    for name in EXPERT_WEIGHTS:
+        full = getattr(moe.experts, name)
+        if isinstance(full, DTensor):
+            raise ValueError("the experts of this model were already sharded")
+        part = full.detach().chunk(size, dim=0)[rank].clone()
+        sharded = DTensor.from_local(part, mesh, [Replicate(), Shard(0)], run_check=False)
+        setattr(moe.experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
 
 
 @torch.no_grad()
