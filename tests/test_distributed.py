@@ -100,6 +100,17 @@ def test_layers_four_processes_and_balance_across_layouts(tmp_path):
     assert max(aux) - min(aux) <= 1e-7, aux
 
 
+def test_expert_parallel_over_the_family_layers(tmp_path):
+    """LatentMoE (experts at the latent width) and Multi-Head LatentMoE (a router and a pool per head: the inner layer's
+    H·E experts split over the ranks) under expert parallelism equal one process, global balance included."""
+    cases = [
+        _case("latent-softmax-ep2", "latent", "softmax", 2),
+        _case("mh-latent-xmoe-ep2", "mh-latent", "xmoe", 2),
+        _case("mh-latent-sigmoid-ep2-fsdp", "mh-latent", "sigmoid", 2, "fsdp"),
+    ]
+    _check_layers(launch(layer_job, 2, tmp_path, 120, cases), 2)
+
+
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     text = gzip.open(pack_sample("english", "valid.txt.gz"), "rt", encoding="utf-8").read()[:120_000]

@@ -496,6 +496,19 @@ def test_head_parallel_equals_one_process(tmp_path):
         assert case["local_params"] == case["params"] - case["expert_params"] // 2
 
 
+def test_head_parallel_with_replicas_on_four_processes(tmp_path):
+    """Heads over 2 ranks, replicated twice (4 processes): the replicas' expert gradients are summed, the balance loss
+    is over the global batch (reduced over the replicas), DDP or FSDP2 for the rest; and heads over all 4 ranks."""
+    from distributed_workers import head_job, launch
+
+    cases = [
+        dict(name="head-2-ddp", heads=4, router="softmax", head=2),
+        dict(name="head-2-fsdp-sigmoid-masked", heads=2, router="sigmoid", head=2, data="fsdp", mask=True),
+        dict(name="head-4", heads=4, router="xmoe", head=4),
+    ]
+    _check_head_cases(launch(head_job, 4, tmp_path, 240, cases))
+
+
 def test_head_parallel_refuses_what_it_cannot_place():
     from mhmoe.parallel.head import check_head_layout
 
