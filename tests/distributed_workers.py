@@ -227,6 +227,28 @@ def head_job(rank: int, world: int, out: Path, cases: list[dict]) -> dict:
     return {case["name"]: head_case(rank, world, case) for case in cases}
 
 
+def layout_errors_job(rank: int, world: int, out: Path) -> dict:
+    """The one-line ConfigErrors of layouts head parallelism cannot honour, by what they are about."""
+    from mhmoe import MHMoE
+    from mhmoe.errors import ConfigError
+    from mhmoe.parallel import make_layout, parallelize
+
+    attempts = {
+        "world": lambda: make_layout(1, "cpu", head=4),
+        "with expert": lambda: make_layout(2, "cpu", head=2),
+        "shared pool": lambda: parallelize(
+            MHMoE(d_model=8, num_heads=2, num_experts=4, top_k=2, expert_hidden=8), make_layout(1, "cpu", head=2)
+        ),
+    }
+    errors = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+        except ConfigError as e:
+            errors[name] = str(e)
+    return errors
+
+
 def layer_job(rank: int, world: int, out: Path, cases: list[dict]) -> dict:
     return {case["name"]: layer_case(rank, world, case) for case in cases}
 
@@ -287,8 +309,9 @@ def masked_train_job(
     return {"step": result.step, "tokens_seen": result.tokens_seen}
 
 
-def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int) -> dict:
-    """Load a distributed checkpoint at expert size `expert`: logits on a fixed batch vs the consolidated file."""
+def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int, head: int = 1) -> dict:
+    """Load a distributed checkpoint at expert size `expert` (or head size `head`): logits on a fixed batch vs the
+    consolidated file."""
     from mhmoe.models.gpt import GPT
     from mhmoe.parallel import make_layout, parallelize
     from mhmoe.train.checkpoint import load_model_weights
@@ -300,7 +323,7 @@ def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int) -> 
     torch.manual_seed(123)  # weights unlike the checkpoint's, so loading must change every one of them
     model = GPT(cfg.model)
     plain = copy.deepcopy(model)
-    parallelize(model, make_layout(expert, "cpu"))
+    parallelize(model, make_layout(expert, "cpu", head=head))
     state = load_distributed(path, model)
     load_model_weights(path, plain)  # safetensors only: no torch.distributed involved
     x = torch.randint(0, cfg.model.vocab_size, (3, 16), generator=torch.Generator().manual_seed(5))
@@ -315,15 +338,20 @@ def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int) -> 
 # ---------------------------------------------------------------------------------------------- failure
 
 
-def dying_job(rank: int, world: int, out: Path) -> dict:
-    """Rank 1 dies (os._exit, like a crash) before the first expert exchange; rank 0, waiting in it,
+def dying_job(rank: int, world: int, out: Path, parallel: str = "expert") -> dict:
+    """Rank 1 dies (os._exit, like a crash) before the first expert (or head) exchange; rank 0, waiting in it,
     must get an error by itself, within the process-group timeout, instead of hanging."""
-    from mhmoe import SparseMoE
+    from mhmoe import MHMoE, SparseMoE
     from mhmoe.parallel import make_layout, parallelize
 
     torch.manual_seed(0)
-    layer = SparseMoE(d_model=8, num_experts=4, top_k=2, expert_hidden=8)
-    forward = parallelize(layer, make_layout(world, "cpu"))
+    if parallel == "head":  # a Multi-Head LatentMoE layer, its 2 heads on the 2 ranks
+        layer = MHMoE(d_model=8, num_heads=2, latent_dim=8, per_head_experts=True, num_experts=4, top_k=2,
+                      expert_hidden=8)  # fmt: skip
+        forward = parallelize(layer, make_layout(1, "cpu", head=world))
+    else:
+        layer = SparseMoE(d_model=8, num_experts=4, top_k=2, expert_hidden=8)
+        forward = parallelize(layer, make_layout(world, "cpu"))
     if rank == 1:
         (out / "rank1.json").write_text(json.dumps({"died": True}))
         os._exit(0)

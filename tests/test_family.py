@@ -524,6 +524,58 @@ def test_head_parallel_refuses_what_it_cannot_place():
     assert check_head_layout(mh_latent_moe(num_heads=4), 2)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["parallel.head=2"], "parallel.head=2 needs MH-MoE layers with a router and a pool of experts per head; set "
+         "model.ffn.kind=mhmoe and model.ffn.moe.per_head_experts=true, or parallel.head=1"),
+        (["model.ffn.kind=smoe", "parallel.head=2"], "parallel.head=2 needs MH-MoE layers"),
+        (["model.ffn.moe.per_head_experts=true", "parallel.head=4"],
+         "model.ffn.moe.num_heads (2) must be divisible by parallel.head (4): each rank holds num_heads / "
+         "parallel.head heads"),
+        (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "parallel.expert=2"],
+         "parallel.head=2 with parallel.expert=2: head and expert parallelism do not compose yet; set one of them to 1"),
+        (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "model.ffn.moe.num_shared_experts=1"],
+         "parallel.head=2 does not place shared experts; set model.ffn.moe.num_shared_experts=0"),
+        (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "model.ffn.moe.expert_bias=true"],
+         "parallel.head=2 does not shard expert biases yet; set model.ffn.moe.expert_bias=false"),
+        (["parallel.head=0"], "parallel.head must be >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_head_parallel_settings_it_cannot_honour_are_one_line_errors(capsys, overrides, message):
+    from mhmoe.cli import main
+
+    assert main(["train", "--preset", "cpu-tiny", *[f"--set={item}" for item in overrides]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mhmoe: error: {message}") and "\n" not in err, err
+
+
+def test_head_parallel_without_torchrun_or_on_a_world_it_does_not_divide(tmp_path, capsys, monkeypatch):
+    """parallel.head=2 in a plain process is one line naming the torchrun command; on 2 processes, parallel.head=4
+    (a world it does not divide), head with expert parallelism, or a model without per-head pools are one line each."""
+    from distributed_workers import launch, layout_errors_job
+
+    from mhmoe.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
+    sets = ["--set=model.ffn.moe.per_head_experts=true", "--set=parallel.head=2", "--set=train.max_steps=1"]
+    assert main(["train", "--preset", "cpu-tiny", "--out", str(tmp_path / "run"), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err == "mhmoe: error: parallel.head=2 needs 2 or more processes: torchrun --nproc-per-node 2 -m mhmoe train ..."
+    )
+    errors = launch(layout_errors_job, 2, tmp_path, 60)[0]
+    assert errors == {
+        "world": "parallel.head (4) must divide the number of processes (2); run torchrun --nproc-per-node with a "
+        "multiple of 4",
+        "with expert": "parallel.head=2 with parallel.expert=2: head and expert parallelism do not compose yet; set "
+        "one of them to 1",
+        "shared pool": "parallel.head=2: head parallelism needs a router and a pool of experts per head "
+        "(per_head_experts=True): with one router and pool shared by the heads every rank would need every expert",
+    }
+
+
 def test_all_to_all_values_per_token():
     from mhmoe.models.cost import all_to_all_values_per_token as values
 
