@@ -127,11 +127,13 @@ def make_layout(expert: int, device_type: str, data_parallel: DataParallel = "dd
 def parallelize(
     model: nn.Module, layout: Layout, balance: Balance = "local", partial_forwards: bool = False
 ) -> nn.Module:
-    """Shard the experts, choose the balance statistics, wrap the rest for data parallelism.
+    """Shard the experts (or, with a head layout, the per-head layers' heads), choose the balance statistics, wrap the
+    rest for data parallelism.
 
     `model` is changed in place (keep it: its state dict, modules and parameters are the ones to save,
     clip and update); the returned module is the one to call in training (a DDP wrapper, or model itself
-    under FSDP2). balance: "local" — router losses over each rank's micro-batch; "global" — over all ranks'.
+    under FSDP2). balance: "local" — router losses over each rank's micro-batch (a head group's, under head
+    parallelism); "global" — over all ranks'.
     partial_forwards: a forward may use only part of the parameters (e.g. a multiway model's text-only forward
     leaves the vision FFNs unused); DDP then looks for the unused ones after each forward.
     """
