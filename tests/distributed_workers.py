@@ -176,7 +176,8 @@ def layer_case(rank: int, world: int, case: dict) -> dict:
 
 def head_case(rank: int, world: int, case: dict) -> dict:
     """A Multi-Head LatentMoE layer with its heads over case["head"] ranks (head parallelism through
-    `mhmoe.parallel.parallelize`, data-parallel over the rest), forward + backward, against one process on the global
+    `mhmoe.parallel.parallelize`; each head's experts over case["expert"] ranks; data-parallel over the rest),
+    forward + backward, against one process on the global
     batch, float64: max abs differences; and a second identical step, to show the run is bitwise repeatable."""
     from mhmoe import MHMoE, MoEConfig
     from mhmoe.parallel import finish_gradients, make_layout, parallelize
@@ -199,7 +200,7 @@ def head_case(rank: int, world: int, case: dict) -> dict:
 
     def step() -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         model = copy.deepcopy(reference)
-        layout = make_layout(1, "cpu", case.get("data", "ddp"), head=case.get("head", world))
+        layout = make_layout(case.get("expert", 1), "cpu", case.get("data", "ddp"), head=case.get("head", world))
         forward = parallelize(model, layout, balance=case.get("balance", "global"))
         x_local = x[rows].clone().requires_grad_()
         out = forward(x_local, None if mask is None else mask[rows])
@@ -235,7 +236,7 @@ def layout_errors_job(rank: int, world: int, out: Path) -> dict:
 
     attempts = {
         "world": lambda: make_layout(1, "cpu", head=4),
-        "with expert": lambda: make_layout(2, "cpu", head=2),
+        "with expert": lambda: make_layout(2, "cpu", head=2),  # 2 × 2 ranks needed
         "shared pool": lambda: parallelize(
             MHMoE(d_model=8, num_heads=2, num_experts=4, top_k=2, expert_hidden=8), make_layout(1, "cpu", head=2)
         ),

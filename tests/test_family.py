@@ -498,15 +498,33 @@ def test_head_parallel_equals_one_process(tmp_path):
 
 def test_head_parallel_with_replicas_on_four_processes(tmp_path):
     """Heads over 2 ranks, replicated twice (4 processes): the replicas' expert gradients are summed, the balance loss
-    is over the global batch (reduced over the replicas), DDP or FSDP2 for the rest; and heads over all 4 ranks."""
+    is over the global batch (reduced over the replicas), DDP or FSDP2 for the rest; heads over all 4 ranks; and head
+    parallelism composed with expert parallelism, heads over 2 ranks and each head's experts over 2."""
     from distributed_workers import head_job, launch
 
     cases = [
         dict(name="head-2-ddp", heads=4, router="softmax", head=2),
         dict(name="head-2-fsdp-sigmoid-masked", heads=2, router="sigmoid", head=2, data="fsdp", mask=True),
         dict(name="head-4", heads=4, router="xmoe", head=4),
+        dict(name="head-2-expert-2", heads=4, router="softmax", head=2, expert=2),
+        dict(
+            name="head-2-expert-2-fsdp-sigmoid-masked-capacity",
+            heads=2,
+            router="sigmoid",
+            head=2,
+            expert=2,
+            data="fsdp",
+            mask=True,
+            token_group="sequence",
+            capacity=1.0,
+        ),
     ]
-    _check_head_cases(launch(head_job, 4, tmp_path, 240, cases))
+    results = launch(head_job, 4, tmp_path, 240, cases)
+    _check_head_cases(results)
+    for result in results:  # a quarter of the experts on each rank when heads and experts are split over 2 × 2
+        for name, parts in (("head-2-ddp", 2), ("head-4", 4), ("head-2-expert-2", 4)):
+            case = result[name]
+            assert case["local_params"] == case["params"] - case["expert_params"] + case["expert_params"] // parts
 
 
 def test_head_parallel_refuses_what_it_cannot_place():
@@ -533,8 +551,8 @@ def test_head_parallel_refuses_what_it_cannot_place():
         (["model.ffn.moe.per_head_experts=true", "parallel.head=4"],
          "model.ffn.moe.num_heads (2) must be divisible by parallel.head (4): each rank holds num_heads / "
          "parallel.head heads"),
-        (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "parallel.expert=2"],
-         "parallel.head=2 with parallel.expert=2: head and expert parallelism do not compose yet; set one of them to 1"),
+        (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "parallel.expert=2", "model.ffn.moe.dispatch=reference"],
+         "parallel.head=2 with parallel.expert=2 needs the sorted dispatch; drop model.ffn.moe.dispatch=reference"),
         (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "model.ffn.moe.num_shared_experts=1"],
          "parallel.head=2 does not place shared experts; set model.ffn.moe.num_shared_experts=0"),
         (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "model.ffn.moe.expert_bias=true"],
@@ -569,8 +587,7 @@ def test_head_parallel_without_torchrun_or_on_a_world_it_does_not_divide(tmp_pat
     assert errors == {
         "world": "parallel.head (4) must divide the number of processes (2); run torchrun --nproc-per-node with a "
         "multiple of 4",
-        "with expert": "parallel.head=2 with parallel.expert=2: head and expert parallelism do not compose yet; set "
-        "one of them to 1",
+        "with expert": "parallel.head × parallel.expert (2 × 2) must divide the number of processes (2)",
         "shared pool": "parallel.head=2: head parallelism needs a router and a pool of experts per head "
         "(per_head_experts=True): with one router and pool shared by the heads every rank would need every expert",
     }

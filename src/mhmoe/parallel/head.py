@@ -5,9 +5,12 @@ of those heads come to it.
 Shape legend: T tokens on a rank (the same on every rank), H heads, P ranks in the head group, Hl = H / P heads per
 rank, E experts per head, d sub-token width, S = P·T·Hl sub-tokens a rank routes.
 
-Mesh: a 2-D DeviceMesh ("replicate", "head") over all W ranks, rank = replicate · P + head, as expert parallelism's
-("replicate", "expert") (`mhmoe.parallel.expert`): every rank has its own slice of the batch; the P ranks of a
-"head" row form a head group and together hold all H heads, rank p the heads p·Hl … (p+1)·Hl − 1.
+Mesh: a 3-D DeviceMesh ("replicate", "head", "expert") over all W ranks, of sizes (W / (P·Q), P, Q), rank =
+(replicate · P + head) · Q + expert, like expert parallelism's ("replicate", "expert") (`mhmoe.parallel.expert`):
+every rank has its own slice of the batch; the P ranks along "head" form a head group and together hold all H heads,
+rank p the heads p·Hl … (p+1)·Hl − 1. With expert parallelism composed (Q > 1), the Q ranks along "expert" hold the
+same heads and split their Hl·E experts between them, as expert parallelism splits a layer's: after step 2 the
+rows go to the rank of their expert by `AllToAllExperts` over that expert group (variable splits). Q = 1 without.
 
 One layer, on every rank (`HeadParallelRunner`, called by MHMoE in place of its inner SparseMoE):
     1. the multi-head layer (a dense weight, replicated like any other) and the split into H sub-tokens, as in one
@@ -20,16 +23,16 @@ One layer, on every rank (`HeadParallelRunner`, called by MHMoE in place of its 
     4. all_to_all back with the same splits; the merge layer as in one process
 Per token, each direction moves H·d = L values (the latent width), whatever K and the routing.
 
-What is sharded. The expert weights of the H·E experts: DTensors, Shard(0) over "head" and Replicate over
-"replicate", exactly as expert parallelism shards an MoE layer's experts (rank p's local tensor is experts
+What is sharded. The expert weights of the H·E experts: DTensors, Shard(0) over "head" and "expert" and Replicate
+over "replicate", as expert parallelism shards an MoE layer's experts (with Q = 1 rank p's local tensor is experts
 p·Hl·E … (p+1)·Hl·E − 1, its heads' pools), so the state dict, the distributed checkpoints (resharded to any P, or
 to one process) and the consolidated weights are the single-process ones. The routers (L·E values a layer) stay
 replicated on every rank, each rank running only its heads'; so a sigmoid router's bias step and the checkpoints
 need nothing new.
 
 Losses and gradients. A rank's auxiliary loss is the mean of its heads' balance losses over its head group's batch
-(all P ranks' tokens; with a global balance, `use_global_balance` over the replicas, the global batch), so the mean
-over ranks is one process's loss. A rank's experts get, through the backward all-to-all, the sum over ranks of
+(all P ranks' tokens; with a global balance, `use_global_balance` over the ranks holding the same heads,
+`head_replicas`, the global batch), so the mean over ranks is one process's loss. A rank's experts get, through the backward all-to-all, the sum over ranks of
 d(loss_r)/dw; `finish_expert_gradients` divides it by the world size W and sums over the replicas — the rule of
 expert parallelism. A router's gradient is only computed on the ranks holding its head: `finish_router_gradients`
 sums it over all W ranks and divides by W (the data-parallel average, with zeros from the other ranks). With the
@@ -50,7 +53,7 @@ from mhmoe.layers.experts import Experts
 from mhmoe.layers.moe import MoEOutput, SparseMoE
 from mhmoe.layers.multihead import MHMoE
 from mhmoe.layers.routers import HeadRouters
-from mhmoe.parallel.expert import local_tensor, moe_layers, shard_expert_weights
+from mhmoe.parallel.expert import AllToAllExperts, local_tensor, moe_layers, shard_expert_weights
 
 
 class _EqualAllToAll(torch.autograd.Function):
@@ -94,7 +97,8 @@ class _LocalExperts(nn.Module):
 
 def _local_layer(moe: SparseMoE, rank: int, local_heads: int) -> SparseMoE:
     """A SparseMoE over this rank's heads of `moe`: their routers (the same modules) and their pools (the local part
-    of the same weights), Hl·E experts. Not a submodule of the model: it owns no parameter or state of its own."""
+    of the same weights), Hl·E experts (their share of them under expert parallelism). Not a submodule of the model:
+    it owns no parameter or state of its own."""
     router = moe.router
     assert isinstance(router, HeadRouters)
     first = rank * local_heads
@@ -108,9 +112,12 @@ def _local_layer(moe: SparseMoE, rank: int, local_heads: int) -> SparseMoE:
 
 
 class HeadParallelRunner:
-    """Runs an MHMoE's sub-tokens on the ranks holding their heads (module doc). group: the head group (P ranks)."""
+    """Runs an MHMoE's sub-tokens on the ranks holding their heads (module doc). group: the head group (P ranks);
+    experts: the expert group (Q ranks) among which the heads' experts are split, or None (Q = 1)."""
 
-    def __init__(self, group: dist.ProcessGroup, moe: SparseMoE, num_heads: int):
+    def __init__(
+        self, group: dist.ProcessGroup, moe: SparseMoE, num_heads: int, experts: dist.ProcessGroup | None = None
+    ):
         self.group, self.size, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
         if num_heads % self.size:
             raise ValueError(
@@ -119,6 +126,8 @@ class HeadParallelRunner:
             )
         self.num_heads, self.local_heads = num_heads, num_heads // self.size
         self.moe, self.local = moe, _local_layer(moe, self.rank, self.local_heads)
+        if experts is not None:  # expert parallelism inside the heads
+            self.local.expert_runner = AllToAllExperts(experts, self.local.num_experts)
 
     def __call__(self, moe: SparseMoE, h_Sd: Tensor, valid_S: Tensor | None, sequence_length: int) -> MoEOutput:
         """h_Sd: (T·H, d) this rank's sub-tokens, row i·H + j; valid_S: (T·H,) or None; sequence_length: the tokens
@@ -149,8 +158,9 @@ def head_parallel_layers(model: nn.Module) -> list[MHMoE]:
     return [m for m in model.modules() if isinstance(m, MHMoE) and m.head_runner is not None]
 
 
-def check_head_layout(model: nn.Module, size: int) -> list[MHMoE]:
-    """The layers head parallelism of `size` ranks places, or one line saying why it cannot."""
+def check_head_layout(model: nn.Module, size: int, expert_size: int = 1) -> list[MHMoE]:
+    """The layers head parallelism of `size` ranks (each head's experts split over `expert_size` ranks) places, or one
+    line saying why it cannot."""
     layers = [m for m in model.modules() if isinstance(m, MHMoE)]
     if not layers:
         raise ValueError("head parallelism needs MHMoE layers; the model has none")
@@ -172,20 +182,36 @@ def check_head_layout(model: nn.Module, size: int) -> list[MHMoE]:
             raise ValueError("head parallelism does not place shared experts; use num_shared_experts=0")
         if layer.moe.experts.bias:
             raise ValueError("head parallelism does not shard expert biases yet; use expert_bias=False")
+        local_experts = layer.num_heads // size * layer.num_experts
+        if local_experts % expert_size:
+            raise ValueError(
+                f"the {local_experts} experts of a rank's heads (num_heads / {size} × num_experts) must be divisible "
+                f"by the expert-parallel size ({expert_size})"
+            )
+        if expert_size > 1 and layer.moe.dispatch == "reference":
+            raise ValueError("expert parallelism needs the sorted dispatch; got dispatch='reference'")
         if layer.moe.expert_runner is not None or layer.head_runner is not None:
             raise ValueError("the layers are already parallel (experts or heads); head parallelism is applied once")
     return layers
 
 
 def shard_heads(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Keep this rank's H / P heads' experts of every per-head MHMoE layer (as DTensors) and install the all-to-all
-    runner. mesh: 2-D ("replicate", "head"). Every rank must have built the same model (same seed); no
-    communication. In place; returns model."""
-    group, rank, size = mesh.get_group("head"), mesh.get_local_rank("head"), mesh.size(1)
-    for layer in check_head_layout(model, size):
-        shard_expert_weights(layer.moe, mesh, rank, size)
-        layer.head_runner = HeadParallelRunner(group, layer.moe, layer.num_heads)
+    """Keep this rank's H / P heads' experts of every per-head MHMoE layer (as DTensors; their 1 / Q share under
+    expert parallelism) and install the all-to-all runner. mesh: 3-D ("replicate", "head", "expert"). Every rank
+    must have built the same model (same seed); no communication. In place; returns model."""
+    group, experts = mesh.get_group("head"), mesh.get_group("expert") if mesh.size(2) > 1 else None
+    for layer in check_head_layout(model, mesh.size(1), mesh.size(2)):
+        shard_expert_weights(layer.moe, mesh)
+        layer.head_runner = HeadParallelRunner(group, layer.moe, layer.num_heads, experts)
     return model
+
+
+def head_replicas(mesh: DeviceMesh) -> dist.ProcessGroup:
+    """The group of the ranks holding this rank's heads (its replicas and, under expert parallelism, its expert
+    group): a global balance loss sums its statistics over them. Every rank makes every such group (a collective)."""
+    ranks_P_ = mesh.mesh.transpose(0, 1).reshape(mesh.size(1), -1)  # head position p: the ranks (r, p, q)
+    groups = [dist.new_group(ranks.tolist()) for ranks in ranks_P_]
+    return groups[mesh.get_local_rank("head")]
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:

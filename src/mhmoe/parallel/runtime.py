@@ -35,7 +35,7 @@ from mhmoe.parallel.expert import (
     shard_experts,
     use_global_balance,
 )
-from mhmoe.parallel.head import finish_router_gradients, router_parameters, shard_heads
+from mhmoe.parallel.head import finish_router_gradients, head_replicas, router_parameters, shard_heads
 
 DataParallel = Literal["ddp", "fsdp"]
 Balance = Literal["local", "global"]
@@ -66,8 +66,8 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: flo
 
 @dataclass
 class Layout:
-    """Where this rank sits: a 2-D mesh ("replicate", "expert") of W ranks — ("replicate", "head") under head
-    parallelism — and a 1-D ("data",) mesh of all W."""
+    """Where this rank sits: a 2-D mesh ("replicate", "expert") of W ranks — 3-D ("replicate", "head", "expert")
+    under head parallelism — and a 1-D ("data",) mesh of all W."""
 
     mesh: DeviceMesh
     data_mesh: DeviceMesh
@@ -83,18 +83,15 @@ class Layout:
 
     @property
     def expert_size(self) -> int:
-        return self.mesh.size(1) if self.sharded_by == "expert" else 1
+        return self._size("expert")
 
     @property
     def head_size(self) -> int:
-        return self.mesh.size(1) if self.sharded_by == "head" else 1
+        return self._size("head")
 
-    @property
-    def sharded_by(self) -> str:
-        """What the mesh's second dim places on ranks: "expert" or "head"."""
-        names = self.mesh.mesh_dim_names
-        assert names is not None
-        return names[1]
+    def _size(self, dim: str) -> int:
+        names = self.mesh.mesh_dim_names or ()
+        return self.mesh.size(names.index(dim)) if dim in names else 1
 
     @property
     def is_main(self) -> bool:
@@ -105,21 +102,24 @@ def make_layout(expert: int, device_type: str, data_parallel: DataParallel = "dd
     """Meshes for expert-parallel size `expert`, or head-parallel size `head`, over the current process group (W must
     be a multiple of it)."""
     world = dist.get_world_size()
-    if head > 1 and expert > 1:
-        raise ConfigError(
-            f"parallel.head={head} with parallel.expert={expert}: head and expert parallelism do not compose yet; "
-            "set one of them to 1"
-        )
     for key, size in (("expert", expert), ("head", head)):
         if size < 1 or world % size:
             raise ConfigError(
                 f"parallel.{key} ({size}) must divide the number of processes ({world}); "
                 f"run torchrun --nproc-per-node with a multiple of {size}"
             )
+    if world % (head * expert):
+        raise ConfigError(
+            f"parallel.head × parallel.expert ({head} × {expert}) must divide the number of processes ({world})"
+        )
     if data_parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel.data must be ddp or fsdp, got {data_parallel!r}")
-    size, name = (head, "head") if head > 1 else (expert, "expert")
-    mesh = init_device_mesh(device_type, (world // size, size), mesh_dim_names=("replicate", name))
+    if head > 1:
+        mesh = init_device_mesh(
+            device_type, (world // (head * expert), head, expert), mesh_dim_names=("replicate", "head", "expert")
+        )
+    else:
+        mesh = init_device_mesh(device_type, (world // expert, expert), mesh_dim_names=("replicate", "expert"))
     data_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("data",))
     return Layout(mesh, data_mesh, data_parallel)
 
@@ -145,7 +145,7 @@ def parallelize(
     else:
         shard_experts(model, layout.mesh)
     if balance == "global":  # under head parallelism a head group's batch is already a rank's: add the replicas'
-        group = layout.mesh.get_group("replicate") if layout.head_size > 1 else layout.data_mesh.get_group()
+        group = head_replicas(layout.mesh) if layout.head_size > 1 else layout.data_mesh.get_group()
         use_global_balance(model, group)
     elif balance != "local":
         raise ConfigError(f"parallel.balance must be local or global, got {balance!r}")
