@@ -1,4 +1,5 @@
-"""Expert parallelism, data parallelism and resharding checkpoints on CPU with gloo, 2 and 4 processes.
+"""Expert parallelism, head parallelism, data parallelism and resharding checkpoints on CPU with gloo, 1, 2 and 4
+processes (head parallelism's layer-level checks are in tests/test_family.py).
 
 Every check compares W processes with one process on the same global batch (fp32): outputs, input
 gradients, every parameter gradient, auxiliary loss, router biases; ten training steps; checkpoints saved
