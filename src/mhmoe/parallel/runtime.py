@@ -1,10 +1,10 @@
 """Process group, device mesh and data parallelism for the non-expert parameters.
 
-W ranks, expert-parallel size P or head-parallel size P (a divisor of W; one of the two). Every rank trains on
-its own slice of the global batch. Non-expert parameters (attention, norms, routers, embeddings, shared experts)
+W ranks, expert-parallel size Q and head-parallel size P (P·Q divides W). Every rank trains on its own slice of the
+global batch. Non-expert parameters (attention, norms, routers, embeddings, shared experts)
 are data-parallel over all W ranks: replicated with DDP, or sharded with FSDP2 `fully_shard`; both average their
-gradients over W. Expert weights are sharded over the P ranks of an expert group (`mhmoe.parallel.expert`) or, for
-per-head pools, of a head group (`mhmoe.parallel.head`), and left out of DDP/FSDP, as are the routers of
+gradients over W. Expert weights are sharded over the Q ranks of an expert group (`mhmoe.parallel.expert`) and, for
+per-head pools, the P ranks of a head group (`mhmoe.parallel.head`), and left out of DDP/FSDP, as are the routers of
 head-parallel layers (each computed on its head's ranks only); `finish_gradients` reduces them. Gradient clipping
 and the sigmoid router's bias update need the whole picture, so they live here too.
 
@@ -99,8 +99,8 @@ class Layout:
 
 
 def make_layout(expert: int, device_type: str, data_parallel: DataParallel = "ddp", head: int = 1) -> Layout:
-    """Meshes for expert-parallel size `expert`, or head-parallel size `head`, over the current process group (W must
-    be a multiple of it)."""
+    """Meshes for expert-parallel size `expert` and head-parallel size `head` over the current process group (W must
+    be a multiple of their product)."""
     world = dist.get_world_size()
     for key, size in (("expert", expert), ("head", head)):
         if size < 1 or world % size:

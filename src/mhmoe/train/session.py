@@ -10,6 +10,7 @@ batch_size · W, whatever W is.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
@@ -107,12 +108,13 @@ def start_session(parallel: ParallelConfig, device: torch.device) -> Session:
     group = torch.distributed.is_available() and torch.distributed.is_initialized()
     if group or "WORLD_SIZE" in os.environ:
         return DistributedRun(parallel, device)
-    for key, size in (("expert", parallel.expert), ("head", parallel.head)):
-        if size > 1:
-            raise ConfigError(
-                f"parallel.{key}={size} needs {size} or more processes: "
-                f"torchrun --nproc-per-node {size} -m mhmoe train ..."
-            )
+    sizes = {key: size for key, size in (("expert", parallel.expert), ("head", parallel.head)) if size > 1}
+    if sizes:
+        needed = math.prod(sizes.values())
+        raise ConfigError(
+            f"{' with '.join(f'parallel.{key}={size}' for key, size in sizes.items())} needs {needed} or more "
+            f"processes: torchrun --nproc-per-node {needed} -m mhmoe train ..."
+        )
     return SingleProcess(device)
 
 
