@@ -325,7 +325,7 @@ def _cut(run_dir: Path, to: Path, step: int) -> Path:
 def test_head_parallel_checkpoints_reshard(corpus, tmp_path, monkeypatch):
     """Distributed checkpoints move between head-parallel layouts and one process: a one-process run (torchrun with
     one rank: the same DCP checkpoints) resumed at HP 2 from its step 2, an HP 2 run resumed on one process and at
-    HP 2 × EP 2 on 4 processes from its step 2, each equal to the run it was cut from; a checkpoint one process wrote
+    HP 2 × EP 2 with FSDP2 on 4 processes from its step 2, each equal to the run it was cut from; a checkpoint one process wrote
     loaded at HP 2 gives the logits of its consolidated weights."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("MHMOE_CACHE", str(cache))
@@ -338,9 +338,9 @@ def test_head_parallel_checkpoints_reshard(corpus, tmp_path, monkeypatch):
     to_hp2, to_one = _cut(one, tmp_path / "one-to-hp2", 2), _cut(hp2, tmp_path / "hp2-to-one", 2)
     launch(train_job, 2, tmp_path, 180, str(corpus), str(cache), str(to_hp2), on_two)
     launch(train_job, 1, tmp_path, 180, str(corpus), str(cache), str(to_one), on_one)
-    # and on 4 processes, heads over 2 ranks and each head's experts over 2 (expert parallelism composed)
+    # and on 4 processes, heads over 2 ranks and each head's experts over 2 (expert parallelism composed), FSDP2
     to_both = _cut(hp2, tmp_path / "hp2-to-hp2-ep2", 2)
-    on_four = ["train.batch_size=1", "parallel.head=2", "parallel.expert=2", *options]
+    on_four = ["train.batch_size=1", "parallel.head=2", "parallel.expert=2", "parallel.data=fsdp", *options]
     launch(train_job, 4, tmp_path, 180, str(corpus), str(cache), str(to_both), on_four)
     for resumed, original in ((to_hp2, one), (to_one, hp2), (hp2, one), (to_both, hp2)):
         gap = max(abs(a - b) for a, b in zip(_losses(resumed), _losses(original), strict=True))
