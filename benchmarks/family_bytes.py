@@ -75,7 +75,7 @@ def _worker(rank: int, store_path: str, out: str) -> None:
         if parallel == "expert":
             forward = parallelize(model, make_layout(WORLD, "cpu"))
         else:
-            forward = shard_heads(model, dist.group.WORLD)
+            forward = shard_heads(model, make_layout(1, "cpu", head=WORLD).mesh)
         sent: dict[str, float] = {}
         original = dist.all_to_all_single
         dist.all_to_all_single = _counting(sent, rank, original)  # type: ignore[assignment]

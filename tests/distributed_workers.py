@@ -86,6 +86,8 @@ def _entry(rank: int, fn, world: int, out: Path, timeout: float, args: tuple) ->
 
 
 def _layer(kind: str, router: str, num_experts: int, recompute: bool = False):  # type: ignore[no-untyped-def]
+    """kind: smoe (D = 8), mhmoe (D = 16, 2 heads), or the family's latent (LatentMoE, D = 8 at latent width 6) and
+    mh-latent (Multi-Head LatentMoE, D = 16, latent width 24, 2 heads with their own routers and pools)."""
     from mhmoe import MHMoE, SparseMoE
 
     torch.manual_seed(0)
@@ -93,7 +95,15 @@ def _layer(kind: str, router: str, num_experts: int, recompute: bool = False):  
     common["recompute"] = recompute
     if kind == "mhmoe":
         return MHMoE(d_model=16, num_heads=2, **common)
+    if kind == "mh-latent":
+        return MHMoE(d_model=16, num_heads=2, latent_dim=24, per_head_experts=True, **common)
+    if kind == "latent":
+        return SparseMoE(d_model=8, latent_dim=6, **common)
     return SparseMoE(d_model=8, **common)
+
+
+def _width(kind: str) -> int:
+    return 16 if kind in ("mhmoe", "mh-latent") else 8
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,7 +127,7 @@ def layer_case(rank: int, world: int, case: dict) -> dict:
         bias = reference.moe.router.expert_bias if case["kind"] == "mhmoe" else reference.router.expert_bias
         bias[case["num_experts"] // case["expert"] :] = -100.0
     model = copy.deepcopy(reference)
-    d = 16 if case["kind"] == "mhmoe" else 8
+    d = _width(case["kind"])
     x = torch.randn(case["tokens"], d, generator=torch.Generator().manual_seed(1))
     g = torch.randn(case["tokens"], d, generator=torch.Generator().manual_seed(2))
     # rows of each rank: equal shards, or all on rank 0 ("empty_ranks": the others have no tokens)
@@ -165,15 +175,18 @@ def layer_case(rank: int, world: int, case: dict) -> dict:
 
 
 def head_case(rank: int, world: int, case: dict) -> dict:
-    """A Multi-Head LatentMoE layer with its heads on `world` ranks (head parallelism), forward + backward, against
-    one process on the global batch, float64; and a second identical step, to show the run is bitwise repeatable."""
+    """A Multi-Head LatentMoE layer with its heads over case["head"] ranks (head parallelism through
+    `mhmoe.parallel.parallelize`; each head's experts over case["expert"] ranks; data-parallel over the rest),
+    forward + backward, against one process on the global
+    batch, float64: max abs differences; and a second identical step, to show the run is bitwise repeatable."""
     from mhmoe import MHMoE, MoEConfig
-    from mhmoe.parallel.head import finish_head_gradients, shard_heads
+    from mhmoe.parallel import finish_gradients, make_layout, parallelize
 
     torch.manual_seed(0)
     config = MoEConfig.from_kwargs(num_experts=4, top_k=2, expert_hidden=8, num_heads=case["heads"], latent_dim=24,
                        per_head_experts=True, z_loss_coef=1e-2, router=case["router"],
-                       token_group=case.get("token_group", "call"), capacity_factor=case.get("capacity"))  # fmt: skip
+                       token_group=case.get("token_group", "call"), capacity_factor=case.get("capacity"),
+                       dispatch=case.get("dispatch", "auto"))  # fmt: skip
     reference = MHMoE(config, d_model=16).double()
     B, L = 2 * world, 5
     x = torch.randn(B, L, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -185,43 +198,56 @@ def head_case(rank: int, world: int, case: dict) -> dict:
     out_ref = reference(x_ref, mask)
     ((out_ref.y * g).sum() / (B * L) + out_ref.aux_loss).backward()
 
-    def step() -> tuple[dict, torch.Tensor, torch.Tensor, dict]:
+    def step() -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         model = copy.deepcopy(reference)
-        model.zero_grad()
-        shard_heads(model, dist.group.WORLD)
+        layout = make_layout(case.get("expert", 1), "cpu", case.get("data", "ddp"), head=case.get("head", world))
+        forward = parallelize(model, layout, balance=case.get("balance", "global"))
         x_local = x[rows].clone().requires_grad_()
-        out = model(x_local, None if mask is None else mask[rows])
+        out = forward(x_local, None if mask is None else mask[rows])
         ((out.y * g[rows]).sum() * world / (B * L) + out.aux_loss).backward()
-        for name in ("multi_head_layer", "merge_layer"):  # replicated: the data-parallel average
-            for p in getattr(model, name).parameters():
-                dist.all_reduce(p.grad)
-                p.grad.div_(world)
-        finish_head_gradients(model, world)
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        return grads, out.y.detach(), x_local.grad, {"aux": out.aux_loss.detach()}
+        finish_gradients(model, layout)
+        grads = {n: _full(p.grad).clone() for n, p in model.named_parameters()}
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
+        return grads, out.y.detach(), x_local.grad, out.aux_loss.detach(), local
 
-    grads, y, x_grad, losses = step()
-    aux_mean = losses["aux"].clone()
+    grads, y, x_grad, aux, local_params = step()
+    aux_mean = aux.clone()
     dist.all_reduce(aux_mean)
     diffs = {"y": _max_diff(y, out_ref.y[rows]), "x_grad": _max_diff(x_grad / world, x_ref.grad[rows]),
              "aux_loss (mean over ranks)": _max_diff(aux_mean / world, out_ref.aux_loss)}  # fmt: skip
     ref = dict(reference.named_parameters())
-    heads_per_rank, E = case["heads"] // world, 4
-    for name, grad in grads.items():
-        expected = ref[name].grad
-        if name.startswith("moe.router.heads."):  # local head j is global head rank·Hl + j
-            j = int(name.split(".")[3])
-            expected = ref[name.replace(f"heads.{j}.", f"heads.{rank * heads_per_rank + j}.", 1)].grad
-        elif name.startswith("moe.experts."):
-            expected = expected[rank * heads_per_rank * E : (rank + 1) * heads_per_rank * E]
-        diffs[f"grad:{name}"] = _max_diff(grad, expected)
+    diffs.update({f"grad:{name}": _max_diff(grad, ref[name].grad) for name, grad in grads.items()})
     again = step()
     repeatable = torch.equal(again[1], y) and all(torch.equal(again[0][n], grads[n]) for n in grads)
-    return {"diffs": diffs, "repeatable": repeatable, "local_params": sum(t.numel() for t in grads.values())}
+    return {"diffs": diffs, "repeatable": repeatable, "local_params": local_params,
+            "params": sum(p.numel() for p in reference.parameters()),
+            "expert_params": sum(p.numel() for p in reference.moe.experts.parameters())}  # fmt: skip
 
 
 def head_job(rank: int, world: int, out: Path, cases: list[dict]) -> dict:
     return {case["name"]: head_case(rank, world, case) for case in cases}
+
+
+def layout_errors_job(rank: int, world: int, out: Path) -> dict:
+    """The one-line ConfigErrors of layouts head parallelism cannot honour, by what they are about."""
+    from mhmoe import MHMoE
+    from mhmoe.errors import ConfigError
+    from mhmoe.parallel import make_layout, parallelize
+
+    attempts = {
+        "world": lambda: make_layout(1, "cpu", head=4),
+        "with expert": lambda: make_layout(2, "cpu", head=2),  # 2 × 2 ranks needed
+        "shared pool": lambda: parallelize(
+            MHMoE(d_model=8, num_heads=2, num_experts=4, top_k=2, expert_hidden=8), make_layout(1, "cpu", head=2)
+        ),
+    }
+    errors = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+        except ConfigError as e:
+            errors[name] = str(e)
+    return errors
 
 
 def layer_job(rank: int, world: int, out: Path, cases: list[dict]) -> dict:
@@ -284,8 +310,9 @@ def masked_train_job(
     return {"step": result.step, "tokens_seen": result.tokens_seen}
 
 
-def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int) -> dict:
-    """Load a distributed checkpoint at expert size `expert`: logits on a fixed batch vs the consolidated file."""
+def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int, head: int = 1) -> dict:
+    """Load a distributed checkpoint at expert size `expert` (or head size `head`): logits on a fixed batch vs the
+    consolidated file."""
     from mhmoe.models.gpt import GPT
     from mhmoe.parallel import make_layout, parallelize
     from mhmoe.train.checkpoint import load_model_weights
@@ -297,7 +324,7 @@ def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int) -> 
     torch.manual_seed(123)  # weights unlike the checkpoint's, so loading must change every one of them
     model = GPT(cfg.model)
     plain = copy.deepcopy(model)
-    parallelize(model, make_layout(expert, "cpu"))
+    parallelize(model, make_layout(expert, "cpu", head=head))
     state = load_distributed(path, model)
     load_model_weights(path, plain)  # safetensors only: no torch.distributed involved
     x = torch.randint(0, cfg.model.vocab_size, (3, 16), generator=torch.Generator().manual_seed(5))
@@ -312,15 +339,20 @@ def load_job(rank: int, world: int, out: Path, checkpoint: str, expert: int) -> 
 # ---------------------------------------------------------------------------------------------- failure
 
 
-def dying_job(rank: int, world: int, out: Path) -> dict:
-    """Rank 1 dies (os._exit, like a crash) before the first expert exchange; rank 0, waiting in it,
+def dying_job(rank: int, world: int, out: Path, parallel: str = "expert") -> dict:
+    """Rank 1 dies (os._exit, like a crash) before the first expert (or head) exchange; rank 0, waiting in it,
     must get an error by itself, within the process-group timeout, instead of hanging."""
-    from mhmoe import SparseMoE
+    from mhmoe import MHMoE, SparseMoE
     from mhmoe.parallel import make_layout, parallelize
 
     torch.manual_seed(0)
-    layer = SparseMoE(d_model=8, num_experts=4, top_k=2, expert_hidden=8)
-    forward = parallelize(layer, make_layout(world, "cpu"))
+    if parallel == "head":  # a Multi-Head LatentMoE layer, its 2 heads on the 2 ranks
+        layer = MHMoE(d_model=8, num_heads=2, latent_dim=8, per_head_experts=True, num_experts=4, top_k=2,
+                      expert_hidden=8)  # fmt: skip
+        forward = parallelize(layer, make_layout(1, "cpu", head=world))
+    else:
+        layer = SparseMoE(d_model=8, num_experts=4, top_k=2, expert_hidden=8)
+        forward = parallelize(layer, make_layout(world, "cpu"))
     if rank == 1:
         (out / "rank1.json").write_text(json.dumps({"died": True}))
         os._exit(0)

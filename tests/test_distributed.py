@@ -1,4 +1,5 @@
-"""Expert parallelism, data parallelism and resharding checkpoints on CPU with gloo, 2 and 4 processes.
+"""Expert parallelism, head parallelism, data parallelism and resharding checkpoints on CPU with gloo, 1, 2 and 4
+processes (head parallelism's layer-level checks are in tests/test_family.py).
 
 Every check compares W processes with one process on the same global batch (fp32): outputs, input
 gradients, every parameter gradient, auxiliary loss, router biases; ten training steps; checkpoints saved
@@ -98,6 +99,17 @@ def test_layers_four_processes_and_balance_across_layouts(tmp_path):
     # the global balance loss is one number, whatever the layout (expert-parallel size 1, 2, 4)
     aux = [results[0][c["name"]]["aux_loss"] for c in layouts]
     assert max(aux) - min(aux) <= 1e-7, aux
+
+
+def test_expert_parallel_over_the_family_layers(tmp_path):
+    """LatentMoE (experts at the latent width) and Multi-Head LatentMoE (a router and a pool per head: the inner layer's
+    H·E experts split over the ranks) under expert parallelism equal one process, global balance included."""
+    cases = [
+        _case("latent-softmax-ep2", "latent", "softmax", 2),
+        _case("mh-latent-xmoe-ep2", "mh-latent", "xmoe", 2),
+        _case("mh-latent-sigmoid-ep2-fsdp", "mh-latent", "sigmoid", 2, "fsdp"),
+    ]
+    _check_layers(launch(layer_job, 2, tmp_path, 120, cases), 2)
 
 
 @pytest.fixture
@@ -250,9 +262,13 @@ def test_dead_rank_mid_save_keeps_last_checkpoint(tmp_path):
     assert not (checkpoints / "step-00000002").exists()
 
 
-def test_dead_or_hung_rank_ends_the_job(tmp_path):
-    died = launch(dying_job, 2, tmp_path, 60, pg_timeout_s=10)
+@pytest.mark.parametrize("parallel", ["expert", "head"])
+def test_dead_rank_ends_the_job(tmp_path, parallel):
+    died = launch(dying_job, 2, tmp_path, 60, parallel, pg_timeout_s=10)
     assert died[0]["error"] and died[0]["seconds"] < 10, died[0]  # the survivor errors by itself
+
+
+def test_hung_rank_ends_the_job(tmp_path):
     with pytest.raises(AssertionError, match="Timed out"):  # a peer that never joins: the collective times out
         launch(hanging_job, 2, tmp_path, 60, pg_timeout_s=3)
 
@@ -262,3 +278,74 @@ def test_expert_parallel_without_torchrun_is_a_clear_error(corpus, tmp_path, mon
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="torchrun --nproc-per-node 2"):
         train(tiny_config(corpus, "parallel.expert=2"), tmp_path / "run", progress=False)
+
+
+# ------------------------------------------------------------------------ head parallelism (Multi-Head LatentMoE)
+
+HEAD_MODEL = ["model.ffn.moe.per_head_experts=true", "model.ffn.moe.latent_dim=32"]  # 2 heads, 8 experts each
+SHORT = ["train.max_steps=4", "train.checkpoint_every=2"]  # checkpoints at 2 and 4
+
+
+def _weights_file(run_dir: Path, step: int) -> bytes:
+    return (run_dir / "checkpoints" / f"step-{step:08d}" / "model.safetensors").read_bytes()
+
+
+def test_head_parallel_training_equals_one_process_and_repeats(corpus, tmp_path, monkeypatch):
+    """`mhmoe train` with parallel.head=2 on 2 processes: the losses of 4 steps equal one process on the same global
+    batch, and a rerun gives the same losses and the same weights, bit for bit."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MHMOE_CACHE", str(cache))
+    hp2, rerun, single = tmp_path / "hp2", tmp_path / "rerun", tmp_path / "single"
+    options = ["train.batch_size=2", *HEAD_MODEL, *SHORT, "parallel.head=2", "parallel.balance=global"]
+    first = launch(train_job, 2, tmp_path, 180, str(corpus), str(cache), str(hp2), options)
+    train(tiny_config(corpus, "train.batch_size=4", *HEAD_MODEL, *SHORT), single, progress=False)
+    curve = max(abs(a - b) for a, b in zip(_losses(hp2), _losses(single), strict=True))
+    print(f"\n4 steps, 2 processes (HP 2) vs 1: max |loss difference| {curve:.2e}")
+    assert len(_losses(hp2)) == 4 and curve <= FP32
+    again = launch(train_job, 2, tmp_path, 180, str(corpus), str(cache), str(rerun), options)
+    assert _losses(rerun) == _losses(hp2) and again[0]["val_loss"] == first[0]["val_loss"]
+    assert _weights_file(rerun, 4) == _weights_file(hp2, 4)
+    # the experts were held half by each rank (two chunks of 8 in the checkpoint), the routers by both
+    entries = json.loads((hp2 / "checkpoints" / "step-00000004" / "dcp" / "metadata.json").read_text())["entries"]
+    assert [c[0][0] for c in entries["model.blocks.1.ffn.moe.experts.w_in"]["chunks"]] == [0, 8]
+    assert len(entries["model.blocks.1.ffn.moe.router.heads.1.weight"]["chunks"]) == 1
+
+
+def _cut(run_dir: Path, to: Path, step: int) -> Path:
+    """A copy of a run stopped after its checkpoint of `step` (the later ones gone)."""
+    shutil.copytree(run_dir, to)
+    for later in (to / "checkpoints").glob("step-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    (to / "checkpoints" / "latest").write_text(f"step-{step:08d}\n")
+    return to
+
+
+@pytest.mark.slow  # 25 s on 2 cores: six launches
+def test_head_parallel_checkpoints_reshard(corpus, tmp_path, monkeypatch):
+    """Distributed checkpoints move between head-parallel layouts and one process: a one-process run (torchrun with
+    one rank: the same DCP checkpoints) resumed at HP 2 from its step 2, an HP 2 run resumed on one process and at
+    HP 2 × EP 2 with FSDP2 on 4 processes from its step 2, each equal to the run it was cut from; a checkpoint one process wrote
+    loaded at HP 2 gives the logits of its consolidated weights."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MHMOE_CACHE", str(cache))
+    one, hp2 = tmp_path / "one", tmp_path / "hp2"
+    options = [*HEAD_MODEL, *SHORT, "parallel.balance=global"]
+    on_two = ["train.batch_size=2", "parallel.head=2", *options]
+    on_one = ["train.batch_size=4", *options]
+    launch(train_job, 1, tmp_path, 180, str(corpus), str(cache), str(one), on_one)
+    launch(train_job, 2, tmp_path, 180, str(corpus), str(cache), str(hp2), on_two)
+    to_hp2, to_one = _cut(one, tmp_path / "one-to-hp2", 2), _cut(hp2, tmp_path / "hp2-to-one", 2)
+    launch(train_job, 2, tmp_path, 180, str(corpus), str(cache), str(to_hp2), on_two)
+    launch(train_job, 1, tmp_path, 180, str(corpus), str(cache), str(to_one), on_one)
+    # and on 4 processes, heads over 2 ranks and each head's experts over 2 (expert parallelism composed), FSDP2
+    to_both = _cut(hp2, tmp_path / "hp2-to-hp2-ep2", 2)
+    on_four = ["train.batch_size=1", "parallel.head=2", "parallel.expert=2", "parallel.data=fsdp", *options]
+    launch(train_job, 4, tmp_path, 180, str(corpus), str(cache), str(to_both), on_four)
+    for resumed, original in ((to_hp2, one), (to_one, hp2), (hp2, one), (to_both, hp2)):
+        gap = max(abs(a - b) for a, b in zip(_losses(resumed), _losses(original), strict=True))
+        print(f"\n{resumed.name} vs {original.name}: max |loss difference| {gap:.2e}")
+        assert gap <= FP32, (resumed.name, gap)
+    step4 = latest_checkpoint(to_one / "checkpoints")  # written by one process; loaded with the heads on 2 ranks
+    results = launch(load_job, 2, tmp_path, 120, str(step4), 1, 2)
+    assert all(r["step"] == 4 and r["logits_vs_consolidated"] <= 1e-6 for r in results), results

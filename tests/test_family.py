@@ -466,25 +466,65 @@ def test_swapped_nemotron_h_equals_the_original():
 # ----------------------------------------------------------------- head parallelism (gloo, 2 processes)
 
 
+def _check_head_cases(results: list[dict]) -> None:
+    for rank, result in enumerate(results):
+        for name, case in result.items():
+            bad = {k: v for k, v in case["diffs"].items() if v > 1e-12}
+            assert not bad, f"{name}, rank {rank}: {bad}"
+            assert case["repeatable"], f"{name}, rank {rank}: a rerun differs"
+
+
 def test_head_parallel_equals_one_process(tmp_path):
-    """Heads on 2 ranks: outputs, input gradients, every gradient (replicated head and merge layers averaged, the
-    sharded routers and experts finished by finish_head_gradients) and the mean auxiliary loss equal one process on
-    the global batch, float64; a second run of the same step is bitwise identical."""
+    """Heads on 2 ranks (`mhmoe.parallel.parallelize` with make_layout(head=2)): outputs, input gradients, every
+    gradient (replicated head and merge layers averaged by DDP or FSDP2, the sharded experts and the routers, each
+    run on its head's rank, finished by finish_gradients) and the mean auxiliary loss equal one process on the global
+    batch, float64; a second run of the same step is bitwise identical."""
     from distributed_workers import head_job, launch
 
     cases = [
         dict(name="softmax-4-heads", heads=4, router="softmax"),
         dict(name="sigmoid-2-heads-masked", heads=2, router="sigmoid", mask=True),
         dict(name="per-sequence-capacity", heads=4, router="softmax", token_group="sequence", capacity=1.0),
+        dict(name="call-capacity-local-balance", heads=2, router="softmax", capacity=1.0, balance="local"),
+        dict(name="xmoe-reference-dispatch-fsdp", heads=4, router="xmoe", dispatch="reference", data="fsdp"),
     ]
     results = launch(head_job, 2, tmp_path, 240, cases)
-    for rank, result in enumerate(results):
-        for name, case in result.items():
-            bad = {k: v for k, v in case["diffs"].items() if v > 1e-12}
-            assert not bad, f"{name}, rank {rank}: {bad}"
-            assert case["repeatable"], f"{name}, rank {rank}: a rerun differs"
-    # each rank holds half of the routers and experts (and the replicated head and merge layers)
-    assert results[0]["softmax-4-heads"]["local_params"] == results[1]["softmax-4-heads"]["local_params"]
+    _check_head_cases(results)
+    # each rank holds half of the experts (routers, head and merge layers replicated)
+    for result in results:
+        case = result["softmax-4-heads"]
+        assert case["local_params"] == case["params"] - case["expert_params"] // 2
+
+
+def test_head_parallel_with_replicas_on_four_processes(tmp_path):
+    """Heads over 2 ranks, replicated twice (4 processes): the replicas' expert gradients are summed, the balance loss
+    is over the global batch (reduced over the replicas), DDP or FSDP2 for the rest; heads over all 4 ranks; and head
+    parallelism composed with expert parallelism, heads over 2 ranks and each head's experts over 2."""
+    from distributed_workers import head_job, launch
+
+    cases = [
+        dict(name="head-2-ddp", heads=4, router="softmax", head=2),
+        dict(name="head-2-fsdp-sigmoid-masked", heads=2, router="sigmoid", head=2, data="fsdp", mask=True),
+        dict(name="head-4", heads=4, router="xmoe", head=4),
+        dict(name="head-2-expert-2", heads=4, router="softmax", head=2, expert=2),
+        dict(
+            name="head-2-expert-2-fsdp-sigmoid-masked-capacity",
+            heads=2,
+            router="sigmoid",
+            head=2,
+            expert=2,
+            data="fsdp",
+            mask=True,
+            token_group="sequence",
+            capacity=1.0,
+        ),
+    ]
+    results = launch(head_job, 4, tmp_path, 240, cases)
+    _check_head_cases(results)
+    for result in results:  # a quarter of the experts on each rank when heads and experts are split over 2 × 2
+        for name, parts in (("head-2-ddp", 2), ("head-4", 4), ("head-2-expert-2", 4)):
+            case = result[name]
+            assert case["local_params"] == case["params"] - case["expert_params"] + case["expert_params"] // parts
 
 
 def test_head_parallel_refuses_what_it_cannot_place():
@@ -500,6 +540,57 @@ def test_head_parallel_refuses_what_it_cannot_place():
     with pytest.raises(ValueError, match="does not place shared experts"):
         check_head_layout(mh_latent_moe(num_heads=2, num_shared_experts=1), 2)
     assert check_head_layout(mh_latent_moe(num_heads=4), 2)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["parallel.head=2"], "parallel.head=2 needs MH-MoE layers with a router and a pool of experts per head; set "
+         "model.ffn.kind=mhmoe and model.ffn.moe.per_head_experts=true, or parallel.head=1"),
+        (["model.ffn.kind=smoe", "parallel.head=2"], "parallel.head=2 needs MH-MoE layers"),
+        (["model.ffn.moe.per_head_experts=true", "parallel.head=4"],
+         "model.ffn.moe.num_heads (2) must be divisible by parallel.head (4): each rank holds num_heads / "
+         "parallel.head heads"),
+        (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "parallel.expert=2", "model.ffn.moe.dispatch=reference"],
+         "parallel.head=2 with parallel.expert=2 needs the sorted dispatch; drop model.ffn.moe.dispatch=reference"),
+        (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "model.ffn.moe.num_shared_experts=1"],
+         "parallel.head=2 does not place shared experts; set model.ffn.moe.num_shared_experts=0"),
+        (["model.ffn.moe.per_head_experts=true", "parallel.head=2", "model.ffn.moe.expert_bias=true"],
+         "parallel.head=2 does not shard expert biases yet; set model.ffn.moe.expert_bias=false"),
+        (["parallel.head=0"], "parallel.head must be >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_head_parallel_settings_it_cannot_honour_are_one_line_errors(capsys, overrides, message):
+    from mhmoe.cli import main
+
+    assert main(["train", "--preset", "cpu-tiny", *[f"--set={item}" for item in overrides]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mhmoe: error: {message}") and "\n" not in err, err
+
+
+def test_head_parallel_without_torchrun_or_on_a_world_it_does_not_divide(tmp_path, capsys, monkeypatch):
+    """parallel.head=2 in a plain process is one line naming the torchrun command; on 2 processes, parallel.head=4
+    (a world it does not divide), head with expert parallelism, or a model without per-head pools are one line each."""
+    from distributed_workers import launch, layout_errors_job
+
+    from mhmoe.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MHMOE_CACHE", str(tmp_path / "cache"))
+    sets = ["--set=model.ffn.moe.per_head_experts=true", "--set=parallel.head=2", "--set=train.max_steps=1"]
+    assert main(["train", "--preset", "cpu-tiny", "--out", str(tmp_path / "run"), *sets]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err == "mhmoe: error: parallel.head=2 needs 2 or more processes: torchrun --nproc-per-node 2 -m mhmoe train ..."
+    )
+    errors = launch(layout_errors_job, 2, tmp_path, 60)[0]
+    assert errors == {
+        "world": "parallel.head (4) must divide the number of processes (2); run torchrun --nproc-per-node with a "
+        "multiple of 4",
+        "with expert": "parallel.head × parallel.expert (2 × 2) must divide the number of processes (2)",
+        "shared pool": "parallel.head=2: head parallelism needs a router and a pool of experts per head "
+        "(per_head_experts=True): with one router and pool shared by the heads every rank would need every expert",
+    }
 
 
 def test_all_to_all_values_per_token():

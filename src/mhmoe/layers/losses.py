@@ -82,6 +82,30 @@ def _sequence_balance_loss(
     return mean
 
 
+def pool_balance_loss(
+    probs_PSE: Tensor, choices_PSC: Tensor, valid_PS: Tensor | None = None, reduce: Reduce | None = None
+) -> Tensor:
+    """`balance_loss` of each of P pools of experts (a router per pool, `HeadRouters`) on its own items, averaged over
+    the pools that have a valid item: probs_PSE (P, S, E) each pool's items' probabilities over its own E experts,
+    choices_PSC (P, S, C) in 0 … E−1. With `reduce`, each pool's means run over its items in the whole batch (one
+    reduce call for all pools), so a pool's loss is the one over the global batch however the batch is split."""
+    P, S, E = probs_PSE.shape
+    C = choices_PSC.shape[-1]
+    w_PS = _weights(probs_PSE.reshape(P * S, E), None if valid_PS is None else valid_PS.reshape(-1)).view(P, S)
+    prob_sum_PE = torch.where(w_PS.unsqueeze(-1) > 0, probs_PSE, 0).sum(1)  # NaN-safe
+    slot_R = (torch.arange(P, device=probs_PSE.device).view(P, 1, 1) * E + choices_PSC).reshape(-1)
+    count_PE = probs_PSE.new_zeros(P * E).scatter_add_(0, slot_R, w_PS.repeat_interleave(C, dim=1).reshape(-1))
+    stats = [prob_sum_PE, count_PE.view(P, E).detach(), w_PS.sum(1)]
+    if reduce is not None:
+        packed = reduce(torch.cat([t.reshape(-1) for t in stats]))
+        stats = [part.view(t.shape) for part, t in zip(packed.split([t.numel() for t in stats]), stats)]
+    prob_sum_PE, count_PE, items_P = stats
+    per_item_P1 = items_P.clamp_min(1).unsqueeze(-1)
+    loss_P = E * ((prob_sum_PE / per_item_P1) * (count_PE / per_item_P1)).sum(-1)
+    has_items_P = (items_P > 0).to(loss_P.dtype)
+    return (loss_P * has_items_P).sum() / has_items_P.sum().clamp_min(1)
+
+
 def z_loss(logits_SE: Tensor, valid_S: Tensor | None = None, reduce: Reduce | None = None) -> Tensor:
     """Router z-loss (ST-MoE): mean of logsumexp(logits)² — keeps router logits small."""
     z_S = torch.logsumexp(logits_SE, dim=-1).square()

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.experts import DenseFFN, Experts, check_positive, integer
-from mhmoe.layers.losses import Reduce, balance_loss, z_loss
+from mhmoe.layers.losses import Reduce, balance_loss, pool_balance_loss, z_loss
 from mhmoe.layers.routers import Router, RouterOutput, make_router
 from mhmoe.ops.backend import DispatchName, compute_dtype, resolve_backend
 from mhmoe.ops.capacity import capacity_keep, expert_capacity
@@ -279,7 +279,12 @@ class SparseMoE(MoELayer):
         P = self.router.pools
         if P == 1:
             return balance_loss(r.balance_probs, choices, valid_S, self.loss_reduce, group_size)
-        group_size = (choices.shape[0] if group_size is None else group_size) // P
+        if group_size is None:  # each pool's loss over all its items (of the global batch, with loss_reduce)
+            E = self.num_experts // P
+            probs, local = r.balance_probs.view(-1, P, E), (choices % E).view(-1, P, choices.shape[1:].numel())
+            valid = None if valid_S is None else valid_S.view(-1, P).t()
+            return pool_balance_loss(probs.transpose(0, 1), local.transpose(0, 1), valid, self.loss_reduce)
+        group_size //= P
         probs, local = _pool_major(r.balance_probs, P), _pool_major(choices % (self.num_experts // P), P)
         valid = None if valid_S is None else _pool_major(valid_S, P)
         return balance_loss(probs, local, valid, self.loss_reduce, group_size)

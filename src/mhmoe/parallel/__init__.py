@@ -1,4 +1,5 @@
-"""Scale-out on torch.distributed: expert parallelism, DDP / FSDP2 for the rest, resharding checkpoints.
+"""Scale-out on torch.distributed: expert parallelism, head parallelism (`mhmoe.parallel.head`, make_layout(1, ...,
+head=P)), DDP / FSDP2 for the rest, resharding checkpoints.
 
 The layers know nothing of this package: it installs an all-to-all `ExpertRunner` and a global
 `loss_reduce` on each SparseMoE from outside. Typical use, one process per device under torchrun:

@@ -28,6 +28,8 @@ sums over the replicas and divides by W — not by P or W / P (the classic EP sc
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -151,20 +153,32 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
             raise ValueError(
                 "expert parallelism does not support expert biases yet (expert_bias=True); use parallel.expert=1"
             )
-    group, (rank, size) = mesh.get_group("expert"), (mesh.get_local_rank("expert"), mesh.size(1))
+    group = mesh.get_group("expert")
     for moe in moe_layers(model):
         if moe.dispatch == "reference":
             raise ValueError("expert parallelism needs the sorted dispatch; got a SparseMoE with dispatch='reference'")
         runner = AllToAllExperts(group, moe.num_experts)
-        for name in EXPERT_WEIGHTS:
-            full = getattr(moe.experts, name)
-            if isinstance(full, DTensor):
-                raise ValueError("shard_experts was already applied to this model")
-            part = full.detach().chunk(size, dim=0)[rank].clone()
-            sharded = DTensor.from_local(part, mesh, [Replicate(), Shard(0)], run_check=False)
-            setattr(moe.experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
+        shard_expert_weights(moe, mesh)
         moe.expert_runner = runner
     return model
+
+
+def shard_expert_weights(moe: SparseMoE, mesh: DeviceMesh) -> None:
+    """Replace moe's expert weights by DTensors, Replicate over the mesh's first dim ("replicate") and Shard(0) over
+    each of the others in turn: with sizes P1, P2, … this rank keeps slice p1·P2·… + p2·… + … of the full weights
+    (its row-major position among the sharding dims). In place."""
+    sizes = mesh.shape[1:]
+    index = 0
+    for dim, size in enumerate(sizes, start=1):
+        index = index * size + mesh.get_local_rank(dim)
+    parts = math.prod(sizes)
+    for name in EXPERT_WEIGHTS:
+        full = getattr(moe.experts, name)
+        if isinstance(full, DTensor):
+            raise ValueError("the experts of this model were already sharded")
+        part = full.detach().chunk(parts, dim=0)[index].clone()
+        sharded = DTensor.from_local(part, mesh, [Replicate(), *[Shard(0)] * len(sizes)], run_check=False)
+        setattr(moe.experts, name, nn.Parameter(sharded, requires_grad=full.requires_grad))
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
 """Process group, device mesh and data parallelism for the non-expert parameters.
 
-W ranks, expert-parallel size P (a divisor of W). Every rank trains on its own slice of the global batch.
-Non-expert parameters (attention, norms, routers, embeddings, shared experts) are data-parallel over all
-W ranks: replicated with DDP, or sharded with FSDP2 `fully_shard`; both average their gradients over W.
-Expert weights are sharded over the P ranks of an expert group (`mhmoe.parallel.expert`) and left out of
-DDP/FSDP; `finish_gradients` reduces them. Gradient clipping and the sigmoid router's bias update need the
-whole picture, so they live here too.
+W ranks, expert-parallel size Q and head-parallel size P (P·Q divides W). Every rank trains on its own slice of the
+global batch. Non-expert parameters (attention, norms, routers, embeddings, shared experts)
+are data-parallel over all W ranks: replicated with DDP, or sharded with FSDP2 `fully_shard`; both average their
+gradients over W. Expert weights are sharded over the Q ranks of an expert group (`mhmoe.parallel.expert`) and, for
+per-head pools, the P ranks of a head group (`mhmoe.parallel.head`), and left out of DDP/FSDP, as are the routers of
+head-parallel layers (each computed on its head's ranks only); `finish_gradients` reduces them. Gradient clipping
+and the sigmoid router's bias update need the whole picture, so they live here too.
 
 Failure behaviour: the process group is created with a timeout; a collective that waits longer (a peer
 died, hung or diverged) raises on every rank that waits, so the job ends with an error instead of hanging.
@@ -34,6 +35,7 @@ from mhmoe.parallel.expert import (
     shard_experts,
     use_global_balance,
 )
+from mhmoe.parallel.head import finish_router_gradients, head_replicas, router_parameters, shard_heads
 
 DataParallel = Literal["ddp", "fsdp"]
 Balance = Literal["local", "global"]
@@ -64,7 +66,8 @@ def init_distributed(device: torch.device, backend: str = "auto", timeout_s: flo
 
 @dataclass
 class Layout:
-    """Where this rank sits: a 2-D mesh ("replicate", "expert") of W ranks and a 1-D ("data",) mesh of all W."""
+    """Where this rank sits: a 2-D mesh ("replicate", "expert") of W ranks — 3-D ("replicate", "head", "expert")
+    under head parallelism — and a 1-D ("data",) mesh of all W."""
 
     mesh: DeviceMesh
     data_mesh: DeviceMesh
@@ -80,21 +83,43 @@ class Layout:
 
     @property
     def expert_size(self) -> int:
-        return self.mesh.size(1)
+        return self._size("expert")
+
+    @property
+    def head_size(self) -> int:
+        return self._size("head")
+
+    def _size(self, dim: str) -> int:
+        names = self.mesh.mesh_dim_names or ()
+        return self.mesh.size(names.index(dim)) if dim in names else 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def make_layout(expert: int, device_type: str, data_parallel: DataParallel = "ddp") -> Layout:
-    """Meshes for expert-parallel size `expert` over the current process group (W must be a multiple of it)."""
+def make_layout(expert: int, device_type: str, data_parallel: DataParallel = "ddp", head: int = 1) -> Layout:
+    """Meshes for expert-parallel size `expert` and head-parallel size `head` over the current process group (W must
+    be a multiple of their product)."""
     world = dist.get_world_size()
-    if expert < 1 or world % expert:
-        raise ConfigError(f"parallel.expert ({expert}) must divide the number of processes ({world})")
+    for key, size in (("expert", expert), ("head", head)):
+        if size < 1 or world % size:
+            raise ConfigError(
+                f"parallel.{key} ({size}) must divide the number of processes ({world}); "
+                f"run torchrun --nproc-per-node with a multiple of {size}"
+            )
+    if world % (head * expert):
+        raise ConfigError(
+            f"parallel.head × parallel.expert ({head} × {expert}) must divide the number of processes ({world})"
+        )
     if data_parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel.data must be ddp or fsdp, got {data_parallel!r}")
-    mesh = init_device_mesh(device_type, (world // expert, expert), mesh_dim_names=("replicate", "expert"))
+    if head > 1:
+        mesh = init_device_mesh(
+            device_type, (world // (head * expert), head, expert), mesh_dim_names=("replicate", "head", "expert")
+        )
+    else:
+        mesh = init_device_mesh(device_type, (world // expert, expert), mesh_dim_names=("replicate", "expert"))
     data_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("data",))
     return Layout(mesh, data_mesh, data_parallel)
 
@@ -102,30 +127,40 @@ def make_layout(expert: int, device_type: str, data_parallel: DataParallel = "dd
 def parallelize(
     model: nn.Module, layout: Layout, balance: Balance = "local", partial_forwards: bool = False
 ) -> nn.Module:
-    """Shard the experts, choose the balance statistics, wrap the rest for data parallelism.
+    """Shard the experts (or, with a head layout, the per-head layers' heads), choose the balance statistics, wrap the
+    rest for data parallelism.
 
     `model` is changed in place (keep it: its state dict, modules and parameters are the ones to save,
     clip and update); the returned module is the one to call in training (a DDP wrapper, or model itself
-    under FSDP2). balance: "local" — router losses over each rank's micro-batch; "global" — over all ranks'.
+    under FSDP2). balance: "local" — router losses over each rank's micro-batch (a head group's, under head
+    parallelism); "global" — over all ranks'.
     partial_forwards: a forward may use only part of the parameters (e.g. a multiway model's text-only forward
     leaves the vision FFNs unused); DDP then looks for the unused ones after each forward.
     """
-    shard_experts(model, layout.mesh)
-    if balance == "global":
-        use_global_balance(model, layout.data_mesh.get_group())
+    if layout.head_size > 1:
+        try:
+            shard_heads(model, layout.mesh)
+        except ValueError as e:
+            raise ConfigError(f"parallel.head={layout.head_size}: {e}") from None
+    else:
+        shard_experts(model, layout.mesh)
+    if balance == "global":  # under head parallelism a head group's batch is already a rank's: add the replicas'
+        group = head_replicas(layout.mesh) if layout.head_size > 1 else layout.data_mesh.get_group()
+        use_global_balance(model, group)
     elif balance != "local":
         raise ConfigError(f"parallel.balance must be local or global, got {balance!r}")
-    experts = set(expert_parameters(model))  # Tensor hashes are ids: membership is identity
+    # left to finish_gradients (Tensor hashes are ids: membership is identity)
+    own = set(expert_parameters(model)) | set(router_parameters(model))
     if layout.data_parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         for block in getattr(model, "blocks", []):
-            fully_shard(block, mesh=layout.data_mesh, ignored_params=experts)
-        fully_shard(model, mesh=layout.data_mesh, ignored_params=experts)
+            fully_shard(block, mesh=layout.data_mesh, ignored_params=own)
+        fully_shard(model, mesh=layout.data_mesh, ignored_params=own)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    ignored = [name for name, p in model.named_parameters() if p in experts]
+    ignored = [name for name, p in model.named_parameters() if p in own]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [torch.cuda.current_device()] if layout.mesh.device_type == "cuda" else None
     # No buffer sync in forward: the sigmoid router's load counter differs per rank until `update_router_biases`
@@ -137,8 +172,10 @@ def parallelize(
 
 
 def finish_gradients(model: nn.Module, layout: Layout) -> None:
-    """After the step's backward passes: expert gradients → the single-process gradient (DDP/FSDP did the rest)."""
+    """After the step's backward passes: expert gradients (and head-parallel routers') → the single-process gradient
+    (DDP/FSDP did the rest)."""
     finish_expert_gradients(model, layout.mesh)
+    finish_router_gradients(model)
 
 
 @torch.no_grad()

@@ -89,6 +89,8 @@ class ParallelConfig:
     """Used when launched by torchrun (`mhmoe.parallel`); a plain `mhmoe train` ignores it."""
 
     expert: int = 1  # expert-parallel size P: each MoE layer's experts split over P ranks (P divides the world)
+    head: int = 1  # head-parallel size P: each per-head MH-MoE layer's heads (their experts) over P ranks; with
+    # expert > 1 too, each head's experts over `expert` ranks (P · expert divides the world)
     data: DataParallel = "ddp"  # non-expert parameters over all ranks: "ddp" (replicated) or "fsdp" (FSDP2)
     balance: Balance = "local"  # router losses over each rank's micro-batch ("local") or all ranks' ("global")
     backend: Backend = "auto"  # "auto" (NCCL on CUDA, gloo on CPU), "gloo" or "nccl"
@@ -592,7 +594,29 @@ def validate_parallel(p: ParallelConfig, ffn: FFNConfig) -> None:
         ffn.kind == "dense" or ffn.moe.num_experts % p.expert == 0,
         f"model.ffn.moe.num_experts ({ffn.moe.num_experts}) must be divisible by parallel.expert ({p.expert})",
     )
+    if p.head != 1:
+        validate_head_parallel(p, ffn)
     _check(p.data in get_args(DataParallel), f"parallel.data must be ddp or fsdp, got {p.data!r}")
     _check(p.balance in get_args(Balance), f"parallel.balance must be local or global, got {p.balance!r}")
     _check(p.backend in get_args(Backend), f"parallel.backend must be auto, gloo or nccl, got {p.backend!r}")
     _check(0 < p.timeout_s < math.inf, f"parallel.timeout_s must be a number of seconds > 0, got {p.timeout_s}")
+
+
+def validate_head_parallel(p: ParallelConfig, ffn: FFNConfig) -> None:
+    """What head parallelism (`mhmoe.parallel.head`) needs of the model: per-head pools it can place whole."""
+    m, key = ffn.moe, f"parallel.head={p.head}"
+    _check(p.head >= 1, f"parallel.head must be >= 1, got {p.head}")
+    _check(
+        ffn.kind == "mhmoe" and m.per_head_experts,
+        f"{key} needs MH-MoE layers with a router and a pool of experts per head; set model.ffn.kind=mhmoe and "
+        "model.ffn.moe.per_head_experts=true, or parallel.head=1",
+    )
+    _check(
+        m.num_heads % p.head == 0,
+        f"model.ffn.moe.num_heads ({m.num_heads}) must be divisible by parallel.head ({p.head}): each rank holds "
+        "num_heads / parallel.head heads",
+    )
+    _check(p.expert == 1 or m.dispatch != "reference",
+           f"{key} with parallel.expert={p.expert} needs the sorted dispatch; drop model.ffn.moe.dispatch=reference")  # fmt: skip
+    _check(m.num_shared_experts == 0, f"{key} does not place shared experts; set model.ffn.moe.num_shared_experts=0")
+    _check(not m.expert_bias, f"{key} does not shard expert biases yet; set model.ffn.moe.expert_bias=false")

@@ -10,6 +10,7 @@ batch_size · W, whatever W is.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
@@ -107,10 +108,12 @@ def start_session(parallel: ParallelConfig, device: torch.device) -> Session:
     group = torch.distributed.is_available() and torch.distributed.is_initialized()
     if group or "WORLD_SIZE" in os.environ:
         return DistributedRun(parallel, device)
-    if parallel.expert > 1:
+    sizes = {key: size for key, size in (("expert", parallel.expert), ("head", parallel.head)) if size > 1}
+    if sizes:
+        needed = math.prod(sizes.values())
         raise ConfigError(
-            f"parallel.expert={parallel.expert} needs {parallel.expert} or more processes: "
-            f"torchrun --nproc-per-node {parallel.expert} -m mhmoe train ..."
+            f"{' with '.join(f'parallel.{key}={size}' for key, size in sizes.items())} needs {needed} or more "
+            f"processes: torchrun --nproc-per-node {needed} -m mhmoe train ..."
         )
     return SingleProcess(device)
 
@@ -121,7 +124,7 @@ class DistributedRun:
     def __init__(self, p: ParallelConfig, device: torch.device):
         self.owns_group = not dist.is_initialized()
         self.device = runtime.init_distributed(device, p.backend, p.timeout_s)
-        self.layout = runtime.make_layout(p.expert, self.device.type, p.data)
+        self.layout = runtime.make_layout(p.expert, self.device.type, p.data, p.head)
         self.balance = p.balance
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
