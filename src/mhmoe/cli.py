@@ -816,9 +816,9 @@ def main(argv: list[str] | None = None) -> int:
         message = user_message(e, args.verb)
         if message is None or os.environ.get("MHMOE_TRACEBACK", "") not in ("", "0"):
             raise
-        line = _error_line(message, e)
-        if line:
-            print(line, file=sys.stderr)
+        shown = _error_line(message, e)
+        if shown:
+            print(shown, file=sys.stderr)
         return 2
 
 
