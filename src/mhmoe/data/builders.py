@@ -39,6 +39,10 @@ FASHION_CLASSES = (
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")  # fmt: skip
 # Brown tags of punctuation that may stand in a headline line (all its words tagged "-hl")
+# a host of the Debian package archive: a handbook line or fortune entry naming one is left out of multilingual/
+ARCHIVE_HOSTS = re.compile(
+    r"\b(?:deb|ftp|security|backports|ftp-master|snapshot|ports|httpredir|archive|ftp\.[a-z-]+)\.debian\.org"
+)
 _HEADLINE_PUNCT = {".", ",", ":", "(", ")", ";"}
 _CLOSING = {".", ",", ";", ":", "?", "!", ")", "]", "}", "''", "..."}
 _OPENING = {"(", "[", "{", "``"}

