@@ -173,6 +173,7 @@ HANDBOOK_INDEX = """<?xml version="1.0" encoding="UTF-8"?><html><head><title>Boo
 <pre class="screen">$ a command</pre><ul><li class="listitem"><p>An item</p></li></ul>
 <table><tr><td>cell one</td><td>cell two</td></tr></table>
 <div class="para">Fetched from deb.debian.org: left out</div><div class="para">www.debian.org stays</div>
+<div class="para">Licence: <a href="https://example.org/licence.html">a page of another site</a></div>
 <ul class="docnav"><li class="next"><a href="ch1.html"><strong>Next</strong>1. Chapter</a></li></ul></body></html>
 """
 HANDBOOK_CHAPTER = """<html><body><div class="section"><h2 class="title">1. Chapter</h2><div class="para">Text of
@@ -202,6 +203,7 @@ def test_handbook_page_lines_and_pages(tmp_path):
         "cell two",
         "Fetched from deb.debian.org: left out",  # (archive hosts are dropped by handbook_pages)
         "www.debian.org stays",
+        "Licence: a page of another site",
     ]  # no banner, title links, navigation, table of contents or <pre>
     make_handbook_package(tmp_path)
     folder = tmp_path / handbook.HANDBOOK_HTML / "en-US"

@@ -1,8 +1,8 @@
 """The Debian handbook text of multilingual/ (`mhmoe data prepare multilingual`), byte for byte as the offline data
 pack has it, for the edition that needs no filter of untranslated paragraphs: en-US.
 
-pages: the HTML files of usr/share/doc/debian-handbook/html/<locale>/ in book order (the order of the first links to
-    them in index.html, index.html itself first) (`book_order`).
+pages: the HTML files of usr/share/doc/debian-handbook/html/<locale>/ in book order: the pages index.html links to
+    (no anchors, no other sites), in the order of their first link; index.html links to itself first (`book_order`).
 lines: the text of a page split at the start and end of every block element (headings, paragraphs, list items,
     table cells, divisions, ...) and at index-term anchors; each piece NFC, without control characters, runs of ASCII
     white space made one space and stripped; empty pieces dropped. Left out: <head>, <pre> blocks (commands,
@@ -31,7 +31,7 @@ _BLOCKS = frozenset(
 )  # fmt: skip
 _VOID = frozenset({"br", "img", "meta", "link", "hr", "col", "area", "input"})
 _LEFT_OUT_TAGS = frozenset({"head", "pre", "script", "style"})
-_LINK = re.compile(r'href="([^"#]+\.html)')
+_LINK = re.compile(r'href="([^"#:]+\.html)')  # a page of the edition: no anchor, no scheme
 
 
 class _Page(HTMLParser):
