@@ -272,10 +272,10 @@ def prepare(
 
 @contextlib.contextmanager
 def working_folder(out: Path) -> Iterator[str]:
-    """A hidden temporary folder in `out` for the downloads and unpacked packages (up to ~60 MB), removed when the command
-    ends however it ends (an error, Ctrl-C, SIGTERM: `mhmoe.io.signals_raise`); what a SIGKILL leaves there, and
-    the temporary files of writes it cut short, are removed (with a line) when the next `prepare` into `out`
-    starts, under the folder's lock."""
+    """A hidden temporary folder in `out` for the downloads and unpacked packages (up to ~140 MB: multilingual's
+    Debian handbook holds every language), removed when the command ends however it ends (an error, Ctrl-C,
+    SIGTERM: `mhmoe.io.signals_raise`); what a SIGKILL leaves there, and the temporary files of writes it cut short,
+    are removed (with a line) when the next `prepare` into `out` starts, under the folder's lock."""
     for folder in sorted({out, *((out / relative).parent for relative in PACK_SHA256)}):
         remove_temporaries(folder, "an interrupted `mhmoe data prepare`")
     with tempfile.TemporaryDirectory(prefix=f".work{TEMP_MARK}", dir=out) as tmp:
