@@ -39,6 +39,10 @@ FASHION_CLASSES = (
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")  # fmt: skip
 # Brown tags of punctuation that may stand in a headline line (all its words tagged "-hl")
+# a host of the Debian package archive: a handbook line or fortune entry naming one is left out of multilingual/
+ARCHIVE_HOSTS = re.compile(
+    r"\b(?:deb|ftp|security|backports|ftp-master|snapshot|ports|httpredir|archive|ftp\.[a-z-]+)\.debian\.org"
+)
 _HEADLINE_PUNCT = {".", ",", ":", "(", ")", ";"}
 _CLOSING = {".", ",", ";", ":", "?", "!", ")", "]", "}", "''", "..."}
 _OPENING = {"(", "[", "{", "``"}
@@ -52,10 +56,13 @@ def gzip_bytes(data: bytes) -> bytes:
     return out.getvalue()
 
 
-def clean_text(text: str) -> str:
-    """NFC, `\\n` newlines, no control characters but tab and newline, no trailing spaces, single blank lines."""
+def clean_text(text: str, controls_only: bool = False) -> str:
+    """NFC, `\\n` newlines, no control characters but tab and newline, no trailing spaces, single blank lines.
+    Removed: every character of Unicode category C (format, private use, unassigned too), or with `controls_only`
+    only the control characters (Cc)."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = "".join(c for c in text if c in "\t\n" or unicodedata.category(c)[0] != "C")
+    removed = "Cc" if controls_only else "C"
+    text = "".join(c for c in text if c in "\t\n" or not unicodedata.category(c).startswith(removed))
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
 
@@ -115,10 +122,11 @@ def brown_text(raw: str) -> str:
 
 def assign_splits(docs: list[dict]) -> None:
     """Set each document's "split": in sha256(id) order, the split furthest below its SPLIT_SHARES share of the
-    characters assigned so far (this document included). Call once per source."""
+    characters assigned so far (this document included). A document's characters: its "size" if it has one, else
+    the length of its "text". Call once per source."""
     total, assigned = 0, dict.fromkeys(SPLIT_SHARES, 0)
     for doc in sorted(docs, key=lambda d: hashlib.sha256(d["id"].encode()).hexdigest()):
-        size = len(doc["text"])
+        size = doc["size"] if "size" in doc else len(doc["text"])
         deficit = {s: share * (total + size) - assigned[s] for s, share in SPLIT_SHARES.items()}
         split = max(assigned, key=lambda s: deficit[s])
         doc["split"] = split
