@@ -56,6 +56,7 @@ PARTS = (
     "all",
     "decisive",
     "v2",
+    "family",
 )  # mhmoe.experiments.common.PARTS (imports none)
 SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
 # default --seeds with --gpu, else 5: the most that keeps a part within one command; the quick runs' spread asks 11-14
@@ -532,8 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
         "smoe's router); heads: smoe, mhmoe_flops_softmax, mhmoe_h1 (H = 1), mhmoe_nohm (no head and merge "
         "layers); all: every model, with the attribution table; decisive (english): dense, smoe_fine, mhmoe_flops "
         "with two primary contrasts, >= 8 M tokens with --gpu; v2: v2's Table 1 (SwiGLU top-1 SMoE, fine-grained, "
-        "MH-MoE H = 2 and 3; D = 384 with --gpu). Parts of one budget run into one --out share their models "
-        "(default: core)",
+        "MH-MoE H = 2 and 3; D = 384 with --gpu); family (english): smoe, smoe_fine, latent_moe (LatentMoE), "
+        "mhmoe_flops_softmax (MH-MoE), mh_latent_moe (Multi-Head LatentMoE), all with the softmax router at equal "
+        "FLOPs, D = 384 with --gpu. Parts of one budget run into one --out share their models (default: core)",
     )
     reproduce.add_argument(
         "--sweeps",
@@ -830,6 +832,7 @@ FORESEEABLE: dict[str, dict[str, str]] = {
         "ValueError": "",
     },
     "moeify": {"ValueError": ""},  # sizes that do not fit the model (mhmoe.convert)
+    "reproduce": {"SizeMatchError": ""},  # a part's models cannot be sized to its match at this width
     "import-hf": {"SafetensorError": "the model folder's weights are damaged", "ValueError": "", "RecursionError": ""},
     "compare": {  # a run's summary.json or config.json damaged (run_row names the file for the cases it checks)
         "ValueError": "a run file is not valid JSON",

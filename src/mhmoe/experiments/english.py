@@ -111,6 +111,8 @@ def budget(quick: bool, gpu: bool, part: Part = "core") -> Budget:
         return Budget("gpu", steps=610, warmup_steps=40, lr=1.5e-3, eval_every=61, eval_batches=4,
                       final_eval_batches=16, batch_size=32, num_experts=8, log_every=61, compile=False,
                       min_tokens=8_000_000, shape=DECISIVE_SHAPE)  # fmt: skip
+    if gpu and part == "family":  # D = 384: latent 192 in 4 heads of 48 (`common.FAMILY`)
+        return dataclasses.replace(budget(quick, gpu), shape=DECISIVE_SHAPE)
     if gpu and part == "v2":  # v2 Table 1's models need D divisible by 3
         return dataclasses.replace(budget(quick, gpu), shape=DECISIVE_SHAPE)
     if quick and part == "v2":
@@ -451,7 +453,7 @@ def aggregate_seeds(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     distribution (means over seeds; the *_ood values averaged over the other corpora), the seeds. The records may
     be another task's that extend these keys (multilingual's)."""
     entry = {
-        **model_fields(variant, gpt_cost(cfg.model)),
+        **model_fields(variant, gpt_cost(cfg.model), cfg.model.d_model),
         **seed_stats(runs, ("val_ppl", "test_ppl", "val_bpb", "test_bpb")),
     }
     entry["activation_threshold"] = mean_of(runs, "analysis", "threshold")
