@@ -501,6 +501,8 @@ def table(results: dict, scope: str | None = None) -> str:
         )
     seeds = len(next(iter(models.values()))["seeds"])
     lines += ["", f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; {scope or _scope(results)}.", ""]
+    if results.get("part") == "family":
+        lines += family_table(models)
     family = (results.get("holm_family") or {}).get("val_loss")
     label = "Exploratory: paired per-seed differences of validation perplexity"
     lines += [f"**{label}**" + (f" (Holm over {family} exploratory contrasts)" if family else ""), ""]
@@ -510,6 +512,36 @@ def table(results: dict, scope: str | None = None) -> str:
         lines += ["**Attribution: each pair, with everything it changes**", "", attribution, ""]
     lines += routing_tables(results)
     return "\n".join(lines)
+
+
+def family_table(models: dict[str, dict]) -> list[str]:
+    """Each model's place in the family (`common.family_fields`): heads, pools, latent and expert width, router,
+    top-k, and the values a token sends through one MoE layer's forward all-to-alls under EP and HP."""
+    first = next(iter(models.values()))
+    lines = [
+        "**The family's layers**",
+        "",
+        "| model | heads | pools | latent width | expert input | router | top-k per item "
+        f"| all-to-all values/token EP | HP ({first.get('all_to_all_ranks')} ranks) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for name, m in models.items():
+        if "all_to_all_values_ep" not in m:
+            continue
+        hp = m["all_to_all_values_hp"]
+        lines.append(
+            f"| {name} | {m['num_heads']} | {m['pools']} | {m['latent_dim'] or '-'} | {m['expert_width']} "
+            f"| {m['router']} | {m['top_k']} | {m['all_to_all_values_ep']:.0f} | {'-' if hp is None else f'{hp:.0f}'} |"
+        )
+    lines += [
+        "",
+        "latent width: '-' = the model's; values per token through one MoE layer's forward dispatch and combine "
+        "(multiply by the bytes of the dtype; the backward sends as many again): EP expected under even routing, HP "
+        "exact and only for a pool per head (`mhmoe.models.cost.all_to_all_values_per_token`). The routing tables' "
+        "divergence compares expert numbers across heads, so it means nothing where every head has its own pool.",
+        "",
+    ]
+    return lines
 
 
 def routing_tables(results: dict) -> list[str]:

@@ -376,6 +376,76 @@ def flops_matched_latent_moe(
     )
 
 
+def communication_matched(
+    d_model: int,
+    smoe: MoEConfig,
+    member: MoEConfig,
+    *,
+    layer: Literal["smoe", "mhmoe"],
+    parallel: Literal["expert", "head"],
+    size: int = 4,
+    latent_multiple: int | None = None,
+    hidden_multiple: int = 64,
+    experts_multiple: int = 8,
+    tolerance: float = 0.05,
+) -> MoEConfig:
+    """A latent member of the family (`member` as a `layer`, its latent_dim left to solve) that sends as many
+    all-to-all values per token under `parallel` over `size` ranks as `smoe` does under expert parallelism, then
+    costs its FLOPs per token and about its parameters: the latent width L first (the traffic is c·L, whatever the
+    experts' count and hidden: `all_to_all_values_per_token`), a multiple of `latent_multiple` (default 8·H), then the
+    expert hidden and count as `flops_matched_mhmoe` solves them. Under head parallelism Multi-Head LatentMoE moves
+    2·L·(P−1)/P values, SMoE under expert parallelism 2·K·D·(P−1)/P, so L = K·D. Each match within `tolerance`
+    (relative), or `SizeMatchError` naming what to relax."""
+    if size < 2:
+        raise SizeMatchError(f"communication_matched: {size} rank(s) send nothing to match; give size >= 2")
+    multiple = latent_multiple or 8 * member.num_heads
+    if multiple % member.num_heads:
+        raise SizeMatchError(
+            f"communication_matched: latent_multiple ({multiple}) must be divisible by num_heads ({member.num_heads})"
+        )
+
+    def traffic(latent: int) -> float:
+        config = _moe(member, latent_dim=latent)
+        return all_to_all_values_per_token(config, d_model=d_model, layer=layer, parallel=parallel, size=size)
+
+    target = all_to_all_values_per_token(smoe, d_model=d_model, layer="smoe", parallel="expert", size=size)
+    exact = target / traffic(multiple) * multiple  # the traffic is proportional to L
+    latent = _round_to(exact, multiple)
+    _check_match(
+        "communication_matched",
+        f"the all-to-all values per token under {parallel} parallelism",
+        round(traffic(latent)),
+        round(target),
+        tolerance,
+        f"the exact latent width is ≈ {exact:.0f} (rounded to a multiple of {multiple}); use a smaller "
+        "latent_multiple or a larger tolerance",
+    )
+    count = mhmoe_cost if layer == "mhmoe" else sparse_moe_cost
+    return _match_flops_then_params(
+        "communication_matched",
+        _moe(member, latent_dim=latent),
+        lambda config: count(config, d_model=d_model),
+        sparse_moe_cost(smoe, d_model=d_model),
+        hidden_multiple,
+        experts_multiple,
+        tolerance,
+        "fewer heads, a smaller top_k, a smaller hidden_multiple, or a larger tolerance",
+        lambda fixed: f"the latent width {latent} that the traffic asks for costs {fixed:,} beside the experts",
+    )
+
+
+def layer_all_to_all_values(spec: LayerSpec, parallel: Literal["expert", "head"], size: int) -> float | None:
+    """`all_to_all_values_per_token` of a sized layer, None where `parallel` cannot place it over `size` ranks (a
+    dense layer; head parallelism without a pool per head, or with a head count `size` does not divide)."""
+    if spec.kind == "dense" or spec.moe is None:
+        return None
+    layer: Literal["smoe", "mhmoe"] = "mhmoe" if spec.kind == "mhmoe" else "smoe"
+    config = spec.moe if layer == "mhmoe" else spec.moe.routed_part()
+    if parallel == "head" and (layer != "mhmoe" or not config.per_head_experts or config.num_heads % size):
+        return None
+    return all_to_all_values_per_token(config, d_model=spec.d_model, layer=layer, parallel=parallel, size=size)
+
+
 def _match_hidden(
     solver: str,
     config: MoEConfig,
@@ -415,6 +485,28 @@ def presets() -> dict[str, LayerSpec]:
         "v2-fine-grained": LayerSpec("smoe", D, fine_grained_smoe(D, V2_SMOE, granularity=2)),
         "v2-mhmoe-h2": LayerSpec("mhmoe", D, flops_matched_mhmoe(D, V2_SMOE, num_heads=2, top_k=2)),
         "v2-mhmoe-h3": LayerSpec("mhmoe", D, flops_matched_mhmoe(D, V2_SMOE, num_heads=3, top_k=3)),
+        **family_presets(D, V2_SMOE),
+    }
+
+
+def family_presets(d_model: int, smoe: MoEConfig) -> dict[str, LayerSpec]:
+    """The multi-head family beside `smoe` at its FLOPs per token and about its parameters (docs/family.md):
+    LatentMoE at L = D/2 (the paper's rule: 2× the experts and the top-k), Multi-Head LatentMoE at L = D/2 with 4
+    heads and a pool each, and Multi-Head LatentMoE matched on communication: its head-parallel all-to-all over 4
+    ranks equal to `smoe`'s expert-parallel one (L = K·D)."""
+    D, H = d_model, 4
+    per_head = _moe(smoe, num_heads=H, top_k=2, per_head_experts=True)
+    even = dict(experts_multiple=2)  # 8 would leave them 11% short of the parameters (18 experts per pool)
+    return {
+        "latent-moe": LayerSpec("smoe", D, flops_matched_latent_moe(D, smoe, latent_dim=D // 2, **even)),
+        "mh-latent-moe-h4": LayerSpec(
+            "mhmoe",
+            D,
+            flops_matched_mhmoe(D, smoe, num_heads=H, top_k=2, latent_dim=D // 2, per_head_experts=True, **even),
+        ),
+        "mh-latent-moe-h4-hp-comm": LayerSpec(
+            "mhmoe", D, communication_matched(D, smoe, per_head, layer="mhmoe", parallel="head", size=4, **even)
+        ),
     }
 
 
