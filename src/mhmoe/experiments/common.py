@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import shutil
 import statistics
@@ -49,13 +48,13 @@ from mhmoe.layers.routers import RouterConfig
 from mhmoe.models.cost import (
     Cost,
     SizeMatchError,
-    all_to_all_values_per_token,
     fine_grained_smoe,
     flops_matched_latent_moe,
     flops_matched_mhmoe,
+    layer_all_to_all_values,
     params_matched_mhmoe,
 )
-from mhmoe.models.ffn import FFNConfig, FFNKind
+from mhmoe.models.ffn import FFNConfig, FFNKind, LayerSpec
 
 MH_HEADS = 4
 Curve = list[tuple[float, float]]  # (x, y) points, x in tokens (or input positions)
@@ -592,11 +591,8 @@ def family_fields(variant: Variant, d_model: int) -> dict:
     `ALL_TO_ALL_RANKS` ranks under expert parallelism and, for per-head pools only, head parallelism (None)."""
     moe, kind = variant.ffn.moe, variant.ffn.kind
     heads = moe.num_heads if kind == "mhmoe" else 1
-    layer = "mhmoe" if kind == "mhmoe" else "smoe"
-    config = moe if kind == "mhmoe" else moe.routed_part()
     per_head = kind == "mhmoe" and moe.per_head_experts
-    values = functools.partial(all_to_all_values_per_token, config, d_model=d_model, layer=layer,
-                               size=ALL_TO_ALL_RANKS)  # fmt: skip
+    spec = LayerSpec(kind, d_model, moe)
     return {
         "top_k": moe.top_k,
         "latent_dim": moe.latent_dim,
@@ -605,8 +601,8 @@ def family_fields(variant: Variant, d_model: int) -> dict:
         "router": moe.router.kind,
         "expert_width": (moe.latent_dim or d_model) // heads,
         "all_to_all_ranks": ALL_TO_ALL_RANKS,
-        "all_to_all_values_ep": values(parallel="expert"),
-        "all_to_all_values_hp": values(parallel="head") if per_head else None,
+        "all_to_all_values_ep": layer_all_to_all_values(spec, "expert", ALL_TO_ALL_RANKS),
+        "all_to_all_values_hp": layer_all_to_all_values(spec, "head", ALL_TO_ALL_RANKS),
     }
 
 
