@@ -249,3 +249,26 @@ def test_a_tiny_family_part_runs_end_to_end(tmp_path, monkeypatch, capsys):
     table = (out / "results.md").read_text()
     assert table.startswith("**Primary contrasts**") and "**The family's layers**" in table
     assert results["holm_family"]["val_loss"] >= 5
+
+
+def test_a_tiny_family_plan_prints_its_models_at_equal_flops(capsys, tmp_path):
+    args = ["reproduce", "english", "--part", "family", "--seeds", "2", "--dry-run", "--out", str(tmp_path / "x")]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
+    assert set(FAMILY) <= set(rows)
+    flops = [float(rows[name][3]) for name in FAMILY]
+    assert max(flops) / min(flops) < 1.05 and all(rows[name][4].strip() == "3" for name in FAMILY)  # steps
+    assert (
+        "rates ASSUMED" in text and "primary contrasts (declared before any run, not adjusted): mh_latent_moe" in text
+    )
+
+
+def test_a_family_member_that_cannot_be_sized_is_one_line(capsys, tmp_path):
+    args = ["reproduce", "english", "--part", "family", "--dry-run", "--out", str(tmp_path / "x"),
+            "--set", "model.d_model=64", "--set", "model.ffn.moe.num_experts=4", "--set", "model.ffn.moe.expert_hidden=64"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mhmoe: error: ") and "SMoE's" in err and "Traceback" not in err
