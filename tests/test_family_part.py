@@ -238,6 +238,12 @@ def test_a_tiny_family_part_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["part"] == "family" and results["seeds_finished"] == 2 and tuple(results["models"]) == FAMILY
+    for name, model in results["models"].items():  # the sizes of the models as trained (vocabulary: bytes, 257)
+        summary = json.loads((out / "runs" / f"{name}-seed0" / "summary.json").read_text())
+        assert (model["params_total"], model["flops_per_token"]) == (
+            summary["params_total"],
+            summary["flops_per_token"],
+        )
     mh = results["models"]["mh_latent_moe"]
     assert (mh["latent_dim"], mh["num_heads"], mh["pools"], mh["router"]) == (32, 4, 4, "softmax")
     assert mh["all_to_all_values_hp"] == 2 * 32 * 3 / 4 and results["models"]["smoe"]["all_to_all_values_hp"] is None

@@ -453,7 +453,10 @@ def aggregate_seeds(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     distribution (means over seeds; the *_ood values averaged over the other corpora), the seeds. The records may
     be another task's that extend these keys (multilingual's)."""
     entry = {
-        **model_fields(variant, gpt_cost(cfg.model), cfg.model.d_model),
+        # the model as trained: its vocabulary is the tokenizer's, not the preset's (`planned_vocab`)
+        **model_fields(
+            variant, gpt_cost(dataclasses.replace(cfg.model, vocab_size=planned_vocab(cfg))), cfg.model.d_model
+        ),
         **seed_stats(runs, ("val_ppl", "test_ppl", "val_bpb", "test_bpb")),
     }
     entry["activation_threshold"] = mean_of(runs, "analysis", "threshold")
