@@ -871,11 +871,11 @@ def fmt(mean: float | None, std: float | None, seeds: int, digits: int = 2) -> s
 
 
 def experts_cell(model: dict) -> str:
-    return (
-        f"{model['num_experts']} × {model['expert_hidden']}"
-        if model["num_experts"]
-        else f"dense {model['expert_hidden']}"
-    )
+    """ "E × F", "P·E × F" for P pools of E (a pool per head), "dense F"."""
+    if not model["num_experts"]:
+        return f"dense {model['expert_hidden']}"
+    pools = model.get("pools") or 1
+    return f"{f'{pools}·' if pools > 1 else ''}{model['num_experts']} × {model['expert_hidden']}"
 
 
 def pct_cell(value: float | None) -> str:
