@@ -17,7 +17,7 @@
                       --tables-only recomputes the statistics and tables of a finished --out
     mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--cuda-graph] [--json FILE]
     mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--compile] [--json FILE]
-    mhmoe sizes       the papers' layer presets with their exact parameter counts and FLOPs
+    mhmoe sizes       the papers' layer presets and the family: exact parameters, FLOPs, all-to-all bytes per token
     mhmoe export-hf RUN_DIR OUT_DIR    a train run as a Hugging Face model folder (MHMoEForCausalLM + tokenizer)
     mhmoe import-hf HF_DIR RUN_DIR     and back: a run directory that eval / analyze / export-hf read
     mhmoe moeify HF_DIR OUT_DIR [--kind smoe|mhmoe] [--experts N] [--top-k K] [--heads H] [--every N]
@@ -56,6 +56,7 @@ PARTS = (
     "all",
     "decisive",
     "v2",
+    "family",
 )  # mhmoe.experiments.common.PARTS (imports none)
 SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
 # default --seeds with --gpu, else 5: the most that keeps a part within one command; the quick runs' spread asks 11-14
@@ -169,19 +170,35 @@ def _moeify(args: argparse.Namespace) -> int:
 
 
 def _sizes(args: argparse.Namespace) -> int:
-    from mhmoe.models.cost import layer_cost, presets
+    from mhmoe.models.cost import layer_all_to_all_values, layer_cost, presets
 
-    print("| preset | layer | experts | top-k | expert hidden | heads | params total | params active | GFLOPs/token |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    if args.ranks < 2:
+        raise SystemExit(f"mhmoe: --ranks must be at least 2 (one rank sends nothing), got {args.ranks}")
+
+    def kib(values: float | None) -> str:
+        return "-" if values is None else f"{values * args.bytes / 1024:.2f}"
+
+    print("| preset | layer | experts | top-k | expert hidden | heads | latent | pools | params total | params active "
+          "| GFLOPs/token | all-to-all KiB/token EP | HP |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, spec in presets().items():
         c, moe = layer_cost(spec), spec.moe
-        experts, top_k = (moe.num_experts, moe.top_k) if moe and spec.kind != "dense" else ("-", "-")
-        hidden = moe.expert_hidden if moe and spec.kind != "dense" else spec.hidden
+        sparse = moe is not None and spec.kind != "dense"
+        experts, top_k = (moe.num_experts, moe.top_k) if moe and sparse else ("-", "-")
+        hidden = moe.expert_hidden if moe and sparse else spec.hidden
         heads = moe.num_heads if moe and spec.kind == "mhmoe" else "-"
+        latent = (moe.latent_dim or "-") if moe and sparse else "-"
+        pools = (moe.num_heads if moe.per_head_experts else 1) if moe and spec.kind == "mhmoe" else "-"
+        ep, hp = layer_all_to_all_values(spec, "expert", args.ranks), layer_all_to_all_values(spec, "head", args.ranks)
         print(
-            f"| {name} | {spec.kind} | {experts} | {top_k} | {hidden} | {heads} | "
-            f"{c.params_total:,} | {c.params_active:,} | {c.flops_per_token / 1e9:.4f} |"
+            f"| {name} | {spec.kind} | {experts} | {top_k} | {hidden} | {heads} | {latent} | {pools} | "
+            f"{c.params_total:,} | {c.params_active:,} | {c.flops_per_token / 1e9:.4f} | {kib(ep)} | {kib(hp)} |"
         )
+    print(
+        f"\nall-to-all: what one token sends to other ranks through one layer's forward dispatch and combine over "
+        f"{args.ranks} ranks at {args.bytes} bytes a value (the backward sends as much again): EP expected under "
+        "even routing, HP exact; '-' where it cannot place the layer (mhmoe.models.cost.all_to_all_values_per_token)"
+    )
     return 0
 
 
@@ -532,8 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
         "smoe's router); heads: smoe, mhmoe_flops_softmax, mhmoe_h1 (H = 1), mhmoe_nohm (no head and merge "
         "layers); all: every model, with the attribution table; decisive (english): dense, smoe_fine, mhmoe_flops "
         "with two primary contrasts, >= 8 M tokens with --gpu; v2: v2's Table 1 (SwiGLU top-1 SMoE, fine-grained, "
-        "MH-MoE H = 2 and 3; D = 384 with --gpu). Parts of one budget run into one --out share their models "
-        "(default: core)",
+        "MH-MoE H = 2 and 3; D = 384 with --gpu); family (english): smoe, smoe_fine, latent_moe (LatentMoE), "
+        "mhmoe_flops_softmax (MH-MoE), mh_latent_moe (Multi-Head LatentMoE), all with the softmax router at equal "
+        "FLOPs, D = 384 with --gpu. Parts of one budget run into one --out share their models (default: core)",
     )
     reproduce.add_argument(
         "--sweeps",
@@ -653,7 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
     moeify.add_argument("--router", choices=("softmax", "xmoe", "sigmoid"), help="dense only (default softmax)")
     moeify.set_defaults(run=_moeify)
 
-    sizes = verbs.add_parser("sizes", help="parameter counts and FLOPs of the paper's presets")
+    sizes = verbs.add_parser(
+        "sizes", help="parameter counts, FLOPs and all-to-all bytes per token of the papers' presets and the family"
+    )
+    sizes.add_argument("--ranks", type=int, default=4, help="ranks the all-to-alls cross (EP and HP; default 4)")
+    sizes.add_argument("--bytes", type=int, default=2, choices=(1, 2, 4), help="bytes a value (default 2: bf16)")
     sizes.set_defaults(run=_sizes)
     return parser
 
@@ -845,6 +867,7 @@ FORESEEABLE: dict[str, dict[str, str]] = {
         "ValueError": "",
     },
     "moeify": {"ValueError": ""},  # sizes that do not fit the model (mhmoe.convert)
+    "reproduce": {"SizeMatchError": ""},  # a part's models cannot be sized to its match at this width
     "import-hf": {"SafetensorError": "the model folder's weights are damaged", "ValueError": "", "RecursionError": ""},
     "compare": {  # a run's summary.json or config.json damaged (run_row names the file for the cases it checks)
         "ValueError": "a run file is not valid JSON",

@@ -22,6 +22,8 @@ changes one, all at equal FLOPs per token and about equal parameters, all with t
     mhmoe_nohm           MH-MoE with H = 4 and no head or merge layer: the split alone
 The controls part includes `smoe`, their reference in the paired statistics (`paired_table`); `all` is every model
 once. Parts run into the same output folder share their common models (finished runs are reused).
+`part="family"` sets the multi-head family side by side at equal FLOPs, all with the softmax router (`FAMILY`):
+smoe, smoe_fine, latent_moe (LatentMoE), mhmoe_flops_softmax (MH-MoE) and mh_latent_moe (Multi-Head LatentMoE).
 """
 
 from __future__ import annotations
@@ -43,8 +45,16 @@ from mhmoe.errors import ConfigError, DataError
 from mhmoe.io import atomic_write, write_json, write_text
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
-from mhmoe.models.cost import Cost, SizeMatchError, fine_grained_smoe, flops_matched_mhmoe, params_matched_mhmoe
-from mhmoe.models.ffn import FFNConfig, FFNKind
+from mhmoe.models.cost import (
+    Cost,
+    SizeMatchError,
+    fine_grained_smoe,
+    flops_matched_latent_moe,
+    flops_matched_mhmoe,
+    layer_all_to_all_values,
+    params_matched_mhmoe,
+)
+from mhmoe.models.ffn import FFNConfig, FFNKind, LayerSpec
 
 MH_HEADS = 4
 Curve = list[tuple[float, float]]  # (x, y) points, x in tokens (or input positions)
@@ -57,7 +67,7 @@ class Variant:
     ffn: FFNConfig
 
 
-Part = Literal["core", "params", "controls", "heads", "all", "decisive", "v2"]
+Part = Literal["core", "params", "controls", "heads", "all", "decisive", "v2", "family"]
 PARTS: tuple[str, ...] = get_args(Part)
 CORE = ("dense", "smoe", "xmoe", "mhmoe_flops")
 PARAMS = ("dense", "xmoe", "mhmoe_params")
@@ -75,6 +85,18 @@ DECISIVE = ("dense", "smoe_fine", DECISIVE_MHMOE)
 # hidden 8/3·D, fine-grained SMoE (16 × half width, top-2), MH-MoE H = 2 (40 × 768 at D = 768, top-2) and H = 3
 # (96 × 512, top-3), all with the softmax router at equal FLOPs per token and about equal parameters
 V2 = ("v2_smoe", "v2_fine", "v2_mhmoe_h2", "v2_mhmoe_h3")
+# The multi-head family (issue 26, docs/family.md) at equal FLOPs per token and about equal parameters, every member
+# with the softmax router of `smoe` (one router kind, so that the family's differences are not the router's):
+#     smoe, smoe_fine, mhmoe_flops_softmax   as in the controls (MH-MoE: H = 4, one shared router and pool)
+#     latent_moe      LatentMoE: experts at width L = D/2, D/L = 2× the experts and top-k (the paper's rule), hidden
+#                     solved for equal FLOPs with the down / up projections counted (`flops_matched_latent_moe`)
+#     mh_latent_moe   Multi-Head LatentMoE: head layer D → L = D/2, H = 4 sub-tokens of L/4, a router and a pool per
+#                     head, hidden and per-head expert count solved as MH-MoE's (`flops_matched_mhmoe`)
+# L = D/2 at both budgets: D = 128 (quick) gives sub-tokens of 16, D = 384 (--gpu) of 48; a quarter (NemotronH's
+# ratio) would leave the quick sub-tokens 8 wide and LatentMoE 4× the experts, as many as smoe_fine.
+FAMILY = ("smoe", "smoe_fine", "latent_moe", "mhmoe_flops_softmax", "mh_latent_moe")
+FAMILY_LATENT_FRACTION = 2  # L = D / 2
+ALL_TO_ALL_RANKS = 4  # the ranks the results' all-to-all values per token assume (EP and HP alike)
 
 
 @dataclass(frozen=True)
@@ -112,6 +134,23 @@ class PartSpec:
     primary: tuple[Contrast, ...] = ()
 
 
+# The family part's two primary contrasts, declared before its runs (read at 5%, unadjusted; the rest Holm-adjusted)
+FAMILY_PRIMARY = (
+    Contrast(
+        "mh_latent_moe",
+        "latent_moe",
+        "does splitting LatentMoE's latent token into 4 heads, each with its own router and pool, help at equal FLOPs? "
+        "(changes the split, who routes: the sub-token of L/4 against the full token, a pool per head, the head and "
+        "merge layers' biases, the experts' count and width)",
+    ),
+    Contrast(
+        "mhmoe_flops_softmax",
+        "smoe_fine",
+        "does MH-MoE beat SMoE of its granularity at equal FLOPs and parameters, with the same (softmax) router? "
+        "(changes the head split, the head and merge layers, the experts' count and width)",
+    ),
+)
+
 PART_SPECS = {
     "core": PartSpec("core", CORE),
     "params": PartSpec("params", PARAMS),
@@ -120,6 +159,7 @@ PART_SPECS = {
     "all": PartSpec("all", tuple(dict.fromkeys(CORE + PARAMS + CONTROLS + HEADS))),
     "decisive": PartSpec("decisive", DECISIVE, PRIMARY),
     "v2": PartSpec("v2", V2),
+    "family": PartSpec("family", FAMILY, FAMILY_PRIMARY),
 }
 PART_MODELS = {name: spec.models for name, spec in PART_SPECS.items()}
 BASELINES = (
@@ -148,6 +188,16 @@ ATTRIBUTION = (
     ("mhmoe_flops", "xmoe", "MH-MoE against X-MoE, both with the X-MoE router",
      "the split into 4 heads (expert input D/4), the head and merge layers, the experts' count and width, and "
      "X-MoE's routing (input D/4 against D, routing dimension 16/4 against 16)"),
+    ("latent_moe", "smoe", "LatentMoE against SMoE, both routing the full token with the softmax router",
+     "the experts' width (L = D/2 against D), 2× the experts and the top-k, the D×L down and L×D up projections "
+     "(no biases), the expert hidden re-solved for equal FLOPs"),
+    ("mh_latent_moe", "latent_moe", "4 heads with a router and pool each, given the latent width L = D/2",
+     "the split of the latent token into 4 sub-tokens (expert input L/4 against L), routing the sub-token (L/4) "
+     "instead of the full token (D), 4 pools of their own, head and merge layers with biases against bias-free "
+     "projections, the top-k per item (K against 2K), the experts' count and width"),
+    ("mh_latent_moe", "mhmoe_flops_softmax", "Multi-Head LatentMoE against MH-MoE, both with 4 heads",
+     "the latent width (head and merge layers D×L and L×D with L = D/2 against D×D, sub-tokens L/4 against D/4), "
+     "a router and pool per head against one shared by the heads, the experts' count and width"),
 )  # fmt: skip
 
 
@@ -177,7 +227,7 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
         ),
         "mhmoe_flops": Variant("mhmoe_flops", "flops", ffn_of("mhmoe", flops_matched(xmoe, MH_HEADS))),
     }
-    if part in ("controls", "heads", "all", "decisive"):
+    if part in ("controls", "heads", "all", "decisive", "family"):
         fine = sized(fine_grained_smoe, d_model, smoe, granularity=MH_HEADS)
         models.update(
             smoe_fine=Variant("smoe_fine", "flops", ffn_of("smoe", fine)),
@@ -187,6 +237,8 @@ def variants(d_model: int, ffn: FFNConfig, part: Part = "core") -> list[Variant]
         )
     if part == "v2":
         models.update(v2_variants(d_model, ffn_of))
+    if part == "family":
+        models.update(family_variants(d_model, smoe, ffn_of))
     return [models[name] for name in PART_MODELS[part]]
 
 
@@ -209,6 +261,26 @@ def v2_variants(d_model: int, ffn_of: Callable[[FFNKind, MoEConfig], FFNConfig])
         "v2_mhmoe_h3": Variant(
             "v2_mhmoe_h3", "flops", ffn_of("mhmoe", sized(flops_matched_mhmoe, d_model, smoe, num_heads=3, top_k=3))
         ),
+    }
+
+
+def family_variants(
+    d_model: int, smoe: MoEConfig, ffn_of: Callable[[FFNKind, MoEConfig], FFNConfig]
+) -> dict[str, Variant]:
+    """The family's latent members (`FAMILY`) at equal FLOPs per token with `smoe` (its router: softmax), at latent
+    width L = D / `FAMILY_LATENT_FRACTION` and `MH_HEADS` heads; ConfigError when the width does not divide."""
+    latent = d_model // FAMILY_LATENT_FRACTION
+    if d_model % FAMILY_LATENT_FRACTION or latent % MH_HEADS:
+        raise ConfigError(
+            f"the family part needs model.d_model divisible by {FAMILY_LATENT_FRACTION * MH_HEADS} (latent width "
+            f"D/{FAMILY_LATENT_FRACTION} split into {MH_HEADS} heads), got {d_model}"
+        )
+    lat = sized(flops_matched_latent_moe, d_model, smoe, latent_dim=latent, experts_multiple=4)
+    mh = sized(flops_matched_mhmoe, d_model, smoe, num_heads=MH_HEADS, top_k=smoe.top_k, experts_multiple=4,
+               latent_dim=latent, per_head_experts=True)  # fmt: skip
+    return {
+        "latent_moe": Variant("latent_moe", "flops", ffn_of("smoe", lat)),
+        "mh_latent_moe": Variant("mh_latent_moe", "flops", ffn_of("mhmoe", mh)),
     }
 
 
@@ -497,17 +569,40 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def model_fields(variant: Variant, cost: Cost) -> dict:
-    """What a model is: its matching, size and cost."""
+def model_fields(variant: Variant, cost: Cost, d_model: int | None = None) -> dict:
+    """What a model is: its matching, size and cost; given the model's width `d_model`, also its place in the
+    family (`family_fields`)."""
     ffn = variant.ffn
     moe = ffn.kind != "dense"
-    return {
+    fields = {
         "matching": variant.matching,
         "params_total": cost.params_total,
         "params_active": cost.params_active,
         "flops_per_token": cost.flops_per_token,
         "num_experts": ffn.moe.num_experts if moe else 0,
         "expert_hidden": ffn.moe.expert_hidden if moe else ffn.hidden,
+    }
+    return {**fields, **family_fields(variant, d_model)} if moe and d_model else fields
+
+
+def family_fields(variant: Variant, d_model: int) -> dict:
+    """A sparse model's place in the family: top-k, latent width (None: the model's), heads, pools, router kind,
+    the experts' input width, and the values one token sends through one MoE layer's forward all-to-alls over
+    `ALL_TO_ALL_RANKS` ranks under expert parallelism and, for per-head pools only, head parallelism (None)."""
+    moe, kind = variant.ffn.moe, variant.ffn.kind
+    heads = moe.num_heads if kind == "mhmoe" else 1
+    per_head = kind == "mhmoe" and moe.per_head_experts
+    spec = LayerSpec(kind, d_model, moe)
+    return {
+        "top_k": moe.top_k,
+        "latent_dim": moe.latent_dim,
+        "num_heads": heads,
+        "pools": heads if per_head else 1,
+        "router": moe.router.kind,
+        "expert_width": (moe.latent_dim or d_model) // heads,
+        "all_to_all_ranks": ALL_TO_ALL_RANKS,
+        "all_to_all_values_ep": layer_all_to_all_values(spec, "expert", ALL_TO_ALL_RANKS),
+        "all_to_all_values_hp": layer_all_to_all_values(spec, "head", ALL_TO_ALL_RANKS),
     }
 
 
@@ -776,11 +871,11 @@ def fmt(mean: float | None, std: float | None, seeds: int, digits: int = 2) -> s
 
 
 def experts_cell(model: dict) -> str:
-    return (
-        f"{model['num_experts']} × {model['expert_hidden']}"
-        if model["num_experts"]
-        else f"dense {model['expert_hidden']}"
-    )
+    """ "E × F", "P·E × F" for P pools of E (a pool per head), "dense F"."""
+    if not model["num_experts"]:
+        return f"dense {model['expert_hidden']}"
+    pools = model.get("pools") or 1
+    return f"{f'{pools}·' if pools > 1 else ''}{model['num_experts']} × {model['expert_hidden']}"
 
 
 def pct_cell(value: float | None) -> str:

@@ -111,6 +111,8 @@ def budget(quick: bool, gpu: bool, part: Part = "core") -> Budget:
         return Budget("gpu", steps=610, warmup_steps=40, lr=1.5e-3, eval_every=61, eval_batches=4,
                       final_eval_batches=16, batch_size=32, num_experts=8, log_every=61, compile=False,
                       min_tokens=8_000_000, shape=DECISIVE_SHAPE)  # fmt: skip
+    if gpu and part == "family":  # D = 384: latent 192 in 4 heads of 48 (`common.FAMILY`)
+        return dataclasses.replace(budget(quick, gpu), shape=DECISIVE_SHAPE)
     if gpu and part == "v2":  # v2 Table 1's models need D divisible by 3
         return dataclasses.replace(budget(quick, gpu), shape=DECISIVE_SHAPE)
     if quick and part == "v2":
@@ -451,7 +453,10 @@ def aggregate_seeds(variant: Variant, cfg: RunConfig, runs: list[dict]) -> dict:
     distribution (means over seeds; the *_ood values averaged over the other corpora), the seeds. The records may
     be another task's that extend these keys (multilingual's)."""
     entry = {
-        **model_fields(variant, gpt_cost(cfg.model)),
+        # the model as trained: its vocabulary is the tokenizer's, not the preset's (`planned_vocab`)
+        **model_fields(
+            variant, gpt_cost(dataclasses.replace(cfg.model, vocab_size=planned_vocab(cfg))), cfg.model.d_model
+        ),
         **seed_stats(runs, ("val_ppl", "test_ppl", "val_bpb", "test_bpb")),
     }
     entry["activation_threshold"] = mean_of(runs, "analysis", "threshold")
@@ -499,6 +504,8 @@ def table(results: dict, scope: str | None = None) -> str:
         )
     seeds = len(next(iter(models.values()))["seeds"])
     lines += ["", f"{seeds} seed(s){' (mean ± std)' if seeds > 1 else ''}; {scope or _scope(results)}.", ""]
+    if results.get("part") == "family":
+        lines += family_table(models)
     family = (results.get("holm_family") or {}).get("val_loss")
     label = "Exploratory: paired per-seed differences of validation perplexity"
     lines += [f"**{label}**" + (f" (Holm over {family} exploratory contrasts)" if family else ""), ""]
@@ -508,6 +515,36 @@ def table(results: dict, scope: str | None = None) -> str:
         lines += ["**Attribution: each pair, with everything it changes**", "", attribution, ""]
     lines += routing_tables(results)
     return "\n".join(lines)
+
+
+def family_table(models: dict[str, dict]) -> list[str]:
+    """Each model's place in the family (`common.family_fields`): heads, pools, latent and expert width, router,
+    top-k, and the values a token sends through one MoE layer's forward all-to-alls under EP and HP."""
+    first = next(iter(models.values()))
+    lines = [
+        "**The family's layers**",
+        "",
+        "| model | heads | pools | latent width | expert input | router | top-k per item "
+        f"| all-to-all values/token EP | HP ({first.get('all_to_all_ranks')} ranks) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for name, m in models.items():
+        if "all_to_all_values_ep" not in m:
+            continue
+        hp = m["all_to_all_values_hp"]
+        lines.append(
+            f"| {name} | {m['num_heads']} | {m['pools']} | {m['latent_dim'] or '-'} | {m['expert_width']} "
+            f"| {m['router']} | {m['top_k']} | {m['all_to_all_values_ep']:.0f} | {'-' if hp is None else f'{hp:.0f}'} |"
+        )
+    lines += [
+        "",
+        "latent width: '-' = the model's; values per token through one MoE layer's forward dispatch and combine "
+        "(multiply by the bytes of the dtype; the backward sends as many again): EP expected under even routing, HP "
+        "exact and only for a pool per head (`mhmoe.models.cost.all_to_all_values_per_token`). The routing tables' "
+        "divergence compares expert numbers across heads, so it means nothing where every head has its own pool.",
+        "",
+    ]
+    return lines
 
 
 def routing_tables(results: dict) -> list[str]:

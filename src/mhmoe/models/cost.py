@@ -222,43 +222,81 @@ def flops_matched_mhmoe(
     hidden_multiple: int = 64,
     experts_multiple: int = 8,
     tolerance: float = 0.05,
+    latent_dim: int | None = None,
+    per_head_experts: bool = False,
 ) -> MoEConfig:
     """v2-style MH-MoE: expert hidden chosen for equal FLOPs per token with `smoe`, then the expert
     count raised for roughly equal total parameters (v2 Table 1: H=2 → 40 experts × 768,
     H=3 → 96 × 512 against an 8 × 2048 SwiGLU SMoE at D = 768, within 1.5% FLOPs and 3.2% parameters).
+    With `latent_dim` L and `per_head_experts` it sizes Multi-Head LatentMoE the same way (head layer D×L, merge
+    layer L×D, a router and a pool of the solved expert count per head).
 
     Both must hold within `tolerance` (relative); otherwise `SizeMatchError` says which cannot and what to relax
     (a small SMoE's FLOPs may not even cover MH-MoE's head and merge layers).
     """
     base = sparse_moe_cost(smoe, d_model=d_model)
-    mh = _moe(smoe, num_heads=num_heads, top_k=top_k)
-
-    def cost(**changes: Any) -> Any:
-        return mhmoe_cost(_moe(mh, **changes), d_model=d_model)
-
+    family = dict(latent_dim=latent_dim, per_head_experts=per_head_experts)
+    mh = _moe(smoe, num_heads=num_heads, top_k=top_k, **family)
     relax = "fewer heads, a smaller top_k, multi_head_layers / merge_layers = 0, a smaller hidden_multiple, or a larger tolerance"
+
+    def too_costly(fixed: int) -> str:
+        projections = 2 * (mh.multi_head_layers + mh.merge_layers) * d_model * (latent_dim or d_model)
+        return (
+            f"the head and merge layers cost {projections:,} ({projections / base.flops_per_token:.2f}×) and "
+            f"the routers of {mh.num_experts} experts (the count parameter matching asks for) "
+            f"{fixed - projections:,} more; relax it: {relax}"
+        )
+
+    return _match_flops_then_params(
+        "flops_matched_mhmoe",
+        mh,
+        lambda config: mhmoe_cost(config, d_model=d_model),
+        base,
+        hidden_multiple,
+        experts_multiple,
+        tolerance,
+        relax,
+        too_costly,
+    )
+
+
+def _match_flops_then_params(
+    solver: str,
+    config: MoEConfig,
+    cost: Callable[[MoEConfig], Cost],
+    base: Cost,
+    hidden_multiple: int,
+    experts_multiple: int,
+    tolerance: float,
+    relax: str,
+    too_costly: Callable[[int], str],
+) -> MoEConfig:
+    """`config` with the expert hidden (a multiple of `hidden_multiple`) that meets `base`'s FLOPs per token, then
+    the expert count (a multiple of `experts_multiple`, at least top_k) that meets its total parameters, both
+    within `tolerance`, or `SizeMatchError` (`too_costly(fixed FLOPs)` says why when no hidden can meet the FLOPs;
+    `relax` what to relax)."""
+
+    def of(**changes: Any) -> Cost:
+        return cost(_moe(config, **changes))
+
     for _ in range(3):  # expert count and hidden size depend on each other only through the router
-        hidden = _solve_linear(lambda f: cost(expert_hidden=f).flops_per_token, base.flops_per_token)
+        hidden = _solve_linear(lambda f: of(expert_hidden=f).flops_per_token, base.flops_per_token)
         if hidden < 1:  # f -> FLOPs is affine: its value at 0 is what the experts cannot go below
-            fixed = 2 * cost(expert_hidden=1).flops_per_token - cost(expert_hidden=2).flops_per_token
-            projections = 2 * (mh.multi_head_layers + mh.merge_layers) * d_model * d_model
+            fixed = 2 * of(expert_hidden=1).flops_per_token - of(expert_hidden=2).flops_per_token
             raise SizeMatchError(
-                f"flops_matched_mhmoe: no expert_hidden can match the SMoE's {base.flops_per_token:,} FLOPs per token: "
-                f"the head and merge layers cost {projections:,} ({projections / base.flops_per_token:.2f}×) and "
-                f"the routers of {mh.num_experts} experts (the count parameter matching asks for) "
-                f"{fixed - projections:,} more; relax it: {relax}"
+                f"{solver}: no expert_hidden can match the SMoE's {base.flops_per_token:,} FLOPs per token: "
+                + too_costly(fixed)
             )
-        mh = _moe(mh, expert_hidden=_round_to(hidden, hidden_multiple))
-        experts = _solve_linear(lambda e: cost(num_experts=e).params_total, base.params_total, x0=top_k)
-        mh = _moe(mh, num_experts=max(_round_to(experts, experts_multiple), top_k))
+        config = _moe(config, expert_hidden=_round_to(hidden, hidden_multiple))
+        experts = _solve_linear(lambda e: of(num_experts=e).params_total, base.params_total, x0=config.top_k)
+        config = _moe(config, num_experts=max(_round_to(experts, experts_multiple), config.top_k))
     note = (
         f"the exact solution is expert_hidden ≈ {hidden:.0f} (rounded to a multiple of {hidden_multiple}); relax it: "
     )
-    flops = cost().flops_per_token
-    _check_match("flops_matched_mhmoe", "FLOPs per token", flops, base.flops_per_token, tolerance, note + relax)
+    _check_match(solver, "FLOPs per token", of().flops_per_token, base.flops_per_token, tolerance, note + relax)
     relax = f"the exact expert count is ≈ {experts:.1f}; use a smaller experts_multiple or a larger tolerance"
-    _check_match("flops_matched_mhmoe", "params_total", cost().params_total, base.params_total, tolerance, relax)
-    return mh
+    _check_match(solver, "params_total", of().params_total, base.params_total, tolerance, relax)
+    return config
 
 
 def params_matched_mhmoe(
@@ -295,6 +333,117 @@ def fine_grained_smoe(
         tolerance,
         "smaller hidden_multiple or granularity",
     )
+
+
+def flops_matched_latent_moe(
+    d_model: int,
+    smoe: MoEConfig,
+    *,
+    latent_dim: int,
+    hidden_multiple: int = 64,
+    experts_multiple: int = 8,
+    tolerance: float = 0.05,
+) -> MoEConfig:
+    """LatentMoE (arXiv 2601.18089) at `smoe`'s FLOPs per token: the experts work at width L = `latent_dim` and,
+    by the paper's rule, the top-k grows by α = D/L (as does the expert count, an α-times finer split at the same
+    total expert width); the expert hidden is solved for equal FLOPs with the D×L down and L×D up projections
+    counted, then the expert count for about equal total parameters (it stays α·E where the projections are small
+    beside the experts: at D = 128 and 384 with L = D/2). Both within `tolerance` (relative), and α a whole
+    number, or `SizeMatchError`."""
+    if latent_dim <= 0 or d_model % latent_dim:
+        raise SizeMatchError(
+            f"flops_matched_latent_moe: latent_dim ({latent_dim}) must divide d_model ({d_model}), so that the "
+            f"top-k grows by the whole factor D/L; choose a divisor such as {d_model // 2} or {d_model // 4}"
+        )
+    alpha = d_model // latent_dim
+    latent = _moe(smoe, latent_dim=latent_dim, num_experts=smoe.num_experts * alpha, top_k=smoe.top_k * alpha)
+    relax = "a larger latent_dim, a smaller hidden_multiple, or a larger tolerance"
+
+    def too_costly(fixed: int) -> str:
+        projections = 4 * d_model * latent_dim
+        return f"the down and up projections alone cost {projections:,} and the router {fixed - projections:,}; {relax}"
+
+    return _match_flops_then_params(
+        "flops_matched_latent_moe",
+        latent,
+        lambda config: sparse_moe_cost(config, d_model=d_model),
+        sparse_moe_cost(smoe, d_model=d_model),
+        hidden_multiple,
+        experts_multiple,
+        tolerance,
+        relax,
+        too_costly,
+    )
+
+
+def communication_matched(
+    d_model: int,
+    smoe: MoEConfig,
+    member: MoEConfig,
+    *,
+    layer: Literal["smoe", "mhmoe"],
+    parallel: Literal["expert", "head"],
+    size: int = 4,
+    latent_multiple: int | None = None,
+    hidden_multiple: int = 64,
+    experts_multiple: int = 8,
+    tolerance: float = 0.05,
+) -> MoEConfig:
+    """A latent member of the family (`member` as a `layer`, its latent_dim left to solve) that sends as many
+    all-to-all values per token under `parallel` over `size` ranks as `smoe` does under expert parallelism, then
+    costs its FLOPs per token and about its parameters: the latent width L first (the traffic is c·L, whatever the
+    experts' count and hidden: `all_to_all_values_per_token`), a multiple of `latent_multiple` (default 8·H), then the
+    expert hidden and count as `flops_matched_mhmoe` solves them. Under head parallelism Multi-Head LatentMoE moves
+    2·L·(P−1)/P values, SMoE under expert parallelism 2·K·D·(P−1)/P, so L = K·D. Each match within `tolerance`
+    (relative), or `SizeMatchError` naming what to relax."""
+    if size < 2:
+        raise SizeMatchError(f"communication_matched: {size} rank(s) send nothing to match; give size >= 2")
+    multiple = latent_multiple or 8 * member.num_heads
+    if multiple % member.num_heads:
+        raise SizeMatchError(
+            f"communication_matched: latent_multiple ({multiple}) must be divisible by num_heads ({member.num_heads})"
+        )
+
+    def traffic(latent: int) -> float:
+        config = _moe(member, latent_dim=latent)
+        return all_to_all_values_per_token(config, d_model=d_model, layer=layer, parallel=parallel, size=size)
+
+    target = all_to_all_values_per_token(smoe, d_model=d_model, layer="smoe", parallel="expert", size=size)
+    exact = target / traffic(multiple) * multiple  # the traffic is proportional to L
+    latent = _round_to(exact, multiple)
+    _check_match(
+        "communication_matched",
+        f"the all-to-all values per token under {parallel} parallelism",
+        round(traffic(latent)),
+        round(target),
+        tolerance,
+        f"the exact latent width is ≈ {exact:.0f} (rounded to a multiple of {multiple}); use a smaller "
+        "latent_multiple or a larger tolerance",
+    )
+    count = mhmoe_cost if layer == "mhmoe" else sparse_moe_cost
+    return _match_flops_then_params(
+        "communication_matched",
+        _moe(member, latent_dim=latent),
+        lambda config: count(config, d_model=d_model),
+        sparse_moe_cost(smoe, d_model=d_model),
+        hidden_multiple,
+        experts_multiple,
+        tolerance,
+        "fewer heads, a smaller top_k, a smaller hidden_multiple, or a larger tolerance",
+        lambda fixed: f"the latent width {latent} that the traffic asks for costs {fixed:,} beside the experts",
+    )
+
+
+def layer_all_to_all_values(spec: LayerSpec, parallel: Literal["expert", "head"], size: int) -> float | None:
+    """`all_to_all_values_per_token` of a sized layer, None where `parallel` cannot place it over `size` ranks (a
+    dense layer; head parallelism without a pool per head, or with a head count `size` does not divide)."""
+    if spec.kind == "dense" or spec.moe is None:
+        return None
+    layer: Literal["smoe", "mhmoe"] = "mhmoe" if spec.kind == "mhmoe" else "smoe"
+    config = spec.moe if layer == "mhmoe" else spec.moe.routed_part()
+    if parallel == "head" and (layer != "mhmoe" or not config.per_head_experts or config.num_heads % size):
+        return None
+    return all_to_all_values_per_token(config, d_model=spec.d_model, layer=layer, parallel=parallel, size=size)
 
 
 def _match_hidden(
@@ -336,6 +485,28 @@ def presets() -> dict[str, LayerSpec]:
         "v2-fine-grained": LayerSpec("smoe", D, fine_grained_smoe(D, V2_SMOE, granularity=2)),
         "v2-mhmoe-h2": LayerSpec("mhmoe", D, flops_matched_mhmoe(D, V2_SMOE, num_heads=2, top_k=2)),
         "v2-mhmoe-h3": LayerSpec("mhmoe", D, flops_matched_mhmoe(D, V2_SMOE, num_heads=3, top_k=3)),
+        **family_presets(D, V2_SMOE),
+    }
+
+
+def family_presets(d_model: int, smoe: MoEConfig) -> dict[str, LayerSpec]:
+    """The multi-head family beside `smoe` at its FLOPs per token and about its parameters (docs/family.md):
+    LatentMoE at L = D/2 (the paper's rule: 2× the experts and the top-k), Multi-Head LatentMoE at L = D/2 with 4
+    heads and a pool each, and Multi-Head LatentMoE matched on communication: its head-parallel all-to-all over 4
+    ranks equal to `smoe`'s expert-parallel one (L = K·D)."""
+    D, H = d_model, 4
+    per_head = _moe(smoe, num_heads=H, top_k=2, per_head_experts=True)
+    even = dict(experts_multiple=2)  # 8 would leave them 11% short of the parameters (18 experts per pool)
+    return {
+        "latent-moe": LayerSpec("smoe", D, flops_matched_latent_moe(D, smoe, latent_dim=D // 2, **even)),
+        "mh-latent-moe-h4": LayerSpec(
+            "mhmoe",
+            D,
+            flops_matched_mhmoe(D, smoe, num_heads=H, top_k=2, latent_dim=D // 2, per_head_experts=True, **even),
+        ),
+        "mh-latent-moe-h4-hp-comm": LayerSpec(
+            "mhmoe", D, communication_matched(D, smoe, per_head, layer="mhmoe", parallel="head", size=4, **even)
+        ),
     }
 
 
