@@ -18,13 +18,13 @@ SHARED = pack_sample()
 
 
 def _costs(only=None):
-    cfg = english.base(quick=True, gpu=False)
+    cfg = ablations.base(quick=True, gpu=False)
     return {v.name: (v, gpt_cost(dataclasses.replace(cfg.model, ffn=v.ffn))) for v in ablations.models(cfg, only)}
 
 
 def test_every_sweep_model_is_what_its_name_says_at_the_flops_of_its_xmoe():
     costs = _costs()
-    assert len(costs) == 16  # shared models (H = 4 with both layers, no layers = depth 0) trained once
+    assert len(costs) == 19  # shared models (H = 4 with both layers, no layers = depth 0) trained once
     for name, (variant, cost) in costs.items():
         moe = variant.ffn.moe
         assert moe.router.kind == "xmoe", name
@@ -38,8 +38,12 @@ def test_every_sweep_model_is_what_its_name_says_at_the_flops_of_its_xmoe():
             assert moe.num_experts >= experts  # raised for about equal parameters
         else:
             assert variant.ffn.kind == "smoe" and moe.num_experts == experts
-    sweeps = ablations.sweeps()  # the quick D = 128: the head counts that divide it
-    assert [label for label, _ in sweeps["heads"]] == ["H = 1", "H = 2", "H = 4", "H = 8"]
+    quick = ablations.base(quick=True, gpu=False)
+    sweeps = ablations.sweeps(quick.model.d_model)  # the quick D = 192: every head count of v1 and v2
+    assert quick.model.d_model == 192 and [label for label, _ in sweeps["heads"]] == [
+        f"H = {h}" for h in (1, 2, 3, 4, 6, 8, 12)
+    ]
+    assert [label for label, _ in ablations.sweeps(128)["heads"]] == ["H = 1", "H = 2", "H = 4", "H = 8"]
     gpu = ablations.base(quick=False, gpu=True)
     assert gpu.model.d_model == 384 and ablations.heads_for(384) == (1, 2, 3, 4, 6, 8, 12)  # v1's and v2's counts
     for variant in ablations.models(gpu, ["heads"]):

@@ -3,7 +3,8 @@
 Sweeps (docs/paper-notes.md §5; v1 Tables 5-7 and the expert-count scaling, v2 Table 4), every MH-MoE model
 FLOPs-matched to the X-MoE model with the same expert count (`flops_matched_mhmoe`: expert hidden for equal FLOPs,
 experts raised for about equal parameters), all with the X-MoE router as in v1:
-    heads        H ∈ {1, 2, 4, 8}, one head and one merge layer
+    heads        H ∈ {1, 2, 3, 4, 6, 8, 12} (those that divide D: all at the quick D = 192 and the --gpu D = 384),
+                 one head and one merge layer
     head_merge   H = 4 with the head and merge layers on / off: both, head only, merge only, neither
     depth        H = 4 with n ∈ {0, 1, 2, 3} D×D layers in both the head and the merge layer (ReLU between)
     experts      E ∈ {8, 16, 32, 64}: X-MoE with E experts of the base hidden, and the MH-MoE matched to it
@@ -47,8 +48,8 @@ REFERENCE = "xmoe-e8"  # the paired statistics' reference: the base X-MoE
 
 
 def heads_for(d_model: int) -> tuple[int, ...]:
-    """The head counts of `HEADS` that split `d_model` evenly: all seven at D = 384 (`--gpu`), 1, 2, 4, 8 at the
-    quick D = 128."""
+    """The head counts of `HEADS` that split `d_model` evenly: all seven at D = 384 (`--gpu`) and at the quick
+    D = 192; 1, 2, 4, 8 at D = 128 or 256."""
     return tuple(h for h in HEADS if d_model % h == 0)
 
 
@@ -72,10 +73,15 @@ def _hm_label(head: int, merge: int) -> str:
 
 
 def base(quick: bool, gpu: bool) -> RunConfig:
-    """The English budget; with `gpu` at D = 384 (`english.DECISIVE_SHAPE`), which every head count of `HEADS`
-    divides (D = 512 would leave out H = 3, 6 and 12)."""
+    """The English budget at a width that every head count of `HEADS` divides: with `gpu` D = 384
+    (`english.DECISIVE_SHAPE`; D = 512 would leave out H = 3, 6 and 12), `quick` D = 192
+    (`english.QUICK_WIDE_SHAPE`, as the quick v2 part; D = 128 would). The longer CPU budget keeps D = 256."""
     budget = english.budget(quick, gpu)
-    return dataclasses.replace(budget, shape=english.DECISIVE_SHAPE).config() if gpu else budget.config()
+    if gpu:
+        return dataclasses.replace(budget, shape=english.DECISIVE_SHAPE).config()
+    if quick:
+        return dataclasses.replace(budget, shape=english.QUICK_WIDE_SHAPE).config()
+    return budget.config()
 
 
 def models(cfg: RunConfig, only: Sequence[str] | None = None) -> list[Variant]:

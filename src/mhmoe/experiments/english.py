@@ -95,6 +95,9 @@ ANALYSIS_KEYS = (
 # FLOPs per token of the `gpu` preset's D = 512, so 15 runs of 10 M tokens fit 8 minutes down to about 53 TFLOP/s
 # sustained (D = 512: 88) and 8 M tokens down to about 43 (D = 512: 72), by `size_steps` at the assumed overheads.
 DECISIVE_SHAPE = Shape(seq_len=512, d_model=384, n_layers=6, ffn_hidden=1536, vocab_size=8192)
+# The quick budget's model at D = 192 instead of 128: divisible by 2, 3, 4, 6, 8 and 12, for v2's H = 3 (the
+# quick v2 part) and every head count of the quick ablations' heads sweep (v1's best H ≈ 6 among them)
+QUICK_WIDE_SHAPE = Shape(seq_len=128, d_model=192, n_layers=4, ffn_hidden=768, vocab_size=4096)
 
 
 def budget(quick: bool, gpu: bool, part: Part = "core") -> Budget:
@@ -114,7 +117,7 @@ def budget(quick: bool, gpu: bool, part: Part = "core") -> Budget:
     if gpu and part == "v2":  # v2 Table 1's models need D divisible by 3
         return dataclasses.replace(budget(quick, gpu), shape=DECISIVE_SHAPE)
     if quick and part == "v2":
-        return dataclasses.replace(budget(quick, gpu), shape=Shape(128, 192, 4, 768, 4096))
+        return dataclasses.replace(budget(quick, gpu), shape=QUICK_WIDE_SHAPE)
     if gpu:
         return Budget("gpu", steps=200, warmup_steps=20, lr=1.5e-3, eval_every=50, eval_batches=4,
                       final_eval_batches=16, batch_size=32, num_experts=8, log_every=20, compile=False)  # fmt: skip
