@@ -23,6 +23,7 @@ from pathlib import Path
 from mhmoe.analysis.plots import plot_curves
 from mhmoe.experiments import english
 from mhmoe.experiments.common import (
+    PartSpec,
     PlannedModel,
     Variant,
     experts_cell,
@@ -34,6 +35,16 @@ from mhmoe.experiments.common import (
     write_results,
 )
 from mhmoe.experiments.common import retabulate as common_retabulate
+from mhmoe.experiments.plan import (
+    CPU_TFLOPS,
+    GPU_TFLOPS,
+    Budget,
+    Options,
+    PartSetup,
+    Plan,
+    dry_run_part,
+    start_part,
+)
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
 from mhmoe.models.cost import flops_matched_mhmoe
@@ -109,12 +120,45 @@ def models(cfg: RunConfig, only: Sequence[str] | None = None) -> list[Variant]:
     return [build(name) for name in dict.fromkeys(names)]  # each model once, in sweep order
 
 
+def setup(
+    quick: bool, gpu: bool, seeds: int, overrides: Sequence[str], only: Sequence[str] | None, options: Options
+) -> tuple[PartSetup, RunConfig]:
+    """The sweeps' plan (a part named by its sweeps, e.g. "heads"; "all") and run configuration: the budget
+    with the overrides (train.max_steps caps the steps), the device and the token floor of `options`; with
+    `gpu` sized on the device to end within options.budget_min."""
+    cfg = apply_overrides(base(quick, gpu), list(overrides))
+    if options.device:
+        cfg.train.device = options.device
+    t = cfg.train
+    budget = Budget("gpu" if gpu else "cpu", steps=t.max_steps, warmup_steps=t.warmup_steps, lr=t.lr,
+                    eval_every=t.eval_every, eval_batches=t.eval_batches, min_tokens=options.min_tokens or 0)  # fmt: skip
+    variants = models(cfg, only)
+    part = PartSpec("+".join(only) if only else "all", tuple(v.name for v in variants))
+    plan = Plan("ablations", part, budget, seeds, options.budget_min if gpu else 0.0)
+    return english.lm_setup(plan, cfg, variants, english.analysis_batches(quick, gpu), gpu), cfg
+
+
 def plan(
     quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), only: Sequence[str] | None = None
 ) -> list[PlannedModel]:
-    """What `run` would train (for `--dry-run`)."""
-    cfg = apply_overrides(base(quick, gpu), list(overrides))
-    return english.lm_plan(cfg, models(cfg, only), english.analysis_batches(quick, gpu))
+    """What `run` would train at the budget's steps (before any sizing)."""
+    return setup(quick, gpu, 1, overrides, only, Options())[0].planned()
+
+
+def dry_run(
+    out: Path,
+    quick: bool = False,
+    gpu: bool = False,
+    seeds: int = 1,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    options: Options = Options(),
+    measure: bool = False,
+) -> str:
+    """The plan as `run` would size it, with its estimated time, from rates measured by the smoke step
+    (`measure`) or assumed (`english.dry_run`)."""
+    part, _ = setup(quick, gpu, seeds, overrides, only, options)
+    return dry_run_part(part, out, measure, options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS))
 
 
 def run(
@@ -126,20 +170,26 @@ def run(
     overrides: list[str] | None = None,
     progress: bool = True,
     only: Sequence[str] | None = None,
+    options: Options = Options(keep_checkpoints=True),
 ) -> dict:
     """Train every model of the sweeps (those named in `only`, if given) for every seed on the English budget,
-    write the results, the paired statistics against the E = 8 X-MoE and a plot per sweep."""
-    cfg = base(quick, gpu)
+    write the results, the paired statistics against the E = 8 X-MoE and a plot per sweep. With `gpu` the
+    sweeps start with the smoke and rate step and their steps are sized to `options.budget_min`."""
+    part, cfg = setup(quick, gpu, seeds, overrides or [], only, options)
     cfg.data.path = data
-    apply_overrides(cfg, overrides or [])
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    plan, rates = start_part(part, out, gpu, options.keep_checkpoints)
     tokenizer_seconds = english.prepare(cfg, out)
     run_seed = functools.partial(english.lm_run_seed, out, {}, english.analysis_batches(quick, gpu), progress)
-    results_by_model, _ = run_variants(cfg, models(cfg, only), seeds, out, run_seed, english.aggregate)
+    results_by_model, _ = run_variants(
+        cfg, part.variants, plan.seeds, out, run_seed, english.aggregate, keep_checkpoints=options.keep_checkpoints
+    )
     chosen = {k: v for k, v in sweeps(cfg.model.d_model).items() if only is None or k in only}
     results = {
         "task": "ablations",
+        "plan": plan.to_dict(),
+        "rates": [dataclasses.asdict(r) for r in rates],
         "models": results_by_model,
         "sweeps": chosen,
         "paired": {key: paired_table(results_by_model, key, (REFERENCE,)) for key in ("val_loss", "test_loss")},

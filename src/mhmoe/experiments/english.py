@@ -38,7 +38,6 @@ from mhmoe.experiments.common import (
     contrast_tables,
     copy_figure,
     experts_cell,
-    finished_seeds,
     fmt,
     mean_of,
     metric_curve,
@@ -57,19 +56,19 @@ from mhmoe.experiments.common import (
 )
 from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.plan import (
+    CPU_TFLOPS,
+    GPU_TFLOPS,
+    OVERHEADS,
     Budget,
-    Overheads,
+    Options,
+    PartSetup,
     Plan,
-    Rate,
     Shape,
-    assumed_rates,
-    check_disk,
+    dry_run_part,
     export,
-    measure_rates,
-    plan_markdown,
-    save_plan,
-    size_steps,
-    stored_steps,
+    lm_smoke,
+    planned_vocab,
+    start_part,
 )
 from mhmoe.models.gpt import gpt_cost
 from mhmoe.train.config import RunConfig, apply_overrides
@@ -165,11 +164,6 @@ def lm_plan(cfg: RunConfig, variants: Sequence[Variant], extra_eval_batches: int
     ]
 
 
-def planned_vocab(cfg: RunConfig) -> int:
-    """The vocabulary a run will have: 257 for bytes (256 + end of text), else the BPE size asked for."""
-    return 257 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
-
-
 def ood_corpora(specs: Sequence[str]) -> dict[str, Path]:
     """{name: path} of out-of-distribution corpora given as "PATH" or "NAME=PATH" (several, or comma-separated);
     a bare path is named by its file name's first part (de.test.txt.gz -> "de") or its folder's name."""
@@ -213,21 +207,6 @@ def loaded_data(run_dir: Path) -> dict | None:
     return json.loads((run_dir / "summary.json").read_text()).get("data")
 
 
-@dataclass(frozen=True)
-class Options:
-    """How a part runs beside its plan: where, within what time, and what it keeps and sends back."""
-
-    device: str | None = None  # train.device (None: the budget's, "auto")
-    budget_min: float = 8.0  # --gpu: the part's steps are sized to end within this many minutes
-    min_tokens: int | None = None  # None: the budget's floor (8 M for the --gpu decisive part)
-    keep_checkpoints: bool = False  # else deleted once a run's analysis is written
-    export: Path | None = None  # copy the results into this folder after every seed round (`plan.export`)
-    assume_tflops: float = 100.0  # --dry-run without a measurement: the assumed rate
-
-
-OVERHEADS = {"gpu": Overheads(per_run_s=8.0, fixed_s=30.0), "cpu": Overheads(per_run_s=10.0, fixed_s=30.0)}
-
-
 def make_plan(
     quick: bool, gpu: bool, part: Part, seeds: int, overrides: Sequence[str], options: Options
 ) -> tuple[Plan, RunConfig]:
@@ -242,20 +221,11 @@ def make_plan(
     return Plan("english", PART_SPECS[part], chosen, seeds, options.budget_min if gpu else 0.0), cfg
 
 
-def sized_plan(
-    plan: Plan, cfg: RunConfig, out: Path, extra: int, rates: Sequence[Rate], overheads: Overheads
-) -> tuple[Plan, list[PlannedModel]]:
-    """The plan with its steps sized at `rates` to end within its budget_min (or the steps a previous
-    invocation into `out` sized), and its planned models (`extra`: the analysis batches per run)."""
-    variants = models(cfg, plan.part.name)  # type: ignore[arg-type]
-    planned = lm_plan(cfg, variants, extra)
-    steps = stored_steps(out, plan.part.name)
-    if steps is None:
-        todo = {m.name: plan.seeds - finished_seeds(out, m.name, plan.seeds) for m in planned}
-        steps = size_steps(plan, planned, rates, todo, overheads)
-    plan = dataclasses.replace(plan, budget=dataclasses.replace(plan.budget, steps=steps))
-    cfg.train.max_steps = cfg.train.checkpoint_every = steps
-    return plan, lm_plan(cfg, variants, extra)
+def lm_setup(plan: Plan, cfg: RunConfig, variants: Sequence[Variant], extra: int, gpu: bool) -> PartSetup:
+    """What planning needs of a language-model part (English, multilingual, the ablations): its models at cfg's
+    steps with `extra` analysis batches per run, the GPT smoke step, the overheads."""
+    planned = functools.partial(lm_plan, cfg, variants, extra)
+    return PartSetup(plan, cfg.train, variants, lm_smoke(cfg), planned, OVERHEADS["gpu" if gpu else "cpu"])
 
 
 def dry_run(
@@ -270,20 +240,11 @@ def dry_run(
     measure: bool = False,
 ) -> str:
     """The plan as `run` would size it, with its estimated time: from rates measured on the device by the smoke
-    step (`measure`), else assumed (--gpu: `options.assume_tflops`; CPU: 0.075 TFLOP/s, measured on 2 idle cores
-    by the quick evidence runs)."""
+    step (`measure`), else assumed (`options.assume_tflops`, else GPU_TFLOPS with --gpu, CPU_TFLOPS without)."""
     plan, cfg = make_plan(quick, gpu, part, seeds, overrides, options)
     extra = analysis_batches(quick, gpu) * (1 + other_corpora)
-    planned = lm_plan(cfg, models(cfg, part), extra)
-    if measure:
-        rates, source = measure_rates(cfg, models(cfg, part)), f"the smoke step on {cfg.train.device}"
-    else:
-        tflops = options.assume_tflops if gpu else 0.075
-        rates = assumed_rates(planned, tflops)
-        source = f"{tflops:g} TFLOP/s sustained from FLOPs (training 3× the forward), not measured on this machine"
-    overheads = OVERHEADS["gpu" if gpu else "cpu"]
-    plan, planned = sized_plan(plan, cfg, out, extra, rates, overheads)
-    return plan_markdown(plan, planned, rates, out, overheads, source)
+    tflops = options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS)
+    return dry_run_part(lm_setup(plan, cfg, models(cfg, part), extra, gpu), out, measure, tflops)
 
 
 def run(
@@ -307,22 +268,9 @@ def run(
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     variants = models(cfg, part)
-    extra, overheads = analysis_batches(quick, gpu) * (1 + len(corpora)), OVERHEADS["gpu" if gpu else "cpu"]
-    if gpu:
-        rates, source = measure_rates(cfg, variants), f"the smoke step on {cfg.train.device}"
-    else:
-        rates = assumed_rates(lm_plan(cfg, variants, extra), 0.075)
-        source = "0.075 TFLOP/s from FLOPs (2 idle CPU cores), not measured here"
-    plan, planned = sized_plan(plan, cfg, out, extra, rates, overheads)
-    print(plan_markdown(plan, planned, rates, out, overheads, source), flush=True)
-    check_disk(out, planned, options.keep_checkpoints, plan.seeds * len(planned))
-    plan = save_plan(out, plan)
-    d = cfg.data
-    tokenizer_seconds = shared_tokenizer(
-        cfg,
-        out,
-        lambda: load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction).train,
-    )
+    extra = analysis_batches(quick, gpu) * (1 + len(corpora))
+    plan, rates = start_part(lm_setup(plan, cfg, variants, extra, gpu), out, gpu, options.keep_checkpoints)
+    tokenizer_seconds = prepare(cfg, out)
     results: dict = {}
 
     def on_round(by_model: dict[str, dict], curves: Curves, finished: int) -> None:
