@@ -41,7 +41,7 @@ from mhmoe.experiments.plan import (
     Budget,
     Options,
     PartSetup,
-    Plan,
+    budget_plan,
     dry_run_part,
     start_part,
 )
@@ -49,7 +49,7 @@ from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
 from mhmoe.models.cost import flops_matched_mhmoe
 from mhmoe.models.ffn import FFNConfig, FFNKind
-from mhmoe.train.config import RunConfig, apply_overrides
+from mhmoe.train.config import RunConfig
 
 HEADS = (1, 2, 3, 4, 6, 8, 12)  # v1 Table 5's and v2's head counts; a sweep keeps those that divide D
 HEAD_MERGE = ((1, 1), (1, 0), (0, 1), (0, 0))
@@ -83,16 +83,21 @@ def _hm_label(head: int, merge: int) -> str:
     return {(1, 1): "head + merge", (1, 0): "head only", (0, 1): "merge only", (0, 0): "neither"}[(head, merge)]
 
 
-def base(quick: bool, gpu: bool) -> RunConfig:
+def budget(quick: bool, gpu: bool) -> Budget:
     """The English budget at a width that every head count of `HEADS` divides: with `gpu` D = 384
     (`english.DECISIVE_SHAPE`; D = 512 would leave out H = 3, 6 and 12), `quick` D = 192
     (`english.QUICK_WIDE_SHAPE`, as the quick v2 part; D = 128 would). The longer CPU budget keeps D = 256."""
-    budget = english.budget(quick, gpu)
+    chosen = english.budget(quick, gpu)
     if gpu:
-        return dataclasses.replace(budget, shape=english.DECISIVE_SHAPE).config()
+        return dataclasses.replace(chosen, shape=english.DECISIVE_SHAPE)
     if quick:
-        return dataclasses.replace(budget, shape=english.QUICK_WIDE_SHAPE).config()
-    return budget.config()
+        return dataclasses.replace(chosen, shape=english.QUICK_WIDE_SHAPE)
+    return chosen
+
+
+def base(quick: bool, gpu: bool) -> RunConfig:
+    """The run configuration of `budget(quick, gpu)`."""
+    return budget(quick, gpu).config()
 
 
 def models(cfg: RunConfig, only: Sequence[str] | None = None) -> list[Variant]:
@@ -126,15 +131,10 @@ def setup(
     """The sweeps' plan (a part named by its sweeps, e.g. "heads"; "all") and run configuration: the budget
     with the overrides (train.max_steps caps the steps), the device and the token floor of `options`; with
     `gpu` sized on the device to end within options.budget_min."""
-    cfg = apply_overrides(base(quick, gpu), list(overrides))
-    if options.device:
-        cfg.train.device = options.device
-    t = cfg.train
-    budget = Budget("gpu" if gpu else "cpu", steps=t.max_steps, warmup_steps=t.warmup_steps, lr=t.lr,
-                    eval_every=t.eval_every, eval_batches=t.eval_batches, min_tokens=options.min_tokens or 0)  # fmt: skip
+    name = "+".join(only) if only else "all"
+    plan, cfg = budget_plan("ablations", budget(quick, gpu), PartSpec(name, ()), seeds, overrides, options, gpu)
     variants = models(cfg, only)
-    part = PartSpec("+".join(only) if only else "all", tuple(v.name for v in variants))
-    plan = Plan("ablations", part, budget, seeds, options.budget_min if gpu else 0.0)
+    plan = dataclasses.replace(plan, part=PartSpec(name, tuple(v.name for v in variants)))
     return english.lm_setup(plan, cfg, variants, english.analysis_batches(quick, gpu), gpu), cfg
 
 

@@ -64,6 +64,7 @@ from mhmoe.experiments.plan import (
     PartSetup,
     Plan,
     Shape,
+    budget_plan,
     dry_run_part,
     export,
     lm_smoke,
@@ -138,7 +139,8 @@ def models(cfg: RunConfig, part: Part = "core") -> list[Variant]:
 def plan(
     quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), part: Part = "core", other_corpora: int = 0
 ) -> list[PlannedModel]:
-    """What `run` would train (for `--dry-run`): every model of `part` with its size, FLOPs and tokens per seed."""
+    """What `run` would train at the budget's steps, before any sizing: every model of `part` with its size,
+    FLOPs and tokens per seed (`dry_run` sizes them)."""
     cfg = apply_overrides(base(quick, gpu, part), list(overrides))
     return lm_plan(cfg, models(cfg, part), analysis_batches(quick, gpu) * (1 + other_corpora))
 
@@ -210,15 +212,8 @@ def loaded_data(run_dir: Path) -> dict | None:
 def make_plan(
     quick: bool, gpu: bool, part: Part, seeds: int, overrides: Sequence[str], options: Options
 ) -> tuple[Plan, RunConfig]:
-    """The part's plan and run configuration: the budget, with the overrides (train.max_steps among them caps
-    the steps), the device and the token floor of `options`."""
-    chosen = budget(quick, gpu, part)
-    cfg = apply_overrides(chosen.config(), list(overrides))
-    if options.device:
-        cfg.train.device = options.device
-    floor = chosen.min_tokens if options.min_tokens is None else options.min_tokens
-    chosen = dataclasses.replace(chosen, steps=cfg.train.max_steps, min_tokens=floor)
-    return Plan("english", PART_SPECS[part], chosen, seeds, options.budget_min if gpu else 0.0), cfg
+    """The part's plan and run configuration (`plan.budget_plan`)."""
+    return budget_plan("english", budget(quick, gpu, part), PART_SPECS[part], seeds, overrides, options, gpu)
 
 
 def lm_setup(plan: Plan, cfg: RunConfig, variants: Sequence[Variant], extra: int, gpu: bool) -> PartSetup:

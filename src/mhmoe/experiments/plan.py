@@ -32,7 +32,7 @@ from mhmoe.errors import UserError
 from mhmoe.experiments.common import RECORD, PartSpec, PlannedModel, Variant, finished_seeds
 from mhmoe.io import atomic_write, notice, write_json
 from mhmoe.models.gpt import GPT
-from mhmoe.train.config import RunConfig, TrainConfig, preset
+from mhmoe.train.config import RunConfig, TrainConfig, apply_overrides, preset
 from mhmoe.train.loop import autocast_for, resolve_device
 
 
@@ -352,6 +352,26 @@ class Options:
     assume_tflops: float | None = None  # --dry-run without a measurement: the assumed rate (None: GPU_/CPU_TFLOPS)
 
 
+def budget_plan(
+    task: str,
+    budget: Budget,
+    part: PartSpec,
+    seeds: int,
+    overrides: Sequence[str],
+    options: Options,
+    gpu: bool,
+) -> tuple[Plan, RunConfig]:
+    """A language-model part's plan and run configuration: the budget with the overrides (train.max_steps among
+    them caps the steps), the device and the token floor of `options`; with `gpu` its steps are to be sized to
+    end within options.budget_min."""
+    cfg = apply_overrides(budget.config(), list(overrides))
+    if options.device:
+        cfg.train.device = options.device
+    floor = budget.min_tokens if options.min_tokens is None else options.min_tokens
+    budget = dataclasses.replace(budget, steps=cfg.train.max_steps, min_tokens=floor)
+    return Plan(task, part, budget, seeds, options.budget_min if gpu else 0.0), cfg
+
+
 def part_rates(
     train: TrainConfig,
     variants: Sequence[Variant],
@@ -557,6 +577,7 @@ __all__ = [
     "SmokeModel",
     "StepBudget",
     "assumed_rates",
+    "budget_plan",
     "check_disk",
     "device_model",
     "dry_run_part",
