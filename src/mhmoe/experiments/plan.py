@@ -346,9 +346,9 @@ class Options:
 
     device: str | None = None  # train.device (None: the budget's, "auto")
     budget_min: float = 8.0  # --gpu: the part's steps are sized to end within this many minutes
-    min_tokens: int | None = None  # None: the budget's floor (8 M for the --gpu decisive English part)
-    keep_checkpoints: bool = False  # else deleted once a run's analysis is written (English)
-    export: Path | None = None  # copy the results into this folder after every seed round (English, `export`)
+    min_tokens: int | None = None  # None: the budget's floor (8 M for the --gpu decisive English part, else 0)
+    keep_checkpoints: bool = False  # else deleted once a run's analysis is written
+    export: Path | None = None  # English: copy the results into this folder after every seed round (`export`)
     assume_tflops: float | None = None  # --dry-run without a measurement: the assumed rate (None: GPU_/CPU_TFLOPS)
 
 

@@ -112,10 +112,9 @@ def setup(
     """The part's plan and run configuration: the budget with the overrides (train.max_steps caps the steps),
     the device and the token floor of `options`; with `gpu` sized on the device to end within
     options.budget_min."""
-    cfg = multimodal_base(quick, gpu)
+    cfg = apply_masked_overrides(multimodal_base(quick, gpu), list(overrides))
     if options.device:
         cfg.train.device = options.device
-    apply_masked_overrides(cfg, list(overrides))
     t = cfg.train
     budget = MaskedBudget("gpu" if gpu else "cpu", t.max_steps, t.warmup_steps, t.lr, options.min_tokens or 0)
     plan = Plan("multimodal", PART_SPECS[part], budget, seeds, options.budget_min if gpu else 0.0)
