@@ -10,12 +10,13 @@
 #            train compiled graph
 #
 # One call per part fits the 10-minute command limit while the machine stays warm; `graph` goes last (a failed
-# CUDA-graph capture can leave the context unusable). Runs train in local scratch, ${SCRATCH:-/tmp/mhmoe-scratch}
-# (checkpoints deleted once a run is analysed); what comes back lies in ${OUT:-benchmarks/results}: at most 8 files
-# of <= 16 MiB, at most 2 folders down. An English part sends, after every seed round, OUT/english-PART/
-# results.json, results.md, runs.tar.gz (every run's config, summary, metrics, record) and val_curves.png; the
-# other reproductions their results.json and results.md; each benchmark one JSON. A rerun into the same scratch
-# (the machine still warm) continues a stopped part from its finished runs.
+# CUDA-graph capture can leave the context unusable). Every reproduction starts with its smoke and rate step and
+# sizes its steps to end within --budget-min (8). Runs train in local scratch, ${SCRATCH:-/tmp/mhmoe-scratch}
+# (checkpoints deleted once a run is analysed; each part checks its own free disk); what comes back lies in
+# ${OUT:-benchmarks/results}: at most 8 files of <= 16 MiB, at most 2 folders down. An English part sends, after
+# every seed round, OUT/english-PART/ results.json, results.md, runs.tar.gz (every run's config, summary, metrics,
+# record) and val_curves.png; the other reproductions their results.json and results.md; each benchmark one JSON.
+# A rerun into the same scratch (the machine still warm) continues a stopped part from its finished runs.
 # Data: ${DATA:-.gpu-data} (copy ../shared/data there: git-ignored, 57 MiB, so the device tool can carry it).
 # Tests: DEVICE=cpu runs the same steps on the CPU; EXTRA adds arguments to every reproduction (a tiny plan).
 set -uo pipefail  # not -e: one failing step must not cost the others (the device time is spent once)
@@ -75,17 +76,18 @@ for part in $parts; do
     decisive) english decisive ;;
     english) english core ;;
     english-params | english-controls | english-heads | english-all | english-v2) english "${part#english-}" ;;
+    # each starts with the smoke and rate step and sizes its steps to --budget-min (8), or refuses with the reason
     # shellcheck disable=SC2086
-    multilingual) free_gib 8 && step python3 -m mhmoe reproduce multilingual --gpu --part core --no-progress \
-        --data "$data/multilingual" --out "$scratch/reproduce-multilingual-$name" $extra
+    multilingual) free_gib 4 && step python3 -m mhmoe reproduce multilingual --gpu --part core --device "$device" \
+        --no-progress --data "$data/multilingual" --out "$scratch/reproduce-multilingual-$name" $extra
         keep "$scratch/reproduce-multilingual-$name" multilingual ;;
     # shellcheck disable=SC2086
-    multimodal) free_gib 8 && step python3 -m mhmoe reproduce multimodal --gpu --part core --no-progress \
-        --data "$data" --out "$scratch/reproduce-multimodal-$name" $extra
+    multimodal) free_gib 4 && step python3 -m mhmoe reproduce multimodal --gpu --part core --device "$device" \
+        --no-progress --data "$data" --out "$scratch/reproduce-multimodal-$name" $extra
         keep "$scratch/reproduce-multimodal-$name" multimodal ;;
     # shellcheck disable=SC2086
-    ablations) free_gib 16 && step python3 -m mhmoe reproduce ablations --gpu --sweeps heads --no-progress \
-        --data "$data/english" --out "$scratch/reproduce-ablations-$name" $extra
+    ablations) free_gib 4 && step python3 -m mhmoe reproduce ablations --gpu --sweeps heads --device "$device" \
+        --no-progress --data "$data/english" --out "$scratch/reproduce-ablations-$name" $extra
         keep "$scratch/reproduce-ablations-$name" ablations ;;
     layer) step python3 -m mhmoe bench layer --device cuda --shapes all --repeats 10 --json "$out/$name.json" ;;
     train) step python3 -m mhmoe bench train --device cuda --also recompute,triton,triton-recompute --repeats 10 \

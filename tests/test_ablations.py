@@ -12,19 +12,20 @@ from mhmoe.cli import main
 from mhmoe.experiments import ablations, common, english
 from mhmoe.experiments import multilingual as multilingual_experiment
 from mhmoe.experiments import multimodal as multimodal_experiment
+from mhmoe.experiments.plan import Budget, Overheads, Plan, assumed_rates, plan_markdown
 from mhmoe.models.gpt import gpt_cost
 
 SHARED = pack_sample()
 
 
 def _costs(only=None):
-    cfg = english.base(quick=True, gpu=False)
+    cfg = ablations.base(quick=True, gpu=False)
     return {v.name: (v, gpt_cost(dataclasses.replace(cfg.model, ffn=v.ffn))) for v in ablations.models(cfg, only)}
 
 
 def test_every_sweep_model_is_what_its_name_says_at_the_flops_of_its_xmoe():
     costs = _costs()
-    assert len(costs) == 16  # shared models (H = 4 with both layers, no layers = depth 0) trained once
+    assert len(costs) == 19  # shared models (H = 4 with both layers, no layers = depth 0) trained once
     for name, (variant, cost) in costs.items():
         moe = variant.ffn.moe
         assert moe.router.kind == "xmoe", name
@@ -38,8 +39,12 @@ def test_every_sweep_model_is_what_its_name_says_at_the_flops_of_its_xmoe():
             assert moe.num_experts >= experts  # raised for about equal parameters
         else:
             assert variant.ffn.kind == "smoe" and moe.num_experts == experts
-    sweeps = ablations.sweeps()  # the quick D = 128: the head counts that divide it
-    assert [label for label, _ in sweeps["heads"]] == ["H = 1", "H = 2", "H = 4", "H = 8"]
+    quick = ablations.base(quick=True, gpu=False)
+    sweeps = ablations.sweeps(quick.model.d_model)  # the quick D = 192: every head count of v1 and v2
+    assert quick.model.d_model == 192 and [label for label, _ in sweeps["heads"]] == [
+        f"H = {h}" for h in (1, 2, 3, 4, 6, 8, 12)
+    ]
+    assert [label for label, _ in ablations.sweeps(128)["heads"]] == ["H = 1", "H = 2", "H = 4", "H = 8"]
     gpu = ablations.base(quick=False, gpu=True)
     assert gpu.model.d_model == 384 and ablations.heads_for(384) == (1, 2, 3, 4, 6, 8, 12)  # v1's and v2's counts
     for variant in ablations.models(gpu, ["heads"]):
@@ -53,6 +58,11 @@ def test_every_sweep_model_is_what_its_name_says_at_the_flops_of_its_xmoe():
 def test_the_cli_lists_agree_with_the_experiments():
     assert cli.PARTS == common.PARTS
     assert cli.SWEEPS == tuple(ablations.sweeps())
+    assert cli.PART_MODELS == {name: spec.models for name, spec in common.PART_SPECS.items()}  # --part's help
+    assert set(cli.PART_NOTES) == set(cli.PART_MODELS)
+    help_text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["reproduce"].format_help().split())
+    for part, spec in common.PART_SPECS.items():
+        assert f"{part}: {', '.join(spec.models)} (" in help_text, part
 
 
 def test_reproduce_ablations_toy(tmp_path, monkeypatch, capsys):
@@ -100,10 +110,19 @@ def test_dry_run_without_gpu_estimates_at_the_measured_cpu_rate(tmp_path, capsys
 
 def test_plan_estimate_is_the_flops_at_the_stated_rate(tmp_path):
     model = common.PlannedModel("m", 10, flops_per_token=10**6, steps=1, train_tokens=10**9, eval_tokens=10**9)
-    assume = common.Assumptions(tflops=1.0, run_overhead_s=2.0, fixed_s=5.0)
-    assert assume.seconds(model) == pytest.approx((3e15 + 1e15) / 1e12 + 2.0)
-    text = common.plan_markdown("x", [model], 3, tmp_path, assume)
-    assert f"({5 + 3 * assume.seconds(model):.0f} s)" in text
+    budget = Budget("cpu", steps=1, warmup_steps=0, lr=1e-3, eval_every=1, eval_batches=1)
+    plan = Plan("x", common.PartSpec("p", ("m",)), budget, seeds=3)
+    rates, overheads = assumed_rates([model], 1.0), Overheads(per_run_s=2.0, fixed_s=5.0)
+    run = (3e15 + 1e15) / 1e12 + 2.0  # training 3× the forward FLOPs, evaluation 1×, at 1 TFLOP/s; the overhead
+    assert rates[0].run_seconds(model, overheads.per_run_s) == pytest.approx(run)
+    text = plan_markdown(plan, [model], rates, tmp_path, overheads, "1 TFLOP/s assumed")
+    assert f"({5 + 3 * run:.0f} s)" in text and "rates ASSUMED: 1 TFLOP/s assumed" in text
+
+
+def _minutes_and_steps(text):
+    minutes = float(text.split("estimated time: ")[1].split(" min")[0])
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    return minutes, {int(row[4]) for row in rows[1:]}
 
 
 @pytest.mark.parametrize(
@@ -114,24 +133,26 @@ def test_plan_estimate_is_the_flops_at_the_stated_rate(tmp_path):
         ("ablations", [dict(only=[s]) for s in ("heads", "head_merge", "depth", "experts")]),
     ],
 )
-def test_each_gpu_part_fits_six_minutes_at_the_stated_assumptions(task, choices, tmp_path):
+def test_each_gpu_part_fits_its_budget_at_the_assumed_rate(task, choices, tmp_path):
+    """At the assumed 100 TFLOP/s no --gpu part is sized down: each ends within --budget-min's default 8 minutes
+    at its preset's steps (on the device the smoke step's measured rate decides, `test_gpu_parts`)."""
     experiment = {"english": english, "multimodal": multimodal_experiment, "ablations": ablations}[task]
     seeds = cli.GPU_SEEDS.get(task, 5)
     for choice in choices:
-        planned = experiment.plan(gpu=True, **choice)
-        total = common.Assumptions().fixed_s + seeds * sum(common.Assumptions().seconds(m) for m in planned)
-        assert total <= 360, (task, choice, total)
-        assert all(m.steps >= 200 for m in planned)
+        text = experiment.dry_run(tmp_path / "out", gpu=True, seeds=seeds, **choice)
+        minutes, steps = _minutes_and_steps(text)
+        assert minutes <= 8.0 and "rates ASSUMED: 100 TFLOP/s" in text, (task, choice, minutes)
+        assert len(steps) == 1 and min(steps) >= 200, (task, choice, steps)
 
 
 @pytest.mark.data_pack
-def test_each_multilingual_gpu_part_fits_six_minutes_on_the_pack():
+def test_each_multilingual_gpu_part_fits_its_budget_on_the_pack(tmp_path):
     """Multilingual evaluates and analyses every language of the data on its own: its plan needs the corpus."""
     data = str(data_pack("multilingual"))
     for part in ("core", "params", "controls", "heads"):
-        planned = multilingual_experiment.plan(gpu=True, part=part, data=data)
-        total = common.Assumptions().fixed_s + 5 * sum(common.Assumptions().seconds(m) for m in planned)
-        assert total <= 360, (part, total)
+        text = multilingual_experiment.dry_run(tmp_path / "out", gpu=True, seeds=5, part=part, data=data)
+        minutes, steps = _minutes_and_steps(text)
+        assert minutes <= 8.0 and steps == {200}, (part, minutes, steps)
 
 
 def test_reproduce_refuses_options_of_other_tasks():

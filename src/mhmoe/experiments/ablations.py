@@ -3,7 +3,8 @@
 Sweeps (docs/paper-notes.md §5; v1 Tables 5-7 and the expert-count scaling, v2 Table 4), every MH-MoE model
 FLOPs-matched to the X-MoE model with the same expert count (`flops_matched_mhmoe`: expert hidden for equal FLOPs,
 experts raised for about equal parameters), all with the X-MoE router as in v1:
-    heads        H ∈ {1, 2, 4, 8}, one head and one merge layer
+    heads        H ∈ {1, 2, 3, 4, 6, 8, 12} (those that divide D: all at the quick D = 192 and the --gpu D = 384),
+                 one head and one merge layer
     head_merge   H = 4 with the head and merge layers on / off: both, head only, merge only, neither
     depth        H = 4 with n ∈ {0, 1, 2, 3} D×D layers in both the head and the merge layer (ReLU between)
     experts      E ∈ {8, 16, 32, 64}: X-MoE with E experts of the base hidden, and the MH-MoE matched to it
@@ -22,6 +23,7 @@ from pathlib import Path
 from mhmoe.analysis.plots import plot_curves
 from mhmoe.experiments import english
 from mhmoe.experiments.common import (
+    PartSpec,
     PlannedModel,
     Variant,
     experts_cell,
@@ -33,11 +35,21 @@ from mhmoe.experiments.common import (
     write_results,
 )
 from mhmoe.experiments.common import retabulate as common_retabulate
+from mhmoe.experiments.plan import (
+    CPU_TFLOPS,
+    GPU_TFLOPS,
+    Budget,
+    Options,
+    PartSetup,
+    budget_plan,
+    dry_run_part,
+    start_part,
+)
 from mhmoe.layers.config import MoEConfig
 from mhmoe.layers.routers import RouterConfig
 from mhmoe.models.cost import flops_matched_mhmoe
 from mhmoe.models.ffn import FFNConfig, FFNKind
-from mhmoe.train.config import RunConfig, apply_overrides
+from mhmoe.train.config import RunConfig
 
 HEADS = (1, 2, 3, 4, 6, 8, 12)  # v1 Table 5's and v2's head counts; a sweep keeps those that divide D
 HEAD_MERGE = ((1, 1), (1, 0), (0, 1), (0, 0))
@@ -47,8 +59,8 @@ REFERENCE = "xmoe-e8"  # the paired statistics' reference: the base X-MoE
 
 
 def heads_for(d_model: int) -> tuple[int, ...]:
-    """The head counts of `HEADS` that split `d_model` evenly: all seven at D = 384 (`--gpu`), 1, 2, 4, 8 at the
-    quick D = 128."""
+    """The head counts of `HEADS` that split `d_model` evenly: all seven at D = 384 (`--gpu`) and at the quick
+    D = 192; 1, 2, 4, 8 at D = 128 or 256."""
     return tuple(h for h in HEADS if d_model % h == 0)
 
 
@@ -71,11 +83,21 @@ def _hm_label(head: int, merge: int) -> str:
     return {(1, 1): "head + merge", (1, 0): "head only", (0, 1): "merge only", (0, 0): "neither"}[(head, merge)]
 
 
+def budget(quick: bool, gpu: bool) -> Budget:
+    """The English budget at a width that every head count of `HEADS` divides: with `gpu` D = 384
+    (`english.DECISIVE_SHAPE`; D = 512 would leave out H = 3, 6 and 12), `quick` D = 192
+    (`english.QUICK_WIDE_SHAPE`, as the quick v2 part; D = 128 would). The longer CPU budget keeps D = 256."""
+    chosen = english.budget(quick, gpu)
+    if gpu:
+        return dataclasses.replace(chosen, shape=english.DECISIVE_SHAPE)
+    if quick:
+        return dataclasses.replace(chosen, shape=english.QUICK_WIDE_SHAPE)
+    return chosen
+
+
 def base(quick: bool, gpu: bool) -> RunConfig:
-    """The English budget; with `gpu` at D = 384 (`english.DECISIVE_SHAPE`), which every head count of `HEADS`
-    divides (D = 512 would leave out H = 3, 6 and 12)."""
-    budget = english.budget(quick, gpu)
-    return dataclasses.replace(budget, shape=english.DECISIVE_SHAPE).config() if gpu else budget.config()
+    """The run configuration of `budget(quick, gpu)`."""
+    return budget(quick, gpu).config()
 
 
 def models(cfg: RunConfig, only: Sequence[str] | None = None) -> list[Variant]:
@@ -103,12 +125,40 @@ def models(cfg: RunConfig, only: Sequence[str] | None = None) -> list[Variant]:
     return [build(name) for name in dict.fromkeys(names)]  # each model once, in sweep order
 
 
+def setup(
+    quick: bool, gpu: bool, seeds: int, overrides: Sequence[str], only: Sequence[str] | None, options: Options
+) -> tuple[PartSetup, RunConfig]:
+    """The sweeps' plan (a part named by its sweeps, e.g. "heads"; "all") and run configuration: the budget
+    with the overrides (train.max_steps caps the steps), the device and the token floor of `options`; with
+    `gpu` sized on the device to end within options.budget_min."""
+    name = "+".join(only) if only else "all"
+    plan, cfg = budget_plan("ablations", budget(quick, gpu), PartSpec(name, ()), seeds, overrides, options, gpu)
+    variants = models(cfg, only)
+    plan = dataclasses.replace(plan, part=PartSpec(name, tuple(v.name for v in variants)))
+    return english.lm_setup(plan, cfg, variants, english.analysis_batches(quick, gpu), gpu), cfg
+
+
 def plan(
     quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), only: Sequence[str] | None = None
 ) -> list[PlannedModel]:
-    """What `run` would train (for `--dry-run`)."""
-    cfg = apply_overrides(base(quick, gpu), list(overrides))
-    return english.lm_plan(cfg, models(cfg, only), english.analysis_batches(quick, gpu))
+    """What `run` would train at the budget's steps (before any sizing)."""
+    return setup(quick, gpu, 1, overrides, only, Options())[0].planned()
+
+
+def dry_run(
+    out: Path,
+    quick: bool = False,
+    gpu: bool = False,
+    seeds: int = 1,
+    overrides: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    options: Options = Options(),
+    measure: bool = False,
+) -> str:
+    """The plan as `run` would size it, with its estimated time, from rates measured by the smoke step
+    (`measure`) or assumed (`english.dry_run`)."""
+    part, _ = setup(quick, gpu, seeds, overrides, only, options)
+    return dry_run_part(part, out, measure, options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS))
 
 
 def run(
@@ -120,20 +170,26 @@ def run(
     overrides: list[str] | None = None,
     progress: bool = True,
     only: Sequence[str] | None = None,
+    options: Options = Options(keep_checkpoints=True),
 ) -> dict:
     """Train every model of the sweeps (those named in `only`, if given) for every seed on the English budget,
-    write the results, the paired statistics against the E = 8 X-MoE and a plot per sweep."""
-    cfg = base(quick, gpu)
+    write the results, the paired statistics against the E = 8 X-MoE and a plot per sweep. With `gpu` the
+    sweeps start with the smoke and rate step and their steps are sized to `options.budget_min`."""
+    part, cfg = setup(quick, gpu, seeds, overrides or [], only, options)
     cfg.data.path = data
-    apply_overrides(cfg, overrides or [])
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    plan, rates = start_part(part, out, gpu, options.keep_checkpoints)
     tokenizer_seconds = english.prepare(cfg, out)
     run_seed = functools.partial(english.lm_run_seed, out, {}, english.analysis_batches(quick, gpu), progress)
-    results_by_model, _ = run_variants(cfg, models(cfg, only), seeds, out, run_seed, english.aggregate)
+    results_by_model, _ = run_variants(
+        cfg, part.variants, plan.seeds, out, run_seed, english.aggregate, keep_checkpoints=options.keep_checkpoints
+    )
     chosen = {k: v for k, v in sweeps(cfg.model.d_model).items() if only is None or k in only}
     results = {
         "task": "ablations",
+        "plan": plan.to_dict(),
+        "rates": [dataclasses.asdict(r) for r in rates],
         "models": results_by_model,
         "sweeps": chosen,
         "paired": {key: paired_table(results_by_model, key, (REFERENCE,)) for key in ("val_loss", "test_loss")},

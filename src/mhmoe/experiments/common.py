@@ -505,60 +505,10 @@ def planned_model(name: str, cost: Cost, train: Any, per_batch: int, extra_eval_
     )
 
 
-@dataclass(frozen=True)
-class Assumptions:
-    """What a `--dry-run` time estimate assumes; none of it is measured on the machine that will run the plan.
-
-    The defaults are for one H200 (`--gpu`): 100 TFLOP/s is a guess that no run has checked yet. `cpu()` holds
-    the rates measured on the 2-core CI machine by the committed `--quick` evidence runs (results/*/README.md)."""
-
-    tflops: float = 100.0  # sustained model FLOP/s while training, in TFLOP/s
-    run_overhead_s: float = 6.0  # per run: building the model, checkpoints, figures, the routing analysis
-    fixed_s: float = 30.0  # per invocation: starting up, the shared tokenizer, tokenising the data once
-
-    @classmethod
-    def cpu(cls, tflops: float | None = None) -> "Assumptions":
-        """2 idle CPU cores, 2 threads: the default `reproduce english --quick` trained at 0.073 (dense) to 0.078
-        (MH-MoE) TFLOP/s and took 333 s in all (2026-12-03); one thread beside another job sustains 0.026-0.042."""
-        return cls(tflops=tflops or 0.075, run_overhead_s=10.0, fixed_s=30.0)
-
-    def seconds(self, model: PlannedModel) -> float:
-        flops = 3 * model.flops_per_token * model.train_tokens + model.flops_per_token * model.eval_tokens
-        return flops / (self.tflops * 1e12) + self.run_overhead_s
-
-
 def finished_seeds(out: Path, name: str, seeds: int) -> int:
     """How many of a model's seeds already finished in `out` (their runs are reused, not trained again)."""
     runs = [out / "runs" / f"{name}-seed{seed}" for seed in range(seeds)]
     return sum((run / RECORD).is_file() or (run / "summary.json").is_file() for run in runs)
-
-
-def plan_markdown(task: str, models: Sequence[PlannedModel], seeds: int, out: Path, assume: Assumptions) -> str:
-    """The plan of a reproduction (models, steps, tokens, seeds, runs already done in `out`) and its estimated
-    wall time from FLOPs at the stated assumptions."""
-    lines = [
-        f"plan: reproduce {task}, {len(models)} models × {seeds} seeds, output {out}",
-        "",
-        "| model | params total | MFLOPs/token | steps | tokens/seed | eval tokens/seed | seeds to run | est. s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    total = assume.fixed_s
-    for m in models:
-        todo = seeds - finished_seeds(out, m.name, seeds)
-        seconds = todo * assume.seconds(m)
-        total += seconds
-        lines.append(
-            f"| {m.name} | {m.params_total / 1e6:.1f} M | {m.flops_per_token / 1e6:.1f} | {m.steps} "
-            f"| {m.train_tokens / 1e6:.2f} M | {m.eval_tokens / 1e6:.2f} M | {todo} | {seconds:.0f} |"
-        )
-    lines += [
-        "",
-        f"estimated wall time: {total / 60:.1f} min ({total:.0f} s), assuming {assume.tflops:g} TFLOP/s sustained "
-        f"(training counts 3× the forward FLOPs), {assume.run_overhead_s:g} s per run beside the FLOPs and "
-        f"{assume.fixed_s:g} s per invocation; an assumption, not a measurement (`mhmoe bench train` measures "
-        "a machine's rate)",
-    ]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ aggregation

@@ -38,7 +38,6 @@ from mhmoe.experiments.common import (
     contrast_tables,
     copy_figure,
     experts_cell,
-    finished_seeds,
     fmt,
     mean_of,
     metric_curve,
@@ -57,19 +56,20 @@ from mhmoe.experiments.common import (
 )
 from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.plan import (
+    CPU_TFLOPS,
+    GPU_TFLOPS,
+    OVERHEADS,
     Budget,
-    Overheads,
+    Options,
+    PartSetup,
     Plan,
-    Rate,
     Shape,
-    assumed_rates,
-    check_disk,
+    budget_plan,
+    dry_run_part,
     export,
-    measure_rates,
-    plan_markdown,
-    save_plan,
-    size_steps,
-    stored_steps,
+    lm_smoke,
+    planned_vocab,
+    start_part,
 )
 from mhmoe.models.gpt import gpt_cost
 from mhmoe.train.config import RunConfig, apply_overrides
@@ -95,6 +95,9 @@ ANALYSIS_KEYS = (
 # FLOPs per token of the `gpu` preset's D = 512, so 15 runs of 10 M tokens fit 8 minutes down to about 53 TFLOP/s
 # sustained (D = 512: 88) and 8 M tokens down to about 43 (D = 512: 72), by `size_steps` at the assumed overheads.
 DECISIVE_SHAPE = Shape(seq_len=512, d_model=384, n_layers=6, ffn_hidden=1536, vocab_size=8192)
+# The quick budget's model at D = 192 instead of 128: divisible by 2, 3, 4, 6, 8 and 12, for v2's H = 3 (the
+# quick v2 part) and every head count of the quick ablations' heads sweep (v1's best H ≈ 6 among them)
+QUICK_WIDE_SHAPE = Shape(seq_len=128, d_model=192, n_layers=4, ffn_hidden=768, vocab_size=4096)
 
 
 def budget(quick: bool, gpu: bool, part: Part = "core") -> Budget:
@@ -116,7 +119,7 @@ def budget(quick: bool, gpu: bool, part: Part = "core") -> Budget:
     if gpu and part == "v2":  # v2 Table 1's models need D divisible by 3
         return dataclasses.replace(budget(quick, gpu), shape=DECISIVE_SHAPE)
     if quick and part == "v2":
-        return dataclasses.replace(budget(quick, gpu), shape=Shape(128, 192, 4, 768, 4096))
+        return dataclasses.replace(budget(quick, gpu), shape=QUICK_WIDE_SHAPE)
     if gpu:
         return Budget("gpu", steps=200, warmup_steps=20, lr=1.5e-3, eval_every=50, eval_batches=4,
                       final_eval_batches=16, batch_size=32, num_experts=8, log_every=20, compile=False)  # fmt: skip
@@ -138,7 +141,8 @@ def models(cfg: RunConfig, part: Part = "core") -> list[Variant]:
 def plan(
     quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), part: Part = "core", other_corpora: int = 0
 ) -> list[PlannedModel]:
-    """What `run` would train (for `--dry-run`): every model of `part` with its size, FLOPs and tokens per seed."""
+    """What `run` would train at the budget's steps, before any sizing: every model of `part` with its size,
+    FLOPs and tokens per seed (`dry_run` sizes them)."""
     cfg = apply_overrides(base(quick, gpu, part), list(overrides))
     return lm_plan(cfg, models(cfg, part), analysis_batches(quick, gpu) * (1 + other_corpora))
 
@@ -162,11 +166,6 @@ def lm_plan(cfg: RunConfig, variants: Sequence[Variant], extra_eval_batches: int
         )
         for variant in variants
     ]
-
-
-def planned_vocab(cfg: RunConfig) -> int:
-    """The vocabulary a run will have: 257 for bytes (256 + end of text), else the BPE size asked for."""
-    return 257 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
 
 
 def ood_corpora(specs: Sequence[str]) -> dict[str, Path]:
@@ -212,49 +211,18 @@ def loaded_data(run_dir: Path) -> dict | None:
     return json.loads((run_dir / "summary.json").read_text()).get("data")
 
 
-@dataclass(frozen=True)
-class Options:
-    """How a part runs beside its plan: where, within what time, and what it keeps and sends back."""
-
-    device: str | None = None  # train.device (None: the budget's, "auto")
-    budget_min: float = 8.0  # --gpu: the part's steps are sized to end within this many minutes
-    min_tokens: int | None = None  # None: the budget's floor (8 M for the --gpu decisive part)
-    keep_checkpoints: bool = False  # else deleted once a run's analysis is written
-    export: Path | None = None  # copy the results into this folder after every seed round (`plan.export`)
-    assume_tflops: float = 100.0  # --dry-run without a measurement: the assumed rate
-
-
-OVERHEADS = {"gpu": Overheads(per_run_s=8.0, fixed_s=30.0), "cpu": Overheads(per_run_s=10.0, fixed_s=30.0)}
-
-
 def make_plan(
     quick: bool, gpu: bool, part: Part, seeds: int, overrides: Sequence[str], options: Options
 ) -> tuple[Plan, RunConfig]:
-    """The part's plan and run configuration: the budget, with the overrides (train.max_steps among them caps
-    the steps), the device and the token floor of `options`."""
-    chosen = budget(quick, gpu, part)
-    cfg = apply_overrides(chosen.config(), list(overrides))
-    if options.device:
-        cfg.train.device = options.device
-    floor = chosen.min_tokens if options.min_tokens is None else options.min_tokens
-    chosen = dataclasses.replace(chosen, steps=cfg.train.max_steps, min_tokens=floor)
-    return Plan("english", PART_SPECS[part], chosen, seeds, options.budget_min if gpu else 0.0), cfg
+    """The part's plan and run configuration (`plan.budget_plan`)."""
+    return budget_plan("english", budget(quick, gpu, part), PART_SPECS[part], seeds, overrides, options, gpu)
 
 
-def sized_plan(
-    plan: Plan, cfg: RunConfig, out: Path, extra: int, rates: Sequence[Rate], overheads: Overheads
-) -> tuple[Plan, list[PlannedModel]]:
-    """The plan with its steps sized at `rates` to end within its budget_min (or the steps a previous
-    invocation into `out` sized), and its planned models (`extra`: the analysis batches per run)."""
-    variants = models(cfg, plan.part.name)  # type: ignore[arg-type]
-    planned = lm_plan(cfg, variants, extra)
-    steps = stored_steps(out, plan.part.name)
-    if steps is None:
-        todo = {m.name: plan.seeds - finished_seeds(out, m.name, plan.seeds) for m in planned}
-        steps = size_steps(plan, planned, rates, todo, overheads)
-    plan = dataclasses.replace(plan, budget=dataclasses.replace(plan.budget, steps=steps))
-    cfg.train.max_steps = cfg.train.checkpoint_every = steps
-    return plan, lm_plan(cfg, variants, extra)
+def lm_setup(plan: Plan, cfg: RunConfig, variants: Sequence[Variant], extra: int, gpu: bool) -> PartSetup:
+    """What planning needs of a language-model part (English, multilingual, the ablations): its models at cfg's
+    steps with `extra` analysis batches per run, the GPT smoke step, the overheads."""
+    planned = functools.partial(lm_plan, cfg, variants, extra)
+    return PartSetup(plan, cfg.train, variants, lm_smoke(cfg), planned, OVERHEADS["gpu" if gpu else "cpu"])
 
 
 def dry_run(
@@ -269,20 +237,11 @@ def dry_run(
     measure: bool = False,
 ) -> str:
     """The plan as `run` would size it, with its estimated time: from rates measured on the device by the smoke
-    step (`measure`), else assumed (--gpu: `options.assume_tflops`; CPU: 0.075 TFLOP/s, measured on 2 idle cores
-    by the quick evidence runs)."""
+    step (`measure`), else assumed (`options.assume_tflops`, else GPU_TFLOPS with --gpu, CPU_TFLOPS without)."""
     plan, cfg = make_plan(quick, gpu, part, seeds, overrides, options)
     extra = analysis_batches(quick, gpu) * (1 + other_corpora)
-    planned = lm_plan(cfg, models(cfg, part), extra)
-    if measure:
-        rates, source = measure_rates(cfg, models(cfg, part)), f"the smoke step on {cfg.train.device}"
-    else:
-        tflops = options.assume_tflops if gpu else 0.075
-        rates = assumed_rates(planned, tflops)
-        source = f"{tflops:g} TFLOP/s sustained from FLOPs (training 3× the forward), not measured on this machine"
-    overheads = OVERHEADS["gpu" if gpu else "cpu"]
-    plan, planned = sized_plan(plan, cfg, out, extra, rates, overheads)
-    return plan_markdown(plan, planned, rates, out, overheads, source)
+    tflops = options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS)
+    return dry_run_part(lm_setup(plan, cfg, models(cfg, part), extra, gpu), out, measure, tflops)
 
 
 def run(
@@ -306,22 +265,9 @@ def run(
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     variants = models(cfg, part)
-    extra, overheads = analysis_batches(quick, gpu) * (1 + len(corpora)), OVERHEADS["gpu" if gpu else "cpu"]
-    if gpu:
-        rates, source = measure_rates(cfg, variants), f"the smoke step on {cfg.train.device}"
-    else:
-        rates = assumed_rates(lm_plan(cfg, variants, extra), 0.075)
-        source = "0.075 TFLOP/s from FLOPs (2 idle CPU cores), not measured here"
-    plan, planned = sized_plan(plan, cfg, out, extra, rates, overheads)
-    print(plan_markdown(plan, planned, rates, out, overheads, source), flush=True)
-    check_disk(out, planned, options.keep_checkpoints, plan.seeds * len(planned))
-    plan = save_plan(out, plan)
-    d = cfg.data
-    tokenizer_seconds = shared_tokenizer(
-        cfg,
-        out,
-        lambda: load_corpus(data_path(cfg), valid_fraction=d.valid_fraction, test_fraction=d.test_fraction).train,
-    )
+    extra = analysis_batches(quick, gpu) * (1 + len(corpora))
+    plan, rates = start_part(lm_setup(plan, cfg, variants, extra, gpu), out, gpu, options.keep_checkpoints)
+    tokenizer_seconds = prepare(cfg, out)
     results: dict = {}
 
     def on_round(by_model: dict[str, dict], curves: Curves, finished: int) -> None:

@@ -4,8 +4,11 @@ the plan itself (`Plan`: task, part, budget, seeds), the measured training rate 
 (`size_steps`), and what a device session sends back (`export`: a few small files).
 
     plan = Plan("english", PART_SPECS["decisive"], budget, seeds=5)
-    rates = measure_rates(cfg, variants, device)      # the smoke and rate step, <= 30 s
-    budget = size_steps(plan, planned, rates, ...)    # the steps that end within --budget-min, or PlanError
+    rates = measure_rates(variants, lm_smoke(cfg), cfg.train)   # the smoke and rate step, <= 30 s
+    steps = size_steps(plan, planned, rates, ...)               # the steps that end within --budget-min, or PlanError
+
+Every reproduction's `--gpu` part goes through `start_part` (`dry_run_part` for `--dry-run`): the English parts,
+multilingual and the ablations with `lm_smoke`, multimodal with its own smoke (random masked batches).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import re
 import shutil
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -28,7 +32,7 @@ from mhmoe.errors import UserError
 from mhmoe.experiments.common import RECORD, PartSpec, PlannedModel, Variant, finished_seeds
 from mhmoe.io import atomic_write, notice, write_json
 from mhmoe.models.gpt import GPT
-from mhmoe.train.config import RunConfig, preset
+from mhmoe.train.config import RunConfig, TrainConfig, apply_overrides, preset
 from mhmoe.train.loop import autocast_for, resolve_device
 
 
@@ -87,6 +91,24 @@ class Budget:
         return cfg
 
 
+class StepBudget(Protocol):
+    """What a plan reads of its budget: `Budget` (the language models'), or another task's record with these
+    fields (multimodal's `MaskedBudget`); a frozen dataclass."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    @property
+    def preset(self) -> str: ...
+    @property
+    def steps(self) -> int: ...
+    @property
+    def warmup_steps(self) -> int: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def min_tokens(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a reproduction part trains: its models and primary contrasts, the budget, the seeds, and the device
@@ -94,12 +116,15 @@ class Plan:
 
     task: str
     part: PartSpec
-    budget: Budget
+    budget: StepBudget
     seeds: int
     budget_min: float = 0.0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_steps(self, steps: int) -> "Plan":
+        return dataclasses.replace(self, budget=dataclasses.replace(self.budget, steps=steps))
 
     def describe(self) -> str:
         b = self.budget
@@ -134,45 +159,78 @@ def assumed_rates(planned: Sequence[PlannedModel], tflops: float) -> list[Rate]:
     return [Rate(m.name, tflops * 1e12 / (3 * m.flops_per_token), measured=False) for m in planned]
 
 
-def measure_rates(cfg: RunConfig, variants: Sequence[Variant], seconds: float = 30.0) -> list[Rate]:
-    """The smoke and rate step: a few training steps of each variant on cfg.train.device at the budget's batch
-    shape, on random tokens; every loss must be finite (else PlanError naming the model). Two warm-up steps, then
-    steps timed until the model's share of `seconds` is spent (at least 2). Prints one line per model."""
-    device = resolve_device(cfg.train.device)
+@dataclass
+class SmokeModel:
+    """One model of the smoke step: the module on the device, the keyword arguments of the forwards one training
+    step makes (fixed random inputs; each output's loss + aux_loss is trained, as the real step does), and the
+    training tokens of that step as `PlannedModel.train_tokens` counts them."""
+
+    model: torch.nn.Module
+    forwards: list[dict[str, torch.Tensor]]
+    tokens: int
+
+
+Smoke = Callable[[Variant, torch.device], SmokeModel]  # a task's smoke model of a variant, built on the device
+
+
+def planned_vocab(cfg: RunConfig) -> int:
+    """The vocabulary a run will have: 257 for bytes (256 + end of text), else the BPE size asked for."""
+    return 257 if cfg.data.tokenizer == "byte" else cfg.data.vocab_size
+
+
+def lm_smoke(cfg: RunConfig) -> Smoke:
+    """The language models' smoke step: a GPT of the variant at the budget's batch shape (the vocabulary a run
+    will have), random tokens."""
+
+    def build(variant: Variant, device: torch.device) -> SmokeModel:
+        model_cfg = dataclasses.replace(cfg.model, ffn=variant.ffn, vocab_size=planned_vocab(cfg))
+        model = GPT(model_cfg).to(device)
+        shape = (cfg.train.batch_size, model_cfg.seq_len)
+        x = torch.randint(0, model_cfg.vocab_size, shape, device=device)
+        y = torch.randint(0, model_cfg.vocab_size, shape, device=device)
+        return SmokeModel(model, [dict(idx=x, targets=y)], x.numel())
+
+    return build
+
+
+def measure_rates(variants: Sequence[Variant], smoke: Smoke, train: TrainConfig, seconds: float = 30.0) -> list[Rate]:
+    """The smoke and rate step: a few training steps of each variant on train.device (at train.precision and
+    train.lr) on the task's random inputs (`smoke`); every loss must be finite (else PlanError naming the model).
+    Two warm-up steps, then steps timed until the model's share of `seconds` is spent (at least 2). Prints one
+    line per model."""
+    device = resolve_device(train.device)
     share = seconds / max(len(variants), 1)
     rates = []
     for variant in variants:
         started = time.perf_counter()
-        model_cfg = dataclasses.replace(cfg.model, ffn=variant.ffn, vocab_size=cfg.model.vocab_size or 257)
-        if cfg.data.tokenizer != "byte":
-            model_cfg = dataclasses.replace(model_cfg, vocab_size=cfg.data.vocab_size)
         torch.manual_seed(0)
-        model = GPT(model_cfg).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-        shape = (cfg.train.batch_size, model_cfg.seq_len)
-        x = torch.randint(0, model_cfg.vocab_size, shape, device=device)
-        y = torch.randint(0, model_cfg.vocab_size, shape, device=device)
-        autocast = autocast_for(cfg.train.precision, device)
+        built = smoke(variant, device)
+        model = built.model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr)
+        autocast = autocast_for(train.precision, device)
         timed, timed_s, loss = 0, 0.0, float("nan")
         for step in range(10_000):
             step_started = time.perf_counter()
-            with autocast:
-                out = model(x, y)
-            (out.loss + out.aux_loss).backward()
+            losses = []
+            for inputs in built.forwards:
+                with autocast:
+                    out = model(**inputs)
+                (out.loss + out.aux_loss).backward()
+                losses.append(out.loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss = out.loss.item()  # synchronises the device
+            loss = sum(value.item() for value in losses)  # synchronises the device
             if not math.isfinite(loss):
                 raise PlanError(f"smoke step {step} of {variant.name} on {device} gave a non-finite loss ({loss})")
             if step >= 2:
                 timed, timed_s = timed + 1, timed_s + time.perf_counter() - step_started
             if timed >= 8 or (timed >= 2 and time.perf_counter() - started > share):
                 break
-        rate = Rate(variant.name, timed * shape[0] * shape[1] / timed_s, measured=True, loss=loss)
+        rate = Rate(variant.name, timed * built.tokens / timed_s, measured=True, loss=loss)
         print(f"smoke {variant.name} on {device}: {step + 1} steps, loss {loss:.3f} (finite), "
               f"{rate.tokens_per_s:,.0f} tokens/s measured", flush=True)  # fmt: skip
         rates.append(rate)
-        del model, optimizer
+        del model, optimizer, built
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rates
@@ -215,10 +273,16 @@ def size_steps(
     floor = math.ceil(budget.min_tokens / per_step)
     if steps < max(floor, 1):
         need = (fixed + slope * max(floor, 1)) / 60
+        floor_text = (
+            f"{floor} steps ({budget.min_tokens / 1e6:.1f} M tokens each, the part's floor)"
+            if floor >= 1
+            else "1 step (the part has no token floor)"
+        )
+        rates_text = "measured" if all(r.measured for r in rates) else "assumed"
         raise PlanError(
-            f"part {plan.part.name} does not fit --budget-min {plan.budget_min:g}: at the measured rates "
-            f"{sum(todo.values())} runs of {max(floor, 1)} steps ({budget.min_tokens / 1e6:.1f} M tokens each, the "
-            f"part's floor) need about {need:.1f} min; pass fewer --seeds or a larger --budget-min"
+            f"part {plan.part.name} does not fit --budget-min {plan.budget_min:g}: at the {rates_text} rates "
+            f"{sum(todo.values())} runs of {floor_text} need about {need:.1f} min; pass fewer --seeds or a larger "
+            "--budget-min"
         )
     return steps
 
@@ -261,6 +325,121 @@ def plan_markdown(
         + (f"; limit --budget-min {plan.budget_min:g}" if plan.budget_min else ""),
     ]  # fmt: skip
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ a part
+
+
+# Beside the tokens, assumed (stated with every estimate). --gpu: 8 s per run for building the model, the checkpoint
+# write and re-read, the routing analysis and figures; 30 s per invocation for start-up, the shared tokenizer and
+# tokenising the data once. Multimodal's invocation also prepares its data (the k-means visual codebook: 36 s for
+# 256 codes on 12 k images on 2 CPU cores, results/multimodal; --gpu fits 1024 codes on all 70 k).
+OVERHEADS = {"gpu": Overheads(per_run_s=8.0, fixed_s=30.0), "cpu": Overheads(per_run_s=10.0, fixed_s=30.0)}
+MULTIMODAL_OVERHEADS = {"gpu": Overheads(per_run_s=10.0, fixed_s=120.0), "cpu": Overheads(per_run_s=10.0, fixed_s=60.0)}
+GPU_TFLOPS = 100.0  # --dry-run's assumed rate with --gpu and without --measure: a guess no run has checked
+CPU_TFLOPS = 0.075  # the quick evidence runs' rate on 2 idle CPU cores (dense 0.073, MH-MoE 0.078 TFLOP/s)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a part runs beside its plan: where, within what time, and what it keeps and sends back."""
+
+    device: str | None = None  # train.device (None: the budget's, "auto")
+    budget_min: float = 8.0  # --gpu: the part's steps are sized to end within this many minutes
+    min_tokens: int | None = None  # None: the budget's floor (8 M for the --gpu decisive English part, else 0)
+    keep_checkpoints: bool = False  # else deleted once a run's analysis is written
+    export: Path | None = None  # English: copy the results into this folder after every seed round (`export`)
+    assume_tflops: float | None = None  # --dry-run without a measurement: the assumed rate (None: GPU_/CPU_TFLOPS)
+
+
+def budget_plan(
+    task: str,
+    budget: Budget,
+    part: PartSpec,
+    seeds: int,
+    overrides: Sequence[str],
+    options: Options,
+    gpu: bool,
+) -> tuple[Plan, RunConfig]:
+    """A language-model part's plan and run configuration: the budget with the overrides (train.max_steps among
+    them caps the steps), the device and the token floor of `options`; with `gpu` its steps are to be sized to
+    end within options.budget_min."""
+    cfg = apply_overrides(budget.config(), list(overrides))
+    if options.device:
+        cfg.train.device = options.device
+    floor = budget.min_tokens if options.min_tokens is None else options.min_tokens
+    budget = dataclasses.replace(budget, steps=cfg.train.max_steps, min_tokens=floor)
+    return Plan(task, part, budget, seeds, options.budget_min if gpu else 0.0), cfg
+
+
+def part_rates(
+    train: TrainConfig,
+    variants: Sequence[Variant],
+    smoke: Smoke,
+    planned: Sequence[PlannedModel],
+    measure: bool,
+    tflops: float,
+) -> tuple[list[Rate], str]:
+    """The rates a part is planned at and where they come from: measured by the smoke step on train.device
+    (`measure`), else assumed at `tflops` from the models' FLOPs."""
+    if measure:
+        return measure_rates(variants, smoke, train), f"the smoke step on {train.device}"
+    source = f"{tflops:g} TFLOP/s sustained from FLOPs (training 3× the forward), not measured on this machine"
+    return assumed_rates(planned, tflops), source
+
+
+def sized_part(
+    plan: Plan,
+    train: TrainConfig,
+    planned: Callable[[], list[PlannedModel]],
+    out: Path,
+    rates: Sequence[Rate],
+    overheads: Overheads,
+) -> tuple[Plan, list[PlannedModel]]:
+    """The plan with its steps sized at `rates` to end within its budget_min (`size_steps`), or the steps a
+    previous invocation into `out` sized; `train` (the runs' TrainConfig) gets them, and `planned()` (the part's
+    models at train's steps) is returned at them."""
+    steps = stored_steps(out, plan.part.name)
+    if steps is None:
+        models = planned()
+        todo = {m.name: plan.seeds - finished_seeds(out, m.name, plan.seeds) for m in models}
+        steps = size_steps(plan, models, rates, todo, overheads)
+    train.max_steps, train.checkpoint_every = steps, min(train.checkpoint_every, steps)
+    return plan.with_steps(steps), planned()
+
+
+@dataclass(frozen=True)
+class PartSetup:
+    """What planning needs of a reproduction's part: its plan, the runs' training section (sized in place),
+    its models, how to build each for the smoke step, its planned models at the training section's steps, and
+    the assumed overheads."""
+
+    plan: Plan
+    train: TrainConfig
+    variants: Sequence[Variant]
+    smoke: Smoke
+    planned: Callable[[], list[PlannedModel]]
+    overheads: Overheads
+
+
+def dry_run_part(part: PartSetup, out: Path, measure: bool, tflops: float) -> str:
+    """`--dry-run`: the part sized as a run would size it, with its estimated time, from rates measured by the
+    smoke step (`measure`) or assumed at `tflops` (the text says which)."""
+    rates, source = part_rates(part.train, part.variants, part.smoke, part.planned(), measure, tflops)
+    plan, planned = sized_part(part.plan, part.train, part.planned, out, rates, part.overheads)
+    return plan_markdown(plan, planned, rates, out, part.overheads, source)
+
+
+def start_part(part: PartSetup, out: Path, measure: bool, keep_checkpoints: bool = True) -> tuple[Plan, list[Rate]]:
+    """A run's start: the smoke and rate step on the device (`measure`, every --gpu part; else rates assumed at
+    CPU_TFLOPS), the steps sized to end within the plan's budget_min or PlanError with the reason, the plan
+    printed, the disk checked, and the plan kept in `out` (a rerun continues with its steps). Returns the plan
+    and the rates."""
+    rates, source = part_rates(part.train, part.variants, part.smoke, part.planned(), measure, CPU_TFLOPS)
+    plan, planned = sized_part(part.plan, part.train, part.planned, out, rates, part.overheads)
+    print(plan_markdown(plan, planned, rates, out, part.overheads, source), flush=True)
+    check_disk(out, planned, keep_checkpoints, plan.seeds * len(planned))
+    return save_plan(out, plan), rates
 
 
 # ------------------------------------------------------------------------------------------------ disk
@@ -369,7 +548,7 @@ def save_plan(out: Path, plan: Plan) -> Plan:
         steps = stored["budget"]["steps"]
         if steps != plan.budget.steps:
             notice(f"{path}: continuing with its {steps} steps per run (the first invocation sized them)")
-        plan = dataclasses.replace(plan, budget=dataclasses.replace(plan.budget, steps=steps))
+        plan = plan.with_steps(steps)
     write_json(path, plan.to_dict())
     return plan
 
@@ -381,22 +560,38 @@ def stored_steps(out: Path, part: str) -> int | None:
 
 
 __all__ = [
+    "CPU_TFLOPS",
+    "GPU_TFLOPS",
+    "MULTIMODAL_OVERHEADS",
+    "OVERHEADS",
     "Budget",
     "ExportLimits",
+    "Options",
     "Overheads",
+    "PartSetup",
     "Plan",
     "PlanError",
     "Rate",
     "Shape",
+    "Smoke",
+    "SmokeModel",
+    "StepBudget",
     "assumed_rates",
+    "budget_plan",
     "check_disk",
     "device_model",
+    "dry_run_part",
     "estimate_seconds",
     "export",
     "gpu_model",
+    "lm_smoke",
     "measure_rates",
+    "part_rates",
     "plan_markdown",
+    "planned_vocab",
     "save_plan",
     "size_steps",
+    "sized_part",
+    "start_part",
     "stored_steps",
 ]

@@ -17,6 +17,7 @@ per-language values. Perplexities of different tokenizers are not comparable; bi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import statistics
@@ -58,6 +59,7 @@ from mhmoe.experiments.common import (
 )
 from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.multilingual.words import GROUPS, divergence_inputs, word_divergence
+from mhmoe.experiments.plan import CPU_TFLOPS, GPU_TFLOPS, Options, PartSetup, dry_run_part, start_part
 from mhmoe.train.config import RunConfig, apply_overrides
 from mhmoe.train.lm import data_path, train
 
@@ -74,13 +76,13 @@ class AnalysisBudget:
     routing_batches: int = 8  # held-out batches (all languages) and per other corpus, for the routing analysis
 
 
-def multilingual_base(quick: bool, gpu: bool) -> RunConfig:
-    """The English budgets (same models, steps and batch), on language-tagged data with temperature sampling.
+def multilingual_config(cfg: RunConfig) -> RunConfig:
+    """An English budget's configuration (same models, steps and batch) on language-tagged data with temperature
+    sampling.
 
     The trainer's own final evaluation (on all languages interleaved) only feeds the curves here; the reported
     numbers come from the per-language evaluation, so it is kept as short as the periodic one.
     """
-    cfg = english.base(quick, gpu)
     return apply_overrides(cfg, ["data.multilingual=true", f"train.final_eval_batches={cfg.train.eval_batches}"])
 
 
@@ -92,6 +94,32 @@ def analysis_budget(quick: bool, gpu: bool) -> AnalysisBudget:
     return AnalysisBudget(eval_batches=10, usage_batches=4, word_occurrences=32, routing_batches=20)
 
 
+def setup(
+    quick: bool,
+    gpu: bool,
+    seeds: int,
+    overrides: Sequence[str],
+    part: Part,
+    other_corpora: int,
+    data: str,
+    options: Options,
+) -> tuple[PartSetup, RunConfig, MultilingualCorpus]:
+    """The part's plan, run configuration and corpus (read to count its languages: each is evaluated and
+    analysed on its own, a whole split counted as 8 batches); the English budget's plan (`english.make_plan`)
+    with the multilingual data, its steps sized on the device with `gpu`."""
+    plan, cfg = english.make_plan(quick, gpu, part, seeds, [], options)
+    plan = dataclasses.replace(plan, task="multilingual")
+    multilingual_config(cfg)
+    cfg.data.path = data_location(data)
+    apply_overrides(cfg, list(overrides))
+    plan = plan.with_steps(cfg.train.max_steps)
+    budget = analysis_budget(quick, gpu)
+    corpus = run_corpus(cfg)
+    per_language = 2 * (budget.eval_batches or 8) + budget.usage_batches
+    extra = budget.routing_batches * (1 + other_corpora) + len(corpus.languages) * per_language
+    return english.lm_setup(plan, cfg, english.models(cfg, part), extra, gpu), cfg, corpus
+
+
 def plan(
     quick: bool = False,
     gpu: bool = False,
@@ -100,16 +128,26 @@ def plan(
     other_corpora: int = 0,
     data: str = "",
 ) -> list[PlannedModel]:
-    """What `run` would train (for `--dry-run`); reads the corpus to count its languages, each evaluated and
-    analysed on its own (a whole split counted as 8 batches)."""
-    cfg = multilingual_base(quick, gpu)
-    cfg.data.path = data_location(data)
-    apply_overrides(cfg, list(overrides))
-    budget = analysis_budget(quick, gpu)
-    per_language = 2 * (budget.eval_batches or 8) + budget.usage_batches
-    languages = len(run_corpus(cfg).languages)
-    extra = budget.routing_batches * (1 + other_corpora) + languages * per_language
-    return english.lm_plan(cfg, english.models(cfg, part), extra)
+    """What `run` would train at the budget's steps (before any sizing); reads the corpus."""
+    return setup(quick, gpu, 1, overrides, part, other_corpora, data, Options())[0].planned()
+
+
+def dry_run(
+    out: Path,
+    quick: bool = False,
+    gpu: bool = False,
+    seeds: int = 1,
+    overrides: Sequence[str] = (),
+    part: Part = "core",
+    other_corpora: int = 0,
+    data: str = "",
+    options: Options = Options(),
+    measure: bool = False,
+) -> str:
+    """The plan as `run` would size it, with its estimated time, from rates measured by the smoke step
+    (`measure`) or assumed (`english.dry_run`)."""
+    setup_, _, _ = setup(quick, gpu, seeds, overrides, part, other_corpora, data, options)
+    return dry_run_part(setup_, out, measure, options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS))
 
 
 def data_location(data: str) -> str:
@@ -136,28 +174,32 @@ def run(
     progress: bool = True,
     ood: Sequence[str] = (),
     part: Part = "core",
+    options: Options = Options(keep_checkpoints=True),
 ) -> dict:
     """Train every model of `part` for every seed on the same batches, evaluate and analyse per language, write
-    results.json (with paired statistics) / results.md / val_curves.png / heatmaps/ / divergence/ in `out`."""
-    cfg = multilingual_base(quick, gpu)
-    cfg.data.path = data_location(data)
-    apply_overrides(cfg, overrides or [])
+    results.json (with paired statistics) / results.md / val_curves.png / heatmaps/ / divergence/ in `out`. With
+    `gpu` the part starts with the smoke and rate step and its steps are sized to `options.budget_min`."""
+    corpora = english.ood_corpora([ood] if isinstance(ood, str) else ood)
+    part_setup, cfg, corpus = setup(quick, gpu, seeds, overrides or [], part, len(corpora), data, options)
     budget = analysis_budget(quick, gpu)
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    corpus = run_corpus(cfg)
+    plan, rates = start_part(part_setup, out, gpu, options.keep_checkpoints)
     if corpus.ignored:
         print(f"note: not part of the corpus: {', '.join(corpus.ignored)}", file=sys.stderr, flush=True)
     tokenizer_seconds = english.shared_tokenizer(cfg, out, lambda: tokenizer_text(corpus, cfg.data.language_alpha))
-    corpora = english.ood_corpora([ood] if isinstance(ood, str) else ood)
     shared = _Shared(out, corpus, budget, corpora, progress)
     run_seed = functools.partial(_run_seed, shared)
-    models, curves = run_variants(cfg, english.models(cfg, part), seeds, out, run_seed, aggregate)
+    models, curves = run_variants(
+        cfg, part_setup.variants, plan.seeds, out, run_seed, aggregate, keep_checkpoints=options.keep_checkpoints
+    )
     results = {
         "task": "multilingual",
         "part": part,
+        "plan": plan.to_dict(),
+        "rates": [dataclasses.asdict(r) for r in rates],
         "models": models,
-        **contrast_tables(models, ("val_loss", "test_loss")),
+        **contrast_tables(models, ("val_loss", "test_loss"), primary=plan.part.primary),
         "budget": cfg.to_dict(),
         "analysis_budget": vars(budget),
         "languages": shared.languages,

@@ -2,6 +2,6 @@
 (`data`), configuration (`config`), the masked task of the one training loop (`task`), routing analyses (`analysis`)
 and the comparison (`experiment`)."""
 
-from mhmoe.experiments.multimodal.experiment import plan, retabulate, run, table
+from mhmoe.experiments.multimodal.experiment import dry_run, plan, retabulate, run, table
 
-__all__ = ["plan", "retabulate", "run", "table"]
+__all__ = ["dry_run", "plan", "retabulate", "run", "table"]

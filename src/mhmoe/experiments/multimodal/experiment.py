@@ -13,12 +13,14 @@ divergence over training (docs/paper-notes.md §6). results.json has the English
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import torch
 
 from mhmoe.analysis.plots import plot_curves
 from mhmoe.experiments.common import (
+    PART_SPECS,
     POWER_NOTE,
     Clock,
     Part,
@@ -54,8 +57,20 @@ from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.multimodal.analysis import analyze_masked_run, load_masked_model
 from mhmoe.experiments.multimodal.config import MaskedRunConfig, apply_masked_overrides, masked_preset
 from mhmoe.experiments.multimodal.task import data_root, prepare_multimodal, train_masked
+from mhmoe.experiments.plan import (
+    CPU_TFLOPS,
+    GPU_TFLOPS,
+    MULTIMODAL_OVERHEADS,
+    Options,
+    PartSetup,
+    Plan,
+    Smoke,
+    SmokeModel,
+    dry_run_part,
+    start_part,
+)
 from mhmoe.io import environment, write_json
-from mhmoe.models.multiway import multiway_cost
+from mhmoe.models.multiway import MultiwayTransformer, multiway_cost
 from mhmoe.train.loop import RunResult, resolve_device
 
 PAIRED_KEYS = ("val_loss", "test_loss", "val_pair_loss", "test_pair_loss")  # compared seed by seed
@@ -79,16 +94,47 @@ def multimodal_base(quick: bool, gpu: bool) -> MaskedRunConfig:
     return base
 
 
-def plan(
-    quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), part: Part = "core"
-) -> list[PlannedModel]:
-    """What `run` would train (for `--dry-run`). A step trains on `batch_size` rows of each task (text windows of
-    max_text_len tokens, images of P patches, pairs of P patches and caption_len tokens); evaluations read the same
-    rows per batch, the routing analysis `analysis.max_batches` per modality."""
-    cfg = multimodal_base(quick, gpu)
-    apply_masked_overrides(cfg, list(overrides))
-    m, t = cfg.model, cfg.train
-    row = {"text": m.max_text_len, "image": m.num_patches, "pair": m.num_patches + cfg.data.caption_len}
+@dataclass(frozen=True)
+class MaskedBudget:
+    """The masked budget's record in a plan (`mhmoe.experiments.plan.StepBudget`): the preset it starts from and
+    what sizing reads and changes."""
+
+    preset: str  # masked_preset name ("cpu", "gpu")
+    steps: int
+    warmup_steps: int
+    lr: float
+    min_tokens: int = 0  # the fewest input positions per model the part may be sized down to
+
+
+def setup(
+    quick: bool, gpu: bool, seeds: int, overrides: Sequence[str], part: Part, options: Options
+) -> tuple[PartSetup, MaskedRunConfig]:
+    """The part's plan and run configuration: the budget with the overrides (train.max_steps caps the steps),
+    the device and the token floor of `options`; with `gpu` sized on the device to end within
+    options.budget_min."""
+    cfg = apply_masked_overrides(multimodal_base(quick, gpu), list(overrides))
+    if options.device:
+        cfg.train.device = options.device
+    t = cfg.train
+    budget = MaskedBudget("gpu" if gpu else "cpu", t.max_steps, t.warmup_steps, t.lr, options.min_tokens or 0)
+    plan = Plan("multimodal", PART_SPECS[part], budget, seeds, options.budget_min if gpu else 0.0)
+    chosen = variants(cfg.model.d_model, cfg.model.ffn, part)
+    overheads = MULTIMODAL_OVERHEADS["gpu" if gpu else "cpu"]
+    planned = functools.partial(planned_models, cfg, chosen)
+    return PartSetup(plan, cfg.train, chosen, masked_smoke(cfg), planned, overheads), cfg
+
+
+def _rows(cfg: MaskedRunConfig) -> dict[str, int]:
+    """The input positions of one row of each task: text windows of max_text_len tokens, images of P patches,
+    pairs of P patches and caption_len tokens."""
+    m = cfg.model
+    return {"text": m.max_text_len, "image": m.num_patches, "pair": m.num_patches + cfg.data.caption_len}
+
+
+def planned_models(cfg: MaskedRunConfig, chosen: Sequence[Variant]) -> list[PlannedModel]:
+    """What `run` trains at cfg's steps. A step trains on `batch_size` rows of each task (`_rows`);
+    evaluations read the same rows per batch, the routing analysis `analysis.max_batches` per modality."""
+    m, t, row = cfg.model, cfg.train, _rows(cfg)
     per_batch = t.batch_size * sum(row[task] for task in cfg.data.task_list())
     analysis = cfg.analysis.max_batches * t.batch_size * (row["text"] + row["image"])
     return [
@@ -99,8 +145,69 @@ def plan(
             per_batch,
             analysis,
         )
-        for variant in variants(m.d_model, m.ffn, part)
+        for variant in chosen
     ]
+
+
+def masked_smoke(cfg: MaskedRunConfig) -> Smoke:
+    """The smoke step of the masked budget: a multiway Transformer of the variant, one forward per task on
+    random inputs of the training shapes (text windows, images with visual-token targets, image-caption
+    pairs), each mask at its ratio with at least one masked position per row (a loss over none is NaN)."""
+    m, d, B = cfg.model, cfg.data, cfg.train.batch_size
+
+    def mask(shape: tuple[int, int], ratio: float, device: torch.device) -> torch.Tensor:
+        chosen = torch.rand(shape, device=device) < ratio
+        chosen[:, 0] = True
+        return chosen
+
+    def build(variant: Variant, device: torch.device) -> SmokeModel:
+        model_cfg = dataclasses.replace(m, ffn=variant.ffn, vocab_size=d.vocab_size + 1)
+        model = MultiwayTransformer(model_cfg).to(device)
+        P, V = m.num_patches, model_cfg.vocab_size - 1  # ids below [MASK]
+
+        def images() -> dict[str, torch.Tensor]:
+            return {"images": torch.rand(B, m.image_size, m.image_size, m.channels, device=device) * 2 - 1,
+                    "image_targets": torch.randint(0, m.codebook_size, (B, P), device=device),
+                    "image_mask": mask((B, P), d.image_mask_ratio, device)}  # fmt: skip
+
+        forwards = []
+        for task in d.task_list():
+            if task == "text":
+                text = torch.randint(0, V, (B, m.max_text_len), device=device)
+                forwards.append({"text": text, "text_mask": mask((B, m.max_text_len), d.text_mask_ratio, device)})
+            elif task == "image":
+                forwards.append(images())
+            else:
+                text = torch.randint(0, V, (B, d.caption_len), device=device)
+                forwards.append({**images(), "text": text, "text_valid": torch.ones_like(text, dtype=torch.bool),
+                                 "text_mask": mask((B, d.caption_len), d.pair_text_mask_ratio, device)})  # fmt: skip
+        tokens = B * sum(_rows(cfg)[task] for task in d.task_list())
+        return SmokeModel(model, forwards, tokens)
+
+    return build
+
+
+def plan(
+    quick: bool = False, gpu: bool = False, overrides: Sequence[str] = (), part: Part = "core"
+) -> list[PlannedModel]:
+    """What `run` would train at the budget's steps (before any sizing)."""
+    return setup(quick, gpu, 1, overrides, part, Options())[0].planned()
+
+
+def dry_run(
+    out: Path,
+    quick: bool = False,
+    gpu: bool = False,
+    seeds: int = 1,
+    overrides: Sequence[str] = (),
+    part: Part = "core",
+    options: Options = Options(),
+    measure: bool = False,
+) -> str:
+    """The plan as `run` would size it, with its estimated time, from rates measured by the smoke step
+    (`measure`) or assumed (`options.assume_tflops`, else GPU_TFLOPS with --gpu, CPU_TFLOPS without)."""
+    part_setup, _ = setup(quick, gpu, seeds, overrides, part, options)
+    return dry_run_part(part_setup, out, measure, options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS))
 
 
 def _seed_record(seed: int, result: RunResult, analysis: dict, run_dir: Path, clock: Clock) -> dict:
@@ -148,16 +255,19 @@ def run(
     overrides: list[str] | None = None,
     progress: bool = True,
     part: Part = "core",
+    options: Options = Options(keep_checkpoints=True),
 ) -> dict:
     """Train every model of `part` for every seed on one prepared data set, analyse routing per modality, write
     results.json (with paired statistics) / results.md / curves, heat maps per modality and the patch-divergence
-    grids."""
-    cfg = multimodal_base(quick, gpu)
+    grids. With `gpu` the part starts with the smoke and rate step and its steps are sized to
+    `options.budget_min`."""
+    part_setup, cfg = setup(quick, gpu, seeds, overrides or [], part, options)
     if data:
         cfg.data.path = data
-    apply_masked_overrides(cfg, overrides or [])
     started, load_start = time.perf_counter(), os.getloadavg()
     root = data_root(cfg)  # a missing data location is an error before anything is announced
+    out.mkdir(parents=True, exist_ok=True)
+    plan, rates = start_part(part_setup, out, gpu, options.keep_checkpoints)
     print(f"== preparing data from {root}", flush=True)
     prepared = prepare_multimodal(cfg, progress=progress)
     prepare_seconds = time.perf_counter() - started
@@ -178,11 +288,13 @@ def run(
         return _seed_record(seed, result, analysis, run_dir, clock)
 
     models, curves = run_variants(
-        cfg, variants(cfg.model.d_model, cfg.model.ffn, part), seeds, out, run_seed, aggregate
+        cfg, part_setup.variants, plan.seeds, out, run_seed, aggregate, keep_checkpoints=options.keep_checkpoints
     )
     results = {
         "task": "multimodal",
         "part": part,
+        "plan": plan.to_dict(),
+        "rates": [dataclasses.asdict(r) for r in rates],
         "models": models,
         **contrast_tables(models, PAIRED_KEYS + source_losses(models)),
         "budget": cfg.to_dict(),
