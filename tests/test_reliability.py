@@ -1148,7 +1148,13 @@ def test_each_command_maps_its_foreseeable_errors_in_one_place():
         "0: surrogates not allowed)"
     )
     assert user_message(ValueError("a bug"), "train") is None and user_message(KeyError("x"), "generate") is None
-    assert set(FORESEEABLE) <= {"generate", "compare", "import-hf", "export-hf", "moeify", "train", "eval", "data"}
+    from mhmoe.models.cost import SizeMatchError
+
+    no_size = "flops_matched_mhmoe: no size within 5% of the target"
+    assert user_message(SizeMatchError(no_size), "reproduce") == no_size
+    assert set(FORESEEABLE) <= {
+        "generate", "compare", "import-hf", "export-hf", "moeify", "train", "eval", "data", "reproduce"
+    }  # fmt: skip
 
 
 # -------------------------------------------------------------------------- inputs users really have (issue 25, 8)
