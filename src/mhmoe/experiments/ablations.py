@@ -36,8 +36,6 @@ from mhmoe.experiments.common import (
 )
 from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.plan import (
-    CPU_TFLOPS,
-    GPU_TFLOPS,
     Budget,
     Options,
     PartSetup,
@@ -158,7 +156,7 @@ def dry_run(
     """The plan as `run` would size it, with its estimated time, from rates measured by the smoke step
     (`measure`) or assumed (`english.dry_run`)."""
     part, _ = setup(quick, gpu, seeds, overrides, only, options)
-    return dry_run_part(part, out, measure, options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS))
+    return dry_run_part(part, out, measure, options.tflops(gpu))
 
 
 def run(

@@ -56,8 +56,6 @@ from mhmoe.experiments.common import (
 )
 from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.plan import (
-    CPU_TFLOPS,
-    GPU_TFLOPS,
     OVERHEADS,
     Budget,
     Options,
@@ -237,11 +235,10 @@ def dry_run(
     measure: bool = False,
 ) -> str:
     """The plan as `run` would size it, with its estimated time: from rates measured on the device by the smoke
-    step (`measure`), else assumed (`options.assume_tflops`, else GPU_TFLOPS with --gpu, CPU_TFLOPS without)."""
+    step (`measure`), else assumed (`Options.tflops`)."""
     plan, cfg = make_plan(quick, gpu, part, seeds, overrides, options)
     extra = analysis_batches(quick, gpu) * (1 + other_corpora)
-    tflops = options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS)
-    return dry_run_part(lm_setup(plan, cfg, models(cfg, part), extra, gpu), out, measure, tflops)
+    return dry_run_part(lm_setup(plan, cfg, models(cfg, part), extra, gpu), out, measure, options.tflops(gpu))
 
 
 def run(

@@ -351,6 +351,11 @@ class Options:
     export: Path | None = None  # English: copy the results into this folder after every seed round (`export`)
     assume_tflops: float | None = None  # --dry-run without a measurement: the assumed rate (None: GPU_/CPU_TFLOPS)
 
+    def tflops(self, gpu: bool) -> float:
+        """The rate a `--dry-run` without a measurement assumes: `assume_tflops`, else GPU_TFLOPS with --gpu,
+        CPU_TFLOPS without."""
+        return self.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS)
+
 
 def budget_plan(
     task: str,
@@ -425,8 +430,7 @@ class PartSetup:
 def dry_run_part(part: PartSetup, out: Path, measure: bool, tflops: float) -> str:
     """`--dry-run`: the part sized as a run would size it, with its estimated time, from rates measured by the
     smoke step (`measure`) or assumed at `tflops` (the text says which)."""
-    rates, source = part_rates(part.train, part.variants, part.smoke, part.planned(), measure, tflops)
-    plan, planned = sized_part(part.plan, part.train, part.planned, out, rates, part.overheads)
+    plan, planned, rates, source = _sized(part, out, measure, tflops)
     return plan_markdown(plan, planned, rates, out, part.overheads, source)
 
 
@@ -435,11 +439,19 @@ def start_part(part: PartSetup, out: Path, measure: bool, keep_checkpoints: bool
     CPU_TFLOPS), the steps sized to end within the plan's budget_min or PlanError with the reason, the plan
     printed, the disk checked, and the plan kept in `out` (a rerun continues with its steps). Returns the plan
     and the rates."""
-    rates, source = part_rates(part.train, part.variants, part.smoke, part.planned(), measure, CPU_TFLOPS)
-    plan, planned = sized_part(part.plan, part.train, part.planned, out, rates, part.overheads)
+    plan, planned, rates, source = _sized(part, out, measure, CPU_TFLOPS)
     print(plan_markdown(plan, planned, rates, out, part.overheads, source), flush=True)
     check_disk(out, planned, keep_checkpoints, plan.seeds * len(planned))
     return save_plan(out, plan), rates
+
+
+def _sized(
+    part: PartSetup, out: Path, measure: bool, tflops: float
+) -> tuple[Plan, list[PlannedModel], list[Rate], str]:
+    """The part's rates (measured by the smoke step, or assumed at `tflops`) and its plan sized at them."""
+    rates, source = part_rates(part.train, part.variants, part.smoke, part.planned(), measure, tflops)
+    plan, planned = sized_part(part.plan, part.train, part.planned, out, rates, part.overheads)
+    return plan, planned, rates, source
 
 
 # ------------------------------------------------------------------------------------------------ disk

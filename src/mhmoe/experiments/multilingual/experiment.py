@@ -59,7 +59,7 @@ from mhmoe.experiments.common import (
 )
 from mhmoe.experiments.common import retabulate as common_retabulate
 from mhmoe.experiments.multilingual.words import GROUPS, divergence_inputs, word_divergence
-from mhmoe.experiments.plan import CPU_TFLOPS, GPU_TFLOPS, Options, PartSetup, dry_run_part, start_part
+from mhmoe.experiments.plan import Options, PartSetup, dry_run_part, start_part
 from mhmoe.train.config import RunConfig, apply_overrides
 from mhmoe.train.lm import data_path, train
 
@@ -147,7 +147,7 @@ def dry_run(
     """The plan as `run` would size it, with its estimated time, from rates measured by the smoke step
     (`measure`) or assumed (`english.dry_run`)."""
     setup_, _, _ = setup(quick, gpu, seeds, overrides, part, other_corpora, data, options)
-    return dry_run_part(setup_, out, measure, options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS))
+    return dry_run_part(setup_, out, measure, options.tflops(gpu))
 
 
 def data_location(data: str) -> str:

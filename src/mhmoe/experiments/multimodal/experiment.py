@@ -58,8 +58,6 @@ from mhmoe.experiments.multimodal.analysis import analyze_masked_run, load_maske
 from mhmoe.experiments.multimodal.config import MaskedRunConfig, apply_masked_overrides, masked_preset
 from mhmoe.experiments.multimodal.task import data_root, prepare_multimodal, train_masked
 from mhmoe.experiments.plan import (
-    CPU_TFLOPS,
-    GPU_TFLOPS,
     MULTIMODAL_OVERHEADS,
     Options,
     PartSetup,
@@ -205,9 +203,9 @@ def dry_run(
     measure: bool = False,
 ) -> str:
     """The plan as `run` would size it, with its estimated time, from rates measured by the smoke step
-    (`measure`) or assumed (`options.assume_tflops`, else GPU_TFLOPS with --gpu, CPU_TFLOPS without)."""
+    (`measure`) or assumed (`Options.tflops`)."""
     part_setup, _ = setup(quick, gpu, seeds, overrides, part, options)
-    return dry_run_part(part_setup, out, measure, options.assume_tflops or (GPU_TFLOPS if gpu else CPU_TFLOPS))
+    return dry_run_part(part_setup, out, measure, options.tflops(gpu))
 
 
 def _seed_record(seed: int, result: RunResult, analysis: dict, run_dir: Path, clock: Clock) -> dict:
